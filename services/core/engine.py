@@ -1,0 +1,136 @@
+"""The speculative decoding loop: propose, verify (score + accept), update.
+
+The engine owns per-request state (``SequenceState``); proposer and verifier are
+stateless with respect to requests, so one engine serves many sequences.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .gamma import GammaSchedule
+from .proposals import Proposal
+from .proposers import Proposer
+from .sampling import SamplingParams
+from .stats import GenerationStats
+from .verifier import TargetVerifier, VerifyRequest
+
+
+@dataclass
+class SequenceState:
+    committed: list[int]  # prompt + generated token ids
+    prompt_len: int
+    max_new_tokens: int
+    params: SamplingParams
+    generator: torch.Generator
+    gamma: int
+    target_kv: object
+    draft_state: object
+    finished: bool = False
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.committed[self.prompt_len :]
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.committed) + self.prompt_len
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only
+    stats: GenerationStats
+
+
+class SpeculativeEngine:
+    def __init__(
+        self,
+        verifier: TargetVerifier,
+        proposer: Proposer | None,
+        eos_token_id: int | None,
+        max_context: int,
+        schedule: GammaSchedule = GammaSchedule(),
+    ):
+        self.verifier = verifier
+        self.proposer = proposer
+        self.eos_token_id = eos_token_id
+        self.max_context = max_context
+        self.schedule = schedule if proposer is not None else GammaSchedule(initial=0)
+
+    def validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompt_ids) + max_new_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"the model context of {self.max_context}"
+            )
+
+    def start(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> SequenceState:
+        self.validate(prompt_ids, max_new_tokens)
+        return SequenceState(
+            committed=list(prompt_ids),
+            prompt_len=len(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            params=params,
+            generator=params.make_generator(),
+            gamma=self.schedule.initial,
+            target_kv=self.verifier.new_state(),
+            draft_state=self.proposer.new_state() if self.proposer is not None else None,
+        )
+
+    def step(self, seq: SequenceState) -> list[int]:
+        """One speculative round; returns the tokens it commits (1 to gamma+1)."""
+        # Never draft past the token budget: the round's last token is the target's own.
+        gamma = min(seq.gamma, seq.remaining - 1)
+
+        t0 = time.perf_counter()
+        proposal = Proposal.empty(self.verifier.model.device)
+        if self.proposer is not None and gamma > 0:
+            proposal = self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.generator)
+        t1 = time.perf_counter()
+        outcome = self.verifier.verify(
+            [VerifyRequest(seq.target_kv, seq.committed, proposal, seq.params, seq.generator)]
+        )[0]
+        t2 = time.perf_counter()
+
+        new = self._truncate_at_stop(outcome.tokens, seq)
+        seq.committed.extend(new)
+        seq.stats.draft_time_s += t1 - t0
+        seq.stats.verify_time_s += t2 - t1
+        seq.stats.record_round(len(proposal), outcome.num_accepted, len(new))
+        seq.gamma = self.schedule.next(seq.gamma, len(proposal), outcome.num_accepted)
+        return new
+
+    def _truncate_at_stop(self, tokens: list[int], seq: SequenceState) -> list[int]:
+        tokens = tokens[: seq.remaining]
+        if self.eos_token_id is not None and self.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(self.eos_token_id) + 1]
+            seq.finished = True
+        if len(tokens) == seq.remaining:
+            seq.finished = True
+        return tokens
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> GenerationResult:
+        seq = self.start(prompt_ids, max_new_tokens, params)
+        start = time.perf_counter()
+        while not seq.finished:
+            new = self.step(seq)
+            if on_tokens is not None:
+                on_tokens(new)
+        seq.stats.total_time_s = time.perf_counter() - start
+        return GenerationResult(token_ids=seq.generated, stats=seq.stats)

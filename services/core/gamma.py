@@ -1,0 +1,27 @@
+"""How many tokens to draft next round."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GammaSchedule:
+    """Fixed gamma, or transformers' "heuristic" schedule when ``adaptive``:
+    +2 after a round where every draft was accepted, -1 otherwise."""
+
+    initial: int = 4
+    adaptive: bool = False
+    minimum: int = 1
+    maximum: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.initial <= self.maximum:
+            raise ValueError(f"gamma must be in [0, {self.maximum}], got {self.initial}")
+
+    def next(self, gamma: int, drafted: int, accepted: int) -> int:
+        if not self.adaptive or drafted == 0:
+            return gamma
+        if accepted == drafted:
+            return min(self.maximum, gamma + 2)
+        return max(self.minimum, gamma - 1)

@@ -1,0 +1,100 @@
+"""Proposers guess tokens ahead of the last committed token.
+
+Per-sequence proposer state (the draft model's KV) lives in the sequence's own state
+object, never on the proposer or the model, so one proposer serves many sequences.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .kv import KVState, extend
+from .proposals import Proposal
+from .sampling import SamplingParams, adjusted_probs, sample
+
+
+class Proposer(Protocol):
+    def new_state(self) -> object: ...
+
+    def propose(
+        self, state: object, committed: list[int], gamma: int, params: SamplingParams, generator: torch.Generator
+    ) -> Proposal: ...
+
+
+class DraftModelProposer:
+    """A small causal LM with the target's tokenizer drafts autoregressively.
+
+    ``confidence_stop``: stop drafting early once the draft's own probability of the
+    token it just drafted falls below this (transformers' default is 0.4); 0 disables.
+    """
+
+    def __init__(self, model, confidence_stop: float = 0.0):
+        self.model = model
+        self.confidence_stop = confidence_stop
+
+    def new_state(self) -> KVState:
+        return KVState.empty(self.model)
+
+    def propose(
+        self, state: KVState, committed: list[int], gamma: int, params: SamplingParams, generator: torch.Generator
+    ) -> Proposal:
+        if gamma <= 0:
+            return Proposal.empty(self.model.device)
+        # Positions drafted last round but rejected are dropped; accepted ones are kept.
+        state.rollback_to_prefix_of(committed)
+        pending = committed[len(state) :]
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        for _ in range(gamma):
+            logits = extend(self.model, state, pending, logits_to_keep=1)[-1]  # [V]
+            if params.greedy:
+                token = int(logits.argmax())
+            else:
+                q = adjusted_probs(logits, params)
+                token = int(sample(q[None], generator)[0])
+                probs.append(q)
+            tokens.append(token)
+            pending = [token]
+            if self.confidence_stop > 0 and float(logits.float().softmax(-1)[token]) < self.confidence_stop:
+                break
+        # The last drafted token is not fed to the draft here; if it is accepted it is
+        # fed next round as part of ``pending``, so no work is wasted on a rejection.
+        return Proposal(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=self.model.device),
+            draft_probs=torch.stack(probs) if probs else None,
+        )
+
+
+class NgramProposer:
+    """Prompt lookup: find the most recent earlier occurrence of the longest suffix
+    (``max_n`` down to ``min_n`` tokens) of the committed text, and propose what
+    followed it. No model; the proposal is deterministic, so q is one-hot."""
+
+    def __init__(self, min_n: int = 1, max_n: int = 4, device: torch.device | str = "cpu"):
+        if not 1 <= min_n <= max_n:
+            raise ValueError("n-gram sizes need 1 <= min_n <= max_n")
+        self.min_n, self.max_n, self.device = min_n, max_n, device
+
+    def new_state(self) -> None:
+        return None
+
+    def propose(
+        self, state: None, committed: list[int], gamma: int, params: SamplingParams, generator: torch.Generator
+    ) -> Proposal:
+        return Proposal(tokens=torch.tensor(self.lookup(committed, gamma), dtype=torch.long, device=self.device))
+
+    def lookup(self, committed: list[int], gamma: int) -> list[int]:
+        if gamma <= 0:
+            return []
+        seq = np.asarray(committed, dtype=np.int64)
+        for n in range(min(self.max_n, len(seq) - 1), self.min_n - 1, -1):
+            # windows[i] == seq[i:i+n]; the suffix itself (i = len-n) is excluded.
+            windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
+            hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return seq[start : start + gamma].tolist()
+        return []

@@ -1,0 +1,1 @@
+"""Builds the bundled model pair from the CPython stdlib (``outrider build-models``)."""

@@ -1,0 +1,71 @@
+"""Load any Hugging Face causal LM (Llama, Qwen2, Mistral, GPT-2 families, ...) from a
+local folder or a hub id, through the Auto classes. The bundled pair goes through
+exactly this path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    target: str
+    draft: str
+
+
+def bundled_paths() -> ModelPaths:
+    return ModelPaths(target=str(BUNDLED_DIR / "target"), draft=str(BUNDLED_DIR / "draft"))
+
+
+def resolve_paths(target: str | None = None, draft: str | None = None) -> ModelPaths:
+    bundled = bundled_paths()
+    return ModelPaths(target=target or bundled.target, draft=draft or bundled.draft)
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # bf16 weights are stored; CPUs without fast bf16 matmuls run fp32 faster.
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", trust_remote_code: bool = False):
+    torch_dtype = default_dtype(device) if dtype == "default" else DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+class VocabularyMismatch(ValueError):
+    pass
+
+
+def check_pair(target, draft, target_tokenizer, draft_tokenizer) -> None:
+    """Rejection sampling compares p and q token by token: the two models must share
+    the token ids and the logits width."""
+    if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise VocabularyMismatch("draft tokenizer vocabulary does not match the target's")
+    if target.config.get_text_config().vocab_size != draft.config.get_text_config().vocab_size:
+        raise VocabularyMismatch(
+            f"draft vocab_size {draft.config.get_text_config().vocab_size} does not match "
+            f"the target's {target.config.get_text_config().vocab_size}"
+        )
+
+
+def max_context(model) -> int:
+    config = model.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise ValueError("cannot tell the model's context length from its config")
