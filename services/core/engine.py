@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .errors import InvalidRequest
 from .gamma import GammaSchedule
 from .proposals import Proposal
 from .proposers import Proposer
@@ -65,11 +66,11 @@ class SpeculativeEngine:
 
     def validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:
-            raise ValueError("prompt is empty")
+            raise InvalidRequest("prompt is empty")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise InvalidRequest(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if len(prompt_ids) + max_new_tokens > self.max_context:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"the model context of {self.max_context}"
             )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import InvalidRequest
+
 
 @dataclass(frozen=True)
 class GammaSchedule:
@@ -17,7 +19,7 @@ class GammaSchedule:
 
     def __post_init__(self) -> None:
         if not 0 <= self.initial <= self.maximum:
-            raise ValueError(f"gamma must be in [0, {self.maximum}], got {self.initial}")
+            raise InvalidRequest(f"gamma must be in [0, {self.maximum}], got {self.initial}")
 
     def next(self, gamma: int, drafted: int, accepted: int) -> int:
         if not self.adaptive or drafted == 0:

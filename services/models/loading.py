@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..core.errors import InvalidRequest
+
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,7 +48,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
-class VocabularyMismatch(ValueError):
+class VocabularyMismatch(InvalidRequest):
     pass
 
 

@@ -15,7 +15,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from ..loading import ModelPaths
 from .corpus import read_text, split_corpus
+from .evaluate import greedy_acceptance, heldout_prompts, write_prompts
 from .tokenizer import train_tokenizer
 from .train import (
     TrainSpec,
@@ -109,5 +111,9 @@ def build_models(cfg: BuildConfig) -> dict:
         dest = cfg.out_dir / name
         model.to("cpu", dtype=torch.bfloat16).save_pretrained(dest)
         tokenizer.save_pretrained(dest)
+    prompts = heldout_prompts(split.heldout, 16)
+    write_prompts(prompts, cfg.out_dir / "heldout_prompts.jsonl")
+    paths = ModelPaths(target=str(cfg.out_dir / "target"), draft=str(cfg.out_dir / "draft"))
+    report["heldout_acceptance"] = [greedy_acceptance(paths, prompts, d, gamma=4, max_new=128) for d in ("draft", "ngram")]
     (cfg.out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -1,0 +1,87 @@
+"""Bench results: a table on stdout, a JSON file and a speedup-vs-gamma plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .runs import Run, leviathan_speedup
+
+
+def summarize(runs: list[Run]) -> dict:
+    ar = next(r for r in runs if r.method == "target-only")
+    ar_spt = ar.seconds / ar.tokens
+    outrider = [r for r in runs if r.method.startswith("outrider-")]
+    hf = [r for r in runs if r.method == "hf-assisted"]
+    best = max(outrider, key=lambda r: r.tokens_per_s)
+    best_hf = max(hf, key=lambda r: r.tokens_per_s) if hf else None
+    theoretical = leviathan_speedup(best, ar_spt)
+    speedup = best.tokens_per_s / ar.tokens_per_s
+    return {
+        "best_config": best.label,
+        "ar_tokens_per_s": ar.tokens_per_s,
+        "sd_tokens_per_s": best.tokens_per_s,
+        "hf_assisted_tokens_per_s": best_hf.tokens_per_s if best_hf else None,
+        "hf_assisted_best_config": best_hf.label if best_hf else None,
+        "speedup_vs_ar": speedup,
+        "speedup_vs_hf": best.tokens_per_s / best_hf.tokens_per_s if best_hf else None,
+        "acceptance_rate": best.stats.acceptance_rate,
+        "mean_accepted_length": best.stats.mean_acceptance_length,
+        "theoretical_speedup": theoretical,
+        "measured_over_theoretical": speedup / theoretical,
+        # Greedy decoding: every method must produce exactly the target-only tokens.
+        "outputs_identical": all(r.outputs == ar.outputs for r in runs),
+    }
+
+
+def run_rows(runs: list[Run]) -> list[dict]:
+    ar = next(r for r in runs if r.method == "target-only")
+    ar_spt = ar.seconds / ar.tokens
+    rows = []
+    for r in runs:
+        row = {"config": r.label, "method": r.method, "gamma": r.gamma, "tokens": r.tokens, "seconds": r.seconds,
+               "tokens_per_s": r.tokens_per_s, "speedup_vs_ar": r.tokens_per_s / ar.tokens_per_s,
+               "identical_to_target_only": r.outputs == ar.outputs}
+        if r.method.startswith("outrider-") and r.stats.rounds:
+            row.update(r.stats.to_dict())
+            row["theoretical_speedup"] = leviathan_speedup(r, ar_spt)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'config':<34}{'tok/s':>9}{'vs AR':>8}{'accept':>8}{'mean len':>10}{'theory':>8}{'same':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        acc = f"{r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "-"
+        mal = f"{r['mean_acceptance_length']:.2f}" if "mean_acceptance_length" in r else "-"
+        theo = f"{r['theoretical_speedup']:.2f}" if "theoretical_speedup" in r else "-"
+        lines.append(f"{r['config']:<34}{r['tokens_per_s']:>9.1f}{r['speedup_vs_ar']:>7.2f}x{acc:>8}{mal:>10}"
+                     f"{theo:>8}{'yes' if r['identical_to_target_only'] else 'NO':>6}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, summary: dict, rows: list[dict], meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**summary, "runs": rows, "meta": meta}, indent=2) + "\n")
+
+
+def write_plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({r["method"] for r in rows if r["gamma"]}):
+        points = sorted((r["gamma"], r["speedup_vs_ar"]) for r in rows if r["method"] == method and r["gamma"])
+        ax.plot([g for g, _ in points], [s for _, s in points], marker="o", label=method)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="target-only")
+    ax.set_xlabel("gamma (tokens drafted per round)")
+    ax.set_ylabel("speedup over target-only (tokens/s)")
+    ax.set_title("Speedup against gamma (greedy, batch 1)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

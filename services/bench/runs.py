@@ -1,0 +1,88 @@
+"""One timed pass of one decoding method over a prompt set (greedy, batch 1)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.gamma import GammaSchedule
+from ..core.sampling import SamplingParams
+from ..core.stats import GenerationStats
+from ..models.pair import ModelPair, make_engine
+
+
+@dataclass
+class Run:
+    method: str  # target-only | outrider-draft | outrider-ngram | hf-assisted | hf-target-only
+    gamma: int | None  # None for target-only; 0 marks the adaptive schedule
+    tokens: int = 0
+    seconds: float = 0.0
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    outputs: list[list[int]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        if self.gamma is None:
+            return self.method
+        return f"{self.method} gamma={'adaptive' if self.gamma == 0 else self.gamma}"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def run_outrider(pair: ModelPair, drafter: str, gamma: int | None, prompts: list[list[int]], max_new: int) -> Run:
+    if drafter == "none":
+        schedule, method = GammaSchedule(initial=0), "target-only"
+    else:
+        adaptive = gamma == 0
+        schedule, method = GammaSchedule(initial=4 if adaptive else gamma, adaptive=adaptive), f"outrider-{drafter}"
+    engine = make_engine(pair, drafter, schedule)
+    run = Run(method=method, gamma=None if drafter == "none" else gamma)
+    for ids in prompts:
+        result = engine.generate(ids, max_new, SamplingParams())
+        run.stats += result.stats
+        run.outputs.append(result.token_ids)
+        run.tokens += len(result.token_ids)
+        run.seconds += result.stats.total_time_s
+    return run
+
+
+@torch.inference_mode()
+def run_hf(pair: ModelPair, gamma: int | None, prompts: list[list[int]], max_new: int) -> Run:
+    """transformers' own ``generate``: target-only, or assisted by the same draft with a
+    constant ``num_assistant_tokens`` = gamma and no confidence stop (like for like)."""
+    extra = {}
+    if gamma is not None:
+        extra = dict(assistant_model=pair.draft, num_assistant_tokens=gamma,
+                     num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+    run = Run(method="hf-target-only" if gamma is None else "hf-assisted", gamma=gamma)
+    eos = pair.eos_token_id
+    for ids in prompts:
+        input_ids = torch.tensor([ids], device=pair.target.device)
+        start = time.perf_counter()
+        out = pair.target.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new, do_sample=False,
+            eos_token_id=eos, pad_token_id=eos, **extra,
+        )
+        run.seconds += time.perf_counter() - start
+        new = out[0, len(ids):].tolist()
+        run.outputs.append(new)
+        run.tokens += len(new)
+    return run
+
+
+def leviathan_speedup(run: Run, ar_seconds_per_token: float) -> float:
+    """Leviathan et al.'s expected speedup E / (g*c + v), with the run's measured
+    acceptance a, mean drafted length g, draft cost per token c and verify cost per
+    round v (both in units of one target-only token), where E = (1 - a^(g+1)) / (1 - a)."""
+    s = run.stats
+    if not s.rounds or not s.drafted:
+        return 1.0
+    a, g = s.acceptance_rate, s.drafted / s.rounds
+    expected = g + 1 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)
+    draft_cost = (s.draft_time_s / s.drafted) / ar_seconds_per_token
+    verify_cost = (s.verify_time_s / s.rounds) / ar_seconds_per_token
+    return expected / (g * draft_cost + verify_cost)

@@ -1,0 +1,110 @@
+"""``outrider bench``: target-only vs Outrider (each proposer, across gamma) vs
+transformers' assisted generation, measured in one run."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from ..bench.report import format_table, run_rows, summarize, write_json, write_plot
+from ..bench.runs import run_hf, run_outrider
+from ..models.loading import BUNDLED_DIR, resolve_paths
+from ..models.pair import load_pair
+from .common import UsageError, add_model_options, apply_threads, validate_device
+
+DEFAULT_PROMPTS = BUNDLED_DIR / "heldout_prompts.jsonl"
+
+
+def add_parser(sub, name: str) -> None:
+    parser = sub.add_parser(name, help="benchmark against target-only and HF assisted generation")
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="JSONL with a \"prompt\" field")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=8, help="use the first N prompts")
+    parser.add_argument("--gammas", default="1,2,3,4,6,8", help="comma-separated gammas; 0 = adaptive")
+    parser.add_argument("--drafters", default="draft,ngram", help="comma-separated proposers to measure")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
+    parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
+    add_model_options(parser)
+
+
+def load_prompts(path: Path, limit: int) -> list[str]:
+    if not path.exists():
+        raise UsageError(f"prompts file not found: {path}")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{path}:{n}: expected a JSON object with a \"prompt\" field") from None
+        if not isinstance(prompt, str) or not prompt:
+            raise UsageError(f"{path}:{n}: \"prompt\" must be a non-empty string")
+        prompts.append(prompt)
+    if not prompts:
+        raise UsageError(f"no prompts in {path}")
+    return prompts[:limit]
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise UsageError(f"--{name} needs non-negative integers, got {text!r}")
+    return values
+
+
+def run(args) -> int:
+    apply_threads(args)
+    validate_device(args.device)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    gammas = parse_ints(args.gammas, "gammas")
+    drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
+    for d in drafters:
+        if d not in ("draft", "ngram"):
+            raise UsageError(f"unknown drafter {d!r} for bench; choose draft and/or ngram")
+    texts = load_prompts(args.prompts, args.limit)
+    pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype,
+                     with_draft="draft" in drafters or not args.no_hf, trust_remote_code=args.trust_remote_code)
+    prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
+    for ids in prompts:
+        if not ids or len(ids) + args.max_new_tokens > pair.max_context:
+            raise UsageError(f"a prompt of {len(ids)} tokens does not fit max_new_tokens in the context")
+
+    # Warm up every code path once (allocator, kernels) so no method pays first-call costs.
+    run_outrider(pair, "none", None, prompts[:1], 8)
+    for d in drafters:
+        run_outrider(pair, d, 2, prompts[:1], 8)
+    if not args.no_hf:
+        run_hf(pair, 2, prompts[:1], 8)
+
+    runs = [run_outrider(pair, "none", None, prompts, args.max_new_tokens)]
+    for d in drafters:
+        for g in gammas:
+            runs.append(run_outrider(pair, d, g, prompts, args.max_new_tokens))
+            print(f"  measured {runs[-1].label}: {runs[-1].tokens_per_s:.1f} tok/s", flush=True)
+    if not args.no_hf:
+        runs.append(run_hf(pair, None, prompts, args.max_new_tokens))
+        for g in [g for g in gammas if g > 0]:
+            runs.append(run_hf(pair, g, prompts, args.max_new_tokens))
+            print(f"  measured {runs[-1].label}: {runs[-1].tokens_per_s:.1f} tok/s", flush=True)
+
+    rows = run_rows(runs)
+    summary = summarize(runs)
+    meta = {"target": pair.paths.target, "draft": pair.paths.draft, "prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "device": args.device,
+            "torch": torch.__version__, "machine": platform.machine()}
+    print(format_table(rows))
+    print(json.dumps(summary, indent=2))
+    write_json(args.json, summary, rows, meta)
+    plot = args.plot or args.json.with_suffix(".png")
+    write_plot(plot, rows)
+    print(f"wrote {args.json} and {plot}")
+    return 0

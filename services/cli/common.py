@@ -1,0 +1,40 @@
+"""Options and error handling shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+class UsageError(Exception):
+    """Bad user input: reported on one line, exit code 2."""
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"outrider: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--target", help="target model: local folder or hub id (default: bundled)")
+    group.add_argument("--draft", help="draft model: local folder or hub id (default: bundled)")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    group.add_argument("--dtype", default="default", choices=["default", "auto", "float32", "bfloat16", "float16"],
+                       help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
+    group.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow model repos' own code")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads < 1:
+        fail(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+
+
+def validate_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"device {device!r} requested but CUDA is not available")

@@ -1,0 +1,97 @@
+"""``outrider generate``: one prompt, in-process, streamed text or one JSON object."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..core.gamma import GammaSchedule
+from ..core.sampling import SamplingParams
+from ..core.stats import GenerationStats
+from ..models.loading import resolve_paths
+from ..models.pair import DRAFTERS, load_pair, make_engine
+from .common import UsageError, add_model_options, apply_threads, validate_device
+
+
+def add_parser(sub, name: str) -> None:
+    parser = sub.add_parser(name, help="generate text for one prompt")
+    parser.add_argument("prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--drafter", default="draft", help=f"one of {', '.join(DRAFTERS)}")
+    parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per round")
+    parser.add_argument("--adaptive-gamma", action="store_true", help="+2 on full accept, -1 otherwise")
+    parser.add_argument("--confidence-stop", type=float, default=0.0,
+                        help="stop a draft when its token probability falls below this")
+    parser.add_argument("--n", type=int, default=1, help="independent samples")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_model_options(parser)
+
+
+def sample_seeds(seed: int | None, n: int) -> list[int | None]:
+    """Sample i uses seed + i: reproducible as a set, independent across samples."""
+    return [None if seed is None else seed + i for i in range(n)]
+
+
+def run(args) -> int:
+    apply_threads(args)
+    validate_device(args.device)
+    if not args.prompt:
+        raise UsageError("prompt is empty")
+    if args.drafter not in DRAFTERS:
+        raise UsageError(f"unknown drafter {args.drafter!r}; choose one of {', '.join(DRAFTERS)}")
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    if not 0 <= args.confidence_stop < 1:
+        raise UsageError(f"--confidence-stop must be in [0, 1), got {args.confidence_stop}")
+    schedule = GammaSchedule(initial=args.gamma, adaptive=args.adaptive_gamma)
+    base = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+    pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype,
+                     with_draft=args.drafter == "draft", trust_remote_code=args.trust_remote_code)
+    engine = make_engine(pair, args.drafter, schedule, args.confidence_stop)
+    prompt_ids = pair.tokenizer(args.prompt)["input_ids"]
+    engine.validate(prompt_ids, args.max_new_tokens)
+
+    samples, total = [], GenerationStats()
+    for seed in sample_seeds(args.seed, args.n):
+        params = SamplingParams(base.temperature, base.top_k, base.top_p, seed)
+        on_tokens = None if args.json else TextStreamer(pair.tokenizer)
+        result = engine.generate(prompt_ids, args.max_new_tokens, params, on_tokens=on_tokens)
+        if on_tokens is not None:
+            on_tokens.finish()
+        samples.append({"token_ids": result.token_ids, "text": pair.tokenizer.decode(result.token_ids),
+                        "stats": result.stats.to_dict()})
+        total += result.stats
+    if args.json:
+        print(json.dumps({"prompt_token_ids": prompt_ids, "samples": samples, "stats": total.to_dict()}))
+    else:
+        s = total.to_dict()
+        print(f"[{s['emitted']} tokens, {s['tokens_per_s']:.1f} tok/s, acceptance {s['acceptance_rate']:.2f}, "
+              f"mean acceptance length {s['mean_acceptance_length']:.2f}]", file=sys.stderr)
+    return 0
+
+
+class TextStreamer:
+    """Prints decoded text as tokens arrive. Decoding the whole suffix each time keeps
+    multi-byte characters split across tokens intact."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, new_ids: list[int]) -> None:
+        self.ids.extend(new_ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            return
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        sys.stdout.write(text[len(self.printed):] + "\n")
+        sys.stdout.flush()

@@ -1,0 +1,23 @@
+"""``outrider models``: which target and draft are in use."""
+
+from __future__ import annotations
+
+import json
+
+from ..models.loading import resolve_paths
+
+
+def add_parser(sub, name: str) -> None:
+    parser = sub.add_parser(name, help="print the target and draft model in use")
+    parser.add_argument("--target", help="target model folder or hub id (default: bundled)")
+    parser.add_argument("--draft", help="draft model folder or hub id (default: bundled)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args) -> int:
+    paths = resolve_paths(args.target, args.draft)
+    if args.json:
+        print(json.dumps({"target": paths.target, "draft": paths.draft}))
+    else:
+        print(f"target: {paths.target}\ndraft:  {paths.draft}")
+    return 0

@@ -1,0 +1,9 @@
+"""Errors that mean "the request is bad", as opposed to a fault of the server.
+
+Front ends map this one type to their own protocol: exit code 2 in the CLI,
+INVALID_ARGUMENT over gRPC. Nothing that raises it has changed any state.
+"""
+
+
+class InvalidRequest(ValueError):
+    pass

@@ -1,0 +1,84 @@
+"""Tiny random-init models of each supported family, built in milliseconds."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 96
+
+
+def tiny(family: str, seed: int, layers: int = 2, hidden: int = 32):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common))
+    else:
+        cls, cfg = {
+            "llama": (LlamaForCausalLM, LlamaConfig),
+            "qwen2": (Qwen2ForCausalLM, Qwen2Config),
+            "mistral": (MistralForCausalLM, MistralConfig),
+        }[family]
+        model = cls(
+            cfg(
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                **common,
+            )
+        )
+    # Sharpen the random logits so greedy output has structure (repeats) and the
+    # distributions are not flat: more realistic acceptance patterns in tests.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model.eval()
+
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+def noisy_copy(model, seed: int, scale: float):
+    """A draft that agrees with ``model`` often but not always: its weights plus noise."""
+    draft = type(model)(model.config)
+    draft.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std().clamp_min(1e-3))
+    return draft.eval()
+
+
+_GREEDY_CACHE: dict = {}
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
+    """transformers' own greedy decoding: the reference every proposer must reproduce."""
+    key = (id(model), tuple(prompt), max_new_tokens, eos)
+    if key not in _GREEDY_CACHE:
+        _GREEDY_CACHE[key] = _hf_greedy(model, prompt, max_new_tokens, eos)
+    return list(_GREEDY_CACHE[key])
+
+
+def _hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
