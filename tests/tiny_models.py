@@ -17,9 +17,9 @@ from transformers import (
 VOCAB = 96
 
 
-def tiny(family: str, seed: int, layers: int = 2, hidden: int = 32):
+def tiny(family: str, seed: int, layers: int = 2, hidden: int = 32, vocab: int = VOCAB):
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=0)
     if family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common))
     else:
@@ -82,3 +82,22 @@ def _hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None) -
         pad_token_id=0,
     )
     return out[0, len(prompt) :].tolist()
+
+
+def save_tiny_pair(root, family: str = "llama", vocab: int = 300):
+    """A target/draft pair with a real byte-level BPE tokenizer, saved like hub models."""
+    from pathlib import Path
+
+    from services.models.build.tokenizer import train_tokenizer
+
+    root = Path(root)
+    corpus = root / "corpus.py"
+    corpus.write_text("def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n" * 50)
+    tokenizer = train_tokenizer([corpus], vocab)
+    target = tiny(family, seed=0, vocab=len(tokenizer))
+    draft = noisy_copy(target, 1, 0.5)
+    for name, model in (("target", target), ("draft", draft)):
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root / "target", root / "draft"

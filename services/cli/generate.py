@@ -43,6 +43,8 @@ def run(args) -> int:
         raise UsageError("prompt is empty")
     if args.drafter not in DRAFTERS:
         raise UsageError(f"unknown drafter {args.drafter!r}; choose one of {', '.join(DRAFTERS)}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if not 0 <= args.confidence_stop < 1:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from ..core.errors import InvalidRequest
 
@@ -37,6 +38,7 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", trust_remote_code: bool = False):
+    hf_logging.disable_progress_bar()  # a bar per load clutters CLI output and logs
     torch_dtype = default_dtype(device) if dtype == "default" else DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code

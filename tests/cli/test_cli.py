@@ -1,0 +1,125 @@
+"""The CLI contract scripts rely on: JSON shapes, streaming, and exit code 2 on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_models import save_tiny_pair
+
+from services.cli.main import main
+from services.models.loading import bundled_paths
+
+
+@pytest.fixture(scope="module")
+def pair_args(tmp_path_factory):
+    target, draft = save_tiny_pair(tmp_path_factory.mktemp("pair"))
+    return ["--target", str(target), "--draft", str(draft), "--threads", "1"]
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_models_json_defaults_to_bundled_and_honours_overrides(capsys):
+    assert run_json(capsys, ["models", "--json"]) == {"target": bundled_paths().target, "draft": bundled_paths().draft}
+    assert run_json(capsys, ["models", "--json", "--target", "t", "--draft", "d"]) == {"target": "t", "draft": "d"}
+
+
+@pytest.mark.parametrize("drafter", ["draft", "ngram", "none"])
+def test_generate_json_shape_and_greedy_agreement(capsys, pair_args, drafter):
+    out = run_json(capsys, ["generate", "def add(a, b):", "--json", "--max-new-tokens", "9", "--drafter", drafter]
+                   + pair_args)
+    assert set(out) == {"prompt_token_ids", "samples", "stats"}
+    assert len(out["samples"]) == 1 and len(out["samples"][0]["token_ids"]) <= 9
+    assert {"rounds", "drafted", "accepted", "acceptance_per_position", "mean_acceptance_length",
+            "draft_time_s", "verify_time_s"} <= set(out["stats"])
+    baseline = run_json(capsys, ["generate", "def add(a, b):", "--json", "--max-new-tokens", "9", "--drafter", "none"]
+                        + pair_args)
+    assert out["samples"][0]["token_ids"] == baseline["samples"][0]["token_ids"]
+
+
+def test_generate_n_samples_are_seeded(capsys, pair_args):
+    argv = ["generate", "print(", "--json", "--n", "3", "--temperature", "1.0", "--seed", "5",
+            "--max-new-tokens", "12"] + pair_args
+    first, second = run_json(capsys, argv), run_json(capsys, argv)
+    assert len(first["samples"]) == 3 and first["samples"] == [
+        {**s, "stats": t["stats"]} for s, t in zip(second["samples"], first["samples"])
+    ]
+    assert len({tuple(s["token_ids"]) for s in first["samples"]}) > 1
+
+
+def test_generate_streams_text(capsys, pair_args):
+    assert main(["generate", "def add(a, b):", "--max-new-tokens", "8"] + pair_args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "tok/s" in captured.err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--max-new-tokens", "100000"], "context"),
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--top-k", "-2"], "top_k"),
+        (["--drafter", "medusa"], "unknown drafter"),
+        (["--gamma", "-1"], "gamma"),
+    ],
+)
+def test_generate_bad_input_exits_2(capsys, pair_args, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "x = 1"] + extra + pair_args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_empty_prompt_and_vocab_mismatch_exit_2(capsys, pair_args, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", ""] + pair_args)
+    assert exc.value.code == 2 and "empty" in capsys.readouterr().err
+    from tiny_models import tiny
+    from transformers import AutoTokenizer
+
+    target_dir = pair_args[1]
+    tiny("llama", seed=4, vocab=500).save_pretrained(tmp_path / "odd")
+    AutoTokenizer.from_pretrained(target_dir).save_pretrained(tmp_path / "odd")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "x", "--target", target_dir, "--draft", str(tmp_path / "odd")])
+    assert exc.value.code == 2 and "does not match" in capsys.readouterr().err
+
+
+def test_bench_writes_required_keys_and_plot(tmp_path, pair_args, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def add(a, b):", "print(add("]))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "6", "--gammas", "1,3",
+                 "--json", str(out)] + pair_args) == 0
+    result = json.loads(out.read_text())
+    for key in ("ar_tokens_per_s", "sd_tokens_per_s", "hf_assisted_tokens_per_s", "speedup_vs_ar",
+                "speedup_vs_hf", "acceptance_rate", "mean_accepted_length", "theoretical_speedup"):
+        assert isinstance(result[key], float), key
+    assert result["outputs_identical"] is True
+    assert {r["method"] for r in result["runs"]} == {
+        "target-only", "outrider-draft", "outrider-ngram", "hf-target-only", "hf-assisted"}
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "tok/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,message", [("", "no prompts"), ("{\"text\": 1}\n", "prompt"),
+                                             ("not json\n", "prompt")])
+def test_bench_bad_prompts_exit_2(tmp_path, pair_args, capsys, content, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--prompts", str(prompts)] + pair_args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_console_script_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "services.cli.main", "generate", "x", "--drafter", "nope",
+                           "--target", "/nonexistent"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown drafter" in proc.stderr

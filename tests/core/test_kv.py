@@ -1,0 +1,59 @@
+"""KV rollback is exact: after any accept/reject history the cache equals a fresh prefill."""
+
+import torch
+from tiny_models import noisy_copy, tiny
+
+from services.core.engine import SpeculativeEngine
+from services.core.gamma import GammaSchedule
+from services.core.kv import KVState, extend
+from services.core.proposers import DraftModelProposer
+from services.core.sampling import SamplingParams
+from services.core.verifier import TargetVerifier
+
+
+def test_truncate_and_rollback_keep_exact_prefix():
+    model = tiny("llama", seed=0)
+    kv = KVState.empty(model)
+    extend(model, kv, [5, 6, 7, 8, 9])
+    kv.rollback_to_prefix_of([5, 6, 7, 40, 41])
+    assert kv.tokens == [5, 6, 7] and kv.cache.get_seq_length() == 3
+    kv.truncate(10)  # longer than cached: no-op
+    assert kv.cache.get_seq_length() == 3
+    kv.truncate(1)
+    assert kv.tokens == [5] and kv.cache.get_seq_length() == 1
+
+
+def test_logits_after_rollback_equal_fresh_prefill():
+    model = tiny("qwen2", seed=0)
+    kv = KVState.empty(model)
+    extend(model, kv, [3, 4, 5, 6])
+    extend(model, kv, [70, 71, 72])  # rejected drafts
+    kv.rollback_to_prefix_of([3, 4, 5, 6, 9])
+    resumed = extend(model, kv, [9, 10])
+    fresh = extend(model, KVState.empty(model), [3, 4, 5, 6, 9, 10])
+    torch.testing.assert_close(resumed, fresh[-2:], rtol=1e-5, atol=1e-5)
+
+
+def test_engine_caches_track_committed_tokens_after_rejections():
+    target = tiny("llama", seed=0)
+    engine = SpeculativeEngine(
+        TargetVerifier(target), DraftModelProposer(noisy_copy(target, 1, 0.6)), None, 256, GammaSchedule(4)
+    )
+    seq = engine.start([5, 6, 7, 8], 40, SamplingParams(temperature=1.0, seed=0))
+    rejected_rounds = 0
+    for _ in range(8):
+        before = len(seq.committed)
+        engine.step(seq)
+        rejected_rounds += seq.stats.rounds and seq.stats.accepted < seq.stats.drafted
+        # Target cache: every committed token but the newest (fed next round).
+        assert seq.target_kv.tokens == seq.committed[:-1]
+        assert seq.target_kv.cache.get_seq_length() == len(seq.committed) - 1
+        # Draft cache: a prefix of the committed tokens (rejected drafts are gone next round).
+        seq.draft_state.rollback_to_prefix_of(seq.committed)
+        assert seq.draft_state.tokens == seq.committed[: len(seq.draft_state.tokens)]
+        assert len(seq.committed) > before
+    assert rejected_rounds > 0
+    # The cached target state gives the same next-token logits as recomputing everything.
+    cached = extend(target, seq.target_kv, seq.committed[-1:])[-1]
+    fresh = extend(target, KVState.empty(target), seq.committed)[-1]
+    torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,52 @@
+import torch
+from tiny_models import tiny
+
+from services.core.proposals import Proposal
+from services.core.proposers import DraftModelProposer, NgramProposer
+from services.core.sampling import SamplingParams
+
+
+def test_ngram_prefers_longest_most_recent_match():
+    ngram = NgramProposer(min_n=1, max_n=3)
+    #            a  b  c  X  .  a  b  c  Y  .  b  c
+    committed = [1, 2, 3, 9, 0, 1, 2, 3, 8, 0, 2, 3]
+    assert ngram.lookup(committed, 3) == [8, 0, 2]  # "b c" most recently followed by Y
+    assert ngram.lookup([1, 2, 3, 4], 2) == []  # no earlier occurrence
+    assert ngram.lookup([7, 7], 4) == [7]  # continuation clipped at the end of the text
+    assert ngram.lookup([1, 2, 1], 0) == []
+
+
+def test_ngram_proposal_is_deterministic_one_hot():
+    proposal = NgramProposer().propose(None, [4, 5, 6, 4, 5], 2, SamplingParams(temperature=1.0), None)
+    assert proposal.tokens.tolist() == [6, 4] and proposal.draft_probs is None and proposal.is_chain
+
+
+def test_draft_proposer_records_adjusted_q_when_sampling():
+    model = tiny("llama", seed=0)
+    proposer = DraftModelProposer(model)
+    params = SamplingParams(temperature=0.8, top_k=5, seed=1)
+    proposal = proposer.propose(proposer.new_state(), [3, 4, 5], 4, params, params.make_generator())
+    assert proposal.tokens.shape == (4,) and proposal.draft_probs.shape == (4, model.config.vocab_size)
+    assert torch.allclose(proposal.draft_probs.sum(-1), torch.ones(4))
+    assert ((proposal.draft_probs > 0).sum(-1) <= 5).all()  # top-k applied to q as to p
+    picked = proposal.draft_probs[torch.arange(4), proposal.tokens]
+    assert (picked > 0).all()
+
+
+def test_draft_proposer_greedy_matches_model_argmax():
+    model = tiny("gpt2", seed=0)
+    proposer = DraftModelProposer(model)
+    state = proposer.new_state()
+    proposal = proposer.propose(state, [3, 4, 5], 3, SamplingParams(), None)
+    ids = [3, 4, 5]
+    for token in proposal.tokens.tolist():
+        assert token == int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(token)
+    assert proposal.draft_probs is None
+    assert state.tokens == [3, 4, 5] + proposal.tokens.tolist()[:-1]  # last draft not fed yet
+
+
+def test_chain_and_tree_proposals():
+    chain = Proposal(tokens=torch.tensor([1, 2, 3]), parents=torch.tensor([-1, 0, 1]))
+    tree = Proposal(tokens=torch.tensor([1, 2, 3]), parents=torch.tensor([-1, -1, 0]))
+    assert chain.is_chain and not tree.is_chain and Proposal.empty().is_chain
