@@ -28,6 +28,8 @@ def add_parser(sub, name: str) -> None:
                         help="stop a draft when its token probability falls below this")
     parser.add_argument("--n", type=int, default=1, help="independent samples")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--compare", action="store_true",
+                        help="also decode with the target alone and report the speedup")
     add_model_options(parser)
 
 
@@ -68,13 +70,35 @@ def run(args) -> int:
         samples.append({"token_ids": result.token_ids, "text": pair.tokenizer.decode(result.token_ids),
                         "stats": result.stats.to_dict()})
         total += result.stats
+    comparison = compare_with_target_only(pair, prompt_ids, args, samples, total) if args.compare else None
     if args.json:
-        print(json.dumps({"prompt_token_ids": prompt_ids, "samples": samples, "stats": total.to_dict()}))
+        out = {"prompt_token_ids": prompt_ids, "samples": samples, "stats": total.to_dict()}
+        if comparison:
+            out["comparison"] = comparison
+        print(json.dumps(out))
     else:
         s = total.to_dict()
         print(f"[{s['emitted']} tokens, {s['tokens_per_s']:.1f} tok/s, acceptance {s['acceptance_rate']:.2f}, "
               f"mean acceptance length {s['mean_acceptance_length']:.2f}]", file=sys.stderr)
+        if comparison:
+            print(f"[target-only: {comparison['target_only_tokens_per_s']:.1f} tok/s; speedup "
+                  f"{comparison['speedup']:.2f}x; identical output: {comparison['identical']}]", file=sys.stderr)
     return 0
+
+
+def compare_with_target_only(pair, prompt_ids, args, samples, total: GenerationStats) -> dict:
+    """Decode the same samples (same seeds) with the target alone, in the same process."""
+    engine = make_engine(pair, "none", GammaSchedule(initial=0))
+    baseline = GenerationStats()
+    identical = True
+    for seed, sample in zip(sample_seeds(args.seed, args.n), samples):
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, seed)
+        result = engine.generate(prompt_ids, args.max_new_tokens, params)
+        baseline += result.stats
+        identical &= result.token_ids == sample["token_ids"]
+    return {"target_only_tokens_per_s": baseline.tokens_per_s, "speedup": total.tokens_per_s / baseline.tokens_per_s,
+            # Only greedy output must match token for token; sampled output matches in distribution.
+            "identical": identical}
 
 
 class TextStreamer:

@@ -27,8 +27,8 @@ class TrainSpec:
     batch_size: int
     seq_len: int
     seed: int
-    warmup: int = 50
     ckpt_every_s: float = 60.0
+    warmup: int = 50
 
 
 def llama_config(vocab_size: int, hidden: int, layers: int, intermediate: int, eos_id: int) -> LlamaConfig:
@@ -130,15 +130,26 @@ def distill_loss(draft, target):
 
 
 def init_draft_from_target(draft: LlamaForCausalLM, target: LlamaForCausalLM) -> None:
-    """Start the draft in the target's token space: shared-width embeddings, final norm
-    and the first decoder layer are copied, so distillation only has to learn what the
-    missing depth contributed."""
-    d_state = draft.state_dict()
-    for key, value in target.state_dict().items():
-        copyable = key.startswith("model.layers.0.") or not key.startswith("model.layers.")
-        if copyable and key in d_state and d_state[key].shape == value.shape:
-            d_state[key] = value.clone()
-    draft.load_state_dict(d_state)
+    """Start the draft in the target's token space. Same width: copy the embeddings,
+    final norm and first decoder layer. Narrower (the usual, cheaper case): use the
+    target's embedding matrix projected onto its top principal directions (truncated
+    SVD), so the tied LM head starts out ranking tokens the way the target does."""
+    with torch.no_grad():
+        t_emb = target.get_input_embeddings().weight.float()  # [V, D_target]
+        d_emb = draft.get_input_embeddings().weight  # [V, D_draft]
+        width = d_emb.shape[1]
+        if width == t_emb.shape[1]:
+            d_state = draft.state_dict()
+            for key, value in target.state_dict().items():
+                copyable = key.startswith("model.layers.0.") or not key.startswith("model.layers.")
+                if copyable and key in d_state and d_state[key].shape == value.shape:
+                    d_state[key] = value.clone()
+            draft.load_state_dict(d_state)
+            return
+        u, s, _ = torch.linalg.svd(t_emb - t_emb.mean(0), full_matrices=False)
+        k = min(width, s.shape[0])
+        projected = u[:, :k] * s[:k]  # [V, k]
+        d_emb.zero_()[:, :k] = projected * (t_emb.std() / projected.std())
 
 
 @torch.no_grad()
