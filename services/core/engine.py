@@ -82,7 +82,7 @@ class SpeculativeEngine:
             prompt_len=len(prompt_ids),
             max_new_tokens=max_new_tokens,
             params=params,
-            generator=params.make_generator(),
+            generator=params.make_generator(self.verifier.model.device),
             gamma=self.schedule.initial,
             target_kv=self.verifier.new_state(),
             draft_state=self.proposer.new_state() if self.proposer is not None else None,

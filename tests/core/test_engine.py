@@ -143,9 +143,3 @@ def test_bad_requests_are_rejected(models, prompt, max_new, match):
     with pytest.raises(InvalidRequest, match=match):
         eng.generate(prompt, max_new)
 
-
-def test_bad_gamma_is_rejected():
-    with pytest.raises(InvalidRequest, match="gamma"):
-        GammaSchedule(initial=-1)
-    with pytest.raises(InvalidRequest, match="gamma"):
-        GammaSchedule(initial=17)

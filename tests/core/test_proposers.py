@@ -50,3 +50,4 @@ def test_chain_and_tree_proposals():
     chain = Proposal(tokens=torch.tensor([1, 2, 3]), parents=torch.tensor([-1, 0, 1]))
     tree = Proposal(tokens=torch.tensor([1, 2, 3]), parents=torch.tensor([-1, -1, 0]))
     assert chain.is_chain and not tree.is_chain and Proposal.empty().is_chain
+

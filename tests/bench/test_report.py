@@ -1,0 +1,37 @@
+import pytest
+
+from services.bench.report import format_table, run_rows, summarize
+from services.bench.runs import Run, leviathan_speedup
+from services.core.stats import GenerationStats
+
+
+def make_run(method, gamma, tokens, seconds, drafted=0, accepted=0, rounds=0, draft_s=0.0, verify_s=0.0, out=None):
+    stats = GenerationStats(rounds=rounds, drafted=drafted, accepted=accepted, emitted=tokens,
+                            draft_time_s=draft_s, verify_time_s=verify_s, total_time_s=seconds)
+    return Run(method=method, gamma=gamma, tokens=tokens, seconds=seconds, stats=stats, outputs=out or [[1, 2]])
+
+
+def test_leviathan_formula():
+    # a = 0.5, g = 4: E = (1 - 0.5^5) / 0.5 = 1.9375; draft cost 0.1/token, verify 1.5 -> 1.9375 / 1.9
+    run = make_run("outrider-draft", 4, 0, 1.0, drafted=400, accepted=200, rounds=100,
+                   draft_s=400 * 0.1 * 0.02, verify_s=100 * 1.5 * 0.02)
+    assert leviathan_speedup(run, ar_seconds_per_token=0.02) == pytest.approx(1.9375 / 1.9)
+
+
+def test_summary_picks_best_and_checks_outputs():
+    runs = [
+        make_run("target-only", None, 100, 10.0),
+        make_run("outrider-draft", 4, 100, 5.0, drafted=80, accepted=60, rounds=40, draft_s=1.0, verify_s=4.0),
+        make_run("outrider-ngram", 4, 100, 8.0, drafted=80, accepted=20, rounds=80, draft_s=0.1, verify_s=7.0),
+        make_run("hf-assisted", 4, 100, 6.0),
+    ]
+    summary = summarize(runs)
+    assert summary["best_config"] == "outrider-draft gamma=4"
+    assert summary["speedup_vs_ar"] == pytest.approx(2.0)
+    assert summary["speedup_vs_hf"] == pytest.approx(6.0 / 5.0)
+    assert summary["acceptance_rate"] == pytest.approx(0.75)
+    assert summary["mean_accepted_length"] == pytest.approx(1 + 60 / 40)
+    assert summary["outputs_identical"] is True
+    runs[2].outputs = [[9]]
+    assert summarize(runs)["outputs_identical"] is False
+    assert "NO" in format_table(run_rows(runs))
