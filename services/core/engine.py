@@ -27,7 +27,8 @@ class SequenceState:
     prompt_len: int
     max_new_tokens: int
     params: SamplingParams
-    generator: torch.Generator
+    draft_generator: torch.Generator
+    verify_generator: torch.Generator
     gamma: int
     target_kv: object
     draft_state: object
@@ -77,12 +78,14 @@ class SpeculativeEngine:
 
     def start(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> SequenceState:
         self.validate(prompt_ids, max_new_tokens)
+        draft_generator, verify_generator = params.make_generators(self.verifier.model.device)
         return SequenceState(
             committed=list(prompt_ids),
             prompt_len=len(prompt_ids),
             max_new_tokens=max_new_tokens,
             params=params,
-            generator=params.make_generator(self.verifier.model.device),
+            draft_generator=draft_generator,
+            verify_generator=verify_generator,
             gamma=self.schedule.initial,
             target_kv=self.verifier.new_state(),
             draft_state=self.proposer.new_state() if self.proposer is not None else None,
@@ -96,10 +99,10 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         proposal = Proposal.empty(self.verifier.model.device)
         if self.proposer is not None and gamma > 0:
-            proposal = self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.generator)
+            proposal = self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.draft_generator)
         t1 = time.perf_counter()
         outcome = self.verifier.verify(
-            [VerifyRequest(seq.target_kv, seq.committed, proposal, seq.params, seq.generator)]
+            [VerifyRequest(seq.target_kv, seq.committed, proposal, seq.params, seq.verify_generator)]
         )[0]
         t2 = time.perf_counter()
 

@@ -5,6 +5,7 @@ from the wrong distribution (vLLM PR #10198)."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -32,9 +33,19 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+    def make_generators(self, device: torch.device | str = "cpu") -> tuple[torch.Generator, torch.Generator]:
+        """Independent (draft, verify) random streams derived from the seed. Separate
+        streams let drafting and verification run in different processes and still
+        reproduce a seeded request exactly."""
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**63)
-        return torch.Generator(device=device).manual_seed(seed)
+        return tuple(
+            torch.Generator(device=device).manual_seed(_derive_seed(seed, role)) for role in ("draft", "verify")
+        )
+
+
+def _derive_seed(seed: int, role: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{role}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def adjusted_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

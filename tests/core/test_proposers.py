@@ -25,7 +25,7 @@ def test_draft_proposer_records_adjusted_q_when_sampling():
     model = tiny("llama", seed=0)
     proposer = DraftModelProposer(model)
     params = SamplingParams(temperature=0.8, top_k=5, seed=1)
-    proposal = proposer.propose(proposer.new_state(), [3, 4, 5], 4, params, params.make_generator())
+    proposal = proposer.propose(proposer.new_state(), [3, 4, 5], 4, params, params.make_generators()[0])
     assert proposal.tokens.shape == (4,) and proposal.draft_probs.shape == (4, model.config.vocab_size)
     assert torch.allclose(proposal.draft_probs.sum(-1), torch.ones(4))
     assert ((proposal.draft_probs > 0).sum(-1) <= 5).all()  # top-k applied to q as to p

@@ -69,7 +69,10 @@ def test_bad_sampling_params_are_rejected(kwargs, message):
         SamplingParams(**kwargs)
 
 
-def test_seeded_generators_repeat():
-    a = SamplingParams(temperature=1.0, seed=7).make_generator()
-    b = SamplingParams(temperature=1.0, seed=7).make_generator()
-    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+def test_seeded_generators_repeat_and_streams_differ():
+    draft_a, verify_a = SamplingParams(temperature=1.0, seed=7).make_generators()
+    draft_b, verify_b = SamplingParams(temperature=1.0, seed=7).make_generators()
+    assert torch.equal(torch.rand(5, generator=draft_a), torch.rand(5, generator=draft_b))
+    assert torch.equal(torch.rand(5, generator=verify_a), torch.rand(5, generator=verify_b))
+    draft_c, verify_c = SamplingParams(temperature=1.0, seed=7).make_generators()
+    assert not torch.equal(torch.rand(5, generator=draft_c), torch.rand(5, generator=verify_c))
