@@ -26,6 +26,8 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--gammas", default="1,2,3,4,6,8", help="comma-separated gammas; 0 = adaptive")
     parser.add_argument("--drafters", default="draft,ngram", help="comma-separated proposers to measure")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="passes over all configs, interleaved; each config reports its median pass")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     add_model_options(parser)
@@ -65,6 +67,8 @@ def run(args) -> int:
     validate_device(args.device)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.repeat < 1:
+        raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
     gammas = parse_ints(args.gammas, "gammas")
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     for d in drafters:
@@ -85,22 +89,26 @@ def run(args) -> int:
     if not args.no_hf:
         run_hf(pair, 2, prompts[:1], 8)
 
-    runs = [run_outrider(pair, "none", None, prompts, args.max_new_tokens)]
-    for d in drafters:
-        for g in gammas:
-            runs.append(run_outrider(pair, d, g, prompts, args.max_new_tokens))
-            print(f"  measured {runs[-1].label}: {runs[-1].tokens_per_s:.1f} tok/s", flush=True)
+    # Every pass measures every config; passes interleave so that drift in machine load
+    # hits all configs alike, and each config keeps its median pass.
+    configs = [("outrider", "none", None)] + [("outrider", d, g) for d in drafters for g in gammas]
     if not args.no_hf:
-        runs.append(run_hf(pair, None, prompts, args.max_new_tokens))
-        for g in [g for g in gammas if g > 0]:
-            runs.append(run_hf(pair, g, prompts, args.max_new_tokens))
-            print(f"  measured {runs[-1].label}: {runs[-1].tokens_per_s:.1f} tok/s", flush=True)
+        configs += [("hf", None, None)] + [("hf", None, g) for g in gammas if g > 0]
+    passes: dict[tuple, list] = {c: [] for c in configs}
+    for _ in range(args.repeat):
+        for config in configs:
+            kind, drafter, gamma = config
+            measured = (run_outrider(pair, drafter, gamma, prompts, args.max_new_tokens) if kind == "outrider"
+                    else run_hf(pair, gamma, prompts, args.max_new_tokens))
+            passes[config].append(measured)
+            print(f"  measured {measured.label}: {measured.tokens_per_s:.1f} tok/s", flush=True)
+    runs = [sorted(p, key=lambda r: r.tokens_per_s)[len(p) // 2] for p in passes.values()]
 
     rows = run_rows(runs)
     summary = summarize(runs)
     meta = {"target": pair.paths.target, "draft": pair.paths.draft, "prompts": len(prompts),
-            "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "device": args.device,
-            "torch": torch.__version__, "machine": platform.machine()}
+            "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "threads": torch.get_num_threads(),
+            "device": args.device, "torch": torch.__version__, "machine": platform.machine()}
     print(format_table(rows))
     print(json.dumps(summary, indent=2))
     write_json(args.json, summary, rows, meta)

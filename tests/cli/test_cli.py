@@ -96,7 +96,7 @@ def test_bench_writes_required_keys_and_plot(tmp_path, pair_args, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def add(a, b):", "print(add("]))
     out = tmp_path / "bench.json"
-    assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "6", "--gammas", "1,3",
+    assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "6", "--gammas", "1,3", "--repeat", "2",
                  "--json", str(out)] + pair_args) == 0
     result = json.loads(out.read_text())
     for key in ("ar_tokens_per_s", "sd_tokens_per_s", "hf_assisted_tokens_per_s", "speedup_vs_ar",
