@@ -26,6 +26,7 @@ def summarize(runs: list[Run]) -> dict:
         "speedup_vs_ar": speedup,
         "speedup_vs_hf": best.tokens_per_s / best_hf.tokens_per_s if best_hf else None,
         "acceptance_rate": best.stats.acceptance_rate,
+        "per_token_acceptance": best.stats.per_token_acceptance,
         "mean_accepted_length": best.stats.mean_acceptance_length,
         "theoretical_speedup": theoretical,
         "measured_over_theoretical": speedup / theoretical,

@@ -76,12 +76,14 @@ def run_hf(pair: ModelPair, gamma: int | None, prompts: list[list[int]], max_new
 
 def leviathan_speedup(run: Run, ar_seconds_per_token: float) -> float:
     """Leviathan et al.'s expected speedup E / (g*c + v), with the run's measured
-    acceptance a, mean drafted length g, draft cost per token c and verify cost per
-    round v (both in units of one target-only token), where E = (1 - a^(g+1)) / (1 - a)."""
+    per-token acceptance a (their alpha), mean drafted length g, draft cost per token c
+    and verify cost per round v (both in units of one target-only token), where
+    E = (1 - a^(g+1)) / (1 - a). The formula assumes independent acceptances; real
+    acceptance comes in runs, so measured speedups can exceed it."""
     s = run.stats
     if not s.rounds or not s.drafted:
         return 1.0
-    a, g = s.acceptance_rate, s.drafted / s.rounds
+    a, g = s.per_token_acceptance, s.drafted / s.rounds
     expected = g + 1 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)
     draft_cost = (s.draft_time_s / s.drafted) / ar_seconds_per_token
     verify_cost = (s.verify_time_s / s.rounds) / ar_seconds_per_token

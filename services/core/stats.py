@@ -10,6 +10,7 @@ class GenerationStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # rounds that ended on a rejected draft (not on a bonus token)
     emitted: int = 0
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
@@ -21,6 +22,7 @@ class GenerationStats:
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
+        self.rejections += accepted < drafted
         self.emitted += emitted
         grow = drafted - len(self.drafted_per_position)
         if grow > 0:
@@ -34,6 +36,13 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def per_token_acceptance(self) -> float:
+        """Leviathan's alpha: P(a draft is accepted | it was tested). Drafts after the
+        first rejection are never tested, so accepted / drafted underestimates it."""
+        tested = self.accepted + self.rejections
+        return self.accepted / tested if tested else 0.0
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -57,7 +66,7 @@ class GenerationStats:
         for i, (d, a) in enumerate(zip(other.drafted_per_position, other.accepted_per_position)):
             self.drafted_per_position[i] += d
             self.accepted_per_position[i] += a
-        for name in ("rounds", "drafted", "accepted", "emitted", "draft_time_s",
+        for name in ("rounds", "drafted", "accepted", "rejections", "emitted", "draft_time_s",
                      "verify_time_s", "total_time_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
@@ -68,7 +77,9 @@ class GenerationStats:
             "drafted": self.drafted,
             "accepted": self.accepted,
             "emitted": self.emitted,
+            "rejections": self.rejections,
             "acceptance_rate": self.acceptance_rate,
+            "per_token_acceptance": self.per_token_acceptance,
             "mean_acceptance_length": self.mean_acceptance_length,
             "acceptance_per_position": self.acceptance_per_position,
             "draft_time_s": self.draft_time_s,

@@ -5,15 +5,17 @@ from services.bench.runs import Run, leviathan_speedup
 from services.core.stats import GenerationStats
 
 
-def make_run(method, gamma, tokens, seconds, drafted=0, accepted=0, rounds=0, draft_s=0.0, verify_s=0.0, out=None):
-    stats = GenerationStats(rounds=rounds, drafted=drafted, accepted=accepted, emitted=tokens,
+def make_run(method, gamma, tokens, seconds, drafted=0, accepted=0, rounds=0, draft_s=0.0, verify_s=0.0, out=None,
+             rejections=0):
+    stats = GenerationStats(rounds=rounds, drafted=drafted, accepted=accepted, emitted=tokens, rejections=rejections,
                             draft_time_s=draft_s, verify_time_s=verify_s, total_time_s=seconds)
     return Run(method=method, gamma=gamma, tokens=tokens, seconds=seconds, stats=stats, outputs=out or [[1, 2]])
 
 
 def test_leviathan_formula():
-    # a = 0.5, g = 4: E = (1 - 0.5^5) / 0.5 = 1.9375; draft cost 0.1/token, verify 1.5 -> 1.9375 / 1.9
-    run = make_run("outrider-draft", 4, 0, 1.0, drafted=400, accepted=200, rounds=100,
+    # alpha = 100 accepted / (100 + 100 rejected tests) = 0.5, g = 4: E = (1 - 0.5^5) / 0.5 = 1.9375;
+    # draft cost 0.1/token, verify 1.5 -> 1.9375 / 1.9
+    run = make_run("outrider-draft", 4, 0, 1.0, drafted=400, accepted=100, rounds=100, rejections=100,
                    draft_s=400 * 0.1 * 0.02, verify_s=100 * 1.5 * 0.02)
     assert leviathan_speedup(run, ar_seconds_per_token=0.02) == pytest.approx(1.9375 / 1.9)
 

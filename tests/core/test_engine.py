@@ -112,6 +112,9 @@ def test_stats_are_consistent(models):
     assert s.emitted == s.accepted + s.rounds  # every round adds one target token
     assert s.draft_time_s > 0 and s.verify_time_s > 0 and s.total_time_s >= s.draft_time_s + s.verify_time_s
     assert 0 < s.acceptance_rate < 1  # the noisy draft agrees sometimes, not always
+    assert 0 < s.rejections <= s.rounds
+    assert s.per_token_acceptance == pytest.approx(s.accepted / (s.accepted + s.rejections))
+    assert s.per_token_acceptance >= s.acceptance_rate
 
 
 def test_target_only_drafts_nothing(models):
