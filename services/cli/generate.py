@@ -63,7 +63,7 @@ def run(args) -> int:
     samples, total = [], GenerationStats()
     for seed in sample_seeds(args.seed, args.n):
         params = SamplingParams(base.temperature, base.top_k, base.top_p, seed)
-        on_tokens = None if args.json else TextStreamer(pair.tokenizer)
+        on_tokens = None if args.json else TextStreamer(pair.tokenizer, echo=args.prompt)
         result = engine.generate(prompt_ids, args.max_new_tokens, params, on_tokens=on_tokens)
         if on_tokens is not None:
             on_tokens.finish()
@@ -105,8 +105,9 @@ class TextStreamer:
     """Prints decoded text as tokens arrive. Decoding the whole suffix each time keeps
     multi-byte characters split across tokens intact."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, echo: str = ""):
         self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+        sys.stdout.write(echo)  # the prompt, so the continuation reads in context
 
     def __call__(self, new_ids: list[int]) -> None:
         self.ids.extend(new_ids)
