@@ -6,4 +6,4 @@ INVALID_ARGUMENT over gRPC. Nothing that raises it has changed any state.
 
 
 class InvalidRequest(ValueError):
-    pass
+    """A request that cannot be served as asked; the message says why."""

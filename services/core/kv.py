@@ -34,11 +34,17 @@ class KVState:
 
     def rollback_to_prefix_of(self, committed: list[int]) -> None:
         """Drop cached positions that disagree with ``committed`` (rejected drafts)."""
-        n = 0
-        limit = min(len(self.tokens), len(committed))
-        while n < limit and self.tokens[n] == committed[n]:
-            n += 1
-        self.truncate(n)
+        # This runs twice a round: find the longest common prefix with C-level slice
+        # comparisons (usually one; binary search on a mismatch), not a Python loop
+        # over the whole context.
+        lo, hi = 0, min(len(self.tokens), len(committed))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.tokens[:mid] == committed[:mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        self.truncate(lo)
 
 
 @torch.inference_mode()

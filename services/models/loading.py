@@ -51,7 +51,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 class VocabularyMismatch(InvalidRequest):
-    pass
+    """The draft cannot propose in the target's token space."""
 
 
 def check_pair(target, draft, target_tokenizer, draft_tokenizer) -> None:

@@ -57,3 +57,17 @@ def test_engine_caches_track_committed_tokens_after_rejections():
     cached = extend(target, seq.target_kv, seq.committed[-1:])[-1]
     fresh = extend(target, KVState.empty(target), seq.committed)[-1]
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_rollback_finds_first_divergence_anywhere():
+    model = tiny("llama", seed=0)
+    for cached, committed, keep in [
+        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], 5),  # all cached tokens committed
+        ([1, 2, 3, 4, 5], [1, 2, 3], 3),  # committed shorter than the cache
+        ([1, 2, 3, 4, 5], [9, 2, 3, 4, 5], 0),  # diverges at the first token
+        ([1, 2, 3, 4, 5], [1, 2, 7, 4, 5], 2),  # diverges in the middle, agrees after
+    ]:
+        kv = KVState.empty(model)
+        extend(model, kv, cached)
+        kv.rollback_to_prefix_of(committed)
+        assert kv.tokens == cached[:keep] and kv.cache.get_seq_length() == keep
