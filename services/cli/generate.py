@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 from ..core.gamma import GammaSchedule
 from ..core.sampling import SamplingParams
@@ -62,7 +63,7 @@ def run(args) -> int:
 
     samples, total = [], GenerationStats()
     for seed in sample_seeds(args.seed, args.n):
-        params = SamplingParams(base.temperature, base.top_k, base.top_p, seed)
+        params = replace(base, seed=seed)
         on_tokens = None if args.json else TextStreamer(pair.tokenizer, echo=args.prompt)
         result = engine.generate(prompt_ids, args.max_new_tokens, params, on_tokens=on_tokens)
         if on_tokens is not None:
@@ -70,7 +71,7 @@ def run(args) -> int:
         samples.append({"token_ids": result.token_ids, "text": pair.tokenizer.decode(result.token_ids),
                         "stats": result.stats.to_dict()})
         total += result.stats
-    comparison = compare_with_target_only(pair, prompt_ids, args, samples, total) if args.compare else None
+    comparison = compare_with_target_only(pair, prompt_ids, base, args, samples, total) if args.compare else None
     if args.json:
         out = {"prompt_token_ids": prompt_ids, "samples": samples, "stats": total.to_dict()}
         if comparison:
@@ -86,14 +87,13 @@ def run(args) -> int:
     return 0
 
 
-def compare_with_target_only(pair, prompt_ids, args, samples, total: GenerationStats) -> dict:
+def compare_with_target_only(pair, prompt_ids, base: SamplingParams, args, samples, total: GenerationStats) -> dict:
     """Decode the same samples (same seeds) with the target alone, in the same process."""
     engine = make_engine(pair, "none", GammaSchedule(initial=0))
     baseline = GenerationStats()
     identical = True
     for seed, sample in zip(sample_seeds(args.seed, args.n), samples):
-        params = SamplingParams(args.temperature, args.top_k, args.top_p, seed)
-        result = engine.generate(prompt_ids, args.max_new_tokens, params)
+        result = engine.generate(prompt_ids, args.max_new_tokens, replace(base, seed=seed))
         baseline += result.stats
         identical &= result.token_ids == sample["token_ids"]
     return {"target_only_tokens_per_s": baseline.tokens_per_s, "speedup": total.tokens_per_s / baseline.tokens_per_s,

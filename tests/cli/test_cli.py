@@ -124,3 +124,12 @@ def test_console_script_exit_code():
     proc = subprocess.run([sys.executable, "-m", "services.cli.main", "generate", "x", "--drafter", "nope",
                            "--target", "/nonexistent"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown drafter" in proc.stderr
+
+
+def test_generate_compare_reports_speedup_against_target_only(capsys, pair_args):
+    out = run_json(capsys, ["generate", "def add(a, b):", "--json", "--compare", "--max-new-tokens", "10"]
+                   + pair_args)
+    comparison = out["comparison"]
+    assert comparison["identical"] is True  # greedy: token for token
+    assert comparison["target_only_tokens_per_s"] > 0
+    assert comparison["speedup"] == pytest.approx(out["stats"]["tokens_per_s"] / comparison["target_only_tokens_per_s"])
