@@ -8,9 +8,14 @@ from pathlib import Path
 from .runs import Run, leviathan_speedup
 
 
-def summarize(runs: list[Run]) -> dict:
+def _target_only(runs: list[Run]) -> tuple[Run, float]:
+    """The baseline run and its seconds per token."""
     ar = next(r for r in runs if r.method == "target-only")
-    ar_spt = ar.seconds / ar.tokens
+    return ar, ar.seconds / ar.tokens
+
+
+def summarize(runs: list[Run]) -> dict:
+    ar, ar_spt = _target_only(runs)
     outrider = [r for r in runs if r.method.startswith("outrider-")]
     hf = [r for r in runs if r.method == "hf-assisted"]
     best = max(outrider, key=lambda r: r.tokens_per_s)
@@ -36,8 +41,7 @@ def summarize(runs: list[Run]) -> dict:
 
 
 def run_rows(runs: list[Run]) -> list[dict]:
-    ar = next(r for r in runs if r.method == "target-only")
-    ar_spt = ar.seconds / ar.tokens
+    ar, ar_spt = _target_only(runs)
     rows = []
     for r in runs:
         row = {"config": r.label, "method": r.method, "gamma": r.gamma, "tokens": r.tokens, "seconds": r.seconds,

@@ -97,9 +97,10 @@ class SpeculativeEngine:
         gamma = min(seq.gamma, seq.remaining - 1)
 
         t0 = time.perf_counter()
-        proposal = Proposal.empty(self.verifier.model.device)
         if self.proposer is not None and gamma > 0:
             proposal = self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.draft_generator)
+        else:
+            proposal = Proposal.empty(self.verifier.model.device)
         t1 = time.perf_counter()
         outcome = self.verifier.verify(
             [VerifyRequest(seq.target_kv, seq.committed, proposal, seq.params, seq.verify_generator)]

@@ -24,14 +24,17 @@ class GenerationStats:
         self.accepted += accepted
         self.rejections += accepted < drafted
         self.emitted += emitted
-        grow = drafted - len(self.drafted_per_position)
-        if grow > 0:
-            self.drafted_per_position.extend([0] * grow)
-            self.accepted_per_position.extend([0] * grow)
+        self._cover_positions(drafted)
         for i in range(drafted):
             self.drafted_per_position[i] += 1
         for i in range(accepted):
             self.accepted_per_position[i] += 1
+
+    def _cover_positions(self, n: int) -> None:
+        grow = n - len(self.drafted_per_position)
+        if grow > 0:
+            self.drafted_per_position.extend([0] * grow)
+            self.accepted_per_position.extend([0] * grow)
 
     @property
     def acceptance_rate(self) -> float:
@@ -59,10 +62,7 @@ class GenerationStats:
 
     def __iadd__(self, other: "GenerationStats") -> "GenerationStats":
         """Accumulate another request's stats (for aggregate benchmark figures)."""
-        grow = len(other.drafted_per_position) - len(self.drafted_per_position)
-        if grow > 0:
-            self.drafted_per_position.extend([0] * grow)
-            self.accepted_per_position.extend([0] * grow)
+        self._cover_positions(len(other.drafted_per_position))
         for i, (d, a) in enumerate(zip(other.drafted_per_position, other.accepted_per_position)):
             self.drafted_per_position[i] += d
             self.accepted_per_position[i] += a
