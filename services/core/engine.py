@@ -30,6 +30,7 @@ class SequenceState:
     draft_generator: torch.Generator
     verify_generator: torch.Generator
     gamma: int
+    schedule: GammaSchedule
     target_kv: object
     draft_state: object
     finished: bool = False
@@ -42,6 +43,18 @@ class SequenceState:
     @property
     def remaining(self) -> int:
         return self.max_new_tokens - len(self.committed) + self.prompt_len
+
+    @property
+    def draft_budget(self) -> int:
+        """Drafts allowed next round: never past the token budget, because the round's
+        last token is always the target's own."""
+        return max(0, min(self.gamma, self.remaining - 1))
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    tokens: list[int]  # what the round commits, after stop/length truncation
+    num_accepted: int  # drafts that passed the acceptance test
 
 
 @dataclass(frozen=True)
@@ -76,8 +89,17 @@ class SpeculativeEngine:
                 f"the model context of {self.max_context}"
             )
 
-    def start(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> SequenceState:
+    def start(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        params: SamplingParams,
+        schedule: GammaSchedule | None = None,
+    ) -> SequenceState:
+        """``schedule`` overrides the engine's for this sequence (a served request
+        chooses its own gamma)."""
         self.validate(prompt_ids, max_new_tokens)
+        schedule = schedule or self.schedule
         draft_generator, verify_generator = params.make_generators(self.verifier.model.device)
         return SequenceState(
             committed=list(prompt_ids),
@@ -86,34 +108,44 @@ class SpeculativeEngine:
             params=params,
             draft_generator=draft_generator,
             verify_generator=verify_generator,
-            gamma=self.schedule.initial,
+            gamma=schedule.initial,
+            schedule=schedule,
             target_kv=self.verifier.new_state(),
             draft_state=self.proposer.new_state() if self.proposer is not None else None,
         )
 
     def step(self, seq: SequenceState) -> list[int]:
         """One speculative round; returns the tokens it commits (1 to gamma+1)."""
-        # Never draft past the token budget: the round's last token is the target's own.
-        gamma = min(seq.gamma, seq.remaining - 1)
-
         t0 = time.perf_counter()
-        if self.proposer is not None and gamma > 0:
-            proposal = self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.draft_generator)
-        else:
-            proposal = Proposal.empty(self.verifier.model.device)
-        t1 = time.perf_counter()
+        proposal = self.propose(seq)
+        seq.stats.draft_time_s += time.perf_counter() - t0
+        return self.verify_and_commit(seq, proposal).tokens
+
+    def propose(self, seq: SequenceState) -> Proposal:
+        gamma = seq.draft_budget
+        if self.proposer is None or gamma == 0:
+            return Proposal.empty(self.verifier.model.device)
+        return self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.draft_generator)
+
+    def prefill(self, seq: SequenceState) -> None:
+        """Cache the prompt's KV except its last token, which the first round feeds with
+        the drafts. Lets a server prefill the target while the first draft is made."""
+        t0 = time.perf_counter()
+        self.verifier.prefill(seq.target_kv, seq.committed[:-1])
+        seq.stats.verify_time_s += time.perf_counter() - t0
+
+    def verify_and_commit(self, seq: SequenceState, proposal: Proposal) -> "RoundResult":
+        """Verify ``proposal`` after ``seq``'s committed tokens and commit the result."""
+        t0 = time.perf_counter()
         outcome = self.verifier.verify(
             [VerifyRequest(seq.target_kv, seq.committed, proposal, seq.params, seq.verify_generator)]
         )[0]
-        t2 = time.perf_counter()
-
+        seq.stats.verify_time_s += time.perf_counter() - t0
         new = self._truncate_at_stop(outcome.tokens, seq)
         seq.committed.extend(new)
-        seq.stats.draft_time_s += t1 - t0
-        seq.stats.verify_time_s += t2 - t1
         seq.stats.record_round(len(proposal), outcome.num_accepted, len(new))
-        seq.gamma = self.schedule.next(seq.gamma, len(proposal), outcome.num_accepted)
-        return new
+        seq.gamma = seq.schedule.next(seq.gamma, len(proposal), outcome.num_accepted)
+        return RoundResult(tokens=new, num_accepted=outcome.num_accepted)
 
     def _truncate_at_stop(self, tokens: list[int], seq: SequenceState) -> list[int]:
         tokens = tokens[: seq.remaining]

@@ -6,7 +6,7 @@ object, never on the proposer or the model, so one proposer serves many sequence
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -16,11 +16,22 @@ from .proposals import Proposal
 from .sampling import SamplingParams, adjusted_probs, sample
 
 
+# Polled between drafted tokens; True abandons the rest of the draft (a pipelined
+# draft whose assumption the verifier has just refuted).
+StopCheck = Callable[[], bool]
+
+
 class Proposer(Protocol):
     def new_state(self) -> object: ...
 
     def propose(
-        self, state: object, committed: list[int], gamma: int, params: SamplingParams, generator: torch.Generator
+        self,
+        state: object,
+        committed: list[int],
+        gamma: int,
+        params: SamplingParams,
+        generator: torch.Generator,
+        stop: StopCheck | None = None,
     ) -> Proposal: ...
 
 
@@ -39,7 +50,13 @@ class DraftModelProposer:
         return KVState.empty(self.model)
 
     def propose(
-        self, state: KVState, committed: list[int], gamma: int, params: SamplingParams, generator: torch.Generator
+        self,
+        state: KVState,
+        committed: list[int],
+        gamma: int,
+        params: SamplingParams,
+        generator: torch.Generator,
+        stop: StopCheck | None = None,
     ) -> Proposal:
         if gamma <= 0:
             return Proposal.empty(self.model.device)
@@ -49,6 +66,8 @@ class DraftModelProposer:
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for _ in range(gamma):
+            if stop is not None and stop():
+                break
             logits = extend(self.model, state, pending, logits_to_keep=1)[-1]  # [V]
             if params.greedy:
                 token = int(logits.argmax())
@@ -82,7 +101,13 @@ class NgramProposer:
         return None
 
     def propose(
-        self, state: None, committed: list[int], gamma: int, params: SamplingParams, generator: torch.Generator
+        self,
+        state: None,
+        committed: list[int],
+        gamma: int,
+        params: SamplingParams,
+        generator: torch.Generator,
+        stop: StopCheck | None = None,
     ) -> Proposal:
         return Proposal(tokens=torch.tensor(self.lookup(committed, gamma), dtype=torch.long, device=self.device))
 

@@ -39,11 +39,11 @@ class SamplingParams:
         reproduce a seeded request exactly."""
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**63)
         return tuple(
-            torch.Generator(device=device).manual_seed(_derive_seed(seed, role)) for role in ("draft", "verify")
+            torch.Generator(device=device).manual_seed(derive_seed(seed, role)) for role in ("draft", "verify")
         )
 
 
-def _derive_seed(seed: int, role: str) -> int:
+def derive_seed(seed: int, role: str) -> int:
     digest = hashlib.blake2b(f"{seed}:{role}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 

@@ -17,6 +17,12 @@ class GenerationStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     total_time_s: float = 0.0
+    # Served (distributed) generation only; zero in-process.
+    transport_time_s: float = 0.0  # verifier waiting on drafts, less exposed draft compute
+    queue_time_s: float = 0.0  # waiting for a session slot or the verifier's compute thread
+    exposed_draft_time_s: float = 0.0  # draft compute the verifier waited on
+    pipeline_rounds: int = 0  # rounds after which an early block was drafted
+    pipeline_hits: int = 0  # ... and used
 
     def record_round(self, drafted: int, accepted: int, emitted: int) -> None:
         self.rounds += 1
@@ -57,6 +63,17 @@ class GenerationStats:
         return [a / d for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
 
     @property
+    def pipeline_hit_rate(self) -> float:
+        return self.pipeline_hits / self.pipeline_rounds if self.pipeline_rounds else 0.0
+
+    @property
+    def overlap(self) -> float:
+        """Share of draft compute that ran while the target was verifying."""
+        if not self.draft_time_s:
+            return 0.0
+        return max(0.0, 1 - self.exposed_draft_time_s / self.draft_time_s)
+
+    @property
     def tokens_per_s(self) -> float:
         return self.emitted / self.total_time_s if self.total_time_s else 0.0
 
@@ -66,8 +83,7 @@ class GenerationStats:
         for i, (d, a) in enumerate(zip(other.drafted_per_position, other.accepted_per_position)):
             self.drafted_per_position[i] += d
             self.accepted_per_position[i] += a
-        for name in ("rounds", "drafted", "accepted", "rejections", "emitted", "draft_time_s",
-                     "verify_time_s", "total_time_s"):
+        for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -86,4 +102,16 @@ class GenerationStats:
             "verify_time_s": self.verify_time_s,
             "total_time_s": self.total_time_s,
             "tokens_per_s": self.tokens_per_s,
+            "transport_time_s": self.transport_time_s,
+            "queue_time_s": self.queue_time_s,
+            "pipeline_rounds": self.pipeline_rounds,
+            "pipeline_hits": self.pipeline_hits,
+            "pipeline_hit_rate": self.pipeline_hit_rate,
+            "overlap": self.overlap,
         }
+
+
+_SUMMED = (
+    "rounds", "drafted", "accepted", "rejections", "emitted", "draft_time_s", "verify_time_s", "total_time_s",
+    "transport_time_s", "queue_time_s", "exposed_draft_time_s", "pipeline_rounds", "pipeline_hits",
+)

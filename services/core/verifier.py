@@ -34,6 +34,11 @@ class TargetVerifier:
     def new_state(self) -> KVState:
         return KVState.empty(self.model)
 
+    def prefill(self, kv: KVState, tokens: list[int]) -> None:
+        kv.rollback_to_prefix_of(tokens)
+        if len(tokens) > len(kv):
+            extend(self.model, kv, tokens[len(kv) :], logits_to_keep=1)
+
     def verify(self, batch: list[VerifyRequest]) -> list[VerifyOutcome]:
         return [self._verify_one(req) for req in batch]
 

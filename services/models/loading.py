@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..core.errors import InvalidRequest
@@ -54,20 +54,31 @@ class VocabularyMismatch(InvalidRequest):
     """The draft cannot propose in the target's token space."""
 
 
-def check_pair(target, draft, target_tokenizer, draft_tokenizer) -> None:
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def check_pair(target_config, draft_config, target_tokenizer, draft_tokenizer) -> None:
     """Rejection sampling compares p and q token by token: the two models must share
     the token ids and the logits width."""
     if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
         raise VocabularyMismatch("draft tokenizer vocabulary does not match the target's")
-    if target.config.get_text_config().vocab_size != draft.config.get_text_config().vocab_size:
+    if vocab_size(target_config) != vocab_size(draft_config):
         raise VocabularyMismatch(
-            f"draft vocab_size {draft.config.get_text_config().vocab_size} does not match "
-            f"the target's {target.config.get_text_config().vocab_size}"
+            f"draft vocab_size {vocab_size(draft_config)} does not match the target's {vocab_size(target_config)}"
         )
 
 
+def vocab_size(config) -> int:
+    return int(config.get_text_config().vocab_size)
+
+
 def max_context(model) -> int:
-    config = model.config.get_text_config()
+    return context_length(model.config)
+
+
+def context_length(config) -> int:
+    config = config.get_text_config()
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if value:

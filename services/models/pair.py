@@ -44,7 +44,7 @@ def load_pair(
     draft = None
     if with_draft:
         draft = load_model(paths.draft, device, dtype, trust_remote_code)
-        check_pair(target, draft, tokenizer, load_tokenizer(paths.draft, trust_remote_code))
+        check_pair(target.config, draft.config, tokenizer, load_tokenizer(paths.draft, trust_remote_code))
     return ModelPair(target=target, draft=draft, tokenizer=tokenizer, paths=paths)
 
 

@@ -1,0 +1,68 @@
+"""The app's arguments: one pydantic model validates what `serve run`, a serve config's
+``args`` and the tests pass to ``build_app``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..models.loading import ModelPaths, resolve_paths
+
+# Custom resources that pin each deployment to its node group. `outrider serve` and the
+# KubeRay worker groups give each node role one of these.
+GATEWAY_RESOURCE = "outrider_gateway"
+DRAFTER_RESOURCE = "outrider_drafter"
+VERIFIER_RESOURCE = "outrider_verifier"
+
+
+class Placement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    torch_threads: int = Field(1, ge=1)  # set in the replica's process
+
+    def actor_options(self) -> dict:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Model folders or hub ids; unset = the pair bundled with the package.
+    target: str | None = None
+    draft: str | None = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["default", "auto", "float32", "bfloat16", "float16"] = "default"
+    trust_remote_code: bool = False
+
+    # Request defaults and limits.
+    default_method: Literal["draft", "ngram", "none"] = "draft"
+    default_gamma: int = Field(8, ge=1, le=16)
+    default_max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(2048, ge=1)
+    max_sessions: int = Field(64, ge=1)  # per gateway replica; beyond it RESOURCE_EXHAUSTED
+
+    # The verifier replica becomes a tensor-parallel group of this many ranks (next
+    # issue); the draft workers keep their own parallelism.
+    tensor_parallel_size: int = Field(1, ge=1, le=1)
+    drafter_port: int = Field(0, ge=0, le=65535)  # the Drafter gRPC port on draft workers; 0 = any free
+
+    gateway: Placement = Field(default_factory=lambda: Placement(resources={GATEWAY_RESOURCE: 1}))
+    drafter: Placement = Field(default_factory=lambda: Placement(num_cpus=1, resources={DRAFTER_RESOURCE: 1}))
+    verifier: Placement = Field(
+        default_factory=lambda: Placement(num_cpus=1, resources={VERIFIER_RESOURCE: 1}, torch_threads=2)
+    )
+
+    @model_validator(mode="after")
+    def _gpus_for_cuda(self) -> "AppArgs":
+        if self.device == "cuda" and self.verifier.num_gpus < self.tensor_parallel_size:
+            raise ValueError("device 'cuda' needs verifier.num_gpus >= tensor_parallel_size")
+        return self
+
+    @property
+    def paths(self) -> ModelPaths:
+        return resolve_paths(self.target, self.draft)

@@ -1,0 +1,24 @@
+"""``build_app(args)``: the Serve application graph gateway -> verifier -> drafter."""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from ..drafter.deployment import DraftWorker
+from ..gateway.deployment import Gateway
+from ..verifier.deployment import Verifier
+from .args import AppArgs
+
+
+def build_app(args: dict | None = None) -> Application:
+    cfg = AppArgs.model_validate(args or {})
+    plain = cfg.model_dump()  # replicas re-validate; a dict pickles without pydantic state
+    drafter = DraftWorker.options(
+        num_replicas=cfg.drafter.num_replicas, ray_actor_options=cfg.drafter.actor_options()
+    ).bind(plain)
+    verifier = Verifier.options(
+        num_replicas=cfg.verifier.num_replicas, ray_actor_options=cfg.verifier.actor_options()
+    ).bind(drafter, plain)
+    return Gateway.options(
+        num_replicas=cfg.gateway.num_replicas, ray_actor_options=cfg.gateway.actor_options()
+    ).bind(verifier, plain)

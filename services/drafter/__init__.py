@@ -1,0 +1,1 @@
+"""The draft worker: the Drafter gRPC service and its Serve deployment shim."""

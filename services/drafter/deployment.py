@@ -1,0 +1,52 @@
+"""Serve shim for draft workers: loads the proposers and serves ``DrafterService`` on
+its own gRPC port, which verifiers reach directly once Serve has picked the replica."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import ray
+import torch
+from ray import serve
+
+from ..app.args import AppArgs
+from ..core.proposers import DraftModelProposer, NgramProposer
+from ..models.loading import check_pair, load_config, load_model, load_tokenizer
+from ..rpc import internal_pb2_grpc
+from .service import DrafterService
+
+
+@serve.deployment(name="drafter", max_ongoing_requests=1000)
+class DraftWorker:
+    def __init__(self, args: dict):
+        cfg = AppArgs.model_validate(args)
+        torch.set_num_threads(cfg.drafter.torch_threads)
+        paths = cfg.paths
+        draft = load_model(paths.draft, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        check_pair(
+            load_config(paths.target, cfg.trust_remote_code), draft.config,
+            load_tokenizer(paths.target, cfg.trust_remote_code), load_tokenizer(paths.draft, cfg.trust_remote_code),
+        )
+        self.service = DrafterService({"draft": DraftModelProposer(draft), "ngram": NgramProposer(device=draft.device)})
+        self.port = cfg.drafter_port
+        self.server: grpc.aio.Server | None = None
+        self.starting = asyncio.Lock()
+
+    async def endpoint(self) -> str:
+        """host:port of this replica's Drafter service (started on first use, on the
+        replica's event loop)."""
+        async with self.starting:
+            if self.server is None:
+                server = grpc.aio.server()
+                internal_pb2_grpc.add_DrafterServicer_to_server(self.service, server)
+                self.port = server.add_insecure_port(f"[::]:{self.port}")
+                await server.start()
+                self.server = server
+        return f"{ray.util.get_node_ip_address()}:{self.port}"
+
+    def active_sessions(self) -> int:
+        return self.service.active_sessions
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()

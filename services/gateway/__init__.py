@@ -1,0 +1,1 @@
+"""The gateway: the public Outrider gRPC service behind Ray Serve's gRPC proxy."""

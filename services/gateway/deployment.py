@@ -1,0 +1,80 @@
+"""Serve shim for the gateway: the ingress behind Serve's gRPC proxy. Its methods are
+named after the RPCs (Outrider.Generate, Outrider.GenerateUnary, Health.Check)."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+import ray
+import torch
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ..app.args import AppArgs
+from ..core.errors import InvalidRequest
+from ..models.loading import context_length, load_config, load_tokenizer, vocab_size
+from ..rpc import internal_pb2, outrider_pb2
+from .service import GatewayService, Limits, Overloaded
+
+# Serve's gRPC proxy imports these to register the services it routes to this app.
+GRPC_SERVICER_FUNCTIONS = [
+    "services.rpc.outrider_pb2_grpc.add_OutriderServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+@serve.deployment(name="gateway", max_ongoing_requests=1000)
+class Gateway:
+    def __init__(self, verifier: DeploymentHandle, args: dict):
+        cfg = AppArgs.model_validate(args)
+        torch.set_num_threads(cfg.gateway.torch_threads)
+        config = load_config(cfg.paths.target, cfg.trust_remote_code)
+        limits = Limits(
+            vocab_size=vocab_size(config), max_context=context_length(config),
+            max_new_tokens=cfg.max_new_tokens, default_max_new_tokens=cfg.default_max_new_tokens,
+            max_sessions=cfg.max_sessions, default_method=cfg.default_method, default_gamma=cfg.default_gamma,
+            methods=("draft", "ngram", "none"),
+        )
+        self.verifier = verifier.options(stream=True)
+        self.service = GatewayService(load_tokenizer(cfg.paths.target, cfg.trust_remote_code), limits, self._verify)
+
+    async def _verify(self, req: internal_pb2.VerifyRequest) -> AsyncIterator[internal_pb2.VerifyChunk]:
+        stream = self.verifier.Verify.remote(req.SerializeToString())
+        try:
+            async for chunk in stream:
+                yield internal_pb2.VerifyChunk.FromString(chunk)
+        finally:
+            stream.cancel()  # a client that went away frees the verifier's session too
+
+    async def Generate(self, request: outrider_pb2.GenerateRequest, grpc_context) -> AsyncIterator:
+        try:
+            async for chunk in self.service.generate(request):
+                yield chunk
+        except (InvalidRequest, Overloaded) as error:
+            _set_status(grpc_context, error)
+            raise
+
+    async def GenerateUnary(self, request: outrider_pb2.GenerateRequest, grpc_context):
+        try:
+            return await self.service.generate_unary(request)
+        except (InvalidRequest, Overloaded) as error:
+            _set_status(grpc_context, error)
+            raise
+
+    async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
+        # Serve only routes here once the app (and so every deployment) is running.
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    def active_sessions(self) -> int:
+        return self.service.active_sessions
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def _set_status(grpc_context, error: Exception) -> None:
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, Overloaded) else grpc.StatusCode.INVALID_ARGUMENT
+    grpc_context.set_code(code)
+    grpc_context.set_details(str(error))

@@ -1,0 +1,161 @@
+"""The public Outrider service: validate, tokenize, admit, stream. Knows nothing of Serve.
+
+Every client input is checked here, before any other deployment sees the request, so
+a bad request changes nothing anywhere: it ends as INVALID_ARGUMENT with a reason.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Callable
+
+from ..core.errors import InvalidRequest
+from ..core.gamma import GammaSchedule
+from ..rpc import internal_pb2, outrider_pb2
+from ..rpc.convert import METHOD_IDS, method_name, sampling_from_proto, sampling_to_proto
+
+
+class Overloaded(Exception):
+    """The gateway is at its session limit (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_context: int
+    max_new_tokens: int  # per request
+    default_max_new_tokens: int
+    max_sessions: int  # concurrent sessions per gateway replica
+    default_method: str
+    default_gamma: int
+    methods: tuple[str, ...]  # what the deployed app can serve
+
+
+class GatewayService:
+    def __init__(
+        self,
+        tokenizer,
+        limits: Limits,
+        open_verify: Callable[[internal_pb2.VerifyRequest], AsyncIterator[internal_pb2.VerifyChunk]],
+    ):
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.open_verify = open_verify
+        self.active_sessions = 0
+
+    def prepare(self, req: outrider_pb2.GenerateRequest, received_at: float) -> internal_pb2.VerifyRequest:
+        """Validate a request and resolve every default; raises InvalidRequest."""
+        limits = self.limits
+        prompt_ids = self._prompt_ids(req)
+        max_new = req.max_new_tokens or limits.default_max_new_tokens
+        if max_new > limits.max_new_tokens:
+            raise InvalidRequest(f"max_new_tokens {max_new} exceeds this server's limit of {limits.max_new_tokens}")
+        if len(prompt_ids) + max_new > limits.max_context:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) exceeds "
+                f"the model context of {limits.max_context}"
+            )
+        sampling = req.sampling
+        if not math.isfinite(sampling.temperature) or (sampling.HasField("top_p") and not math.isfinite(sampling.top_p)):
+            raise InvalidRequest("sampling values must be finite numbers")
+        params = sampling_from_proto(sampling)  # validates ranges
+        if params.seed is None:  # resolved here so draft worker and verifier share it
+            params = replace(params, seed=random.SystemRandom().randrange(2**63))
+        method = method_name(req.speculation.method, limits.default_method)
+        if method not in limits.methods:
+            raise InvalidRequest(f"speculation method {method!r} is not served here; use one of {limits.methods}")
+        gamma = req.speculation.gamma or limits.default_gamma
+        GammaSchedule(initial=gamma)  # validates the range
+        pipeline = req.speculation.pipeline if req.speculation.HasField("pipeline") else True
+        return internal_pb2.VerifyRequest(
+            request_id=req.request_id or uuid.uuid4().hex,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            sampling=sampling_to_proto(params),
+            speculation=outrider_pb2.Speculation(
+                method=METHOD_IDS[method], gamma=0 if method == "none" else gamma,
+                adaptive=req.speculation.adaptive, pipeline=pipeline,
+            ),
+            received_at=received_at,
+        )
+
+    def _prompt_ids(self, req: outrider_pb2.GenerateRequest) -> list[int]:
+        kind = req.WhichOneof("prompt")
+        if kind == "text":
+            ids = self.tokenizer(req.text, add_special_tokens=False)["input_ids"]
+        elif kind == "token_ids":
+            ids = list(req.token_ids.ids)
+            for position, token in enumerate(ids):
+                if not 0 <= token < self.limits.vocab_size:
+                    raise InvalidRequest(
+                        f"token id {token} at position {position} is outside the vocabulary [0, {self.limits.vocab_size})"
+                    )
+        else:
+            ids = []
+        if not ids:
+            raise InvalidRequest("prompt is empty: set `text` or `token_ids`")
+        return ids
+
+    async def generate(self, req: outrider_pb2.GenerateRequest) -> AsyncIterator[outrider_pb2.GenerateChunk]:
+        received = time.time()
+        start = time.perf_counter()
+        verify_request = self.prepare(req, received)
+        if self.active_sessions >= self.limits.max_sessions:
+            raise Overloaded(f"at the limit of {self.limits.max_sessions} concurrent sessions; retry later")
+        self.active_sessions += 1
+        request_id = verify_request.request_id
+        detok = IncrementalDetokenizer(self.tokenizer)
+        first_token_s = None
+        try:
+            async for chunk in self.open_verify(verify_request):
+                if chunk.HasField("stats"):
+                    stats = chunk.stats
+                    stats.total_s = time.perf_counter() - start
+                    stats.time_to_first_token_s = first_token_s or stats.total_s
+                    yield outrider_pb2.GenerateChunk(request_id=request_id, text=detok.flush(), stats=stats)
+                    return
+                if first_token_s is None:
+                    first_token_s = time.perf_counter() - start
+                ids = list(chunk.token_ids)
+                yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=detok.add(ids))
+            raise ConnectionError("the verifier ended the session without its stats")
+        finally:
+            self.active_sessions -= 1
+
+    async def generate_unary(self, req: outrider_pb2.GenerateRequest) -> outrider_pb2.GenerateResponse:
+        response = outrider_pb2.GenerateResponse()
+        async for chunk in self.generate(req):
+            response.request_id = chunk.request_id
+            response.token_ids.extend(chunk.token_ids)
+            response.text += chunk.text
+            if chunk.HasField("stats"):
+                response.stats.CopyFrom(chunk.stats)
+        return response
+
+
+class IncrementalDetokenizer:
+    """Text deltas for streamed token ids. A byte-level token can end inside a UTF-8
+    character; such text is held back until the character completes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0  # characters already sent
+
+    def add(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._delta(text)
+
+    def flush(self) -> str:
+        return self._delta(self.tokenizer.decode(self.ids))
+
+    def _delta(self, text: str) -> str:
+        delta, self.sent = text[self.sent :], len(text)
+        return delta

@@ -1,0 +1,124 @@
+"""Conversions between the wire messages and the core's dataclasses, in one place.
+
+Validation of client input happens here too: a bad value raises ``InvalidRequest``,
+which the gateway turns into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..core.errors import InvalidRequest
+from ..core.pipeline import DraftBlock
+from ..core.proposals import Proposal
+from ..core.sampling import SamplingParams
+from ..core.stats import GenerationStats
+from . import internal_pb2, outrider_pb2
+
+METHODS = {
+    outrider_pb2.SPECULATION_METHOD_DRAFT: "draft",
+    outrider_pb2.SPECULATION_METHOD_NGRAM: "ngram",
+    outrider_pb2.SPECULATION_METHOD_NONE: "none",
+}
+METHOD_IDS = {name: value for value, name in METHODS.items()}
+
+
+def sampling_from_proto(msg: outrider_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        seed=msg.seed if msg.HasField("seed") else None,
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> outrider_pb2.SamplingParams:
+    msg = outrider_pb2.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def method_name(value: int, default: str) -> str:
+    if value == outrider_pb2.SPECULATION_METHOD_UNSPECIFIED:
+        return default
+    if value not in METHODS:
+        raise InvalidRequest(f"unknown speculation method {value}; use DRAFT, NGRAM or NONE")
+    return METHODS[value]
+
+
+def block_to_proto(block: DraftBlock) -> internal_pb2.DraftBlock:
+    msg = internal_pb2.DraftBlock(
+        round=block.round,
+        speculative=block.speculative,
+        guess=-1 if block.guess is None else block.guess,
+        tokens=block.proposal.tokens.tolist(),
+        draft_s=block.draft_s,
+    )
+    probs = block.proposal.draft_probs
+    if probs is not None:
+        # Exact float32 bytes: the verifier must test against the very q that was sampled.
+        msg.draft_probs = probs.to(torch.float32).cpu().numpy().tobytes()
+        msg.vocab_size = probs.shape[-1]
+    return msg
+
+
+def block_from_proto(msg: internal_pb2.DraftBlock, device: torch.device | str) -> DraftBlock:
+    tokens = torch.tensor(list(msg.tokens), dtype=torch.long, device=device)
+    probs = None
+    if msg.draft_probs:
+        array = np.frombuffer(msg.draft_probs, dtype=np.float32).reshape(len(tokens), msg.vocab_size)
+        probs = torch.from_numpy(array.copy()).to(device)
+    return DraftBlock(
+        round=msg.round,
+        proposal=Proposal(tokens=tokens, draft_probs=probs),
+        speculative=msg.speculative,
+        guess=None if msg.guess < 0 else msg.guess,
+        draft_s=msg.draft_s,
+    )
+
+
+def stats_to_proto(stats: GenerationStats, finish_reason: str = "") -> outrider_pb2.GenerationStats:
+    return outrider_pb2.GenerationStats(
+        rounds=stats.rounds,
+        drafted=stats.drafted,
+        accepted=stats.accepted,
+        emitted=stats.emitted,
+        rejections=stats.rejections,
+        acceptance_per_position=stats.acceptance_per_position,
+        mean_acceptance_length=stats.mean_acceptance_length,
+        draft_s=stats.draft_time_s,
+        verify_s=stats.verify_time_s,
+        transport_s=stats.transport_time_s,
+        queue_s=stats.queue_time_s,
+        total_s=stats.total_time_s,
+        pipeline_rounds=stats.pipeline_rounds,
+        pipeline_hits=stats.pipeline_hits,
+        pipeline_hit_rate=stats.pipeline_hit_rate,
+        overlap=stats.overlap,
+        finish_reason=finish_reason,
+        drafted_per_position=stats.drafted_per_position,
+        accepted_per_position=stats.accepted_per_position,
+        exposed_draft_s=stats.exposed_draft_time_s,
+    )
+
+
+def stats_from_proto(msg: outrider_pb2.GenerationStats) -> GenerationStats:
+    return GenerationStats(
+        rounds=msg.rounds,
+        drafted=msg.drafted,
+        accepted=msg.accepted,
+        rejections=msg.rejections,
+        emitted=msg.emitted,
+        drafted_per_position=list(msg.drafted_per_position),
+        accepted_per_position=list(msg.accepted_per_position),
+        draft_time_s=msg.draft_s,
+        verify_time_s=msg.verify_s,
+        total_time_s=msg.total_s,
+        transport_time_s=msg.transport_s,
+        queue_time_s=msg.queue_s,
+        exposed_draft_time_s=msg.exposed_draft_s,
+        pipeline_rounds=msg.pipeline_rounds,
+        pipeline_hits=msg.pipeline_hits,
+    )

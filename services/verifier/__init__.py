@@ -1,0 +1,1 @@
+"""The target verifier: session loop and its Serve deployment shim."""

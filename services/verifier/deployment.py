@@ -1,0 +1,49 @@
+"""Serve shim for the target verifier: loads the target and runs ``VerifierService``
+sessions; the gateway calls ``Verify`` through a Serve handle (one call per request)."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import ray
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ..app.args import AppArgs
+from ..core.engine import SpeculativeEngine
+from ..core.verifier import TargetVerifier
+from ..models.loading import load_model, load_tokenizer, max_context
+from ..rpc import internal_pb2
+from .service import VerifierService
+
+
+@serve.deployment(name="verifier", max_ongoing_requests=1000)
+class Verifier:
+    def __init__(self, drafter: DeploymentHandle, args: dict):
+        cfg = AppArgs.model_validate(args)
+        torch.set_num_threads(cfg.verifier.torch_threads)
+        paths = cfg.paths
+        target = load_model(paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(paths.target, cfg.trust_remote_code)
+        engine = SpeculativeEngine(
+            verifier=TargetVerifier(target), proposer=None,
+            eos_token_id=tokenizer.eos_token_id, max_context=max_context(target),
+        )
+        self.drafter = drafter
+        self.service = VerifierService(engine, self._find_drafter)
+
+    async def _find_drafter(self) -> str:
+        # Serve picks the draft replica (load-aware); the session then talks to it directly.
+        return await self.drafter.endpoint.remote()
+
+    async def Verify(self, request: bytes) -> AsyncIterator[bytes]:
+        req = internal_pb2.VerifyRequest.FromString(request)
+        async for chunk in self.service.verify(req):
+            yield chunk.SerializeToString()
+
+    def active_sessions(self) -> int:
+        return self.service.active_sessions
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()

@@ -1,0 +1,148 @@
+"""The verifier's session loop: one ``Verify`` call per request. Knows nothing of Serve.
+
+A session drives its rounds from here, so that the per-round hop is verifier <->
+draft worker over one gRPC bidi stream and nothing else: the gateway only receives the
+committed tokens as they come. With pipelining, the worker drafts round k+1 while this
+side verifies round k (see core/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from ..core.engine import SequenceState, SpeculativeEngine
+from ..core.gamma import GammaSchedule
+from ..core.pipeline import DraftBlock, pipeline_hit
+from ..core.proposals import Proposal
+from ..rpc import internal_pb2, internal_pb2_grpc
+from ..rpc.convert import METHOD_IDS, METHODS, block_from_proto, sampling_from_proto, stats_to_proto
+
+
+class DraftLink:
+    """The verifier's end of one session's Drafter.Draft stream."""
+
+    def __init__(self, call, seq: SequenceState, device):
+        self.call, self.seq, self.device = call, seq, device
+
+    async def receive(self, round: int, speculative: bool) -> DraftBlock:
+        """Wait for the block for ``round``; blocks the verifier no longer wants (early
+        blocks after a miss) are skipped. Waiting is charged to exposed draft compute
+        up to the block's own draft time, and the rest to transport."""
+        stats = self.seq.stats
+        t0 = time.perf_counter()
+        while True:
+            msg = await self.call.read()
+            if msg is grpc.aio.EOF:
+                raise ConnectionError("the draft worker closed the session")
+            block = block_from_proto(msg, self.device)
+            stats.draft_time_s += block.draft_s
+            if block.round == round and block.speculative == speculative:
+                break
+        waited = time.perf_counter() - t0
+        exposed = min(waited, block.draft_s)
+        stats.exposed_draft_time_s += exposed
+        stats.transport_time_s += waited - exposed
+        return block
+
+    async def report(self, round: int, committed: list[int], hit: bool) -> None:
+        outcome = internal_pb2.RoundOutcome(
+            round=round, committed=committed, pipeline_hit=hit, next_gamma=self.seq.gamma, finished=self.seq.finished
+        )
+        await self.call.write(internal_pb2.DraftCommand(outcome=outcome))
+
+
+class VerifierService:
+    def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]]):
+        self.engine = engine
+        self.find_drafter = find_drafter
+        self.device = engine.verifier.model.device
+        # One compute thread per replica: sessions take turns on the target (batching
+        # them into one forward pass is the next step).
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="outrider-verify")
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.active_sessions = 0
+
+    async def verify(self, req: internal_pb2.VerifyRequest) -> AsyncIterator[internal_pb2.VerifyChunk]:
+        params = sampling_from_proto(req.sampling)
+        spec = req.speculation
+        schedule = GammaSchedule(initial=spec.gamma, adaptive=spec.adaptive)
+        seq = self.engine.start(list(req.prompt_ids), req.max_new_tokens, params, schedule)
+        seq.stats.queue_time_s += max(0.0, time.time() - req.received_at)
+        self.active_sessions += 1
+        try:
+            method = METHODS[spec.method]
+            rounds = self._target_only(seq) if method == "none" else self._speculative(seq, req, method)
+            async for tokens in rounds:
+                yield internal_pb2.VerifyChunk(token_ids=tokens)
+            finish = "stop" if seq.committed[-1] == self.engine.eos_token_id else "length"
+            yield internal_pb2.VerifyChunk(stats=stats_to_proto(seq.stats, finish))
+        finally:
+            self.active_sessions -= 1
+
+    async def _target_only(self, seq: SequenceState) -> AsyncIterator[list[int]]:
+        empty = Proposal.empty(self.device)
+        while not seq.finished:
+            yield (await self._compute(seq, self.engine.verify_and_commit, seq, empty)).tokens
+
+    async def _speculative(self, seq: SequenceState, req, method: str) -> AsyncIterator[list[int]]:
+        pipeline = req.speculation.pipeline
+        link = await self._open_link(seq, req, method)
+        try:
+            await self._compute(seq, self.engine.prefill, seq)  # overlaps drafting round 0
+            block = await link.receive(0, speculative=False)
+            round = 0
+            while True:
+                result = await self._compute(seq, self.engine.verify_and_commit, seq, block.proposal)
+                early = None
+                full = result.num_accepted == len(block.proposal)
+                if pipeline and not seq.finished:
+                    seq.stats.pipeline_rounds += 1
+                    if full and seq.draft_budget > 0:
+                        early = await link.receive(round + 1, speculative=True)
+                hit = not seq.finished and pipeline_hit(block.proposal, result.num_accepted, result.tokens[-1], early)
+                seq.stats.pipeline_hits += hit
+                await link.report(round, result.tokens, hit)
+                yield result.tokens
+                if seq.finished:
+                    return
+                round += 1
+                block = early if hit else await link.receive(round, speculative=False)
+        finally:
+            link.call.cancel()
+
+    async def _open_link(self, seq: SequenceState, req, method: str) -> DraftLink:
+        address = await self.find_drafter()
+        if address not in self.channels:
+            self.channels[address] = grpc.aio.insecure_channel(address)
+        call = internal_pb2_grpc.DrafterStub(self.channels[address]).Draft()
+        opened = internal_pb2.DraftOpen(
+            session_id=req.request_id,
+            prompt_ids=seq.committed,
+            max_new_tokens=seq.max_new_tokens,
+            sampling=req.sampling,
+            method=METHOD_IDS[method],
+            gamma=seq.gamma,
+            pipeline=req.speculation.pipeline,
+        )
+        await call.write(internal_pb2.DraftCommand(open=opened))
+        return DraftLink(call, seq, self.device)
+
+    async def _compute(self, seq: SequenceState, fn, *args):
+        """Run target compute on the replica's compute thread; time spent waiting for
+        the thread (other sessions' forwards) is queueing."""
+        submitted = time.perf_counter()
+        started = 0.0
+
+        def timed():
+            nonlocal started
+            started = time.perf_counter()
+            return fn(*args)
+
+        result = await asyncio.get_running_loop().run_in_executor(self.compute, timed)
+        seq.stats.queue_time_s += started - submitted
+        return result
