@@ -42,6 +42,10 @@ class AppArgs(BaseModel):
     # Request defaults and limits.
     default_method: Literal["draft", "ngram", "none"] = "draft"
     default_gamma: int = Field(8, ge=1, le=16)
+    # Draft workers end a draft early when the draft model's probability of its own
+    # token falls below this (0 = never): shorter blocks that are more often accepted
+    # whole, which is what lets a pipelined early block be used.
+    confidence_stop: float = Field(0.0, ge=0, lt=1)
     default_max_new_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(2048, ge=1)
     max_sessions: int = Field(64, ge=1)  # per gateway replica; beyond it RESOURCE_EXHAUSTED
@@ -54,7 +58,8 @@ class AppArgs(BaseModel):
     gateway: Placement = Field(default_factory=lambda: Placement(resources={GATEWAY_RESOURCE: 1}))
     drafter: Placement = Field(default_factory=lambda: Placement(num_cpus=1, resources={DRAFTER_RESOURCE: 1}))
     verifier: Placement = Field(
-        default_factory=lambda: Placement(num_cpus=1, resources={VERIFIER_RESOURCE: 1}, torch_threads=2)
+        # One torch thread: on CPU the draft worker drafts on the other core meanwhile.
+        default_factory=lambda: Placement(num_cpus=1, resources={VERIFIER_RESOURCE: 1})
     )
 
     @model_validator(mode="after")

@@ -37,6 +37,44 @@ def summarize(runs: list[Run]) -> dict:
         "measured_over_theoretical": speedup / theoretical,
         # Greedy decoding: every method must produce exactly the target-only tokens.
         "outputs_identical": all(r.outputs == ar.outputs for r in runs),
+        **pipeline_summary(runs),
+    }
+
+
+def pipeline_summary(runs: list[Run]) -> dict:
+    """Served runs only: the best pipelined config's hit rate, overlap and per-round
+    time breakdown, and what pipelining gained over drafting serially."""
+    piped = [r for r in runs if r.stats.pipeline_rounds]
+    if not piped:
+        return {}
+    best = max(piped, key=lambda r: r.tokens_per_s)
+    s = best.stats
+    out = {
+        "pipelined_best_config": best.label,
+        "pipeline_hit_rate": s.pipeline_hit_rate,
+        "overlap": s.overlap,
+        "round_breakdown_ms": round_breakdown_ms(best),
+    }
+    serial = [r for r in runs if r.method == best.method + "-serial" and r.gamma == best.gamma]
+    if serial:
+        out["pipelining_speedup"] = best.tokens_per_s / serial[0].tokens_per_s
+    return out
+
+
+def round_breakdown_ms(run: Run) -> dict:
+    """Mean wall time of one round as the client saw it, split by where it went."""
+    s = run.stats
+    per = 1000 / s.rounds
+    hidden = s.draft_time_s - s.exposed_draft_time_s
+    accounted = s.verify_time_s + s.exposed_draft_time_s + s.transport_time_s + s.queue_time_s
+    return {
+        "total": run.seconds * per,
+        "verify": s.verify_time_s * per,
+        "draft_exposed": s.exposed_draft_time_s * per,
+        "draft_hidden": hidden * per,
+        "transport": s.transport_time_s * per,
+        "queue": s.queue_time_s * per,
+        "other": (run.seconds - accounted) * per,  # gateway, proxy, streaming to the client
     }
 
 

@@ -88,3 +88,26 @@ def leviathan_speedup(run: Run, ar_seconds_per_token: float) -> float:
     draft_cost = (s.draft_time_s / s.drafted) / ar_seconds_per_token
     verify_cost = (s.verify_time_s / s.rounds) / ar_seconds_per_token
     return expected / (g * draft_cost + verify_cost)
+
+
+def run_server(client, method: str, gamma: int | None, pipeline: bool, prompts: list[str], max_new: int) -> Run:
+    """The same pass through a running server's public gRPC API (greedy). Seconds are
+    the client's wall time per request, so every hop and queue is included."""
+    from ..gateway.client import make_request
+    from ..rpc.convert import stats_from_proto
+
+    label = "target-only" if method == "none" else f"outrider-{method}" + ("" if pipeline else "-serial")
+    run = Run(method=label, gamma=None if method == "none" else gamma)
+    for prompt in prompts:
+        request = make_request(prompt, max_new, method=method, gamma=gamma or 0, adaptive=gamma == 0, pipeline=pipeline)
+        start = time.perf_counter()
+        ids, stats = [], None
+        for chunk in client.generate(request):
+            ids.extend(chunk.token_ids)
+            if chunk.HasField("stats"):
+                stats = chunk.stats
+        run.seconds += time.perf_counter() - start
+        run.stats += stats_from_proto(stats)
+        run.outputs.append(ids)
+        run.tokens += len(ids)
+    return run

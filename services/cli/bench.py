@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..bench.report import format_table, run_rows, summarize, write_json, write_plot
-from ..bench.runs import run_hf, run_outrider
+from ..bench.runs import run_hf, run_outrider, run_server
 from ..models.loading import BUNDLED_DIR, resolve_paths
 from ..models.pair import load_pair
 from .common import UsageError, add_model_options, apply_threads, validate_device
@@ -28,6 +28,9 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--repeat", type=int, default=1,
                         help="passes over all configs, interleaved; each config reports its median pass")
+    parser.add_argument("--server", metavar="HOST:PORT",
+                        help="measure a running server through its gRPC API (target-only through the same "
+                             "service, each drafter pipelined and serial); HF assisted stays in-process")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     add_model_options(parser)
@@ -75,38 +78,30 @@ def run(args) -> int:
         if d not in ("draft", "ngram"):
             raise UsageError(f"unknown drafter {d!r} for bench; choose draft and/or ngram")
     texts = load_prompts(args.prompts, args.limit)
-    pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype,
-                     with_draft="draft" in drafters or not args.no_hf, trust_remote_code=args.trust_remote_code)
-    prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
-    for ids in prompts:
-        if not ids or len(ids) + args.max_new_tokens > pair.max_context:
-            raise UsageError(f"a prompt of {len(ids)} tokens does not fit max_new_tokens in the context")
-
-    # Warm up every code path once (allocator, kernels) so no method pays first-call costs.
-    run_outrider(pair, "none", None, prompts[:1], 8)
-    for d in drafters:
-        run_outrider(pair, d, 2, prompts[:1], 8)
-    if not args.no_hf:
-        run_hf(pair, 2, prompts[:1], 8)
+    need_pair = args.server is None or not args.no_hf
+    pair = None
+    if need_pair:
+        pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype,
+                         with_draft="draft" in drafters or not args.no_hf, trust_remote_code=args.trust_remote_code)
+    if args.server:
+        measure, configs = server_configs(args, drafters, gammas, texts, pair)
+    else:
+        measure, configs = local_configs(args, drafters, gammas, texts, pair)
 
     # Every pass measures every config; passes interleave so that drift in machine load
     # hits all configs alike, and each config keeps its median pass.
-    configs = [("outrider", "none", None)] + [("outrider", d, g) for d in drafters for g in gammas]
-    if not args.no_hf:
-        configs += [("hf", None, None)] + [("hf", None, g) for g in gammas if g > 0]
     passes: dict[tuple, list] = {c: [] for c in configs}
     for _ in range(args.repeat):
         for config in configs:
-            kind, drafter, gamma = config
-            measured = (run_outrider(pair, drafter, gamma, prompts, args.max_new_tokens) if kind == "outrider"
-                    else run_hf(pair, gamma, prompts, args.max_new_tokens))
+            measured = measure(config)
             passes[config].append(measured)
             print(f"  measured {measured.label}: {measured.tokens_per_s:.1f} tok/s", flush=True)
     runs = [sorted(p, key=lambda r: r.tokens_per_s)[len(p) // 2] for p in passes.values()]
 
     rows = run_rows(runs)
     summary = summarize(runs)
-    meta = {"target": pair.paths.target, "draft": pair.paths.draft, "prompts": len(prompts),
+    meta = {"server": args.server, "target": pair.paths.target if pair else None,
+            "draft": pair.paths.draft if pair else None, "prompts": len(texts),
             "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "threads": torch.get_num_threads(),
             "device": args.device, "torch": torch.__version__, "machine": platform.machine()}
     print(format_table(rows))
@@ -116,3 +111,65 @@ def run(args) -> int:
     write_plot(plot, rows)
     print(f"wrote {args.json} and {plot}")
     return 0
+
+
+def check_fits(pair, prompts: list[list[int]], max_new: int) -> None:
+    for ids in prompts:
+        if not ids or len(ids) + max_new > pair.max_context:
+            raise UsageError(f"a prompt of {len(ids)} tokens does not fit max_new_tokens in the context")
+
+
+def local_configs(args, drafters, gammas, texts, pair):
+    prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
+    check_fits(pair, prompts, args.max_new_tokens)
+    # Warm up every code path once (allocator, kernels) so no method pays first-call costs.
+    run_outrider(pair, "none", None, prompts[:1], 8)
+    for d in drafters:
+        run_outrider(pair, d, 2, prompts[:1], 8)
+    if not args.no_hf:
+        run_hf(pair, 2, prompts[:1], 8)
+    configs = [("outrider", "none", None)] + [("outrider", d, g) for d in drafters for g in gammas]
+    if not args.no_hf:
+        configs += [("hf", None, None)] + [("hf", None, g) for g in gammas if g > 0]
+
+    def measure(config):
+        kind, drafter, gamma = config
+        if kind == "outrider":
+            return run_outrider(pair, drafter, gamma, prompts, args.max_new_tokens)
+        return run_hf(pair, gamma, prompts, args.max_new_tokens)
+
+    return measure, configs
+
+
+def server_configs(args, drafters, gammas, texts, pair):
+    """Target-only and every drafter x gamma (pipelined, and serial for comparison)
+    through the server; HF assisted in this process as the single-process anchor."""
+    import grpc
+
+    from ..gateway.client import OutriderClient
+
+    client = OutriderClient(args.server)
+    if not client.healthy(timeout=10):
+        raise UsageError(f"no healthy Outrider server at {args.server}")
+    if pair is not None:
+        check_fits(pair, [pair.tokenizer(t)["input_ids"] for t in texts], args.max_new_tokens)
+    try:
+        run_server(client, "none", None, True, texts[:1], 8)  # warm-up
+        for d in drafters:
+            run_server(client, d, 2, True, texts[:1], 8)
+    except grpc.RpcError as err:
+        raise UsageError(f"server {args.server}: {err.code().name}: {err.details()}") from None
+    if pair is not None:
+        run_hf(pair, 2, [pair.tokenizer(texts[0])["input_ids"]], 8)
+    configs = [("server", "none", None, True)]
+    configs += [("server", d, g, p) for d in drafters for g in gammas for p in (True, False)]
+    if pair is not None:
+        configs += [("hf", None, g, None) for g in gammas if g > 0]
+
+    def measure(config):
+        kind, drafter, gamma, pipeline = config
+        if kind == "server":
+            return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens)
+        return run_hf(pair, gamma, [pair.tokenizer(t)["input_ids"] for t in texts], args.max_new_tokens)
+
+    return measure, configs

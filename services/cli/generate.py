@@ -23,7 +23,8 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--drafter", default="draft", help=f"one of {', '.join(DRAFTERS)}")
-    parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per round")
+    parser.add_argument("--gamma", type=int, default=None,
+                        help="tokens drafted per round (default: 8 in-process, the server's default with --server)")
     parser.add_argument("--adaptive-gamma", action="store_true", help="+2 on full accept, -1 otherwise")
     parser.add_argument("--confidence-stop", type=float, default=0.0,
                         help="stop a draft when its token probability falls below this")
@@ -31,6 +32,9 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--compare", action="store_true",
                         help="also decode with the target alone and report the speedup")
+    parser.add_argument("--server", metavar="HOST:PORT",
+                        help="generate through a running server's gRPC API instead of in-process")
+    parser.add_argument("--no-pipeline", action="store_true", help="with --server: draft only after each verify")
     add_model_options(parser)
 
 
@@ -52,8 +56,10 @@ def run(args) -> int:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if not 0 <= args.confidence_stop < 1:
         raise UsageError(f"--confidence-stop must be in [0, 1), got {args.confidence_stop}")
-    schedule = GammaSchedule(initial=args.gamma, adaptive=args.adaptive_gamma)
+    schedule = GammaSchedule(initial=8 if args.gamma is None else args.gamma, adaptive=args.adaptive_gamma)
     base = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.server:
+        return run_remote(args, base)
 
     pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype,
                      with_draft=args.drafter == "draft", trust_remote_code=args.trust_remote_code)
@@ -72,19 +78,79 @@ def run(args) -> int:
                         "stats": result.stats.to_dict()})
         total += result.stats
     comparison = compare_with_target_only(pair, prompt_ids, base, args, samples, total) if args.compare else None
+    report(args, prompt_ids, samples, total, comparison)
+    return 0
+
+
+def run_remote(args, base: SamplingParams) -> int:
+    """The same command through the public gRPC API; the same output and JSON."""
+    import grpc
+
+    from ..gateway.client import OutriderClient, make_request
+    from ..rpc.convert import stats_from_proto
+
+    def one(seed, method, on_text=None) -> tuple[dict, list[int]]:
+        request = make_request(args.prompt, args.max_new_tokens, replace(base, seed=seed), method, args.gamma or 0,
+                               args.adaptive_gamma, pipeline=not args.no_pipeline)
+        ids, text, final = [], "", None
+        for chunk in client.generate(request):
+            ids.extend(chunk.token_ids)
+            text += chunk.text
+            if on_text is not None:
+                on_text(chunk.text)
+            if chunk.HasField("stats"):
+                final = chunk
+        stats = stats_from_proto(final.stats)
+        return {"token_ids": ids, "text": text, "stats": stats.to_dict(), "_stats": stats}, list(final.prompt_token_ids)
+
+    with OutriderClient(args.server) as client:
+        try:
+            samples, total, prompt_ids = [], GenerationStats(), []
+            for seed in sample_seeds(args.seed, args.n):
+                echo = None if args.json else _echo(args.prompt)
+                sample, prompt_ids = one(seed, args.drafter, echo)
+                if echo is not None:
+                    print()
+                total += sample.pop("_stats")
+                samples.append(sample)
+            comparison = None
+            if args.compare:
+                baseline, identical = GenerationStats(), True
+                for seed, sample in zip(sample_seeds(args.seed, args.n), samples):
+                    ref, _ = one(seed, "none")
+                    baseline += ref.pop("_stats")
+                    identical &= ref["token_ids"] == sample["token_ids"]
+                comparison = {"target_only_tokens_per_s": baseline.tokens_per_s,
+                              "speedup": total.tokens_per_s / baseline.tokens_per_s, "identical": identical}
+        except grpc.RpcError as err:
+            raise UsageError(f"server {args.server}: {err.code().name}: {err.details()}") from None
+    report(args, prompt_ids, samples, total, comparison)
+    return 0
+
+
+def _echo(prompt: str):
+    sys.stdout.write(prompt)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return write
+
+
+def report(args, prompt_ids, samples, total: GenerationStats, comparison: dict | None) -> None:
     if args.json:
         out = {"prompt_token_ids": prompt_ids, "samples": samples, "stats": total.to_dict()}
         if comparison:
             out["comparison"] = comparison
         print(json.dumps(out))
-    else:
-        s = total.to_dict()
-        print(f"[{s['emitted']} tokens, {s['tokens_per_s']:.1f} tok/s, acceptance {s['acceptance_rate']:.2f}, "
-              f"mean acceptance length {s['mean_acceptance_length']:.2f}]", file=sys.stderr)
-        if comparison:
-            print(f"[target-only: {comparison['target_only_tokens_per_s']:.1f} tok/s; speedup "
-                  f"{comparison['speedup']:.2f}x; identical output: {comparison['identical']}]", file=sys.stderr)
-    return 0
+        return
+    s = total.to_dict()
+    print(f"[{s['emitted']} tokens, {s['tokens_per_s']:.1f} tok/s, acceptance {s['acceptance_rate']:.2f}, "
+          f"mean acceptance length {s['mean_acceptance_length']:.2f}]", file=sys.stderr)
+    if comparison:
+        print(f"[target-only: {comparison['target_only_tokens_per_s']:.1f} tok/s; speedup "
+              f"{comparison['speedup']:.2f}x; identical output: {comparison['identical']}]", file=sys.stderr)
 
 
 def compare_with_target_only(pair, prompt_ids, base: SamplingParams, args, samples, total: GenerationStats) -> dict:

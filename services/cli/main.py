@@ -1,15 +1,16 @@
-"""``outrider``: models, generate, bench, build-models."""
+"""``outrider``: models, generate, bench, build-models, serve, stop."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import bench, build, generate, models
+from . import bench, build, generate, models, serve
 from ..core.errors import InvalidRequest
 from .common import UsageError, fail
 
-COMMANDS = {"models": models, "generate": generate, "bench": bench, "build-models": build}
+COMMANDS = {"models": models, "generate": generate, "bench": bench, "build-models": build, "serve": serve,
+            "stop": serve}
 
 
 def make_parser() -> argparse.ArgumentParser:

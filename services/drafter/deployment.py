@@ -28,7 +28,7 @@ class DraftWorker:
             load_config(paths.target, cfg.trust_remote_code), draft.config,
             load_tokenizer(paths.target, cfg.trust_remote_code), load_tokenizer(paths.draft, cfg.trust_remote_code),
         )
-        self.service = DrafterService({"draft": DraftModelProposer(draft), "ngram": NgramProposer(device=draft.device)})
+        self.service = DrafterService({"draft": DraftModelProposer(draft, cfg.confidence_stop), "ngram": NgramProposer(device=draft.device)})
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None
         self.starting = asyncio.Lock()

@@ -116,7 +116,10 @@ class GatewayService:
                     stats = chunk.stats
                     stats.total_s = time.perf_counter() - start
                     stats.time_to_first_token_s = first_token_s or stats.total_s
-                    yield outrider_pb2.GenerateChunk(request_id=request_id, text=detok.flush(), stats=stats)
+                    yield outrider_pb2.GenerateChunk(
+                        request_id=request_id, text=detok.flush(), stats=stats,
+                        prompt_token_ids=verify_request.prompt_ids,
+                    )
                     return
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - start
@@ -134,6 +137,7 @@ class GatewayService:
             response.text += chunk.text
             if chunk.HasField("stats"):
                 response.stats.CopyFrom(chunk.stats)
+                response.prompt_token_ids.extend(chunk.prompt_token_ids)
         return response
 
 

@@ -1,0 +1,111 @@
+"""A local Ray cluster with one node per Outrider role, started with plain `ray start`
+so that `ray status`, the dashboard and `serve deploy` work on it as on any cluster.
+
+Every process of it lives under its own temp dir, so stopping it never touches another
+Ray cluster on the same machine (unlike `ray stop`, which stops them all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from ..app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE
+
+TEMP_DIR = Path(os.environ.get("OUTRIDER_RAY_TEMP", "/tmp/outrider-ray"))
+DASHBOARD_PORT = 8265
+OBJECT_STORE_BYTES = 256 * 2**20  # per node; sessions keep no bulk state in it yet
+
+# (resources, logical CPUs) per node. The head runs Serve's controller and proxy and the
+# gateway (no CPUs reserved); draft workers and verifiers each get a node and a CPU.
+NODES = {
+    "head": ({GATEWAY_RESOURCE: 16}, 0),
+    "drafter": ({DRAFTER_RESOURCE: 16}, 1),
+    "verifier": ({VERIFIER_RESOURCE: 16}, 1),
+}
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _env() -> dict:
+    # Processes size their own torch pools; default OpenMP pools would oversubscribe.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def running() -> bool:
+    return bool(_processes())
+
+
+def start(ray_port: int) -> str:
+    """Start head + one node per role; returns the cluster address."""
+    address = f"127.0.0.1:{ray_port}"
+    common = ["--disable-usage-stats", f"--object-store-memory={OBJECT_STORE_BYTES}"]
+    for role, (resources, cpus) in NODES.items():
+        if role == "head":
+            args = ["--head", f"--port={ray_port}", f"--temp-dir={TEMP_DIR}", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}"]
+        else:
+            args = [f"--address={address}"]
+        cmd = [_bin("ray"), "start", *args, f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}", *common]
+        result = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+        if result.returncode != 0:
+            stop()
+            raise RuntimeError(f"`ray start` for the {role} node failed:\n{result.stderr[-2000:]}")
+    return address
+
+
+def deploy(config: Path) -> None:
+    """`serve deploy` the config through the dashboard, as on any cluster."""
+    cmd = [_bin("serve"), "deploy", str(config), "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"]
+    for attempt in range(30):  # the dashboard's REST API comes up a little after `ray start`
+        result = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        time.sleep(2)
+    raise RuntimeError(f"`serve deploy {config}` failed:\n{result.stderr[-2000:]}")
+
+
+def stop(timeout: float = 15.0) -> int:
+    """Stop every process of the local cluster; returns how many there were."""
+    procs = _processes()
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs)
+
+
+def _processes() -> list[psutil.Process]:
+    """Processes started for the cluster: their command lines name its temp dir, or they
+    descend from one that does (workers get the session dir through their raylet)."""
+    marker = str(TEMP_DIR)
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in arg for arg in proc.info["cmdline"] or []) and proc.pid != os.getpid():
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found = {p.pid: p for p in roots}
+    for root in roots:
+        try:
+            found.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())

@@ -1,0 +1,104 @@
+"""``outrider serve`` / ``outrider stop``: the bundled pair on a local multi-node Ray
+cluster, deployed from cluster/serve_config.yaml with `serve deploy`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..gateway.client import OutriderClient, make_request
+from . import local_cluster
+from .common import UsageError
+
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "serve_config.yaml"
+FIRST_PROMPT = "def parse_args(argv):"
+
+
+def add_parser(sub, name: str) -> None:
+    if name == "stop":
+        sub.add_parser(name, help="stop the local cluster that `outrider serve` started")
+        return
+    parser = sub.add_parser(name, help="serve on a local Ray cluster with a node per role")
+    parser.add_argument("--config", type=Path, default=REPO_CONFIG, help="Serve config (default: %(default)s)")
+    parser.add_argument("--detach", action="store_true", help="return once the app answers; stop with `outrider stop`")
+    parser.add_argument("--ray-port", type=int, default=6390, help="GCS port of the local head node")
+    parser.add_argument("--prompt", default=FIRST_PROMPT, help="first request sent once the app is up")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
+
+
+def grpc_address(config: Path) -> str:
+    if not config.exists():
+        raise UsageError(f"serve config not found: {config}")
+    try:
+        port = (yaml.safe_load(config.read_text()).get("grpc_options") or {}).get("port")
+    except yaml.YAMLError as err:
+        raise UsageError(f"{config} is not valid YAML: {err}") from None
+    if not port:
+        raise UsageError(f"{config} sets no grpc_options.port")
+    return f"127.0.0.1:{port}"
+
+
+def run(args) -> int:
+    if args.command == "stop":
+        count = local_cluster.stop()
+        print("stopped the local Outrider cluster" if count else "no local Outrider cluster was running")
+        return 0
+    address = grpc_address(args.config)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if local_cluster.running():
+        raise UsageError("a local Outrider cluster is already running; `outrider stop` it first")
+    started = time.perf_counter()
+    print("starting a local Ray cluster: head (gateway), drafter node, verifier node ...", flush=True)
+    local_cluster.start(args.ray_port)
+    try:
+        print(f"deploying {args.config} ...", flush=True)
+        local_cluster.deploy(args.config)
+        client = wait_until_serving(address, args.timeout)
+        print(f"Outrider is serving gRPC on {address} ({time.perf_counter() - started:.0f} s); "
+              f"Ray dashboard: http://127.0.0.1:{local_cluster.DASHBOARD_PORT}", flush=True)
+        first_request(client, args.prompt, args.max_new_tokens)
+    except BaseException:
+        local_cluster.stop()
+        raise
+    if args.detach:
+        print("left running; stop it with `outrider stop`")
+        return 0
+    print("serving until Ctrl-C ...", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        local_cluster.stop()
+        print("stopped")
+
+
+def wait_until_serving(address: str, timeout: float) -> OutriderClient:
+    client = OutriderClient(address)
+    deadline = time.monotonic() + timeout
+    while not client.healthy():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the app did not answer health checks on {address} within {timeout:.0f} s; "
+                               "see `serve status` and the logs under /tmp/outrider-ray")
+        time.sleep(1)
+    return client
+
+
+def first_request(client: OutriderClient, prompt: str, max_new_tokens: int) -> None:
+    print(f"first request ({max_new_tokens} tokens, greedy, draft model):\n", flush=True)
+    sys.stdout.write(prompt)
+    stats = None
+    for chunk in client.generate(make_request(prompt, max_new_tokens)):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        if chunk.HasField("stats"):
+            stats = chunk.stats
+    print(f"\n\n[{stats.emitted} tokens in {stats.total_s:.2f} s; mean acceptance length "
+          f"{stats.mean_acceptance_length:.2f}; pipeline hit rate {stats.pipeline_hit_rate:.2f}; "
+          f"overlap {stats.overlap:.2f}]", flush=True)

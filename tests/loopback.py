@@ -1,0 +1,65 @@
+"""The drafter and verifier services wired over real gRPC on loopback, in one process
+and without Ray: the protocol and the pipelined session loop, fast enough for
+statistical tests. The Ray Serve deployments wrap exactly these services."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from services.core.engine import SpeculativeEngine
+from services.core.proposers import DraftModelProposer, NgramProposer
+from services.core.sampling import SamplingParams
+from services.core.verifier import TargetVerifier
+from services.drafter.service import DrafterService
+from services.rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
+from services.rpc.convert import METHOD_IDS, sampling_to_proto
+from services.verifier.service import VerifierService
+
+
+class Loopback:
+    def __init__(self, target, draft, eos_token_id=None, max_context=256):
+        self.drafter = DrafterService({"draft": DraftModelProposer(draft), "ngram": NgramProposer()})
+        engine = SpeculativeEngine(TargetVerifier(target), None, eos_token_id, max_context)
+        self.verifier = VerifierService(engine, self._address)
+        self.server = None
+        self.port = None
+
+    async def _address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> "Loopback":
+        self.server = grpc.aio.server()
+        internal_pb2_grpc.add_DrafterServicer_to_server(self.drafter, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for channel in self.verifier.channels.values():
+            await channel.close()
+        await self.server.stop(None)
+
+    async def generate(self, prompt, max_new, params=SamplingParams(seed=0), method="draft", gamma=4,
+                       pipeline=True, adaptive=False):
+        """(tokens, final stats) of one session; also checks chunk framing."""
+        req = internal_pb2.VerifyRequest(
+            request_id="test", prompt_ids=prompt, max_new_tokens=max_new, sampling=sampling_to_proto(params),
+            speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=gamma, adaptive=adaptive,
+                                                 pipeline=pipeline),
+        )
+        tokens, stats = [], None
+        async for chunk in self.verifier.verify(req):
+            assert stats is None, "nothing may follow the stats chunk"
+            if chunk.HasField("stats"):
+                stats = chunk.stats
+            else:
+                assert len(chunk.token_ids) >= 1
+                tokens.extend(chunk.token_ids)
+        assert stats is not None and stats.emitted == len(tokens)
+        return tokens, stats
+
+
+def run(coro):
+    return asyncio.run(coro)

@@ -1,0 +1,169 @@
+"""The served session loop (verifier <-> draft worker over real gRPC on loopback):
+greedy output is exactly target-only decoding with pipelining on and off, sampling is
+reproducible and exactly the target's distribution, and sessions are freed."""
+
+import asyncio
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from loopback import Loopback, run
+from services.core.sampling import SamplingParams, adjusted_probs
+from tiny_models import hf_greedy, noisy_copy, tiny
+
+PROMPT = [5, 17, 33, 2, 9]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny("llama", seed=1)
+    return target, noisy_copy(target, seed=2, scale=0.3)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("method,gamma", [("draft", 1), ("draft", 3), ("draft", 6), ("ngram", 4)])
+def test_greedy_is_target_only_decoding(pair, method, gamma, pipeline):
+    target, draft = pair
+    expected = hf_greedy(target, PROMPT, 40, eos=None)
+
+    async def go():
+        async with Loopback(target, draft) as loop:
+            return await loop.generate(PROMPT, 40, method=method, gamma=gamma, pipeline=pipeline)
+
+    tokens, stats = run(go())
+    assert tokens == expected
+    assert stats.rounds < 40 if method == "draft" else stats.rounds <= 40
+    if pipeline:
+        assert stats.pipeline_rounds == stats.rounds - 1
+    else:
+        assert stats.pipeline_rounds == 0 and stats.pipeline_hits == 0
+
+
+def test_a_perfect_draft_makes_every_early_block_usable():
+    target = tiny("llama", seed=3)
+
+    async def go():
+        async with Loopback(target, target) as loop:
+            return await loop.generate(PROMPT, 48, gamma=4)
+
+    tokens, stats = run(go())
+    assert tokens == hf_greedy(target, PROMPT, 48, eos=None)
+    # Every draft is accepted and the bonus is the draft's own guess: every round after
+    # the first runs on the block drafted while the previous one was verified.
+    assert stats.pipeline_hits == stats.pipeline_rounds == stats.rounds - 1
+    assert stats.accepted == stats.drafted
+
+
+def test_stops_at_eos_and_reports_it():
+    target = tiny("llama", seed=1)
+    expected = hf_greedy(target, PROMPT, 60, eos=None)
+    eos = expected[7]  # make a token the model emits early the stop token
+
+    async def go():
+        async with Loopback(target, noisy_copy(target, 2, 0.3), eos_token_id=eos) as loop:
+            return await loop.generate(PROMPT, 60, gamma=4)
+
+    tokens, stats = run(go())
+    assert tokens == expected[: expected.index(eos) + 1]
+    assert stats.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(pair):
+    target, draft = pair
+    params = SamplingParams(temperature=1.0, seed=123)
+
+    async def go():
+        async with Loopback(target, draft) as loop:
+            a = await loop.generate(PROMPT, 30, params, gamma=3)
+            b = await loop.generate(PROMPT, 30, params, gamma=3)
+            c = await loop.generate(PROMPT, 30, SamplingParams(temperature=1.0, seed=124), gamma=3)
+            return a[0], b[0], c[0]
+
+    a, b, c = run(go())
+    assert a == b
+    assert a != c
+
+
+def test_sessions_are_freed_after_completion_and_cancellation(pair):
+    target, draft = pair
+
+    async def settle(loop):
+        # The draft worker learns that a session ended one message later.
+        for _ in range(200):
+            if loop.verifier.active_sessions == loop.drafter.active_sessions == 0:
+                break
+            await asyncio.sleep(0.01)
+        return loop.verifier.active_sessions, loop.drafter.active_sessions
+
+    async def go():
+        async with Loopback(target, draft) as loop:
+            await loop.generate(PROMPT, 10)
+            done = await settle(loop)
+
+            async def consume_forever():
+                await loop.generate(PROMPT, 200, gamma=2)
+
+            task = asyncio.create_task(consume_forever())
+            while loop.drafter.active_sessions == 0:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return done, await settle(loop)
+
+    done, cancelled = run(go())
+    assert done == (0, 0)
+    assert cancelled == (0, 0)
+
+
+# --- Exactness of pipelined sampling --------------------------------------------------
+
+V = 5
+NEW = 6  # gamma 2: round 0 emits up to 3 tokens, round 1 can run on an early block
+N = 1500
+ALPHA = 1e-3
+
+
+def _exact_marginals(target, prompt, params, positions):
+    """P(token at position k) under the target's adjusted distribution, by enumeration."""
+    marginals = []
+    seqs, probs = [[]], torch.ones(1, dtype=torch.float64)
+    for _ in range(positions):
+        with torch.no_grad():
+            logits = target(torch.tensor([prompt + s for s in seqs])).logits[:, -1]
+        p = adjusted_probs(logits, params).double()  # [len(seqs), V]
+        joint = probs[:, None] * p
+        marginals.append(joint.sum(0).numpy())
+        seqs = [s + [t] for s in seqs for t in range(V)]
+        probs = joint.reshape(-1)
+    return marginals
+
+
+def test_pipelined_sampling_reproduces_the_target_distribution():
+    target = tiny("llama", seed=5, vocab=V)
+    draft = noisy_copy(target, seed=6, scale=0.4)
+    params = SamplingParams(temperature=1.0)
+    prompt = [2, 3, 4]
+
+    async def go():
+        async with Loopback(target, draft) as loop:
+            outs, hits = [], 0
+            for start in range(0, N, 25):
+                batch = await asyncio.gather(*[
+                    loop.generate(prompt, NEW, SamplingParams(temperature=1.0, seed=seed), gamma=2)
+                    for seed in range(start, start + 25)
+                ])
+                outs += [tokens for tokens, _ in batch]
+                hits += sum(stats.pipeline_hits for _, stats in batch)
+            return np.array(outs), hits
+
+    samples, hits = run(go())
+    assert hits > N * 0.2, "too few early blocks were used to test them"
+    expected = _exact_marginals(target, prompt, params, NEW)
+    for k in range(NEW):
+        counts = np.bincount(samples[:, k], minlength=V)
+        p = chisquare(counts, expected[k] / expected[k].sum() * N).pvalue
+        assert p > ALPHA, f"position {k}: p = {p:.2e}, counts {counts}, expected {expected[k] * N}"
