@@ -1,0 +1,186 @@
+"""Outrider served for real: a multi-node Ray cluster on this machine, Serve's gRPC
+proxy on loopback, the bundled pair, the public API."""
+
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+from ray.util.state import list_actors
+
+from serving_cluster import active_sessions, serving_cluster
+from services.app.args import DRAFTER_RESOURCE, VERIFIER_RESOURCE
+from services.core.gamma import GammaSchedule
+from services.core.sampling import SamplingParams
+from services.gateway.client import make_request
+from services.models.loading import bundled_paths
+from services.models.pair import load_pair, make_engine
+
+PROMPTS = ["def parse_args(argv):", "class Stack:\n    def push(self, item):", "import os\n\nfor name in"]
+MAX_SESSIONS = 16
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving_cluster({"max_sessions": MAX_SESSIONS}) as (client, _):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_pair(bundled_paths(), with_draft=False)
+
+
+def target_only(pair, prompt: str, n: int) -> list[int]:
+    """In-process target-only greedy decoding: the reference for every served config."""
+    ids = pair.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return make_engine(pair, "none", GammaSchedule(initial=0)).generate(ids, n, SamplingParams()).token_ids
+
+
+def stream(client, request, timeout=120):
+    chunks = list(client.generate(request, timeout=timeout))
+    tokens = [t for c in chunks for t in c.token_ids]
+    return tokens, chunks
+
+
+def wait_for_no_sessions(timeout=30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (counts := active_sessions()) != {"gateway": 0, "verifier": 0, "drafter": 0}:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return counts
+
+
+def test_health_check_serves(server):
+    assert server.healthy()
+
+
+@pytest.mark.parametrize("method,pipeline", [("draft", True), ("draft", False), ("ngram", True), ("none", True)])
+def test_greedy_over_grpc_is_target_only_decoding(server, pair, method, pipeline):
+    for prompt in PROMPTS[:2]:
+        tokens, chunks = stream(server, make_request(prompt, 40, method=method, gamma=6, pipeline=pipeline))
+        assert tokens == target_only(pair, prompt, 40)
+        stats = chunks[-1].stats
+        assert stats.emitted == 40 and stats.finish_reason == "length"
+        assert (stats.pipeline_rounds > 0) == (pipeline and method != "none")
+
+
+def test_stream_is_ordered_and_complete(server, pair):
+    request = make_request(PROMPTS[2], 48, gamma=4)
+    tokens, chunks = stream(server, request)
+    unary = server.generate_unary(request, timeout=120)
+    assert tokens == list(unary.token_ids) == target_only(pair, PROMPTS[2], 48)
+    # One chunk per round plus the stats chunk; text deltas add up to the decoded tokens.
+    assert len(chunks) == chunks[-1].stats.rounds + 1
+    assert all(c.token_ids for c in chunks[:-1]) and not chunks[-1].token_ids
+    assert "".join(c.text for c in chunks) == pair.tokenizer.decode(tokens) == unary.text
+    assert list(chunks[-1].prompt_token_ids) == pair.tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"]
+    assert {c.request_id for c in chunks} == {chunks[0].request_id} and chunks[0].request_id
+
+
+def test_seeded_sampling_is_reproducible_across_calls(server):
+    request = make_request(PROMPTS[0], 32, SamplingParams(temperature=0.9, top_p=0.95, seed=7))
+    first, _ = stream(server, request)
+    again, _ = stream(server, request)
+    other, _ = stream(server, make_request(PROMPTS[0], 32, SamplingParams(temperature=0.9, top_p=0.95, seed=8)))
+    assert first == again
+    assert first != other
+
+
+def test_drafter_and_verifier_replicas_run_on_their_own_nodes(server):
+    def node_of(deployment):
+        actors = list_actors(filters=[("class_name", "=", f"ServeReplica:outrider:{deployment}"),
+                                      ("state", "=", "ALIVE")])
+        assert len(actors) == 1
+        return actors[0].node_id
+
+    drafter, verifier = node_of("drafter"), node_of("verifier")
+    assert drafter != verifier
+    resources = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    assert DRAFTER_RESOURCE in resources[drafter] and VERIFIER_RESOURCE not in resources[drafter]
+    assert VERIFIER_RESOURCE in resources[verifier] and DRAFTER_RESOURCE not in resources[verifier]
+
+
+def edited(request, edit):
+    """Values the client-side dataclasses refuse to build, set on the message itself."""
+    edit(request)
+    return request
+
+
+BAD = [
+    ("empty prompt", make_request("", 8), "prompt is empty"),
+    ("no prompt", make_request([], 8), "prompt is empty"),
+    ("negative temperature", edited(make_request("x", 8), lambda r: setattr(r.sampling, "temperature", -1.0)),
+     "temperature"),
+    ("NaN temperature", edited(make_request("x", 8), lambda r: setattr(r.sampling, "temperature", float("nan"))),
+     "finite"),
+    ("top_p above 1", edited(make_request("x", 8), lambda r: setattr(r.sampling, "top_p", 1.5)), "top_p"),
+    ("top_p zero", edited(make_request("x", 8), lambda r: setattr(r.sampling, "top_p", 0.0)), "top_p"),
+    ("oversized max_new_tokens", make_request("x", 10**6), "max_new_tokens"),
+    ("past the context", make_request("x " * 300, 2000), "context"),
+    ("unknown method", edited(make_request("x", 8), lambda r: setattr(r.speculation, "method", 42)),
+     "unknown speculation method"),
+    ("gamma too large", make_request("x", 8, gamma=99), "gamma"),
+    ("negative token id", make_request([5, -1, 7], 8), "outside the vocabulary"),
+    ("token id past the vocabulary", make_request([5, 10**9], 8), "outside the vocabulary"),
+]
+
+
+@pytest.mark.parametrize("name,request_,reason", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_invalid_argument_and_changes_nothing(server, name, request_, reason):
+    for call in (lambda: stream(server, request_), lambda: server.generate_unary(request_, timeout=30)):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert reason in err.value.details()
+    tokens, _ = stream(server, make_request(PROMPTS[0], 8))  # the replicas are still serving
+    assert len(tokens) == 8
+
+
+def test_client_cancellation_frees_the_session(server):
+    responses = server.generate(make_request(PROMPTS[0], 1500, gamma=2))
+    next(responses)
+    assert active_sessions() == {"gateway": 1, "verifier": 1, "drafter": 1}
+    responses.cancel()
+    assert wait_for_no_sessions() == {"gateway": 0, "verifier": 0, "drafter": 0}
+
+
+def test_client_deadline_is_deadline_exceeded_and_frees_the_session(server):
+    with pytest.raises(grpc.RpcError) as err:
+        stream(server, make_request(PROMPTS[1], 1500, gamma=2), timeout=1.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for_no_sessions() == {"gateway": 0, "verifier": 0, "drafter": 0}
+
+
+def test_sixteen_concurrent_streams_complete_and_one_more_is_refused(server, pair):
+    prompts = [PROMPTS[i % 3] + " " * (i // 3) for i in range(MAX_SESSIONS)]
+    results: dict[int, list[int]] = {}
+    errors: list[Exception] = []
+    started = threading.Barrier(MAX_SESSIONS + 1, timeout=120)
+
+    def one(i):
+        try:
+            tokens = []
+            for n, chunk in enumerate(server.generate(make_request(prompts[i], 24, gamma=4), timeout=300)):
+                if n == 0:
+                    started.wait()
+                tokens.extend(chunk.token_ids)
+            results[i] = tokens
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(MAX_SESSIONS)]
+    for t in threads:
+        t.start()
+    started.wait()  # all sixteen are streaming
+    with pytest.raises(grpc.RpcError) as err:
+        stream(server, make_request(PROMPTS[0], 8))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, prompt in enumerate(prompts):
+        assert results[i] == target_only(pair, prompt, 24), f"stream {i}"
+    assert wait_for_no_sessions() == {"gateway": 0, "verifier": 0, "drafter": 0}
