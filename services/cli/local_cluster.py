@@ -20,7 +20,7 @@ import psutil
 from ..app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE
 
 TEMP_DIR = Path(os.environ.get("OUTRIDER_RAY_TEMP", "/tmp/outrider-ray"))
-DASHBOARD_PORT = 8265
+DEFAULT_DASHBOARD_PORT = 8265
 OBJECT_STORE_BYTES = 256 * 2**20  # per node; sessions keep no bulk state in it yet
 
 # (resources, logical CPUs) per node. The head runs Serve's controller and proxy and the
@@ -45,14 +45,14 @@ def running() -> bool:
     return bool(_processes())
 
 
-def start(ray_port: int) -> str:
+def start(ray_port: int, dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> str:
     """Start head + one node per role; returns the cluster address."""
     address = f"127.0.0.1:{ray_port}"
     common = ["--disable-usage-stats", f"--object-store-memory={OBJECT_STORE_BYTES}"]
     for role, (resources, cpus) in NODES.items():
         if role == "head":
             args = ["--head", f"--port={ray_port}", f"--temp-dir={TEMP_DIR}", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}"]
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
         else:
             args = [f"--address={address}"]
         cmd = [_bin("ray"), "start", *args, f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}", *common]
@@ -63,9 +63,9 @@ def start(ray_port: int) -> str:
     return address
 
 
-def deploy(config: Path) -> None:
+def deploy(config: Path, dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> None:
     """`serve deploy` the config through the dashboard, as on any cluster."""
-    cmd = [_bin("serve"), "deploy", str(config), "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"]
+    cmd = [_bin("serve"), "deploy", str(config), "--address", f"http://127.0.0.1:{dashboard_port}"]
     for attempt in range(30):  # the dashboard's REST API comes up a little after `ray start`
         result = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
         if result.returncode == 0:

@@ -26,6 +26,7 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--config", type=Path, default=REPO_CONFIG, help="Serve config (default: %(default)s)")
     parser.add_argument("--detach", action="store_true", help="return once the app answers; stop with `outrider stop`")
     parser.add_argument("--ray-port", type=int, default=6390, help="GCS port of the local head node")
+    parser.add_argument("--dashboard-port", type=int, default=local_cluster.DEFAULT_DASHBOARD_PORT)
     parser.add_argument("--prompt", default=FIRST_PROMPT, help="first request sent once the app is up")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
@@ -55,13 +56,13 @@ def run(args) -> int:
         raise UsageError("a local Outrider cluster is already running; `outrider stop` it first")
     started = time.perf_counter()
     print("starting a local Ray cluster: head (gateway), drafter node, verifier node ...", flush=True)
-    local_cluster.start(args.ray_port)
+    local_cluster.start(args.ray_port, args.dashboard_port)
     try:
         print(f"deploying {args.config} ...", flush=True)
-        local_cluster.deploy(args.config)
+        local_cluster.deploy(args.config, args.dashboard_port)
         client = wait_until_serving(address, args.timeout)
         print(f"Outrider is serving gRPC on {address} ({time.perf_counter() - started:.0f} s); "
-              f"Ray dashboard: http://127.0.0.1:{local_cluster.DASHBOARD_PORT}", flush=True)
+              f"Ray dashboard: http://127.0.0.1:{args.dashboard_port}", flush=True)
         first_request(client, args.prompt, args.max_new_tokens)
     except BaseException:
         local_cluster.stop()
@@ -85,7 +86,7 @@ def wait_until_serving(address: str, timeout: float) -> OutriderClient:
     while not client.healthy():
         if time.monotonic() > deadline:
             raise RuntimeError(f"the app did not answer health checks on {address} within {timeout:.0f} s; "
-                               "see `serve status` and the logs under /tmp/outrider-ray")
+                               f"see `serve status` and the logs under {local_cluster.TEMP_DIR}")
         time.sleep(1)
     return client
 

@@ -75,28 +75,39 @@ class DraftSession:
 
     def draft(self, round: int) -> DraftBlock:
         """A fresh block for ``round`` after the committed tokens."""
-        tokens, probs, draft_s = self._propose(self.committed, self.budget(len(self.committed)), round, False, None)
-        self.in_flight = DraftBlock(round, Proposal(tokens, probs), speculative=False, guess=None, draft_s=draft_s)
+        t0 = time.perf_counter()
+        proposal = self.proposer.propose(
+            self.state, self.committed, self.budget(len(self.committed)), self.params, self._generator(round, False)
+        )
+        self.in_flight = DraftBlock(round, proposal, speculative=False, guess=None, draft_s=time.perf_counter() - t0)
         self.early = None
         return self.in_flight
 
     def draft_ahead(self, stop: StopCheck | None = None) -> DraftBlock:
         """The early block for the round after ``in_flight``, assuming it is accepted in
-        full. The first drafted token is the guess of the bonus; the rest is the block.
-        An empty block (guess None) means there is no room or the draft was stopped."""
+        full: first the guess of its bonus token, then the block after the guess. An
+        empty block (guess None) means no room, no n-gram match, or a stopped draft."""
         assert self.in_flight is not None, "draft a block before drafting ahead"
         base = self.committed + self.in_flight.proposal.tokens.tolist()
         count = self.budget(len(base) + 1)
         round = self.in_flight.round + 1
         if count == 0:
-            self.early = DraftBlock(round, _empty_like(self.in_flight), True, None, 0.0)
+            self.early = DraftBlock(round, Proposal.empty(self.in_flight.proposal.tokens.device), True, None, 0.0)
             return self.early
-        tokens, probs, draft_s = self._propose(base, count + 1, round, True, stop)
-        if len(tokens) < 2:  # stopped before drafting anything past the guess
-            self.early = DraftBlock(round, _empty_like(self.in_flight), True, None, draft_s)
-            return self.early
-        proposal = Proposal(tokens[1:], None if probs is None else probs[1:])
-        self.early = DraftBlock(round, proposal, speculative=True, guess=int(tokens[0]), draft_s=draft_s)
+        generator = self._generator(round, speculative=True)
+        t0 = time.perf_counter()
+        # Two calls, guess then block, so the block is exactly what a fresh draft after
+        # `base + [guess]` would propose: the same for a draft model (one more step of
+        # the same stream), and the lookup a prompt-lookup proposer would do after it.
+        guess = self.proposer.propose(self.state, base, 1, self.params, generator, stop)
+        block = Proposal.empty(guess.tokens.device)
+        if len(guess):
+            block = self.proposer.propose(self.state, base + guess.tokens.tolist(), count, self.params, generator, stop)
+        draft_s = time.perf_counter() - t0
+        if not len(block):  # no room, no match, or stopped
+            self.early = DraftBlock(round, block, True, None, draft_s)
+        else:
+            self.early = DraftBlock(round, block, speculative=True, guess=int(guess.tokens[0]), draft_s=draft_s)
         return self.early
 
     def resolve(self, committed: list[int], hit: bool, next_gamma: int) -> None:
@@ -111,17 +122,10 @@ class DraftSession:
         self.gamma = next_gamma
         self.in_flight, self.early = (self.early, None) if hit else (None, None)
 
-    def _propose(self, base: list[int], count: int, round: int, speculative: bool, stop: StopCheck | None):
-        generator = torch.Generator(device=_device(self.proposer)).manual_seed(
+    def _generator(self, round: int, speculative: bool) -> torch.Generator:
+        return torch.Generator(device=_device(self.proposer)).manual_seed(
             derive_seed(self.seed, f"draft:{round}:{'early' if speculative else 'fresh'}")
         )
-        t0 = time.perf_counter()
-        proposal = self.proposer.propose(self.state, base, count, self.params, generator, stop)
-        return proposal.tokens, proposal.draft_probs, time.perf_counter() - t0
-
-
-def _empty_like(block: DraftBlock) -> Proposal:
-    return Proposal.empty(block.proposal.tokens.device)
 
 
 def _device(proposer: Proposer) -> torch.device:

@@ -1,0 +1,63 @@
+"""The README's main job end to end: `outrider serve --detach` starts a local cluster
+with a node per role, deploys cluster/serve_config.yaml with `serve deploy` and answers
+a first request; `generate --server` and `bench --server` use it; `outrider stop`
+stops exactly that cluster."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from serving_cluster import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+OUTRIDER = str(Path(sys.executable).with_name("outrider"))
+
+
+def test_serve_generate_bench_stop(tmp_path):
+    config = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
+    grpc_port = free_port()
+    config["grpc_options"]["port"] = grpc_port
+    config["http_options"]["port"] = free_port()
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # Its own temp dir: `outrider stop` must stop this cluster and nothing else.
+    env = {**os.environ, "OUTRIDER_RAY_TEMP": str(Path("/tmp") / f"outrider-test-{os.getpid()}")}
+
+    def outrider(*args, timeout=600):
+        return subprocess.run([OUTRIDER, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        served = outrider("serve", "--detach", "--config", str(path), "--ray-port", str(free_port()),
+                          "--dashboard-port", str(free_port()), "--max-new-tokens", "16")
+        assert served.returncode == 0, served.stdout + served.stderr
+        assert f"serving gRPC on 127.0.0.1:{grpc_port}" in served.stdout
+        assert "def parse_args(argv):" in served.stdout and "[16 tokens" in served.stdout
+
+        address = f"127.0.0.1:{grpc_port}"
+        generated = outrider("generate", "def f(x):", "--server", address, "--max-new-tokens", "12", "--json",
+                             "--compare")
+        assert generated.returncode == 0, generated.stderr
+        out = json.loads(generated.stdout)
+        assert len(out["samples"][0]["token_ids"]) == 12 and out["prompt_token_ids"]
+        assert out["comparison"]["identical"] is True
+
+        bad = outrider("generate", "x", "--server", address, "--max-new-tokens", "100000")
+        assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
+
+        report = tmp_path / "bench.json"
+        bench = outrider("bench", "--server", address, "--limit", "1", "--max-new-tokens", "12", "--gammas", "3",
+                         "--drafters", "draft", "--json", str(report))
+        assert bench.returncode == 0, bench.stderr
+        result = json.loads(report.read_text())
+        assert result["outputs_identical"] is True
+        assert {"pipeline_hit_rate", "overlap", "round_breakdown_ms", "speedup_vs_ar", "speedup_vs_hf"} <= set(result)
+        labels = {row["config"] for row in result["runs"]}
+        assert {"target-only", "outrider-draft gamma=3", "outrider-draft-serial gamma=3", "hf-assisted gamma=3"} <= labels
+    finally:
+        stopped = outrider("stop", timeout=120)
+    assert stopped.returncode == 0 and "stopped the local Outrider cluster" in stopped.stdout
+    assert outrider("stop", timeout=120).stdout.strip() == "no local Outrider cluster was running"
