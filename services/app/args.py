@@ -66,6 +66,8 @@ class AppArgs(BaseModel):
     def _gpus_for_cuda(self) -> "AppArgs":
         if self.device == "cuda" and self.verifier.num_gpus < self.tensor_parallel_size:
             raise ValueError("device 'cuda' needs verifier.num_gpus >= tensor_parallel_size")
+        if self.device == "cuda" and self.drafter.num_gpus <= 0:
+            raise ValueError("device 'cuda' needs drafter.num_gpus > 0 (a fraction shares a GPU)")
         return self
 
     @property

@@ -1,0 +1,32 @@
+"""AppArgs refuses what would deploy wrong, with a message that says why."""
+
+import pytest
+from pydantic import ValidationError
+
+from services.app.args import DRAFTER_RESOURCE, VERIFIER_RESOURCE, AppArgs
+from services.models.loading import bundled_paths
+
+
+def test_defaults_place_each_role_on_its_node_group_and_use_the_bundled_pair():
+    args = AppArgs()
+    assert args.paths == bundled_paths()
+    assert args.drafter.actor_options()["resources"] == {DRAFTER_RESOURCE: 1}
+    assert args.verifier.actor_options()["resources"] == {VERIFIER_RESOURCE: 1}
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ({"unknown_key": 1}, "extra"),
+    ({"default_gamma": 0}, "default_gamma"),
+    ({"default_method": "medusa"}, "default_method"),
+    ({"device": "cuda"}, "num_gpus"),
+    ({"device": "cuda", "verifier": {"num_gpus": 1}}, "drafter.num_gpus"),
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+    ({"drafter": {"num_replicas": 0}}, "num_replicas"),
+])
+def test_bad_args_are_refused(bad, reason):
+    with pytest.raises(ValidationError, match=reason):
+        AppArgs.model_validate(bad)
+
+
+def test_a_gpu_deployment_validates():
+    AppArgs.model_validate({"device": "cuda", "verifier": {"num_gpus": 1}, "drafter": {"num_gpus": 0.25}})
