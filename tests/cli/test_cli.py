@@ -104,6 +104,9 @@ def test_bench_writes_required_keys_and_plot(tmp_path, pair_args, capsys):
                 "speedup_vs_hf", "acceptance_rate", "mean_accepted_length", "theoretical_speedup"):
         assert isinstance(result[key], float), key
     assert result["outputs_identical"] is True
+    # Ratios come from one pass (the median one); every pass's ratio is listed.
+    assert result["passes"] == 2 and len(result["speedup_vs_ar_per_pass"]) == 2
+    assert result["speedup_vs_ar"] in result["speedup_vs_ar_per_pass"]
     assert {r["method"] for r in result["runs"]} == {
         "target-only", "outrider-draft", "outrider-ngram", "hf-target-only", "hf-assisted"}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
