@@ -37,3 +37,27 @@ def test_summary_picks_best_and_checks_outputs():
     runs[2].outputs = [[9]]
     assert summarize(runs)["outputs_identical"] is False
     assert "NO" in format_table(run_rows(runs))
+
+
+def test_rows_report_the_clients_wall_clock_not_the_servers():
+    runs = [make_run("target-only", None, 100, 10.0),
+            make_run("outrider-draft", 4, 100, 5.0, drafted=80, accepted=60, rounds=40, draft_s=1.0, verify_s=3.0)]
+    runs[1].stats.total_time_s = 4.0  # the server's own account leaves out the client's hops
+    row = run_rows(runs)[1]
+    assert row["tokens_per_s"] == pytest.approx(20.0) and row["speedup_vs_ar"] == pytest.approx(2.0)
+
+
+def test_served_runs_get_a_pipeline_summary_and_round_breakdown():
+    ar = make_run("target-only", None, 100, 10.0)
+    piped = make_run("outrider-draft", 4, 100, 4.0, drafted=80, accepted=60, rounds=40, draft_s=2.0, verify_s=3.0)
+    piped.stats.pipeline_rounds, piped.stats.pipeline_hits, piped.stats.exposed_draft_time_s = 39, 26, 0.5
+    piped.stats.transport_time_s, piped.stats.queue_time_s = 0.2, 0.1
+    serial = make_run("outrider-draft-serial", 4, 100, 5.0, drafted=80, accepted=60, rounds=40, draft_s=1.5,
+                      verify_s=3.0)
+    summary = summarize([ar, piped, serial])
+    assert summary["pipeline_hit_rate"] == pytest.approx(26 / 39)
+    assert summary["overlap"] == pytest.approx(0.75)
+    assert summary["pipelining_speedup"] == pytest.approx(5.0 / 4.0)
+    b = summary["round_breakdown_ms"]
+    assert b["total"] == pytest.approx(100.0) and b["verify"] == pytest.approx(75.0)
+    assert b["draft_exposed"] + b["transport"] + b["queue"] + b["verify"] + b["other"] == pytest.approx(b["total"])
