@@ -91,9 +91,15 @@ class VerifierService:
 
     async def _speculative(self, seq: SequenceState, req, method: str) -> AsyncIterator[list[int]]:
         pipeline = req.speculation.pipeline
-        link = await self._open_link(seq, req, method)
+        # The target's prefill overlaps finding a draft replica and drafting round 0.
+        prefill = asyncio.ensure_future(self._compute(seq, self.engine.prefill, seq))
         try:
-            await self._compute(seq, self.engine.prefill, seq)  # overlaps drafting round 0
+            link = await self._open_link(seq, req, method)
+        except BaseException:
+            prefill.cancel()
+            raise
+        try:
+            await prefill
             block = await link.receive(0, speculative=False)
             round = 0
             while True:
