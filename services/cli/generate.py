@@ -129,11 +129,13 @@ def run_remote(args, base: SamplingParams) -> int:
 
 
 def _echo(prompt: str):
-    sys.stdout.write(prompt)
+    """Streams text after the prompt; the prompt is echoed once the server answers."""
+    pending = [prompt]
 
     def write(text: str) -> None:
-        sys.stdout.write(text)
+        sys.stdout.write("".join(pending) + text)
         sys.stdout.flush()
+        pending.clear()
 
     return write
 
