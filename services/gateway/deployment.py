@@ -3,6 +3,7 @@ named after the RPCs (Outrider.Generate, Outrider.GenerateUnary, Health.Check)."
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import grpc
@@ -50,8 +51,13 @@ class Gateway:
 
     async def Generate(self, request: outrider_pb2.GenerateRequest, grpc_context) -> AsyncIterator:
         try:
-            async for chunk in self.service.generate(request):
-                yield chunk
+            # aclosing: a client that goes away cancels this generator while the inner
+            # ones may sit at a `yield`; an exception does not close the generator an
+            # `async for` is iterating, so close it explicitly (their `finally`s free
+            # the session here and cancel it on the verifier).
+            async with aclosing(self.service.generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except (InvalidRequest, Overloaded) as error:
             _set_status(grpc_context, error)
             raise

@@ -10,6 +10,7 @@ import math
 import random
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
@@ -111,33 +112,36 @@ class GatewayService:
         detok = IncrementalDetokenizer(self.tokenizer)
         first_token_s = None
         try:
-            async for chunk in self.open_verify(verify_request):
-                if chunk.HasField("stats"):
-                    stats = chunk.stats
-                    stats.total_s = time.perf_counter() - start
-                    stats.time_to_first_token_s = first_token_s or stats.total_s
-                    yield outrider_pb2.GenerateChunk(
-                        request_id=request_id, text=detok.flush(), stats=stats,
-                        prompt_token_ids=verify_request.prompt_ids,
-                    )
-                    return
-                if first_token_s is None:
-                    first_token_s = time.perf_counter() - start
-                ids = list(chunk.token_ids)
-                yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=detok.add(ids))
+            # aclosing: see Gateway.Generate; closing the verify stream cancels the session there.
+            async with aclosing(self.open_verify(verify_request)) as verify_chunks:
+                async for chunk in verify_chunks:
+                    if chunk.HasField("stats"):
+                        stats = chunk.stats
+                        stats.total_s = time.perf_counter() - start
+                        stats.time_to_first_token_s = first_token_s or stats.total_s
+                        yield outrider_pb2.GenerateChunk(
+                            request_id=request_id, text=detok.flush(), stats=stats,
+                            prompt_token_ids=verify_request.prompt_ids,
+                        )
+                        return
+                    if first_token_s is None:
+                        first_token_s = time.perf_counter() - start
+                    ids = list(chunk.token_ids)
+                    yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=detok.add(ids))
             raise ConnectionError("the verifier ended the session without its stats")
         finally:
             self.active_sessions -= 1
 
     async def generate_unary(self, req: outrider_pb2.GenerateRequest) -> outrider_pb2.GenerateResponse:
         response = outrider_pb2.GenerateResponse()
-        async for chunk in self.generate(req):
-            response.request_id = chunk.request_id
-            response.token_ids.extend(chunk.token_ids)
-            response.text += chunk.text
-            if chunk.HasField("stats"):
-                response.stats.CopyFrom(chunk.stats)
-                response.prompt_token_ids.extend(chunk.prompt_token_ids)
+        async with aclosing(self.generate(req)) as chunks:
+            async for chunk in chunks:
+                response.request_id = chunk.request_id
+                response.token_ids.extend(chunk.token_ids)
+                response.text += chunk.text
+                if chunk.HasField("stats"):
+                    response.stats.CopyFrom(chunk.stats)
+                    response.prompt_token_ids.extend(chunk.prompt_token_ids)
         return response
 
 

@@ -3,6 +3,7 @@ sessions; the gateway calls ``Verify`` through a Serve handle (one call per requ
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import ray
@@ -39,8 +40,9 @@ class Verifier:
 
     async def Verify(self, request: bytes) -> AsyncIterator[bytes]:
         req = internal_pb2.VerifyRequest.FromString(request)
-        async for chunk in self.service.verify(req):
-            yield chunk.SerializeToString()
+        async with aclosing(self.service.verify(req)) as chunks:  # see Gateway.Generate
+            async for chunk in chunks:
+                yield chunk.SerializeToString()
 
     def active_sessions(self) -> int:
         return self.service.active_sessions

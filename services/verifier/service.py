@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -77,8 +78,10 @@ class VerifierService:
         try:
             method = METHODS[spec.method]
             rounds = self._target_only(seq) if method == "none" else self._speculative(seq, req, method)
-            async for tokens in rounds:
-                yield internal_pb2.VerifyChunk(token_ids=tokens)
+            # Closed explicitly, so a cancelled session cancels its draft stream at once.
+            async with aclosing(rounds) as committed:
+                async for tokens in committed:
+                    yield internal_pb2.VerifyChunk(token_ids=tokens)
             finish = "stop" if seq.committed[-1] == self.engine.eos_token_id else "length"
             yield internal_pb2.VerifyChunk(stats=stats_to_proto(seq.stats, finish))
         finally:

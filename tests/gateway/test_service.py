@@ -1,0 +1,68 @@
+"""A cancelled request frees its session at once, wherever the cancellation lands.
+
+Serve cancels a streaming call by throwing CancelledError into the deployment's
+generator; when that generator is suspended at a `yield` inside an `async for`, the
+generator being iterated is *not* closed by the exception. These tests fail if any
+level leaves its inner stream open (the verify session would then run on)."""
+
+import asyncio
+
+import pytest
+
+from services.gateway.deployment import Gateway
+from services.gateway.service import GatewayService, Limits
+from services.gateway.client import make_request
+from services.models.loading import bundled_paths, load_tokenizer
+from services.rpc import internal_pb2
+
+LIMITS = Limits(vocab_size=8192, max_context=512, max_new_tokens=256, default_max_new_tokens=16, max_sessions=4,
+                default_method="draft", default_gamma=4, methods=("draft", "ngram", "none"))
+
+
+class FakeVerifier:
+    """Streams one token per chunk forever; records whether its stream was closed."""
+
+    def __init__(self):
+        self.closed = False
+
+    async def __call__(self, request):
+        try:
+            while True:
+                yield internal_pb2.VerifyChunk(token_ids=[65])
+                await asyncio.sleep(0)
+        finally:
+            self.closed = True
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(bundled_paths().target)
+
+
+def test_closing_the_service_stream_closes_the_verify_stream_at_once(tokenizer):
+    verifier = FakeVerifier()
+    service = GatewayService(tokenizer, LIMITS, verifier)
+
+    async def go():
+        chunks = service.generate(make_request("def f():", 100))
+        await chunks.__anext__()
+        assert service.active_sessions == 1
+        await chunks.aclose()  # suspended at its yield, as when the client goes away
+        return verifier.closed, service.active_sessions
+
+    assert asyncio.run(go()) == (True, 0)
+
+
+def test_serve_style_cancellation_of_the_deployment_generator_frees_the_session(tokenizer):
+    verifier = FakeVerifier()
+    gateway = object.__new__(Gateway.func_or_class)  # the shim, without loading models
+    gateway.service = GatewayService(tokenizer, LIMITS, verifier)
+
+    async def go():
+        stream = gateway.Generate(make_request("def f():", 100), grpc_context=None)
+        await stream.__anext__()
+        with pytest.raises(asyncio.CancelledError):
+            await stream.athrow(asyncio.CancelledError())  # what Serve does on disconnect
+        return verifier.closed, gateway.service.active_sessions
+
+    assert asyncio.run(go()) == (True, 0)
