@@ -3,7 +3,6 @@ greedy output is exactly target-only decoding with pipelining on and off, sampli
 reproducible and exactly the target's distribution, and sessions are freed."""
 
 import asyncio
-import itertools
 
 import numpy as np
 import pytest
