@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/outrider bench --json bench-out/bench.json
 
 bench-server: $(STAMP)
-	$(BIN)/outrider bench --server 127.0.0.1:9000 --gammas 4,6,8 --repeat 2 --json bench-out/server.json
+	$(BIN)/outrider bench --server 127.0.0.1:9000 --gammas 4,6,8 --repeat 3 --json bench-out/server.json
 
 build-models: $(STAMP)
 	$(BIN)/outrider build-models
