@@ -158,8 +158,10 @@ def server_configs(args, drafters, gammas, texts, pair):
     client = OutriderClient(args.server)
     if not client.healthy(timeout=10):
         raise UsageError(f"no healthy Outrider server at {args.server}")
+    prompts = None  # token ids for the in-process anchor, tokenized once
     if pair is not None:
-        check_fits(pair, [pair.tokenizer(t)["input_ids"] for t in texts], args.max_new_tokens)
+        prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
+        check_fits(pair, prompts, args.max_new_tokens)
     try:
         run_server(client, "none", None, True, texts[:1], 8)  # warm-up
         for d in drafters:
@@ -167,7 +169,7 @@ def server_configs(args, drafters, gammas, texts, pair):
     except grpc.RpcError as err:
         raise UsageError(f"server {args.server}: {err.code().name}: {err.details()}") from None
     if pair is not None:
-        run_hf(pair, 2, [pair.tokenizer(texts[0])["input_ids"]], 8)
+        run_hf(pair, 2, prompts[:1], 8)
     configs = [("server", "none", None, True)]
     configs += [("server", d, g, p) for d in drafters for g in gammas for p in (True, False)]
     if pair is not None:
@@ -177,6 +179,6 @@ def server_configs(args, drafters, gammas, texts, pair):
         kind, drafter, gamma, pipeline = config
         if kind == "server":
             return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens)
-        return run_hf(pair, gamma, [pair.tokenizer(t)["input_ids"] for t in texts], args.max_new_tokens)
+        return run_hf(pair, gamma, prompts, args.max_new_tokens)
 
     return measure, configs

@@ -9,6 +9,7 @@ from dataclasses import replace
 from ..core.gamma import GammaSchedule
 from ..core.sampling import SamplingParams
 from ..core.stats import GenerationStats
+from ..models.detokenizer import IncrementalDetokenizer
 from ..models.loading import resolve_paths
 from ..models.pair import DRAFTERS, load_pair, make_engine
 from .common import UsageError, add_model_options, apply_threads, validate_device
@@ -170,23 +171,16 @@ def compare_with_target_only(pair, prompt_ids, base: SamplingParams, args, sampl
 
 
 class TextStreamer:
-    """Prints decoded text as tokens arrive. Decoding the whole suffix each time keeps
-    multi-byte characters split across tokens intact."""
+    """Prints decoded text as tokens arrive, after the prompt."""
 
     def __init__(self, tokenizer, echo: str = ""):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+        self.detok = IncrementalDetokenizer(tokenizer)
         sys.stdout.write(echo)  # the prompt, so the continuation reads in context
 
     def __call__(self, new_ids: list[int]) -> None:
-        self.ids.extend(new_ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-            return
-        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.write(self.detok.add(new_ids))
         sys.stdout.flush()
-        self.printed = text
 
     def finish(self) -> None:
-        text = self.tokenizer.decode(self.ids)
-        sys.stdout.write(text[len(self.printed):] + "\n")
+        sys.stdout.write(self.detok.flush() + "\n")
         sys.stdout.flush()

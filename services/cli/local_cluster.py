@@ -7,6 +7,7 @@ Ray cluster on the same machine (unlike `ray stop`, which stops them all).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -78,16 +79,12 @@ def stop(timeout: float = 15.0) -> int:
     """Stop every process of the local cluster; returns how many there were."""
     procs = _processes()
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # it exited on its own meanwhile
             proc.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     return len(procs)
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .errors import InvalidRequest
-from .gamma import GammaSchedule
+from .gamma import GammaSchedule, draft_budget
 from .proposals import Proposal
 from .proposers import Proposer
 from .sampling import SamplingParams
@@ -46,9 +46,7 @@ class SequenceState:
 
     @property
     def draft_budget(self) -> int:
-        """Drafts allowed next round: never past the token budget, because the round's
-        last token is always the target's own."""
-        return max(0, min(self.gamma, self.remaining - 1))
+        return draft_budget(self.gamma, self.remaining)
 
 
 @dataclass(frozen=True)

@@ -27,3 +27,10 @@ class GammaSchedule:
         if accepted == drafted:
             return min(self.maximum, gamma + 2)
         return max(self.minimum, gamma - 1)
+
+
+def draft_budget(gamma: int, remaining: int) -> int:
+    """Drafts allowed in a round with ``remaining`` tokens left to generate: never past
+    the token budget, because the round's last token is always the target's own. The
+    verifier and the draft worker both bound rounds with this."""
+    return max(0, min(gamma, remaining - 1))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .gamma import draft_budget
 from .proposals import Proposal
 from .proposers import Proposer, StopCheck
 from .sampling import SamplingParams, derive_seed
@@ -70,8 +71,7 @@ class DraftSession:
         self.early: DraftBlock | None = None  # drafted ahead for in_flight.round + 1
 
     def budget(self, committed_len: int) -> int:
-        # The verifier uses the same bound (SequenceState.draft_budget).
-        return max(0, min(self.gamma, self.limit - committed_len - 1))
+        return draft_budget(self.gamma, self.limit - committed_len)
 
     def draft(self, round: int) -> DraftBlock:
         """A fresh block for ``round`` after the committed tokens."""

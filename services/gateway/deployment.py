@@ -36,7 +36,6 @@ class Gateway:
             vocab_size=vocab_size(config), max_context=context_length(config),
             max_new_tokens=cfg.max_new_tokens, default_max_new_tokens=cfg.default_max_new_tokens,
             max_sessions=cfg.max_sessions, default_method=cfg.default_method, default_gamma=cfg.default_gamma,
-            methods=("draft", "ngram", "none"),
         )
         self.verifier = verifier.options(stream=True)
         self.service = GatewayService(load_tokenizer(cfg.paths.target, cfg.trust_remote_code), limits, self._verify)

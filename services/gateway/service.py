@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable
 
 from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
+from ..models.detokenizer import IncrementalDetokenizer
 from ..rpc import internal_pb2, outrider_pb2
 from ..rpc.convert import METHOD_IDS, method_name, sampling_from_proto, sampling_to_proto
 
@@ -33,7 +34,6 @@ class Limits:
     max_sessions: int  # concurrent sessions per gateway replica
     default_method: str
     default_gamma: int
-    methods: tuple[str, ...]  # what the deployed app can serve
 
 
 class GatewayService:
@@ -66,9 +66,7 @@ class GatewayService:
         params = sampling_from_proto(sampling)  # validates ranges
         if params.seed is None:  # resolved here so draft worker and verifier share it
             params = replace(params, seed=random.SystemRandom().randrange(2**63))
-        method = method_name(req.speculation.method, limits.default_method)
-        if method not in limits.methods:
-            raise InvalidRequest(f"speculation method {method!r} is not served here; use one of {limits.methods}")
+        method = method_name(req.speculation.method, limits.default_method)  # every app serves all three
         gamma = req.speculation.gamma or limits.default_gamma
         GammaSchedule(initial=gamma)  # validates the range
         pipeline = req.speculation.pipeline if req.speculation.HasField("pipeline") else True
@@ -143,27 +141,3 @@ class GatewayService:
                     response.stats.CopyFrom(chunk.stats)
                     response.prompt_token_ids.extend(chunk.prompt_token_ids)
         return response
-
-
-class IncrementalDetokenizer:
-    """Text deltas for streamed token ids. A byte-level token can end inside a UTF-8
-    character; such text is held back until the character completes."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = 0  # characters already sent
-
-    def add(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._delta(text)
-
-    def flush(self) -> str:
-        return self._delta(self.tokenizer.decode(self.ids))
-
-    def _delta(self, text: str) -> str:
-        delta, self.sent = text[self.sent :], len(text)
-        return delta

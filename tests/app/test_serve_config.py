@@ -18,8 +18,7 @@ def load() -> dict:
 
 
 def test_it_validates_as_a_serve_deploy_config():
-    schema = ServeDeploySchema.model_validate(load()) if hasattr(ServeDeploySchema, "model_validate") \
-        else ServeDeploySchema.parse_obj(load())
+    schema = ServeDeploySchema.model_validate(load())
     assert [app.name for app in schema.applications] == ["outrider"]
 
 

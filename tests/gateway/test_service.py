@@ -16,7 +16,7 @@ from services.models.loading import bundled_paths, load_tokenizer
 from services.rpc import internal_pb2
 
 LIMITS = Limits(vocab_size=8192, max_context=512, max_new_tokens=256, default_max_new_tokens=16, max_sessions=4,
-                default_method="draft", default_gamma=4, methods=("draft", "ngram", "none"))
+                default_method="draft", default_gamma=4)
 
 
 class FakeVerifier:
