@@ -49,6 +49,9 @@ class AppArgs(BaseModel):
     default_max_new_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(2048, ge=1)
     max_sessions: int = Field(64, ge=1)  # per gateway replica; beyond it RESOURCE_EXHAUSTED
+    # Rounds of concurrent sessions verified together in one forward pass, at most
+    # this many (1 = each session verified on its own).
+    max_batch_size: int = Field(16, ge=1)
 
     # The verifier replica becomes a tensor-parallel group of this many ranks (next
     # issue); the draft workers keep their own parallelism.

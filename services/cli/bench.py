@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..bench.concurrent import run_local as run_concurrent_local
+from ..bench.concurrent import run_server as run_concurrent_server
+from ..bench.concurrent import summarize_concurrency
 from ..bench.report import format_table, run_rows, summarize, write_json, write_plot
 from ..bench.runs import run_hf, run_outrider, run_server
 from ..models.loading import BUNDLED_DIR, resolve_paths
@@ -31,6 +34,9 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--server", metavar="HOST:PORT",
                         help="measure a running server through its gRPC API (target-only through the same "
                              "service, each drafter pipelined and serial); HF assisted stays in-process")
+    parser.add_argument("--concurrency", type=int, default=0, metavar="N",
+                        help="N streams at once, aggregate tokens/s: target-only and each drafter; in-process "
+                             "(no --server) each with batched and with per-session verification")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     add_model_options(parser)
@@ -72,18 +78,27 @@ def run(args) -> int:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.repeat < 1:
         raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.concurrency < 0:
+        raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
     gammas = parse_ints(args.gammas, "gammas")
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     for d in drafters:
         if d not in ("draft", "ngram"):
             raise UsageError(f"unknown drafter {d!r} for bench; choose draft and/or ngram")
     texts = load_prompts(args.prompts, args.limit)
+    if args.concurrency:
+        args.no_hf = True  # the single-stream anchor means nothing next to N streams
+        texts = [texts[i % len(texts)] for i in range(max(len(texts), args.concurrency))]
     need_pair = args.server is None or not args.no_hf
     pair = None
     if need_pair:
         pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype,
                          with_draft="draft" in drafters or not args.no_hf, trust_remote_code=args.trust_remote_code)
-    if args.server:
+    summarize_pass, speedup_key = summarize, "speedup_vs_ar"
+    if args.concurrency:
+        measure, configs = concurrency_configs(args, drafters, gammas, texts, pair)
+        summarize_pass, speedup_key = summarize_concurrency, None
+    elif args.server:
         measure, configs = server_configs(args, drafters, gammas, texts, pair)
     else:
         measure, configs = local_configs(args, drafters, gammas, texts, pair)
@@ -100,20 +115,26 @@ def run(args) -> int:
             runs.append(measured)
             print(f"  pass {n + 1}: {measured.label}: {measured.tokens_per_s:.1f} tok/s", flush=True)
         passes.append(runs)
-    summaries = [summarize(runs) for runs in passes]
-    order = sorted(range(len(passes)), key=lambda i: summaries[i]["speedup_vs_ar"])
-    median = order[len(order) // 2]
+    summaries = [summarize_pass(runs) for runs in passes]
+    if speedup_key:
+        order = sorted(range(len(passes)), key=lambda i: summaries[i][speedup_key])
+        median = order[len(order) // 2]
+        per_pass = {"speedup_vs_ar_per_pass": [s["speedup_vs_ar"] for s in summaries],
+                    "speedup_vs_hf_per_pass": [s["speedup_vs_hf"] for s in summaries]}
+    else:
+        median, per_pass = len(passes) - 1, {"per_pass": summaries}
     rows = run_rows(passes[median])
-    summary = {**summaries[median], "passes": len(passes), "reported_pass": median + 1,
-               "speedup_vs_ar_per_pass": [s["speedup_vs_ar"] for s in summaries],
-               "speedup_vs_hf_per_pass": [s["speedup_vs_hf"] for s in summaries]}
+    summary = {**summaries[median], "passes": len(passes), "reported_pass": median + 1, **per_pass}
     meta = {"server": args.server, "target": pair.paths.target if pair else None,
             "draft": pair.paths.draft if pair else None, "prompts": len(texts),
-            "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "threads": torch.get_num_threads(),
+            "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "concurrency": args.concurrency, "threads": torch.get_num_threads(),
             "device": args.device, "torch": torch.__version__, "machine": platform.machine()}
     print(format_table(rows))
     print(json.dumps(summary, indent=2))
     write_json(args.json, summary, rows, meta)
+    if args.concurrency:  # the plot is speedup against gamma at one stream
+        print(f"wrote {args.json}")
+        return 0
     plot = args.plot or args.json.with_suffix(".png")
     write_plot(plot, rows)
     print(f"wrote {args.json} and {plot}")
@@ -180,5 +201,32 @@ def server_configs(args, drafters, gammas, texts, pair):
         if kind == "server":
             return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens)
         return run_hf(pair, gamma, prompts, args.max_new_tokens)
+
+    return measure, configs
+
+
+def concurrency_configs(args, drafters, gammas, texts, pair):
+    """Target-only and each drafter x gamma at ``--concurrency`` streams; in-process,
+    each with batched and with per-session verification (interleaved)."""
+    n = args.concurrency
+    methods = [("none", None)] + [(d, g) for d in drafters for g in gammas if g > 0]
+    if args.server:
+        from ..gateway.client import OutriderClient
+
+        client = OutriderClient(args.server)
+        if not client.healthy(timeout=10):
+            raise UsageError(f"no healthy Outrider server at {args.server}")
+        for method, gamma in methods:  # warm-up
+            run_concurrent_server(client, method, gamma, texts[:n], 8, n)
+        return (lambda c: run_concurrent_server(client, *c, texts, args.max_new_tokens, n)), methods
+    prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
+    check_fits(pair, prompts, args.max_new_tokens)
+    configs = [(m, g, batched) for m, g in methods for batched in (True, False)]
+    for method, gamma, batched in configs:  # warm-up
+        run_concurrent_local(pair, method, gamma, prompts[:n], 8, n, batched)
+
+    def measure(config):
+        method, gamma, batched = config
+        return run_concurrent_local(pair, method, gamma, prompts, args.max_new_tokens, n, batched)
 
     return measure, configs

@@ -18,7 +18,7 @@ from .proposals import Proposal
 from .proposers import Proposer
 from .sampling import SamplingParams
 from .stats import GenerationStats
-from .verifier import TargetVerifier, VerifyRequest
+from .verifier import TargetKV, TargetVerifier, VerifyRequest
 
 
 @dataclass
@@ -31,7 +31,7 @@ class SequenceState:
     verify_generator: torch.Generator
     gamma: int
     schedule: GammaSchedule
-    target_kv: object
+    target_kv: TargetKV
     draft_state: object
     finished: bool = False
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -98,7 +98,7 @@ class SpeculativeEngine:
         chooses its own gamma)."""
         self.validate(prompt_ids, max_new_tokens)
         schedule = schedule or self.schedule
-        draft_generator, verify_generator = params.make_generators(self.verifier.model.device)
+        draft_generator, verify_generator = params.make_generators(self.verifier.device)
         return SequenceState(
             committed=list(prompt_ids),
             prompt_len=len(prompt_ids),
@@ -122,7 +122,7 @@ class SpeculativeEngine:
     def propose(self, seq: SequenceState) -> Proposal:
         gamma = seq.draft_budget
         if self.proposer is None or gamma == 0:
-            return Proposal.empty(self.verifier.model.device)
+            return Proposal.empty(self.verifier.device)
         return self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.draft_generator)
 
     def prefill(self, seq: SequenceState) -> None:
@@ -134,16 +134,29 @@ class SpeculativeEngine:
 
     def verify_and_commit(self, seq: SequenceState, proposal: Proposal) -> "RoundResult":
         """Verify ``proposal`` after ``seq``'s committed tokens and commit the result."""
+        return self.verify_and_commit_batch([seq], [proposal])[0]
+
+    def verify_and_commit_batch(self, seqs: list[SequenceState], proposals: list[Proposal]) -> list["RoundResult"]:
+        """One round for several sequences, scored in one forward pass; each sequence's
+        result is what it would be alone. Each is charged the whole pass as verify time."""
         t0 = time.perf_counter()
-        outcome = self.verifier.verify(
-            [VerifyRequest(seq.target_kv, seq.committed, proposal, seq.params, seq.verify_generator)]
-        )[0]
-        seq.stats.verify_time_s += time.perf_counter() - t0
-        new = self._truncate_at_stop(outcome.tokens, seq)
-        seq.committed.extend(new)
-        seq.stats.record_round(len(proposal), outcome.num_accepted, len(new))
-        seq.gamma = seq.schedule.next(seq.gamma, len(proposal), outcome.num_accepted)
-        return RoundResult(tokens=new, num_accepted=outcome.num_accepted)
+        outcomes = self.verifier.verify(
+            [VerifyRequest(s.target_kv, s.committed, p, s.params, s.verify_generator) for s, p in zip(seqs, proposals)]
+        )
+        elapsed = time.perf_counter() - t0
+        results = []
+        for seq, proposal, outcome in zip(seqs, proposals, outcomes):
+            seq.stats.verify_time_s += elapsed
+            new = self._truncate_at_stop(outcome.tokens, seq)
+            seq.committed.extend(new)
+            seq.stats.record_round(len(proposal), outcome.num_accepted, len(new))
+            seq.gamma = seq.schedule.next(seq.gamma, len(proposal), outcome.num_accepted)
+            results.append(RoundResult(tokens=new, num_accepted=outcome.num_accepted))
+        return results
+
+    def release(self, seq: SequenceState) -> None:
+        """Free the sequence's target KV (the runner holds it until told)."""
+        self.verifier.release([seq.target_kv])
 
     def _truncate_at_stop(self, tokens: list[int], seq: SequenceState) -> list[int]:
         tokens = tokens[: seq.remaining]
@@ -163,9 +176,12 @@ class SpeculativeEngine:
     ) -> GenerationResult:
         seq = self.start(prompt_ids, max_new_tokens, params)
         start = time.perf_counter()
-        while not seq.finished:
-            new = self.step(seq)
-            if on_tokens is not None:
-                on_tokens(new)
+        try:
+            while not seq.finished:
+                new = self.step(seq)
+                if on_tokens is not None:
+                    on_tokens(new)
+        finally:
+            self.release(seq)
         seq.stats.total_time_s = time.perf_counter() - start
         return GenerationResult(token_ids=seq.generated, stats=seq.stats)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -34,17 +35,20 @@ class KVState:
 
     def rollback_to_prefix_of(self, committed: list[int]) -> None:
         """Drop cached positions that disagree with ``committed`` (rejected drafts)."""
-        # This runs twice a round: find the longest common prefix with C-level slice
-        # comparisons (usually one; binary search on a mismatch), not a Python loop
-        # over the whole context.
-        lo, hi = 0, min(len(self.tokens), len(committed))
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.tokens[:mid] == committed[:mid]:
-                lo = mid
-            else:
-                hi = mid - 1
-        self.truncate(lo)
+        self.truncate(common_prefix_len(self.tokens, committed))
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    # This runs twice a round: C-level slice comparisons (usually one; binary search on
+    # a mismatch), not a Python loop over the whole context.
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @torch.inference_mode()
@@ -57,3 +61,70 @@ def extend(model, kv: KVState, new_tokens: list[int], logits_to_keep: int = 0) -
     out = model(input_ids=ids, cache=kv.cache, use_cache=True, logits_to_keep=logits_to_keep)
     kv.tokens.extend(new_tokens)
     return out.logits[0]
+
+
+def batchable(kv: KVState) -> bool:
+    # Plain full-attention layers only: a sliding-window layer keeps extra bookkeeping
+    # that a padded batch would corrupt, so those sequences run one at a time.
+    return all(type(layer) is DynamicLayer for layer in kv.cache.layers)
+
+
+@torch.inference_mode()
+def extend_batch(model, kvs: list[KVState], feeds: list[list[int]], logits_to_keep: list[int]) -> list[torch.Tensor]:
+    """``extend`` for several sequences in one forward pass; returns each one's logits
+    [logits_to_keep_i, V] for its last positions.
+
+    Layout of row i (P = longest cache, N = longest feed):
+        [left pad | its cached KV (P_i) | its feed (N_i) | right pad]
+    The attention mask hides both pads and position ids count real tokens only, so
+    every row attends to exactly what it would alone; a right pad sits after all of
+    the row's real tokens, so causality keeps it out of their attention. Afterwards
+    each sequence keeps a view of its own rows of the batched cache (the pads
+    stripped), which its next ``update`` copies anyway.
+    """
+    if len(kvs) == 1 or not all(map(batchable, kvs)):
+        return [extend(model, kv, f, k) for kv, f, k in zip(kvs, feeds, logits_to_keep)]
+    if min(logits_to_keep) < 1 or min(map(len, feeds)) < 1:
+        raise ValueError("a batched feed needs at least one token and one logit")
+    device, B = model.device, len(kvs)
+    past = [len(kv) for kv in kvs]
+    P, N = max(past), max(map(len, feeds))
+    ids = torch.zeros(B, N, dtype=torch.long)
+    mask = torch.zeros(B, P + N, dtype=torch.long)
+    for i, (p, feed) in enumerate(zip(past, feeds)):
+        ids[i, : len(feed)] = torch.tensor(feed)
+        mask[i, P - p : P + len(feed)] = 1
+    positions = torch.tensor(past)[:, None] + torch.arange(N)[None, :]
+    batched = DynamicCache(config=model.config)
+    if P:
+        template = next(kv for kv in kvs if len(kv))
+        for index, (layer, ref) in enumerate(zip(batched.layers, template.cache.layers)):
+            keys = _left_padded([kv.cache.layers[index].keys for kv in kvs], past, P, ref.keys)
+            values = _left_padded([kv.cache.layers[index].values for kv in kvs], past, P, ref.values)
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+    window = max(N - len(f) + k for f, k in zip(feeds, logits_to_keep))
+    out = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+        cache=batched, use_cache=True, logits_to_keep=window,
+    )
+    logits = []
+    for i, (kv, p, feed, k) in enumerate(zip(kvs, past, feeds, logits_to_keep)):
+        end = window - (N - len(feed))
+        logits.append(out.logits[i, end - k : end])
+        for own, layer in zip(kv.cache.layers, batched.layers):
+            if not own.is_initialized:
+                own.lazy_initialization(layer.keys, layer.values)
+            own.keys = layer.keys[i : i + 1, :, P - p : P + len(feed)]
+            own.values = layer.values[i : i + 1, :, P - p : P + len(feed)]
+        kv.tokens.extend(feed)
+    return logits
+
+
+def _left_padded(parts: list[torch.Tensor | None], lengths: list[int], P: int, ref: torch.Tensor) -> torch.Tensor:
+    """[B, H, P, D]: each sequence's [1, H, P_i, D] right-aligned, zeros before it."""
+    out = ref.new_zeros(len(parts), ref.shape[1], P, ref.shape[3])
+    for i, (part, length) in enumerate(zip(parts, lengths)):
+        if length:
+            out[i, :, P - length :] = part[0]
+    return out

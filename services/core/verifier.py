@@ -1,62 +1,92 @@
-"""The target side of a round: score a proposal in one forward pass, accept, and roll
-the target KV back to exactly the committed prefix."""
+"""The target side of a round: score every session's proposal in one batched forward
+pass, then accept or reject each one on its own."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import torch
 
-from .kv import KVState, extend
+from .kv import common_prefix_len
 from .proposals import Proposal, VerifyOutcome
 from .rejection import accept_greedy, accept_sampled
 from .sampling import SamplingParams, adjusted_probs
+from .target import Feed, TargetRunner
+
+
+@dataclass
+class TargetKV:
+    """The verifier's handle on one session's target KV, which lives in the runner."""
+
+    session: str
+    # Tokens the runner has cached for the session, or a prefix of them: the runner
+    # keeps rejected drafts until the next feed says how much to keep, so a rollback
+    # costs no extra call (which matters when the runner is a group of TP ranks).
+    tokens: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass
 class VerifyRequest:
     """One sequence's share of a verification batch."""
 
-    kv: KVState  # the target's KV for this sequence
+    kv: TargetKV
     committed: list[int]  # prompt + tokens generated so far
     proposal: Proposal  # drafts to check after committed[-1]
     params: SamplingParams
-    generator: torch.Generator
+    generator: torch.Generator | None
 
 
 class TargetVerifier:
-    """Verifies a *batch* of sequences. Today it runs them one after another; batched
-    verification across requests pads them into one forward pass behind this same API."""
+    def __init__(self, runner: TargetRunner):
+        self.runner = runner
 
-    def __init__(self, model):
-        self.model = model
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
 
-    def new_state(self) -> KVState:
-        return KVState.empty(self.model)
+    def new_state(self) -> TargetKV:
+        return TargetKV(session=uuid.uuid4().hex)
 
-    def prefill(self, kv: KVState, tokens: list[int]) -> None:
-        kv.rollback_to_prefix_of(tokens)
-        if len(tokens) > len(kv):
-            extend(self.model, kv, tokens[len(kv) :], logits_to_keep=1)
+    def release(self, kvs: list[TargetKV]) -> None:
+        self.runner.release([kv.session for kv in kvs])
+
+    def prefill(self, kv: TargetKV, tokens: list[int]) -> None:
+        keep = common_prefix_len(kv.tokens, tokens)
+        if len(tokens) > keep:
+            self.runner.forward([Feed(kv.session, keep, tokens[keep:], 1)])
+        kv.tokens = list(tokens)
 
     def verify(self, batch: list[VerifyRequest]) -> list[VerifyOutcome]:
-        return [self._verify_one(req) for req in batch]
-
-    def _verify_one(self, req: VerifyRequest) -> VerifyOutcome:
-        proposal = req.proposal
-        if not proposal.is_chain:
+        if any(not req.proposal.is_chain for req in batch):
             raise ValueError("tree proposals need tree attention; see the note in core/proposals.py")
-        g = len(proposal)
-        req.kv.rollback_to_prefix_of(req.committed)
-        # Feed what the cache lacks (the whole prompt on round one, else the last
-        # committed token) plus the drafts; the last g+1 logits are p_1..p_{g+1}.
-        feed = req.committed[len(req.kv) :] + proposal.tokens.tolist()
-        logits = extend(self.model, req.kv, feed, logits_to_keep=g + 1)  # [g+1, V]
-        if req.params.greedy:
-            outcome = accept_greedy(proposal.tokens, logits)
-        else:
-            p = adjusted_probs(logits, req.params)  # [g+1, V]
-            outcome = accept_sampled(proposal.tokens, proposal.draft_probs, p, req.generator)
-        # Keep KV for committed + accepted drafts; the correction/bonus token is fed next round.
-        req.kv.truncate(len(req.committed) + outcome.num_accepted)
-        return outcome
+        feeds = []
+        for req in batch:
+            keep = common_prefix_len(req.kv.tokens, req.committed)
+            # Feed what the cache lacks (the last committed token, or more after a
+            # prefix miss) plus the drafts; the last g+1 logits are p_1..p_{g+1}.
+            tokens = req.committed[keep:] + req.proposal.tokens.tolist()
+            feeds.append(Feed(req.kv.session, keep, tokens, len(req.proposal) + 1))
+        try:
+            all_logits = self.runner.forward(feeds)
+        except BaseException:
+            # The runner may have dropped positions before failing; forget what it
+            # caches, so the next feed recomputes from scratch rather than trust it.
+            for req in batch:
+                req.kv.tokens = []
+            raise
+        outcomes = []
+        for req, feed, logits in zip(batch, feeds, all_logits):  # logits [g+1, V]
+            if req.params.greedy:
+                outcome = accept_greedy(req.proposal.tokens, logits)
+            else:
+                p = adjusted_probs(logits, req.params)  # [g+1, V]
+                outcome = accept_sampled(req.proposal.tokens, req.proposal.draft_probs, p, req.generator)
+            # The runner now caches committed + every draft; the next feed keeps the
+            # accepted ones (the correction/bonus token is fed next round).
+            req.kv.tokens = req.committed[: feed.keep] + feed.tokens
+            outcomes.append(outcome)
+        return outcomes

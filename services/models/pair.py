@@ -11,6 +11,7 @@ from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..core.verifier import TargetVerifier
+from ..core.target import TargetRunner
 from .loading import ModelPaths, check_pair, load_model, load_tokenizer, max_context
 
 DRAFTERS = ("draft", "ngram", "none")
@@ -64,7 +65,7 @@ def make_engine(
     pair: ModelPair, drafter: str, schedule: GammaSchedule, confidence_stop: float = 0.0
 ) -> SpeculativeEngine:
     return SpeculativeEngine(
-        verifier=TargetVerifier(pair.target),
+        verifier=TargetVerifier(TargetRunner(pair.target)),
         proposer=make_proposer(pair, drafter, confidence_stop),
         eos_token_id=pair.eos_token_id,
         max_context=pair.max_context,

@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 from ..app.args import AppArgs
 from ..core.engine import SpeculativeEngine
 from ..core.verifier import TargetVerifier
+from ..core.target import TargetRunner
 from ..models.loading import load_model, load_tokenizer, max_context
 from ..rpc import internal_pb2
 from .service import VerifierService
@@ -28,11 +29,11 @@ class Verifier:
         target = load_model(paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code)
         tokenizer = load_tokenizer(paths.target, cfg.trust_remote_code)
         engine = SpeculativeEngine(
-            verifier=TargetVerifier(target), proposer=None,
+            verifier=TargetVerifier(TargetRunner(target)), proposer=None,
             eos_token_id=tokenizer.eos_token_id, max_context=max_context(target),
         )
         self.drafter = drafter
-        self.service = VerifierService(engine, self._find_drafter)
+        self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size)
 
     async def _find_drafter(self) -> str:
         # Serve picks the draft replica (load-aware); the session then talks to it directly.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -22,6 +21,7 @@ from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.proposals import Proposal
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHOD_IDS, METHODS, block_from_proto, sampling_from_proto, stats_to_proto
+from .batcher import RoundBatcher
 
 
 class DraftLink:
@@ -58,13 +58,12 @@ class DraftLink:
 
 
 class VerifierService:
-    def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]]):
+    def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]], max_batch_size: int = 16):
         self.engine = engine
         self.find_drafter = find_drafter
-        self.device = engine.verifier.model.device
-        # One compute thread per replica: sessions take turns on the target (batching
-        # them into one forward pass is the next step).
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="outrider-verify")
+        self.device = engine.verifier.device
+        # Concurrent sessions' rounds are verified together in one forward pass.
+        self.batcher = RoundBatcher(engine, max_batch_size)
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.active_sessions = 0
 
@@ -85,17 +84,18 @@ class VerifierService:
             finish = "stop" if seq.committed[-1] == self.engine.eos_token_id else "length"
             yield internal_pb2.VerifyChunk(stats=stats_to_proto(seq.stats, finish))
         finally:
+            self.batcher.release(seq)
             self.active_sessions -= 1
 
     async def _target_only(self, seq: SequenceState) -> AsyncIterator[list[int]]:
         empty = Proposal.empty(self.device)
         while not seq.finished:
-            yield (await self._compute(seq, self.engine.verify_and_commit, seq, empty)).tokens
+            yield (await self.batcher.verify(seq, empty)).tokens
 
     async def _speculative(self, seq: SequenceState, req, method: str) -> AsyncIterator[list[int]]:
         pipeline = req.speculation.pipeline
         # The target's prefill overlaps finding a draft replica and drafting round 0.
-        prefill = asyncio.ensure_future(self._compute(seq, self.engine.prefill, seq))
+        prefill = asyncio.ensure_future(self.batcher.run(seq, self.engine.prefill, seq))
         try:
             link = await self._open_link(seq, req, method)
         except BaseException:
@@ -106,7 +106,7 @@ class VerifierService:
             block = await link.receive(0, speculative=False)
             round = 0
             while True:
-                result = await self._compute(seq, self.engine.verify_and_commit, seq, block.proposal)
+                result = await self.batcher.verify(seq, block.proposal)
                 early = None
                 full = result.num_accepted == len(block.proposal)
                 if pipeline and not seq.finished:
@@ -140,18 +140,3 @@ class VerifierService:
         )
         await call.write(internal_pb2.DraftCommand(open=opened))
         return DraftLink(call, seq, self.device)
-
-    async def _compute(self, seq: SequenceState, fn, *args):
-        """Run target compute on the replica's compute thread; time spent waiting for
-        the thread (other sessions' forwards) is queueing."""
-        submitted = time.perf_counter()
-        started = 0.0
-
-        def timed():
-            nonlocal started
-            started = time.perf_counter()
-            return fn(*args)
-
-        result = await asyncio.get_running_loop().run_in_executor(self.compute, timed)
-        seq.stats.queue_time_s += started - submitted
-        return result

@@ -10,6 +10,7 @@ from services.core.gamma import GammaSchedule
 from services.core.proposers import DraftModelProposer, NgramProposer
 from services.core.sampling import SamplingParams
 from services.core.verifier import TargetVerifier
+from services.core.target import TargetRunner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,9 +23,9 @@ def test_greedy_on_cuda_matches_target_only(dtype):
     target = tiny("llama", seed=0).to("cuda", dtype)
     draft = noisy_copy(tiny("llama", seed=0), 1, 0.5).to("cuda", dtype)
     prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
-    plain = SpeculativeEngine(TargetVerifier(target), None, None, 256).generate(prompt, 40).token_ids
+    plain = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256).generate(prompt, 40).token_ids
     for proposer in (DraftModelProposer(draft), NgramProposer(device="cuda")):
-        engine = SpeculativeEngine(TargetVerifier(target), proposer, None, 256, GammaSchedule(4))
+        engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), proposer, None, 256, GammaSchedule(4))
         assert engine.generate(prompt, 40).token_ids == plain
 
 
@@ -32,8 +33,8 @@ def test_bf16_speculative_decoding_runs_and_mostly_agrees():
     target = tiny("llama", seed=0).to("cuda", torch.bfloat16)
     draft = noisy_copy(tiny("llama", seed=0), 1, 0.5).to("cuda", torch.bfloat16)
     prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
-    plain = SpeculativeEngine(TargetVerifier(target), None, None, 256).generate(prompt, 40).token_ids
-    spec = SpeculativeEngine(TargetVerifier(target), DraftModelProposer(draft), None, 256, GammaSchedule(4))
+    plain = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256).generate(prompt, 40).token_ids
+    spec = SpeculativeEngine(TargetVerifier(TargetRunner(target)), DraftModelProposer(draft), None, 256, GammaSchedule(4))
     result = spec.generate(prompt, 40)
     assert len(result.token_ids) == 40 and result.stats.drafted > 0
     assert result.token_ids[:10] == plain[:10]
@@ -42,6 +43,6 @@ def test_bf16_speculative_decoding_runs_and_mostly_agrees():
 def test_seeded_sampling_on_cuda_is_reproducible():
     target = tiny("llama", seed=0).to("cuda", torch.bfloat16)
     draft = noisy_copy(tiny("llama", seed=0), 1, 0.5).to("cuda", torch.bfloat16)
-    engine = SpeculativeEngine(TargetVerifier(target), DraftModelProposer(draft), None, 256, GammaSchedule(3))
+    engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), DraftModelProposer(draft), None, 256, GammaSchedule(3))
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
     assert engine.generate([5, 6, 7], 30, params).token_ids == engine.generate([5, 6, 7], 30, params).token_ids

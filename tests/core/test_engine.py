@@ -10,6 +10,7 @@ from services.core.gamma import GammaSchedule
 from services.core.proposers import DraftModelProposer, NgramProposer
 from services.core.sampling import SamplingParams
 from services.core.verifier import TargetVerifier
+from services.core.target import TargetRunner
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [3], [11, 12, 11, 12, 11, 12, 40, 41], list(range(20, 60))]
 
@@ -17,7 +18,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [3], [11, 12, 11, 12, 11, 12, 40, 41], 
 def engine(target, proposer, gamma=4, adaptive=False, eos=None, confidence=None):
     if confidence is not None:
         proposer.confidence_stop = confidence
-    return SpeculativeEngine(TargetVerifier(target), proposer, eos, 256, GammaSchedule(gamma, adaptive))
+    return SpeculativeEngine(TargetVerifier(TargetRunner(target)), proposer, eos, 256, GammaSchedule(gamma, adaptive))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_stats_are_consistent(models):
 
 def test_target_only_drafts_nothing(models):
     target = models["target"]
-    result = SpeculativeEngine(TargetVerifier(target), None, None, 256).generate(PROMPTS[0], 20)
+    result = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256).generate(PROMPTS[0], 20)
     assert result.token_ids == hf_greedy(target, PROMPTS[0], 20, eos=None)
     assert result.stats.drafted == 0 and result.stats.rounds == 20
 

@@ -9,6 +9,7 @@ from services.core.kv import KVState, extend
 from services.core.proposers import DraftModelProposer
 from services.core.sampling import SamplingParams
 from services.core.verifier import TargetVerifier
+from services.core.target import TargetRunner
 
 
 def test_truncate_and_rollback_keep_exact_prefix():
@@ -37,7 +38,7 @@ def test_logits_after_rollback_equal_fresh_prefill():
 def test_engine_caches_track_committed_tokens_after_rejections():
     target = tiny("llama", seed=0)
     engine = SpeculativeEngine(
-        TargetVerifier(target), DraftModelProposer(noisy_copy(target, 1, 0.6)), None, 256, GammaSchedule(4)
+        TargetVerifier(TargetRunner(target)), DraftModelProposer(noisy_copy(target, 1, 0.6)), None, 256, GammaSchedule(4)
     )
     seq = engine.start([5, 6, 7, 8], 40, SamplingParams(temperature=1.0, seed=0))
     rejected_rounds = 0
@@ -45,16 +46,21 @@ def test_engine_caches_track_committed_tokens_after_rejections():
         before = len(seq.committed)
         engine.step(seq)
         rejected_rounds += seq.stats.rounds and seq.stats.accepted < seq.stats.drafted
-        # Target cache: every committed token but the newest (fed next round).
-        assert seq.target_kv.tokens == seq.committed[:-1]
-        assert seq.target_kv.cache.get_seq_length() == len(seq.committed) - 1
+        # Target cache: every committed token but the newest (fed next round), then
+        # the drafts the next feed drops when they were rejected.
+        cached = engine.verifier.runner.sessions[seq.target_kv.session]
+        assert cached.tokens == seq.target_kv.tokens
+        assert cached.cache.get_seq_length() == len(cached.tokens)
+        assert cached.tokens[: len(seq.committed) - 1] == seq.committed[:-1]
         # Draft cache: a prefix of the committed tokens (rejected drafts are gone next round).
         seq.draft_state.rollback_to_prefix_of(seq.committed)
         assert seq.draft_state.tokens == seq.committed[: len(seq.draft_state.tokens)]
         assert len(seq.committed) > before
     assert rejected_rounds > 0
     # The cached target state gives the same next-token logits as recomputing everything.
-    cached = extend(target, seq.target_kv, seq.committed[-1:])[-1]
+    cached_kv = engine.verifier.runner.sessions[seq.target_kv.session]
+    cached_kv.rollback_to_prefix_of(seq.committed[:-1])
+    cached = extend(target, cached_kv, seq.committed[-1:])[-1]
     fresh = extend(target, KVState.empty(target), seq.committed)[-1]
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 

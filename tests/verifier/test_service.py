@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from loopback import Loopback, run
+from services.bench.loopback import Loopback, run
 from services.core.sampling import SamplingParams, adjusted_probs
 from tiny_models import hf_greedy, noisy_copy, tiny
 

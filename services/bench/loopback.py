@@ -1,28 +1,31 @@
 """The drafter and verifier services wired over real gRPC on loopback, in one process
-and without Ray: the protocol and the pipelined session loop, fast enough for
-statistical tests. The Ray Serve deployments wrap exactly these services."""
+and without Ray: the protocol, the pipelined session loop and batched verification,
+fast enough for statistical tests and for an in-process concurrency benchmark. The
+Ray Serve deployments wrap exactly these services."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import grpc
 
-from services.core.engine import SpeculativeEngine
-from services.core.proposers import DraftModelProposer, NgramProposer
-from services.core.sampling import SamplingParams
-from services.core.verifier import TargetVerifier
-from services.drafter.service import DrafterService
-from services.rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
-from services.rpc.convert import METHOD_IDS, sampling_to_proto
-from services.verifier.service import VerifierService
+from ..core.engine import SpeculativeEngine
+from ..core.proposers import DraftModelProposer, NgramProposer
+from ..core.sampling import SamplingParams
+from ..core.target import TargetRunner
+from ..core.verifier import TargetVerifier
+from ..drafter.service import DrafterService
+from ..rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
+from ..rpc.convert import METHOD_IDS, sampling_to_proto
+from ..verifier.service import VerifierService
 
 
 class Loopback:
-    def __init__(self, target, draft, eos_token_id=None, max_context=256):
+    def __init__(self, target, draft, eos_token_id=None, max_context=256, max_batch_size=16):
         self.drafter = DrafterService({"draft": DraftModelProposer(draft), "ngram": NgramProposer()})
-        engine = SpeculativeEngine(TargetVerifier(target), None, eos_token_id, max_context)
-        self.verifier = VerifierService(engine, self._address)
+        engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, eos_token_id, max_context)
+        self.verifier = VerifierService(engine, self._address, max_batch_size)
         self.server = None
         self.port = None
 
@@ -45,7 +48,7 @@ class Loopback:
                        pipeline=True, adaptive=False):
         """(tokens, final stats) of one session; also checks chunk framing."""
         req = internal_pb2.VerifyRequest(
-            request_id="test", prompt_ids=prompt, max_new_tokens=max_new, sampling=sampling_to_proto(params),
+            request_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=max_new, sampling=sampling_to_proto(params),
             speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=gamma, adaptive=adaptive,
                                                  pipeline=pipeline),
         )

@@ -1,0 +1,124 @@
+"""Continuous batching of verification rounds across a replica's sessions.
+
+Sessions submit their rounds as they become ready; whenever the target is free, every
+round waiting at that moment is verified in one padded forward pass (core/kv.py
+``extend_batch``). There is no batching window: a lone session never waits for
+company, and under load the batch is whatever arrived during the previous pass, which
+is the continuous-batching policy of vLLM's scheduler.
+
+Why not ``@serve.batch``: it batches *calls* to a deployment method, and a session is
+one long streaming call whose rounds are produced inside it, so the unit to batch (a
+round) is not a Serve call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
+from ..core.proposals import Proposal
+
+
+@dataclass
+class _Job:
+    seq: SequenceState | None
+    future: asyncio.Future
+    proposal: Proposal | None = None  # a verification round (batchable)
+    call: Callable[[], Any] | None = None  # anything else (prefill, release), run alone
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class RoundBatcher:
+    def __init__(self, engine: SpeculativeEngine, max_batch_size: int):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        # One compute thread: the target runs one forward pass at a time.
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="outrider-verify")
+        self.queue: deque[_Job] = deque()
+        self.ready = asyncio.Event()
+        self.worker: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []  # every verify pass's batch size, for stats
+
+    async def verify(self, seq: SequenceState, proposal: Proposal) -> RoundResult:
+        return await self._submit(_Job(seq, self._future(), proposal=proposal))
+
+    async def run(self, seq: SequenceState | None, fn: Callable, *args) -> Any:
+        """Run ``fn(*args)`` on the compute thread, in turn with the batches."""
+        return await self._submit(_Job(seq, self._future(), call=lambda: fn(*args)))
+
+    def release(self, seq: SequenceState) -> None:
+        """Free a session's target KV after any pass it is part of; callable from a
+        cancelled session's ``finally`` (it does not wait)."""
+        self._enqueue(_Job(None, self._future(), call=lambda: self.engine.release(seq)))
+
+    def _future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, job: _Job) -> Any:
+        self._enqueue(job)
+        return await job.future
+
+    def _enqueue(self, job: _Job) -> None:
+        self.queue.append(job)
+        self.ready.set()
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            while self.queue:
+                jobs = self._next_jobs()
+                started = time.perf_counter()
+                for job in jobs:
+                    if job.seq is not None:
+                        job.seq.stats.queue_time_s += started - job.submitted
+                if jobs[0].call is not None:
+                    outcomes = [await self._outcome(loop, jobs[0].call)]
+                else:
+                    self.batch_sizes.append(len(jobs))
+                    outcomes = await self._verify_batch(loop, jobs)
+                for job, (ok, value) in zip(jobs, outcomes):
+                    if job.future.done():  # the session was cancelled meanwhile
+                        continue
+                    job.future.set_result(value) if ok else job.future.set_exception(value)
+
+    def _next_jobs(self) -> list[_Job]:
+        """The oldest job; if it is a round, every round waiting (up to the limit)."""
+        if self.queue[0].call is not None:
+            return [self.queue.popleft()]
+        rounds = [job for job in self.queue if job.proposal is not None][: self.max_batch_size]
+        for job in rounds:
+            self.queue.remove(job)
+        return rounds
+
+    async def _verify_batch(self, loop, jobs: list[_Job]) -> list[tuple[bool, Any]]:
+        live = [job for job in jobs if not job.future.cancelled()]
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        if live:
+            seqs, proposals = [job.seq for job in live], [job.proposal for job in live]
+            ok, value = await self._outcome(loop, lambda: self.engine.verify_and_commit_batch(seqs, proposals))
+            if ok:
+                outcomes = {id(job): (True, result) for job, result in zip(live, value)}
+            elif len(live) == 1:
+                outcomes = {id(live[0]): (False, value)}
+            else:
+                # One bad session must not fail the others: retry them one at a time,
+                # so only the session that raises gets the error.
+                for job in live:
+                    call = lambda job=job: self.engine.verify_and_commit(job.seq, job.proposal)  # noqa: E731
+                    outcomes[id(job)] = await self._outcome(loop, call)
+        return [outcomes.get(id(job), (False, asyncio.CancelledError())) for job in jobs]
+
+    async def _outcome(self, loop, call) -> tuple[bool, Any]:
+        try:
+            return True, await loop.run_in_executor(self.compute, call)
+        except Exception as error:  # delivered to the session that asked
+            return False, error
