@@ -26,8 +26,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving_cluster(args: dict | None = None):
-    """Yields (client, cluster). One CPU per worker node, as on a 2-core machine."""
+def serving_cluster(args: dict | None = None, verifier_cpus: int = 1):
+    """Yields (client, cluster). One CPU per worker node, as on a 2-core machine (more
+    logical CPUs on the verifier node for tensor-parallel ranks)."""
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "resources": {GATEWAY_RESOURCE: 16}, "object_store_memory": STORE,
@@ -35,7 +36,7 @@ def serving_cluster(args: dict | None = None):
                         "include_dashboard": True, "dashboard_port": free_port()},
     )
     cluster.add_node(num_cpus=1, resources={DRAFTER_RESOURCE: 16}, object_store_memory=STORE)
-    cluster.add_node(num_cpus=1, resources={VERIFIER_RESOURCE: 16}, object_store_memory=STORE)
+    cluster.add_node(num_cpus=verifier_cpus, resources={VERIFIER_RESOURCE: 16}, object_store_memory=STORE)
     port = free_port()
     try:
         ray.init(address=cluster.address, logging_level="error", log_to_driver=False)

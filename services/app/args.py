@@ -29,6 +29,15 @@ class Placement(BaseModel):
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
 
 
+class RankPlacement(BaseModel):
+    """Each rank of a tensor-parallel verifier replica; on CUDA each also gets one GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+
+
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,9 +62,10 @@ class AppArgs(BaseModel):
     # this many (1 = each session verified on its own).
     max_batch_size: int = Field(16, ge=1)
 
-    # The verifier replica becomes a tensor-parallel group of this many ranks (next
-    # issue); the draft workers keep their own parallelism.
-    tensor_parallel_size: int = Field(1, ge=1, le=1)
+    # Each verifier replica drives a tensor-parallel group of this many ranks (Ray
+    # actors in the replica's placement group); draft workers keep their own parallelism.
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    verifier_rank: RankPlacement = Field(default_factory=RankPlacement)
     drafter_port: int = Field(0, ge=0, le=65535)  # the Drafter gRPC port on draft workers; 0 = any free
 
     gateway: Placement = Field(default_factory=lambda: Placement(resources={GATEWAY_RESOURCE: 1}))
@@ -67,11 +77,21 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _gpus_for_cuda(self) -> "AppArgs":
-        if self.device == "cuda" and self.verifier.num_gpus < self.tensor_parallel_size:
-            raise ValueError("device 'cuda' needs verifier.num_gpus >= tensor_parallel_size")
+        if self.device == "cuda" and self.tensor_parallel_size == 1 and self.verifier.num_gpus < 1:
+            raise ValueError("device 'cuda' needs verifier.num_gpus >= 1 (tensor-parallel ranks get a GPU each)")
         if self.device == "cuda" and self.drafter.num_gpus <= 0:
             raise ValueError("device 'cuda' needs drafter.num_gpus > 0 (a fraction shares a GPU)")
         return self
+
+    def verifier_bundles(self) -> list[dict[str, float]] | None:
+        """Placement-group bundles of a tensor-parallel verifier replica: the replica's
+        own, then one per rank; None without tensor parallelism."""
+        if self.tensor_parallel_size == 1:
+            return None
+        replica = {"CPU": self.verifier.num_cpus, "GPU": self.verifier.num_gpus, **self.verifier.resources}
+        rank = {"CPU": self.verifier_rank.num_cpus, "GPU": 1.0 if self.device == "cuda" else 0.0}
+        nonzero = lambda bundle: {k: v for k, v in bundle.items() if v}  # noqa: E731
+        return [nonzero(replica)] + [nonzero(rank)] * self.tensor_parallel_size
 
     @property
     def paths(self) -> ModelPaths:

@@ -11,11 +11,10 @@ import uuid
 import grpc
 
 from ..core.engine import SpeculativeEngine
-from ..core.proposers import DraftModelProposer, NgramProposer
 from ..core.sampling import SamplingParams
 from ..core.target import TargetRunner
 from ..core.verifier import TargetVerifier
-from ..drafter.service import DrafterService
+from ..drafter.service import DrafterService, make_proposers
 from ..rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
 from ..rpc.convert import METHOD_IDS, sampling_to_proto
 from ..verifier.service import VerifierService
@@ -23,7 +22,7 @@ from ..verifier.service import VerifierService
 
 class Loopback:
     def __init__(self, target, draft, eos_token_id=None, max_context=256, max_batch_size=16):
-        self.drafter = DrafterService({"draft": DraftModelProposer(draft), "ngram": NgramProposer()})
+        self.drafter = DrafterService(make_proposers(draft, max_batch_size=max_batch_size))
         engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, eos_token_id, max_context)
         self.verifier = VerifierService(engine, self._address, max_batch_size)
         self.server = None
@@ -49,6 +48,7 @@ class Loopback:
         """(tokens, final stats) of one session; also checks chunk framing."""
         req = internal_pb2.VerifyRequest(
             request_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=max_new, sampling=sampling_to_proto(params),
+            pinned_gamma=not params.greedy,
             speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=gamma, adaptive=adaptive,
                                                  pipeline=pipeline),
         )

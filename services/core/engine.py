@@ -29,11 +29,12 @@ class SequenceState:
     params: SamplingParams
     draft_generator: torch.Generator
     verify_generator: torch.Generator
-    gamma: int
+    gamma: int  # what the schedule asks for
     schedule: GammaSchedule
     target_kv: TargetKV
     draft_state: object
     finished: bool = False
+    gamma_cap: int | None = None  # a server's limit under load (LoadAwareGamma)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     @property
@@ -46,7 +47,11 @@ class SequenceState:
 
     @property
     def draft_budget(self) -> int:
-        return draft_budget(self.gamma, self.remaining)
+        return draft_budget(self.effective_gamma, self.remaining)
+
+    @property
+    def effective_gamma(self) -> int:
+        return self.gamma if self.gamma_cap is None else min(self.gamma, self.gamma_cap)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from .sampling import SamplingParams, adjusted_probs, sample
 # Polled between drafted tokens; True abandons the rest of the draft (a pipelined
 # draft whose assumption the verifier has just refuted).
 StopCheck = Callable[[], bool]
+# One forward step of a draft model: feed tokens on top of a KV state, get the logits
+# [V] of the last one.
+Step = Callable[[KVState, list[int]], torch.Tensor]
 
 
 class Proposer(Protocol):
@@ -40,11 +43,14 @@ class DraftModelProposer:
 
     ``confidence_stop``: stop drafting early once the draft's own probability of the
     token it just drafted falls below this (transformers' default is 0.4); 0 disables.
+    ``step``: runs one draft forward step, (kv, new tokens) -> next-token logits [V];
+    a draft worker passes one that batches the steps of concurrent sessions.
     """
 
-    def __init__(self, model, confidence_stop: float = 0.0):
+    def __init__(self, model, confidence_stop: float = 0.0, step: Step | None = None):
         self.model = model
         self.confidence_stop = confidence_stop
+        self.step = step or (lambda kv, tokens: extend(model, kv, tokens, logits_to_keep=1)[-1])
 
     def new_state(self) -> KVState:
         return KVState.empty(self.model)
@@ -62,13 +68,17 @@ class DraftModelProposer:
             return Proposal.empty(self.model.device)
         # Positions drafted last round but rejected are dropped; accepted ones are kept.
         state.rollback_to_prefix_of(committed)
+        if len(state) == len(committed):
+            # Everything is cached (drafts from an early block the verifier passed up
+            # were all committed), but the next token needs the last one's logits.
+            state.truncate(len(committed) - 1)
         pending = committed[len(state) :]
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for _ in range(gamma):
             if stop is not None and stop():
                 break
-            logits = extend(self.model, state, pending, logits_to_keep=1)[-1]  # [V]
+            logits = self.step(state, pending)  # [V]
             if params.greedy:
                 token = int(logits.argmax())
             else:

@@ -11,10 +11,9 @@ import torch
 from ray import serve
 
 from ..app.args import AppArgs
-from ..core.proposers import DraftModelProposer, NgramProposer
 from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
-from .service import DrafterService
+from .service import DrafterService, make_proposers
 
 
 @serve.deployment(name="drafter", max_ongoing_requests=1000)
@@ -28,7 +27,7 @@ class DraftWorker:
             load_config(paths.target, cfg.trust_remote_code), draft.config,
             load_tokenizer(paths.target, cfg.trust_remote_code), load_tokenizer(paths.draft, cfg.trust_remote_code),
         )
-        self.service = DrafterService({"draft": DraftModelProposer(draft, cfg.confidence_stop), "ngram": NgramProposer(device=draft.device)})
+        self.service = DrafterService(make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size))
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None
         self.starting = asyncio.Lock()

@@ -15,17 +15,28 @@ import grpc
 
 from ..core.errors import InvalidRequest
 from ..core.pipeline import DraftSession
-from ..core.proposers import Proposer
+from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHODS, block_to_proto, sampling_from_proto
+from .steps import StepBatcher
+
+
+def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16) -> dict[str, Proposer]:
+    """A worker's proposers: the draft model, its steps batched across sessions, and
+    n-gram lookup."""
+    steps = StepBatcher(draft, max_batch_size)
+    return {
+        "draft": DraftModelProposer(draft, confidence_stop, step=steps.step),
+        "ngram": NgramProposer(device=draft.device),
+    }
 
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):
-    def __init__(self, proposers: dict[str, Proposer]):
+    def __init__(self, proposers: dict[str, Proposer], max_sessions: int = 256):
         self.proposers = proposers
-        # One compute thread: sessions take turns on the draft model, as they would on
-        # one GPU stream; torch's intra-op threads parallelise each forward.
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="outrider-draft")
+        # A thread per drafting session: each drafts autoregressively, and the draft
+        # model's steps from all of them meet in one batched forward (StepBatcher).
+        self.compute = ThreadPoolExecutor(max_sessions, thread_name_prefix="outrider-draft")
         self.active_sessions = 0
 
     async def Draft(self, request_iterator, context):
@@ -43,7 +54,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             yield block_to_proto(await self._run(session.draft, 0))
             while True:
                 next_command = asyncio.ensure_future(anext(commands, None))
-                if pipeline:
+                if pipeline and session.gamma > 0:
                     early = self._run(session.draft_ahead, stop.is_set)
                     await asyncio.wait({early, next_command}, return_when=asyncio.FIRST_COMPLETED)
                     # An outcome before the early block is out can only be a miss (the
@@ -60,7 +71,8 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                     return
                 outcome = command.outcome
                 session.resolve(list(outcome.committed), outcome.pipeline_hit, outcome.next_gamma)
-                if not outcome.pipeline_hit:
+                # gamma 0: the verifier decodes without drafts until it raises gamma again.
+                if not outcome.pipeline_hit and session.gamma > 0:
                     yield block_to_proto(await self._run(session.draft, outcome.round + 1))
         finally:
             stop.set()

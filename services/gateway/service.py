@@ -64,6 +64,7 @@ class GatewayService:
         if not math.isfinite(sampling.temperature) or (sampling.HasField("top_p") and not math.isfinite(sampling.top_p)):
             raise InvalidRequest("sampling values must be finite numbers")
         params = sampling_from_proto(sampling)  # validates ranges
+        pinned_gamma = params.seed is not None and not params.greedy
         if params.seed is None:  # resolved here so draft worker and verifier share it
             params = replace(params, seed=random.SystemRandom().randrange(2**63))
         method = method_name(req.speculation.method, limits.default_method)  # every app serves all three
@@ -80,6 +81,7 @@ class GatewayService:
                 adaptive=req.speculation.adaptive, pipeline=pipeline,
             ),
             received_at=received_at,
+            pinned_gamma=pinned_gamma,
         )
 
     def _prompt_ids(self, req: outrider_pb2.GenerateRequest) -> list[int]:

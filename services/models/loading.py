@@ -37,13 +37,17 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", trust_remote_code: bool = False):
+def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", trust_remote_code: bool = False,
+               tensor_parallel: bool = False):
+    """``tensor_parallel``: load this rank's shard with transformers' own TP plan
+    (``tp_plan="auto"``) inside an initialised torch.distributed group."""
     hf_logging.disable_progress_bar()  # a bar per load clutters CLI output and logs
     torch_dtype = default_dtype(device) if dtype == "default" else DTYPES[dtype]
+    extra = {"tp_plan": "auto"} if tensor_parallel else {}
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
     )
-    return model.to(device).eval()
+    return (model if tensor_parallel else model.to(device)).eval()
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

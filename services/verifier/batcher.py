@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
+from ..core.gamma import LoadAwareGamma
 from ..core.proposals import Proposal
 
 
@@ -34,9 +35,17 @@ class _Job:
 
 
 class RoundBatcher:
-    def __init__(self, engine: SpeculativeEngine, max_batch_size: int):
+    def __init__(self, engine: SpeculativeEngine, max_batch_size: int, cost: LoadAwareGamma | None = None,
+                 sessions: Callable[[], int] = lambda: 0, linger: float = 0.5):
         self.engine = engine
         self.max_batch_size = max_batch_size
+        self.cost = cost  # fed every pass's size and time
+        # Sessions get out of step (each waits on its own draft worker), so when fewer
+        # rounds are waiting than sessions are running, the batch lingers for the rest,
+        # up to `linger` x the last pass's duration: a fuller pass costs little more.
+        self.sessions = sessions
+        self.linger = linger
+        self.last_pass_s = 0.0
         # One compute thread: the target runs one forward pass at a time.
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="outrider-verify")
         self.queue: deque[_Job] = deque()
@@ -75,6 +84,7 @@ class RoundBatcher:
             await self.ready.wait()
             self.ready.clear()
             while self.queue:
+                await self._gather_rounds()
                 jobs = self._next_jobs()
                 started = time.perf_counter()
                 for job in jobs:
@@ -90,6 +100,21 @@ class RoundBatcher:
                         continue
                     job.future.set_result(value) if ok else job.future.set_exception(value)
 
+    async def _gather_rounds(self) -> None:
+        if self.queue[0].call is not None or not self.linger:
+            return
+        want = min(self.sessions(), self.max_batch_size)
+        deadline = time.perf_counter() + self.linger * self.last_pass_s
+        while sum(job.proposal is not None for job in self.queue) < want:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self.ready.clear()
+            try:
+                await asyncio.wait_for(self.ready.wait(), left)
+            except TimeoutError:
+                return
+
     def _next_jobs(self) -> list[_Job]:
         """The oldest job; if it is a round, every round waiting (up to the limit)."""
         if self.queue[0].call is not None:
@@ -104,7 +129,11 @@ class RoundBatcher:
         outcomes: dict[int, tuple[bool, Any]] = {}
         if live:
             seqs, proposals = [job.seq for job in live], [job.proposal for job in live]
+            started = time.perf_counter()
             ok, value = await self._outcome(loop, lambda: self.engine.verify_and_commit_batch(seqs, proposals))
+            self.last_pass_s = time.perf_counter() - started
+            if ok and self.cost is not None:
+                self.cost.observe_pass(sum(len(p) + 1 for p in proposals), self.last_pass_s)
             if ok:
                 outcomes = {id(job): (True, result) for job, result in zip(live, value)}
             elif len(live) == 1:

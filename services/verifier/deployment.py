@@ -3,6 +3,7 @@ sessions; the gateway calls ``Verify`` through a Serve handle (one call per requ
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -15,25 +16,39 @@ from ..app.args import AppArgs
 from ..core.engine import SpeculativeEngine
 from ..core.verifier import TargetVerifier
 from ..core.target import TargetRunner
-from ..models.loading import load_model, load_tokenizer, max_context
+from ..models.loading import context_length, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2
 from .service import VerifierService
+from .tensor_parallel import TensorParallelTarget
 
 
-@serve.deployment(name="verifier", max_ongoing_requests=1000)
+@serve.deployment(name="verifier", max_ongoing_requests=1000, health_check_period_s=5)
 class Verifier:
     def __init__(self, drafter: DeploymentHandle, args: dict):
         cfg = AppArgs.model_validate(args)
         torch.set_num_threads(cfg.verifier.torch_threads)
         paths = cfg.paths
-        target = load_model(paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code)
         tokenizer = load_tokenizer(paths.target, cfg.trust_remote_code)
+        if cfg.tensor_parallel_size > 1:
+            runner = TensorParallelTarget(
+                cfg.tensor_parallel_size, paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code,
+                cfg.verifier_rank.num_cpus, cfg.verifier_rank.torch_threads,
+            )
+        else:
+            runner = TargetRunner(load_model(paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code))
         engine = SpeculativeEngine(
-            verifier=TargetVerifier(TargetRunner(target)), proposer=None,
-            eos_token_id=tokenizer.eos_token_id, max_context=max_context(target),
+            verifier=TargetVerifier(runner), proposer=None,
+            eos_token_id=tokenizer.eos_token_id, max_context=context_length(load_config(paths.target, cfg.trust_remote_code)),
         )
+        self.runner = runner
         self.drafter = drafter
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size)
+
+    async def check_health(self) -> None:
+        """Serve replaces the replica when this raises: a tensor-parallel group with a
+        dead rank can serve nothing."""
+        if isinstance(self.runner, TensorParallelTarget):
+            await asyncio.to_thread(self.runner.check)
 
     async def _find_drafter(self) -> str:
         # Serve picks the draft replica (load-aware); the session then talks to it directly.

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import grpc
 
 from ..core.engine import SequenceState, SpeculativeEngine
-from ..core.gamma import GammaSchedule
+from ..core.gamma import GammaSchedule, LoadAwareGamma, draft_budget
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.proposals import Proposal
 from ..rpc import internal_pb2, internal_pb2_grpc
@@ -50,20 +50,27 @@ class DraftLink:
         stats.transport_time_s += waited - exposed
         return block
 
-    async def report(self, round: int, committed: list[int], hit: bool) -> None:
+    async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int) -> None:
+        """Tell the worker what round ``round`` committed; it drafts the next round with
+        ``next_gamma`` (0: it drafts nothing until told otherwise)."""
         outcome = internal_pb2.RoundOutcome(
-            round=round, committed=committed, pipeline_hit=hit, next_gamma=self.seq.gamma, finished=self.seq.finished
+            round=round, committed=committed, pipeline_hit=hit, next_gamma=next_gamma, finished=self.seq.finished
         )
         await self.call.write(internal_pb2.DraftCommand(outcome=outcome))
 
 
 class VerifierService:
-    def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]], max_batch_size: int = 16):
+    def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]],
+                 max_batch_size: int = 16, load_aware_gamma: bool = True):
         self.engine = engine
         self.find_drafter = find_drafter
         self.device = engine.verifier.device
+        self.max_batch_size = max_batch_size
+        # Under load, drafts get shorter (down to none) when verifying them costs more
+        # than they save; measured online from this replica's own passes.
+        self.gamma_policy = LoadAwareGamma() if load_aware_gamma else None
         # Concurrent sessions' rounds are verified together in one forward pass.
-        self.batcher = RoundBatcher(engine, max_batch_size)
+        self.batcher = RoundBatcher(engine, max_batch_size, self.gamma_policy, sessions=lambda: self.active_sessions)
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.active_sessions = 0
 
@@ -103,26 +110,49 @@ class VerifierService:
             raise
         try:
             await prefill
+            exposed = seq.stats.exposed_draft_time_s
+            told = seq.effective_gamma  # the gamma the draft worker drafts with
             block = await link.receive(0, speculative=False)
             round = 0
             while True:
                 result = await self.batcher.verify(seq, block.proposal)
+                if not req.pinned_gamma:
+                    self._limit_gamma(seq, block, result.num_accepted, seq.stats.exposed_draft_time_s - exposed)
+                exposed = seq.stats.exposed_draft_time_s
                 early = None
                 full = result.num_accepted == len(block.proposal)
-                if pipeline and not seq.finished:
+                # The worker drafts ahead whenever it drafts at all (told > 0); the
+                # block is worth waiting for only after a fully accepted round.
+                if pipeline and told > 0 and not seq.finished:
                     seq.stats.pipeline_rounds += 1
-                    if full and seq.draft_budget > 0:
+                    if full and draft_budget(told, seq.remaining) > 0:
                         early = await link.receive(round + 1, speculative=True)
                 hit = not seq.finished and pipeline_hit(block.proposal, result.num_accepted, result.tokens[-1], early)
                 seq.stats.pipeline_hits += hit
-                await link.report(round, result.tokens, hit)
+                told = seq.effective_gamma
+                await link.report(round, result.tokens, hit, told)
                 yield result.tokens
                 if seq.finished:
                     return
                 round += 1
-                block = early if hit else await link.receive(round, speculative=False)
+                if hit:
+                    block = early
+                elif told > 0:
+                    block = await link.receive(round, speculative=False)
+                else:  # no drafting at this load: a plain decoding step, no hop
+                    block = DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
         finally:
             link.call.cancel()
+
+    def _limit_gamma(self, seq: SequenceState, block: DraftBlock, accepted: int, exposed_s: float) -> None:
+        if self.gamma_policy is None:
+            return
+        if len(block.proposal):
+            self.gamma_policy.observe_round(len(block.proposal), accepted, exposed_s)
+        batch = min(self.active_sessions, self.max_batch_size)
+        # A lone session drafts what its request asked for; the cap protects throughput
+        # under load only.
+        seq.gamma_cap = self.gamma_policy.cap(batch) if batch > 1 else None
 
     async def _open_link(self, seq: SequenceState, req, method: str) -> DraftLink:
         address = await self.find_drafter()

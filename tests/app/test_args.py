@@ -20,7 +20,8 @@ def test_defaults_place_each_role_on_its_node_group_and_use_the_bundled_pair():
     ({"default_method": "medusa"}, "default_method"),
     ({"device": "cuda"}, "num_gpus"),
     ({"device": "cuda", "verifier": {"num_gpus": 1}}, "drafter.num_gpus"),
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+    ({"verifier_rank": {"num_cpus": 0}}, "num_cpus"),
     ({"drafter": {"num_replicas": 0}}, "num_replicas"),
 ])
 def test_bad_args_are_refused(bad, reason):
@@ -30,3 +31,12 @@ def test_bad_args_are_refused(bad, reason):
 
 def test_a_gpu_deployment_validates():
     AppArgs.model_validate({"device": "cuda", "verifier": {"num_gpus": 1}, "drafter": {"num_gpus": 0.25}})
+
+
+def test_tensor_parallel_replicas_reserve_a_bundle_per_rank():
+    assert AppArgs().verifier_bundles() is None
+    cpu = AppArgs.model_validate({"tensor_parallel_size": 2})
+    assert cpu.verifier_bundles() == [{"CPU": 1.0, VERIFIER_RESOURCE: 1}, {"CPU": 1.0}, {"CPU": 1.0}]
+    gpu = AppArgs.model_validate({"device": "cuda", "tensor_parallel_size": 4, "drafter": {"num_gpus": 1}})
+    # The replica itself needs no GPU: each of its ranks takes one.
+    assert gpu.verifier_bundles()[1:] == [{"CPU": 1.0, "GPU": 1.0}] * 4

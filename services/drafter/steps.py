@@ -1,0 +1,82 @@
+"""Batching the draft model's forward steps across a worker's sessions.
+
+Each session drafts on its own thread, autoregressively; every step it needs goes
+through ``StepBatcher.step``, and one compute thread runs all the steps waiting at
+that moment in one padded forward pass (core/kv.py ``extend_batch``). Sessions in
+lockstep (the usual case under load: every session drafts gamma tokens a round) share
+every pass. Short feeds only: a long one (a new session's prompt) runs alone rather
+than pad a whole batch to its length.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.kv import KVState, extend, extend_batch
+
+LONG_FEED = 16  # tokens; longer feeds run alone
+
+
+@dataclass
+class _Step:
+    kv: KVState
+    tokens: list[int]
+    done: threading.Event = field(default_factory=threading.Event)
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class StepBatcher:
+    def __init__(self, model, max_batch_size: int = 16):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.pending: list[_Step] = []
+        self.wakeup = threading.Condition()
+        self.batch_sizes: list[int] = []
+        threading.Thread(target=self._loop, name="outrider-draft-steps", daemon=True).start()
+
+    def step(self, kv: KVState, tokens: list[int]) -> torch.Tensor:
+        """Next-token logits [V] after feeding ``tokens`` on top of ``kv`` (blocks)."""
+        request = _Step(kv, tokens)
+        with self.wakeup:
+            self.pending.append(request)
+            self.wakeup.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.logits
+
+    def _take(self) -> list[_Step]:
+        with self.wakeup:
+            while not self.pending:
+                self.wakeup.wait()
+            first = self.pending[0]
+            if len(first.tokens) > LONG_FEED:
+                batch = [first]
+            else:
+                batch = [s for s in self.pending if len(s.tokens) <= LONG_FEED][: self.max_batch_size]
+            for s in batch:
+                self.pending.remove(s)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            self.batch_sizes.append(len(batch))
+            try:
+                logits = extend_batch(self.model, [s.kv for s in batch], [s.tokens for s in batch], [1] * len(batch))
+                for s, out in zip(batch, logits):
+                    s.logits = out[-1]
+            except Exception:
+                # One bad step must not fail the others: run them alone, so only the
+                # step that raises gets the error.
+                for s in batch:
+                    try:
+                        s.logits = extend(self.model, s.kv, s.tokens, logits_to_keep=1)[-1]
+                    except Exception as error:
+                        s.error = error
+            for s in batch:
+                s.done.set()

@@ -1,0 +1,144 @@
+"""A tensor-parallel target: N Ray actors, one shard each, driven by the verifier replica.
+
+Placement: the ranks are scheduled into the replica's own placement group (the
+builder asks Serve for one bundle for the replica plus one per rank, STRICT_PACK), so
+they sit on the replica's node, one GPU each on GPU nodes, and live and die with it.
+Each rank joins one torch.distributed group (NCCL on GPU, gloo on CPU) and loads its
+shard with transformers' ``tp_plan="auto"``; it keeps its head-shard of every
+session's KV in its own ``TargetRunner``. Per pass the replica sends every rank the
+same feeds (token ids only) and gets the logits back from rank 0: the all-reduces
+inside the layers leave every rank with the full logits.
+
+Failure: if a rank dies, the others would wait in a collective until the group's
+timeout. The replica sees the dead rank's call fail, kills the whole group so nothing
+hangs, and from then on fails its health check, so Serve replaces the replica (and
+with it the group); the sessions it held continue elsewhere from their committed
+tokens (the gateway retries them).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import ray
+import torch
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ..core.target import Feed, TargetRunner
+
+GROUP_TIMEOUT = datetime.timedelta(seconds=120)  # a collective never waits longer than this
+
+
+class TargetRank:
+    """One rank: a shard of the target and its share of every session's KV."""
+
+    def __init__(self, rank: int, world_size: int, threads: int):
+        torch.set_num_threads(threads)
+        self.rank, self.world_size = rank, world_size
+        self.runner: TargetRunner | None = None
+
+    def master_address(self) -> str:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def setup(self, master: str, path: str, device: str, dtype: str, trust_remote_code: bool) -> None:
+        from ..models.loading import load_model
+
+        os.environ.update(RANK=str(self.rank), LOCAL_RANK="0", WORLD_SIZE=str(self.world_size))
+        torch.distributed.init_process_group(
+            "nccl" if device == "cuda" else "gloo", init_method=f"tcp://{master}",
+            rank=self.rank, world_size=self.world_size, timeout=GROUP_TIMEOUT,
+        )
+        self.runner = TargetRunner(load_model(path, device, dtype, trust_remote_code, tensor_parallel=True))
+
+    def forward(self, feeds: list[Feed]) -> list[torch.Tensor] | None:
+        logits = self.runner.forward(feeds)
+        return [x.cpu() for x in logits] if self.rank == 0 else None
+
+    def release(self, sessions: list[str]) -> None:
+        self.runner.release(sessions)
+
+    def cached_positions(self) -> int:
+        return self.runner.cached_positions()
+
+    def ping(self) -> bool:
+        return True
+
+
+class RankFailed(RuntimeError):
+    pass
+
+
+class TensorParallelTarget:
+    """The replica's handle on its ranks; a drop-in for ``TargetRunner``."""
+
+    def __init__(self, size: int, path: str, device: str, dtype: str, trust_remote_code: bool,
+                 rank_cpus: float, threads: int, group=None):
+        """``group``: the placement group whose bundles 1..size take the ranks; by
+        default the calling replica's own."""
+        group = group or get_current_placement_group()
+        if group is None:
+            raise RuntimeError("tensor_parallel_size > 1 needs the replica's placement group (see app/builder.py)")
+        options = dict(num_cpus=rank_cpus, num_gpus=1 if device == "cuda" else 0)
+        self.ranks = [
+            ray.remote(TargetRank).options(
+                **options,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=1 + r),
+            ).remote(r, size, threads)
+            for r in range(size)
+        ]
+        self.failed: str | None = None
+        master = ray.get(self.ranks[0].master_address.remote())
+        self._gather([r.setup.remote(master, path, device, dtype, trust_remote_code) for r in self.ranks])
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # logits arrive here on the CPU
+
+    def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
+        return self._gather([r.forward.remote(feeds) for r in self.ranks])[0]
+
+    def release(self, sessions: list[str]) -> None:
+        if not self.failed:
+            for r in self.ranks:  # ordered after every earlier forward on each rank
+                r.release.remote(sessions)
+
+    def cached_positions(self) -> int:
+        return self._gather([self.ranks[0].cached_positions.remote()])[0]
+
+    def check(self) -> None:
+        """Raise if the group is broken (Serve's health check calls this)."""
+        if not self.failed:
+            self._gather([r.ping.remote() for r in self.ranks], timeout=30)
+        if self.failed:
+            raise RankFailed(self.failed)
+
+    def _gather(self, refs: list, timeout: float | None = None) -> list:
+        """Results of one call on every rank; the first failure kills the group
+        rather than leave the other ranks blocked in a collective."""
+        if self.failed:
+            raise RankFailed(self.failed)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not ready:
+                self._fail(f"a tensor-parallel rank did not answer within {timeout} s")
+            try:
+                ray.get(ready[0])
+            except Exception as error:
+                self._fail(f"a tensor-parallel rank failed: {type(error).__name__}: {error}")
+        return ray.get(refs)
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        self.shutdown()
+        raise RankFailed(reason)
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r, no_restart=True)

@@ -1,0 +1,61 @@
+"""Draft steps from concurrent sessions meet in one batched forward pass and each
+session gets what it would get alone."""
+
+import threading
+
+import torch
+from tiny_models import tiny
+
+from services.core.kv import KVState, extend
+from services.drafter.steps import StepBatcher
+
+
+def test_concurrent_steps_are_batched_and_exact():
+    model = tiny("llama", seed=0)
+    batcher = StepBatcher(model, max_batch_size=8)
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14], [20, 21]]
+    alone = []
+    for p in prompts:
+        kv = KVState.empty(model)
+        alone.append([extend(model, kv, p, 1)[-1]] + [extend(model, kv, [40 + i], 1)[-1] for i in range(4)])
+    got = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def session(i):
+        kv = KVState.empty(model)
+        start.wait()
+        got[i] = [batcher.step(kv, prompts[i])] + [batcher.step(kv, [40 + j]) for j in range(4)]
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for expected, actual in zip(alone, got):
+        for e, a in zip(expected, actual):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert max(batcher.batch_sizes) > 1, "steps were not batched"
+
+
+def test_a_failing_step_fails_only_its_session():
+    model = tiny("llama", seed=0)
+    batcher = StepBatcher(model)
+    feeds = [[3, 4], [10_000], [5]]  # the middle one is out of the vocabulary
+    results = [None] * 3
+    start = threading.Barrier(3)
+
+    def session(i):
+        start.wait()
+        try:
+            results[i] = batcher.step(KVState.empty(model), feeds[i])
+        except (IndexError, RuntimeError) as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results[1], (IndexError, RuntimeError))
+    for i in (0, 2):
+        torch.testing.assert_close(results[i], extend(model, KVState.empty(model), feeds[i], 1)[-1])
