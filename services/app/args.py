@@ -68,6 +68,18 @@ class AppArgs(BaseModel):
     verifier_rank: RankPlacement = Field(default_factory=RankPlacement)
     drafter_port: int = Field(0, ge=0, le=65535)  # the Drafter gRPC port on draft workers; 0 = any free
 
+    # Session state in the object store (services/state/): draft KV chunks per session,
+    # so any draft replica continues any session, and shared prefix KV blocks, so any
+    # verifier replica reuses a prefill another one computed.
+    session_state: bool = True
+    draft_chunk_tokens: int = Field(32, ge=1)  # a drafter saves a chunk once this many committed positions are new
+    prefix_block_tokens: int = Field(64, ge=1)  # shared prefixes are matched in blocks of this many tokens
+    prefix_cache_bytes: int = Field(256 * 2**20, ge=0)  # shared prefix KV kept (least recently used first out)
+    session_idle_s: float = Field(600.0, gt=0)  # a session's state is dropped after this long unused
+    # A stream whose verifier or draft replica dies continues on another one from its
+    # committed tokens, at most this many times.
+    max_resumes: int = Field(8, ge=0)
+
     gateway: Placement = Field(default_factory=lambda: Placement(resources={GATEWAY_RESOURCE: 1}))
     drafter: Placement = Field(default_factory=lambda: Placement(num_cpus=1, resources={DRAFTER_RESOURCE: 1}))
     verifier: Placement = Field(

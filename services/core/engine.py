@@ -14,6 +14,7 @@ import torch
 
 from .errors import InvalidRequest
 from .gamma import GammaSchedule, draft_budget
+from .kv_chunks import KVChunk
 from .proposals import Proposal
 from .proposers import Proposer
 from .sampling import SamplingParams
@@ -130,11 +131,12 @@ class SpeculativeEngine:
             return Proposal.empty(self.verifier.device)
         return self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.draft_generator)
 
-    def prefill(self, seq: SequenceState) -> None:
+    def prefill(self, seq: SequenceState, cached: list[KVChunk] = ()) -> None:
         """Cache the prompt's KV except its last token, which the first round feeds with
-        the drafts. Lets a server prefill the target while the first draft is made."""
+        the drafts. Lets a server prefill the target while the first draft is made.
+        ``cached``: chunks of a shared prefix of the prompt, computed elsewhere."""
         t0 = time.perf_counter()
-        self.verifier.prefill(seq.target_kv, seq.committed[:-1])
+        self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached)
         seq.stats.verify_time_s += time.perf_counter() - t0
 
     def verify_and_commit(self, seq: SequenceState, proposal: Proposal) -> "RoundResult":

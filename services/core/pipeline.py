@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .gamma import draft_budget
+from .kv import KVState, common_prefix_len
+from .kv_chunks import KVChunk, export_chunk, exportable
 from .proposals import Proposal
 from .proposers import Proposer, StopCheck
 from .sampling import SamplingParams, derive_seed
@@ -59,9 +61,12 @@ class DraftSession:
         params: SamplingParams,
         gamma: int,
         seed: int,
+        state: object | None = None,
     ):
+        """``state``: the proposer's state restored from chunks (a session continued
+        here after it ran on another draft worker)."""
         self.proposer = proposer
-        self.state = proposer.new_state()
+        self.state = proposer.new_state() if state is None else state
         self.committed = list(prompt_ids)
         self.limit = len(prompt_ids) + max_new_tokens  # committed length at which generation ends
         self.params = params
@@ -121,6 +126,16 @@ class DraftSession:
         self.committed.extend(committed)
         self.gamma = next_gamma
         self.in_flight, self.early = (self.early, None) if hit else (None, None)
+
+    def committed_chunk(self, start: int, min_tokens: int) -> KVChunk | None:
+        """The draft KV of committed positions from ``start`` on, once there are at
+        least ``min_tokens`` of them; None for proposers without a KV cache."""
+        if not isinstance(self.state, KVState) or not exportable(self.state):
+            return None
+        end = common_prefix_len(self.state.tokens, self.committed)
+        if end - start < min_tokens:
+            return None
+        return export_chunk(self.state, start, end)
 
     def _generator(self, round: int, speculative: bool) -> torch.Generator:
         return torch.Generator(device=_device(self.proposer)).manual_seed(

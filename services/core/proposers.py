@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .kv import KVState, extend
+from .kv_chunks import KVChunk, restore_kv
 from .proposals import Proposal
 from .sampling import SamplingParams, adjusted_probs, sample
 
@@ -26,6 +27,11 @@ Step = Callable[[KVState, list[int]], torch.Tensor]
 
 class Proposer(Protocol):
     def new_state(self) -> object: ...
+
+    def restore_state(self, chunks: list[KVChunk]) -> object:
+        """A state that already caches the chunks' positions (a session continued on
+        another draft worker)."""
+        ...
 
     def propose(
         self,
@@ -54,6 +60,9 @@ class DraftModelProposer:
 
     def new_state(self) -> KVState:
         return KVState.empty(self.model)
+
+    def restore_state(self, chunks: list[KVChunk]) -> KVState:
+        return restore_kv(self.model, chunks)
 
     def propose(
         self,
@@ -109,6 +118,9 @@ class NgramProposer:
 
     def new_state(self) -> None:
         return None
+
+    def restore_state(self, chunks: list[KVChunk]) -> None:
+        return None  # lookup reads the committed tokens alone
 
     def propose(
         self,

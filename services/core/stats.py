@@ -23,6 +23,8 @@ class GenerationStats:
     exposed_draft_time_s: float = 0.0  # draft compute the verifier waited on
     pipeline_rounds: int = 0  # rounds after which an early block was drafted
     pipeline_hits: int = 0  # ... and used
+    cached_prefix_tokens: int = 0  # prompt tokens whose target KV came from a shared prefix
+    draft_reconnects: int = 0  # times the session continued on another draft worker
 
     def record_round(self, drafted: int, accepted: int, emitted: int) -> None:
         self.rounds += 1
@@ -114,4 +116,5 @@ class GenerationStats:
 _SUMMED = (
     "rounds", "drafted", "accepted", "rejections", "emitted", "draft_time_s", "verify_time_s", "total_time_s",
     "transport_time_s", "queue_time_s", "exposed_draft_time_s", "pipeline_rounds", "pipeline_hits",
+    "cached_prefix_tokens", "draft_reconnects",
 )

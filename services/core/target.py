@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv import KVState, extend_batch
+from .kv import KVState, extend, extend_batch
+from .kv_chunks import KVChunk, export_chunk, exportable, restore_kv
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,23 @@ class TargetRunner:
             kv.truncate(feed.keep)
             kvs.append(kv)
         return extend_batch(self.model, kvs, [f.tokens for f in feeds], [f.logits_to_keep for f in feeds])
+
+    def prefill(self, session: str, tokens: list[int], cached: list[KVChunk]) -> None:
+        """Cache ``tokens`` for a new session, starting from ``cached`` (chunks of a
+        shared prefix, computed by any replica) and computing only the rest."""
+        kv = restore_kv(self.model, cached)
+        if kv.tokens != tokens[: len(kv)]:
+            raise ValueError(f"session {session}: cached chunks are not a prefix of its tokens")
+        self.sessions[session] = kv
+        if len(tokens) > len(kv):
+            extend(self.model, kv, tokens[len(kv) :], logits_to_keep=1)
+
+    def export(self, session: str, start: int, end: int) -> KVChunk | None:
+        """Positions [start, end) of a session's cache, or None if it cannot be shared."""
+        kv = self.sessions.get(session)
+        if kv is None or len(kv) < end or not exportable(kv):
+            return None
+        return export_chunk(kv, start, end)
 
     def release(self, sessions: list[str]) -> None:
         for session in sessions:

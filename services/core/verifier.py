@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv import common_prefix_len
+from .kv_chunks import KVChunk
 from .proposals import Proposal, VerifyOutcome
 from .rejection import accept_greedy, accept_sampled
 from .sampling import SamplingParams, adjusted_probs
@@ -54,7 +55,12 @@ class TargetVerifier:
     def release(self, kvs: list[TargetKV]) -> None:
         self.runner.release([kv.session for kv in kvs])
 
-    def prefill(self, kv: TargetKV, tokens: list[int]) -> None:
+    def prefill(self, kv: TargetKV, tokens: list[int], cached: list[KVChunk] = ()) -> None:
+        """``cached``: chunks of a shared prefix of ``tokens`` (a new session only)."""
+        if cached and not kv.tokens:
+            self.runner.prefill(kv.session, tokens, list(cached))
+            kv.tokens = list(tokens)
+            return
         keep = common_prefix_len(kv.tokens, tokens)
         if len(tokens) > keep:
             self.runner.forward([Feed(kv.session, keep, tokens[keep:], 1)])

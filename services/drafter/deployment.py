@@ -13,6 +13,7 @@ from ray import serve
 from ..app.args import AppArgs
 from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
+from ..state.client import replica_state_client
 from .service import DrafterService, make_proposers
 
 
@@ -27,7 +28,10 @@ class DraftWorker:
             load_config(paths.target, cfg.trust_remote_code), draft.config,
             load_tokenizer(paths.target, cfg.trust_remote_code), load_tokenizer(paths.draft, cfg.trust_remote_code),
         )
-        self.service = DrafterService(make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size))
+        self.service = DrafterService(
+            make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size),
+            state=replica_state_client(cfg), chunk_tokens=cfg.draft_chunk_tokens,
+        )
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None
         self.starting = asyncio.Lock()

@@ -1,8 +1,15 @@
 """The Drafter gRPC service: one ``DraftSession`` per bidi stream. Knows nothing of Serve.
 
 Per stream: the verifier sends ``open``, then one ``outcome`` per verified round; this
-side answers with a fresh block for round 0 and after every miss, and, when pipelining,
-with one early block per round, drafted while the verifier is busy with the round.
+side answers with a fresh block for the first round and after every miss, and, when
+pipelining, with one early block per round, drafted while the verifier is busy with
+the round.
+
+Stateless workers: with a session store, a worker keeps no state a session needs. It
+saves the draft KV of committed positions as chunks every ``chunk_tokens`` positions
+(beside the session, not on its critical path), and a stream opened for a session this
+worker has never seen (its old worker died, or its verifier moved) starts from those
+chunks and recomputes only the positions after the last one.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from ..core.pipeline import DraftSession
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHODS, block_to_proto, sampling_from_proto
+from ..state.client import StateClient
 from .steps import StepBatcher
 
 
@@ -32,8 +40,11 @@ def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16
 
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):
-    def __init__(self, proposers: dict[str, Proposer], max_sessions: int = 256):
+    def __init__(self, proposers: dict[str, Proposer], max_sessions: int = 256, state: StateClient | None = None,
+                 chunk_tokens: int = 32):
         self.proposers = proposers
+        self.state = state
+        self.chunk_tokens = chunk_tokens
         # A thread per drafting session: each drafts autoregressively, and the draft
         # model's steps from all of them meet in one batched forward (StepBatcher).
         self.compute = ThreadPoolExecutor(max_sessions, thread_name_prefix="outrider-draft")
@@ -48,10 +59,12 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             session, pipeline = self._open(first.open)
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        session_id = first.open.session_id
         self.active_sessions += 1
         stop = threading.Event()
         try:
-            yield block_to_proto(await self._run(session.draft, 0))
+            saved = await self._restore(session_id, session)
+            yield block_to_proto(await self._run(session.draft, first.open.first_round))
             while True:
                 next_command = asyncio.ensure_future(anext(commands, None))
                 if pipeline and session.gamma > 0:
@@ -71,6 +84,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                     return
                 outcome = command.outcome
                 session.resolve(list(outcome.committed), outcome.pipeline_hit, outcome.next_gamma)
+                saved = self._checkpoint(session_id, session, saved)
                 # gamma 0: the verifier decodes without drafts until it raises gamma again.
                 if not outcome.pipeline_hit and session.gamma > 0:
                     yield block_to_proto(await self._run(session.draft, outcome.round + 1))
@@ -89,6 +103,29 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             self.proposers[method], list(msg.prompt_ids), msg.max_new_tokens, params, msg.gamma, params.seed
         )
         return session, msg.pipeline
+
+    async def _restore(self, session_id: str, session: DraftSession) -> int:
+        """Start ``session`` from its saved chunks; returns the positions they cover."""
+        if self.state is None or not session_id:
+            return 0
+        chunks = []
+        for chunk in await self.state.session_chunks(session_id):
+            if chunk.end > len(session.committed) or list(chunk.tokens) != session.committed[chunk.start : chunk.end]:
+                break  # only chunks of what this stream was opened with
+            chunks.append(chunk)
+        if chunks:
+            session.state = await self._run(session.proposer.restore_state, chunks)
+        return chunks[-1].end if chunks else 0
+
+    def _checkpoint(self, session_id: str, session: DraftSession, saved: int) -> int:
+        """Save the committed positions past ``saved`` once there are enough of them."""
+        if self.state is None or not session_id:
+            return saved
+        chunk = session.committed_chunk(saved, self.chunk_tokens)
+        if chunk is None:
+            return saved
+        self.state.save_chunk(session_id, chunk)
+        return chunk.end
 
     def _run(self, fn, *args) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)

@@ -6,6 +6,7 @@ a bad request changes nothing anywhere: it ends as INVALID_ARGUMENT with a reaso
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -25,6 +26,11 @@ class Overloaded(Exception):
     """The gateway is at its session limit (RESOURCE_EXHAUSTED)."""
 
 
+class ReplicaLost(Exception):
+    """The verifier replica serving a stream went away (or lost a tensor-parallel
+    rank); the stream can continue on another one."""
+
+
 @dataclass(frozen=True)
 class Limits:
     vocab_size: int
@@ -42,10 +48,14 @@ class GatewayService:
         tokenizer,
         limits: Limits,
         open_verify: Callable[[internal_pb2.VerifyRequest], AsyncIterator[internal_pb2.VerifyChunk]],
+        release_session: Callable[[str], None] = lambda session: None,
+        max_resumes: int = 8,
     ):
         self.tokenizer = tokenizer
         self.limits = limits
         self.open_verify = open_verify
+        self.release_session = release_session  # frees the session's state wherever it is kept
+        self.max_resumes = max_resumes
         self.active_sessions = 0
 
     def prepare(self, req: outrider_pb2.GenerateRequest, received_at: float) -> internal_pb2.VerifyRequest:
@@ -111,26 +121,56 @@ class GatewayService:
         request_id = verify_request.request_id
         detok = IncrementalDetokenizer(self.tokenizer)
         first_token_s = None
+        committed: list[int] = []  # what the client has been sent: a resumed stream starts after it
+        rounds = resumes = 0
         try:
-            # aclosing: see Gateway.Generate; closing the verify stream cancels the session there.
-            async with aclosing(self.open_verify(verify_request)) as verify_chunks:
-                async for chunk in verify_chunks:
-                    if chunk.HasField("stats"):
-                        stats = chunk.stats
-                        stats.total_s = time.perf_counter() - start
-                        stats.time_to_first_token_s = first_token_s or stats.total_s
-                        yield outrider_pb2.GenerateChunk(
-                            request_id=request_id, text=detok.flush(), stats=stats,
-                            prompt_token_ids=verify_request.prompt_ids,
+            while True:
+                try:
+                    # aclosing: see Gateway.Generate; closing the verify stream cancels the session there.
+                    if resumes and self._complete(verify_request, committed):
+                        # The replica died between the last token and its stats.
+                        stats = outrider_pb2.GenerationStats(
+                            emitted=len(committed), resumes=resumes, total_s=time.perf_counter() - start,
+                            time_to_first_token_s=first_token_s or 0.0,
+                            finish_reason="stop" if committed[-1] == self.tokenizer.eos_token_id else "length",
                         )
+                        yield outrider_pb2.GenerateChunk(request_id=request_id, text=detok.flush(), stats=stats,
+                                                         prompt_token_ids=verify_request.prompt_ids)
                         return
-                    if first_token_s is None:
-                        first_token_s = time.perf_counter() - start
-                    ids = list(chunk.token_ids)
-                    yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=detok.add(ids))
-            raise ConnectionError("the verifier ended the session without its stats")
+                    attempt = _resumed(verify_request, committed, rounds) if resumes else verify_request
+                    async with aclosing(self.open_verify(attempt)) as verify_chunks:
+                        async for chunk in verify_chunks:
+                            if chunk.HasField("stats"):
+                                stats = chunk.stats
+                                stats.total_s = time.perf_counter() - start
+                                stats.time_to_first_token_s = first_token_s or stats.total_s
+                                stats.resumes = resumes
+                                yield outrider_pb2.GenerateChunk(
+                                    request_id=request_id, text=detok.flush(), stats=stats,
+                                    prompt_token_ids=verify_request.prompt_ids,
+                                )
+                                return
+                            if first_token_s is None:
+                                first_token_s = time.perf_counter() - start
+                            ids = list(chunk.token_ids)
+                            committed += ids
+                            rounds += 1
+                            yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=detok.add(ids))
+                    raise ConnectionError("the verifier ended the session without its stats")
+                except ReplicaLost:
+                    # Nothing the client saw is lost or repeated: the next replica starts
+                    # from exactly the committed tokens (greedy output is unchanged).
+                    resumes += 1
+                    if resumes > self.max_resumes:
+                        raise
+                    await asyncio.sleep(min(0.1 * 2 ** (resumes - 1), 2.0))  # Serve replaces the replica meanwhile
         finally:
             self.active_sessions -= 1
+            self.release_session(request_id)
+
+    def _complete(self, req: internal_pb2.VerifyRequest, committed: list[int]) -> bool:
+        eos = self.tokenizer.eos_token_id
+        return len(committed) >= req.max_new_tokens or (bool(committed) and eos is not None and committed[-1] == eos)
 
     async def generate_unary(self, req: outrider_pb2.GenerateRequest) -> outrider_pb2.GenerateResponse:
         response = outrider_pb2.GenerateResponse()
@@ -143,3 +183,14 @@ class GatewayService:
                     response.stats.CopyFrom(chunk.stats)
                     response.prompt_token_ids.extend(chunk.prompt_token_ids)
         return response
+
+
+def _resumed(req: internal_pb2.VerifyRequest, committed: list[int], rounds: int) -> internal_pb2.VerifyRequest:
+    """The rest of ``req`` after ``committed`` tokens and ``rounds`` rounds: the same
+    session (its id keys its saved draft state), continued from the committed tokens."""
+    resumed = internal_pb2.VerifyRequest()
+    resumed.CopyFrom(req)
+    resumed.prompt_ids.extend(committed)
+    resumed.max_new_tokens = req.max_new_tokens - len(committed)
+    resumed.first_round = req.first_round + rounds
+    return resumed

@@ -101,6 +101,8 @@ def stats_to_proto(stats: GenerationStats, finish_reason: str = "") -> outrider_
         drafted_per_position=stats.drafted_per_position,
         accepted_per_position=stats.accepted_per_position,
         exposed_draft_s=stats.exposed_draft_time_s,
+        cached_prefix_tokens=stats.cached_prefix_tokens,
+        draft_reconnects=stats.draft_reconnects,
     )
 
 
@@ -121,4 +123,6 @@ def stats_from_proto(msg: outrider_pb2.GenerationStats) -> GenerationStats:
         exposed_draft_time_s=msg.exposed_draft_s,
         pipeline_rounds=msg.pipeline_rounds,
         pipeline_hits=msg.pipeline_hits,
+        cached_prefix_tokens=msg.cached_prefix_tokens,
+        draft_reconnects=msg.draft_reconnects,
     )

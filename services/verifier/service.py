@@ -11,29 +11,51 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from ..core.engine import SequenceState, SpeculativeEngine
 from ..core.gamma import GammaSchedule, LoadAwareGamma, draft_budget
+from ..core.kv_chunks import KVChunk, block_names
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.proposals import Proposal
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHOD_IDS, METHODS, block_from_proto, sampling_from_proto, stats_to_proto
+from ..state.client import StateClient
 from .batcher import RoundBatcher
 
 
 class DraftLink:
-    """The verifier's end of one session's Drafter.Draft stream."""
+    """The verifier's end of one session's drafting: a Drafter.Draft stream, reopened
+    on another draft worker (from the committed tokens, at the current round) when its
+    worker goes away. The new worker starts from the session's saved draft KV chunks."""
 
-    def __init__(self, call, seq: SequenceState, device):
-        self.call, self.seq, self.device = call, seq, device
+    def __init__(self, open_stream: Callable[[int], Awaitable], seq: SequenceState, device, max_reconnects: int = 8):
+        self.open_stream = open_stream  # first_round -> an opened Draft call
+        self.seq, self.device, self.max_reconnects = seq, device, max_reconnects
+        self.call = None
 
-    async def receive(self, round: int, speculative: bool) -> DraftBlock:
+    async def start(self, round: int) -> None:
+        self.call = await self.open_stream(round)
+
+    async def receive(self, round: int, speculative: bool) -> DraftBlock | None:
         """Wait for the block for ``round``; blocks the verifier no longer wants (early
         blocks after a miss) are skipped. Waiting is charged to exposed draft compute
-        up to the block's own draft time, and the rest to transport."""
+        up to the block's own draft time, and the rest to transport. None: an early
+        block lost with its worker (the round then asks for a fresh one)."""
+        while True:
+            try:
+                return await self._read(round, speculative)
+            except (grpc.aio.AioRpcError, ConnectionError) as error:
+                if not _worker_lost(error):
+                    raise
+                if speculative:
+                    return None
+                await self._reconnect(round, error)
+
+    async def _read(self, round: int, speculative: bool) -> DraftBlock:
         stats = self.seq.stats
         t0 = time.perf_counter()
         while True:
@@ -50,22 +72,59 @@ class DraftLink:
         stats.transport_time_s += waited - exposed
         return block
 
+    async def _reconnect(self, round: int, error: Exception) -> None:
+        self.call.cancel()
+        for attempt in range(self.max_reconnects - self.seq.stats.draft_reconnects):
+            self.seq.stats.draft_reconnects += 1
+            await asyncio.sleep(min(0.1 * 2**attempt, 2.0))  # Serve notices the dead replica meanwhile
+            try:
+                self.call = await self.open_stream(round)
+                return
+            except Exception as retry_error:  # the routing may still pick the dead worker
+                error = retry_error
+        raise ConnectionError(f"no draft worker could continue the session: {error}") from error
+
     async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int) -> None:
         """Tell the worker what round ``round`` committed; it drafts the next round with
-        ``next_gamma`` (0: it drafts nothing until told otherwise)."""
+        ``next_gamma`` (0: it drafts nothing until told otherwise). A worker that is
+        gone is found out, and replaced, by the next ``receive``."""
         outcome = internal_pb2.RoundOutcome(
             round=round, committed=committed, pipeline_hit=hit, next_gamma=next_gamma, finished=self.seq.finished
         )
-        await self.call.write(internal_pb2.DraftCommand(outcome=outcome))
+        try:
+            await self.call.write(internal_pb2.DraftCommand(outcome=outcome))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError):
+            pass
+
+    def close(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+
+
+def _worker_lost(error: Exception) -> bool:
+    """A failure of the worker or the connection, not of the request."""
+    return not (isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT)
+
+
+@dataclass(frozen=True)
+class PrefixSharing:
+    """Prompt KV shared across verifier replicas through the session store."""
+
+    client: StateClient
+    block_tokens: int
+    salt: str  # names the model: blocks of another model never match
 
 
 class VerifierService:
     def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]],
-                 max_batch_size: int = 16, load_aware_gamma: bool = True):
+                 max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | None = None,
+                 name: str = ""):
         self.engine = engine
         self.find_drafter = find_drafter
         self.device = engine.verifier.device
         self.max_batch_size = max_batch_size
+        self.prefixes = prefixes
+        self.name = name  # reported in each request's stats
         # Under load, drafts get shorter (down to none) when verifying them costs more
         # than they save; measured online from this replica's own passes.
         self.gamma_policy = LoadAwareGamma() if load_aware_gamma else None
@@ -89,22 +148,54 @@ class VerifierService:
                 async for tokens in committed:
                     yield internal_pb2.VerifyChunk(token_ids=tokens)
             finish = "stop" if seq.committed[-1] == self.engine.eos_token_id else "length"
-            yield internal_pb2.VerifyChunk(stats=stats_to_proto(seq.stats, finish))
+            stats = stats_to_proto(seq.stats, finish)
+            stats.verifier_replica = self.name
+            yield internal_pb2.VerifyChunk(stats=stats)
         finally:
             self.batcher.release(seq)
             self.active_sessions -= 1
 
+    async def _prefill(self, seq: SequenceState) -> None:
+        """The prompt's target KV, from shared prefix blocks as far as they reach; the
+        blocks computed here are published for every other replica."""
+        tokens = seq.committed[:-1]
+        names, cached = [], []
+        if self.prefixes is not None:
+            names = block_names(tokens, self.prefixes.block_tokens, self.prefixes.salt)
+            try:
+                cached = await self.prefixes.client.prefix(names)
+            except Exception:  # an unreachable store costs a recompute, nothing else
+                cached = []
+        seq.stats.cached_prefix_tokens = sum(len(chunk.tokens) for chunk in cached)
+        await self.batcher.run(seq, self.engine.prefill, seq, cached)
+        if len(cached) < len(names):
+            new = await self.batcher.run(None, self._export_blocks, seq, len(cached), len(names))
+            self.prefixes.client.publish_prefix(names[len(cached) : len(cached) + len(new)], new)
+
+    def _export_blocks(self, seq: SequenceState, first: int, end: int) -> list[KVChunk]:
+        size, runner = self.prefixes.block_tokens, self.engine.verifier.runner
+        blocks = []
+        for k in range(first, end):
+            chunk = runner.export(seq.target_kv.session, k * size, (k + 1) * size)
+            if chunk is None:
+                break
+            blocks.append(chunk)
+        return blocks
+
     async def _target_only(self, seq: SequenceState) -> AsyncIterator[list[int]]:
+        await self._prefill(seq)
         empty = Proposal.empty(self.device)
         while not seq.finished:
             yield (await self.batcher.verify(seq, empty)).tokens
 
     async def _speculative(self, seq: SequenceState, req, method: str) -> AsyncIterator[list[int]]:
         pipeline = req.speculation.pipeline
-        # The target's prefill overlaps finding a draft replica and drafting round 0.
-        prefill = asyncio.ensure_future(self.batcher.run(seq, self.engine.prefill, seq))
+        round = req.first_round  # a resumed stream numbers its rounds on
+        link = DraftLink(lambda first: self._open_stream(seq, req, method, first), seq, self.device)
+        # The target's prefill overlaps finding a draft replica and drafting the first round.
+        prefill = asyncio.ensure_future(self._prefill(seq))
         try:
-            link = await self._open_link(seq, req, method)
+            await link.start(round)
         except BaseException:
             prefill.cancel()
             raise
@@ -112,8 +203,7 @@ class VerifierService:
             await prefill
             exposed = seq.stats.exposed_draft_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
-            block = await link.receive(0, speculative=False)
-            round = 0
+            block = await link.receive(round, speculative=False)
             while True:
                 result = await self.batcher.verify(seq, block.proposal)
                 if not req.pinned_gamma:
@@ -142,7 +232,7 @@ class VerifierService:
                 else:  # no drafting at this load: a plain decoding step, no hop
                     block = DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
         finally:
-            link.call.cancel()
+            link.close()
 
     def _limit_gamma(self, seq: SequenceState, block: DraftBlock, accepted: int, exposed_s: float) -> None:
         if self.gamma_policy is None:
@@ -154,7 +244,8 @@ class VerifierService:
         # under load only.
         seq.gamma_cap = self.gamma_policy.cap(batch) if batch > 1 else None
 
-    async def _open_link(self, seq: SequenceState, req, method: str) -> DraftLink:
+    async def _open_stream(self, seq: SequenceState, req, method: str, first_round: int):
+        """A Draft stream on a worker Serve picks, opened at ``seq``'s committed tokens."""
         address = await self.find_drafter()
         if address not in self.channels:
             self.channels[address] = grpc.aio.insecure_channel(address)
@@ -162,11 +253,16 @@ class VerifierService:
         opened = internal_pb2.DraftOpen(
             session_id=req.request_id,
             prompt_ids=seq.committed,
-            max_new_tokens=seq.max_new_tokens,
+            max_new_tokens=seq.remaining,
             sampling=req.sampling,
             method=METHOD_IDS[method],
-            gamma=seq.gamma,
+            gamma=seq.effective_gamma,
             pipeline=req.speculation.pipeline,
+            first_round=first_round,
         )
-        await call.write(internal_pb2.DraftCommand(open=opened))
-        return DraftLink(call, seq, self.device)
+        try:
+            await call.write(internal_pb2.DraftCommand(open=opened))
+        except BaseException:
+            call.cancel()
+            raise
+        return call

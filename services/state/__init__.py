@@ -1,0 +1,1 @@
+"""Session state that outlives replicas: KV chunks in Ray's object store."""

@@ -1,0 +1,116 @@
+"""A replica's end of the session store, with a local cache of the chunks it has
+already fetched or saved, so a session that comes back to a replica costs no fetch.
+
+Saving and publishing are fire-and-forget: they run beside the session, never on its
+critical path, and a lost save only means recomputing those positions later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+import ray
+
+from ..core.kv_chunks import KVChunk
+from .store import SessionStore
+
+log = logging.getLogger(__name__)
+NAMESPACE = "outrider"
+
+
+def session_store(app: str, resources: dict[str, float], prefix_bytes: int, idle_s: float):
+    """The app's store actor, created by whichever replica asks first. It goes where
+    the gateways go (the head node), takes no CPU, and restarts (empty) if it dies."""
+    return (
+        ray.remote(SessionStore)
+        .options(
+            name=f"outrider-state:{app}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+            num_cpus=0, resources={k: 0.001 for k in resources}, max_restarts=-1, max_concurrency=1000,
+        )
+        .remote(prefix_bytes, idle_s)
+    )
+
+
+class StateClient:
+    def __init__(self, store, cache_bytes: int = 256 * 2**20):
+        self.store = store
+        self.cache: OrderedDict[str, KVChunk] = OrderedDict()  # ref id -> chunk
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
+        self.background: set[asyncio.Task] = set()
+        self.fetched_bytes = 0  # moved out of the object store into this process
+
+    async def session_chunks(self, session: str) -> list[KVChunk]:
+        return await self._fetch(await self.store.session_chunks.remote(session))
+
+    async def prefix(self, names: list[str]) -> list[KVChunk]:
+        """The cached blocks of the longest known prefix among ``names``."""
+        if not names:
+            return []
+        return await self._fetch(await self.store.lookup_prefix.remote(names))
+
+    def save_chunk(self, session: str, chunk: KVChunk) -> None:
+        async def save():
+            refs = await self.store.save_chunk.remote(session, chunk)
+            if refs:
+                self._remember(refs[0].hex(), chunk)
+
+        self._spawn(save())
+
+    def publish_prefix(self, names: list[str], chunks: list[KVChunk]) -> None:
+        async def publish():
+            for name, chunk in zip(names, chunks):
+                await self.store.publish_prefix.remote(name, chunk)
+
+        self._spawn(publish())
+
+    def release(self, session: str) -> None:
+        self._spawn(self.store.release.remote(session))
+
+    async def flush(self) -> None:
+        """Wait for the saves and publishes in flight (tests, shutdown)."""
+        while self.background:
+            await asyncio.gather(*list(self.background), return_exceptions=True)
+
+    async def _fetch(self, refs: list) -> list[KVChunk]:
+        chunks = {ref.hex(): self.cache[ref.hex()] for ref in refs if ref.hex() in self.cache}
+        missing = [ref for ref in refs if ref.hex() not in chunks]
+        for ref, chunk in zip(missing, await asyncio.gather(*missing)):
+            self.fetched_bytes += chunk.nbytes
+            chunks[ref.hex()] = chunk
+            self._remember(ref.hex(), chunk)
+        for key in chunks:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+        return [chunks[ref.hex()] for ref in refs]
+
+    def _remember(self, key: str, chunk: KVChunk) -> None:
+        if key in self.cache:
+            return
+        self.cache[key] = chunk
+        self.cached_bytes += chunk.nbytes
+        while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
+            _, old = self.cache.popitem(last=False)
+            self.cached_bytes -= old.nbytes
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("session store call failed (the state is recomputed if needed): %r", task.exception())
+
+
+def replica_state_client(cfg) -> StateClient | None:
+    """The calling Serve replica's client of its app's store (``cfg``: AppArgs), or None
+    when session state is off."""
+    if not cfg.session_state:
+        return None
+    from ray import serve
+
+    app = serve.get_replica_context().app_name
+    return StateClient(session_store(app, cfg.gateway.resources, cfg.prefix_cache_bytes, cfg.session_idle_s))

@@ -1,0 +1,113 @@
+"""The owner of every session object: one detached actor per app.
+
+Why this actor owns them: a Ray object belongs to the worker that ``ray.put`` it and is
+lost when that worker dies, and since Ray 2.56 ownership cannot be handed to another
+process. Objects put by a draft or verifier replica would die with the replica, which
+is exactly when they are needed. So replicas send chunks here and this actor puts
+them: it runs on the head node (the gateway's resource), next to Serve's controller,
+is detached from every replica's lifetime, and is found by name. If it dies anyway it
+restarts empty; sessions then recompute KV from their committed tokens, which the
+gateway always holds: slower, never wrong.
+
+Two kinds of state:
+- per session, the draft KV of its committed positions as contiguous chunks (drafters
+  save one every few rounds); released when the gateway ends the request or after
+  ``idle_s`` without use;
+- shared prefix blocks of target KV named by their hash chain (core/kv_chunks.py), kept
+  least-recently-used within ``prefix_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import ray
+
+from ..core.kv_chunks import KVChunk
+
+
+@dataclass
+class _Session:
+    refs: list = field(default_factory=list)  # ObjectRefs of contiguous chunks from position 0
+    end: int = 0  # positions covered
+    nbytes: int = 0
+    used: float = field(default_factory=time.monotonic)
+
+
+class SessionStore:
+    def __init__(self, prefix_bytes: int, idle_s: float):
+        self.prefix_bytes, self.idle_s = prefix_bytes, idle_s
+        self.sessions: dict[str, _Session] = {}
+        self.prefixes: OrderedDict[str, tuple[ray.ObjectRef, int]] = OrderedDict()  # name -> (ref, bytes)
+        self.prefix_held = 0
+        self.expiry: asyncio.Task | None = None
+
+    def _start_expiry(self) -> None:
+        if self.expiry is None:
+            self.expiry = asyncio.get_running_loop().create_task(self._expire())
+
+    async def save_chunk(self, session: str, chunk: KVChunk) -> list[ray.ObjectRef]:
+        """Append a chunk; [its ref], or [] when it does not continue the session
+        (a stale worker's chunk after a failover, or a store that restarted)."""
+        self._start_expiry()
+        state = self.sessions.setdefault(session, _Session())
+        state.used = time.monotonic()
+        if chunk.start != state.end:
+            return []
+        ref = ray.put(chunk)
+        state.refs.append(ref)
+        state.end, state.nbytes = chunk.end, state.nbytes + chunk.nbytes
+        return [ref]
+
+    async def session_chunks(self, session: str) -> list[ray.ObjectRef]:
+        self._start_expiry()
+        state = self.sessions.get(session)
+        if state is None:
+            return []
+        state.used = time.monotonic()
+        return list(state.refs)
+
+    async def release(self, session: str) -> None:
+        self.sessions.pop(session, None)
+
+    async def lookup_prefix(self, names: list[str]) -> list[ray.ObjectRef]:
+        """Refs of the longest run of known blocks from the first one."""
+        refs = []
+        for name in names:
+            if name not in self.prefixes:
+                break
+            self.prefixes.move_to_end(name)
+            refs.append(self.prefixes[name][0])
+        return refs
+
+    async def publish_prefix(self, name: str, chunk: KVChunk) -> None:
+        if name in self.prefixes or chunk.nbytes > self.prefix_bytes:
+            return
+        self.prefixes[name] = (ray.put(chunk), chunk.nbytes)
+        self.prefix_held += chunk.nbytes
+        while self.prefix_held > self.prefix_bytes:
+            _, (_, nbytes) = self.prefixes.popitem(last=False)
+            self.prefix_held -= nbytes
+
+    async def usage(self) -> dict:
+        return {
+            "sessions": len(self.sessions),
+            "session_bytes": sum(s.nbytes for s in self.sessions.values()),
+            "prefix_blocks": len(self.prefixes),
+            "prefix_bytes": self.prefix_held,
+        }
+
+    async def clear(self) -> None:
+        self.sessions.clear()
+        self.prefixes.clear()
+        self.prefix_held = 0
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.idle_s / 4, 0.05))
+            now = time.monotonic()
+            for session in [s for s, state in self.sessions.items() if now - state.used > self.idle_s]:
+                del self.sessions[session]

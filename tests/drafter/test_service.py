@@ -1,0 +1,83 @@
+"""Stateless draft workers: a session whose draft worker goes away mid-stream continues
+on another one, which starts from the session's saved draft KV chunks (real gRPC on
+loopback, a real Ray session store); the output is exactly target-only decoding."""
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+import ray
+from tiny_models import hf_greedy, noisy_copy, tiny
+
+from services.core.engine import SpeculativeEngine
+from services.core.target import TargetRunner
+from services.core.verifier import TargetVerifier
+from services.drafter.service import DrafterService, make_proposers
+from services.rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
+from services.rpc.convert import METHOD_IDS, sampling_to_proto
+from services.core.sampling import SamplingParams
+from services.state.client import StateClient
+from services.state.store import SessionStore
+from services.verifier.service import VerifierService
+
+PROMPT = [5, 17, 33, 2, 9]
+
+
+@pytest.fixture(scope="module")
+def store():
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="error")
+    yield ray.remote(SessionStore).options(num_cpus=0).remote(2**20, 600.0)
+    ray.shutdown()
+
+
+async def start_worker(draft, state):
+    service = DrafterService(make_proposers(draft), state=state, chunk_tokens=4)
+    server = grpc.aio.server()
+    internal_pb2_grpc.add_DrafterServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return service, server, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_session_continues_on_another_worker_from_its_saved_chunks(store, pipeline):
+    target = tiny("llama", seed=1)
+    draft = noisy_copy(target, seed=2, scale=0.3)
+
+    async def go():
+        first_state, second_state = StateClient(store), StateClient(store)
+        first, first_server, first_address = await start_worker(draft, first_state)
+        second, second_server, second_address = await start_worker(draft, second_state)
+        workers = [first_address]
+
+        async def find_drafter():
+            return workers[-1]
+
+        engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256)
+        verifier = VerifierService(engine, find_drafter)
+        req = internal_pb2.VerifyRequest(
+            request_id=uuid.uuid4().hex, prompt_ids=PROMPT, max_new_tokens=60,
+            sampling=sampling_to_proto(SamplingParams(seed=0)),
+            speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=3, pipeline=pipeline),
+        )
+        tokens, stats = [], None
+        async for chunk in verifier.verify(req):
+            if chunk.HasField("stats"):
+                stats = chunk.stats
+                continue
+            tokens += chunk.token_ids
+            if len(tokens) >= 25 and len(workers) == 1:
+                await first_state.flush()  # its chunks are saved by now
+                workers.append(second_address)
+                await first_server.stop(None)  # the first worker goes away mid-stream
+        await second_server.stop(None)
+        for channel in verifier.channels.values():
+            await channel.close()
+        return tokens, stats, second_state.fetched_bytes
+
+    tokens, stats, fetched = asyncio.run(go())
+    assert tokens == hf_greedy(target, PROMPT, 60, eos=None)
+    assert stats.draft_reconnects >= 1
+    assert fetched > 0, "the second worker started from the saved chunks"
+    assert stats.accepted > 0 and stats.rounds < 60  # it kept speculating after the move

@@ -1,0 +1,242 @@
+"""The KubeRay manifests in k8s/: they parse, every overlay renders, its serve config is
+a valid Serve config that builds the app and agrees with cluster/serve_config.yaml, each
+deployment lands on its own node group, and the gRPC Service, probes, HF token and
+OpenTelemetry wiring hang together."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from k8s.manifests import (
+    GPU, OVERLAYS, app_args, container, groups, pod_gpus, ray_cpus, ray_resources, rayservice, rendered,
+    serve_config,
+)
+from k8s.render import K8S, REPO, apply_op, find, render
+from services.app import build_app
+from services.app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE, AppArgs
+from services.gateway.deployment import GRPC_SERVICER_FUNCTIONS
+
+CLUSTER_CONFIG = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
+ROLE_RESOURCE = {"head": GATEWAY_RESOURCE, "drafter": DRAFTER_RESOURCE, "verifier": VERIFIER_RESOURCE}
+# What the GPU overlays may change in the app's args, relative to cluster/serve_config.yaml.
+GPU_DIFFERENCES = {"target", "draft", "device", "dtype", "tensor_parallel_size", "drafter.num_gpus", "verifier.num_gpus"}
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value and key != "resources":
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_every_manifest_parses():
+    files = sorted(K8S.rglob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs, path
+        for doc in docs:
+            if isinstance(doc, list):  # a JSON6902 patch
+                assert all({"op", "path"} <= set(op) for op in doc), path
+            else:
+                assert {"apiVersion", "kind"} <= set(doc), path
+                assert doc["kind"] == "Kustomization" or doc["metadata"]["name"], path
+    for folder in [K8S / "base", *(K8S / "overlays" / o for o in OVERLAYS)]:
+        kinds = sorted({d["kind"] for d in render(folder)})
+        assert {"RayService", "Service", "ConfigMap", "Deployment"} <= set(kinds), folder
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_serve_config_validates_and_builds_the_app(overlay):
+    config = serve_config(rendered(overlay))
+    schema = ServeDeploySchema.model_validate(config)
+    assert [app.name for app in schema.applications] == ["outrider"]
+    AppArgs.model_validate(app_args(rendered(overlay)))
+    build_app(app_args(rendered(overlay)))  # the graph builds (nothing is started)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_it_agrees_with_cluster_serve_config(overlay):
+    config = serve_config(rendered(overlay))
+    for key in ("proxy_location", "http_options", "grpc_options"):
+        assert config[key] == CLUSTER_CONFIG[key], key
+    assert config["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
+    (app,), (local,) = config["applications"], CLUSTER_CONFIG["applications"]
+    assert {k: v for k, v in app.items() if k != "args"} == {k: v for k, v in local.items() if k != "args"}
+    args, local_args = flat(app["args"]), flat(local["args"])
+    changed = {k for k in args.keys() | local_args.keys() if args.get(k) != local_args.get(k)}
+    if overlay == "cpu":
+        assert changed == set()  # the bundled pair on CPU, exactly as `outrider serve` runs it
+        return
+    assert changed == GPU_DIFFERENCES
+    parsed = AppArgs.model_validate(app["args"])
+    assert (parsed.device, parsed.dtype) == ("cuda", "bfloat16")
+    assert parsed.tensor_parallel_size > 1 and parsed.verifier.num_gpus == 0 and parsed.drafter.num_gpus > 0
+    if overlay == "gpu":
+        assert not parsed.target.startswith("/") and not parsed.draft.startswith("/")  # hub ids
+    else:
+        assert parsed.target.startswith("/models/") and parsed.draft.startswith("/models/")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_deployment_is_pinned_to_exactly_one_node_group(overlay):
+    docs = rendered(overlay)
+    offered = {name: ray_resources(group) for name, group in groups(docs).items()}
+    assert set(offered) == set(ROLE_RESOURCE)
+    args = AppArgs.model_validate(app_args(docs))
+    for role, placement in (("head", args.gateway), ("drafter", args.drafter), ("verifier", args.verifier)):
+        assert set(placement.resources) == {ROLE_RESOURCE[role]}
+        for resource, amount in placement.resources.items():
+            offering = [name for name, resources in offered.items() if resource in resources]
+            assert offering == [role], (resource, offering)
+            assert offered[role][resource] >= amount * placement.num_replicas
+    # Logical CPUs and GPUs: each replica fits its group's pod (one pod per group here).
+    all_groups = groups(docs)
+    assert ray_cpus(all_groups["head"]) >= args.gateway.num_cpus
+    assert ray_cpus(all_groups["drafter"]) >= args.drafter.num_cpus * args.drafter.num_replicas
+    assert pod_gpus(all_groups["drafter"]) >= args.drafter.num_gpus * args.drafter.num_replicas
+    bundles = args.verifier_bundles() or [{"CPU": args.verifier.num_cpus, "GPU": args.verifier.num_gpus}]
+    assert ray_cpus(all_groups["verifier"]) >= sum(b.get("CPU", 0) for b in bundles)  # STRICT_PACK: one pod
+    assert pod_gpus(all_groups["verifier"]) >= sum(b.get("GPU", 0) for b in bundles)
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-pvc"])
+def test_gpu_pods_ask_for_their_gpus_and_tolerate_gpu_nodes(overlay):
+    docs = rendered(overlay)
+    args = AppArgs.model_validate(app_args(docs))
+    all_groups = groups(docs)
+    verifier = all_groups["verifier"]
+    assert args.verifier.num_replicas == verifier["replicas"] == 1
+    assert pod_gpus(verifier) == args.tensor_parallel_size  # one GPU per rank, none for the replica
+    assert pod_gpus(all_groups["drafter"]) == args.drafter.num_gpus
+    assert pod_gpus(all_groups["head"]) == 0
+    for name in ("drafter", "verifier"):
+        resources = container(all_groups[name])["resources"]
+        assert resources["requests"][GPU] == resources["limits"][GPU]  # extended resources: equal
+        tolerations = all_groups[name]["template"]["spec"]["tolerations"]
+        assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in tolerations
+
+
+def test_the_cpu_variant_asks_for_no_gpu_and_little():
+    docs = rendered("cpu")
+    assert AppArgs.model_validate(app_args(docs)).device == "cpu"
+    assert "nvidia.com" not in yaml.safe_dump_all(docs)
+    for name, group in groups(docs).items():
+        limits = container(group)["resources"]["limits"]
+        assert float(limits["cpu"]) <= 1 and limits["memory"] == "2Gi", name
+    assert [ray_cpus(g) for g in groups(docs).values()] == [0, 1, 1]  # as `outrider serve`'s nodes
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_service_probes_and_the_head(overlay):
+    docs = rendered(overlay)
+    grpc_port = serve_config(docs)["grpc_options"]["port"]
+    head = groups(docs)["head"]
+    ray_head = container(head)
+    ports = {p["name"]: p["containerPort"] for p in ray_head["ports"]}
+    service = find(docs, "Service", "outrider-grpc")
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == grpc_port == ports[port["targetPort"]] and port["appProtocol"] == "grpc"
+    # The Service selects the head pod, once KubeRay has labelled it serving.
+    selector = dict(service["spec"]["selector"])
+    assert selector.pop("ray.io/node-type") == "head" and selector.pop("ray.io/serve") == "true"
+    assert selector.items() <= head["template"]["metadata"]["labels"].items()
+    # A native gRPC probe on the public port; no readiness or startup probe on the head
+    # (KubeRay deploys the serve config only once the head pod is Ready).
+    assert ray_head["livenessProbe"]["grpc"] == {"port": grpc_port}
+    assert "readinessProbe" not in ray_head and "startupProbe" not in ray_head
+    # Workers run no Serve proxy (HeadOnly): their readiness must not wait for one.
+    assert serve_config(docs)["proxy_location"] == "HeadOnly"
+    for name in ("drafter", "verifier"):
+        probe = " ".join(container(groups(docs)[name])["readinessProbe"]["exec"]["command"])
+        assert "local_raylet_healthz" in probe and ":8000" not in probe
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hf_token_comes_from_a_secret_and_pods_export_to_the_collector(overlay):
+    docs = rendered(overlay)
+    assert not [d for d in docs if d["kind"] == "Secret"]  # the operator creates it
+    env_config = find(docs, "ConfigMap", "outrider-env")["data"]
+    collector = find(docs, "Service", "otel-collector")
+    http_port = next(p["port"] for p in collector["spec"]["ports"] if p["name"] == "otlp-http")
+    assert env_config["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://{collector['metadata']['name']}:{http_port}"
+    for name, group in groups(docs).items():
+        c = container(group)
+        assert {"configMapRef": {"name": "outrider-env"}} in c["envFrom"], name
+        env = {e["name"]: e for e in c["env"]}
+        assert "value" not in env["HF_TOKEN"], name
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "outrider-hf-token", name
+        assert c["image"] == "outrider:0.1.0"
+
+
+def test_the_collector_receives_otlp_and_exports_to_debug():
+    docs = rendered("cpu")
+    config = yaml.safe_load(find(docs, "ConfigMap", "otel-collector-config")["data"]["collector.yaml"])
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert (protocols["grpc"]["endpoint"], protocols["http"]["endpoint"]) == ("0.0.0.0:4317", "0.0.0.0:4318")
+    assert "debug" in config["exporters"]
+    for pipeline in ("traces", "metrics", "logs"):
+        assert config["service"]["pipelines"][pipeline]["receivers"] == ["otlp"]
+        assert config["service"]["pipelines"][pipeline]["exporters"] == ["debug"]
+    deployment = find(docs, "Deployment", "otel-collector")
+    spec = deployment["spec"]["template"]["spec"]
+    (collector,) = spec["containers"]
+    assert collector["args"] == ["--config=/conf/collector.yaml"]
+    assert spec["volumes"][0]["configMap"]["name"] == "otel-collector-config"
+    container_ports = {p["name"]: p["containerPort"] for p in collector["ports"]}
+    assert container_ports == {"otlp-grpc": 4317, "otlp-http": 4318}
+    service = find(docs, "Service", "otel-collector")
+    assert {p["targetPort"]: p["port"] for p in service["spec"]["ports"]} == container_ports
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_pvc_overlay_mounts_the_models_in_every_ray_pod():
+    docs = rendered("gpu-pvc")
+    args = app_args(docs)
+    claim = find(docs, "PersistentVolumeClaim", "outrider-models")
+    for name, group in groups(docs).items():
+        spec = group["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "models"]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], name
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "models"]
+        assert mount["readOnly"] and all(args[k].startswith(mount["mountPath"] + "/") for k in ("target", "draft"))
+
+
+def test_versions_agree_with_the_image_and_the_package():
+    import ray
+
+    dockerfile = (K8S / "image" / "Dockerfile").read_text()
+    assert f"rayproject/ray:{ray.__version__}-py" in dockerfile
+    for overlay in OVERLAYS:
+        assert rayservice(rendered(overlay))["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+
+
+def test_the_renderer_applies_json6902():
+    doc = {"a": {"b": [1, 2]}, "x~y/z": 0}
+    apply_op(doc, {"op": "add", "path": "/a/b/-", "value": 3})
+    apply_op(doc, {"op": "replace", "path": "/x~0y~1z", "value": 1})
+    apply_op(doc, {"op": "remove", "path": "/a/b/0"})
+    apply_op(doc, {"op": "test", "path": "/a/b", "value": [2, 3]})
+    assert doc == {"a": {"b": [2, 3]}, "x~y/z": 1}
+    with pytest.raises(AssertionError):
+        apply_op(doc, {"op": "test", "path": "/a/b/0", "value": 9})
+    with pytest.raises(KeyError):
+        apply_op(doc, {"op": "replace", "path": "/a/missing", "value": 1})
+    with pytest.raises(ValueError):
+        apply_op(doc, {"op": "move", "path": "/a", "from": "/x"})
+
+
+def test_the_renderer_sets_images_at_any_depth():
+    from k8s.render import _set_image, image_name
+
+    assert image_name("registry:5000/ml/outrider:0.1.0") == "registry:5000/ml/outrider"
+    assert image_name("outrider@sha256:ab") == image_name("outrider") == "outrider"
+    doc = {"spec": {"groups": [{"template": {"spec": {"containers": [{"image": "outrider:0.1.0"}, {"image": "x:1"}]}}}]}}
+    _set_image(doc, {"name": "outrider", "newName": "registry:5000/ml/outrider"})
+    (group,) = doc["spec"]["groups"]
+    assert [c["image"] for c in group["template"]["spec"]["containers"]] == ["registry:5000/ml/outrider:0.1.0", "x:1"]

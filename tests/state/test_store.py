@@ -1,0 +1,110 @@
+"""The session store on a real Ray instance: it owns what replicas send it (so the
+state outlives them), keeps sessions contiguous, shares prefix blocks within a byte
+budget, and frees released and idle sessions."""
+
+import asyncio
+import time
+
+import pytest
+import ray
+from tiny_models import tiny
+
+from services.core.kv import KVState, extend
+from services.core.kv_chunks import export_chunk
+from services.state.client import StateClient
+from services.state.store import SessionStore
+
+TOKENS = list(range(3, 40))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error",
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def kv():
+    model = tiny("llama", seed=0)
+    state = KVState.empty(model)
+    extend(model, state, TOKENS)
+    return state
+
+
+def new_store(prefix_bytes=2**20, idle_s=600.0):
+    return ray.remote(SessionStore).options(num_cpus=0).remote(prefix_bytes, idle_s)
+
+
+@ray.remote(num_cpus=0)
+class Replica:
+    """Stands in for a draft replica: it sends a chunk, then dies."""
+
+    def save(self, store, session, chunk):
+        return ray.get(store.save_chunk.remote(session, chunk))
+
+
+def test_chunks_outlive_the_replica_that_sent_them(local_ray, kv):
+    store = new_store()
+    replica = Replica.remote()
+    chunk = export_chunk(kv, 0, 10)
+    assert len(ray.get(replica.save.remote(store, "s", chunk))) == 1
+    ray.kill(replica)
+    (ref,) = ray.get(store.session_chunks.remote("s"))
+    assert ray.get(ref).tokens == tuple(TOKENS[:10])
+
+
+def test_a_chunk_must_continue_its_session(local_ray, kv):
+    store = new_store()
+    assert ray.get(store.save_chunk.remote("s", export_chunk(kv, 0, 5)))
+    assert ray.get(store.save_chunk.remote("s", export_chunk(kv, 6, 9))) == []  # a gap
+    assert ray.get(store.save_chunk.remote("s", export_chunk(kv, 0, 5))) == []  # stale, a second time
+    assert ray.get(store.save_chunk.remote("s", export_chunk(kv, 5, 9)))
+    assert [ray.get(r).end for r in ray.get(store.session_chunks.remote("s"))] == [5, 9]
+    assert ray.get(store.usage.remote())["sessions"] == 1
+
+
+def test_prefix_lookup_returns_the_longest_known_run_and_evicts_least_recently_used(local_ray, kv):
+    block = export_chunk(kv, 0, 8)
+    store = new_store(prefix_bytes=3 * block.nbytes)
+    for name, start in (("a", 0), ("b", 8), ("c", 16)):
+        ray.get(store.publish_prefix.remote(name, export_chunk(kv, start, start + 8)))
+    assert [ray.get(r).start for r in ray.get(store.lookup_prefix.remote(["a", "b", "x", "c"]))] == [0, 8]
+    ray.get(store.lookup_prefix.remote(["a"]))  # "a" is now the most recently used
+    ray.get(store.publish_prefix.remote("d", export_chunk(kv, 24, 32)))  # over budget: "c" goes
+    usage = ray.get(store.usage.remote())
+    assert usage["prefix_blocks"] == 3 and usage["prefix_bytes"] <= 3 * block.nbytes
+    assert ray.get(store.lookup_prefix.remote(["c"])) == []
+    assert len(ray.get(store.lookup_prefix.remote(["a", "b"]))) == 2
+
+
+def test_released_and_idle_sessions_are_dropped(local_ray, kv):
+    store = new_store(idle_s=0.5)
+    ray.get(store.save_chunk.remote("done", export_chunk(kv, 0, 5)))
+    ray.get(store.save_chunk.remote("idle", export_chunk(kv, 0, 5)))
+    ray.get(store.release.remote("done"))
+    assert ray.get(store.usage.remote())["sessions"] == 1
+    deadline = time.monotonic() + 10
+    while ray.get(store.usage.remote())["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.get(store.usage.remote()) == {"sessions": 0, "session_bytes": 0, "prefix_blocks": 0, "prefix_bytes": 0}
+
+
+def test_the_client_fetches_a_chunk_once(local_ray, kv):
+    store = new_store()
+
+    async def go():
+        client = StateClient(store)
+        client.save_chunk("s", export_chunk(kv, 0, 6))
+        await client.flush()
+        first = await client.session_chunks("s")  # saved here: already in the local cache
+        other = StateClient(store)
+        fetched = await other.session_chunks("s")
+        again = await other.session_chunks("s")
+        return client.fetched_bytes, first, other.fetched_bytes, fetched, again
+
+    mine, first, fetched_bytes, fetched, again = asyncio.run(go())
+    assert mine == 0 and first[0].tokens == tuple(TOKENS[:6])
+    assert fetched_bytes == fetched[0].nbytes > 0  # only the first fetch moved bytes
+    assert again[0].tokens == fetched[0].tokens
