@@ -4,6 +4,7 @@ transformers' assisted generation, measured in one run."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--concurrency", type=int, default=0, metavar="N",
                         help="N streams at once, aggregate tokens/s: target-only and each drafter; in-process "
                              "(no --server) each with batched and with per-session verification")
+    parser.add_argument("--kill-replica", type=int, default=0, metavar="N",
+                        help="with --server: N streams, each losing a replica (drafter and verifier in turn) "
+                             "mid-stream; checks every stream against an undisturbed run")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                        help="with --server: time to first token with a TOKENS-long prefix computed earlier by "
+                             "another verifier replica, against cold")
+    parser.add_argument("--trials", type=int, default=5, help="--shared-prefix trials")
+    parser.add_argument("--ray-address", default="127.0.0.1:6390",
+                        help="the server's Ray cluster, for --kill-replica (default: `outrider serve`'s)")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     add_model_options(parser)
@@ -80,6 +90,8 @@ def run(args) -> int:
         raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
     if args.concurrency < 0:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.kill_replica or args.shared_prefix:
+        return run_resilience(args)
     gammas = parse_ints(args.gammas, "gammas")
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     for d in drafters:
@@ -230,3 +242,49 @@ def concurrency_configs(args, drafters, gammas, texts, pair):
         return run_concurrent_local(pair, method, gamma, prompts, args.max_new_tokens, n, batched)
 
     return measure, configs
+
+
+def run_resilience(args) -> int:
+    """--kill-replica / --shared-prefix: session-state scenarios against a server."""
+    from ..bench import resilience
+    from . import local_cluster
+    from ..gateway.client import OutriderClient, make_request
+    from ..models.loading import load_tokenizer
+
+    if not args.server:
+        raise UsageError("--kill-replica and --shared-prefix measure a server: give --server HOST:PORT")
+    if args.kill_replica < 0 or args.shared_prefix < 0 or args.trials < 1:
+        raise UsageError("--kill-replica, --shared-prefix and --trials must be positive")
+    client = OutriderClient(args.server)
+    if not client.healthy(timeout=10):
+        raise UsageError(f"no healthy Outrider server at {args.server}")
+    texts = load_prompts(args.prompts, 10**6)
+    summary: dict = {}
+    if args.shared_prefix:
+        tokenizer = load_tokenizer(resolve_paths(args.target, args.draft).target, args.trust_remote_code)
+        corpus = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        try:
+            summary["shared_prefix"] = resilience.shared_prefix(client, corpus, args.shared_prefix, args.trials)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        sp = summary["shared_prefix"]
+        print(f"shared prefix of {sp['prefix_tokens']} tokens: cold TTFT {sp['cold_ttft_s'] * 1e3:.0f} ms, "
+              f"on another replica {sp['warm_ttft_s'] * 1e3:.0f} ms ({sp['warm_over_cold']:.0%} of cold)")
+    if args.kill_replica:
+        prompt = texts[0]
+        reference = client.generate_unary(make_request(prompt, args.max_new_tokens, method="none"), timeout=600)
+        if local_cluster.running():  # `outrider serve`'s cluster: join it as its nodes did
+            os.environ.update(local_cluster.AUTH_ENV)
+        report = resilience.kill_replicas(
+            client, args.ray_address, prompt, list(reference.token_ids), args.kill_replica, args.max_new_tokens,
+            on_result=lambda r: print(f"  killed a {r.deployment}: {r.tokens} tokens in {r.seconds:.1f} s, "
+                                      f"{'identical' if r.identical else 'DIFFERENT'}"
+                                      f"{', moved' if r.continued else ''}", flush=True),
+        )
+        summary["kill_replica"] = report.summary()
+    print(json.dumps(summary, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"summary": summary, "server": args.server}, indent=2))
+    print(f"wrote {args.json}")
+    ok = summary.get("kill_replica", {}).get("all_identical", True)
+    return 0 if ok else 1

@@ -39,15 +39,23 @@ def _bin(name: str) -> str:
 
 def _env() -> dict:
     # Processes size their own torch pools; default OpenMP pools would oversubscribe.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", **AUTH_ENV}
+
+
+# Ray 2.60 turns token auth on for a node that finds ~/.ray/auth_token (any earlier
+# `ray.init()` writes one) but not for every kind of process joining it, so a node could
+# be refused by its own head. This single-machine cluster listens on this machine only
+# and says its mode explicitly; a real cluster (k8s/) sets its own.
+AUTH_ENV = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 
 
 def running() -> bool:
     return bool(_processes())
 
 
-def start(ray_port: int, dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> str:
-    """Start head + one node per role; returns the cluster address."""
+def start(ray_port: int, dashboard_port: int = DEFAULT_DASHBOARD_PORT, replicas: int = 1) -> str:
+    """Start head + one node per role, with logical CPUs for ``replicas`` replicas of
+    each role; returns the cluster address."""
     address = f"127.0.0.1:{ray_port}"
     common = ["--disable-usage-stats", f"--object-store-memory={OBJECT_STORE_BYTES}"]
     for role, (resources, cpus) in NODES.items():
@@ -56,7 +64,7 @@ def start(ray_port: int, dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> str:
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
         else:
             args = [f"--address={address}"]
-        cmd = [_bin("ray"), "start", *args, f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}", *common]
+        cmd = [_bin("ray"), "start", *args, f"--num-cpus={cpus * replicas}", f"--resources={json.dumps(resources)}", *common]
         result = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
         if result.returncode != 0:
             stop()

@@ -27,6 +27,9 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--detach", action="store_true", help="return once the app answers; stop with `outrider stop`")
     parser.add_argument("--ray-port", type=int, default=6390, help="GCS port of the local head node")
     parser.add_argument("--dashboard-port", type=int, default=local_cluster.DEFAULT_DASHBOARD_PORT)
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="draft and verifier replicas (each on its role's node); 2+ lets a stream survive "
+                             "a replica's death on a survivor (`outrider bench --kill-replica`)")
     parser.add_argument("--prompt", default=FIRST_PROMPT, help="first request sent once the app is up")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
@@ -52,14 +55,18 @@ def run(args) -> int:
     address = grpc_address(args.config)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.replicas < 1:
+        raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
     if local_cluster.running():
         raise UsageError("a local Outrider cluster is already running; `outrider stop` it first")
+    config = with_replicas(args.config, args.replicas)
     started = time.perf_counter()
     print("starting a local Ray cluster: head (gateway), drafter node, verifier node ...", flush=True)
-    local_cluster.start(args.ray_port, args.dashboard_port)
+    local_cluster.start(args.ray_port, args.dashboard_port, args.replicas)
     try:
-        print(f"deploying {args.config} ...", flush=True)
-        local_cluster.deploy(args.config, args.dashboard_port)
+        print(f"deploying {args.config}{f' with {args.replicas} replicas a role' if args.replicas > 1 else ''} ...",
+              flush=True)
+        local_cluster.deploy(config, args.dashboard_port)
         client = wait_until_serving(address, args.timeout)
         print(f"Outrider is serving gRPC on {address} ({time.perf_counter() - started:.0f} s); "
               f"Ray dashboard: http://127.0.0.1:{args.dashboard_port}", flush=True)
@@ -78,6 +85,21 @@ def run(args) -> int:
     finally:
         local_cluster.stop()
         print("stopped")
+
+
+def with_replicas(config: Path, replicas: int) -> Path:
+    """``config`` itself, or a copy whose draft and verifier deployments have
+    ``replicas`` replicas each (under the cluster's temp dir)."""
+    if replicas == 1:
+        return config
+    data = yaml.safe_load(config.read_text())
+    for app in data.get("applications", []):
+        for role in ("drafter", "verifier"):
+            app.setdefault("args", {}).setdefault(role, {})["num_replicas"] = replicas
+    local_cluster.TEMP_DIR.mkdir(parents=True, exist_ok=True)
+    copy = local_cluster.TEMP_DIR / f"serve_config.replicas{replicas}.yaml"
+    copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    return copy
 
 
 def wait_until_serving(address: str, timeout: float) -> OutriderClient:

@@ -13,7 +13,7 @@ from ray import serve
 from ..app.args import AppArgs
 from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
-from ..state.client import replica_state_client
+from ..state.client import PrefixSharing, replica_state_client
 from .service import DrafterService, make_proposers
 
 
@@ -28,9 +28,13 @@ class DraftWorker:
             load_config(paths.target, cfg.trust_remote_code), draft.config,
             load_tokenizer(paths.target, cfg.trust_remote_code), load_tokenizer(paths.draft, cfg.trust_remote_code),
         )
+        state = replica_state_client(cfg)
+        prefixes = None
+        if state is not None:
+            prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"draft|{paths.draft}|{cfg.dtype}|{draft.dtype}")
         self.service = DrafterService(
             make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size),
-            state=replica_state_client(cfg), chunk_tokens=cfg.draft_chunk_tokens,
+            state=state, chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes,
         )
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None

@@ -25,7 +25,9 @@ from ..core.pipeline import DraftSession
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHODS, block_to_proto, sampling_from_proto
-from ..state.client import StateClient
+from ..core.kv import KVState
+from ..core.kv_chunks import export_chunk, exportable
+from ..state.client import PrefixSharing, StateClient
 from .steps import StepBatcher
 
 
@@ -41,9 +43,10 @@ def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):
     def __init__(self, proposers: dict[str, Proposer], max_sessions: int = 256, state: StateClient | None = None,
-                 chunk_tokens: int = 32):
+                 chunk_tokens: int = 32, prefixes: PrefixSharing | None = None):
         self.proposers = proposers
         self.state = state
+        self.prefixes = prefixes  # the draft model's prompt KV, shared like the target's
         self.chunk_tokens = chunk_tokens
         # A thread per drafting session: each drafts autoregressively, and the draft
         # model's steps from all of them meet in one batched forward (StepBatcher).
@@ -63,8 +66,10 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         self.active_sessions += 1
         stop = threading.Event()
         try:
-            saved = await self._restore(session_id, session)
+            saved, shared = await self._restore(session_id, session)
             yield block_to_proto(await self._run(session.draft, first.open.first_round))
+            if shared is not None:
+                self._publish_prefix(session, *shared)
             while True:
                 next_command = asyncio.ensure_future(anext(commands, None))
                 if pipeline and session.gamma > 0:
@@ -104,10 +109,12 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         )
         return session, msg.pipeline
 
-    async def _restore(self, session_id: str, session: DraftSession) -> int:
-        """Start ``session`` from its saved chunks; returns the positions they cover."""
-        if self.state is None or not session_id:
-            return 0
+    async def _restore(self, session_id: str, session: DraftSession) -> tuple[int, tuple | None]:
+        """Start ``session`` from its saved chunks, or a new one from shared prompt
+        blocks. Returns the positions its saved chunks cover, and for a new session
+        (names of its prompt's blocks, how many were cached) for publishing."""
+        if self.state is None or not session_id or not isinstance(session.state, KVState):
+            return 0, None
         chunks = []
         for chunk in await self.state.session_chunks(session_id):
             if chunk.end > len(session.committed) or list(chunk.tokens) != session.committed[chunk.start : chunk.end]:
@@ -115,7 +122,25 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             chunks.append(chunk)
         if chunks:
             session.state = await self._run(session.proposer.restore_state, chunks)
-        return chunks[-1].end if chunks else 0
+            return chunks[-1].end, None
+        if self.prefixes is None:
+            return 0, None
+        names, blocks = await self.prefixes.lookup(session.committed[:-1])
+        if blocks:
+            session.state = await self._run(session.proposer.restore_state, blocks)
+        return 0, (names, len(blocks))
+
+    def _publish_prefix(self, session: DraftSession, names: list[str], cached: int) -> None:
+        """The prompt blocks this worker computed, for every other worker."""
+        size, state = self.prefixes.block_tokens, session.state
+        blocks = []
+        for k in range(cached, len(names)):
+            if not exportable(state) or len(state) < (k + 1) * size or \
+                    state.tokens[: (k + 1) * size] != session.committed[: (k + 1) * size]:
+                break
+            blocks.append(export_chunk(state, k * size, (k + 1) * size))
+        if blocks:
+            self.prefixes.client.publish_prefix(names[cached : cached + len(blocks)], blocks)
 
     def _checkpoint(self, session_id: str, session: DraftSession, saved: int) -> int:
         """Save the committed positions past ``saved`` once there are enough of them."""

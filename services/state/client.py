@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import ray
 
-from ..core.kv_chunks import KVChunk
+from ..core.kv_chunks import KVChunk, block_names
 from .store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,25 @@ def session_store(app: str, resources: dict[str, float], prefix_bytes: int, idle
         )
         .remote(prefix_bytes, idle_s)
     )
+
+
+@dataclass(frozen=True)
+class PrefixSharing:
+    """A model's prompt KV shared across replicas through the store, in blocks."""
+
+    client: "StateClient"
+    block_tokens: int
+    salt: str  # names the model and dtype: blocks of another model never match
+
+    async def lookup(self, tokens: list[int]) -> tuple[list[str], list[KVChunk]]:
+        """Names of every full block of ``tokens``, and the cached blocks of the
+        longest known prefix; an unreachable store costs a recompute, nothing else."""
+        names = block_names(tokens, self.block_tokens, self.salt)
+        try:
+            return names, await self.client.prefix(names)
+        except Exception as error:
+            log.warning("prefix lookup failed (computing it instead): %r", error)
+            return names, []
 
 
 class StateClient:
@@ -59,11 +79,7 @@ class StateClient:
         self._spawn(save())
 
     def publish_prefix(self, names: list[str], chunks: list[KVChunk]) -> None:
-        async def publish():
-            for name, chunk in zip(names, chunks):
-                await self.store.publish_prefix.remote(name, chunk)
-
-        self._spawn(publish())
+        self._spawn(self.store.publish_prefix.remote(names, chunks))
 
     def release(self, session: str) -> None:
         self._spawn(self.store.release.remote(session))

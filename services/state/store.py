@@ -83,11 +83,12 @@ class SessionStore:
             refs.append(self.prefixes[name][0])
         return refs
 
-    async def publish_prefix(self, name: str, chunk: KVChunk) -> None:
-        if name in self.prefixes or chunk.nbytes > self.prefix_bytes:
-            return
-        self.prefixes[name] = (ray.put(chunk), chunk.nbytes)
-        self.prefix_held += chunk.nbytes
+    async def publish_prefix(self, names: list[str], chunks: list[KVChunk]) -> None:
+        for name, chunk in zip(names, chunks):
+            if name in self.prefixes or chunk.nbytes > self.prefix_bytes:
+                continue
+            self.prefixes[name] = (ray.put(chunk), chunk.nbytes)
+            self.prefix_held += chunk.nbytes
         while self.prefix_held > self.prefix_bytes:
             _, (_, nbytes) = self.prefixes.popitem(last=False)
             self.prefix_held -= nbytes

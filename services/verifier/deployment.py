@@ -18,8 +18,8 @@ from ..core.verifier import TargetVerifier
 from ..core.target import TargetRunner
 from ..models.loading import context_length, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2
-from ..state.client import replica_state_client
-from .service import PrefixSharing, VerifierService
+from ..state.client import PrefixSharing, replica_state_client
+from .service import VerifierService
 from .tensor_parallel import TensorParallelTarget
 
 
@@ -47,7 +47,7 @@ class Verifier:
         prefixes = None
         if state is not None and isinstance(runner, TargetRunner):
             # Tensor-parallel ranks keep their KV shards to themselves: no sharing there yet.
-            salt = f"{paths.target}|{cfg.dtype}|{runner.model.dtype}"
+            salt = f"target|{paths.target}|{cfg.dtype}|{runner.model.dtype}"
             prefixes = PrefixSharing(state, cfg.prefix_block_tokens, salt)
         replica = serve.get_replica_context().replica_id.unique_id
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from ..core.engine import SequenceState, SpeculativeEngine
 from ..core.gamma import GammaSchedule, LoadAwareGamma, draft_budget
-from ..core.kv_chunks import KVChunk, block_names
+from ..core.kv_chunks import KVChunk
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.proposals import Proposal
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHOD_IDS, METHODS, block_from_proto, sampling_from_proto, stats_to_proto
-from ..state.client import StateClient
+from ..state.client import PrefixSharing
 from .batcher import RoundBatcher
 
 
@@ -93,8 +92,8 @@ class DraftLink:
         )
         try:
             await self.call.write(internal_pb2.DraftCommand(outcome=outcome))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError):
-            pass
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError):
+            pass  # "RPC already finished": the worker is gone
 
     def close(self) -> None:
         if self.call is not None:
@@ -104,15 +103,6 @@ class DraftLink:
 def _worker_lost(error: Exception) -> bool:
     """A failure of the worker or the connection, not of the request."""
     return not (isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT)
-
-
-@dataclass(frozen=True)
-class PrefixSharing:
-    """Prompt KV shared across verifier replicas through the session store."""
-
-    client: StateClient
-    block_tokens: int
-    salt: str  # names the model: blocks of another model never match
 
 
 class VerifierService:
@@ -158,14 +148,9 @@ class VerifierService:
     async def _prefill(self, seq: SequenceState) -> None:
         """The prompt's target KV, from shared prefix blocks as far as they reach; the
         blocks computed here are published for every other replica."""
-        tokens = seq.committed[:-1]
         names, cached = [], []
         if self.prefixes is not None:
-            names = block_names(tokens, self.prefixes.block_tokens, self.prefixes.salt)
-            try:
-                cached = await self.prefixes.client.prefix(names)
-            except Exception:  # an unreachable store costs a recompute, nothing else
-                cached = []
+            names, cached = await self.prefixes.lookup(seq.committed[:-1])
         seq.stats.cached_prefix_tokens = sum(len(chunk.tokens) for chunk in cached)
         await self.batcher.run(seq, self.engine.prefill, seq, cached)
         if len(cached) < len(names):

@@ -17,7 +17,7 @@ from services.drafter.service import DrafterService, make_proposers
 from services.rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
 from services.rpc.convert import METHOD_IDS, sampling_to_proto
 from services.core.sampling import SamplingParams
-from services.state.client import StateClient
+from services.state.client import PrefixSharing, StateClient
 from services.state.store import SessionStore
 from services.verifier.service import VerifierService
 
@@ -31,8 +31,8 @@ def store():
     ray.shutdown()
 
 
-async def start_worker(draft, state):
-    service = DrafterService(make_proposers(draft), state=state, chunk_tokens=4)
+async def start_worker(draft, state, prefixes=None):
+    service = DrafterService(make_proposers(draft), state=state, chunk_tokens=4, prefixes=prefixes)
     server = grpc.aio.server()
     internal_pb2_grpc.add_DrafterServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -81,3 +81,37 @@ def test_a_session_continues_on_another_worker_from_its_saved_chunks(store, pipe
     assert stats.draft_reconnects >= 1
     assert fetched > 0, "the second worker started from the saved chunks"
     assert stats.accepted > 0 and stats.rounds < 60  # it kept speculating after the move
+
+
+def test_a_prompt_prefix_drafted_on_one_worker_is_reused_on_another(store):
+    target = tiny("llama", seed=1)
+    draft = noisy_copy(target, seed=2, scale=0.3)
+    prompt = [(7 * i + 3) % 90 + 2 for i in range(37)]  # four 8-token blocks before the last token
+
+    async def go():
+        states = [StateClient(store), StateClient(store)]
+        workers = [await start_worker(draft, st, PrefixSharing(st, 8, "draft-under-test")) for st in states]
+        engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256)
+        results = []
+        for service, server, address in workers:  # the same prompt, on one worker then the other
+            async def find_drafter(address=address):
+                return address
+
+            verifier = VerifierService(engine, find_drafter)
+            req = internal_pb2.VerifyRequest(
+                request_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=20,
+                sampling=sampling_to_proto(SamplingParams(seed=0)),
+                speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=3, pipeline=True),
+            )
+            tokens = [t async for chunk in verifier.verify(req) for t in chunk.token_ids]
+            results.append(tokens)
+            await states[0].flush()  # the first worker's blocks are published by now
+            for channel in verifier.channels.values():
+                await channel.close()
+        for _, server, _ in workers:
+            await server.stop(None)
+        return results, states[1].fetched_bytes, ray.get(store.usage.remote())["prefix_blocks"]
+
+    (first, second), fetched, blocks = asyncio.run(go())
+    assert first == second == hf_greedy(target, prompt, 20, eos=None)
+    assert blocks >= 4 and fetched > 0  # the second worker started from the first one's blocks

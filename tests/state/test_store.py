@@ -68,11 +68,10 @@ def test_a_chunk_must_continue_its_session(local_ray, kv):
 def test_prefix_lookup_returns_the_longest_known_run_and_evicts_least_recently_used(local_ray, kv):
     block = export_chunk(kv, 0, 8)
     store = new_store(prefix_bytes=3 * block.nbytes)
-    for name, start in (("a", 0), ("b", 8), ("c", 16)):
-        ray.get(store.publish_prefix.remote(name, export_chunk(kv, start, start + 8)))
+    ray.get(store.publish_prefix.remote(["a", "b", "c"], [export_chunk(kv, s, s + 8) for s in (0, 8, 16)]))
     assert [ray.get(r).start for r in ray.get(store.lookup_prefix.remote(["a", "b", "x", "c"]))] == [0, 8]
     ray.get(store.lookup_prefix.remote(["a"]))  # "a" is now the most recently used
-    ray.get(store.publish_prefix.remote("d", export_chunk(kv, 24, 32)))  # over budget: "c" goes
+    ray.get(store.publish_prefix.remote(["d"], [export_chunk(kv, 24, 32)]))  # over budget: "c" goes
     usage = ray.get(store.usage.remote())
     assert usage["prefix_blocks"] == 3 and usage["prefix_bytes"] <= 3 * block.nbytes
     assert ray.get(store.lookup_prefix.remote(["c"])) == []
