@@ -26,16 +26,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving_cluster(args: dict | None = None, verifier_cpus: int = 1):
+def serving_cluster(args: dict | None = None, verifier_cpus: int = 1, drafter_cpus: int = 1, system_config: dict | None = None):
     """Yields (client, cluster). One CPU per worker node, as on a 2-core machine (more
-    logical CPUs on the verifier node for tensor-parallel ranks)."""
+    logical CPUs on the verifier node for tensor-parallel ranks). ``system_config``:
+    Ray's ``_system_config`` for the cluster (e.g. ``metrics_report_interval_ms``)."""
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "resources": {GATEWAY_RESOURCE: 16}, "object_store_memory": STORE,
                         # The dashboard serves Ray's state API (which node runs which replica).
-                        "include_dashboard": True, "dashboard_port": free_port()},
+                        "include_dashboard": True, "dashboard_port": free_port(),
+                        **({"_system_config": system_config} if system_config else {})},
     )
-    cluster.add_node(num_cpus=1, resources={DRAFTER_RESOURCE: 16}, object_store_memory=STORE)
+    cluster.add_node(num_cpus=drafter_cpus, resources={DRAFTER_RESOURCE: 16}, object_store_memory=STORE)
     cluster.add_node(num_cpus=verifier_cpus, resources={VERIFIER_RESOURCE: 16}, object_store_memory=STORE)
     port = free_port()
     try:

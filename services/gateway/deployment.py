@@ -11,13 +11,17 @@ import ray
 import torch
 from grpc_health.v1 import health_pb2
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from ..app.args import AppArgs
 from ..core.errors import InvalidRequest
 from ..models.loading import context_length, load_config, load_tokenizer, vocab_size
 from ..rpc import internal_pb2, outrider_pb2
-from .service import GatewayService, Limits, Overloaded
+from ..state.client import replica_state_client
+from ..telemetry.metrics import RequestOutcome, SpecDecodeMetrics, method_label
+from ..verifier.tensor_parallel import RankFailed
+from .service import GatewayService, Limits, Overloaded, ReplicaLost
 
 # Serve's gRPC proxy imports these to register the services it routes to this app.
 GRPC_SERVICER_FUNCTIONS = [
@@ -28,6 +32,8 @@ GRPC_SERVICER_FUNCTIONS = [
 
 @serve.deployment(name="gateway", max_ongoing_requests=1000)
 class Gateway:
+    metrics: SpecDecodeMetrics | None = None  # a shim built without __init__ (tests) records none
+
     def __init__(self, verifier: DeploymentHandle, args: dict):
         cfg = AppArgs.model_validate(args)
         torch.set_num_threads(cfg.gateway.torch_threads)
@@ -38,35 +44,58 @@ class Gateway:
             max_sessions=cfg.max_sessions, default_method=cfg.default_method, default_gamma=cfg.default_gamma,
         )
         self.verifier = verifier.options(stream=True)
-        self.service = GatewayService(load_tokenizer(cfg.paths.target, cfg.trust_remote_code), limits, self._verify)
+        # The gateway holds every session's committed tokens, so it decides when a
+        # session ends and frees its state in the store (or the store's idle expiry does).
+        self.state = replica_state_client(cfg)
+        self.service = GatewayService(
+            load_tokenizer(cfg.paths.target, cfg.trust_remote_code), limits, self._verify,
+            release_session=self.state.release if self.state is not None else (lambda session: None),
+            max_resumes=cfg.max_resumes,
+        )
+        self.metrics = SpecDecodeMetrics.for_replica()  # cluster/metrics.md
+        self.metrics.watch_active_sessions(lambda: self.service.active_sessions)
 
     async def _verify(self, req: internal_pb2.VerifyRequest) -> AsyncIterator[internal_pb2.VerifyChunk]:
         stream = self.verifier.Verify.remote(req.SerializeToString())
         try:
             async for chunk in stream:
                 yield internal_pb2.VerifyChunk.FromString(chunk)
+        except (RayActorError, ActorUnavailableError) as error:
+            raise ReplicaLost(str(error)) from error
+        except RayTaskError as error:
+            if isinstance(error.cause, RankFailed):  # its replica is being replaced
+                raise ReplicaLost(str(error.cause)) from error
+            raise
         finally:
             stream.cancel()  # a client that went away frees the verifier's session too
 
     async def Generate(self, request: outrider_pb2.GenerateRequest, grpc_context) -> AsyncIterator:
-        try:
-            # aclosing: a client that goes away cancels this generator while the inner
-            # ones may sit at a `yield`; an exception does not close the generator an
-            # `async for` is iterating, so close it explicitly (their `finally`s free
-            # the session here and cancel it on the verifier).
-            async with aclosing(self.service.generate(request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        except (InvalidRequest, Overloaded) as error:
-            _set_status(grpc_context, error)
-            raise
+        with self._outcome(request) as outcome:  # metrics: OK at the stats chunk, else the failure
+            try:
+                # aclosing: a client that goes away cancels this generator while the inner
+                # ones may sit at a `yield`; an exception does not close the generator an
+                # `async for` is iterating, so close it explicitly (their `finally`s free
+                # the session here and cancel it on the verifier).
+                async with aclosing(self.service.generate(request)) as chunks:
+                    async for chunk in chunks:
+                        outcome.see(chunk)
+                        yield chunk
+            except (InvalidRequest, Overloaded, ReplicaLost) as error:
+                outcome.code = _set_status(grpc_context, error)
+                raise
 
     async def GenerateUnary(self, request: outrider_pb2.GenerateRequest, grpc_context):
-        try:
-            return await self.service.generate_unary(request)
-        except (InvalidRequest, Overloaded) as error:
-            _set_status(grpc_context, error)
-            raise
+        with self._outcome(request) as outcome:
+            try:
+                response = await self.service.generate_unary(request)
+            except (InvalidRequest, Overloaded, ReplicaLost) as error:
+                outcome.code = _set_status(grpc_context, error)
+                raise
+            outcome.finish(response.stats)
+            return response
+
+    def _outcome(self, request: outrider_pb2.GenerateRequest) -> RequestOutcome:
+        return RequestOutcome(self.metrics, method_label(request, self.service.limits.default_method))
 
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
         # Serve only routes here once the app (and so every deployment) is running.
@@ -79,7 +108,13 @@ class Gateway:
         return ray.get_runtime_context().get_node_id()
 
 
-def _set_status(grpc_context, error: Exception) -> None:
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, Overloaded) else grpc.StatusCode.INVALID_ARGUMENT
+def _set_status(grpc_context, error: Exception) -> str:
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, Overloaded):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    elif isinstance(error, ReplicaLost):  # every resume failed: the client may retry later
+        code = grpc.StatusCode.UNAVAILABLE
+        error = f"the stream lost its verifier replica and could not continue elsewhere: {error}"
     grpc_context.set_code(code)
     grpc_context.set_details(str(error))
+    return code.name

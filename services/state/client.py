@@ -30,7 +30,7 @@ def session_store(app: str, resources: dict[str, float], prefix_bytes: int, idle
             name=f"outrider-state:{app}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
             num_cpus=0, resources={k: 0.001 for k in resources}, max_restarts=-1, max_concurrency=1000,
         )
-        .remote(prefix_bytes, idle_s)
+        .remote(prefix_bytes, idle_s, app)
     )
 
 

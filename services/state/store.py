@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 import ray
 
 from ..core.kv_chunks import KVChunk
+from ..telemetry.metrics import set_session_store_bytes
+
+
+ENDED_REMEMBERED = 100_000  # session ids (about 100 bytes each)
 
 
 @dataclass
@@ -38,9 +42,12 @@ class _Session:
 
 
 class SessionStore:
-    def __init__(self, prefix_bytes: int, idle_s: float):
-        self.prefix_bytes, self.idle_s = prefix_bytes, idle_s
+    def __init__(self, prefix_bytes: int, idle_s: float, application: str = ""):
+        self.prefix_bytes, self.idle_s, self.application = prefix_bytes, idle_s, application
         self.sessions: dict[str, _Session] = {}
+        # Recently ended sessions: a save still in flight from a worker when the gateway
+        # ended the session must not bring it back (it would linger until idle expiry).
+        self.ended: OrderedDict[str, None] = OrderedDict()
         self.prefixes: OrderedDict[str, tuple[ray.ObjectRef, int]] = OrderedDict()  # name -> (ref, bytes)
         self.prefix_held = 0
         self.expiry: asyncio.Task | None = None
@@ -49,10 +56,17 @@ class SessionStore:
         if self.expiry is None:
             self.expiry = asyncio.get_running_loop().create_task(self._expire())
 
+    def _report(self) -> None:
+        """What this actor holds, for the dashboard (outrider_session_store_bytes)."""
+        held = sum(s.nbytes for s in self.sessions.values()) + self.prefix_held
+        set_session_store_bytes(held, self.application)
+
     async def save_chunk(self, session: str, chunk: KVChunk) -> list[ray.ObjectRef]:
         """Append a chunk; [its ref], or [] when it does not continue the session
         (a stale worker's chunk after a failover, or a store that restarted)."""
         self._start_expiry()
+        if session in self.ended:
+            return []
         state = self.sessions.setdefault(session, _Session())
         state.used = time.monotonic()
         if chunk.start != state.end:
@@ -60,6 +74,7 @@ class SessionStore:
         ref = ray.put(chunk)
         state.refs.append(ref)
         state.end, state.nbytes = chunk.end, state.nbytes + chunk.nbytes
+        self._report()
         return [ref]
 
     async def session_chunks(self, session: str) -> list[ray.ObjectRef]:
@@ -72,6 +87,10 @@ class SessionStore:
 
     async def release(self, session: str) -> None:
         self.sessions.pop(session, None)
+        self.ended[session] = None
+        while len(self.ended) > ENDED_REMEMBERED:
+            self.ended.popitem(last=False)
+        self._report()
 
     async def lookup_prefix(self, names: list[str]) -> list[ray.ObjectRef]:
         """Refs of the longest run of known blocks from the first one."""
@@ -92,6 +111,7 @@ class SessionStore:
         while self.prefix_held > self.prefix_bytes:
             _, (_, nbytes) = self.prefixes.popitem(last=False)
             self.prefix_held -= nbytes
+        self._report()
 
     async def usage(self) -> dict:
         return {
@@ -105,10 +125,14 @@ class SessionStore:
         self.sessions.clear()
         self.prefixes.clear()
         self.prefix_held = 0
+        self._report()
 
     async def _expire(self) -> None:
         while True:
             await asyncio.sleep(max(self.idle_s / 4, 0.05))
             now = time.monotonic()
-            for session in [s for s, state in self.sessions.items() if now - state.used > self.idle_s]:
+            idle = [s for s, state in self.sessions.items() if now - state.used > self.idle_s]
+            for session in idle:
                 del self.sessions[session]
+            if idle:
+                self._report()

@@ -84,6 +84,9 @@ def test_released_and_idle_sessions_are_dropped(local_ray, kv):
     ray.get(store.save_chunk.remote("idle", export_chunk(kv, 0, 5)))
     ray.get(store.release.remote("done"))
     assert ray.get(store.usage.remote())["sessions"] == 1
+    # A save still in flight when the session ended does not bring it back.
+    assert ray.get(store.save_chunk.remote("done", export_chunk(kv, 0, 5))) == []
+    assert ray.get(store.usage.remote())["sessions"] == 1
     deadline = time.monotonic() + 10
     while ray.get(store.usage.remote())["sessions"] and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -1,0 +1,2 @@
+"""Observability: metrics for the Ray dashboard (``metrics.py``). Nothing here is
+imported by ``services/core``, which stays free of Ray and OpenTelemetry."""
