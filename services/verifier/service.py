@@ -188,6 +188,7 @@ class VerifierService:
             await prefill
             exposed = seq.stats.exposed_draft_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
+            unreported: list[int] = []  # committed tokens the worker has not been told yet
             block = await link.receive(round, speculative=False)
             while True:
                 result = await self.batcher.verify(seq, block.proposal)
@@ -204,8 +205,14 @@ class VerifierService:
                         early = await link.receive(round + 1, speculative=True)
                 hit = not seq.finished and pipeline_hit(block.proposal, result.num_accepted, result.tokens[-1], early)
                 seq.stats.pipeline_hits += hit
-                told = seq.effective_gamma
-                await link.report(round, result.tokens, hit, told)
+                unreported += result.tokens
+                # A worker told gamma 0 drafts nothing and waits: while drafting stays
+                # off, the verifier decodes alone and tells it nothing (no per-round
+                # message); it hears every token at once when drafting resumes.
+                if told > 0 or seq.effective_gamma > 0:
+                    told = seq.effective_gamma
+                    await link.report(round, unreported, hit, told)
+                    unreported = []
                 yield result.tokens
                 if seq.finished:
                     return

@@ -166,3 +166,38 @@ def test_pipelined_sampling_reproduces_the_target_distribution():
         counts = np.bincount(samples[:, k], minlength=V)
         p = chisquare(counts, expected[k] / expected[k].sum() * N).pvalue
         assert p > ALPHA, f"position {k}: p = {p:.2e}, counts {counts}, expected {expected[k] * N}"
+
+
+class ScriptedCap:
+    """A gamma policy that turns drafting off for a stretch of rounds, then back on."""
+
+    def __init__(self, caps):
+        self.caps = list(caps)
+
+    def observe_round(self, *args):
+        pass
+
+    def observe_pass(self, *args):
+        pass
+
+    def cap(self, batch):
+        return self.caps.pop(0) if self.caps else 4
+
+
+def test_drafting_switched_off_under_load_and_back_on_keeps_the_output(pair, monkeypatch):
+    target, draft = pair
+    prompt = PROMPT
+
+    async def go():
+        async with Loopback(target, draft) as loop:
+            loop.verifier.gamma_policy = ScriptedCap([4, 0, 0, 0, 0, 0, 3, 0, 4])
+            monkeypatch.setattr(loop.verifier, "max_batch_size", 16)
+            loop.verifier.active_sessions = 1  # plus the session itself: the cap applies (batch > 1)
+            return await loop.generate(prompt, 40, gamma=4)
+
+    tokens, stats = run(go())
+    assert tokens == hf_greedy(target, prompt, 40, eos=None)
+    # Some rounds verified no drafts at all (plain decoding, no message to the worker),
+    # and drafting resumed afterwards.
+    assert stats.rounds > stats.drafted_per_position[0]  # rounds that drafted anything
+    assert stats.accepted > 0
