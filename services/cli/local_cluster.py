@@ -22,7 +22,7 @@ from ..app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE
 
 TEMP_DIR = Path(os.environ.get("OUTRIDER_RAY_TEMP", "/tmp/outrider-ray"))
 DEFAULT_DASHBOARD_PORT = 8265
-OBJECT_STORE_BYTES = 256 * 2**20  # per node; sessions keep no bulk state in it yet
+OBJECT_STORE_BYTES = 256 * 2**20  # per node; the head holds session state (prefix_cache_bytes of it at most for prefixes)
 
 # (resources, logical CPUs) per node. The head runs Serve's controller and proxy and the
 # gateway (no CPUs reserved); draft workers and verifiers each get a node and a CPU.
