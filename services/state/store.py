@@ -31,6 +31,7 @@ from ..telemetry.metrics import set_session_store_bytes
 
 
 ENDED_REMEMBERED = 100_000  # session ids (about 100 bytes each)
+REPORT_S = 5.0  # the held-bytes gauge is set at least this often
 
 
 @dataclass
@@ -129,10 +130,12 @@ class SessionStore:
 
     async def _expire(self) -> None:
         while True:
-            await asyncio.sleep(max(self.idle_s / 4, 0.05))
+            # Often enough for the gauge too: Ray 2.60 drops a gauge value that is not
+            # set again within two report intervals.
+            await asyncio.sleep(min(max(self.idle_s / 4, 0.05), REPORT_S))
             now = time.monotonic()
             idle = [s for s, state in self.sessions.items() if now - state.used > self.idle_s]
             for session in idle:
                 del self.sessions[session]
-            if idle:
-                self._report()
+            self._report()
+

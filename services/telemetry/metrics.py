@@ -111,6 +111,7 @@ class SpecDecodeMetrics:
                          f"Share of draft compute hidden under verification, pooled over this replica's "
                          f"last {window} requests that drafted.")
         self._recent: deque[tuple[int, int, float, float]] = deque(maxlen=window)
+        self._pooled: dict[str, float] = {}  # the pooled gauges' last values
         self._stop = threading.Event()
 
     @classmethod
@@ -170,9 +171,11 @@ class SpecDecodeMetrics:
         self.active_sessions.set(n)
 
     def set_pipeline_hit_rate(self, rate: float) -> None:
+        self._pooled["hit_rate"] = rate
         self.pipeline_hit_rate.set(rate)
 
     def set_overlap(self, overlap: float) -> None:
+        self._pooled["overlap"] = overlap
         self.overlap.set(overlap)
 
     def watch_active_sessions(self, read: Callable[[], int], interval_s: float = 1.0) -> None:
@@ -182,6 +185,12 @@ class SpecDecodeMetrics:
         def sample():
             try:
                 self.set_active_sessions(read())
+                # Ray 2.60 drops a gauge value not set again within two report
+                # intervals, so the pooled gauges are set again with every sample.
+                if "hit_rate" in self._pooled:
+                    self.pipeline_hit_rate.set(self._pooled["hit_rate"])
+                if "overlap" in self._pooled:
+                    self.overlap.set(self._pooled["overlap"])
             except Exception:  # never let a metric take the replica down
                 logger.exception("sampling active sessions failed")
 
