@@ -3,7 +3,9 @@ Serve's gRPC proxy on loopback, for tests."""
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from contextlib import contextmanager
 
 import ray
@@ -25,18 +27,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_head(head_node_args: dict) -> Cluster:
+    """Ray's dashboard now and then fails to start on a loaded machine ("Failed to read
+    dashboard.err file"); one more try on a fresh port."""
+    for attempt in range(2):
+        try:
+            return Cluster(initialize_head=True, head_node_args={**head_node_args, "dashboard_port": free_port()})
+        except Exception:
+            if attempt:
+                raise
+            time.sleep(3)
+
+
 @contextmanager
-def serving_cluster(args: dict | None = None, verifier_cpus: int = 1, drafter_cpus: int = 1, system_config: dict | None = None):
+def serving_cluster(args: dict | None = None, verifier_cpus: int = 1, drafter_cpus: int = 1, system_config: dict | None = None,
+                    env: dict[str, str] | None = None):
     """Yields (client, cluster). One CPU per worker node, as on a 2-core machine (more
     logical CPUs on the verifier node for tensor-parallel ranks). ``system_config``:
-    Ray's ``_system_config`` for the cluster (e.g. ``metrics_report_interval_ms``)."""
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "resources": {GATEWAY_RESOURCE: 16}, "object_store_memory": STORE,
-                        # The dashboard serves Ray's state API (which node runs which replica).
-                        "include_dashboard": True, "dashboard_port": free_port(),
-                        **({"_system_config": system_config} if system_config else {})},
-    )
+    Ray's ``_system_config`` for the cluster (e.g. ``metrics_report_interval_ms``).
+    ``env``: environment of every Ray process (set while the nodes start: workers
+    inherit their raylet's environment, as on a pod)."""
+    saved_env = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    cluster = _start_head({"num_cpus": 0, "resources": {GATEWAY_RESOURCE: 16}, "object_store_memory": STORE,
+                           # The dashboard serves Ray's state API (which node runs which replica).
+                           "include_dashboard": True,
+                           **({"_system_config": system_config} if system_config else {})})
     cluster.add_node(num_cpus=drafter_cpus, resources={DRAFTER_RESOURCE: 16}, object_store_memory=STORE)
     cluster.add_node(num_cpus=verifier_cpus, resources={VERIFIER_RESOURCE: 16}, object_store_memory=STORE)
     port = free_port()
@@ -52,6 +68,11 @@ def serving_cluster(args: dict | None = None, verifier_cpus: int = 1, drafter_cp
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def active_sessions() -> dict[str, int]:

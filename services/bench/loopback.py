@@ -17,6 +17,7 @@ from ..core.verifier import TargetVerifier
 from ..drafter.service import DrafterService, make_proposers
 from ..rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
 from ..rpc.convert import METHOD_IDS, sampling_to_proto
+from ..telemetry import tracing
 from ..verifier.service import VerifierService
 
 
@@ -52,14 +53,20 @@ class Loopback:
             speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=gamma, adaptive=adaptive,
                                                  pipeline=pipeline),
         )
+        # With tracing on, a request span stands in for the gateway's.
+        span = tracing.start_span("outrider.generate", kind=tracing.SpanKind.SERVER)
+        req.traceparent, req.tracestate = tracing.inject(span)
         tokens, stats = [], None
-        async for chunk in self.verifier.verify(req):
-            assert stats is None, "nothing may follow the stats chunk"
-            if chunk.HasField("stats"):
-                stats = chunk.stats
-            else:
-                assert len(chunk.token_ids) >= 1
-                tokens.extend(chunk.token_ids)
+        try:
+            async for chunk in self.verifier.verify(req):
+                assert stats is None, "nothing may follow the stats chunk"
+                if chunk.HasField("stats"):
+                    stats = chunk.stats
+                else:
+                    assert len(chunk.token_ids) >= 1
+                    tokens.extend(chunk.token_ids)
+        finally:
+            span.end()
         assert stats is not None and stats.emitted == len(tokens)
         return tokens, stats
 

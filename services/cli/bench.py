@@ -47,6 +47,9 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--trials", type=int, default=5, help="--shared-prefix trials")
     parser.add_argument("--ray-address", default="127.0.0.1:6390",
                         help="the server's Ray cluster, for --kill-replica (default: `outrider serve`'s)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="in-process: tokens/s with OpenTelemetry tracing off vs on (every span sampled), "
+                             "interleaved; the first of --drafters and --gammas (default JSON: bench-out/tracing.json)")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     add_model_options(parser)
@@ -92,6 +95,8 @@ def run(args) -> int:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.kill_replica or args.shared_prefix:
         return run_resilience(args)
+    if args.tracing:
+        return run_tracing(args)
     gammas = parse_ints(args.gammas, "gammas")
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     for d in drafters:
@@ -288,3 +293,37 @@ def run_resilience(args) -> int:
     print(f"wrote {args.json}")
     ok = summary.get("kill_replica", {}).get("all_identical", True)
     return 0 if ok else 1
+
+
+def run_tracing(args) -> int:
+    """--tracing: what OpenTelemetry tracing costs, in-process (services/bench/tracing.py)."""
+    from ..bench.tracing import run_tracing_overhead
+
+    if args.server or args.concurrency:
+        raise UsageError("--tracing measures in-process; drop --server and --concurrency")
+    drafter = args.drafters.split(",")[0].strip()
+    if drafter not in ("draft", "ngram"):
+        raise UsageError(f"unknown drafter {drafter!r} for bench; choose draft or ngram")
+    gamma = parse_ints(args.gammas, "gammas")[0] or 4
+    pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype, with_draft=drafter == "draft",
+                     trust_remote_code=args.trust_remote_code)
+    prompts = [pair.tokenizer(t)["input_ids"] for t in load_prompts(args.prompts, args.limit)]
+    check_fits(pair, prompts, args.max_new_tokens)
+    summary = run_tracing_overhead(
+        pair, prompts, args.max_new_tokens, drafter, gamma, args.repeat,
+        on_run=lambda n, name, run: print(f"  pass {n + 1}: tracing {name}: {run.tokens_per_s:.1f} tok/s", flush=True),
+    )
+    print(json.dumps(summary, indent=2))
+    path = Path("bench-out/tracing.json") if args.json == Path("bench-out/bench.json") else args.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"summary": summary, "threads": torch.get_num_threads(), "device": args.device,
+                                "torch": torch.__version__, "machine": platform.machine()}, indent=2))
+    print(f"tracing on vs off, median of {args.repeat} passes: tokens/s {summary['on_over_off_tokens_per_s_median'] - 1:+.1%} "
+          f"(off again vs off: {summary['off_again_over_off_tokens_per_s_median'] - 1:+.1%}), CPU per token "
+          f"{summary['on_over_off_cpu_per_token_median'] - 1:+.1%} "
+          f"(off again vs off: {summary['off_again_over_off_cpu_per_token_median'] - 1:+.1%})")
+    print(f"a round's tracing, timed alone: off {summary['round_tracing_s_off'] * 1e6:.1f} us, "
+          f"on {summary['round_tracing_s_on'] * 1e6:.0f} us, against a {summary['seconds_per_round'] * 1e3:.1f} ms "
+          f"round ({summary['round_tracing_share_off']:.3%} and {summary['round_tracing_share_on']:.2%})")
+    print(f"wrote {path}")
+    return 0

@@ -14,6 +14,7 @@ from ..app.args import AppArgs
 from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
 from ..state.client import PrefixSharing, replica_state_client
+from ..telemetry import tracing
 from .service import DrafterService, make_proposers
 
 
@@ -21,6 +22,7 @@ from .service import DrafterService, make_proposers
 class DraftWorker:
     def __init__(self, args: dict):
         cfg = AppArgs.model_validate(args)
+        tracing.setup_tracing("outrider-drafter", serve_replica=True)  # OTEL_* / OUTRIDER_TRACES_FILE
         torch.set_num_threads(cfg.drafter.torch_threads)
         paths = cfg.paths
         draft = load_model(paths.draft, cfg.device, cfg.dtype, cfg.trust_remote_code)

@@ -15,20 +15,41 @@ chunks and recomputes only the positions after the last one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from ..core.errors import InvalidRequest
-from ..core.pipeline import DraftSession
+from ..core.pipeline import DraftBlock, DraftSession
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHODS, block_to_proto, sampling_from_proto
 from ..core.kv import KVState
 from ..core.kv_chunks import export_chunk, exportable
 from ..state.client import PrefixSharing, StateClient
+from ..telemetry import tracing
 from .steps import StepBatcher
+
+log = logging.getLogger(__name__)
+
+
+async def _drafted(span, future: asyncio.Future, discarded: bool = False) -> DraftBlock:
+    """The block ``future`` drafts; ends its span. ``discarded``: an early block the
+    verifier's outcome refuted before it was out (stopped, never sent)."""
+    try:
+        block = await future
+        if span.is_recording():
+            span.set_attribute("outrider.gamma", len(block.proposal))
+            if discarded:
+                span.add_event("draft.early_discarded", {"outrider.round": block.round, "outrider.reason": "refuted"})
+        return block
+    except Exception as error:
+        tracing.record_error(span, error)
+        raise
+    finally:
+        span.end()
 
 
 def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16) -> dict[str, Proposer]:
@@ -65,14 +86,33 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         session_id = first.open.session_id
         self.active_sessions += 1
         stop = threading.Event()
+        # Tracing: the stream is a span under the request's context (the call's gRPC
+        # metadata); every block drafted is a span under the round the verifier said it
+        # is drafting for (the open's context, then each outcome's): the fresh block for
+        # round k+1 and the early one for round k+2 are both drafted under round k+1.
+        span = tracing.start_span("outrider.draft_session", self._request_context(context), tracing.SpanKind.SERVER)
+        round_ctx = tracing.extract(first.open.traceparent, first.open.tracestate) or tracing.context_of(span)
         try:
+            fetched = self.state.fetched_bytes if self.state is not None else 0
             saved, shared = await self._restore(session_id, session)
-            yield block_to_proto(await self._run(session.draft, first.open.first_round))
+            if span.is_recording():
+                span.set_attributes({
+                    "outrider.session_id": session_id, "outrider.request_id": session_id,
+                    "outrider.round": first.open.first_round, "outrider.gamma": first.open.gamma,
+                    "outrider.pipeline": pipeline, "outrider.restored_positions": saved,
+                    # Draft KV chunks this worker fetched from the object store to restore the
+                    # session (a concurrent restore on this worker may add to it).
+                    "outrider.object_store_bytes": (self.state.fetched_bytes - fetched) if self.state else 0,
+                })
+            round = first.open.first_round
+            yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
+                                                self._run(session.draft, round)))
             if shared is not None:
                 self._publish_prefix(session, *shared)
             while True:
                 next_command = asyncio.ensure_future(anext(commands, None))
                 if pipeline and session.gamma > 0:
+                    early_span = self._draft_span(round_ctx, session_id, session.in_flight.round + 1, True)
                     early = self._run(session.draft_ahead, stop.is_set)
                     await asyncio.wait({early, next_command}, return_when=asyncio.FIRST_COMPLETED)
                     # An outcome before the early block is out can only be a miss (the
@@ -80,7 +120,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                     refuted = next_command.done()
                     if refuted:
                         stop.set()
-                    block = await early
+                    block = await _drafted(early_span, early, discarded=refuted)
                     stop.clear()
                     if not refuted:
                         yield block_to_proto(block)
@@ -88,14 +128,39 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                 if command is None or command.outcome.finished:
                     return
                 outcome = command.outcome
+                round_ctx = tracing.extract(outcome.traceparent, outcome.tracestate) or round_ctx
                 session.resolve(list(outcome.committed), outcome.pipeline_hit, outcome.next_gamma)
                 saved = self._checkpoint(session_id, session, saved)
                 # gamma 0: the verifier decodes without drafts until it raises gamma again.
                 if not outcome.pipeline_hit and session.gamma > 0:
-                    yield block_to_proto(await self._run(session.draft, outcome.round + 1))
+                    round = outcome.round + 1
+                    yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
+                                                        self._run(session.draft, round)))
+        except Exception as error:
+            tracing.record_error(span, error)
+            raise
         finally:
             stop.set()
             self.active_sessions -= 1
+            span.end()
+
+    @staticmethod
+    def _request_context(context):
+        """The request's trace context, from the Draft call's gRPC metadata."""
+        if not tracing.enabled():
+            return None
+        return tracing.from_metadata(context.invocation_metadata())
+
+    @staticmethod
+    def _draft_span(parent, session_id: str, round: int, early: bool):
+        """A block's span (the session and request ids are on its round and session
+        spans: this one is per block, so it stays lean)."""
+        if not tracing.enabled():
+            return tracing.INVALID_SPAN
+        span = tracing.start_span("outrider.draft", parent, attributes={"outrider.round": round, "outrider.early": early})
+        if early and span.is_recording():  # drafted while the previous round verifies, assuming it accepted in full
+            span.add_event("draft.early_started")
+        return span
 
     def _open(self, msg: internal_pb2.DraftOpen) -> tuple[DraftSession, bool]:
         method = METHODS.get(msg.method)
@@ -116,7 +181,12 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         if self.state is None or not session_id or not isinstance(session.state, KVState):
             return 0, None
         chunks = []
-        for chunk in await self.state.session_chunks(session_id):
+        try:
+            saved_chunks = await self.state.session_chunks(session_id)
+        except Exception as error:  # an unreachable store costs a recompute, nothing else
+            log.warning("session %s: no saved draft state (%r); recomputing it", session_id, error)
+            saved_chunks = []
+        for chunk in saved_chunks:
             if chunk.end > len(session.committed) or list(chunk.tokens) != session.committed[chunk.start : chunk.end]:
                 break  # only chunks of what this stream was opened with
             chunks.append(chunk)

@@ -19,6 +19,7 @@ from ..core.errors import InvalidRequest
 from ..models.loading import context_length, load_config, load_tokenizer, vocab_size
 from ..rpc import internal_pb2, outrider_pb2
 from ..state.client import replica_state_client
+from ..telemetry import tracing
 from ..telemetry.metrics import RequestOutcome, SpecDecodeMetrics, method_label
 from ..verifier.tensor_parallel import RankFailed
 from .service import GatewayService, Limits, Overloaded, ReplicaLost
@@ -36,6 +37,7 @@ class Gateway:
 
     def __init__(self, verifier: DeploymentHandle, args: dict):
         cfg = AppArgs.model_validate(args)
+        tracing.setup_tracing("outrider-gateway", serve_replica=True)  # OTEL_* / OUTRIDER_TRACES_FILE
         torch.set_num_threads(cfg.gateway.torch_threads)
         config = load_config(cfg.paths.target, cfg.trust_remote_code)
         limits = Limits(
@@ -56,7 +58,11 @@ class Gateway:
         self.metrics.watch_active_sessions(lambda: self.service.active_sessions)
 
     async def _verify(self, req: internal_pb2.VerifyRequest) -> AsyncIterator[internal_pb2.VerifyChunk]:
-        stream = self.verifier.Verify.remote(req.SerializeToString())
+        # With Serve's own tracing on, its router parents its routing span on the current
+        # context when the call is made: make that the request's span, so Serve's spans
+        # for the verifier call sit in the request's trace too (no effect otherwise).
+        with tracing.activated(tracing.extract(req.traceparent, req.tracestate)):
+            stream = self.verifier.Verify.remote(req.SerializeToString())
         try:
             async for chunk in stream:
                 yield internal_pb2.VerifyChunk.FromString(chunk)
@@ -76,7 +82,7 @@ class Gateway:
                 # ones may sit at a `yield`; an exception does not close the generator an
                 # `async for` is iterating, so close it explicitly (their `finally`s free
                 # the session here and cancel it on the verifier).
-                async with aclosing(self.service.generate(request)) as chunks:
+                async with aclosing(self.service.generate(request, tracing.request_parent(grpc_context))) as chunks:
                     async for chunk in chunks:
                         outcome.see(chunk)
                         yield chunk
@@ -87,7 +93,7 @@ class Gateway:
     async def GenerateUnary(self, request: outrider_pb2.GenerateRequest, grpc_context):
         with self._outcome(request) as outcome:
             try:
-                response = await self.service.generate_unary(request)
+                response = await self.service.generate_unary(request, tracing.request_parent(grpc_context))
             except (InvalidRequest, Overloaded, ReplicaLost) as error:
                 outcome.code = _set_status(grpc_context, error)
                 raise

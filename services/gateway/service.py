@@ -19,7 +19,8 @@ from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
 from ..models.detokenizer import IncrementalDetokenizer
 from ..rpc import internal_pb2, outrider_pb2
-from ..rpc.convert import METHOD_IDS, method_name, sampling_from_proto, sampling_to_proto
+from ..rpc.convert import METHOD_IDS, METHODS, method_name, sampling_from_proto, sampling_to_proto
+from ..telemetry import tracing
 
 
 class Overloaded(Exception):
@@ -111,10 +112,44 @@ class GatewayService:
             raise InvalidRequest("prompt is empty: set `text` or `token_ids`")
         return ids
 
-    async def generate(self, req: outrider_pb2.GenerateRequest) -> AsyncIterator[outrider_pb2.GenerateChunk]:
+    def generate(self, req: outrider_pb2.GenerateRequest, trace_parent=None) -> AsyncIterator[outrider_pb2.GenerateChunk]:
+        """The request's chunks. ``trace_parent``: the OpenTelemetry context its
+        ``outrider.generate`` span starts under (``tracing.request_parent``)."""
+        if not tracing.enabled():  # no span, no extra generator layer
+            return self._generate(req, tracing.start_span("outrider.generate"))
+        return self._traced(req, trace_parent)
+
+    async def _traced(self, req: outrider_pb2.GenerateRequest, trace_parent) -> AsyncIterator[outrider_pb2.GenerateChunk]:
+        span = tracing.start_span("outrider.generate", trace_parent, tracing.SpanKind.SERVER)
+        try:
+            async with aclosing(self._generate(req, span)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except (GeneratorExit, asyncio.CancelledError):
+            if span.is_recording():
+                span.set_attribute("outrider.cancelled", True)  # the client went away
+            raise
+        except BaseException as error:
+            tracing.record_error(span, error)
+            raise
+        finally:
+            span.end()
+
+    async def _generate(self, req: outrider_pb2.GenerateRequest, span) -> AsyncIterator[outrider_pb2.GenerateChunk]:
         received = time.time()
         start = time.perf_counter()
         verify_request = self.prepare(req, received)
+        # The verifier's spans join this request's trace (the context crosses the
+        # Serve handle hop inside the serialized request).
+        verify_request.traceparent, verify_request.tracestate = tracing.inject(span)
+        if span.is_recording():
+            spec = verify_request.speculation
+            span.set_attributes({
+                "outrider.request_id": verify_request.request_id, "outrider.session_id": verify_request.request_id,
+                "outrider.method": METHODS.get(spec.method, ""), "outrider.gamma": spec.gamma,
+                "outrider.pipeline": spec.pipeline, "outrider.prompt_tokens": len(verify_request.prompt_ids),
+                "outrider.max_new_tokens": verify_request.max_new_tokens,
+            })
         if self.active_sessions >= self.limits.max_sessions:
             raise Overloaded(f"at the limit of {self.limits.max_sessions} concurrent sessions; retry later")
         self.active_sessions += 1
@@ -145,6 +180,8 @@ class GatewayService:
                                 stats.total_s = time.perf_counter() - start
                                 stats.time_to_first_token_s = first_token_s or stats.total_s
                                 stats.resumes = resumes
+                                if span.is_recording():
+                                    _record_stats(span, stats)
                                 yield outrider_pb2.GenerateChunk(
                                     request_id=request_id, text=detok.flush(), stats=stats,
                                     prompt_token_ids=verify_request.prompt_ids,
@@ -157,10 +194,13 @@ class GatewayService:
                             rounds += 1
                             yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=detok.add(ids))
                     raise ConnectionError("the verifier ended the session without its stats")
-                except ReplicaLost:
+                except ReplicaLost as error:
                     # Nothing the client saw is lost or repeated: the next replica starts
                     # from exactly the committed tokens (greedy output is unchanged).
                     resumes += 1
+                    if span.is_recording():
+                        span.add_event("verifier.lost", {"outrider.resumes": resumes, "outrider.committed": len(committed),
+                                                         "exception.message": str(error)})
                     if resumes > self.max_resumes:
                         raise
                     await asyncio.sleep(min(0.1 * 2 ** (resumes - 1), 2.0))  # Serve replaces the replica meanwhile
@@ -172,9 +212,9 @@ class GatewayService:
         eos = self.tokenizer.eos_token_id
         return len(committed) >= req.max_new_tokens or (bool(committed) and eos is not None and committed[-1] == eos)
 
-    async def generate_unary(self, req: outrider_pb2.GenerateRequest) -> outrider_pb2.GenerateResponse:
+    async def generate_unary(self, req: outrider_pb2.GenerateRequest, trace_parent=None) -> outrider_pb2.GenerateResponse:
         response = outrider_pb2.GenerateResponse()
-        async with aclosing(self.generate(req)) as chunks:
+        async with aclosing(self.generate(req, trace_parent)) as chunks:
             async for chunk in chunks:
                 response.request_id = chunk.request_id
                 response.token_ids.extend(chunk.token_ids)
@@ -185,6 +225,14 @@ class GatewayService:
         return response
 
 
+def _record_stats(span, stats: outrider_pb2.GenerationStats) -> None:
+    span.set_attributes({
+        "outrider.rounds": stats.rounds, "outrider.drafted": stats.drafted, "outrider.accepted": stats.accepted,
+        "outrider.emitted": stats.emitted, "outrider.pipeline_hits": stats.pipeline_hits,
+        "outrider.resumes": stats.resumes, "outrider.finish_reason": stats.finish_reason,
+    })
+
+
 def _resumed(req: internal_pb2.VerifyRequest, committed: list[int], rounds: int) -> internal_pb2.VerifyRequest:
     """The rest of ``req`` after ``committed`` tokens and ``rounds`` rounds: the same
     session (its id keys its saved draft state), continued from the committed tokens."""
@@ -193,4 +241,5 @@ def _resumed(req: internal_pb2.VerifyRequest, committed: list[int], rounds: int)
     resumed.prompt_ids.extend(committed)
     resumed.max_new_tokens = req.max_new_tokens - len(committed)
     resumed.first_round = req.first_round + rounds
+    resumed.received_at = time.time()  # queue time counts this attempt's wait only
     return resumed

@@ -1,2 +1,3 @@
-"""Observability: metrics for the Ray dashboard (``metrics.py``). Nothing here is
-imported by ``services/core``, which stays free of Ray and OpenTelemetry."""
+"""Observability: metrics for the Ray dashboard (``metrics.py``) and OpenTelemetry
+tracing (``tracing.py``). Nothing here is imported by ``services/core``, which stays
+free of Ray and OpenTelemetry."""

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
 from ..core.gamma import LoadAwareGamma
 from ..core.proposals import Proposal
+from ..telemetry import tracing
 
 
 @dataclass
@@ -32,6 +33,7 @@ class _Job:
     proposal: Proposal | None = None  # a verification round (batchable)
     call: Callable[[], Any] | None = None  # anything else (prefill, release), run alone
     submitted: float = field(default_factory=time.perf_counter)
+    span: Any = None  # the round's span: its `outrider.verify` child times the pass
 
 
 class RoundBatcher:
@@ -53,8 +55,12 @@ class RoundBatcher:
         self.worker: asyncio.Task | None = None
         self.batch_sizes: list[int] = []  # every verify pass's batch size, for stats
 
-    async def verify(self, seq: SequenceState, proposal: Proposal) -> RoundResult:
-        return await self._submit(_Job(seq, self._future(), proposal=proposal))
+    async def verify(self, seq: SequenceState, proposal: Proposal, span=None) -> RoundResult:
+        """``span``: the round's span (recording: the pass gets an ``outrider.verify``
+        child, with the batch's size)."""
+        if span is not None and not span.is_recording():
+            span = None
+        return await self._submit(_Job(seq, self._future(), proposal=proposal, span=span))
 
     async def run(self, seq: SequenceState | None, fn: Callable, *args) -> Any:
         """Run ``fn(*args)`` on the compute thread, in turn with the batches."""
@@ -129,9 +135,11 @@ class RoundBatcher:
         outcomes: dict[int, tuple[bool, Any]] = {}
         if live:
             seqs, proposals = [job.seq for job in live], [job.proposal for job in live]
-            started = time.perf_counter()
+            started, started_ns = time.perf_counter(), time.time_ns()
             ok, value = await self._outcome(loop, lambda: self.engine.verify_and_commit_batch(seqs, proposals))
             self.last_pass_s = time.perf_counter() - started
+            if any(job.span is not None for job in live):
+                _verify_spans(live, started_ns, time.time_ns(), value if ok else None)
             if ok and self.cost is not None:
                 self.cost.observe_pass(sum(len(p) + 1 for p in proposals), self.last_pass_s)
             if ok:
@@ -151,3 +159,16 @@ class RoundBatcher:
             return True, await loop.run_in_executor(self.compute, call)
         except Exception as error:  # delivered to the session that asked
             return False, error
+
+
+def _verify_spans(jobs: list[_Job], start_ns: int, end_ns: int, results: list[RoundResult] | None) -> None:
+    """One ``outrider.verify`` span per traced round in a pass: the target forward and
+    acceptance of the whole batch, timed on the event loop around the compute thread."""
+    for n, job in enumerate(jobs):
+        if job.span is None:
+            continue
+        attributes = {"outrider.batch_size": len(jobs), "outrider.gamma": len(job.proposal)}
+        if results is not None:
+            attributes["outrider.accepted"] = results[n].num_accepted
+        tracing.start_span("outrider.verify", tracing.context_of(job.span), start_time=start_ns,
+                           attributes=attributes).end(end_time=end_ns)

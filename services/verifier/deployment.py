@@ -19,6 +19,7 @@ from ..core.target import TargetRunner
 from ..models.loading import context_length, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2
 from ..state.client import PrefixSharing, replica_state_client
+from ..telemetry import tracing
 from .service import VerifierService
 from .tensor_parallel import TensorParallelTarget
 
@@ -27,6 +28,7 @@ from .tensor_parallel import TensorParallelTarget
 class Verifier:
     def __init__(self, drafter: DeploymentHandle, args: dict):
         cfg = AppArgs.model_validate(args)
+        tracing.setup_tracing("outrider-verifier", serve_replica=True)  # OTEL_* / OUTRIDER_TRACES_FILE
         torch.set_num_threads(cfg.verifier.torch_threads)
         paths = cfg.paths
         tokenizer = load_tokenizer(paths.target, cfg.trust_remote_code)

@@ -23,6 +23,7 @@ from ..core.proposals import Proposal
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHOD_IDS, METHODS, block_from_proto, sampling_from_proto, stats_to_proto
 from ..state.client import PrefixSharing
+from ..telemetry import tracing
 from .batcher import RoundBatcher
 
 
@@ -35,6 +36,9 @@ class DraftLink:
         self.open_stream = open_stream  # first_round -> an opened Draft call
         self.seq, self.device, self.max_reconnects = seq, device, max_reconnects
         self.call = None
+        # (traceparent, tracestate) of the round the worker drafts for next: sent with
+        # every outcome and with a reopened stream's `open`.
+        self.trace: tuple[str, str] = ("", "")
 
     async def start(self, round: int) -> None:
         self.call = await self.open_stream(round)
@@ -88,7 +92,8 @@ class DraftLink:
         ``next_gamma`` (0: it drafts nothing until told otherwise). A worker that is
         gone is found out, and replaced, by the next ``receive``."""
         outcome = internal_pb2.RoundOutcome(
-            round=round, committed=committed, pipeline_hit=hit, next_gamma=next_gamma, finished=self.seq.finished
+            round=round, committed=committed, pipeline_hit=hit, next_gamma=next_gamma, finished=self.seq.finished,
+            traceparent=self.trace[0], tracestate=self.trace[1],
         )
         try:
             await self.call.write(internal_pb2.DraftCommand(outcome=outcome))
@@ -98,6 +103,26 @@ class DraftLink:
     def close(self) -> None:
         if self.call is not None:
             self.call.cancel()
+
+
+def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit: bool, pipelined: bool) -> None:
+    """A round's outcome on its span; with pipelining, what became of the early block
+    drafted for the next round while this one verified."""
+    drafted = len(block.proposal)
+    span.set_attributes({
+        "outrider.gamma": drafted, "outrider.accepted": result.num_accepted,
+        "outrider.bonus_kept": drafted > 0 and result.num_accepted == drafted,  # every draft accepted
+        "outrider.pipeline_hit": hit,  # the next round runs on the early block (RoundOutcome.pipeline_hit)
+        "outrider.early_block": block.speculative,  # this round's block was drafted early
+        "outrider.committed": len(result.tokens),
+    })
+    if not pipelined:
+        return
+    if hit:
+        span.add_event("draft.early_kept", {"outrider.round": block.round + 1})
+    else:
+        reason = "rejected" if result.num_accepted < drafted else "bonus_mismatch" if early is not None else "no_block"
+        span.add_event("draft.early_discarded", {"outrider.round": block.round + 1, "outrider.reason": reason})
 
 
 def _worker_lost(error: Exception) -> bool:
@@ -129,10 +154,14 @@ class VerifierService:
         schedule = GammaSchedule(initial=spec.gamma, adaptive=spec.adaptive)
         seq = self.engine.start(list(req.prompt_ids), req.max_new_tokens, params, schedule)
         seq.stats.queue_time_s += max(0.0, time.time() - req.received_at)
+        # The request's span context crossed the Serve handle hop in the request; every
+        # span of this session is in its trace.
+        trace_ctx = tracing.extract(req.traceparent, req.tracestate)
         self.active_sessions += 1
         try:
             method = METHODS[spec.method]
-            rounds = self._target_only(seq) if method == "none" else self._speculative(seq, req, method)
+            rounds = (self._target_only(seq, req, trace_ctx) if method == "none"
+                      else self._speculative(seq, req, method, trace_ctx))
             # Closed explicitly, so a cancelled session cancels its draft stream at once.
             async with aclosing(rounds) as committed:
                 async for tokens in committed:
@@ -145,17 +174,33 @@ class VerifierService:
             self.batcher.release(seq)
             self.active_sessions -= 1
 
-    async def _prefill(self, seq: SequenceState) -> None:
+    async def _prefill(self, seq: SequenceState, trace_ctx=None) -> None:
         """The prompt's target KV, from shared prefix blocks as far as they reach; the
         blocks computed here are published for every other replica."""
-        names, cached = [], []
-        if self.prefixes is not None:
-            names, cached = await self.prefixes.lookup(seq.committed[:-1])
-        seq.stats.cached_prefix_tokens = sum(len(chunk.tokens) for chunk in cached)
-        await self.batcher.run(seq, self.engine.prefill, seq, cached)
-        if len(cached) < len(names):
-            new = await self.batcher.run(None, self._export_blocks, seq, len(cached), len(names))
-            self.prefixes.client.publish_prefix(names[len(cached) : len(cached) + len(new)], new)
+        span = tracing.start_span("outrider.prefill", trace_ctx)
+        try:
+            names, cached = [], []
+            if self.prefixes is not None:
+                names, cached = await self.prefixes.lookup(seq.committed[:-1])
+            seq.stats.cached_prefix_tokens = sum(len(chunk.tokens) for chunk in cached)
+            if span.is_recording():
+                span.set_attributes({
+                    "outrider.prompt_tokens": len(seq.committed), "outrider.cached_prefix_tokens": seq.stats.cached_prefix_tokens,
+                    # The shared prefix KV blocks this prompt starts from, read through the
+                    # object store (or this replica's cache of what it read before).
+                    "outrider.object_store_bytes": sum(chunk.nbytes for chunk in cached),
+                })
+            await self.batcher.run(seq, self.engine.prefill, seq, cached)
+            if len(cached) < len(names):
+                new = await self.batcher.run(None, self._export_blocks, seq, len(cached), len(names))
+                self.prefixes.client.publish_prefix(names[len(cached) : len(cached) + len(new)], new)
+                if span.is_recording():
+                    span.set_attribute("outrider.published_blocks", len(new))
+        except Exception as error:
+            tracing.record_error(span, error)
+            raise
+        finally:
+            span.end()
 
     def _export_blocks(self, seq: SequenceState, first: int, end: int) -> list[KVChunk]:
         size, runner = self.prefixes.block_tokens, self.engine.verifier.runner
@@ -167,22 +212,44 @@ class VerifierService:
             blocks.append(chunk)
         return blocks
 
-    async def _target_only(self, seq: SequenceState) -> AsyncIterator[list[int]]:
-        await self._prefill(seq)
+    async def _target_only(self, seq: SequenceState, req, trace_ctx) -> AsyncIterator[list[int]]:
+        await self._prefill(seq, trace_ctx)
         empty = Proposal.empty(self.device)
+        round = req.first_round
         while not seq.finished:
-            yield (await self.batcher.verify(seq, empty)).tokens
+            span = self._round_span(req, round, trace_ctx)
+            try:
+                result = await self.batcher.verify(seq, empty, span)
+                if span.is_recording():
+                    span.set_attributes({"outrider.gamma": 0, "outrider.accepted": 0, "outrider.committed": len(result.tokens)})
+            finally:
+                span.end()
+            yield result.tokens
+            round += 1
 
-    async def _speculative(self, seq: SequenceState, req, method: str) -> AsyncIterator[list[int]]:
+    @staticmethod
+    def _round_span(req, round: int, trace_ctx):
+        if not tracing.enabled():
+            return tracing.INVALID_SPAN
+        return tracing.start_span("outrider.round", trace_ctx, attributes={
+            "outrider.session_id": req.request_id, "outrider.request_id": req.request_id, "outrider.round": round})
+
+    async def _speculative(self, seq: SequenceState, req, method: str, trace_ctx=None) -> AsyncIterator[list[int]]:
         pipeline = req.speculation.pipeline
         round = req.first_round  # a resumed stream numbers its rounds on
-        link = DraftLink(lambda first: self._open_stream(seq, req, method, first), seq, self.device)
+        link = DraftLink(lambda first: self._open_stream(seq, req, method, first, link.trace), seq, self.device)
+        # A round's span starts as the previous one ends (at the previous outcome), so
+        # the blocks drafted for it, and the early block drafted while it verifies, are
+        # its children: the worker gets its context with the open and each outcome.
+        span = self._round_span(req, round, trace_ctx)
+        link.trace = tracing.inject(span)
         # The target's prefill overlaps finding a draft replica and drafting the first round.
-        prefill = asyncio.ensure_future(self._prefill(seq))
+        prefill = asyncio.ensure_future(self._prefill(seq, trace_ctx))
         try:
             await link.start(round)
         except BaseException:
             prefill.cancel()
+            span.end()
             raise
         try:
             await prefill
@@ -191,7 +258,7 @@ class VerifierService:
             unreported: list[int] = []  # committed tokens the worker has not been told yet
             block = await link.receive(round, speculative=False)
             while True:
-                result = await self.batcher.verify(seq, block.proposal)
+                result = await self.batcher.verify(seq, block.proposal, span)
                 if not req.pinned_gamma:
                     self._limit_gamma(seq, block, result.num_accepted, seq.stats.exposed_draft_time_s - exposed)
                 exposed = seq.stats.exposed_draft_time_s
@@ -199,13 +266,19 @@ class VerifierService:
                 full = result.num_accepted == len(block.proposal)
                 # The worker drafts ahead whenever it drafts at all (told > 0); the
                 # block is worth waiting for only after a fully accepted round.
-                if pipeline and told > 0 and not seq.finished:
+                pipelined = pipeline and told > 0 and not seq.finished
+                if pipelined:
                     seq.stats.pipeline_rounds += 1
                     if full and draft_budget(told, seq.remaining) > 0:
                         early = await link.receive(round + 1, speculative=True)
                 hit = not seq.finished and pipeline_hit(block.proposal, result.num_accepted, result.tokens[-1], early)
                 seq.stats.pipeline_hits += hit
                 unreported += result.tokens
+                if span.is_recording():
+                    _record_round(span, block, result, early, hit, pipelined)
+                span.end()
+                span = tracing.INVALID_SPAN if seq.finished else self._round_span(req, round + 1, trace_ctx)
+                link.trace = tracing.inject(span)
                 # A worker told gamma 0 drafts nothing and waits: while drafting stays
                 # off, the verifier decodes alone and tells it nothing (no per-round
                 # message); it hears every token at once when drafting resumes.
@@ -223,7 +296,11 @@ class VerifierService:
                     block = await link.receive(round, speculative=False)
                 else:  # no drafting at this load: a plain decoding step, no hop
                     block = DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
+        except Exception as error:
+            tracing.record_error(span, error)
+            raise
         finally:
+            span.end()  # a round left open by a cancelled or failed session
             link.close()
 
     def _limit_gamma(self, seq: SequenceState, block: DraftBlock, accepted: int, exposed_s: float) -> None:
@@ -236,12 +313,15 @@ class VerifierService:
         # under load only.
         seq.gamma_cap = self.gamma_policy.cap(batch) if batch > 1 else None
 
-    async def _open_stream(self, seq: SequenceState, req, method: str, first_round: int):
-        """A Draft stream on a worker Serve picks, opened at ``seq``'s committed tokens."""
+    async def _open_stream(self, seq: SequenceState, req, method: str, first_round: int, trace=("", "")):
+        """A Draft stream on a worker Serve picks, opened at ``seq``'s committed tokens.
+        ``trace``: the context of round ``first_round``'s span; the request's own context
+        goes in the call's metadata (the worker's session span)."""
         address = await self.find_drafter()
         if address not in self.channels:
             self.channels[address] = grpc.aio.insecure_channel(address)
-        call = internal_pb2_grpc.DrafterStub(self.channels[address]).Draft()
+        call = internal_pb2_grpc.DrafterStub(self.channels[address]).Draft(
+            metadata=tracing.grpc_metadata(req.traceparent, req.tracestate))
         opened = internal_pb2.DraftOpen(
             session_id=req.request_id,
             prompt_ids=seq.committed,
@@ -251,6 +331,8 @@ class VerifierService:
             gamma=seq.effective_gamma,
             pipeline=req.speculation.pipeline,
             first_round=first_round,
+            traceparent=trace[0],
+            tracestate=trace[1],
         )
         try:
             await call.write(internal_pb2.DraftCommand(open=opened))
