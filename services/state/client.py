@@ -54,7 +54,7 @@ class PrefixSharing:
 
 
 class StateClient:
-    def __init__(self, store, cache_bytes: int = 256 * 2**20):
+    def __init__(self, store, cache_bytes: int = 64 * 2**20):  # bounds what a replica keeps
         self.store = store
         self.cache: OrderedDict[str, KVChunk] = OrderedDict()  # ref id -> chunk
         self.cache_bytes, self.cached_bytes = cache_bytes, 0
