@@ -14,7 +14,6 @@ import torch
 
 from .errors import InvalidRequest
 from .gamma import GammaSchedule, draft_budget
-from .kv_chunks import KVChunk
 from .proposals import Proposal
 from .proposers import Proposer
 from .sampling import SamplingParams
@@ -131,10 +130,11 @@ class SpeculativeEngine:
             return Proposal.empty(self.verifier.device)
         return self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.draft_generator)
 
-    def prefill(self, seq: SequenceState, cached: list[KVChunk] = ()) -> None:
+    def prefill(self, seq: SequenceState, cached: list = ()) -> None:
         """Cache the prompt's KV except its last token, which the first round feeds with
         the drafts. Lets a server prefill the target while the first draft is made.
-        ``cached``: chunks of a shared prefix of the prompt, computed elsewhere."""
+        ``cached``: blocks of a shared prefix of the prompt, computed elsewhere (see
+        TargetVerifier.prefill)."""
         t0 = time.perf_counter()
         self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached)
         seq.stats.verify_time_s += time.perf_counter() - t0

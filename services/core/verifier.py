@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv import common_prefix_len
-from .kv_chunks import KVChunk
 from .proposals import Proposal, VerifyOutcome
 from .rejection import accept_greedy, accept_sampled
 from .sampling import SamplingParams, adjusted_probs
@@ -55,8 +54,9 @@ class TargetVerifier:
     def release(self, kvs: list[TargetKV]) -> None:
         self.runner.release([kv.session for kv in kvs])
 
-    def prefill(self, kv: TargetKV, tokens: list[int], cached: list[KVChunk] = ()) -> None:
-        """``cached``: chunks of a shared prefix of ``tokens`` (a new session only)."""
+    def prefill(self, kv: TargetKV, tokens: list[int], cached: list = ()) -> None:
+        """``cached``: blocks of a shared prefix of ``tokens`` (a new session only), in
+        the form the runner takes: KVChunks, or a tensor-parallel runner's per-rank refs."""
         if cached and not kv.tokens:
             self.runner.prefill(kv.session, tokens, list(cached))
             kv.tokens = list(tokens)

@@ -52,6 +52,63 @@ class PrefixSharing:
             log.warning("prefix lookup failed (computing it instead): %r", error)
             return names, []
 
+    def export(self, runner, session: str, names: list[str], first: int) -> list[KVChunk]:
+        """Blocks ``first``.. of a prefilled session (on the runner's compute thread)."""
+        size, blocks = self.block_tokens, []
+        for k in range(first, len(names)):
+            chunk = runner.export(session, k * size, (k + 1) * size)
+            if chunk is None:
+                break
+            blocks.append(chunk)
+        return blocks
+
+    def publish(self, names: list[str], first: int, blocks: list[KVChunk]) -> None:
+        if blocks:
+            self.client.publish_prefix(names[first : first + len(blocks)], blocks)
+
+
+@dataclass(frozen=True)
+class ShardedBlock:
+    """A prefix block of a tensor-parallel target: one ref per rank, each to that
+    rank's head-shard (ranks fetch their own; nothing crosses the replica)."""
+
+    tokens: tuple[int, ...]
+    refs: tuple  # [ranks] ObjectRef of a KVChunk
+    nbytes: int = 0  # unknown until a rank fetches it
+
+
+@dataclass(frozen=True)
+class ShardedPrefixSharing:
+    """PrefixSharing for a tensor-parallel target: a block's name per rank is the
+    block's name plus the rank and group size, so only an identical sharding reuses it."""
+
+    client: "StateClient"
+    block_tokens: int
+    salt: str
+    ranks: int
+
+    def _per_rank(self, names: list[str]) -> list[list[str]]:
+        return [[f"{name}/rank{r}of{self.ranks}" for name in names] for r in range(self.ranks)]
+
+    async def lookup(self, tokens: list[int]) -> tuple[list[str], list[ShardedBlock]]:
+        names, size = block_names(tokens, self.block_tokens, self.salt), self.block_tokens
+        try:
+            refs = await self.client.store.lookup_prefix_sharded.remote(self._per_rank(names))
+        except Exception as error:
+            log.warning("prefix lookup failed (computing it instead): %r", error)
+            return names, []
+        return names, [ShardedBlock(tuple(tokens[k * size : (k + 1) * size]), tuple(r[k] for r in refs))
+                       for k in range(len(refs[0]) if refs else 0)]
+
+    def export(self, runner, session: str, names: list[str], first: int) -> list:
+        """The ranks export and publish their own shards of blocks ``first``..; returns
+        how many (each rank sends its shard straight to the store)."""
+        return [None] * runner.publish_blocks(session, self._per_rank(names[first:]), first, self.block_tokens,
+                                              self.client.store)
+
+    def publish(self, names: list[str], first: int, blocks: list) -> None:
+        pass  # done by the ranks in export()
+
 
 class StateClient:
     def __init__(self, store, cache_bytes: int = 64 * 2**20):  # bounds what a replica keeps

@@ -103,6 +103,14 @@ class SessionStore:
             refs.append(self.prefixes[name][0])
         return refs
 
+    async def lookup_prefix_sharded(self, names_per_shard: list[list[str]]) -> list[list[ray.ObjectRef]]:
+        """For a tensor-parallel target (a name list per rank): refs per rank of the
+        longest run of blocks every rank has, so that all ranks start from the same
+        position (one call: nothing is evicted between the ranks' lookups)."""
+        runs = [await self.lookup_prefix(names) for names in names_per_shard]
+        common = min(map(len, runs), default=0)
+        return [run[:common] for run in runs]
+
     async def publish_prefix(self, names: list[str], chunks: list[KVChunk]) -> None:
         for name, chunk in zip(names, chunks):
             if name in self.prefixes or chunk.nbytes > self.prefix_bytes:

@@ -18,7 +18,7 @@ from ..core.verifier import TargetVerifier
 from ..core.target import TargetRunner
 from ..models.loading import context_length, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2
-from ..state.client import PrefixSharing, replica_state_client
+from ..state.client import PrefixSharing, ShardedPrefixSharing, replica_state_client
 from ..telemetry import tracing
 from .service import VerifierService
 from .tensor_parallel import TensorParallelTarget
@@ -47,10 +47,12 @@ class Verifier:
         self.drafter = drafter
         state = replica_state_client(cfg)
         prefixes = None
-        if state is not None and isinstance(runner, TargetRunner):
-            # Tensor-parallel ranks keep their KV shards to themselves: no sharing there yet.
-            salt = f"target|{paths.target}|{cfg.dtype}|{runner.model.dtype}"
-            prefixes = PrefixSharing(state, cfg.prefix_block_tokens, salt)
+        if state is not None:
+            salt = f"target|{paths.target}|{cfg.device}|{cfg.dtype}"
+            if isinstance(runner, TensorParallelTarget):  # the ranks move their own shards
+                prefixes = ShardedPrefixSharing(state, cfg.prefix_block_tokens, salt, cfg.tensor_parallel_size)
+            else:
+                prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"{salt}|{runner.model.dtype}")
         replica = serve.get_replica_context().replica_id.unique_id
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica)
 

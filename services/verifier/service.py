@@ -17,12 +17,11 @@ import grpc
 
 from ..core.engine import SequenceState, SpeculativeEngine
 from ..core.gamma import GammaSchedule, LoadAwareGamma, draft_budget
-from ..core.kv_chunks import KVChunk
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.proposals import Proposal
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHOD_IDS, METHODS, block_from_proto, sampling_from_proto, stats_to_proto
-from ..state.client import PrefixSharing
+from ..state.client import PrefixSharing, ShardedPrefixSharing
 from ..telemetry import tracing
 from .batcher import RoundBatcher
 
@@ -132,7 +131,7 @@ def _worker_lost(error: Exception) -> bool:
 
 class VerifierService:
     def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]],
-                 max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | None = None,
+                 max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | ShardedPrefixSharing | None = None,
                  name: str = ""):
         self.engine = engine
         self.find_drafter = find_drafter
@@ -192,8 +191,9 @@ class VerifierService:
                 })
             await self.batcher.run(seq, self.engine.prefill, seq, cached)
             if len(cached) < len(names):
-                new = await self.batcher.run(None, self._export_blocks, seq, len(cached), len(names))
-                self.prefixes.client.publish_prefix(names[len(cached) : len(cached) + len(new)], new)
+                runner, session = self.engine.verifier.runner, seq.target_kv.session
+                new = await self.batcher.run(None, self.prefixes.export, runner, session, names, len(cached))
+                self.prefixes.publish(names, len(cached), new)
                 if span.is_recording():
                     span.set_attribute("outrider.published_blocks", len(new))
         except Exception as error:
@@ -201,16 +201,6 @@ class VerifierService:
             raise
         finally:
             span.end()
-
-    def _export_blocks(self, seq: SequenceState, first: int, end: int) -> list[KVChunk]:
-        size, runner = self.prefixes.block_tokens, self.engine.verifier.runner
-        blocks = []
-        for k in range(first, end):
-            chunk = runner.export(seq.target_kv.session, k * size, (k + 1) * size)
-            if chunk is None:
-                break
-            blocks.append(chunk)
-        return blocks
 
     async def _target_only(self, seq: SequenceState, req, trace_ctx) -> AsyncIterator[list[int]]:
         await self._prefill(seq, trace_ctx)

@@ -9,6 +9,10 @@ session's KV in its own ``TargetRunner``. Per pass the replica sends every rank 
 same feeds (token ids only) and gets the logits back from rank 0: the all-reduces
 inside the layers leave every rank with the full logits.
 
+Shared prefixes: each rank restores and publishes its own head-shards of prefix
+blocks straight from and to the session store (a name per rank and group size); the
+replica only looks up which blocks all ranks have.
+
 Failure: if a rank dies, the others would wait in a collective until the group's
 timeout. The replica sees the dead rank's call fail, kills the whole group so nothing
 hangs, and from then on fails its health check, so Serve replaces the replica (and
@@ -63,6 +67,24 @@ class TargetRank:
     def release(self, sessions: list[str]) -> None:
         self.runner.release(sessions)
 
+    def prefill(self, session: str, tokens: list[int], refs: list) -> None:
+        """A new session from this rank's shards of shared prefix blocks (``refs``,
+        fetched here), the rest computed with the other ranks."""
+        self.runner.prefill(session, tokens, ray.get(refs) if refs else [])
+
+    def publish_blocks(self, session: str, names: list[str], first: int, size: int, store) -> int:
+        """Send this rank's shards of blocks ``first``.. to the session store."""
+        blocks = []
+        for k, _ in enumerate(names, start=first):
+            chunk = self.runner.export(session, k * size, (k + 1) * size)
+            if chunk is None:
+                break
+            blocks.append(chunk)
+        if blocks:
+            # Waited for: the arguments are this rank's objects, lost if it died first.
+            ray.get(store.publish_prefix.remote(names[: len(blocks)], blocks))
+        return len(blocks)
+
     def cached_positions(self) -> int:
         return self.runner.cached_positions()
 
@@ -102,6 +124,17 @@ class TensorParallelTarget:
 
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
         return self._gather([r.forward.remote(feeds) for r in self.ranks])[0]
+
+    def prefill(self, session: str, tokens: list[int], cached: list) -> None:
+        """``cached``: ShardedBlocks (a ref per rank) of a shared prefix of ``tokens``."""
+        self._gather([rank.prefill.remote(session, tokens, [block.refs[r] for block in cached])
+                      for r, rank in enumerate(self.ranks)])
+
+    def publish_blocks(self, session: str, names_per_rank: list[list[str]], first: int, size: int, store) -> int:
+        """Every rank publishes its shards of blocks ``first``..; how many all did."""
+        counts = self._gather([rank.publish_blocks.remote(session, names, first, size, store)
+                               for rank, names in zip(self.ranks, names_per_rank)])
+        return min(counts)
 
     def release(self, sessions: list[str]) -> None:
         if not self.failed:

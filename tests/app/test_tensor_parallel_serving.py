@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+import ray
 from ray.util.state import list_actors
 
 from serving_cluster import serving_cluster
@@ -39,12 +40,17 @@ def generate(client, method):
     return list(reply.token_ids)
 
 
+def actors(**kwargs):
+    # The address is explicit: left out, the state API may find another cluster on this machine.
+    return list_actors(address=ray.get_runtime_context().gcs_address, limit=1000, **kwargs)
+
+
 def ranks():
-    return [a for a in list_actors(filters=[("class_name", "=", "TargetRank")]) if a.state == "ALIVE"]
+    return [a for a in actors(filters=[("class_name", "=", "TargetRank")]) if a.state == "ALIVE"]
 
 
 def verifier_replicas():
-    return [a for a in list_actors() if "verifier" in a.class_name and a.state == "ALIVE"]
+    return [a for a in actors() if "verifier" in a.class_name and a.state == "ALIVE"]
 
 
 def test_tp2_served_greedy_is_target_only_decoding(server, expected):
@@ -55,6 +61,17 @@ def test_tp2_served_greedy_is_target_only_decoding(server, expected):
     assert len(alive) == 2
     replica = verifier_replicas()[0]
     assert {a.node_id for a in alive} == {replica.node_id}, "ranks run on the verifier replica's node"
+
+
+def test_tp2_prefill_reuses_the_ranks_shared_prefix_shards(server):
+    client, _ = server
+    pair = load_pair(bundled_paths(), with_draft=False)
+    ids = pair.tokenizer(PROMPT * 30, add_special_tokens=False)["input_ids"][:130]  # two 64-token blocks
+    want = make_engine(pair, "none", GammaSchedule(initial=0)).generate(ids, 12, SamplingParams()).token_ids
+    first = client.generate_unary(make_request(ids, 12, method="draft", gamma=4), timeout=120)
+    second = client.generate_unary(make_request(ids, 12, method="draft", gamma=4), timeout=120)
+    assert first.stats.cached_prefix_tokens == 0 and second.stats.cached_prefix_tokens == 128
+    assert list(first.token_ids) == list(second.token_ids) == want
 
 
 def test_a_dead_rank_gets_the_replica_replaced(server, expected):

@@ -2,6 +2,7 @@
 logits as TP=1, speculative greedy output identical to target-only, and a dead rank
 fails the group promptly instead of hanging it."""
 
+import asyncio
 import time
 
 import pytest
@@ -15,6 +16,8 @@ from services.core.gamma import GammaSchedule
 from services.core.proposers import DraftModelProposer
 from services.core.target import Feed, TargetRunner
 from services.core.verifier import TargetVerifier
+from services.state.client import ShardedPrefixSharing, StateClient
+from services.state.store import SessionStore
 from services.verifier.tensor_parallel import RankFailed, TensorParallelTarget
 
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41], [7, 8, 9, 10, 11, 12, 13, 14, 15]]
@@ -97,4 +100,40 @@ def test_a_dead_rank_fails_the_group_instead_of_hanging(cluster, target):
             tp.check()  # what Serve's health check calls
     finally:
         tp.shutdown()
+        remove_placement_group(group)
+
+
+def test_tp2_prefill_starts_from_shards_another_group_published(cluster, target):
+    model, path = target
+    store = ray.remote(SessionStore).options(num_cpus=0).remote(2**24, 600.0)
+    tokens = [(5 * i + 3) % 90 + 2 for i in range(14)]  # three full 4-token blocks
+
+    async def lookup():
+        return await ShardedPrefixSharing(StateClient(store), 4, "tp-test", 2).lookup(tokens)
+
+    sharing = ShardedPrefixSharing(StateClient(store), 4, "tp-test", 2)
+    first, group = start_tp(path)
+    try:
+        names, cached = asyncio.run(lookup())
+        assert len(names) == 3 and cached == []
+        first.prefill("a", tokens, cached)
+        assert len(sharing.export(first, "a", names, 0)) == 3  # every rank published its shards
+    finally:
+        first.shutdown()  # the group that computed the blocks is gone
+        remove_placement_group(group)
+    deadline = time.monotonic() + 30
+    while ray.get(store.usage.remote())["prefix_blocks"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second, group = start_tp(path)
+    try:
+        names, cached = asyncio.run(lookup())
+        assert len(cached) == 3 and all(len(block.refs) == 2 for block in cached)
+        second.prefill("b", tokens, cached)
+        assert second.cached_positions() == len(tokens)
+        cold = TargetRunner(model)
+        cold.prefill("b", tokens, [])
+        torch.testing.assert_close(second.forward([Feed("b", len(tokens), [7, 8], 2)])[0],
+                                   cold.forward([Feed("b", len(tokens), [7, 8], 2)])[0], rtol=1e-5, atol=1e-5)
+    finally:
+        second.shutdown()
         remove_placement_group(group)
