@@ -4,6 +4,7 @@ fails the group promptly instead of hanging it."""
 
 import asyncio
 import time
+from contextlib import contextmanager
 
 import pytest
 import ray
@@ -38,16 +39,22 @@ def target(tmp_path_factory):
     return model, str(path)
 
 
-def start_tp(path):
+@contextmanager
+def tp_group(path):
+    """A TP=2 target in its own placement group, torn down afterwards."""
     group = placement_group([{"CPU": 0.1}] + [{"CPU": 1}] * 2, strategy="STRICT_PACK")
     ray.get(group.ready())
-    return TensorParallelTarget(2, path, "cpu", "float32", False, rank_cpus=1, threads=1, group=group), group
+    tp = TensorParallelTarget(2, path, "cpu", "float32", False, rank_cpus=1, threads=1, group=group)
+    try:
+        yield tp
+    finally:
+        tp.shutdown()
+        remove_placement_group(group)
 
 
 def test_tp2_logits_match_tp1(cluster, target):
     model, path = target
-    tp, group = start_tp(path)
-    try:
+    with tp_group(path) as tp:
         local = TargetRunner(model)
         rounds = [
             [Feed("a", 0, [5, 6, 7, 8, 9], 2), Feed("b", 0, [10, 11, 12], 3)],  # batched, mixed lengths
@@ -61,15 +68,11 @@ def test_tp2_logits_match_tp1(cluster, target):
         assert tp.cached_positions() == local.cached_positions() == 6 + 7
         tp.release(["a", "b"])
         assert tp.cached_positions() == 0
-    finally:
-        tp.shutdown()
-        remove_placement_group(group)
 
 
 def test_tp2_speculative_greedy_is_tp2_target_only(cluster, target):
     model, path = target
-    tp, group = start_tp(path)
-    try:
+    with tp_group(path) as tp:
         draft = noisy_copy(model, seed=2, scale=0.3)
         plain = SpeculativeEngine(TargetVerifier(tp), None, None, 256)
         spec = SpeculativeEngine(TargetVerifier(tp), DraftModelProposer(draft), None, 256, GammaSchedule(4))
@@ -80,15 +83,11 @@ def test_tp2_speculative_greedy_is_tp2_target_only(cluster, target):
             assert expected == hf_greedy(model, prompt, 30, eos=None)  # and TP=1 agrees
             assert result.stats.rounds < 30  # drafts were accepted: it really speculated
         assert tp.cached_positions() == 0  # generate() releases its sessions
-    finally:
-        tp.shutdown()
-        remove_placement_group(group)
 
 
 def test_a_dead_rank_fails_the_group_instead_of_hanging(cluster, target):
     _, path = target
-    tp, group = start_tp(path)
-    try:
+    with tp_group(path) as tp:
         tp.forward([Feed("a", 0, [5, 6, 7], 1)])
         tp.check()
         ray.kill(tp.ranks[1], no_restart=True)
@@ -98,9 +97,6 @@ def test_a_dead_rank_fails_the_group_instead_of_hanging(cluster, target):
         assert time.monotonic() - start < 30, "the surviving rank must not be left waiting in a collective"
         with pytest.raises(RankFailed):
             tp.check()  # what Serve's health check calls
-    finally:
-        tp.shutdown()
-        remove_placement_group(group)
 
 
 def test_tp2_prefill_starts_from_shards_another_group_published(cluster, target):
@@ -112,20 +108,14 @@ def test_tp2_prefill_starts_from_shards_another_group_published(cluster, target)
         return await ShardedPrefixSharing(StateClient(store), 4, "tp-test", 2).lookup(tokens)
 
     sharing = ShardedPrefixSharing(StateClient(store), 4, "tp-test", 2)
-    first, group = start_tp(path)
-    try:
+    with tp_group(path) as first:
         names, cached = asyncio.run(lookup())
         assert len(names) == 3 and cached == []
         first.prefill("a", tokens, cached)
         assert len(sharing.export(first, "a", names, 0)) == 3  # every rank published its shards
-    finally:
-        first.shutdown()  # the group that computed the blocks is gone
-        remove_placement_group(group)
-    deadline = time.monotonic() + 30
-    while ray.get(store.usage.remote())["prefix_blocks"] < 6 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    second, group = start_tp(path)
-    try:
+    # The group that computed the blocks is gone; its shards (3 blocks x 2 ranks) stay.
+    assert ray.get(store.usage.remote())["prefix_blocks"] == 6
+    with tp_group(path) as second:
         names, cached = asyncio.run(lookup())
         assert len(cached) == 3 and all(len(block.refs) == 2 for block in cached)
         second.prefill("b", tokens, cached)
@@ -134,6 +124,3 @@ def test_tp2_prefill_starts_from_shards_another_group_published(cluster, target)
         cold.prefill("b", tokens, [])
         torch.testing.assert_close(second.forward([Feed("b", len(tokens), [7, 8], 2)])[0],
                                    cold.forward([Feed("b", len(tokens), [7, 8], 2)])[0], rtol=1e-5, atol=1e-5)
-    finally:
-        second.shutdown()
-        remove_placement_group(group)
