@@ -54,12 +54,17 @@ class LoadAwareGamma:
         self.maximum = maximum
         self.window = window
         self.passes: list[tuple[int, float]] = []  # (positions, seconds)
+        # cap() runs every round of every session, passes change once a pass: the
+        # regression over the window is refitted only when a pass was added.
+        self._fitted: tuple[float, float] | None = None
+        self._stale = True
         self.drafted = self.accepted = 0
         self.exposed_draft_s = 0.0
 
     def observe_pass(self, positions: int, seconds: float) -> None:
         self.passes.append((positions, seconds))
         del self.passes[: -self.window]
+        self._stale = True
 
     def observe_round(self, drafted: int, accepted: int, exposed_draft_s: float) -> None:
         self.drafted += drafted
@@ -68,6 +73,11 @@ class LoadAwareGamma:
 
     def fit(self) -> tuple[float, float] | None:
         """(a, b) of T(n) = a + b*n, or None until passes of two different sizes."""
+        if self._stale:
+            self._fitted, self._stale = self._regress(), False
+        return self._fitted
+
+    def _regress(self) -> tuple[float, float] | None:
         n = [p for p, _ in self.passes]
         if len(set(n)) < 2:
             return None

@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
 from ..core.errors import InvalidRequest
@@ -153,60 +153,65 @@ class GatewayService:
         if self.active_sessions >= self.limits.max_sessions:
             raise Overloaded(f"at the limit of {self.limits.max_sessions} concurrent sessions; retry later")
         self.active_sessions += 1
-        request_id = verify_request.request_id
-        detok = IncrementalDetokenizer(self.tokenizer)
-        first_token_s = None
-        committed: list[int] = []  # what the client has been sent: a resumed stream starts after it
-        rounds = resumes = 0
+        progress = _Progress(verify_request, IncrementalDetokenizer(self.tokenizer), start)
         try:
             while True:
                 try:
                     # aclosing: see Gateway.Generate; closing the verify stream cancels the session there.
-                    if resumes and self._complete(verify_request, committed):
-                        # The replica died between the last token and its stats.
-                        stats = outrider_pb2.GenerationStats(
-                            emitted=len(committed), resumes=resumes, total_s=time.perf_counter() - start,
-                            time_to_first_token_s=first_token_s or 0.0,
-                            finish_reason="stop" if committed[-1] == self.tokenizer.eos_token_id else "length",
-                        )
-                        yield outrider_pb2.GenerateChunk(request_id=request_id, text=detok.flush(), stats=stats,
-                                                         prompt_token_ids=verify_request.prompt_ids)
-                        return
-                    attempt = _resumed(verify_request, committed, rounds) if resumes else verify_request
-                    async with aclosing(self.open_verify(attempt)) as verify_chunks:
-                        async for chunk in verify_chunks:
-                            if chunk.HasField("stats"):
-                                stats = chunk.stats
-                                stats.total_s = time.perf_counter() - start
-                                stats.time_to_first_token_s = first_token_s or stats.total_s
-                                stats.resumes = resumes
-                                if span.is_recording():
-                                    _record_stats(span, stats)
-                                yield outrider_pb2.GenerateChunk(
-                                    request_id=request_id, text=detok.flush(), stats=stats,
-                                    prompt_token_ids=verify_request.prompt_ids,
-                                )
-                                return
-                            if first_token_s is None:
-                                first_token_s = time.perf_counter() - start
-                            ids = list(chunk.token_ids)
-                            committed += ids
-                            rounds += 1
-                            yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=detok.add(ids))
-                    raise ConnectionError("the verifier ended the session without its stats")
+                    async with aclosing(self._attempt(progress, span)) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
+                    return
                 except ReplicaLost as error:
                     # Nothing the client saw is lost or repeated: the next replica starts
                     # from exactly the committed tokens (greedy output is unchanged).
-                    resumes += 1
+                    progress.resumes += 1
                     if span.is_recording():
-                        span.add_event("verifier.lost", {"outrider.resumes": resumes, "outrider.committed": len(committed),
+                        span.add_event("verifier.lost", {"outrider.resumes": progress.resumes,
+                                                         "outrider.committed": len(progress.committed),
                                                          "exception.message": str(error)})
-                    if resumes > self.max_resumes:
+                    if progress.resumes > self.max_resumes:
                         raise
-                    await asyncio.sleep(min(0.1 * 2 ** (resumes - 1), 2.0))  # Serve replaces the replica meanwhile
+                    await asyncio.sleep(min(0.1 * 2 ** (progress.resumes - 1), 2.0))  # Serve replaces the replica meanwhile
         finally:
             self.active_sessions -= 1
-            self.release_session(request_id)
+            self.release_session(verify_request.request_id)
+
+    async def _attempt(self, progress: "_Progress", span) -> AsyncIterator[outrider_pb2.GenerateChunk]:
+        """One verifier replica's part of a stream: from the tokens already sent to the
+        stats, or ReplicaLost."""
+        req = progress.request
+        request_id = req.request_id
+        if progress.resumes and self._complete(req, progress.committed):
+            # The replica died between the last token and its stats.
+            stats = outrider_pb2.GenerationStats(
+                emitted=len(progress.committed), resumes=progress.resumes, total_s=progress.elapsed(),
+                time_to_first_token_s=progress.first_token_s or 0.0,
+                finish_reason="stop" if progress.committed[-1] == self.tokenizer.eos_token_id else "length",
+            )
+            yield outrider_pb2.GenerateChunk(request_id=request_id, text=progress.detok.flush(), stats=stats,
+                                             prompt_token_ids=req.prompt_ids)
+            return
+        attempt = _resumed(req, progress.committed, progress.rounds) if progress.resumes else req
+        async with aclosing(self.open_verify(attempt)) as verify_chunks:
+            async for chunk in verify_chunks:
+                if chunk.HasField("stats"):
+                    stats = chunk.stats
+                    stats.total_s = progress.elapsed()
+                    stats.time_to_first_token_s = progress.first_token_s or stats.total_s
+                    stats.resumes = progress.resumes
+                    if span.is_recording():
+                        _record_stats(span, stats)
+                    yield outrider_pb2.GenerateChunk(request_id=request_id, text=progress.detok.flush(), stats=stats,
+                                                     prompt_token_ids=req.prompt_ids)
+                    return
+                if progress.first_token_s is None:
+                    progress.first_token_s = progress.elapsed()
+                ids = list(chunk.token_ids)
+                progress.committed += ids
+                progress.rounds += 1
+                yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=progress.detok.add(ids))
+        raise ConnectionError("the verifier ended the session without its stats")
 
     def _complete(self, req: internal_pb2.VerifyRequest, committed: list[int]) -> bool:
         eos = self.tokenizer.eos_token_id
@@ -231,6 +236,22 @@ def _record_stats(span, stats: outrider_pb2.GenerationStats) -> None:
         "outrider.emitted": stats.emitted, "outrider.pipeline_hits": stats.pipeline_hits,
         "outrider.resumes": stats.resumes, "outrider.finish_reason": stats.finish_reason,
     })
+
+
+@dataclass
+class _Progress:
+    """A stream's progress as the client has seen it, across verifier replicas."""
+
+    request: internal_pb2.VerifyRequest
+    detok: IncrementalDetokenizer
+    start: float  # perf_counter at receipt
+    committed: list[int] = field(default_factory=list)  # tokens sent: a resumed stream starts after them
+    rounds: int = 0
+    resumes: int = 0
+    first_token_s: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def _resumed(req: internal_pb2.VerifyRequest, committed: list[int], rounds: int) -> internal_pb2.VerifyRequest:

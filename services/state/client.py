@@ -107,7 +107,7 @@ class ShardedPrefixSharing:
                                               self.client.store)
 
     def publish(self, names: list[str], first: int, blocks: list) -> None:
-        pass  # done by the ranks in export()
+        """Nothing left to send: the ranks published their shards in ``export``."""
 
 
 class StateClient:

@@ -303,8 +303,3 @@ def record_error(span: Span, error: BaseException) -> None:
         span.record_exception(error)
         span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
-
-def shutdown() -> None:
-    """Flush and stop this process's exporters (tests, benchmark)."""
-    if _provider is not None:
-        _provider.shutdown()

@@ -135,10 +135,11 @@ class RoundBatcher:
         outcomes: dict[int, tuple[bool, Any]] = {}
         if live:
             seqs, proposals = [job.seq for job in live], [job.proposal for job in live]
-            started, started_ns = time.perf_counter(), time.time_ns()
+            traced = any(job.span is not None for job in live)
+            started, started_ns = time.perf_counter(), time.time_ns() if traced else 0
             ok, value = await self._outcome(loop, lambda: self.engine.verify_and_commit_batch(seqs, proposals))
             self.last_pass_s = time.perf_counter() - started
-            if any(job.span is not None for job in live):
+            if traced:
                 _verify_spans(live, started_ns, time.time_ns(), value if ok else None)
             if ok and self.cost is not None:
                 self.cost.observe_pass(sum(len(p) + 1 for p in proposals), self.last_pass_s)

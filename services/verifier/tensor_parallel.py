@@ -93,7 +93,7 @@ class TargetRank:
 
 
 class RankFailed(RuntimeError):
-    pass
+    """A rank of the group died or stopped answering: the group serves nothing more."""
 
 
 class TensorParallelTarget:

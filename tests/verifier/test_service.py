@@ -175,10 +175,10 @@ class ScriptedCap:
         self.caps = list(caps)
 
     def observe_round(self, *args):
-        pass
+        """Measurements do not move a scripted cap."""
 
     def observe_pass(self, *args):
-        pass
+        """Measurements do not move a scripted cap."""
 
     def cap(self, batch):
         return self.caps.pop(0) if self.caps else 4
