@@ -16,6 +16,7 @@ from ..core.target import TargetRunner
 from ..core.verifier import TargetVerifier
 from ..drafter.service import DrafterService, make_proposers
 from ..rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
+from ..rpc.channels import SERVER_OPTIONS
 from ..rpc.convert import METHOD_IDS, sampling_to_proto
 from ..telemetry import tracing
 from ..verifier.service import VerifierService
@@ -33,7 +34,7 @@ class Loopback:
         return f"127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> "Loopback":
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         internal_pb2_grpc.add_DrafterServicer_to_server(self.drafter, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()

@@ -6,11 +6,10 @@ stateless with respect to requests, so one engine serves many sequences.
 
 from __future__ import annotations
 
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
-
-import torch
 
 from .errors import InvalidRequest
 from .gamma import GammaSchedule, draft_budget
@@ -26,13 +25,12 @@ class SequenceState:
     committed: list[int]  # prompt + generated token ids
     prompt_len: int
     max_new_tokens: int
-    params: SamplingParams
-    draft_generator: torch.Generator
-    verify_generator: torch.Generator
+    params: SamplingParams  # seed resolved: every random stream is keyed by it
     gamma: int  # what the schedule asks for
     schedule: GammaSchedule
     target_kv: TargetKV
     draft_state: object
+    round: int = 0  # the next round's number; a resumed stream numbers on
     finished: bool = False
     gamma_cap: int | None = None  # a server's limit under load (LoadAwareGamma)
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -98,19 +96,20 @@ class SpeculativeEngine:
         max_new_tokens: int,
         params: SamplingParams,
         schedule: GammaSchedule | None = None,
+        first_round: int = 0,
     ) -> SequenceState:
         """``schedule`` overrides the engine's for this sequence (a served request
-        chooses its own gamma)."""
+        chooses its own gamma). ``first_round``: a resumed sequence's round numbering."""
         self.validate(prompt_ids, max_new_tokens)
         schedule = schedule or self.schedule
-        draft_generator, verify_generator = params.make_generators(self.verifier.device)
+        if params.seed is None:
+            params = replace(params, seed=random.SystemRandom().randrange(2**63))
         return SequenceState(
             committed=list(prompt_ids),
             prompt_len=len(prompt_ids),
             max_new_tokens=max_new_tokens,
             params=params,
-            draft_generator=draft_generator,
-            verify_generator=verify_generator,
+            round=first_round,
             gamma=schedule.initial,
             schedule=schedule,
             target_kv=self.verifier.new_state(),
@@ -128,7 +127,7 @@ class SpeculativeEngine:
         gamma = seq.draft_budget
         if self.proposer is None or gamma == 0:
             return Proposal.empty(self.verifier.device)
-        return self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params, seq.draft_generator)
+        return self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params)
 
     def prefill(self, seq: SequenceState, cached: list = ()) -> None:
         """Cache the prompt's KV except its last token, which the first round feeds with
@@ -148,12 +147,13 @@ class SpeculativeEngine:
         result is what it would be alone. Each is charged the whole pass as verify time."""
         t0 = time.perf_counter()
         outcomes = self.verifier.verify(
-            [VerifyRequest(s.target_kv, s.committed, p, s.params, s.verify_generator) for s, p in zip(seqs, proposals)]
+            [VerifyRequest(s.target_kv, s.committed, p, s.params, s.round) for s, p in zip(seqs, proposals)]
         )
         elapsed = time.perf_counter() - t0
         results = []
         for seq, proposal, outcome in zip(seqs, proposals, outcomes):
             seq.stats.verify_time_s += elapsed
+            seq.round += 1
             new = self._truncate_at_stop(outcome.tokens, seq)
             seq.committed.extend(new)
             seq.stats.record_round(len(proposal), outcome.num_accepted, len(new))

@@ -7,3 +7,7 @@ INVALID_ARGUMENT over gRPC. Nothing that raises it has changed any state.
 
 class InvalidRequest(ValueError):
     """A request that cannot be served as asked; the message says why."""
+
+
+class UnsupportedModel(ValueError):
+    """A model Outrider cannot serve exactly; raised at load, with the reason."""

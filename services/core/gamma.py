@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from .errors import InvalidRequest
 
+MAX_GAMMA = 16  # drafts a round, at most: also bounds a draft block's size on the wire
+
 
 @dataclass(frozen=True)
 class GammaSchedule:
@@ -15,7 +17,7 @@ class GammaSchedule:
     initial: int = 4
     adaptive: bool = False
     minimum: int = 1
-    maximum: int = 16
+    maximum: int = MAX_GAMMA
 
     def __post_init__(self) -> None:
         if not 0 <= self.initial <= self.maximum:

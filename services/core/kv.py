@@ -3,6 +3,14 @@
 Rollback is exact and cheap: keeping a prefix of the cached positions is a crop, so
 accepted positions are never recomputed. transformers 5.x changed ``crop``: it now
 takes a *negative* count of tokens to drop (a positive absolute length raises).
+
+Sliding-window layers (Mistral v0.1, Gemma-2/3, Phi-3) are cached as full layers:
+transformers' sliding layer drops positions older than the window, and a rollback
+past the window then cannot be undone (``crop`` raises). The model builds its
+sliding-window mask from its config, not from the cache, so attention still sees the
+window only; the price is memory for positions outside it. Layer kinds that keep
+other state (linear attention, convolutions) cannot be rolled back by a crop at all,
+and such models are refused at load.
 """
 
 from __future__ import annotations
@@ -11,7 +19,26 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
+
+from .errors import UnsupportedModel
+
+# Attention layers a full DynamicLayer caches exactly (the mask does the rest).
+ROLLBACK_SAFE_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def new_cache(config) -> DynamicCache:
+    """An empty cache of plain full-attention layers, one per decoder layer."""
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    unsupported = sorted(set(layer_types) - ROLLBACK_SAFE_LAYERS)
+    if unsupported:
+        raise UnsupportedModel(
+            f"{config.model_type} has {', '.join(unsupported)} layers, whose state a speculative rollback cannot "
+            f"undo; Outrider serves models whose layers are {sorted(ROLLBACK_SAFE_LAYERS)}"
+        )
+    cache = DynamicCache()
+    cache.layers = [DynamicLayer() for _ in layer_types]
+    return cache
 
 
 @dataclass
@@ -21,7 +48,7 @@ class KVState:
 
     @classmethod
     def empty(cls, model) -> "KVState":
-        return cls(cache=DynamicCache(config=model.config))
+        return cls(cache=new_cache(model.config))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -64,8 +91,8 @@ def extend(model, kv: KVState, new_tokens: list[int], logits_to_keep: int = 0) -
 
 
 def batchable(kv: KVState) -> bool:
-    # Plain full-attention layers only: a sliding-window layer keeps extra bookkeeping
-    # that a padded batch would corrupt, so those sequences run one at a time.
+    # Plain full-attention layers only (what ``new_cache`` makes): a cache made some
+    # other way may keep bookkeeping a padded batch would corrupt; it runs alone.
     return all(type(layer) is DynamicLayer for layer in kv.cache.layers)
 
 
@@ -95,7 +122,7 @@ def extend_batch(model, kvs: list[KVState], feeds: list[list[int]], logits_to_ke
         ids[i, : len(feed)] = torch.tensor(feed)
         mask[i, P - p : P + len(feed)] = 1
     positions = torch.tensor(past)[:, None] + torch.arange(N)[None, :]
-    batched = DynamicCache(config=model.config)
+    batched = new_cache(model.config)
     if P:
         template = next(kv for kv in kvs if len(kv))
         for index, (layer, ref) in enumerate(zip(batched.layers, template.cache.layers)):

@@ -16,9 +16,8 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from .kv import KVState, batchable
+from .kv import KVState, batchable, new_cache
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def restore_kv(model, chunks: list[KVChunk]) -> KVState:
     if len(chunks[0].keys) != len(kv.cache.layers):
         raise ValueError("chunks come from a model with a different number of layers")
     device, dtype = model.device, model.dtype
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)
     for index, layer in enumerate(cache.layers):
         keys = torch.cat([c.keys[index] for c in chunks], dim=2).to(device, dtype)
         values = torch.cat([c.values[index] for c in chunks], dim=2).to(device, dtype)

@@ -8,9 +8,10 @@ both hold (``pipeline_hit``); otherwise the worker redrafts from what was commit
 Why this stays exactly lossless: an early block that is kept was sampled from q given
 exactly the prefix that got committed (prefix + round k's drafts + guess == bonus), and
 from the draft's own random stream, independent of the target's draws that decided the
-hit. Testing it against p is the standard test at its exact prefix. Every block gets
-its own random stream keyed by (seed, round, early/fresh), so a seeded request
-reproduces whatever the timing of cancellations was.
+hit. Testing it against p is the standard test at its exact prefix. Every drafted
+position draws from its own stream keyed by (seed, position), so an early block and
+a fresh block after the same prefix are the same block, and a seeded request
+reproduces whatever the timing of cancellations or failovers was.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
 
 from .gamma import draft_budget
 from .kv import KVState, common_prefix_len
 from .kv_chunks import KVChunk, export_chunk, exportable
 from .proposals import Proposal
 from .proposers import Proposer, StopCheck
-from .sampling import SamplingParams, derive_seed
+from .sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,6 @@ class DraftSession:
         max_new_tokens: int,
         params: SamplingParams,
         gamma: int,
-        seed: int,
         state: object | None = None,
     ):
         """``state``: the proposer's state restored from chunks (a session continued
@@ -71,7 +70,6 @@ class DraftSession:
         self.limit = len(prompt_ids) + max_new_tokens  # committed length at which generation ends
         self.params = params
         self.gamma = gamma
-        self.seed = seed
         self.in_flight: DraftBlock | None = None  # the last block sent, not yet verified
         self.early: DraftBlock | None = None  # drafted ahead for in_flight.round + 1
 
@@ -81,9 +79,7 @@ class DraftSession:
     def draft(self, round: int) -> DraftBlock:
         """A fresh block for ``round`` after the committed tokens."""
         t0 = time.perf_counter()
-        proposal = self.proposer.propose(
-            self.state, self.committed, self.budget(len(self.committed)), self.params, self._generator(round, False)
-        )
+        proposal = self.proposer.propose(self.state, self.committed, self.budget(len(self.committed)), self.params)
         self.in_flight = DraftBlock(round, proposal, speculative=False, guess=None, draft_s=time.perf_counter() - t0)
         self.early = None
         return self.in_flight
@@ -99,15 +95,15 @@ class DraftSession:
         if count == 0:
             self.early = DraftBlock(round, Proposal.empty(self.in_flight.proposal.tokens.device), True, None, 0.0)
             return self.early
-        generator = self._generator(round, speculative=True)
         t0 = time.perf_counter()
         # Two calls, guess then block, so the block is exactly what a fresh draft after
-        # `base + [guess]` would propose: the same for a draft model (one more step of
-        # the same stream), and the lookup a prompt-lookup proposer would do after it.
-        guess = self.proposer.propose(self.state, base, 1, self.params, generator, stop)
+        # `base + [guess]` would propose: the same for a draft model (each position
+        # draws from its own keyed stream), and the lookup a prompt-lookup proposer
+        # would do after it.
+        guess = self.proposer.propose(self.state, base, 1, self.params, stop)
         block = Proposal.empty(guess.tokens.device)
         if len(guess):
-            block = self.proposer.propose(self.state, base + guess.tokens.tolist(), count, self.params, generator, stop)
+            block = self.proposer.propose(self.state, base + guess.tokens.tolist(), count, self.params, stop)
         draft_s = time.perf_counter() - t0
         if not len(block):  # no room, no match, or stopped
             self.early = DraftBlock(round, block, True, None, draft_s)
@@ -136,13 +132,3 @@ class DraftSession:
         if end - start < min_tokens:
             return None
         return export_chunk(self.state, start, end)
-
-    def _generator(self, round: int, speculative: bool) -> torch.Generator:
-        return torch.Generator(device=_device(self.proposer)).manual_seed(
-            derive_seed(self.seed, f"draft:{round}:{'early' if speculative else 'fresh'}")
-        )
-
-
-def _device(proposer: Proposer) -> torch.device:
-    model = getattr(proposer, "model", None)
-    return model.device if model is not None else torch.device(getattr(proposer, "device", "cpu"))

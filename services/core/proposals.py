@@ -18,15 +18,18 @@ from dataclasses import dataclass
 
 import torch
 
+from .draft_q import SparseQ
+
 
 @dataclass(frozen=True)
 class Proposal:
     """Draft tokens for one sequence, proposed after its last committed token."""
 
     tokens: torch.Tensor  # [N] int64 drafted token ids
-    # [N, V] float32, the adjusted q each token was sampled from; None when the proposer
-    # is deterministic (greedy drafting, n-gram lookup), i.e. q is one-hot on the token.
-    draft_probs: torch.Tensor | None = None
+    # q each token was sampled from, truncated and quantized ([N, K], see core/draft_q.py);
+    # None when the proposer is deterministic (greedy drafting, n-gram lookup), i.e. q
+    # is one-hot on the token.
+    draft_q: SparseQ | None = None
     # [N] int64 parent node of each token, -1 = the last committed token; None = chain.
     parents: torch.Tensor | None = None
 

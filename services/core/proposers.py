@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from .kv import KVState, extend
+from .draft_q import SparseQ, compact
 from .kv_chunks import KVChunk, restore_kv
 from .proposals import Proposal
-from .sampling import SamplingParams, adjusted_probs, sample
+from .sampling import SamplingParams, adjusted_probs
 
 
 # Polled between drafted tokens; True abandons the rest of the draft (a pipelined
@@ -39,9 +40,14 @@ class Proposer(Protocol):
         committed: list[int],
         gamma: int,
         params: SamplingParams,
-        generator: torch.Generator,
         stop: StopCheck | None = None,
-    ) -> Proposal: ...
+    ) -> Proposal:
+        """Up to ``gamma`` tokens after ``committed``. A sampled draft at absolute
+        position t draws from the stream keyed by (params.seed, t) (``SparseQ.sample``):
+        whichever block drafts a position, early or fresh, on whichever worker, it draws
+        the same numbers. Lossless because a position's draws decide at most one tested
+        draft: once a draft at t is tested, t is committed and never drafted again."""
+        ...
 
 
 class DraftModelProposer:
@@ -70,7 +76,6 @@ class DraftModelProposer:
         committed: list[int],
         gamma: int,
         params: SamplingParams,
-        generator: torch.Generator,
         stop: StopCheck | None = None,
     ) -> Proposal:
         if gamma <= 0:
@@ -83,7 +88,7 @@ class DraftModelProposer:
             state.truncate(len(committed) - 1)
         pending = committed[len(state) :]
         tokens: list[int] = []
-        probs: list[torch.Tensor] = []
+        qs: list[SparseQ] = []
         for _ in range(gamma):
             if stop is not None and stop():
                 break
@@ -91,9 +96,10 @@ class DraftModelProposer:
             if params.greedy:
                 token = int(logits.argmax())
             else:
-                q = adjusted_probs(logits, params)
-                token = int(sample(q[None], generator)[0])
-                probs.append(q)
+                # Sample from the compact q that is sent, never from the full one.
+                q = compact(adjusted_probs(logits, params))
+                token = q.sample(params.seed, len(committed) + len(tokens))
+                qs.append(q)
             tokens.append(token)
             pending = [token]
             if self.confidence_stop > 0 and float(logits.float().softmax(-1)[token]) < self.confidence_stop:
@@ -102,7 +108,7 @@ class DraftModelProposer:
         # fed next round as part of ``pending``, so no work is wasted on a rejection.
         return Proposal(
             tokens=torch.tensor(tokens, dtype=torch.long, device=self.model.device),
-            draft_probs=torch.stack(probs) if probs else None,
+            draft_q=SparseQ.stack(qs) if qs else None,
         )
 
 
@@ -128,7 +134,6 @@ class NgramProposer:
         committed: list[int],
         gamma: int,
         params: SamplingParams,
-        generator: torch.Generator,
         stop: StopCheck | None = None,
     ) -> Proposal:
         return Proposal(tokens=torch.tensor(self.lookup(committed, gamma), dtype=torch.long, device=self.device))

@@ -1,4 +1,5 @@
-"""Acceptance of a drafted chain against the target (Leviathan et al.; Chen et al.).
+"""Acceptance of drafted chains against the target, for a whole batch at once, on the
+target's device (Leviathan et al.; Chen et al.; batched as in vLLM v1).
 
 For drafts x_1..x_g sampled from q_1..q_g, and target distributions p_1..p_{g+1}
 (all after the same temperature/top-k/top-p adjustment):
@@ -8,54 +9,111 @@ For drafts x_1..x_g sampled from q_1..q_g, and target distributions p_1..p_{g+1}
     if all g are accepted, emit a bonus token from p_{g+1}.
 
 Every emitted token is then distributed exactly as p at its own prefix. Greedy is the
-same rule with one-hot p and q: accept while x_i == argmax p_i.
+same rule with one-hot p and q: accept while x_i == argmax p_i. Greedy and sampled rows
+share a pass; each row draws from its own keyed random stream, so a row's tokens never
+depend on which other rows share its batch.
+
+Nothing here waits on the host: the first rejection of every row is one comparison and
+a cumulative product, and the correction or bonus token is argmax(r / E) with E ~ Exp(1)
+(core/sampling.py ``sample_from``). The caller syncs once, for the [B, 2] result.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .proposals import VerifyOutcome
-from .sampling import sample
+from .draft_q import SparseQ, one_hot
+from .sampling import SamplingRows, adjusted_probs_rows, exponentials, keyed_generator, sample_from
 
 
-def accept_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> VerifyOutcome:
-    """draft [g], target_logits [g+1, V]."""
-    best = target_logits.argmax(-1).tolist()  # [g+1]
-    drafted = draft.tolist()
-    n = 0
-    while n < len(drafted) and drafted[n] == best[n]:
-        n += 1
-    return VerifyOutcome(num_accepted=n, tokens=drafted[:n] + [best[n]])
+@dataclass(frozen=True)
+class DraftBatch:
+    """Every row's drafts, right-padded to the longest."""
+
+    tokens: torch.Tensor  # [B, G] int64 drafted token ids (0 in padding)
+    num_drafts: torch.Tensor  # [B] int64 g_b, the row's real drafts
+    q_ids: torch.Tensor  # [B, G, K] int64 support of each draft's q
+    q_probs: torch.Tensor  # [B, G, K] float32 q on that support (0 in padding)
+
+    @classmethod
+    def of(cls, drafts: list[tuple[torch.Tensor, SparseQ | None]], device: torch.device | str) -> "DraftBatch":
+        """(tokens [g_b], q or None for a one-hot q) per row."""
+        B, G = len(drafts), max((len(tokens) for tokens, _ in drafts), default=0)
+        K = max((q.ids.shape[-1] for tokens, q in drafts if q is not None and len(tokens)), default=1)
+        out = cls(
+            tokens=torch.zeros(B, G, dtype=torch.long, device=device),
+            num_drafts=torch.tensor([len(tokens) for tokens, _ in drafts], dtype=torch.long, device=device),
+            q_ids=torch.zeros(B, G, K, dtype=torch.long, device=device),
+            q_probs=torch.zeros(B, G, K, device=device),
+        )
+        for b, (tokens, q) in enumerate(drafts):
+            g = len(tokens)
+            if not g:
+                continue
+            q = one_hot(tokens) if q is None else q
+            k = q.ids.shape[-1]
+            out.tokens[b, :g] = tokens
+            out.q_ids[b, :g, :k] = q.ids
+            out.q_probs[b, :g, :k] = q.probs
+        return out
 
 
-def accept_sampled(
-    draft: torch.Tensor,  # [g] int64
-    draft_probs: torch.Tensor | None,  # [g, V] q; None = one-hot q on the draft tokens
-    target_probs: torch.Tensor,  # [g+1, V] adjusted p
-    generator: torch.Generator,
-) -> VerifyOutcome:
-    g = int(draft.shape[0])
-    rows = torch.arange(g, device=draft.device)
-    p_x = target_probs[rows, draft]  # [g]
-    q_x = draft_probs[rows, draft] if draft_probs is not None else torch.ones_like(p_x)
-    # u < p/q  <=>  u * q < p, which also avoids dividing by q.
-    u = torch.rand(g, generator=generator, device=draft.device)
-    rejected = (u * q_x >= p_x).nonzero()
-    n = int(rejected[0]) if rejected.numel() else g
-    if n == g:
-        final = target_probs[g]  # bonus token from p_{g+1}
-    else:
-        q_n = draft_probs[n] if draft_probs is not None else _one_hot_like(target_probs[n], int(draft[n]))
-        residual = (target_probs[n] - q_n).clamp_min(0)
-        mass = residual.sum()
-        # mass > 0 whenever a rejection can happen; guard float round-off regardless.
-        final = residual / mass if mass > 0 else target_probs[n]
-    token = int(sample(final[None], generator)[0])
-    return VerifyOutcome(num_accepted=n, tokens=draft[:n].tolist() + [token])
+@dataclass(frozen=True)
+class Randomness:
+    """Every number a pass's acceptance draws, from each row's own keyed stream."""
+
+    uniforms: torch.Tensor  # [B, G] U(0, 1), one per acceptance test
+    exponentials: torch.Tensor  # [B, V] Exp(1), for the correction or bonus token
+
+    @classmethod
+    def draw(cls, keys: list[tuple[int, int] | None], num_drafts: list[int], G: int, V: int,
+             device: torch.device | str) -> "Randomness":
+        """keys[b]: (seed, round) of a sampled row, None for a greedy row (draws nothing).
+        A row's draws depend only on its key and its own draft count."""
+        uniforms = torch.ones(len(keys), G, device=device)
+        exp = torch.ones(len(keys), V, device=device)
+        for b, key in enumerate(keys):
+            if key is None:
+                continue
+            generator = keyed_generator(key[0], f"verify:{key[1]}", device)
+            uniforms[b, : num_drafts[b]] = torch.rand(num_drafts[b], generator=generator, device=device)
+            exp[b] = exponentials(generator, V, device)
+        return cls(uniforms, exp)
 
 
-def _one_hot_like(row: torch.Tensor, index: int) -> torch.Tensor:
-    out = torch.zeros_like(row)
-    out[index] = 1
-    return out
+def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, rand: Randomness) -> torch.Tensor:
+    """logits [B, G+1, V]: row b's target logits p_1..p_{g_b+1} in its first g_b+1 slots.
+    Returns [B, 2] int64: (accepted drafts n_b, the token emitted after them)."""
+    B, G1, V = logits.shape
+    G = G1 - 1
+    ar = torch.arange(B, device=logits.device)
+    greedy = rows.temperature == 0  # [B]
+    best = logits.argmax(-1)  # [B, G+1]
+    valid = torch.arange(G, device=logits.device)[None, :] < drafts.num_drafts[:, None]  # [B, G]
+    accepted = drafts.tokens == best[:, :G]  # greedy: the draft is the target's argmax
+    p = None
+    if rows.any_sampled:
+        p = adjusted_probs_rows(logits, rows)  # [B, G+1, V]
+        p_x = p[:, :G].gather(-1, drafts.tokens[..., None])[..., 0]  # [B, G] p_i(x_i)
+        q_x = (drafts.q_probs * (drafts.q_ids == drafts.tokens[..., None])).sum(-1)  # [B, G] q_i(x_i)
+        # u < p/q  <=>  u * q < p, which also avoids dividing by q.
+        accepted = torch.where(greedy[:, None], accepted, rand.uniforms * q_x < p_x)
+    # n_b = drafts accepted before the first rejection (or all g_b).
+    n = (accepted & valid).long().cumprod(-1).sum(-1)  # [B]
+    token = best[ar, n]  # greedy rows: the target's argmax after the accepted drafts
+    if p is not None:
+        p_n = p[ar, n]  # [B, V]
+        rejected = n < drafts.num_drafts  # [B]: the token at n is a correction, not a bonus
+        if G:
+            at = n.clamp(max=G - 1)
+            q_n = torch.zeros(B, V, device=logits.device).scatter_add_(
+                -1, drafts.q_ids[ar, at], drafts.q_probs[ar, at] * rejected[:, None]
+            )
+            residual = (p_n - q_n).clamp_min(0)  # max(0, p - q), unnormalised: argmax ignores scale
+            # residual is nonzero whenever a rejection can happen; guard float round-off.
+            usable = rejected & (residual.sum(-1) > 0)
+            p_n = torch.where(usable[:, None], residual, p_n)
+        token = torch.where(greedy, token, sample_from(p_n, rand.exponentials))
+    return torch.stack([n, token], -1)

@@ -1,12 +1,17 @@
 """Standardized sampling: temperature, top-k and top-p all map logits to one adjusted
 distribution. The verifier applies the *same* map to the target's and the draft's
 logits before the acceptance test; testing against unadjusted distributions samples
-from the wrong distribution (vLLM PR #10198)."""
+from the wrong distribution (vLLM PR #10198).
+
+Random streams are keyed, never carried: every draw comes from a generator seeded by
+(request seed, role, round or position), so a stream resumed on another replica draws
+exactly what the undisturbed one would have, and never reuses a number that decided
+a token already committed.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import random
 from dataclasses import dataclass
 
 import torch
@@ -16,14 +21,16 @@ from .errors import InvalidRequest
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy (argmax)
+    # 0 means greedy (argmax). A tiny positive temperature is valid and means "almost
+    # greedy": logits are shifted by their max before dividing, so it never overflows.
+    temperature: float = 0.0
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0  # 1 disables top-p
     seed: int | None = None  # None draws a fresh seed per request
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also rejects NaN
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # also rejects NaN
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -33,41 +40,95 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def make_generators(self, device: torch.device | str = "cpu") -> tuple[torch.Generator, torch.Generator]:
-        """Independent (draft, verify) random streams derived from the seed. Separate
-        streams let drafting and verification run in different processes and still
-        reproduce a seeded request exactly."""
-        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**63)
-        return tuple(
-            torch.Generator(device=device).manual_seed(derive_seed(seed, role)) for role in ("draft", "verify")
-        )
-
 
 def derive_seed(seed: int, role: str) -> int:
     digest = hashlib.blake2b(f"{seed}:{role}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def adjusted_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [..., V] -> adjusted probabilities [..., V] (float32)."""
+def keyed_generator(seed: int, role: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream for one (seed, role) key, e.g. ``verify:17`` or ``draft@512``."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, role))
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """Per-row sampling parameters of a batch, as device tensors, plus the host-side
+    facts that choose the code path (so choosing needs no device sync)."""
+
+    temperature: torch.Tensor  # [B] float32; 0 = greedy row
+    top_k: torch.Tensor  # [B] int64; V where top-k is off
+    top_p: torch.Tensor  # [B] float32
+    truncates: torch.Tensor  # [B] bool: the row has top-k or top-p
+    width: int  # how many top tokens the truncating rows need: max top-k, V if a row has top-p only
+    any_sampled: bool
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], vocab: int, device: torch.device | str) -> "SamplingRows":
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        truncates = [k < vocab or p.top_p < 1 for k, p in zip(top_k, params)]
+        width = max([k if k < vocab else vocab for k, t in zip(top_k, truncates) if t] or [0])
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor(top_k, dtype=torch.long, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            truncates=torch.tensor(truncates, device=device),
+            width=width,
+            any_sampled=any(not p.greedy for p in params),
+        )
+
+
+def adjusted_probs_rows(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """logits [B, T, V] -> adjusted probabilities [B, T, V] (float32), row b with its own
+    temperature, top-k and top-p; greedy rows are one-hot on the argmax.
+
+    Top-k and top-p run inside ``torch.topk`` of the widest top-k in the batch, not a
+    full-vocabulary sort: at V = 152k and top-k 50 that is a partial selection over the
+    row instead of sorting it. Only a row with top-p and no top-k needs the whole
+    sorted row (top-p's support can be most of the vocabulary).
+    """
     logits = logits.float()
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+    V = logits.shape[-1]
+    greedy = (rows.temperature == 0)[:, None, None]
+    temperature = torch.where(greedy, 1.0, rows.temperature[:, None, None])
+    # Shift by the max first: a temperature of 1e-38 then gives -inf (probability 0),
+    # never inf - inf = NaN.
+    z = (logits - logits.amax(-1, keepdim=True)) / temperature
+    if rows.width:
+        if rows.width < V:
+            values, order = z.topk(rows.width, dim=-1)  # sorted, descending
+        else:
+            values, order = z.sort(dim=-1, descending=True)
+        rank = torch.arange(values.shape[-1], device=z.device)
+        keep = (rank < rows.top_k[:, None, None]).expand(values.shape)
+        kept = values.masked_fill(~keep, float("-inf")).softmax(-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
         # *before* it already reaches top_p. The top-1 token is always kept.
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(-1)
+        before = kept.cumsum(-1) - kept
+        keep = keep & (~(before >= rows.top_p[:, None, None]) | (rows.top_p[:, None, None] >= 1))
+        truncated = torch.full_like(z, float("-inf")).scatter(-1, order, values.masked_fill(~keep, float("-inf")))
+        z = torch.where(rows.truncates[:, None, None], truncated, z)
+    probs = z.softmax(-1)
+    return torch.where(greedy, torch.nn.functional.one_hot(logits.argmax(-1), V).float(), probs)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """probs [N, V] -> token ids [N]."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def adjusted_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [..., V] -> adjusted probabilities [..., V] (float32), one set of params."""
+    shape = logits.shape
+    flat = logits.reshape(1, -1, shape[-1])
+    return adjusted_probs_rows(flat, SamplingRows.of([params], shape[-1], logits.device)).reshape(shape)
+
+
+def sample_from(probs: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
+    """probs [..., V], exponentials [..., V] ~ Exp(1) -> token ids [...].
+
+    argmax(p / E) is a draw from p: E_i / p_i ~ Exp(rate p_i), and the smallest of
+    independent exponentials is index i with probability p_i / sum(p). No sort, no
+    cumulative sum, no host sync; every draw takes exactly V numbers, so a keyed stream
+    stays aligned whatever was sampled before.
+    """
+    return (probs / exponentials.clamp_min(1e-30)).argmax(-1)
+
+
+def exponentials(generator: torch.Generator, n: int, device: torch.device | str) -> torch.Tensor:
+    return torch.empty(n, device=device).exponential_(generator=generator)

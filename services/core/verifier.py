@@ -10,8 +10,8 @@ import torch
 
 from .kv import common_prefix_len
 from .proposals import Proposal, VerifyOutcome
-from .rejection import accept_greedy, accept_sampled
-from .sampling import SamplingParams, adjusted_probs
+from .rejection import DraftBatch, Randomness, accept_batch
+from .sampling import SamplingParams, SamplingRows
 from .target import Feed, TargetRunner
 
 
@@ -36,8 +36,8 @@ class VerifyRequest:
     kv: TargetKV
     committed: list[int]  # prompt + tokens generated so far
     proposal: Proposal  # drafts to check after committed[-1]
-    params: SamplingParams
-    generator: torch.Generator | None
+    params: SamplingParams  # seed resolved
+    round: int  # keys the round's random stream: (seed, round) draws the same on any replica
 
 
 class TargetVerifier:
@@ -84,15 +84,22 @@ class TargetVerifier:
             for req in batch:
                 req.kv.tokens = []
             raise
-        outcomes = []
-        for req, feed, logits in zip(batch, feeds, all_logits):  # logits [g+1, V]
-            if req.params.greedy:
-                outcome = accept_greedy(req.proposal.tokens, logits)
-            else:
-                p = adjusted_probs(logits, req.params)  # [g+1, V]
-                outcome = accept_sampled(req.proposal.tokens, req.proposal.draft_probs, p, req.generator)
+        for req, feed in zip(batch, feeds):
             # The runner now caches committed + every draft; the next feed keeps the
             # accepted ones (the correction/bonus token is fed next round).
             req.kv.tokens = req.committed[: feed.keep] + feed.tokens
-            outcomes.append(outcome)
-        return outcomes
+        return self.accept(batch, all_logits)
+
+    def accept(self, batch: list[VerifyRequest], all_logits: list[torch.Tensor]) -> list[VerifyOutcome]:
+        """Every row's acceptance in one batched pass on the target's device, and one
+        host sync for the result."""
+        device = all_logits[0].device
+        logits = torch.nn.utils.rnn.pad_sequence(all_logits, batch_first=True)  # [B, G+1, V]
+        B, G1, V = logits.shape
+        drafts = DraftBatch.of([(req.proposal.tokens, req.proposal.draft_q) for req in batch], device)
+        rows = SamplingRows.of([req.params for req in batch], V, device)
+        keys = [None if req.params.greedy else (req.params.seed, req.round) for req in batch]
+        rand = Randomness.draw(keys, [len(req.proposal) for req in batch], G1 - 1, V, device)
+        # The one host sync: [n, token, drafts...] per row.
+        result = torch.cat([accept_batch(logits, drafts, rows, rand), drafts.tokens], -1).tolist()
+        return [VerifyOutcome(num_accepted=row[0], tokens=row[2 : 2 + row[0]] + [row[1]]) for row in result]

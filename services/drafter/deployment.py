@@ -13,6 +13,7 @@ from ray import serve
 from ..app.args import AppArgs
 from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
+from ..rpc.channels import SERVER_OPTIONS
 from ..state.client import PrefixSharing, replica_state_client
 from ..telemetry import tracing
 from .service import DrafterService, make_proposers
@@ -47,7 +48,7 @@ class DraftWorker:
         replica's event loop)."""
         async with self.starting:
             if self.server is None:
-                server = grpc.aio.server()
+                server = grpc.aio.server(options=SERVER_OPTIONS)
                 internal_pb2_grpc.add_DrafterServicer_to_server(self.service, server)
                 self.port = server.add_insecure_port(f"[::]:{self.port}")
                 await server.start()

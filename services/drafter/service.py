@@ -170,7 +170,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         if params.seed is None:
             raise InvalidRequest("the verifier must resolve the seed before opening a draft stream")
         session = DraftSession(
-            self.proposers[method], list(msg.prompt_ids), msg.max_new_tokens, params, msg.gamma, params.seed
+            self.proposers[method], list(msg.prompt_ids), msg.max_new_tokens, params, msg.gamma
         )
         return session, msg.pipeline
 

@@ -192,7 +192,7 @@ class GatewayService:
             yield outrider_pb2.GenerateChunk(request_id=request_id, text=progress.detok.flush(), stats=stats,
                                              prompt_token_ids=req.prompt_ids)
             return
-        attempt = _resumed(req, progress.committed, progress.rounds) if progress.resumes else req
+        attempt = _resumed(req, progress) if progress.resumes else req
         async with aclosing(self.open_verify(attempt)) as verify_chunks:
             async for chunk in verify_chunks:
                 if chunk.HasField("stats"):
@@ -210,6 +210,7 @@ class GatewayService:
                 ids = list(chunk.token_ids)
                 progress.committed += ids
                 progress.rounds += 1
+                progress.gamma = chunk.next_gamma
                 yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=progress.detok.add(ids))
         raise ConnectionError("the verifier ended the session without its stats")
 
@@ -247,6 +248,7 @@ class _Progress:
     start: float  # perf_counter at receipt
     committed: list[int] = field(default_factory=list)  # tokens sent: a resumed stream starts after them
     rounds: int = 0
+    gamma: int = 0  # the gamma schedule's next value, as the verifier last reported it
     resumes: int = 0
     first_token_s: float | None = None
 
@@ -254,13 +256,17 @@ class _Progress:
         return time.perf_counter() - self.start
 
 
-def _resumed(req: internal_pb2.VerifyRequest, committed: list[int], rounds: int) -> internal_pb2.VerifyRequest:
-    """The rest of ``req`` after ``committed`` tokens and ``rounds`` rounds: the same
-    session (its id keys its saved draft state), continued from the committed tokens."""
+def _resumed(req: internal_pb2.VerifyRequest, progress: _Progress) -> internal_pb2.VerifyRequest:
+    """The rest of ``req`` after the tokens and rounds the client has seen: the same
+    session (its id keys its saved draft state), continued from the committed tokens,
+    the next round's number and gamma. Every random stream is keyed by (seed, round)
+    or (seed, position), so a seeded stream goes on exactly as if undisturbed."""
     resumed = internal_pb2.VerifyRequest()
     resumed.CopyFrom(req)
-    resumed.prompt_ids.extend(committed)
-    resumed.max_new_tokens = req.max_new_tokens - len(committed)
-    resumed.first_round = req.first_round + rounds
+    resumed.prompt_ids.extend(progress.committed)
+    resumed.max_new_tokens = req.max_new_tokens - len(progress.committed)
+    resumed.first_round = req.first_round + progress.rounds
+    if progress.gamma and resumed.speculation.gamma:
+        resumed.speculation.gamma = progress.gamma
     resumed.received_at = time.time()  # queue time counts this attempt's wait only
     return resumed

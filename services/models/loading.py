@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..core.errors import InvalidRequest
+from ..core.kv import new_cache
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,6 +45,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", t
     hf_logging.disable_progress_bar()  # a bar per load clutters CLI output and logs
     torch_dtype = default_dtype(device) if dtype == "default" else DTYPES[dtype]
     extra = {"tp_plan": "auto"} if tensor_parallel else {}
+    new_cache(load_config(name_or_path, trust_remote_code))  # refuses, with the reason, what cannot roll back
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
     )

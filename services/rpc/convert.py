@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.draft_q import SparseQ
 from ..core.errors import InvalidRequest
 from ..core.pipeline import DraftBlock
 from ..core.proposals import Proposal
@@ -56,23 +57,37 @@ def block_to_proto(block: DraftBlock) -> internal_pb2.DraftBlock:
         tokens=block.proposal.tokens.tolist(),
         draft_s=block.draft_s,
     )
-    probs = block.proposal.draft_probs
-    if probs is not None:
-        # Exact float32 bytes: the verifier must test against the very q that was sampled.
-        msg.draft_probs = probs.to(torch.float32).cpu().numpy().tobytes()
-        msg.vocab_size = probs.shape[-1]
+    q = block.proposal.draft_q
+    if q is not None:
+        # The quantized weights, exactly: the verifier derives the very q that was sampled.
+        real = (q.weights > 0).cpu()
+        msg.q_sizes.extend(real.sum(-1).tolist())
+        msg.q_ids = q.ids.cpu()[real].numpy().astype("<i4").tobytes()
+        msg.q_weights = q.weights.cpu()[real].numpy().astype("<u2").tobytes()
     return msg
 
 
 def block_from_proto(msg: internal_pb2.DraftBlock, device: torch.device | str) -> DraftBlock:
-    tokens = torch.tensor(list(msg.tokens), dtype=torch.long, device=device)
-    probs = None
-    if msg.draft_probs:
-        array = np.frombuffer(msg.draft_probs, dtype=np.float32).reshape(len(tokens), msg.vocab_size)
-        probs = torch.from_numpy(array.copy()).to(device)
+    tokens = torch.tensor(list(msg.tokens), dtype=torch.long)
+    q = None
+    if msg.q_sizes:
+        sizes = list(msg.q_sizes)
+        ids = np.frombuffer(msg.q_ids, dtype="<i4")
+        weights = np.frombuffer(msg.q_weights, dtype="<u2")
+        if len(sizes) != len(tokens) or not all(sizes) or len(ids) != sum(sizes) or len(weights) != sum(sizes):
+            raise ValueError("malformed draft block: q sizes do not match its tokens and support")
+        width = max(sizes)
+        ids_out = np.zeros((len(sizes), width), dtype=np.int64)
+        weights_out = np.zeros((len(sizes), width), dtype=np.int32)
+        start = 0
+        for i, size in enumerate(sizes):
+            ids_out[i, :size] = ids[start : start + size]
+            weights_out[i, :size] = weights[start : start + size]
+            start += size
+        q = SparseQ.from_weights(torch.from_numpy(ids_out).to(device), torch.from_numpy(weights_out).to(device))
     return DraftBlock(
         round=msg.round,
-        proposal=Proposal(tokens=tokens, draft_probs=probs),
+        proposal=Proposal(tokens=tokens.to(device), draft_q=q),
         speculative=msg.speculative,
         guess=None if msg.guess < 0 else msg.guess,
         draft_s=msg.draft_s,

@@ -20,88 +20,12 @@ from ..core.gamma import GammaSchedule, LoadAwareGamma, draft_budget
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.proposals import Proposal
 from ..rpc import internal_pb2, internal_pb2_grpc
-from ..rpc.convert import METHOD_IDS, METHODS, block_from_proto, sampling_from_proto, stats_to_proto
+from ..rpc.channels import CHANNEL_OPTIONS
+from ..rpc.convert import METHOD_IDS, METHODS, sampling_from_proto, stats_to_proto
 from ..state.client import PrefixSharing, ShardedPrefixSharing
 from ..telemetry import tracing
 from .batcher import RoundBatcher
-
-
-class DraftLink:
-    """The verifier's end of one session's drafting: a Drafter.Draft stream, reopened
-    on another draft worker (from the committed tokens, at the current round) when its
-    worker goes away. The new worker starts from the session's saved draft KV chunks."""
-
-    def __init__(self, open_stream: Callable[[int], Awaitable], seq: SequenceState, device, max_reconnects: int = 8):
-        self.open_stream = open_stream  # first_round -> an opened Draft call
-        self.seq, self.device, self.max_reconnects = seq, device, max_reconnects
-        self.call = None
-        # (traceparent, tracestate) of the round the worker drafts for next: sent with
-        # every outcome and with a reopened stream's `open`.
-        self.trace: tuple[str, str] = ("", "")
-
-    async def start(self, round: int) -> None:
-        self.call = await self.open_stream(round)
-
-    async def receive(self, round: int, speculative: bool) -> DraftBlock | None:
-        """Wait for the block for ``round``; blocks the verifier no longer wants (early
-        blocks after a miss) are skipped. Waiting is charged to exposed draft compute
-        up to the block's own draft time, and the rest to transport. None: an early
-        block lost with its worker (the round then asks for a fresh one)."""
-        while True:
-            try:
-                return await self._read(round, speculative)
-            except (grpc.aio.AioRpcError, ConnectionError) as error:
-                if not _worker_lost(error):
-                    raise
-                if speculative:
-                    return None
-                await self._reconnect(round, error)
-
-    async def _read(self, round: int, speculative: bool) -> DraftBlock:
-        stats = self.seq.stats
-        t0 = time.perf_counter()
-        while True:
-            msg = await self.call.read()
-            if msg is grpc.aio.EOF:
-                raise ConnectionError("the draft worker closed the session")
-            block = block_from_proto(msg, self.device)
-            stats.draft_time_s += block.draft_s
-            if block.round == round and block.speculative == speculative:
-                break
-        waited = time.perf_counter() - t0
-        exposed = min(waited, block.draft_s)
-        stats.exposed_draft_time_s += exposed
-        stats.transport_time_s += waited - exposed
-        return block
-
-    async def _reconnect(self, round: int, error: Exception) -> None:
-        self.call.cancel()
-        for attempt in range(self.max_reconnects - self.seq.stats.draft_reconnects):
-            self.seq.stats.draft_reconnects += 1
-            await asyncio.sleep(min(0.1 * 2**attempt, 2.0))  # Serve notices the dead replica meanwhile
-            try:
-                self.call = await self.open_stream(round)
-                return
-            except Exception as retry_error:  # the routing may still pick the dead worker
-                error = retry_error
-        raise ConnectionError(f"no draft worker could continue the session: {error}") from error
-
-    async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int) -> None:
-        """Tell the worker what round ``round`` committed; it drafts the next round with
-        ``next_gamma`` (0: it drafts nothing until told otherwise). A worker that is
-        gone is found out, and replaced, by the next ``receive``."""
-        outcome = internal_pb2.RoundOutcome(
-            round=round, committed=committed, pipeline_hit=hit, next_gamma=next_gamma, finished=self.seq.finished,
-            traceparent=self.trace[0], tracestate=self.trace[1],
-        )
-        try:
-            await self.call.write(internal_pb2.DraftCommand(outcome=outcome))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError):
-            pass  # "RPC already finished": the worker is gone
-
-    def close(self) -> None:
-        if self.call is not None:
-            self.call.cancel()
+from .draft_link import OPEN_S, DraftLink, NoOtherWorker
 
 
 def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit: bool, pipelined: bool) -> None:
@@ -122,11 +46,6 @@ def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit
     else:
         reason = "rejected" if result.num_accepted < drafted else "bonus_mismatch" if early is not None else "no_block"
         span.add_event("draft.early_discarded", {"outrider.round": block.round + 1, "outrider.reason": reason})
-
-
-def _worker_lost(error: Exception) -> bool:
-    """A failure of the worker or the connection, not of the request."""
-    return not (isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class VerifierService:
@@ -151,7 +70,7 @@ class VerifierService:
         params = sampling_from_proto(req.sampling)
         spec = req.speculation
         schedule = GammaSchedule(initial=spec.gamma, adaptive=spec.adaptive)
-        seq = self.engine.start(list(req.prompt_ids), req.max_new_tokens, params, schedule)
+        seq = self.engine.start(list(req.prompt_ids), req.max_new_tokens, params, schedule, req.first_round)
         seq.stats.queue_time_s += max(0.0, time.time() - req.received_at)
         # The request's span context crossed the Serve handle hop in the request; every
         # span of this session is in its trace.
@@ -164,7 +83,7 @@ class VerifierService:
             # Closed explicitly, so a cancelled session cancels its draft stream at once.
             async with aclosing(rounds) as committed:
                 async for tokens in committed:
-                    yield internal_pb2.VerifyChunk(token_ids=tokens)
+                    yield internal_pb2.VerifyChunk(token_ids=tokens, next_gamma=seq.gamma)
             finish = "stop" if seq.committed[-1] == self.engine.eos_token_id else "length"
             stats = stats_to_proto(seq.stats, finish)
             stats.verifier_replica = self.name
@@ -227,7 +146,8 @@ class VerifierService:
     async def _speculative(self, seq: SequenceState, req, method: str, trace_ctx=None) -> AsyncIterator[list[int]]:
         pipeline = req.speculation.pipeline
         round = req.first_round  # a resumed stream numbers its rounds on
-        link = DraftLink(lambda first: self._open_stream(seq, req, method, first, link.trace), seq, self.device)
+        link = DraftLink(lambda first, avoid: self._open_stream(seq, req, method, first, avoid, link.trace),
+                         seq, self.device)
         # A round's span starts as the previous one ends (at the previous outcome), so
         # the blocks drafted for it, and the early block drafted while it verifies, are
         # its children: the worker gets its context with the open and each outcome.
@@ -303,13 +223,15 @@ class VerifierService:
         # under load only.
         seq.gamma_cap = self.gamma_policy.cap(batch) if batch > 1 else None
 
-    async def _open_stream(self, seq: SequenceState, req, method: str, first_round: int, trace=("", "")):
-        """A Draft stream on a worker Serve picks, opened at ``seq``'s committed tokens.
-        ``trace``: the context of round ``first_round``'s span; the request's own context
-        goes in the call's metadata (the worker's session span)."""
-        address = await self.find_drafter()
+    async def _open_stream(self, seq: SequenceState, req, method: str, first_round: int, avoid: set[str],
+                           trace=("", "")) -> tuple[str, object]:
+        """A Draft stream on a worker Serve picks (not one in ``avoid``), opened at
+        ``seq``'s committed tokens. ``trace``: the context of round ``first_round``'s
+        span; the request's own context goes in the call's metadata (the worker's
+        session span)."""
+        address = await self._find_drafter(avoid)
         if address not in self.channels:
-            self.channels[address] = grpc.aio.insecure_channel(address)
+            self.channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         call = internal_pb2_grpc.DrafterStub(self.channels[address]).Draft(
             metadata=tracing.grpc_metadata(req.traceparent, req.tracestate))
         opened = internal_pb2.DraftOpen(
@@ -329,4 +251,18 @@ class VerifierService:
         except BaseException:
             call.cancel()
             raise
-        return call
+        return address, call
+
+    async def _find_drafter(self, avoid: set[str]) -> str:
+        if not avoid:
+            return await self.find_drafter()
+        # Serve does not know a frozen worker is frozen: it may pick it again, and a
+        # call routed to it never returns. Ask a few times, briefly each.
+        for _ in range(4):
+            try:
+                address = await asyncio.wait_for(self.find_drafter(), OPEN_S / 4)
+            except TimeoutError:
+                continue
+            if address not in avoid:
+                return address
+        raise NoOtherWorker(f"Serve offers no draft worker but {sorted(avoid)}")

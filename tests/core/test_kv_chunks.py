@@ -46,16 +46,18 @@ def test_restore_refuses_gaps_and_other_models():
         export_chunk(kv, 5, 9)
 
 
-def test_sliding_window_caches_are_not_shared():
+def test_sliding_window_caches_are_shared_exactly():
+    """A sliding-window model's cache keeps every position (core/kv.py), so its chunks
+    restore a cache with the original's logits, past the window too."""
     model = tiny("mistral", seed=0)
-    model.config.sliding_window = 4  # the cache built from this config slides
+    model.config.sliding_window = 4
     kv = KVState.empty(model)
     extend(model, kv, TOKENS)
-    assert not exportable(kv)
+    assert exportable(kv)
+    restored = restore_kv(model, [export_chunk(kv, 0, 6), export_chunk(kv, 6, len(TOKENS))])
+    torch.testing.assert_close(extend(model, restored, [3])[-1], extend(model, kv, [3])[-1], rtol=1e-5, atol=1e-5)
     plain = KVState.empty(tiny("llama", seed=0))
     assert not exportable(plain)  # nothing cached yet
-    extend(tiny("llama", seed=0), plain, TOKENS)
-    assert exportable(plain)
 
 
 def test_a_prefill_from_shared_blocks_equals_a_cold_prefill():

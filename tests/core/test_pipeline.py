@@ -20,7 +20,7 @@ def draft():
 
 
 def session(draft, gamma=3, max_new=40, params=SamplingParams(seed=0)):
-    return DraftSession(DraftModelProposer(draft), PROMPT, max_new, params, gamma, seed=0)
+    return DraftSession(DraftModelProposer(draft), PROMPT, max_new, params, gamma)
 
 
 @pytest.mark.parametrize("kind", ["draft", "ngram"])
@@ -28,7 +28,7 @@ def test_early_block_equals_a_fresh_draft_after_full_acceptance_and_the_guess(dr
     def make():
         proposer = DraftModelProposer(draft) if kind == "draft" else NgramProposer()
         prompt = PROMPT if kind == "draft" else [1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 5, 7, 1, 2, 3]
-        return DraftSession(proposer, prompt, 40, SamplingParams(seed=0), 3, seed=0)
+        return DraftSession(proposer, prompt, 40, SamplingParams(seed=0), 3)
 
     s = make()
     block = s.draft(0)
@@ -77,8 +77,24 @@ def test_sampled_blocks_carry_q_for_every_draft(draft):
     s = session(draft, params=SamplingParams(temperature=1.0, seed=3))
     s.draft(0)
     early = s.draft_ahead()
-    assert early.proposal.draft_probs.shape == (len(early.proposal), draft.config.vocab_size)
-    torch.testing.assert_close(early.proposal.draft_probs.sum(-1), torch.ones(len(early.proposal)))
+    q = early.proposal.draft_q.dense(draft.config.vocab_size)
+    assert q.shape == (len(early.proposal), draft.config.vocab_size)
+    torch.testing.assert_close(q.sum(-1), torch.ones(len(early.proposal)))
+    assert (q[torch.arange(len(early.proposal)), early.proposal.tokens] > 0).all()
+
+
+def test_sampled_early_block_equals_the_fresh_block_after_the_same_outcome(draft):
+    """Each position draws from its own keyed stream, so the early block and a fresh
+    one after the outcome it assumed are the same block, sampled too."""
+    params = SamplingParams(temperature=1.0, seed=3)
+    s = session(draft, params=params)
+    block = s.draft(0)
+    early = s.draft_ahead()
+    fresh = session(draft, params=params)
+    fresh.committed += block.proposal.tokens.tolist() + [early.guess]
+    again = fresh.draft(1)
+    assert early.proposal.tokens.tolist() == again.proposal.tokens.tolist()
+    assert torch.equal(early.proposal.draft_q.weights, again.proposal.draft_q.weights)
 
 
 def test_pipeline_hit_needs_full_acceptance_and_the_right_guess(draft):

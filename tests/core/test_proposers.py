@@ -17,32 +17,47 @@ def test_ngram_prefers_longest_most_recent_match():
 
 
 def test_ngram_proposal_is_deterministic_one_hot():
-    proposal = NgramProposer().propose(None, [4, 5, 6, 4, 5], 2, SamplingParams(temperature=1.0), None)
-    assert proposal.tokens.tolist() == [6, 4] and proposal.draft_probs is None and proposal.is_chain
+    proposal = NgramProposer().propose(None, [4, 5, 6, 4, 5], 2, SamplingParams(temperature=1.0, seed=0))
+    assert proposal.tokens.tolist() == [6, 4] and proposal.draft_q is None and proposal.is_chain
 
 
 def test_draft_proposer_records_adjusted_q_when_sampling():
     model = tiny("llama", seed=0)
     proposer = DraftModelProposer(model)
     params = SamplingParams(temperature=0.8, top_k=5, seed=1)
-    proposal = proposer.propose(proposer.new_state(), [3, 4, 5], 4, params, params.make_generators()[0])
-    assert proposal.tokens.shape == (4,) and proposal.draft_probs.shape == (4, model.config.vocab_size)
-    assert torch.allclose(proposal.draft_probs.sum(-1), torch.ones(4))
-    assert ((proposal.draft_probs > 0).sum(-1) <= 5).all()  # top-k applied to q as to p
-    picked = proposal.draft_probs[torch.arange(4), proposal.tokens]
-    assert (picked > 0).all()
+    proposal = proposer.propose(proposer.new_state(), [3, 4, 5], 4, params)
+    q = proposal.draft_q.dense(model.config.vocab_size)
+    assert proposal.tokens.shape == (4,) and q.shape == (4, model.config.vocab_size)
+    assert torch.allclose(q.sum(-1), torch.ones(4))
+    assert ((q > 0).sum(-1) <= 5).all()  # top-k applied to q as to p
+    assert (q[torch.arange(4), proposal.tokens] > 0).all()
+
+
+def test_sampled_drafts_are_keyed_by_position():
+    """The same prefix drafts the same tokens, whatever was drafted or rejected
+    before (an early block equals a fresh one; a resumed session redrafts the same)."""
+    model = tiny("llama", seed=0)
+    proposer = DraftModelProposer(model)
+    params = SamplingParams(temperature=1.0, seed=5)
+    first = proposer.propose(proposer.new_state(), [3, 4, 5], 4, params)
+    state = proposer.new_state()
+    proposer.propose(state, [3, 4, 5, 9, 9], 3, params)  # a different round on the same state
+    again = proposer.propose(state, [3, 4, 5], 4, params)
+    assert again.tokens.tolist() == first.tokens.tolist()
+    other_seed = proposer.propose(proposer.new_state(), [3, 4, 5], 4, SamplingParams(temperature=1.0, seed=6))
+    assert other_seed.tokens.tolist() != first.tokens.tolist()
 
 
 def test_draft_proposer_greedy_matches_model_argmax():
     model = tiny("gpt2", seed=0)
     proposer = DraftModelProposer(model)
     state = proposer.new_state()
-    proposal = proposer.propose(state, [3, 4, 5], 3, SamplingParams(), None)
+    proposal = proposer.propose(state, [3, 4, 5], 3, SamplingParams(seed=0))
     ids = [3, 4, 5]
     for token in proposal.tokens.tolist():
         assert token == int(model(torch.tensor([ids])).logits[0, -1].argmax())
         ids.append(token)
-    assert proposal.draft_probs is None
+    assert proposal.draft_q is None
     assert state.tokens == [3, 4, 5] + proposal.tokens.tolist()[:-1]  # last draft not fed yet
 
 

@@ -1,9 +1,14 @@
-"""The rejection sampler reproduces the target's adjusted distribution exactly.
+"""The batched rejection sampler reproduces the target's adjusted distribution exactly,
+at every draft position and at the bonus position, with greedy, sampled and one-hot-q
+rows mixed in one batch.
 
-Power: with N draws over V cells, a 5% relative bias adds about N * 0.05^2 = 100 to
-the chi-square statistic at N = 40000, far past the 1e-4 critical value (~29 for
-7 degrees of freedom); ``test_chi_square_detects_a_5_percent_bias`` checks that the
-same test, at the same N, fails a 5%-biased sampler.
+Each row of one big batch is an independent trial of one round, with targets p_j and
+drafts q_j that depend only on the block position j (prefix-independent), so the
+token a row emits at position j, among the rows that reach j, must follow p_j.
+
+Power: a 3% relative bias adds about n * 0.03^2 to the chi-square statistic over n
+draws; ``_power`` checks, for every tested position at its own n, that the same test
+fails a 3%-biased sample at ALPHA.
 """
 
 import numpy as np
@@ -11,110 +16,142 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from services.core.rejection import accept_greedy, accept_sampled
-from services.core.sampling import SamplingParams, adjusted_probs, sample
+from services.core.draft_q import SparseQ, compact
+from services.core.rejection import DraftBatch, Randomness, accept_batch
+from services.core.sampling import SamplingParams, SamplingRows, adjusted_probs
 
 V = 8
-N = 40_000
+G = 3
 ALPHA = 1e-4
 CONFIGS = [
     SamplingParams(temperature=1.0),
     SamplingParams(temperature=0.7),
     SamplingParams(temperature=1.0, top_k=5),
-    SamplingParams(temperature=1.0, top_p=0.8),
+    SamplingParams(temperature=0.7, top_p=0.8),
+    SamplingParams(temperature=1.0, top_k=6, top_p=0.9),
 ]
+ROWS = 250_000  # per config; the bonus position is reached by about half of them
 
 
 def _logits(seed: int, rows: int) -> torch.Tensor:
-    return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * 1.5
+    return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed))
 
 
 def _chi2_pvalue(tokens: np.ndarray, probs: np.ndarray) -> float:
     support = probs > 0
     counts = np.bincount(tokens, minlength=V)
-    assert counts[~support].sum() == 0, "sampled a token the adjusted target forbids"
-    if support.sum() == 1:  # a one-token distribution: the support check above is the test
+    assert counts[~support].sum() == 0, "emitted a token the adjusted target forbids"
+    if support.sum() == 1:
         return 1.0
     expected = probs[support].astype(np.float64)
     return chisquare(counts[support], expected / expected.sum() * len(tokens)).pvalue
 
 
-def _simulate(params: SamplingParams, gamma: int, seed: int, positions: int, deterministic: bool):
-    """Decode `positions` tokens with prefix-independent targets p_t and drafts q_t
-    (depending only on the absolute position t), round after round, with the real
-    acceptance rule. Each emitted token t must then be distributed as p_t."""
-    p = adjusted_probs(_logits(seed, positions + gamma + 1), params)  # [T, V]
-    q = adjusted_probs(_logits(seed + 1000, positions + gamma + 1), params)
-    gen = torch.Generator().manual_seed(seed)
-    out = np.empty((N, positions), dtype=np.int64)
-    for trial in range(N):
-        emitted: list[int] = []
-        while len(emitted) < positions:
-            t = len(emitted)
-            if deterministic:  # an n-gram-like proposer: fixed guesses, one-hot q
-                draft = torch.arange(t, t + gamma) % V
-                q_used = None
-            else:
-                draft = sample(q[t : t + gamma], gen)
-                q_used = q[t : t + gamma]
-            emitted += accept_sampled(draft, q_used, p[t : t + gamma + 1], gen).tokens
-        out[trial] = emitted[:positions]
-    return out, p.numpy()
-
-
-@pytest.mark.parametrize("params", CONFIGS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}")
-def test_sampled_tokens_follow_target_distribution(params):
-    tokens, p = _simulate(params, gamma=3, seed=11, positions=2, deterministic=False)
-    for t in range(2):
-        assert _chi2_pvalue(tokens[:, t], p[t]) > ALPHA
-
-
-def test_deterministic_proposals_are_lossless():
-    params = SamplingParams(temperature=0.9)
-    tokens, p = _simulate(params, gamma=2, seed=5, positions=2, deterministic=True)
-    for t in range(2):
-        assert _chi2_pvalue(tokens[:, t], p[t]) > ALPHA
-
-
-def test_chi_square_detects_a_5_percent_bias():
-    p = adjusted_probs(_logits(3, 1), SamplingParams(temperature=1.0))[0].numpy()
-    biased = p * np.where(np.arange(V) % 2 == 0, 1.05, 0.95)
+def _power(n: int, probs: np.ndarray, rng: np.random.Generator) -> None:
+    """The test at this n rejects a 3%-biased version of probs."""
+    if (probs > 0).sum() < 2:
+        return
+    biased = probs * np.where(np.arange(V) % 2 == 0, 1.03, 0.97)
     biased /= biased.sum()
-    tokens = np.random.default_rng(0).choice(V, size=N, p=biased)
-    assert _chi2_pvalue(tokens, p) < ALPHA
+    assert _chi2_pvalue(rng.choice(V, size=n, p=biased), probs) < ALPHA, f"no power at n={n}"
 
 
-def test_unadjusted_draft_probs_are_caught():
-    """Testing against q without the same top-k adjustment as p is the vLLM #10198 bug;
-    the statistical test must see it."""
-    params = SamplingParams(temperature=1.0, top_k=3)
-    p = adjusted_probs(_logits(21, 2), params)
-    q_raw = _logits(22, 1).softmax(-1)  # wrong: q not adjusted like p
+def _round(configs, rows_per_config, one_hot_q=False, seed=0):
+    """One round for every row; row r uses configs[r % len(configs)]."""
+    params = [configs[r % len(configs)] for r in range(rows_per_config * len(configs))]
+    B = len(params)
+    target_logits = _logits(seed, G + 1)  # [G+1, V], the same for every row
+    # A draft close to the target (most rows reach the bonus position) but not equal
+    # to it (corrections at every position).
+    draft_logits = target_logits[:G] + 0.8 * _logits(seed + 1, G)
+    gen = torch.Generator().manual_seed(seed + 2)
+    drafts = torch.zeros(B, G, dtype=torch.long)
+    q_ids = torch.zeros(B, G, V, dtype=torch.long)
+    q_probs = torch.zeros(B, G, V)
+    for c, cfg in enumerate(configs):
+        idx = torch.arange(c, B, len(configs))
+        if cfg.greedy or one_hot_q:  # deterministic drafts, one-hot q
+            # greedy rows: the draft's argmax; one-hot-q sampled rows: the target's (an
+            # n-gram-like guess that is often right)
+            guesses = (draft_logits if cfg.greedy else target_logits[:G]).argmax(-1).expand(len(idx), G)
+            drafts[idx] = guesses
+            q_ids[idx, :, 0], q_probs[idx, :, 0] = guesses, 1.0
+            continue
+        q = SparseQ.stack([compact(adjusted_probs(draft_logits[j], cfg), tail=0.0) for j in range(G)])  # [G, K]
+        for j in range(G):
+            picks = torch.multinomial(q.probs[j], len(idx), replacement=True, generator=gen)
+            drafts[idx, j] = q.ids[j, picks]
+        K = q.ids.shape[-1]
+        q_ids[idx, :, :K], q_probs[idx, :, :K] = q.ids, q.probs
+    batch = DraftBatch(drafts, torch.full((B,), G), q_ids, q_probs)
+    sampling = SamplingRows.of(params, V, "cpu")
+    rand = Randomness(uniforms=torch.rand(B, G, generator=gen),
+                      exponentials=torch.empty(B, V).exponential_(generator=gen))
+    out = accept_batch(target_logits.expand(B, G + 1, V), batch, sampling, rand)
+    return out.numpy(), drafts.numpy(), target_logits
+
+
+@pytest.mark.parametrize("one_hot_q", [False, True], ids=["sampled-q", "one-hot-q"])
+def test_every_position_follows_the_target(one_hot_q):
+    # Greedy rows share the batch. One-hot q (n-gram guesses) accepts less often, so
+    # fewer configs with more rows each reach the bonus position often enough.
+    configs = ([CONFIGS[0], CONFIGS[3]] if one_hot_q else CONFIGS) + [SamplingParams()]
+    out, drafts, target_logits = _round(configs, 3 * ROWS if one_hot_q else ROWS, one_hot_q)
+    rng = np.random.default_rng(0)
+    for c, cfg in enumerate(configs):
+        rows = np.arange(c, len(out), len(configs))
+        n, token = out[rows, 0], out[rows, 1]
+        if cfg.greedy:
+            best = target_logits.argmax(-1).numpy()
+            agree = np.cumprod(drafts[rows] == best[:G], axis=1).sum(1)
+            assert (n == agree).all() and (token == best[n]).all()
+            continue
+        p = adjusted_probs(target_logits, cfg).numpy()  # [G+1, V]
+        for j in range(G + 1):
+            reached = n >= j
+            # The token emitted at position j: the accepted draft, or the correction /
+            # bonus when n == j.
+            emitted = np.where(n[reached] > j, drafts[rows][reached, min(j, G - 1)], token[reached])
+            assert reached.sum() > 10_000, f"{cfg}: position {j} reached by {reached.sum()} rows only"
+            assert _chi2_pvalue(emitted, p[j]) > ALPHA, f"{cfg}: position {j}"
+            _power(int(reached.sum()), p[j], rng)
+
+
+def test_lying_about_q_is_caught():
+    """Testing against q without the same top-k adjustment as p is the vLLM #10198
+    bug; the same statistical test must see it."""
+    cfg = SamplingParams(temperature=1.0, top_k=3)
+    B = 60_000
+    target_logits, draft_logits = _logits(21, 2), _logits(22, 1)
     gen = torch.Generator().manual_seed(0)
-    firsts = []
-    for _ in range(N // 4):
-        draft = sample(q_raw, gen)
-        firsts.append(accept_sampled(draft, q_raw, p, gen).tokens[0])
-    naive = np.asarray(firsts)
-    # The sampler itself stays lossless for *any* q it is told the truth about:
-    assert _chi2_pvalue(naive, p[0].numpy()) > ALPHA
-    # ...but lying about q (drafting from q_raw, claiming adjusted q) biases the output.
-    q_adj = adjusted_probs(_logits(22, 1), params)
-    lied = []
-    for _ in range(N // 4):
-        draft = sample(q_raw, gen)
-        lied.append(accept_sampled(draft, q_adj, p, gen).tokens[0])
-    assert _chi2_pvalue(np.asarray(lied), p[0].numpy()) < ALPHA
+    q_raw = draft_logits[0].softmax(-1)
+    drafts = torch.multinomial(q_raw, B, replacement=True, generator=gen)[:, None]
+    q_claimed = compact(adjusted_probs(draft_logits[0], cfg), tail=0.0)  # not what was sampled from
+    K = q_claimed.ids.shape[-1]
+    batch = DraftBatch(drafts, torch.ones(B, dtype=torch.long), q_claimed.ids.expand(B, 1, K), q_claimed.probs.expand(B, 1, K))
+    rand = Randomness(torch.rand(B, 1, generator=gen), torch.empty(B, V).exponential_(generator=gen))
+    out = accept_batch(target_logits.expand(B, 2, V), batch, SamplingRows.of([cfg] * B, V, "cpu"), rand).numpy()
+    first = np.where(out[:, 0] > 0, drafts[:, 0].numpy(), out[:, 1])
+    assert _chi2_pvalue(first, adjusted_probs(target_logits[0], cfg).numpy()) < ALPHA
 
 
 def test_greedy_accepts_matching_prefix_then_corrects():
     logits = torch.full((4, V), -10.0)
-    best = [2, 5, 1, 7]
-    for i, b in enumerate(best):
+    for i, b in enumerate([2, 5, 1, 7]):
         logits[i, b] = 10.0
-    full = accept_greedy(torch.tensor([2, 5, 1]), logits)
-    assert (full.num_accepted, full.tokens) == (3, [2, 5, 1, 7])
-    partial = accept_greedy(torch.tensor([2, 4, 1]), logits)
-    assert (partial.num_accepted, partial.tokens) == (1, [2, 5])
-    none = accept_greedy(torch.tensor([3]), logits[:2])
-    assert (none.num_accepted, none.tokens) == (0, [2])
+    cases = [([2, 5, 1], (3, 7)), ([2, 4, 1], (1, 5)), ([3], (0, 2)), ([], (0, 2))]
+    batch = DraftBatch.of([(torch.tensor(d, dtype=torch.long), None) for d, _ in cases], "cpu")
+    rows = SamplingRows.of([SamplingParams()] * len(cases), V, "cpu")
+    rand = Randomness(torch.ones(len(cases), 3), torch.ones(len(cases), V))
+    out = accept_batch(logits.expand(len(cases), 4, V), batch, rows, rand)
+    assert out.tolist() == [list(want) for _, want in cases]
+
+
+def test_keyed_draws_depend_on_the_row_alone():
+    """A row's draws are the same whatever batch it is in, and differ by round."""
+    alone = Randomness.draw([(7, 3)], [2], 2, V, "cpu")
+    mixed = Randomness.draw([None, (9, 0), (7, 3)], [4, 4, 2], 4, V, "cpu")
+    assert torch.equal(alone.uniforms[0], mixed.uniforms[2, :2])
+    assert torch.equal(alone.exponentials[0], mixed.exponentials[2])
+    next_round = Randomness.draw([(7, 4)], [2], 2, V, "cpu")
+    assert not torch.equal(alone.exponentials[0], next_round.exponentials[0])

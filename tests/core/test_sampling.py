@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.core.sampling import SamplingParams, adjusted_probs
+from services.core.sampling import SamplingParams, SamplingRows, adjusted_probs, adjusted_probs_rows, keyed_generator
 
 
 def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -69,10 +69,28 @@ def test_bad_sampling_params_are_rejected(kwargs, message):
         SamplingParams(**kwargs)
 
 
-def test_seeded_generators_repeat_and_streams_differ():
-    draft_a, verify_a = SamplingParams(temperature=1.0, seed=7).make_generators()
-    draft_b, verify_b = SamplingParams(temperature=1.0, seed=7).make_generators()
-    assert torch.equal(torch.rand(5, generator=draft_a), torch.rand(5, generator=draft_b))
-    assert torch.equal(torch.rand(5, generator=verify_a), torch.rand(5, generator=verify_b))
-    draft_c, verify_c = SamplingParams(temperature=1.0, seed=7).make_generators()
-    assert not torch.equal(torch.rand(5, generator=draft_c), torch.rand(5, generator=verify_c))
+def test_keyed_streams_repeat_and_keys_differ():
+    a, b = keyed_generator(7, "verify:3"), keyed_generator(7, "verify:3")
+    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+    c, d = keyed_generator(7, "verify:4"), keyed_generator(7, "draft@3")
+    assert not torch.equal(torch.rand(5, generator=c), torch.rand(5, generator=d))
+
+
+def test_a_tiny_temperature_is_almost_greedy_not_nan():
+    logits = torch.randn(3, 151_936)
+    probs = adjusted_probs(logits, SamplingParams(temperature=1e-38))
+    assert torch.isfinite(probs).all()
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.allclose(probs.max(-1).values, torch.ones(3))
+
+
+def test_rows_with_their_own_params_match_the_reference():
+    """One batch, a different temperature/top-k/top-p per row (top-k and top-p-only rows
+    take different paths inside); each row equals the numpy reference."""
+    configs = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8), (0.5, 7, 0.6), (1.3, 1, 1.0)]
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in configs]
+    logits = torch.randn(len(configs), 4, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    for subset in (params, params[:3]):  # with and without a top-p-only row (full sort)
+        got = adjusted_probs_rows(logits[: len(subset)], SamplingRows.of(subset, 32, "cpu")).double().numpy()
+        for b, (t, k, p) in enumerate(configs[: len(subset)]):
+            for j in range(4):
+                np.testing.assert_allclose(got[b, j], reference_probs(logits[b, j].numpy(), t, k, p), atol=1e-6)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from services.core.draft_q import BYTES_PER_TOKEN, MAX_SUPPORT, SparseQ, compact
 from services.core.errors import InvalidRequest
 from services.core.pipeline import DraftBlock
 from services.core.proposals import Proposal
@@ -16,18 +17,38 @@ from services.rpc.convert import (block_from_proto, block_to_proto, method_name,
 
 
 def test_draft_block_round_trip_is_bit_exact():
-    probs = torch.rand(3, 11).softmax(-1)
-    block = DraftBlock(4, Proposal(torch.tensor([1, 5, 9]), probs), True, 7, 0.25)
-    back = block_from_proto(block_to_proto(block), "cpu")
+    # Supports of different sizes (a peaked and a flat q), as a block has.
+    qs = [compact(torch.rand(11).pow(power).softmax(-1)) for power in (1, 8, 0.1)]
+    q = SparseQ.stack(qs)
+    block = DraftBlock(4, Proposal(torch.tensor([1, 5, 9]), q), True, 7, 0.25)
+    msg = block_to_proto(block)
+    back = block_from_proto(msg, "cpu")
     assert back.round == 4 and back.speculative and back.guess == 7 and back.draft_s == 0.25
     assert torch.equal(back.proposal.tokens, block.proposal.tokens)
-    assert torch.equal(back.proposal.draft_probs, probs)  # exact, not close
+    assert torch.equal(back.proposal.draft_q.dense(11), q.dense(11))  # exact, not close
+    assert len(msg.q_ids) + len(msg.q_weights) == q.wire_bytes
+
+
+def test_real_vocabulary_blocks_stay_small():
+    """gamma 16 at V = 152k, flat q (the support cap binds): far under gRPC's 4 MiB."""
+    V, gamma = 151_936, 16
+    q = SparseQ.stack([compact(torch.randn(V).mul(0.01).softmax(-1)) for _ in range(gamma)])
+    msg = block_to_proto(DraftBlock(0, Proposal(torch.zeros(gamma, dtype=torch.long), q), False, None, 0.0))
+    assert msg.ByteSize() <= gamma * MAX_SUPPORT * BYTES_PER_TOKEN + 1024
+
+
+def test_a_malformed_block_is_refused():
+    q = compact(torch.rand(11).softmax(-1))
+    msg = block_to_proto(DraftBlock(0, Proposal(torch.tensor([1]), q), False, None, 0.0))
+    msg.q_sizes[0] += 1
+    with pytest.raises(ValueError, match="malformed"):
+        block_from_proto(msg, "cpu")
 
 
 def test_a_one_hot_block_sends_no_probabilities():
     msg = block_to_proto(DraftBlock(0, Proposal(torch.tensor([2])), False, None, 0.0))
-    assert msg.draft_probs == b"" and msg.guess == -1
-    assert block_from_proto(msg, "cpu").proposal.draft_probs is None
+    assert not msg.q_sizes and msg.q_ids == b"" and msg.guess == -1
+    assert block_from_proto(msg, "cpu").proposal.draft_q is None
 
 
 def test_sampling_defaults_and_validation():

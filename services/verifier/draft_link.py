@@ -1,0 +1,157 @@
+"""The verifier's end of one session's drafting: a Drafter.Draft stream to one worker.
+
+A worker that goes away (its stream fails) is replaced: the stream is reopened on
+another worker at the current round, from the committed tokens; that worker starts
+from the session's saved draft KV chunks. A worker that stops answering without going
+away (a frozen process, a partitioned node: the kernel keeps the connection open) is
+caught by a deadline on every read, derived from the measured block times; the stream
+then moves to another worker, or, if Serve offers no other, the session goes on
+without drafting. Either way a round never waits more than ``MAX_READ_S`` for a draft.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Awaitable, Callable
+
+import grpc
+
+from ..core.engine import SequenceState
+from ..core.pipeline import DraftBlock
+from ..core.proposals import Proposal
+from ..rpc import internal_pb2
+from ..rpc.convert import block_from_proto
+
+FIRST_READ_S = 30.0  # the first block: the worker restores or prefills the prompt first
+MIN_READ_S, MAX_READ_S = 1.0, 4.0  # later blocks: READ_SLACK x the slowest recent one, within these
+READ_SLACK = 8.0
+OPEN_S = 2.0  # finding a worker and opening a stream
+
+
+class DraftStalled(ConnectionError):
+    """The worker did not answer within the read deadline."""
+
+
+class DraftLink:
+    def __init__(self, open_stream: Callable[[int, set[str]], Awaitable[tuple[str, object]]], seq: SequenceState,
+                 device, max_reconnects: int = 8):
+        # (first_round, addresses to avoid) -> (address, an opened Draft call)
+        self.open_stream = open_stream
+        self.seq, self.device, self.max_reconnects = seq, device, max_reconnects
+        self.call = None
+        self.address = ""
+        self.stalled: set[str] = set()  # workers that missed a deadline: never reused by this session
+        self.off = False  # no worker to draft with: the session decodes alone
+        self.waits: deque[float] = deque(maxlen=16)  # recent block waits, for the deadline
+        # (traceparent, tracestate) of the round the worker drafts for next: sent with
+        # every outcome and with a reopened stream's `open`.
+        self.trace: tuple[str, str] = ("", "")
+
+    async def start(self, round: int) -> None:
+        self.address, self.call = await self.open_stream(round, self.stalled)
+
+    def deadline(self) -> float:
+        if not self.waits:
+            return FIRST_READ_S
+        return min(MAX_READ_S, max(MIN_READ_S, READ_SLACK * max(self.waits)))
+
+    async def receive(self, round: int, speculative: bool) -> DraftBlock | None:
+        """Wait for the block for ``round``; blocks the verifier no longer wants (early
+        blocks after a miss) are skipped. Waiting is charged to exposed draft compute
+        up to the block's own draft time, and the rest to transport. None: an early
+        block lost with its worker (the round then asks for a fresh one). With drafting
+        off, a fresh block is empty (a plain decoding step)."""
+        while not self.off:
+            try:
+                return await self._read(round, speculative)
+            except (grpc.aio.AioRpcError, ConnectionError) as error:
+                if not worker_lost(error):
+                    raise
+                if isinstance(error, DraftStalled):
+                    self.stalled.add(self.address)
+                if speculative:
+                    self.call.cancel()
+                    self.call = None  # reopened by the fresh block's receive
+                    return None
+                await self._reconnect(round, error)
+        return None if speculative else DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
+
+    async def _read(self, round: int, speculative: bool) -> DraftBlock:
+        if self.call is None:
+            raise ConnectionError("the stream was dropped after a lost early block")
+        stats = self.seq.stats
+        t0 = time.perf_counter()
+        deadline = t0 + self.deadline()
+        while True:
+            try:
+                msg = await asyncio.wait_for(self.call.read(), max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                raise DraftStalled(f"draft worker {self.address} sent nothing for {self.deadline():.1f} s") from None
+            if msg is grpc.aio.EOF:
+                raise ConnectionError("the draft worker closed the session")
+            block = block_from_proto(msg, self.device)
+            stats.draft_time_s += block.draft_s
+            if block.round == round and block.speculative == speculative:
+                break
+        waited = time.perf_counter() - t0
+        self.waits.append(waited)
+        exposed = min(waited, block.draft_s)
+        stats.exposed_draft_time_s += exposed
+        stats.transport_time_s += waited - exposed
+        return block
+
+    async def _reconnect(self, round: int, error: Exception) -> None:
+        if self.call is not None:
+            self.call.cancel()
+        self.call = None
+        for attempt in range(self.max_reconnects - self.seq.stats.draft_reconnects):
+            self.seq.stats.draft_reconnects += 1
+            if not self.stalled:  # a dead worker: Serve notices it meanwhile
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+            try:
+                self.address, self.call = await asyncio.wait_for(self.open_stream(round, self.stalled), OPEN_S)
+                self.waits.clear()  # a new worker prefills first
+                return
+            except NoOtherWorker:
+                break
+            except Exception as retry_error:  # the routing may still pick the dead worker
+                error = retry_error
+                if isinstance(retry_error, TimeoutError) and self.stalled:
+                    break  # asking Serve hangs on the frozen replica itself
+        if self.stalled:
+            self.off = True  # go on without drafting rather than wait on a frozen worker
+            return
+        raise ConnectionError(f"no draft worker could continue the session: {error}") from error
+
+    async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int) -> None:
+        """Tell the worker what round ``round`` committed; it drafts the next round with
+        ``next_gamma`` (0: it drafts nothing until told otherwise). A worker that is
+        gone is found out, and replaced, by the next ``receive``."""
+        if self.off or self.call is None:
+            return
+        outcome = internal_pb2.RoundOutcome(
+            round=round, committed=committed, pipeline_hit=hit, next_gamma=next_gamma, finished=self.seq.finished,
+            traceparent=self.trace[0], tracestate=self.trace[1],
+        )
+        try:
+            await self.call.write(internal_pb2.DraftCommand(outcome=outcome))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError):
+            pass  # "RPC already finished": the worker is gone
+
+    def close(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+
+
+class NoOtherWorker(ConnectionError):
+    """Serve offers only workers this session has seen stall."""
+
+
+def worker_lost(error: Exception) -> bool:
+    """A failure of the worker or the connection, not of the request: a request the
+    worker refused (INVALID_ARGUMENT) or a block over the message limit
+    (RESOURCE_EXHAUSTED) would fail the same way on any worker."""
+    request_errors = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    return not (isinstance(error, grpc.aio.AioRpcError) and error.code() in request_errors)
