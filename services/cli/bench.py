@@ -50,6 +50,10 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--tracing", action="store_true",
                         help="in-process: tokens/s with OpenTelemetry tracing off vs on (every span sampled), "
                              "interleaved; the first of --drafters and --gammas (default JSON: bench-out/tracing.json)")
+    parser.add_argument("--scale", action="store_true",
+                        help="in-process, random-init models of real shapes: verify pass vs transformers' bare "
+                             "forward at batch 8 and contexts 256/1024/4096, bytes per round at V=151,936, what "
+                             "truncating q costs in acceptance (default JSON: bench-out/scale.json)")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     add_model_options(parser)
@@ -97,6 +101,8 @@ def run(args) -> int:
         return run_resilience(args)
     if args.tracing:
         return run_tracing(args)
+    if args.scale:
+        return run_scale_bench(args)
     gammas = parse_ints(args.gammas, "gammas")
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     for d in drafters:
@@ -325,5 +331,27 @@ def run_tracing(args) -> int:
     print(f"a round's tracing, timed alone: off {summary['round_tracing_s_off'] * 1e6:.1f} us, "
           f"on {summary['round_tracing_s_on'] * 1e6:.0f} us, against a {summary['seconds_per_round'] * 1e3:.1f} ms "
           f"round ({summary['round_tracing_share_off']:.3%} and {summary['round_tracing_share_on']:.2%})")
+    print(f"wrote {path}")
+    return 0
+
+
+def run_scale_bench(args) -> int:
+    """--scale: the data path at real vocabularies and contexts (services/bench/scale.py)."""
+    from ..bench.scale import run_scale
+
+    if args.server or args.concurrency:
+        raise UsageError("--scale measures in-process (its served figures use loopback gRPC); drop --server and --concurrency")
+    pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype, with_draft=True,
+                     trust_remote_code=args.trust_remote_code)
+    prompts = [pair.tokenizer(t)["input_ids"][:64] for t in load_prompts(args.prompts, args.limit)]
+    summary = run_scale(args.repeat if args.repeat > 1 else 5, pair, prompts, on_row=lambda line: print(line, flush=True))
+    path = Path("bench-out/scale.json") if args.json == Path("bench-out/bench.json") else args.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
+            "machine": platform.machine()}
+    path.write_text(json.dumps({**summary, "meta": meta}, indent=2) + "\n")
+    print(f"verify pass / bare forward at batch 8, context 4096: {summary['verify_pass_vs_bare_b8_c4096']:.2f}x; "
+          f"bytes per round at V=151,936 gamma 8: top-k 50 {summary['bytes_per_round_v151936_g8_topk50']:.0f}, "
+          f"T=1.0 {summary['bytes_per_round_v151936_g8_t1']:.0f}")
     print(f"wrote {path}")
     return 0

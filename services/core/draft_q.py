@@ -2,92 +2,118 @@
 
 The acceptance test needs q exactly as each draft token was sampled from it, but any
 q keeps the output exactly the target's (Leviathan et al., Theorem 1): losslessness
-only asks that the drafter sample from the very q it reports. So the drafter
-truncates and quantizes its adjusted distribution first, then samples from the
-result, and sends only that:
+only asks that the drafter sample from the very q it reports. So the drafter maps
+its adjusted distribution to a compact q' first, samples from q', and sends only q':
 
-- support: the fewest top tokens holding all but ``TAIL`` of the mass, at most
-  ``MAX_SUPPORT`` of them (top-k 50 needs at most 50);
-- weights: uint16, relative to the top token; q = weight / sum(weights), computed in
-  float64 from integers, so drafter and verifier get bit-identical float32 q on any
-  device and in any reduction order.
+- support: the top tokens, at most ``MAX_SUPPORT``, whose probability is within a
+  factor ``RANGE`` of the top one; each gets a log-scale level (one byte, steps of
+  6.5%);
+- tail: everything else shares one weight, spread evenly over the tokens outside the
+  support (top-k and top-p leave it at exactly 0).
 
-What it costs: acceptance is sum_x min(p(x), q'(x)); renormalising q over a support
-S only raises q' on S, so acceptance drops by at most the mass cut off,
-sum_{x not in S} min(p(x), q(x)) <= TAIL when the cap does not bind. The cap binds
-only on nearly flat distributions (measured by ``outrider bench --scale``). On the
-wire a draft costs 6 bytes per support token: at most 6 KiB, 48 KiB at gamma 8,
-against 4.9 MB for a dense float32 q at V = 152k.
+Weights are integers (``LEVEL_WEIGHTS[level]`` and the tail's), summed exactly in
+int64, and q' = weight / sum in float64, then float32: drafter and verifier derive
+bit-identical q' on any device and in any reduction order.
+
+What it costs in acceptance (sum_x min(p(x), q'(x)) against the full q's): nothing
+under top-k or top-p; at plain temperature 1.0 the tail's shape is lost, not its mass.
+Measured by ``outrider bench --scale``. On the wire a support token costs about two
+bytes (a varint id delta and its level).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .sampling import exponentials, keyed_generator, sample_from
+from .sampling import keyed_generator, sample_from
 
-TAIL = 1e-3  # mass a drafter may cut from its q
-MAX_SUPPORT = 1024  # support tokens per draft, at most
-WEIGHT_MAX = 65535  # uint16
-BYTES_PER_TOKEN = 6  # int32 id + uint16 weight
+MAX_SUPPORT = 3072  # support tokens per draft, at most
+RANGE = 1e-7  # support tokens have q >= RANGE * max q
+LEVELS = 255  # level 1..255; 0 marks padding
+_STEP = math.log(1 / RANGE) / (LEVELS - 1)
+_SCALE = 2**32  # integer weight of the top token
+LEVEL_WEIGHTS = torch.tensor(
+    [0] + [round(_SCALE * math.exp(-(LEVELS - level) * _STEP)) for level in range(1, LEVELS + 1)], dtype=torch.int64
+)
 
 
 @dataclass(frozen=True)
 class SparseQ:
-    """q for each of N drafts on its own support, padded to the widest (weight 0)."""
+    """q' for each of N drafts: a support padded to the widest (level 0), and a tail."""
 
-    ids: torch.Tensor  # [N, K] int64 support token ids (0 in padding)
-    weights: torch.Tensor  # [N, K] int32 quantized weights, 0 = padding
-    probs: torch.Tensor  # [N, K] float32 weights / row sum: the q each draft was sampled from
+    ids: torch.Tensor  # [N, K] int64 support token ids, ascending (0 in padding)
+    levels: torch.Tensor  # [N, K] uint8 log-scale levels, 0 = padding
+    tail_weight: torch.Tensor  # [N] int64 weight shared by the tokens outside the support
+    vocab: int
+    probs: torch.Tensor  # [N, K] float32 q'(id)
+    tail: torch.Tensor  # [N] float32 q'(x) of each token outside the support
 
     @classmethod
-    def from_weights(cls, ids: torch.Tensor, weights: torch.Tensor) -> "SparseQ":
-        """ids, weights [N, K]; the one place q is derived from weights."""
-        w = weights.to(torch.float64)
-        probs = (w / w.sum(-1, keepdim=True).clamp_min(1)).to(torch.float32)
-        return cls(ids=ids.long(), weights=weights.int(), probs=probs)
+    def of(cls, ids: torch.Tensor, levels: torch.Tensor, tail_weight: torch.Tensor, vocab: int) -> "SparseQ":
+        """The one place q' is derived from what goes on the wire."""
+        weights = LEVEL_WEIGHTS.to(ids.device)[levels.long()]  # [N, K]
+        total = (weights.sum(-1) + tail_weight).to(torch.float64)  # exact integers
+        outside = (vocab - (levels > 0).sum(-1)).clamp_min(1).to(torch.float64)
+        probs = (weights.to(torch.float64) / total[:, None]).to(torch.float32)
+        tail = (tail_weight.to(torch.float64) / total / outside).to(torch.float32)
+        return cls(ids.long(), levels.to(torch.uint8), tail_weight.long(), vocab, probs, tail)
 
     @classmethod
     def stack(cls, rows: list["SparseQ"]) -> "SparseQ":
         """Rows of one draft each ([1, K_i]) -> [N, max K_i]."""
         width = max(row.ids.shape[-1] for row in rows)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
-        return cls(*(torch.cat([pad(getattr(row, name)) for row in rows]) for name in ("ids", "weights", "probs")))
+        return cls.of(torch.cat([pad(r.ids) for r in rows]), torch.cat([pad(r.levels) for r in rows]),
+                      torch.cat([r.tail_weight for r in rows]), rows[0].vocab)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
-    @property
-    def wire_bytes(self) -> int:
-        return int((self.weights > 0).sum()) * BYTES_PER_TOKEN
-
-    def dense(self, vocab: int) -> torch.Tensor:
-        """[N, V] float32."""
-        return torch.zeros(len(self), vocab, device=self.ids.device).scatter_add_(-1, self.ids, self.probs)
+    def dense(self) -> torch.Tensor:
+        """[N, V] float32 q'."""
+        out = self.tail[:, None].expand(len(self), self.vocab).clone()
+        # Support ids are distinct within a row; padding adds 0.
+        return out.scatter_add_(-1, self.ids, torch.where(self.levels > 0, self.probs - self.tail[:, None], 0.0))
 
     def sample(self, seed: int, position: int) -> int:
-        """Draw the draft token of row 0 (a one-draft q) for absolute position
-        ``position``, from the stream keyed by (seed, position): an early block and a
-        fresh block drafting the same position draw the same numbers."""
+        """Draw row 0's token (a one-draft q') for absolute position ``position``, from
+        the stream keyed by (seed, position): an early block and a fresh block drafting
+        the same position draw the same numbers."""
         generator = keyed_generator(seed, f"draft@{position}", self.ids.device)
-        index = sample_from(self.probs[0], exponentials(generator, self.ids.shape[-1], self.ids.device))
-        return int(self.ids[0, index])
+        u = torch.rand(2, generator=generator, device=self.ids.device)
+        support = self.levels[0] > 0
+        ids = self.ids[0, support]
+        outside = self.vocab - ids.shape[0]
+        buckets = torch.cat([self.probs[0, support], self.tail[:1] * outside])  # [K + 1]: the tail is one bucket
+        index = int(sample_from(buckets, u[0]))
+        if index < ids.shape[0]:
+            return int(ids[index])
+        # The j-th token outside the support: j plus the support ids at or before it.
+        j = min(int(u[1] * outside), outside - 1)
+        before = ids - torch.arange(ids.shape[0], device=ids.device)  # outside tokens before each support id
+        return j + int(torch.searchsorted(before, torch.tensor(j, device=ids.device), right=True))
 
 
-def compact(q: torch.Tensor, tail: float = TAIL, max_support: int = MAX_SUPPORT) -> SparseQ:
-    """An adjusted q [V] -> its truncated, quantized form [1, K]."""
-    values, ids = q.float().topk(min(max_support, q.shape[-1]))  # descending
-    # The fewest top tokens whose mass reaches 1 - tail (the top one always).
-    size = int((values.cumsum(0) < 1 - tail).sum()) + 1
+def compact(q: torch.Tensor, max_support: int = MAX_SUPPORT) -> SparseQ:
+    """An adjusted q [V] -> its compact form q' [1, K]."""
+    V = q.shape[-1]
+    q = q.float()
+    values, ids = q.topk(min(max_support, V))  # descending
+    size = int((values >= values[0] * RANGE).sum())
     values, ids = values[:size], ids[:size]
-    weights = (values / values[0] * WEIGHT_MAX).round().int()
-    size = int((weights > 0).sum())  # quantized to nothing: out of the support
-    return SparseQ.from_weights(ids[None, :size], weights[None, :size])
+    levels = (LEVELS + torch.log(values / values[0]) / _STEP).round().clamp(1, LEVELS).to(torch.uint8)
+    # Mass outside the support, summed from those tokens themselves: exactly 0 when
+    # top-k or top-p already zeroed them.
+    tail_mass = q.scatter(0, ids, torch.zeros_like(values)).sum()
+    tail_weight = (tail_mass / values[0] * _SCALE).round().to(torch.int64)
+    order = ids.argsort()
+    return SparseQ.of(ids[order][None], levels[order][None], tail_weight[None], V)
 
 
-def one_hot(tokens: torch.Tensor) -> SparseQ:
+def one_hot(tokens: torch.Tensor, vocab: int) -> SparseQ:
     """q of deterministic drafts (greedy drafting, n-gram lookup): a point mass [N, 1]."""
-    ones = torch.ones(len(tokens), 1, dtype=torch.int32, device=tokens.device)
-    return SparseQ.from_weights(tokens[:, None], ones)
+    levels = torch.full((len(tokens), 1), LEVELS, dtype=torch.uint8, device=tokens.device)
+    return SparseQ.of(tokens[:, None], levels, torch.zeros(len(tokens), dtype=torch.int64, device=tokens.device), vocab)

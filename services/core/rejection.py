@@ -14,8 +14,9 @@ share a pass; each row draws from its own keyed random stream, so a row's tokens
 depend on which other rows share its batch.
 
 Nothing here waits on the host: the first rejection of every row is one comparison and
-a cumulative product, and the correction or bonus token is argmax(r / E) with E ~ Exp(1)
-(core/sampling.py ``sample_from``). The caller syncs once, for the [B, 2] result.
+a cumulative product, and the correction or bonus token is an inverse-CDF draw from the
+unnormalised residual (core/sampling.py ``sample_from``). The caller syncs once, for
+the [B, 2] result.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .draft_q import SparseQ, one_hot
-from .sampling import SamplingRows, adjusted_probs_rows, exponentials, keyed_generator, sample_from
+from .sampling import SamplingRows, adjusted_probs_rows, keyed_generator, sample_from
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,13 @@ class DraftBatch:
 
     tokens: torch.Tensor  # [B, G] int64 drafted token ids (0 in padding)
     num_drafts: torch.Tensor  # [B] int64 g_b, the row's real drafts
-    q_ids: torch.Tensor  # [B, G, K] int64 support of each draft's q
-    q_probs: torch.Tensor  # [B, G, K] float32 q on that support (0 in padding)
+    q_ids: torch.Tensor  # [B, G, K] int64 support of each draft's q'
+    q_probs: torch.Tensor  # [B, G, K] float32 q' on that support (0 = padding)
+    q_tail: torch.Tensor  # [B, G] float32 q' of each token outside the support
 
     @classmethod
-    def of(cls, drafts: list[tuple[torch.Tensor, SparseQ | None]], device: torch.device | str) -> "DraftBatch":
-        """(tokens [g_b], q or None for a one-hot q) per row."""
+    def of(cls, drafts: list[tuple[torch.Tensor, SparseQ | None]], vocab: int, device: torch.device | str) -> "DraftBatch":
+        """(tokens [g_b], q' or None for a one-hot q) per row."""
         B, G = len(drafts), max((len(tokens) for tokens, _ in drafts), default=0)
         K = max((q.ids.shape[-1] for tokens, q in drafts if q is not None and len(tokens)), default=1)
         out = cls(
@@ -47,16 +49,18 @@ class DraftBatch:
             num_drafts=torch.tensor([len(tokens) for tokens, _ in drafts], dtype=torch.long, device=device),
             q_ids=torch.zeros(B, G, K, dtype=torch.long, device=device),
             q_probs=torch.zeros(B, G, K, device=device),
+            q_tail=torch.zeros(B, G, device=device),
         )
         for b, (tokens, q) in enumerate(drafts):
             g = len(tokens)
             if not g:
                 continue
-            q = one_hot(tokens) if q is None else q
+            q = one_hot(tokens, vocab) if q is None else q
             k = q.ids.shape[-1]
             out.tokens[b, :g] = tokens
             out.q_ids[b, :g, :k] = q.ids
             out.q_probs[b, :g, :k] = q.probs
+            out.q_tail[b, :g] = q.tail
         return out
 
 
@@ -65,22 +69,23 @@ class Randomness:
     """Every number a pass's acceptance draws, from each row's own keyed stream."""
 
     uniforms: torch.Tensor  # [B, G] U(0, 1), one per acceptance test
-    exponentials: torch.Tensor  # [B, V] Exp(1), for the correction or bonus token
+    final: torch.Tensor  # [B] U(0, 1), for the correction or bonus token
 
     @classmethod
-    def draw(cls, keys: list[tuple[int, int] | None], num_drafts: list[int], G: int, V: int,
+    def draw(cls, keys: list[tuple[int, int] | None], num_drafts: list[int], G: int,
              device: torch.device | str) -> "Randomness":
         """keys[b]: (seed, round) of a sampled row, None for a greedy row (draws nothing).
         A row's draws depend only on its key and its own draft count."""
         uniforms = torch.ones(len(keys), G, device=device)
-        exp = torch.ones(len(keys), V, device=device)
+        final = torch.zeros(len(keys), device=device)
         for b, key in enumerate(keys):
             if key is None:
                 continue
             generator = keyed_generator(key[0], f"verify:{key[1]}", device)
-            uniforms[b, : num_drafts[b]] = torch.rand(num_drafts[b], generator=generator, device=device)
-            exp[b] = exponentials(generator, V, device)
-        return cls(uniforms, exp)
+            draws = torch.rand(num_drafts[b] + 1, generator=generator, device=device)
+            uniforms[b, : num_drafts[b]] = draws[:-1]
+            final[b] = draws[-1]
+        return cls(uniforms, final)
 
 
 def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, rand: Randomness) -> torch.Tensor:
@@ -89,31 +94,37 @@ def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, r
     B, G1, V = logits.shape
     G = G1 - 1
     ar = torch.arange(B, device=logits.device)
-    greedy = rows.temperature == 0  # [B]
-    best = logits.argmax(-1)  # [B, G+1]
     valid = torch.arange(G, device=logits.device)[None, :] < drafts.num_drafts[:, None]  # [B, G]
-    accepted = drafts.tokens == best[:, :G]  # greedy: the draft is the target's argmax
+    accepted = torch.zeros(B, G, dtype=torch.bool, device=logits.device)
+    best = None
+    if rows.greedy_rows:
+        best = logits.argmax(-1)  # [B, G+1]
+        accepted = drafts.tokens == best[:, :G]  # greedy: the draft is the target's argmax
     p = None
     if rows.any_sampled:
         p = adjusted_probs_rows(logits, rows)  # [B, G+1, V]
         p_x = p[:, :G].gather(-1, drafts.tokens[..., None])[..., 0]  # [B, G] p_i(x_i)
-        q_x = (drafts.q_probs * (drafts.q_ids == drafts.tokens[..., None])).sum(-1)  # [B, G] q_i(x_i)
+        hit = (drafts.q_ids == drafts.tokens[..., None]) & (drafts.q_probs > 0)  # [B, G, K]
+        q_x = torch.where(hit.any(-1), (drafts.q_probs * hit).sum(-1), drafts.q_tail)  # [B, G] q_i(x_i)
         # u < p/q  <=>  u * q < p, which also avoids dividing by q.
-        accepted = torch.where(greedy[:, None], accepted, rand.uniforms * q_x < p_x)
+        accepted = torch.where(rows.greedy[:, None], accepted, rand.uniforms * q_x < p_x)
     # n_b = drafts accepted before the first rejection (or all g_b).
     n = (accepted & valid).long().cumprod(-1).sum(-1)  # [B]
-    token = best[ar, n]  # greedy rows: the target's argmax after the accepted drafts
-    if p is not None:
-        p_n = p[ar, n]  # [B, V]
-        rejected = n < drafts.num_drafts  # [B]: the token at n is a correction, not a bonus
-        if G:
-            at = n.clamp(max=G - 1)
-            q_n = torch.zeros(B, V, device=logits.device).scatter_add_(
-                -1, drafts.q_ids[ar, at], drafts.q_probs[ar, at] * rejected[:, None]
-            )
-            residual = (p_n - q_n).clamp_min(0)  # max(0, p - q), unnormalised: argmax ignores scale
-            # residual is nonzero whenever a rejection can happen; guard float round-off.
-            usable = rejected & (residual.sum(-1) > 0)
-            p_n = torch.where(usable[:, None], residual, p_n)
-        token = torch.where(greedy, token, sample_from(p_n, rand.exponentials))
+    if p is None:
+        return torch.stack([n, best[ar, n]], -1)
+    p_n = p[ar, n]  # [B, V]
+    rejected = n < drafts.num_drafts  # [B]: the token at n is a correction, not a bonus
+    if G:
+        at = n.clamp(max=G - 1)
+        support = drafts.q_probs[ar, at] > 0  # [B, K]
+        tail = drafts.q_tail[ar, at]  # [B]
+        q_n = tail[:, None].expand(B, V).clone().scatter_add_(
+            -1, drafts.q_ids[ar, at], torch.where(support, drafts.q_probs[ar, at] - tail[:, None], 0.0))
+        residual = (p_n - q_n * rejected[:, None]).clamp_min(0)  # max(0, p - q); a bonus row keeps p
+        # residual is nonzero whenever a rejection can happen; guard float round-off.
+        usable = residual.sum(-1) > 0
+        p_n = torch.where(usable[:, None], residual, p_n)
+    token = sample_from(p_n, rand.final)  # unnormalised is fine
+    if best is not None:
+        token = torch.where(rows.greedy, best[ar, n], token)
     return torch.stack([n, token], -1)

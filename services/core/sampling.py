@@ -51,30 +51,46 @@ def keyed_generator(seed: int, role: str, device: torch.device | str = "cpu") ->
     return torch.Generator(device=device).manual_seed(derive_seed(seed, role))
 
 
+# Below this temperature, logits are shifted by their max before dividing (an
+# overflow to inf would give NaN probabilities); above it the shift is softmax's own.
+TINY_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class SamplingRows:
     """Per-row sampling parameters of a batch, as device tensors, plus the host-side
     facts that choose the code path (so choosing needs no device sync)."""
 
-    temperature: torch.Tensor  # [B] float32; 0 = greedy row
+    temperature: torch.Tensor  # [B] float32; 1 for greedy rows (their probabilities are not used)
     top_k: torch.Tensor  # [B] int64; V where top-k is off
     top_p: torch.Tensor  # [B] float32
     truncates: torch.Tensor  # [B] bool: the row has top-k or top-p
+    greedy: torch.Tensor  # [B] bool
     width: int  # how many top tokens the truncating rows need: max top-k, V if a row has top-p only
-    any_sampled: bool
+    greedy_rows: tuple[int, ...]
+    tiny_rows: tuple[int, ...]  # sampled rows with a temperature under TINY_TEMPERATURE
+    all_unit_temperature: bool
+
+    @property
+    def any_sampled(self) -> bool:
+        return len(self.greedy_rows) < int(self.temperature.shape[0])
 
     @classmethod
     def of(cls, params: list[SamplingParams], vocab: int, device: torch.device | str) -> "SamplingRows":
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        truncates = [k < vocab or p.top_p < 1 for k, p in zip(top_k, params)]
-        width = max([k if k < vocab else vocab for k, t in zip(top_k, truncates) if t] or [0])
+        truncates = [not p.greedy and (k < vocab or p.top_p < 1) for k, p in zip(top_k, params)]
+        width = max([k for k, t in zip(top_k, truncates) if t] or [0])
+        temperature = [1.0 if p.greedy else p.temperature for p in params]
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_k, dtype=torch.long, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             truncates=torch.tensor(truncates, device=device),
+            greedy=torch.tensor([p.greedy for p in params], device=device),
             width=width,
-            any_sampled=any(not p.greedy for p in params),
+            greedy_rows=tuple(b for b, p in enumerate(params) if p.greedy),
+            tiny_rows=tuple(b for b, p in enumerate(params) if not p.greedy and p.temperature < TINY_TEMPERATURE),
+            all_unit_temperature=all(t == 1.0 for t in temperature),
         )
 
 
@@ -87,13 +103,13 @@ def adjusted_probs_rows(logits: torch.Tensor, rows: SamplingRows) -> torch.Tenso
     row instead of sorting it. Only a row with top-p and no top-k needs the whole
     sorted row (top-p's support can be most of the vocabulary).
     """
-    logits = logits.float()
     V = logits.shape[-1]
-    greedy = (rows.temperature == 0)[:, None, None]
-    temperature = torch.where(greedy, 1.0, rows.temperature[:, None, None])
-    # Shift by the max first: a temperature of 1e-38 then gives -inf (probability 0),
-    # never inf - inf = NaN.
-    z = (logits - logits.amax(-1, keepdim=True)) / temperature
+    z = logits.float() if rows.all_unit_temperature else logits.float() / rows.temperature[:, None, None]
+    if rows.tiny_rows:
+        # Shift first: a temperature of 1e-38 then gives -inf (probability 0), not inf - inf = NaN.
+        tiny = list(rows.tiny_rows)
+        shifted = logits[tiny].float()
+        z[tiny] = (shifted - shifted.amax(-1, keepdim=True)) / rows.temperature[tiny, None, None]
     if rows.width:
         if rows.width < V:
             values, order = z.topk(rows.width, dim=-1)  # sorted, descending
@@ -109,7 +125,10 @@ def adjusted_probs_rows(logits: torch.Tensor, rows: SamplingRows) -> torch.Tenso
         truncated = torch.full_like(z, float("-inf")).scatter(-1, order, values.masked_fill(~keep, float("-inf")))
         z = torch.where(rows.truncates[:, None, None], truncated, z)
     probs = z.softmax(-1)
-    return torch.where(greedy, torch.nn.functional.one_hot(logits.argmax(-1), V).float(), probs)
+    if rows.greedy_rows:
+        greedy = list(rows.greedy_rows)
+        probs[greedy] = torch.nn.functional.one_hot(logits[greedy].argmax(-1), V).float()
+    return probs
 
 
 def adjusted_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -119,16 +138,18 @@ def adjusted_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return adjusted_probs_rows(flat, SamplingRows.of([params], shape[-1], logits.device)).reshape(shape)
 
 
-def sample_from(probs: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
-    """probs [..., V], exponentials [..., V] ~ Exp(1) -> token ids [...].
+def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """probs [..., V] (unnormalised is fine), uniforms [...] ~ U(0, 1) -> token ids [...].
 
-    argmax(p / E) is a draw from p: E_i / p_i ~ Exp(rate p_i), and the smallest of
-    independent exponentials is index i with probability p_i / sum(p). No sort, no
-    cumulative sum, no host sync; every draw takes exactly V numbers, so a keyed stream
-    stays aligned whatever was sampled before.
+    Inverse CDF: the first token whose cumulative mass passes u * total. No sort and no
+    host sync, and one random number per draw. (The exponential trick, argmax(p / E),
+    needs V random numbers per draw: measured here at 28 ms for 8 draws at V = 128k on
+    CPU, against 2.3 ms for cumsum + searchsorted.) A token of probability 0 is never
+    drawn: its cumulative mass equals its predecessor's, so it is never the first past u.
     """
-    return (probs / exponentials.clamp_min(1e-30)).argmax(-1)
-
-
-def exponentials(generator: torch.Generator, n: int, device: torch.device | str) -> torch.Tensor:
-    return torch.empty(n, device=device).exponential_(generator=generator)
+    cdf = probs.cumsum(-1)
+    target = uniforms[..., None] * cdf[..., -1:]
+    index = torch.searchsorted(cdf, target, right=True)[..., 0]
+    # u * total can round up to total itself: fall back to the last token with mass.
+    last = (probs > 0).long().cumsum(-1).argmax(-1)
+    return torch.minimum(index, last)

@@ -25,6 +25,7 @@ class GenerationStats:
     pipeline_hits: int = 0  # ... and used
     cached_prefix_tokens: int = 0  # prompt tokens whose target KV came from a shared prefix
     draft_reconnects: int = 0  # times the session continued on another draft worker
+    draft_bytes: int = 0  # draft block bytes received on the wire
 
     def record_round(self, drafted: int, accepted: int, emitted: int) -> None:
         self.rounds += 1
@@ -109,6 +110,7 @@ class GenerationStats:
             "pipeline_rounds": self.pipeline_rounds,
             "pipeline_hits": self.pipeline_hits,
             "pipeline_hit_rate": self.pipeline_hit_rate,
+            "draft_bytes": self.draft_bytes,
             "overlap": self.overlap,
         }
 
@@ -116,5 +118,5 @@ class GenerationStats:
 _SUMMED = (
     "rounds", "drafted", "accepted", "rejections", "emitted", "draft_time_s", "verify_time_s", "total_time_s",
     "transport_time_s", "queue_time_s", "exposed_draft_time_s", "pipeline_rounds", "pipeline_hits",
-    "cached_prefix_tokens", "draft_reconnects",
+    "cached_prefix_tokens", "draft_reconnects", "draft_bytes",
 )

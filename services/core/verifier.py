@@ -96,10 +96,10 @@ class TargetVerifier:
         device = all_logits[0].device
         logits = torch.nn.utils.rnn.pad_sequence(all_logits, batch_first=True)  # [B, G+1, V]
         B, G1, V = logits.shape
-        drafts = DraftBatch.of([(req.proposal.tokens, req.proposal.draft_q) for req in batch], device)
+        drafts = DraftBatch.of([(req.proposal.tokens, req.proposal.draft_q) for req in batch], V, device)
         rows = SamplingRows.of([req.params for req in batch], V, device)
         keys = [None if req.params.greedy else (req.params.seed, req.round) for req in batch]
-        rand = Randomness.draw(keys, [len(req.proposal) for req in batch], G1 - 1, V, device)
+        rand = Randomness.draw(keys, [len(req.proposal) for req in batch], G1 - 1, device)
         # The one host sync: [n, token, drafts...] per row.
         result = torch.cat([accept_batch(logits, drafts, rows, rand), drafts.tokens], -1).tolist()
         return [VerifyOutcome(num_accepted=row[0], tokens=row[2 : 2 + row[0]] + [row[1]]) for row in result]

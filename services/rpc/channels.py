@@ -13,12 +13,13 @@ also puts a deadline on every read (verifier/service.py ``DraftLink``).
 
 from __future__ import annotations
 
-from ..core.draft_q import BYTES_PER_TOKEN, MAX_SUPPORT
+from ..core.draft_q import MAX_SUPPORT
 from ..core.gamma import MAX_GAMMA
 
-# A block: tokens, round, guess, timing and q (support ids + weights per draft), with
+# A block: tokens, round, guess, timing and q' (per support token a varint id delta of
+# at most 3 bytes below V = 2^21, and a level byte; a tail weight per draft), with
 # room for protobuf framing.
-MAX_BLOCK_BYTES = MAX_GAMMA * (MAX_SUPPORT * BYTES_PER_TOKEN + 32) + 4096
+MAX_BLOCK_BYTES = MAX_GAMMA * (MAX_SUPPORT * 4 + 32) + 4096
 # A DraftCommand carries the prompt and committed tokens (up to a model's context).
 MAX_MESSAGE_BYTES = max(MAX_BLOCK_BYTES, 16 << 20)
 

@@ -16,6 +16,7 @@ from ..core.proposals import Proposal
 from ..core.sampling import SamplingParams
 from ..core.stats import GenerationStats
 from . import internal_pb2, outrider_pb2
+from .channels import MAX_BLOCK_BYTES
 
 METHODS = {
     outrider_pb2.SPECULATION_METHOD_DRAFT: "draft",
@@ -59,11 +60,18 @@ def block_to_proto(block: DraftBlock) -> internal_pb2.DraftBlock:
     )
     q = block.proposal.draft_q
     if q is not None:
-        # The quantized weights, exactly: the verifier derives the very q that was sampled.
-        real = (q.weights > 0).cpu()
-        msg.q_sizes.extend(real.sum(-1).tolist())
-        msg.q_ids = q.ids.cpu()[real].numpy().astype("<i4").tobytes()
-        msg.q_weights = q.weights.cpu()[real].numpy().astype("<u2").tobytes()
+        # Exactly what the drafter sampled from: the verifier derives the same q'.
+        support = (q.levels > 0).cpu().numpy()
+        ids = q.ids.cpu().numpy()
+        # Ascending ids per draft -> deltas (the first from 0); padding sorts nowhere: masked out.
+        deltas = np.diff(ids, axis=-1, prepend=0)
+        msg.q_sizes.extend(support.sum(-1).tolist())
+        msg.q_ids = encode_varints(deltas[support])
+        msg.q_levels = q.levels.cpu().numpy()[support].tobytes()
+        msg.q_tail.extend(q.tail_weight.tolist())
+        msg.vocab_size = q.vocab
+    if msg.ByteSize() > MAX_BLOCK_BYTES:
+        raise BlockTooLarge(f"a draft block of {msg.ByteSize()} bytes is over the {MAX_BLOCK_BYTES}-byte limit")
     return msg
 
 
@@ -72,19 +80,27 @@ def block_from_proto(msg: internal_pb2.DraftBlock, device: torch.device | str) -
     q = None
     if msg.q_sizes:
         sizes = list(msg.q_sizes)
-        ids = np.frombuffer(msg.q_ids, dtype="<i4")
-        weights = np.frombuffer(msg.q_weights, dtype="<u2")
-        if len(sizes) != len(tokens) or not all(sizes) or len(ids) != sum(sizes) or len(weights) != sum(sizes):
-            raise ValueError("malformed draft block: q sizes do not match its tokens and support")
+        try:
+            deltas = decode_varints(msg.q_ids)
+        except ValueError:
+            deltas = None
+        levels = np.frombuffer(msg.q_levels, dtype=np.uint8)
+        total = sum(sizes)
+        if (len(sizes) != len(tokens) or len(msg.q_tail) != len(sizes) or not all(sizes) or deltas is None
+                or len(deltas) != total or len(levels) != total or not levels.all()):
+            raise ValueError("malformed draft block: q' does not match its tokens")
         width = max(sizes)
         ids_out = np.zeros((len(sizes), width), dtype=np.int64)
-        weights_out = np.zeros((len(sizes), width), dtype=np.int32)
+        levels_out = np.zeros((len(sizes), width), dtype=np.uint8)
         start = 0
         for i, size in enumerate(sizes):
-            ids_out[i, :size] = ids[start : start + size]
-            weights_out[i, :size] = weights[start : start + size]
+            ids_out[i, :size] = np.cumsum(deltas[start : start + size])
+            levels_out[i, :size] = levels[start : start + size]
             start += size
-        q = SparseQ.from_weights(torch.from_numpy(ids_out).to(device), torch.from_numpy(weights_out).to(device))
+        if ids_out.max() >= msg.vocab_size:
+            raise ValueError("malformed draft block: a q' id is outside the vocabulary")
+        q = SparseQ.of(torch.from_numpy(ids_out).to(device), torch.from_numpy(levels_out).to(device),
+                       torch.tensor(list(msg.q_tail), dtype=torch.int64, device=device), msg.vocab_size)
     return DraftBlock(
         round=msg.round,
         proposal=Proposal(tokens=tokens.to(device), draft_q=q),
@@ -92,6 +108,47 @@ def block_from_proto(msg: internal_pb2.DraftBlock, device: torch.device | str) -
         guess=None if msg.guess < 0 else msg.guess,
         draft_s=msg.draft_s,
     )
+
+
+class BlockTooLarge(ValueError):
+    """A draft block over the internal message limit (cannot happen within MAX_GAMMA)."""
+
+
+def encode_varints(values: np.ndarray) -> bytes:
+    """Non-negative integers -> LEB128 bytes (7 bits a byte, high bit = more follow)."""
+    values = np.asarray(values, dtype=np.uint64)
+    if not len(values):
+        return b""
+    lengths = np.ones(len(values), dtype=np.int64)
+    rest = values >> np.uint64(7)
+    while rest.any():
+        lengths += rest > 0
+        rest >>= np.uint64(7)
+    starts = np.cumsum(lengths) - lengths
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    for k in range(int(lengths.max())):
+        sel = lengths > k
+        byte = (values[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        out[starts[sel] + k] = byte.astype(np.uint8) | ((lengths[sel] > k + 1).astype(np.uint8) << 7)
+    return out.tobytes()
+
+
+def decode_varints(data: bytes) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if not len(raw):
+        return np.zeros(0, dtype=np.int64)
+    if raw[-1] & 0x80:
+        raise ValueError("truncated varint")
+    ends = np.flatnonzero(raw < 0x80)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 9:
+        raise ValueError("varint too long")
+    values = np.zeros(len(ends), dtype=np.uint64)
+    for k in range(int(lengths.max())):
+        sel = lengths > k
+        values[sel] |= (raw[starts[sel] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    return values.astype(np.int64)
 
 
 def stats_to_proto(stats: GenerationStats, finish_reason: str = "") -> outrider_pb2.GenerationStats:
@@ -118,6 +175,7 @@ def stats_to_proto(stats: GenerationStats, finish_reason: str = "") -> outrider_
         exposed_draft_s=stats.exposed_draft_time_s,
         cached_prefix_tokens=stats.cached_prefix_tokens,
         draft_reconnects=stats.draft_reconnects,
+        draft_bytes=stats.draft_bytes,
     )
 
 
@@ -140,4 +198,5 @@ def stats_from_proto(msg: outrider_pb2.GenerationStats) -> GenerationStats:
         pipeline_hits=msg.pipeline_hits,
         cached_prefix_tokens=msg.cached_prefix_tokens,
         draft_reconnects=msg.draft_reconnects,
+        draft_bytes=msg.draft_bytes,
     )

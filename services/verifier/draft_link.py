@@ -91,6 +91,7 @@ class DraftLink:
                 raise DraftStalled(f"draft worker {self.address} sent nothing for {self.deadline():.1f} s") from None
             if msg is grpc.aio.EOF:
                 raise ConnectionError("the draft worker closed the session")
+            stats.draft_bytes += msg.ByteSize()
             block = block_from_proto(msg, self.device)
             stats.draft_time_s += block.draft_s
             if block.round == round and block.speculative == speculative:

@@ -73,9 +73,9 @@ def busiest(actors) -> object:
     return max(actors, key=lambda a: sum(procs[a.pid].cpu_times()[:2]) - before[a.pid])
 
 
-def stream_and_kill(client, deployment: str, prompt=PROMPT, n=LONG):
+def stream_and_kill(client, deployment: str, prompt=PROMPT, n=LONG, params=SamplingParams()):
     tokens, stats, victim = [], None, None
-    for chunk in client.generate(make_request(prompt, n, method="draft", gamma=4), timeout=300):
+    for chunk in client.generate(make_request(prompt, n, params, method="draft", gamma=4), timeout=300):
         tokens += chunk.token_ids
         if victim is None and len(tokens) >= 12:
             alive = replicas(deployment)
@@ -101,6 +101,48 @@ def test_a_replica_killed_mid_stream_loses_nothing(server, target_only, deployme
     else:
         assert stats.resumes >= 1
     wait_for_replicas()  # Serve replaces the dead one
+
+
+def test_a_seeded_sampled_stream_resumed_after_a_kill_is_the_undisturbed_one(server):
+    """Every random stream is keyed by (seed, round) or (seed, position): the replica
+    that takes over draws exactly what the killed one would have."""
+    client, _ = server
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=2024)
+    undisturbed = client.generate_unary(make_request(PROMPT, LONG, params, method="draft", gamma=4), timeout=300)
+    tokens, stats = stream_and_kill(client, "verifier", params=params)
+    assert stats.resumes >= 1
+    assert tokens == list(undisturbed.token_ids)
+    wait_for_replicas()
+
+
+def test_a_frozen_draft_worker_holds_a_round_for_the_read_deadline_at_most(server, target_only):
+    """SIGSTOP keeps the worker's connections open (its kernel still acks): only the
+    verifier's read deadline notices. The stream moves to the other worker, or goes on
+    without drafting, and stays exactly target-only decoding."""
+    client, _ = server
+    tokenizer, expected = target_only
+    want = expected(tokenizer(PROMPT, add_special_tokens=False)["input_ids"], LONG)
+    tokens, stats, victim, gaps, last = [], None, None, [], None
+    try:
+        for chunk in client.generate(make_request(PROMPT, LONG, method="draft", gamma=4), timeout=300):
+            now = time.monotonic()
+            if victim is not None:
+                gaps.append(now - last)
+            last = now
+            tokens += chunk.token_ids
+            if victim is None and len(tokens) >= 12:
+                victim = busiest(replicas("drafter"))
+                os.kill(victim.pid, signal.SIGSTOP)
+                last = time.monotonic()
+            if chunk.HasField("stats"):
+                stats = chunk.stats
+    finally:
+        if victim is not None:
+            os.kill(victim.pid, signal.SIGCONT)
+    assert victim is not None, "the stream ended before a worker could be frozen"
+    assert tokens == want
+    assert stats.draft_reconnects >= 1
+    assert max(gaps) < 5.0, f"a round waited {max(gaps):.1f} s on the frozen worker"
 
 
 def test_a_prefix_computed_by_one_verifier_replica_is_reused_by_the_other(server, target_only):

@@ -77,7 +77,7 @@ def test_sampled_blocks_carry_q_for_every_draft(draft):
     s = session(draft, params=SamplingParams(temperature=1.0, seed=3))
     s.draft(0)
     early = s.draft_ahead()
-    q = early.proposal.draft_q.dense(draft.config.vocab_size)
+    q = early.proposal.draft_q.dense()
     assert q.shape == (len(early.proposal), draft.config.vocab_size)
     torch.testing.assert_close(q.sum(-1), torch.ones(len(early.proposal)))
     assert (q[torch.arange(len(early.proposal)), early.proposal.tokens] > 0).all()
@@ -94,7 +94,7 @@ def test_sampled_early_block_equals_the_fresh_block_after_the_same_outcome(draft
     fresh.committed += block.proposal.tokens.tolist() + [early.guess]
     again = fresh.draft(1)
     assert early.proposal.tokens.tolist() == again.proposal.tokens.tolist()
-    assert torch.equal(early.proposal.draft_q.weights, again.proposal.draft_q.weights)
+    assert torch.equal(early.proposal.draft_q.levels, again.proposal.draft_q.levels)
 
 
 def test_pipeline_hit_needs_full_acceptance_and_the_right_guess(draft):

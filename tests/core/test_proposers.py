@@ -26,7 +26,7 @@ def test_draft_proposer_records_adjusted_q_when_sampling():
     proposer = DraftModelProposer(model)
     params = SamplingParams(temperature=0.8, top_k=5, seed=1)
     proposal = proposer.propose(proposer.new_state(), [3, 4, 5], 4, params)
-    q = proposal.draft_q.dense(model.config.vocab_size)
+    q = proposal.draft_q.dense()
     assert proposal.tokens.shape == (4,) and q.shape == (4, model.config.vocab_size)
     assert torch.allclose(q.sum(-1), torch.ones(4))
     assert ((q > 0).sum(-1) <= 5).all()  # top-k applied to q as to p

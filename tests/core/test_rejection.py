@@ -68,6 +68,7 @@ def _round(configs, rows_per_config, one_hot_q=False, seed=0):
     drafts = torch.zeros(B, G, dtype=torch.long)
     q_ids = torch.zeros(B, G, V, dtype=torch.long)
     q_probs = torch.zeros(B, G, V)
+    q_tail = torch.zeros(B, G)
     for c, cfg in enumerate(configs):
         idx = torch.arange(c, B, len(configs))
         if cfg.greedy or one_hot_q:  # deterministic drafts, one-hot q
@@ -77,16 +78,17 @@ def _round(configs, rows_per_config, one_hot_q=False, seed=0):
             drafts[idx] = guesses
             q_ids[idx, :, 0], q_probs[idx, :, 0] = guesses, 1.0
             continue
-        q = SparseQ.stack([compact(adjusted_probs(draft_logits[j], cfg), tail=0.0) for j in range(G)])  # [G, K]
+        # The compact q' drafters send; a support of 5 leaves a tail bucket of 3 tokens
+        # when nothing truncates q (the tail path of the sampler runs too).
+        q = SparseQ.stack([compact(adjusted_probs(draft_logits[j], cfg), max_support=5) for j in range(G)])  # [G, K]
+        dense = q.dense()  # [G, V]
         for j in range(G):
-            picks = torch.multinomial(q.probs[j], len(idx), replacement=True, generator=gen)
-            drafts[idx, j] = q.ids[j, picks]
+            drafts[idx, j] = torch.multinomial(dense[j], len(idx), replacement=True, generator=gen)
         K = q.ids.shape[-1]
-        q_ids[idx, :, :K], q_probs[idx, :, :K] = q.ids, q.probs
-    batch = DraftBatch(drafts, torch.full((B,), G), q_ids, q_probs)
+        q_ids[idx, :, :K], q_probs[idx, :, :K], q_tail[idx] = q.ids, q.probs, q.tail
+    batch = DraftBatch(drafts, torch.full((B,), G), q_ids, q_probs, q_tail)
     sampling = SamplingRows.of(params, V, "cpu")
-    rand = Randomness(uniforms=torch.rand(B, G, generator=gen),
-                      exponentials=torch.empty(B, V).exponential_(generator=gen))
+    rand = Randomness(uniforms=torch.rand(B, G, generator=gen), final=torch.rand(B, generator=gen))
     out = accept_batch(target_logits.expand(B, G + 1, V), batch, sampling, rand)
     return out.numpy(), drafts.numpy(), target_logits
 
@@ -126,10 +128,11 @@ def test_lying_about_q_is_caught():
     gen = torch.Generator().manual_seed(0)
     q_raw = draft_logits[0].softmax(-1)
     drafts = torch.multinomial(q_raw, B, replacement=True, generator=gen)[:, None]
-    q_claimed = compact(adjusted_probs(draft_logits[0], cfg), tail=0.0)  # not what was sampled from
+    q_claimed = compact(adjusted_probs(draft_logits[0], cfg))  # not what was sampled from
     K = q_claimed.ids.shape[-1]
-    batch = DraftBatch(drafts, torch.ones(B, dtype=torch.long), q_claimed.ids.expand(B, 1, K), q_claimed.probs.expand(B, 1, K))
-    rand = Randomness(torch.rand(B, 1, generator=gen), torch.empty(B, V).exponential_(generator=gen))
+    batch = DraftBatch(drafts, torch.ones(B, dtype=torch.long), q_claimed.ids.expand(B, 1, K),
+                       q_claimed.probs.expand(B, 1, K), q_claimed.tail.expand(B, 1))
+    rand = Randomness(torch.rand(B, 1, generator=gen), torch.rand(B, generator=gen))
     out = accept_batch(target_logits.expand(B, 2, V), batch, SamplingRows.of([cfg] * B, V, "cpu"), rand).numpy()
     first = np.where(out[:, 0] > 0, drafts[:, 0].numpy(), out[:, 1])
     assert _chi2_pvalue(first, adjusted_probs(target_logits[0], cfg).numpy()) < ALPHA
@@ -140,18 +143,18 @@ def test_greedy_accepts_matching_prefix_then_corrects():
     for i, b in enumerate([2, 5, 1, 7]):
         logits[i, b] = 10.0
     cases = [([2, 5, 1], (3, 7)), ([2, 4, 1], (1, 5)), ([3], (0, 2)), ([], (0, 2))]
-    batch = DraftBatch.of([(torch.tensor(d, dtype=torch.long), None) for d, _ in cases], "cpu")
+    batch = DraftBatch.of([(torch.tensor(d, dtype=torch.long), None) for d, _ in cases], V, "cpu")
     rows = SamplingRows.of([SamplingParams()] * len(cases), V, "cpu")
-    rand = Randomness(torch.ones(len(cases), 3), torch.ones(len(cases), V))
+    rand = Randomness(torch.ones(len(cases), 3), torch.zeros(len(cases)))
     out = accept_batch(logits.expand(len(cases), 4, V), batch, rows, rand)
     assert out.tolist() == [list(want) for _, want in cases]
 
 
 def test_keyed_draws_depend_on_the_row_alone():
     """A row's draws are the same whatever batch it is in, and differ by round."""
-    alone = Randomness.draw([(7, 3)], [2], 2, V, "cpu")
-    mixed = Randomness.draw([None, (9, 0), (7, 3)], [4, 4, 2], 4, V, "cpu")
+    alone = Randomness.draw([(7, 3)], [2], 2, "cpu")
+    mixed = Randomness.draw([None, (9, 0), (7, 3)], [4, 4, 2], 4, "cpu")
     assert torch.equal(alone.uniforms[0], mixed.uniforms[2, :2])
-    assert torch.equal(alone.exponentials[0], mixed.exponentials[2])
-    next_round = Randomness.draw([(7, 4)], [2], 2, V, "cpu")
-    assert not torch.equal(alone.exponentials[0], next_round.exponentials[0])
+    assert torch.equal(alone.final[0], mixed.final[2])
+    next_round = Randomness.draw([(7, 4)], [2], 2, "cpu")
+    assert not torch.equal(alone.uniforms[0], next_round.uniforms[0])

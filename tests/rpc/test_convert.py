@@ -2,39 +2,49 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from services.core.draft_q import BYTES_PER_TOKEN, MAX_SUPPORT, SparseQ, compact
+from services.core.draft_q import MAX_SUPPORT, SparseQ, compact
 from services.core.errors import InvalidRequest
 from services.core.pipeline import DraftBlock
 from services.core.proposals import Proposal
 from services.core.sampling import SamplingParams
 from services.core.stats import GenerationStats
 from services.rpc import outrider_pb2
-from services.rpc.convert import (block_from_proto, block_to_proto, method_name, sampling_from_proto,
-                                  sampling_to_proto, stats_from_proto, stats_to_proto)
+from services.rpc.channels import MAX_BLOCK_BYTES
+from services.rpc.convert import (block_from_proto, block_to_proto, decode_varints, encode_varints, method_name,
+                                  sampling_from_proto, sampling_to_proto, stats_from_proto, stats_to_proto)
 
 
 def test_draft_block_round_trip_is_bit_exact():
-    # Supports of different sizes (a peaked and a flat q), as a block has.
-    qs = [compact(torch.rand(11).pow(power).softmax(-1)) for power in (1, 8, 0.1)]
+    # Supports of different sizes (a peaked, a flat and a capped q with a tail), as a block has.
+    V = 300
+    qs = [compact(torch.randn(V).mul(scale).softmax(-1), max_support=cap) for scale, cap in ((8, 3072), (0.1, 3072), (2, 40))]
     q = SparseQ.stack(qs)
     block = DraftBlock(4, Proposal(torch.tensor([1, 5, 9]), q), True, 7, 0.25)
-    msg = block_to_proto(block)
-    back = block_from_proto(msg, "cpu")
+    back = block_from_proto(block_to_proto(block), "cpu")
     assert back.round == 4 and back.speculative and back.guess == 7 and back.draft_s == 0.25
     assert torch.equal(back.proposal.tokens, block.proposal.tokens)
-    assert torch.equal(back.proposal.draft_q.dense(11), q.dense(11))  # exact, not close
-    assert len(msg.q_ids) + len(msg.q_weights) == q.wire_bytes
+    assert torch.equal(back.proposal.draft_q.dense(), q.dense())  # exact, not close
+    assert q.tail[2] > 0 and q.tail[0] >= 0
+
+
+def test_varints_round_trip():
+    values = np.array([0, 1, 127, 128, 300, 16_383, 16_384, 151_935, 2**40], dtype=np.int64)
+    assert decode_varints(encode_varints(values)).tolist() == values.tolist()
+    with pytest.raises(ValueError):
+        decode_varints(encode_varints(values)[:-1])
 
 
 def test_real_vocabulary_blocks_stay_small():
-    """gamma 16 at V = 152k, flat q (the support cap binds): far under gRPC's 4 MiB."""
+    """gamma 16 at V = 152k, flat q (the support cap binds): far under gRPC's 4 MiB,
+    and within the internal limit."""
     V, gamma = 151_936, 16
     q = SparseQ.stack([compact(torch.randn(V).mul(0.01).softmax(-1)) for _ in range(gamma)])
     msg = block_to_proto(DraftBlock(0, Proposal(torch.zeros(gamma, dtype=torch.long), q), False, None, 0.0))
-    assert msg.ByteSize() <= gamma * MAX_SUPPORT * BYTES_PER_TOKEN + 1024
+    assert q.ids.shape[-1] == MAX_SUPPORT and msg.ByteSize() <= MAX_BLOCK_BYTES < 4 * 2**20
 
 
 def test_a_malformed_block_is_refused():

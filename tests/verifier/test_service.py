@@ -3,6 +3,7 @@ greedy output is exactly target-only decoding with pipelining on and off, sampli
 reproducible and exactly the target's distribution, and sessions are freed."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,9 @@ import torch
 from scipy.stats import chisquare
 
 from services.bench.loopback import Loopback, run
+from services.drafter.service import DrafterService, make_proposers
+from services.verifier.draft_link import FIRST_READ_S, MAX_READ_S, MIN_READ_S, OPEN_S, READ_SLACK, DraftLink
+from services.core.draft_q import MAX_SUPPORT
 from services.core.sampling import SamplingParams, adjusted_probs
 from tiny_models import hf_greedy, noisy_copy, tiny
 
@@ -201,3 +205,81 @@ def test_drafting_switched_off_under_load_and_back_on_keeps_the_output(pair, mon
     # and drafting resumed afterwards.
     assert stats.rounds > stats.drafted_per_position[0]  # rounds that drafted anything
     assert stats.accepted > 0
+
+
+class FreezingDrafter(DrafterService):
+    """A draft worker that stops answering after a few blocks, its stream still open:
+    what a SIGSTOPped or partitioned worker looks like from the verifier."""
+
+    def __init__(self, proposers, blocks_before_freeze: int):
+        super().__init__(proposers)
+        self.left = blocks_before_freeze
+
+    async def Draft(self, request_iterator, context):
+        async for block in super().Draft(request_iterator, context):
+            if self.left <= 0:
+                await asyncio.sleep(3600)
+            self.left -= 1
+            yield block
+
+
+def test_a_frozen_draft_worker_costs_one_read_deadline_then_decoding_goes_on(pair):
+    target, draft = pair
+
+    async def go():
+        loop = Loopback(target, draft)
+        loop.drafter = FreezingDrafter(make_proposers(draft), blocks_before_freeze=4)
+        async with loop:
+            started = time.perf_counter()
+            tokens, stats = await loop.generate(PROMPT, 40, gamma=3)
+            return tokens, stats, time.perf_counter() - started
+
+    tokens, stats, elapsed = run(go())
+    assert tokens == hf_greedy(target, PROMPT, 40, eos=None)
+    assert stats.draft_reconnects >= 1  # it looked for another worker, found only the frozen one
+    assert stats.accepted > 0 and stats.rounds > stats.drafted_per_position[0]  # drafted, then decoded alone
+    assert elapsed < MAX_READ_S + OPEN_S + 3.0
+
+
+def test_read_deadline_follows_the_measured_block_times():
+    link = DraftLink(None, None, "cpu")
+    assert link.deadline() == FIRST_READ_S  # the first block waits on the worker's prefill
+    link.waits.extend([0.01, 0.02])
+    assert link.deadline() == MIN_READ_S
+    link.waits.append(0.3)
+    assert link.deadline() == pytest.approx(READ_SLACK * 0.3)
+    link.waits.append(2.0)
+    assert link.deadline() == MAX_READ_S
+
+
+# --- Real vocabularies through the served path ----------------------------------------
+
+@pytest.fixture(scope="module")
+def real_vocab_pairs():
+    from services.models.shapes import random_pair
+
+    return {shape: random_pair(shape, layers=1, hidden=64) for shape in ("llama3", "qwen2")}
+
+
+@pytest.mark.parametrize("shape", ["llama3", "qwen2"])
+def test_sampled_requests_at_real_vocabularies_succeed_at_every_gamma(real_vocab_pairs, shape):
+    """V = 128,256 and 151,936, sampled at T = 1.0 (the widest q) and top-k 50, gamma 1
+    to 16 over real gRPC: every request completes, and a round's draft block stays in
+    tens of KB (a dense float32 q was gamma x V x 4 bytes: 9.7 MB at gamma 16)."""
+    target, draft = real_vocab_pairs[shape]
+    prompt = list(range(100, 120))
+
+    async def go():
+        async with Loopback(target, draft, max_context=1024) as loop:
+            out = {}
+            for gamma in range(1, 17):  # T = 1.0 at odd gammas, top-k 50 at even ones
+                params = SamplingParams(temperature=1.0, top_k=50 * (gamma % 2 == 0), seed=gamma)
+                out[gamma, params.top_k] = await loop.generate(prompt, 18, params, gamma=gamma)  # room for 16 drafts
+            return out
+
+    for (gamma, top_k), (tokens, stats) in run(go()).items():
+        assert len(tokens) == 18 and stats.drafted > 0
+        per_round = stats.draft_bytes / stats.rounds
+        assert per_round < gamma * MAX_SUPPORT * 3 + 1024, (gamma, top_k, per_round)
+        if top_k:
+            assert per_round < gamma * 50 * 4 + 1024, (gamma, per_round)

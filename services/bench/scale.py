@@ -1,0 +1,168 @@
+"""``outrider bench --scale``: the data path at the scale users run, on random-init
+models with real shapes (services/models/shapes.py).
+
+- Verify pass at batch 8 and contexts 256 / 1,024 / 4,096: Outrider's whole pass
+  (``TargetVerifier.verify``: feeds, the batched forward over each session's cache,
+  batched acceptance with sampled rows, the one host sync) against transformers'
+  bare forward of the same tokens on a prebuilt batched cache, the limit. Host time
+  per pass is the pass less the time inside the model's forward.
+- Bytes per round at V = 151,936, gamma 8, top-k 50 and plain T = 1.0: measured on the
+  wire, verifier <-> draft worker over loopback gRPC (services/bench/loopback.py).
+- What truncating q costs: the exact per-token acceptance probability sum_x min(p, q)
+  with the full q and with the compact q that is sent, on the bundled (trained) pair
+  and on the real-vocabulary pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from ..core.draft_q import SparseQ, compact
+from ..core.proposals import Proposal
+from ..core.sampling import SamplingParams, adjusted_probs
+from ..core.target import TargetRunner
+from ..core.verifier import TargetVerifier, VerifyRequest
+from ..models.shapes import random_model, random_pair
+from .loopback import Loopback
+
+CONTEXTS = (256, 1024, 4096)
+BATCH, GAMMA = 8, 8
+
+
+class ForwardTimer:
+    """Seconds spent inside ``model``'s forward (hooks on the top module)."""
+
+    def __init__(self, model):
+        self.seconds, self._t0 = 0.0, 0.0
+        model.register_forward_pre_hook(lambda *_: setattr(self, "_t0", time.perf_counter()))
+        model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._t0))
+
+
+@torch.inference_mode()
+def verify_pass(model, context: int, repeat: int, seed: int = 0) -> dict:
+    """Outrider's verify pass and transformers' bare forward, batch 8, interleaved."""
+    V = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(2, V, (BATCH, context), generator=gen)
+    drafts = torch.randint(2, V, (BATCH, GAMMA), generator=gen)
+    verifier = TargetVerifier(TargetRunner(model))
+    timer = ForwardTimer(model)
+    reqs = []
+    for b in range(BATCH):
+        kv = verifier.new_state()
+        committed = prompts[b].tolist()
+        verifier.prefill(kv, committed[:-1])
+        q = compact(torch.randn(V, generator=gen).mul(4).softmax(-1))
+        proposal = Proposal(drafts[b], SparseQ.stack([q] * GAMMA))
+        reqs.append(VerifyRequest(kv, committed, proposal, SamplingParams(temperature=1.0, seed=b), 0))
+    # The limit: the same 9 tokens a row, on a cache that already holds the prompts.
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prompts[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+    feed = torch.cat([prompts[:, -1:], drafts], 1)  # [B, gamma+1]
+    positions = torch.arange(context - 1, context + GAMMA)[None].expand(BATCH, -1)
+
+    def outrider() -> tuple[float, float]:
+        for req in reqs:  # forget last pass's drafts: the next pass feeds the same tokens
+            req.kv.tokens = req.committed[:-1]
+        inside, t0 = timer.seconds, time.perf_counter()
+        verifier.verify(reqs)
+        return time.perf_counter() - t0, timer.seconds - inside
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        out = model(input_ids=feed, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=GAMMA + 1)
+        out.logits[:, :, 0].sum().item()  # wait for the device, as the verify pass's one sync does
+        elapsed = time.perf_counter() - t0
+        cache.crop(-(GAMMA + 1))
+        return elapsed
+
+    outrider(), bare()  # warm-up
+    ours, limit, host = [], [], []
+    for _ in range(repeat):
+        total, inside = outrider()
+        ours.append(total)
+        host.append(total - inside)
+        limit.append(bare())
+    verifier.release([req.kv for req in reqs])
+    o, b = statistics.median(ours), statistics.median(limit)
+    return {"context": context, "batch": BATCH, "gamma": GAMMA, "verify_pass_s": o, "bare_forward_s": b,
+            "verify_over_bare": o / b, "host_s_per_pass": statistics.median(host)}
+
+
+@torch.inference_mode()
+def acceptance_cost(target, draft, prompts: list[list[int]], params: SamplingParams) -> dict:
+    """Exact per-token acceptance probability sum_x min(p(x), q(x)) at every position
+    of the prompts, with the full adjusted q and with the compact q drafters send."""
+    full, sent, support = [], [], []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        p = adjusted_probs(target(x).logits[0], params)  # [T, V]
+        q = adjusted_probs(draft(x).logits[0], params)
+        for t in range(len(ids)):
+            q_sent = compact(q[t])
+            full.append(float(torch.minimum(p[t], q[t]).sum()))
+            sent.append(float(torch.minimum(p[t], q_sent.dense()[0]).sum()))
+            support.append(q_sent.ids.shape[-1])
+    a, b = statistics.fmean(full), statistics.fmean(sent)
+    return {"acceptance_full_q": a, "acceptance_sent_q": b, "acceptance_change": b - a,
+            "support_tokens_mean": statistics.fmean(support), "support_tokens_max": max(support), "positions": len(full)}
+
+
+def served_bytes(target, draft, params: SamplingParams, gamma: int, prompts: list[list[int]], max_new: int) -> dict:
+    """Draft block bytes per round received by the verifier over loopback gRPC."""
+
+    async def go():
+        async with Loopback(target, draft, max_context=target.config.max_position_embeddings) as loop:
+            out = []
+            for i, prompt in enumerate(prompts):
+                out.append(await loop.generate(prompt, max_new, SamplingParams(
+                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=i), gamma=gamma))
+            return out
+
+    runs = asyncio.run(go())
+    rounds = sum(stats.rounds for _, stats in runs)
+    drafted = sum(stats.drafted for _, stats in runs)
+    draft_bytes = sum(stats.draft_bytes for _, stats in runs)
+    return {"gamma": gamma, "rounds": rounds, "bytes_per_round": draft_bytes / rounds,
+            "bytes_per_draft": draft_bytes / max(1, drafted),
+            "acceptance_rate": sum(stats.accepted for _, stats in runs) / max(1, drafted)}
+
+
+def run_scale(repeat: int, bundled_pair=None, bundled_prompts=(), on_row=print) -> dict:
+    summary: dict = {"verify_pass": []}
+    llama = random_model("llama3")
+    for context in CONTEXTS:
+        row = verify_pass(llama, context, repeat)
+        on_row(f"  verify pass, batch {BATCH}, context {context}: {row['verify_pass_s'] * 1e3:.1f} ms vs bare "
+               f"{row['bare_forward_s'] * 1e3:.1f} ms ({row['verify_over_bare']:.2f}x), host {row['host_s_per_pass'] * 1e3:.1f} ms")
+        summary["verify_pass"].append(row)
+    by_context = {row["context"]: row for row in summary["verify_pass"]}
+    summary["verify_pass_vs_bare_b8_c4096"] = by_context[4096]["verify_over_bare"]
+    summary["pass_growth_256_to_4096"] = by_context[4096]["verify_pass_s"] / by_context[256]["verify_pass_s"]
+    summary["bare_growth_256_to_4096"] = by_context[4096]["bare_forward_s"] / by_context[256]["bare_forward_s"]
+    del llama
+
+    target, draft = random_pair("qwen2")
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, target.config.vocab_size, (32,), generator=gen).tolist() for _ in range(4)]
+    for name, params in (("topk50", SamplingParams(temperature=1.0, top_k=50)), ("t1", SamplingParams(temperature=1.0))):
+        wire = served_bytes(target, draft, params, GAMMA, prompts, 48)
+        cost = acceptance_cost(target, draft, prompts, params)
+        summary[f"bytes_per_round_v151936_g8_{name}"] = wire["bytes_per_round"]
+        summary[f"wire_v151936_g8_{name}"] = wire
+        summary[f"truncation_v151936_{name}"] = cost
+        on_row(f"  V=151,936 gamma 8 {name}: {wire['bytes_per_round'] / 1024:.1f} KiB per round on the wire "
+               f"(dense float32 q: {GAMMA * 151_936 * 4 / 2**20:.1f} MiB); per-token acceptance full q "
+               f"{cost['acceptance_full_q']:.4f}, sent q {cost['acceptance_sent_q']:.4f} "
+               f"(support {cost['support_tokens_mean']:.0f} tokens mean)")
+        if bundled_pair is not None:
+            cost = acceptance_cost(bundled_pair.target, bundled_pair.draft, bundled_prompts, params)
+            summary[f"truncation_bundled_{name}"] = cost
+            on_row(f"  bundled pair {name}: per-token acceptance full q {cost['acceptance_full_q']:.4f}, "
+                   f"sent q {cost['acceptance_sent_q']:.4f} ({cost['acceptance_change']:+.4f})")
+    return summary
