@@ -28,7 +28,6 @@ from ..core.sampling import SamplingParams, adjusted_probs
 from ..core.target import TargetRunner
 from ..core.verifier import TargetVerifier, VerifyRequest
 from ..models.shapes import random_model, random_pair
-from .loopback import Loopback
 
 CONTEXTS = (256, 1024, 4096)
 BATCH, GAMMA = 8, 8
@@ -46,7 +45,7 @@ class ForwardTimer:
 @torch.inference_mode()
 def verify_pass(model, context: int, repeat: int, seed: int = 0) -> dict:
     """Outrider's verify pass and transformers' bare forward, batch 8, interleaved."""
-    V = model.config.vocab_size
+    V, device = model.config.vocab_size, model.device
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(2, V, (BATCH, context), generator=gen)
     drafts = torch.randint(2, V, (BATCH, GAMMA), generator=gen)
@@ -62,9 +61,9 @@ def verify_pass(model, context: int, repeat: int, seed: int = 0) -> dict:
         reqs.append(VerifyRequest(kv, committed, proposal, SamplingParams(temperature=1.0, seed=b), 0))
     # The limit: the same 9 tokens a row, on a cache that already holds the prompts.
     cache = DynamicCache(config=model.config)
-    model(input_ids=prompts[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
-    feed = torch.cat([prompts[:, -1:], drafts], 1)  # [B, gamma+1]
-    positions = torch.arange(context - 1, context + GAMMA)[None].expand(BATCH, -1)
+    model(input_ids=prompts[:, :-1].to(device), cache=cache, use_cache=True, logits_to_keep=1)
+    feed = torch.cat([prompts[:, -1:], drafts], 1).to(device)  # [B, gamma+1]
+    positions = torch.arange(context - 1, context + GAMMA, device=device)[None].expand(BATCH, -1)
 
     def outrider() -> tuple[float, float]:
         for req in reqs:  # forget last pass's drafts: the next pass feeds the same tokens
@@ -115,6 +114,7 @@ def acceptance_cost(target, draft, prompts: list[list[int]], params: SamplingPar
 
 def served_bytes(target, draft, params: SamplingParams, gamma: int, prompts: list[list[int]], max_new: int) -> dict:
     """Draft block bytes per round received by the verifier over loopback gRPC."""
+    from .loopback import Loopback  # gRPC and the services: not needed for the pass timings
 
     async def go():
         async with Loopback(target, draft, max_context=target.config.max_position_embeddings) as loop:

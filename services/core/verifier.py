@@ -94,7 +94,7 @@ class TargetVerifier:
         """Every row's acceptance in one batched pass on the target's device, and one
         host sync for the result."""
         device = all_logits[0].device
-        logits = torch.nn.utils.rnn.pad_sequence(all_logits, batch_first=True)  # [B, G+1, V]
+        logits = as_batch(all_logits)  # [B, G+1, V]
         B, G1, V = logits.shape
         drafts = DraftBatch.of([(req.proposal.tokens, req.proposal.draft_q) for req in batch], V, device)
         rows = SamplingRows.of([req.params for req in batch], V, device)
@@ -103,3 +103,19 @@ class TargetVerifier:
         # The one host sync: [n, token, drafts...] per row.
         result = torch.cat([accept_batch(logits, drafts, rows, rand), drafts.tokens], -1).tolist()
         return [VerifyOutcome(num_accepted=row[0], tokens=row[2 : 2 + row[0]] + [row[1]]) for row in result]
+
+
+def as_batch(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row logits [k_b, V] -> [B, G+1, V], left-aligned. When the rows are equally
+    long, evenly spaced slices of one batched output (every session drafted the same
+    gamma: the usual case), a strided view of it; otherwise a padded copy. The copy is
+    B x (G+1) x V floats: 16 ms a pass at batch 8, gamma 8, V = 128k on this CPU."""
+    first = rows[0]
+    k, V = first.shape
+    if len(rows) > 1 and first.stride() == (V, 1) and all(r.shape == first.shape and r.stride() == (V, 1) for r in rows):
+        step = rows[1].storage_offset() - first.storage_offset()
+        same = first.untyped_storage().data_ptr()
+        if step >= k * V and all(r.untyped_storage().data_ptr() == same and
+                                 r.storage_offset() == first.storage_offset() + i * step for i, r in enumerate(rows)):
+            return first.as_strided((len(rows), k, V), (step, V, 1))
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)

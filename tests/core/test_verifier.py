@@ -35,3 +35,15 @@ def test_verify_batch_handles_each_sequence_independently():
         assert verifier.runner.sessions[kv.session].tokens == kv.tokens
     verifier.release(kvs)
     assert verifier.runner.sessions == {}
+
+
+def test_rows_of_one_batched_output_are_viewed_not_copied():
+    from services.core.verifier import as_batch
+
+    out = torch.randn(3, 5, 7)  # [B, window, V]
+    rows = [out[i, 1:5] for i in range(3)]
+    batch = as_batch(rows)
+    assert batch.data_ptr() == rows[0].data_ptr() and torch.equal(batch, out[:, 1:5])
+    uneven = [out[0, 1:5], out[1, 3:5], out[2, 1:5]]  # a row that drafted less: padded copy
+    padded = as_batch(uneven)
+    assert torch.equal(padded[1, :2], out[1, 3:5]) and torch.equal(padded[2], out[2, 1:5])
