@@ -14,6 +14,7 @@ from ..models.loading import ModelPaths, resolve_paths
 GATEWAY_RESOURCE = "outrider_gateway"
 DRAFTER_RESOURCE = "outrider_drafter"
 VERIFIER_RESOURCE = "outrider_verifier"
+ROLE_RESOURCES = (GATEWAY_RESOURCE, DRAFTER_RESOURCE, VERIFIER_RESOURCE)
 
 
 class Placement(BaseModel):
@@ -61,6 +62,11 @@ class AppArgs(BaseModel):
     # Rounds of concurrent sessions verified together in one forward pass, at most
     # this many (1 = each session verified on its own).
     max_batch_size: int = Field(16, ge=1)
+    # Each verifier replica (each tensor-parallel rank: its shard) preallocates this
+    # much for the target's KV (core/kv_pool.py); a session holds prompt + max_new_tokens
+    # + 17 positions of it from admission to its end, and one that does not fit is
+    # refused with RESOURCE_EXHAUSTED.
+    kv_cache_bytes: int = Field(2 * 2**30, ge=2**20)
 
     # Each verifier replica drives a tensor-parallel group of this many ranks (Ray
     # actors in the replica's placement group); draft workers keep their own parallelism.
@@ -104,6 +110,21 @@ class AppArgs(BaseModel):
         rank = {"CPU": self.verifier_rank.num_cpus, "GPU": 1.0 if self.device == "cuda" else 0.0}
         nonzero = lambda bundle: {k: v for k, v in bundle.items() if v}  # noqa: E731
         return [nonzero(replica)] + [nonzero(rank)] * self.tensor_parallel_size
+
+    def node_demand(self) -> dict[str, dict[str, float]]:
+        """What each node role must offer for every replica to be placed, by the role
+        resource each deployment names: {role resource: {"CPU": n, "GPU": n, ...}}.
+        A tensor-parallel verifier replica needs its whole placement group on one node."""
+        demand: dict[str, dict[str, float]] = {}
+        for placement, bundles in ((self.gateway, None), (self.drafter, None), (self.verifier, self.verifier_bundles())):
+            role = next((r for r in ROLE_RESOURCES if r in placement.resources), GATEWAY_RESOURCE)
+            per_replica = bundles or [{"CPU": placement.num_cpus, "GPU": placement.num_gpus}]
+            need = demand.setdefault(role, {"CPU": 0.0, "GPU": 0.0})
+            for bundle in per_replica:
+                for resource, amount in bundle.items():
+                    if resource in ("CPU", "GPU"):
+                        need[resource] += amount * placement.num_replicas
+        return demand
 
     @property
     def paths(self) -> ModelPaths:

@@ -12,7 +12,7 @@ import grpc
 
 from ..core.engine import SpeculativeEngine
 from ..core.sampling import SamplingParams
-from ..core.target import TargetRunner
+from ..core.target import DEFAULT_KV_CACHE_BYTES, TargetRunner
 from ..core.verifier import TargetVerifier
 from ..drafter.service import DrafterService, make_proposers
 from ..rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
@@ -23,9 +23,10 @@ from ..verifier.service import VerifierService
 
 
 class Loopback:
-    def __init__(self, target, draft, eos_token_id=None, max_context=256, max_batch_size=16):
+    def __init__(self, target, draft, eos_token_id=None, max_context=256, max_batch_size=16,
+                 kv_cache_bytes=DEFAULT_KV_CACHE_BYTES):
         self.drafter = DrafterService(make_proposers(draft, max_batch_size=max_batch_size))
-        engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, eos_token_id, max_context)
+        engine = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes)), None, eos_token_id, max_context)
         self.verifier = VerifierService(engine, self._address, max_batch_size)
         self.server = None
         self.port = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,13 +25,10 @@ TEMP_DIR = Path(os.environ.get("OUTRIDER_RAY_TEMP", "/tmp/outrider-ray"))
 DEFAULT_DASHBOARD_PORT = 8265
 OBJECT_STORE_BYTES = 256 * 2**20  # per node; the head holds session state (prefix_cache_bytes of it at most for prefixes)
 
-# (resources, logical CPUs) per node. The head runs Serve's controller and proxy and the
-# gateway (no CPUs reserved); draft workers and verifiers each get a node and a CPU.
-NODES = {
-    "head": ({GATEWAY_RESOURCE: 16}, 0),
-    "drafter": ({DRAFTER_RESOURCE: 16}, 1),
-    "verifier": ({VERIFIER_RESOURCE: 16}, 1),
-}
+# Each node's role resource. The head runs Serve's controller and proxy and the
+# gateway; draft workers and verifiers each get a node. Their logical CPUs and GPUs are
+# sized from the config deployed (``start``'s ``demand``).
+NODES = {"head": GATEWAY_RESOURCE, "drafter": DRAFTER_RESOURCE, "verifier": VERIFIER_RESOURCE}
 
 
 def _bin(name: str) -> str:
@@ -53,18 +51,23 @@ def running() -> bool:
     return bool(_processes())
 
 
-def start(ray_port: int, dashboard_port: int = DEFAULT_DASHBOARD_PORT, replicas: int = 1) -> str:
-    """Start head + one node per role, with logical CPUs for ``replicas`` replicas of
-    each role; returns the cluster address."""
+def start(ray_port: int, demand: dict[str, dict[str, float]], dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> str:
+    """Start head + one node per role, each with the logical CPUs and GPUs its role's
+    deployments need (``demand``: AppArgs.node_demand, summed over the apps); returns
+    the cluster address. Logical CPUs are a placement budget, not cores: a 2-core
+    machine can hold a verifier replica and its tensor-parallel ranks."""
     address = f"127.0.0.1:{ray_port}"
     common = ["--disable-usage-stats", f"--object-store-memory={OBJECT_STORE_BYTES}"]
-    for role, (resources, cpus) in NODES.items():
+    for role, resource in NODES.items():
+        need = demand.get(resource, {})
+        cpus, gpus = math.ceil(need.get("CPU", 0)), math.ceil(need.get("GPU", 0))
         if role == "head":
             args = ["--head", f"--port={ray_port}", f"--temp-dir={TEMP_DIR}", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
         else:
             args = [f"--address={address}"]
-        cmd = [_bin("ray"), "start", *args, f"--num-cpus={cpus * replicas}", f"--resources={json.dumps(resources)}", *common]
+        cmd = [_bin("ray"), "start", *args, f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+               f"--resources={json.dumps({resource: 16})}", *common]
         result = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
         if result.returncode != 0:
             stop()

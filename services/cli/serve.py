@@ -8,8 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from pydantic import ValidationError
 
+from ..app.args import AppArgs
 from ..gateway.client import OutriderClient, make_request
 from . import local_cluster
 from .common import UsageError
@@ -60,9 +63,12 @@ def run(args) -> int:
     if local_cluster.running():
         raise UsageError("a local Outrider cluster is already running; `outrider stop` it first")
     config = with_replicas(args.config, args.replicas)
+    demand = node_demand(config)
     started = time.perf_counter()
-    print("starting a local Ray cluster: head (gateway), drafter node, verifier node ...", flush=True)
-    local_cluster.start(args.ray_port, args.dashboard_port, args.replicas)
+    sizes = ", ".join(f"{role} node {need['CPU']:g} CPU" + (f" {need['GPU']:g} GPU" if need["GPU"] else "")
+                      for role, need in ((r, demand.get(res, {"CPU": 0, "GPU": 0})) for r, res in local_cluster.NODES.items()))
+    print(f"starting a local Ray cluster: {sizes} ...", flush=True)
+    local_cluster.start(args.ray_port, demand, args.dashboard_port)
     try:
         print(f"deploying {args.config}{f' with {args.replicas} replicas a role' if args.replicas > 1 else ''} ...",
               flush=True)
@@ -100,6 +106,29 @@ def with_replicas(config: Path, replicas: int) -> Path:
     copy = local_cluster.TEMP_DIR / f"serve_config.replicas{replicas}.yaml"
     copy.write_text(yaml.safe_dump(data, sort_keys=False))
     return copy
+
+
+def node_demand(config: Path) -> dict[str, dict[str, float]]:
+    """What the config's deployments need of each node role, summed over its apps;
+    refuses, naming what is missing, a config this machine cannot place."""
+    try:
+        data = yaml.safe_load(config.read_text())
+        apps = [AppArgs.model_validate(app.get("args") or {}) for app in data.get("applications", [])]
+    except (yaml.YAMLError, ValidationError, AttributeError) as error:
+        raise UsageError(f"{config}: not a valid Outrider serve config: {error}") from None
+    demand: dict[str, dict[str, float]] = {}
+    for app in apps:
+        for role, need in app.node_demand().items():
+            total = demand.setdefault(role, {"CPU": 0.0, "GPU": 0.0})
+            for resource, amount in need.items():
+                total[resource] += amount
+    # Every local node is this machine: each may claim its GPUs (Ray hands out ids per node).
+    have = torch.cuda.device_count()
+    short = {role: need["GPU"] for role, need in demand.items() if need["GPU"] > have}
+    if short:
+        wanted = ", ".join(f"{gpus:g} on the {role.removeprefix('outrider_')} node" for role, gpus in short.items())
+        raise UsageError(f"{config} cannot be placed here: it needs GPUs ({wanted}) and this machine has {have}")
+    return demand
 
 
 def wait_until_serving(address: str, timeout: float) -> OutriderClient:

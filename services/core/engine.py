@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .errors import InvalidRequest
-from .gamma import GammaSchedule, draft_budget
+from .gamma import MAX_GAMMA, GammaSchedule, draft_budget
 from .proposals import Proposal
 from .proposers import Proposer
 from .sampling import SamplingParams
@@ -135,7 +135,10 @@ class SpeculativeEngine:
         ``cached``: blocks of a shared prefix of the prompt, computed elsewhere (see
         TargetVerifier.prefill)."""
         t0 = time.perf_counter()
-        self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached)
+        # Admission: the session holds its whole budget (prompt, new tokens, a block of
+        # drafts) from the start, so it never runs out of KV pool mid-stream.
+        reserve = len(seq.committed) + seq.remaining + MAX_GAMMA + 1
+        self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached, reserve)
         seq.stats.verify_time_s += time.perf_counter() - t0
 
     def verify_and_commit(self, seq: SequenceState, proposal: Proposal) -> "RoundResult":
@@ -184,6 +187,7 @@ class SpeculativeEngine:
         seq = self.start(prompt_ids, max_new_tokens, params)
         start = time.perf_counter()
         try:
+            self.prefill(seq)
             while not seq.finished:
                 new = self.step(seq)
                 if on_tokens is not None:

@@ -11,3 +11,8 @@ class InvalidRequest(ValueError):
 
 class UnsupportedModel(ValueError):
     """A model Outrider cannot serve exactly; raised at load, with the reason."""
+
+
+class PoolExhausted(RuntimeError):
+    """No room in a replica's KV pool for a session; nothing was changed. Front ends
+    answer RESOURCE_EXHAUSTED with the message: the client may retry later."""

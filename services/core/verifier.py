@@ -54,11 +54,13 @@ class TargetVerifier:
     def release(self, kvs: list[TargetKV]) -> None:
         self.runner.release([kv.session for kv in kvs])
 
-    def prefill(self, kv: TargetKV, tokens: list[int], cached: list = ()) -> None:
+    def prefill(self, kv: TargetKV, tokens: list[int], cached: list = (), reserve: int = 0) -> None:
         """``cached``: blocks of a shared prefix of ``tokens`` (a new session only), in
-        the form the runner takes: KVChunks, or a tensor-parallel runner's per-rank refs."""
-        if cached and not kv.tokens:
-            self.runner.prefill(kv.session, tokens, list(cached))
+        the form the runner takes: KVChunks, or a tensor-parallel runner's per-rank refs.
+        ``reserve``: positions a new session holds in the pool from the start (raises
+        PoolExhausted, changing nothing, when they are not free)."""
+        if not kv.tokens:
+            self.runner.prefill(kv.session, tokens, list(cached), reserve)
             kv.tokens = list(tokens)
             return
         keep = common_prefix_len(kv.tokens, tokens)

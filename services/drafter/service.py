@@ -25,7 +25,7 @@ from ..core.errors import InvalidRequest
 from ..core.pipeline import DraftBlock, DraftSession
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..rpc import internal_pb2, internal_pb2_grpc
-from ..rpc.convert import METHODS, block_to_proto, sampling_from_proto
+from ..rpc.convert import METHODS, BlockTooLarge, block_to_proto, sampling_from_proto
 from ..core.kv import KVState
 from ..core.kv_chunks import export_chunk, exportable
 from ..state.client import PrefixSharing, StateClient
@@ -136,6 +136,9 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                     round = outcome.round + 1
                     yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
                                                         self._run(session.draft, round)))
+        except BlockTooLarge as error:  # the verifier fails the request with this reason
+            tracing.record_error(span, error)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except Exception as error:
             tracing.record_error(span, error)
             raise

@@ -15,7 +15,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from ..app.args import AppArgs
-from ..core.errors import InvalidRequest
+from ..core.errors import InvalidRequest, PoolExhausted
 from ..models.loading import context_length, load_config, load_tokenizer, vocab_size
 from ..rpc import internal_pb2, outrider_pb2
 from ..state.client import replica_state_client
@@ -71,6 +71,10 @@ class Gateway:
         except RayTaskError as error:
             if isinstance(error.cause, RankFailed):  # its replica is being replaced
                 raise ReplicaLost(str(error.cause)) from error
+            if isinstance(error.cause, InvalidRequest):  # a reason for the client, not a traceback
+                raise error.cause from error
+            if isinstance(error.cause, PoolExhausted):  # the verifier's KV pool is full: retry later
+                raise Overloaded(str(error.cause)) from error
             raise
         finally:
             stream.cancel()  # a client that went away frees the verifier's session too

@@ -90,6 +90,8 @@ class SpecDecodeMetrics:
         self.pipeline_rounds = c("outrider_pipeline_rounds_total",
                                  "Rounds with an early (pipelined) draft in flight for the next round.", "method")
         self.pipeline_hits = c("outrider_pipeline_hits_total", "Pipelined early drafts that were used.", "method")
+        self.draft_bytes = c("outrider_draft_bytes_total",
+                             "Draft block bytes the verifiers received from draft workers (q' included).", "method")
 
         self.acceptance_length = h("outrider_mean_acceptance_length",
                                    "Per speculative request: tokens committed per round (the bonus counts).",
@@ -149,6 +151,7 @@ class SpecDecodeMetrics:
         _inc(self.draft_compute_seconds, stats.draft_s, tags)
         _inc(self.pipeline_rounds, stats.pipeline_rounds, tags)
         _inc(self.pipeline_hits, stats.pipeline_hits, tags)
+        _inc(self.draft_bytes, stats.draft_bytes, tags)
         if stats.drafted:
             self.acceptance_length.observe(stats.mean_acceptance_length, tags)
         self.ttft.observe(stats.time_to_first_token_s, tags)

@@ -35,10 +35,11 @@ class Verifier:
         if cfg.tensor_parallel_size > 1:
             runner = TensorParallelTarget(
                 cfg.tensor_parallel_size, paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code,
-                cfg.verifier_rank.num_cpus, cfg.verifier_rank.torch_threads,
+                cfg.verifier_rank.num_cpus, cfg.verifier_rank.torch_threads, kv_cache_bytes=cfg.kv_cache_bytes,
             )
         else:
-            runner = TargetRunner(load_model(paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code))
+            runner = TargetRunner(load_model(paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code),
+                                  cfg.kv_cache_bytes)
         engine = SpeculativeEngine(
             verifier=TargetVerifier(runner), proposer=None,
             eos_token_id=tokenizer.eos_token_id, max_context=context_length(load_config(paths.target, cfg.trust_remote_code)),

@@ -19,6 +19,7 @@ from typing import Awaitable, Callable
 import grpc
 
 from ..core.engine import SequenceState
+from ..core.errors import InvalidRequest
 from ..core.pipeline import DraftBlock
 from ..core.proposals import Proposal
 from ..rpc import internal_pb2
@@ -67,8 +68,8 @@ class DraftLink:
             try:
                 return await self._read(round, speculative)
             except (grpc.aio.AioRpcError, ConnectionError) as error:
-                if not worker_lost(error):
-                    raise
+                if not worker_lost(error):  # another worker would refuse it too
+                    raise InvalidRequest(f"the draft worker refused the session: {error.details()}") from error
                 if isinstance(error, DraftStalled):
                     self.stalled.add(self.address)
                 if speculative:

@@ -28,10 +28,12 @@ import socket
 
 import ray
 import torch
+from ray.exceptions import RayTaskError
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ..core.target import Feed, TargetRunner
+from ..core.errors import PoolExhausted
+from ..core.target import DEFAULT_KV_CACHE_BYTES, Feed, TargetRunner
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=120)  # a collective never waits longer than this
 
@@ -50,7 +52,8 @@ class TargetRank:
             port = s.getsockname()[1]
         return f"{ray.util.get_node_ip_address()}:{port}"
 
-    def setup(self, master: str, path: str, device: str, dtype: str, trust_remote_code: bool) -> None:
+    def setup(self, master: str, path: str, device: str, dtype: str, trust_remote_code: bool,
+              kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES) -> None:
         from ..models.loading import load_model
 
         os.environ.update(RANK=str(self.rank), LOCAL_RANK="0", WORLD_SIZE=str(self.world_size))
@@ -58,7 +61,10 @@ class TargetRank:
             "nccl" if device == "cuda" else "gloo", init_method=f"tcp://{master}",
             rank=self.rank, world_size=self.world_size, timeout=GROUP_TIMEOUT,
         )
-        self.runner = TargetRunner(load_model(path, device, dtype, trust_remote_code, tensor_parallel=True))
+        model = load_model(path, device, dtype, trust_remote_code, tensor_parallel=True)
+        # Every rank's pool has the same blocks and sees the same feeds in the same order,
+        # so all ranks admit or refuse (PoolExhausted) a pass alike, before any collective.
+        self.runner = TargetRunner(model, kv_cache_bytes, tp_size=self.world_size)
 
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor] | None:
         logits = self.runner.forward(feeds)
@@ -67,10 +73,10 @@ class TargetRank:
     def release(self, sessions: list[str]) -> None:
         self.runner.release(sessions)
 
-    def prefill(self, session: str, tokens: list[int], refs: list) -> None:
+    def prefill(self, session: str, tokens: list[int], refs: list, reserve: int = 0) -> None:
         """A new session from this rank's shards of shared prefix blocks (``refs``,
         fetched here), the rest computed with the other ranks."""
-        self.runner.prefill(session, tokens, ray.get(refs) if refs else [])
+        self.runner.prefill(session, tokens, ray.get(refs) if refs else [], reserve)
 
     def publish_blocks(self, session: str, names: list[str], first: int, size: int, store) -> int:
         """Send this rank's shards of blocks ``first``.. to the session store."""
@@ -100,7 +106,7 @@ class TensorParallelTarget:
     """The replica's handle on its ranks; a drop-in for ``TargetRunner``."""
 
     def __init__(self, size: int, path: str, device: str, dtype: str, trust_remote_code: bool,
-                 rank_cpus: float, threads: int, group=None):
+                 rank_cpus: float, threads: int, group=None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES):
         """``group``: the placement group whose bundles 1..size take the ranks; by
         default the calling replica's own."""
         group = group or get_current_placement_group()
@@ -116,7 +122,8 @@ class TensorParallelTarget:
         ]
         self.failed: str | None = None
         master = ray.get(self.ranks[0].master_address.remote())
-        self._gather([r.setup.remote(master, path, device, dtype, trust_remote_code) for r in self.ranks])
+        self._gather([r.setup.remote(master, path, device, dtype, trust_remote_code, kv_cache_bytes)
+                      for r in self.ranks])
 
     @property
     def device(self) -> torch.device:
@@ -125,9 +132,9 @@ class TensorParallelTarget:
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
         return self._gather([r.forward.remote(feeds) for r in self.ranks])[0]
 
-    def prefill(self, session: str, tokens: list[int], cached: list) -> None:
+    def prefill(self, session: str, tokens: list[int], cached: list, reserve: int = 0) -> None:
         """``cached``: ShardedBlocks (a ref per rank) of a shared prefix of ``tokens``."""
-        self._gather([rank.prefill.remote(session, tokens, [block.refs[r] for block in cached])
+        self._gather([rank.prefill.remote(session, tokens, [block.refs[r] for block in cached], reserve)
                       for r, rank in enumerate(self.ranks)])
 
     def publish_blocks(self, session: str, names_per_rank: list[list[str]], first: int, size: int, store) -> int:
@@ -156,15 +163,21 @@ class TensorParallelTarget:
         rather than leave the other ranks blocked in a collective."""
         if self.failed:
             raise RankFailed(self.failed)
-        pending = list(refs)
+        pending, refused = list(refs), None
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
             if not ready:
                 self._fail(f"a tensor-parallel rank did not answer within {timeout} s")
             try:
                 ray.get(ready[0])
+            except RayTaskError as error:
+                if not isinstance(error.cause, PoolExhausted):
+                    self._fail(f"a tensor-parallel rank failed: {type(error).__name__}: {error}")
+                refused = error.cause  # every rank refuses alike, before any collective
             except Exception as error:
                 self._fail(f"a tensor-parallel rank failed: {type(error).__name__}: {error}")
+        if refused is not None:
+            raise refused
         return ray.get(refs)
 
     def _fail(self, reason: str) -> None:

@@ -40,3 +40,15 @@ def test_tensor_parallel_replicas_reserve_a_bundle_per_rank():
     gpu = AppArgs.model_validate({"device": "cuda", "tensor_parallel_size": 4, "drafter": {"num_gpus": 1}})
     # The replica itself needs no GPU: each of its ranks takes one.
     assert gpu.verifier_bundles()[1:] == [{"CPU": 1.0, "GPU": 1.0}] * 4
+
+
+def test_node_demand_counts_replicas_and_tensor_parallel_ranks():
+    args = AppArgs(tensor_parallel_size=2, verifier={"num_replicas": 2, "num_cpus": 1,
+                                                     "resources": {VERIFIER_RESOURCE: 1}})
+    demand = args.node_demand()
+    assert demand[VERIFIER_RESOURCE] == {"CPU": 6.0, "GPU": 0.0}  # 2 x (replica + 2 ranks)
+    assert demand[DRAFTER_RESOURCE] == {"CPU": 1.0, "GPU": 0.0}
+    gpu = AppArgs(device="cuda", tensor_parallel_size=4, drafter={"num_gpus": 0.5, "num_cpus": 1,
+                                                                  "resources": {DRAFTER_RESOURCE: 1}})
+    assert gpu.node_demand()[VERIFIER_RESOURCE]["GPU"] == 4.0
+    assert gpu.node_demand()[DRAFTER_RESOURCE]["GPU"] == 0.5

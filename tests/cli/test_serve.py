@@ -61,3 +61,43 @@ def test_serve_generate_bench_stop(tmp_path):
         stopped = outrider("stop", timeout=120)
     assert stopped.returncode == 0 and "stopped the local Outrider cluster" in stopped.stdout
     assert outrider("stop", timeout=120).stdout.strip() == "no local Outrider cluster was running"
+
+
+def test_serve_sizes_its_nodes_for_a_tensor_parallel_config(tmp_path):
+    """The config a user makes by setting tensor_parallel_size: 2 in a copy of
+    cluster/serve_config.yaml: the verifier node gets room for the replica and both
+    ranks (3 CPUs; it had 1 and the deploy hung), and the stream is served."""
+    config = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
+    grpc_port = free_port()
+    config["grpc_options"]["port"] = grpc_port
+    config["http_options"]["port"] = free_port()
+    config["applications"][0]["args"]["tensor_parallel_size"] = 2
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OUTRIDER_RAY_TEMP": str(Path("/tmp") / f"outrider-test-tp-{os.getpid()}")}
+
+    def outrider(*args, timeout=600):
+        return subprocess.run([OUTRIDER, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        served = outrider("serve", "--detach", "--config", str(path), "--ray-port", str(free_port()),
+                          "--dashboard-port", str(free_port()), "--max-new-tokens", "8", "--timeout", "300")
+        assert served.returncode == 0, served.stdout + served.stderr
+        assert "verifier node 3 CPU" in served.stdout and "[8 tokens" in served.stdout
+    finally:
+        outrider("stop", timeout=120)
+
+
+def test_a_config_this_machine_cannot_place_fails_fast_naming_what_is_missing(tmp_path):
+    config = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args.update(device="cuda", tensor_parallel_size=2)
+    args["drafter"]["num_gpus"] = 0.5
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OUTRIDER_RAY_TEMP": str(Path("/tmp") / f"outrider-test-nogpu-{os.getpid()}"),
+           "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([OUTRIDER, "serve", "--config", str(path)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "cannot be placed here" in result.stderr and "2 on the verifier node" in result.stderr

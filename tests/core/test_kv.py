@@ -6,10 +6,11 @@ from tiny_models import noisy_copy, tiny
 from services.core.engine import SpeculativeEngine
 from services.core.gamma import GammaSchedule
 from services.core.kv import KVState, extend
+from services.core.kv_pool import BLOCK_TOKENS
 from services.core.proposers import DraftModelProposer
 from services.core.sampling import SamplingParams
 from services.core.verifier import TargetVerifier
-from services.core.target import TargetRunner
+from services.core.target import Feed, TargetRunner
 
 
 def test_truncate_and_rollback_keep_exact_prefix():
@@ -50,7 +51,7 @@ def test_engine_caches_track_committed_tokens_after_rejections():
         # the drafts the next feed drops when they were rejected.
         cached = engine.verifier.runner.sessions[seq.target_kv.session]
         assert cached.tokens == seq.target_kv.tokens
-        assert cached.cache.get_seq_length() == len(cached.tokens)
+        assert len(cached.blocks) * BLOCK_TOKENS >= len(cached.tokens)
         assert cached.tokens[: len(seq.committed) - 1] == seq.committed[:-1]
         # Draft cache: a prefix of the committed tokens (rejected drafts are gone next round).
         seq.draft_state.rollback_to_prefix_of(seq.committed)
@@ -58,9 +59,8 @@ def test_engine_caches_track_committed_tokens_after_rejections():
         assert len(seq.committed) > before
     assert rejected_rounds > 0
     # The cached target state gives the same next-token logits as recomputing everything.
-    cached_kv = engine.verifier.runner.sessions[seq.target_kv.session]
-    cached_kv.rollback_to_prefix_of(seq.committed[:-1])
-    cached = extend(target, cached_kv, seq.committed[-1:])[-1]
+    runner = engine.verifier.runner
+    cached = runner.forward([Feed(seq.target_kv.session, len(seq.committed) - 1, seq.committed[-1:], 1)])[0][-1]
     fresh = extend(target, KVState.empty(target), seq.committed)[-1]
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 

@@ -65,7 +65,7 @@ def stats(**fields):
         "drafted_per_position": [4, 3, 2, 1], "accepted_per_position": [3, 2, 1, 1],
         "mean_acceptance_length": 2.75, "draft_s": 0.4, "exposed_draft_s": 0.1, "verify_s": 0.8,
         "transport_s": 0.04, "queue_s": 0.02, "total_s": 1.1, "time_to_first_token_s": 0.3,
-        "pipeline_rounds": 3, "pipeline_hits": 2, **fields,
+        "pipeline_rounds": 3, "pipeline_hits": 2, "draft_bytes": 5000, **fields,
     })
 
 
@@ -84,6 +84,7 @@ def test_record_request_counts_every_stat_once():
     assert m.acceptance_length.total() == 2.75 and m.ttft.total() == 0.3
     assert m.tokens_per_s.total() == pytest.approx(10.0)
     assert (m.pipeline_rounds.total(), m.pipeline_hits.total()) == (3, 2)
+    assert m.draft_bytes.total() == 5000
     assert m.pipeline_hit_rate.values[()] == [pytest.approx(2 / 3)]
     assert m.overlap.values[()] == [pytest.approx(0.75)]
 

@@ -5,6 +5,7 @@ reproducible and exactly the target's distribution, and sessions are freed."""
 import asyncio
 import time
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ from services.bench.loopback import Loopback, run
 from services.drafter.service import DrafterService, make_proposers
 from services.verifier.draft_link import FIRST_READ_S, MAX_READ_S, MIN_READ_S, OPEN_S, READ_SLACK, DraftLink
 from services.core.draft_q import MAX_SUPPORT
+from services.core.errors import InvalidRequest
 from services.core.sampling import SamplingParams, adjusted_probs
 from tiny_models import hf_greedy, noisy_copy, tiny
 
@@ -283,3 +285,30 @@ def test_sampled_requests_at_real_vocabularies_succeed_at_every_gamma(real_vocab
         assert per_round < gamma * MAX_SUPPORT * 3 + 1024, (gamma, top_k, per_round)
         if top_k:
             assert per_round < gamma * 50 * 4 + 1024, (gamma, per_round)
+
+
+class RefusingDrafter(DrafterService):
+    """A worker that refuses a session the way an oversized block is refused."""
+
+    def __init__(self, proposers):
+        super().__init__(proposers)
+        self.opened = 0
+
+    async def Draft(self, request_iterator, context):
+        self.opened += 1
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "a draft block of 99 bytes is over the limit")
+        yield  # an async generator, like the real one
+
+
+def test_a_refused_session_fails_with_the_reason_and_is_not_retried(pair):
+    target, draft = pair
+
+    async def go():
+        loop = Loopback(target, draft)
+        loop.drafter = RefusingDrafter(make_proposers(draft))
+        async with loop:
+            with pytest.raises(InvalidRequest, match="over the limit"):
+                await loop.generate(PROMPT, 10, gamma=3)
+            return loop.drafter.opened
+
+    assert run(go()) == 1  # not mistaken for a lost worker

@@ -1,0 +1,173 @@
+"""The target's KV in a preallocated, paged pool (one per verifier replica, one per
+tensor-parallel rank).
+
+Each layer's keys and values live in one tensor of fixed size, in blocks of
+``BLOCK_TOKENS`` positions; a session owns a block table. Appending writes only the
+new positions; rollback moves a length pointer (blocks stay with the session for the
+positions it writes next); releasing a session returns its blocks. The pool is sized
+once, by bytes, so memory never grows with traffic: a session the pool cannot hold is
+refused at admission (``PoolExhausted``, RESOURCE_EXHAUSTED to the client) and every
+other session goes on untouched.
+
+Attention stays transformers' own: a pass hands the model a ``Cache`` whose layers
+write the new K/V into the pool and return, for each row, the K/V of its positions
+gathered from its blocks, laid out as the model's padded-batch attention expects (left
+padding, a 2-D mask, position ids). On CPU that gather is what SDPA needs anyway
+(a contiguous [B, H, L, D]); it replaces the copy of every session's whole cache into
+a new padded tensor plus transformers' own concatenation (two copies a pass) and no
+tensor outlives the pass. Why not transformers' paged cache: it belongs to its
+continuous-batching ``generate_batch`` loop (its own scheduler, request lifecycle and
+packed layout), with no rollback of rejected positions and no sessions that outlive a
+call; a paged-attention kernel (flex_attention, FlashAttention's varlen path) that
+reads blocks in place is the GPU step after this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .errors import PoolExhausted
+
+BLOCK_TOKENS = 16
+SCRATCH = 0  # block 0 takes the writes of padding positions and backs the left pads' reads
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of K and V per position over all layers (a rank's shard under TP)."""
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * max(1, heads // tp_size) * head_dim * dtype.itemsize
+
+
+@dataclass
+class PagedSeq:
+    blocks: list[int] = field(default_factory=list)  # the block table
+    tokens: list[int] = field(default_factory=list)  # tokens whose KV is in the blocks, in order
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class KVPool:
+    def __init__(self, num_layers: int, num_blocks: int, device: torch.device | str, dtype: torch.dtype):
+        if num_blocks < 2:
+            raise ValueError(f"a KV pool needs at least 2 blocks, got {num_blocks}")
+        self.num_layers, self.num_blocks, self.device, self.dtype = num_layers, num_blocks, torch.device(device), dtype
+        self.free = list(range(num_blocks - 1, SCRATCH, -1))  # a stack; block 0 is scratch
+        # Per layer [num_blocks * BLOCK_TOKENS, H_kv, D], allocated at the first write,
+        # when the head layout (a TP rank's shard included) is known.
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @classmethod
+    def for_model(cls, model, kv_cache_bytes: int, tp_size: int = 1) -> "KVPool":
+        per_block = kv_bytes_per_token(model.config, model.dtype, tp_size) * BLOCK_TOKENS
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        return cls(layers, max(2, kv_cache_bytes // per_block), model.device, model.dtype)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_blocks - 1) * BLOCK_TOKENS
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - 1 - len(self.free)
+
+    def reserve(self, seqs: list[PagedSeq], lengths: list[int]) -> None:
+        """Give each seq blocks for ``lengths[i]`` positions, all or nothing."""
+        need = [max(0, -(-length // BLOCK_TOKENS) - len(seq.blocks)) for seq, length in zip(seqs, lengths)]
+        if sum(need) > len(self.free):
+            raise PoolExhausted(
+                f"the KV pool has {len(self.free) * BLOCK_TOKENS} free positions of {self.capacity_tokens} and this "
+                f"needs {sum(need) * BLOCK_TOKENS} more; retry when sessions finish (kv_cache_bytes sizes the pool)"
+            )
+        for seq, n in zip(seqs, need):
+            seq.blocks += [self.free.pop() for _ in range(n)]
+
+    def release(self, seq: PagedSeq) -> None:
+        self.free += reversed(seq.blocks)
+        seq.blocks, seq.tokens = [], []
+
+    def slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """table [B, blocks] int64, positions [B, L] int64 -> pool slots [B, L]."""
+        return table.gather(1, positions // BLOCK_TOKENS) * BLOCK_TOKENS + positions % BLOCK_TOKENS
+
+    def table(self, seqs: list[PagedSeq]) -> torch.Tensor:
+        width = max(1, max(len(seq.blocks) for seq in seqs))
+        rows = [seq.blocks + [SCRATCH] * (width - len(seq.blocks)) for seq in seqs]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s pools, allocated once from ``like`` [.., H_kv, .., D]."""
+        if self.keys[index] is None:
+            shape = (self.num_blocks * BLOCK_TOKENS, like.shape[1], like.shape[-1])
+            self.keys[index] = torch.empty(shape, device=self.device, dtype=self.dtype)
+            self.values[index] = torch.empty(shape, device=self.device, dtype=self.dtype)
+            # Left pads read the scratch block: masked, but 0 x NaN garbage would still be NaN.
+            self.keys[index][:BLOCK_TOKENS] = 0
+            self.values[index][:BLOCK_TOKENS] = 0
+        return self.keys[index], self.values[index]
+
+    def write(self, index: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values [1, H, n, D] (a chunk's layout) into ``slots`` [n]."""
+        k_pool, v_pool = self.layer(index, keys)
+        k_pool[slots] = keys[0].transpose(0, 1).to(self.device, self.dtype)
+        v_pool[slots] = values[0].transpose(0, 1).to(self.device, self.dtype)
+
+    def read(self, index: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [n] -> keys, values [1, H, n, D] (copies)."""
+        return tuple(pool[slots].transpose(0, 1)[None].clone() for pool in (self.keys[index], self.values[index]))
+
+
+class PagedLayer(CacheLayerMixin):
+    """One layer of one pass: writes the new positions, returns every row's gathered
+    K/V [B, H, past + N, D]."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, pool: KVPool, index: int, write: torch.Tensor, read: torch.Tensor, past: int):
+        super().__init__()
+        self.pool, self.index, self.write_slots, self.read_slots, self.past = pool, index, write, read, past
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        """Nothing to set up: the pool is the storage."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        k_pool, v_pool = self.pool.layer(self.index, key_states)
+        B, H, N, D = key_states.shape
+        k_pool[self.write_slots] = key_states.transpose(1, 2).reshape(B * N, H, D)
+        v_pool[self.write_slots] = value_states.transpose(1, 2).reshape(B * N, H, D)
+        return k_pool[self.read_slots].transpose(1, 2), v_pool[self.read_slots].transpose(1, 2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.past + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.past
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def pass_cache(pool: KVPool, seqs: list[PagedSeq], past: list[int], new: list[int]) -> tuple[Cache, int, int]:
+    """The Cache for one pass that feeds ``new[i]`` positions after ``past[i]`` to row i.
+    Row i's layout is [left pad | its past | its new positions | right pad], P + N long,
+    as the model's padded-batch attention expects. Returns (cache, P, N)."""
+    P, N = max(past), max(new)
+    device = pool.device
+    table = pool.table(seqs)
+    past_t = torch.tensor(past, device=device)[:, None]
+    new_t = torch.tensor(new, device=device)[:, None]
+    j = torch.arange(N, device=device)[None, :]
+    write = torch.where(j < new_t, pool.slots(table, (past_t + j).clamp(max=table.shape[1] * BLOCK_TOKENS - 1)), SCRATCH)
+    k = torch.arange(P, device=device)[None, :] - (P - past_t)  # position of read column k, < 0 in the left pad
+    read_past = torch.where(k >= 0, pool.slots(table, k.clamp(min=0)), SCRATCH)
+    read = torch.cat([read_past, write], 1)  # [B, P + N]
+    layers = [PagedLayer(pool, index, write.reshape(-1), read, P) for index in range(pool.num_layers)]
+    return Cache(layers=layers), P, N
