@@ -48,6 +48,8 @@ def derive_seed(seed: int, role: str) -> int:
 
 def keyed_generator(seed: int, role: str, device: torch.device | str = "cpu") -> torch.Generator:
     """The random stream for one (seed, role) key, e.g. ``verify:17`` or ``draft@512``."""
+    if seed is None:  # every unseeded request would share one stream
+        raise ValueError("a keyed random stream needs the request's seed resolved")
     return torch.Generator(device=device).manual_seed(derive_seed(seed, role))
 
 

@@ -80,6 +80,7 @@ class TargetRunner:
             seqs[i].tokens.extend(feed.tokens)
         return logits
 
+    @torch.inference_mode()  # the pool may have been allocated in a forward: writes need the same mode
     def prefill(self, session: str, tokens: list[int], cached: list[KVChunk], reserve: int = 0) -> None:
         """Cache ``tokens`` for a new session, starting from ``cached`` (chunks of a
         shared prefix, computed by any replica) and computing only the rest. ``reserve``:
@@ -104,6 +105,7 @@ class TargetRunner:
         if len(tokens) > len(seq):
             self.forward([Feed(session, len(seq), tokens[len(seq) :], 1)])
 
+    @torch.inference_mode()
     def export(self, session: str, start: int, end: int) -> KVChunk | None:
         """Positions [start, end) of a session's cache (copied), or None if it has fewer."""
         seq = self.sessions.get(session)

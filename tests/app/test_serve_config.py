@@ -32,6 +32,9 @@ def test_it_builds_the_app_with_valid_args_and_registers_the_grpc_services():
 
     build_app(app["args"])  # the graph builds (deployments are not started here)
     # Each deployment asks for a resource that exactly one local node role offers.
-    offered = {role: set(resources) for role, (resources, _) in NODES.items()}
     for placement, role in ((args.gateway, "head"), (args.drafter, "drafter"), (args.verifier, "verifier")):
-        assert set(placement.resources) == offered[role]
+        assert set(placement.resources) == {NODES[role]}
+    # ... and the local cluster sizes each node for what its deployments need.
+    demand = args.node_demand()
+    assert demand[NODES["drafter"]]["CPU"] == args.drafter.num_cpus * args.drafter.num_replicas
+    assert demand[NODES["verifier"]]["CPU"] == args.verifier.num_cpus * args.verifier.num_replicas

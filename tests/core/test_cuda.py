@@ -71,3 +71,25 @@ def test_batched_acceptance_on_cuda_mixes_greedy_and_sampled_rows():
     assert seqs[0].generated[:8] == plain[:8]  # bf16: near-ties may flip later (see above)
     assert all(len(s.generated) == 24 for s in seqs)
     assert Randomness.draw([(1, 0)], [3], 3, "cuda").uniforms.device.type == "cuda"
+
+
+def test_the_paged_pool_on_cuda_gives_each_session_what_it_gets_alone():
+    from services.core.kv import KVState, extend
+    from services.core.target import Feed
+
+    model = tiny("qwen2", seed=0).to("cuda")
+    runner = TargetRunner(model, kv_cache_bytes=2**20)
+    prefixes = [list(range(3, 3 + n)) for n in (5, 21, 0)]
+    for i, prefix in enumerate(prefixes):
+        if prefix:
+            runner.forward([Feed(str(i), 0, prefix, 1)])
+    feeds = [[7, 8, 9], [4], [11, 12]]
+    got = runner.forward([Feed(str(i), len(p), f, len(f)) for i, (p, f) in enumerate(zip(prefixes, feeds))])
+    for prefix, feed, logits in zip(prefixes, feeds, got):
+        expected = extend(model, KVState.empty(model), prefix + feed)[-len(feed):]
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    blocks = [runner.export("1", 0, 16)]
+    runner.prefill("3", list(range(3, 19)) + [5], blocks)
+    (warm,) = runner.forward([Feed("3", 17, [6], 1)])
+    torch.testing.assert_close(warm, extend(model, KVState.empty(model), list(range(3, 19)) + [5, 6])[-1:],
+                               rtol=1e-4, atol=1e-4)

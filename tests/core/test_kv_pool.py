@@ -43,6 +43,19 @@ def test_rollback_keeps_blocks_and_release_returns_them():
     assert len(runner.pool.free) == free and runner.cached_positions() == 0
 
 
+def test_a_session_starts_from_blocks_another_one_computed():
+    """Shared prefix blocks exported by one session are written into a new session's
+    blocks (after the pool already served passes) and give the logits of a cold prefill."""
+    model = tiny("qwen2", seed=0)
+    runner = TargetRunner(model, kv_cache_bytes=2**20)
+    runner.forward([Feed("a", 0, list(range(3, 40)), 1)])
+    blocks = [runner.export("a", 0, 16), runner.export("a", 16, 32)]
+    runner.prefill("b", list(range(3, 35)) + [60, 61], blocks)
+    (warm,) = runner.forward([Feed("b", 34, [62], 1)])
+    cold = extend(model, KVState.empty(model), list(range(3, 35)) + [60, 61, 62])[-1:]
+    torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5)
+
+
 def test_a_full_pool_refuses_up_front_and_changes_nothing():
     model = tiny("llama", seed=0)
     per_block = kv_bytes_per_token(model.config, model.dtype) * BLOCK_TOKENS
