@@ -11,8 +11,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from .kv import KVState, extend
 from .draft_q import SparseQ, compact
+from .kv import KVState, extend
 from .kv_chunks import KVChunk, restore_kv
 from .proposals import Proposal
 from .sampling import SamplingParams, adjusted_probs

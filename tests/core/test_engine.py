@@ -1,7 +1,6 @@
 """Greedy speculative decoding is token-identical to transformers' greedy generate."""
 
 import pytest
-import torch
 from tiny_models import FAMILIES, hf_greedy, noisy_copy, tiny
 
 from services.core.engine import SpeculativeEngine

@@ -3,7 +3,6 @@ a valid Serve config that builds the app and agrees with cluster/serve_config.ya
 deployment lands on its own node group, and the gRPC Service, probes, HF token and
 OpenTelemetry wiring hang together."""
 
-from pathlib import Path
 
 import pytest
 import yaml

@@ -4,7 +4,6 @@ the acceptance figure the README reports."""
 import json
 
 import pytest
-import torch
 from tiny_models import hf_greedy
 
 from services.core.gamma import GammaSchedule
