@@ -292,3 +292,33 @@ def set_session_store_bytes(n: int, application: str = "") -> None:
                                  "Object-store bytes held by session state (draft KV, shared prefixes).",
                                  tag_keys=("application",))
     _store_bytes.set(n, {"application": application})
+
+
+def watch_kv_pool(read: Callable[[], tuple[int, int]], application: str, replica: str,
+                  interval_s: float = 1.0) -> threading.Event:
+    """Sample ``read() -> (used, capacity)`` positions of a verifier replica's KV pool
+    into ``outrider_kv_pool_used_positions`` / ``outrider_kv_pool_capacity_positions``
+    every ``interval_s`` on a daemon thread (set again each time: Ray drops a gauge
+    value not set within two report intervals). Returns the event that stops it."""
+    from ray.util.metrics import Gauge
+
+    tags = {"application": application, "replica": replica}
+    used = Gauge("outrider_kv_pool_used_positions", "Target KV pool positions held by sessions (their budgets).",
+                 tag_keys=tuple(tags))
+    capacity = Gauge("outrider_kv_pool_capacity_positions", "Target KV pool positions in all (kv_cache_bytes).",
+                     tag_keys=tuple(tags))
+    stop = threading.Event()
+
+    def loop():
+        while True:
+            try:
+                held, total = read()
+                used.set(held, tags)
+                capacity.set(total, tags)
+            except Exception:  # never let a metric take the replica down
+                logger.exception("sampling the KV pool failed")
+            if stop.wait(interval_s):
+                return
+
+    threading.Thread(target=loop, name="outrider-kv-pool", daemon=True).start()
+    return stop

@@ -15,11 +15,13 @@ from ray.serve.handle import DeploymentHandle
 from ..app.args import AppArgs
 from ..core.engine import SpeculativeEngine
 from ..core.verifier import TargetVerifier
+from ..core.kv_pool import BLOCK_TOKENS
 from ..core.target import TargetRunner
 from ..models.loading import context_length, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2
 from ..state.client import PrefixSharing, ShardedPrefixSharing, replica_state_client
 from ..telemetry import tracing
+from ..telemetry.metrics import watch_kv_pool
 from .service import VerifierService
 from .tensor_parallel import TensorParallelTarget
 
@@ -54,8 +56,12 @@ class Verifier:
                 prefixes = ShardedPrefixSharing(state, cfg.prefix_block_tokens, salt, cfg.tensor_parallel_size)
             else:
                 prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"{salt}|{runner.model.dtype}")
-        replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        replica = context.replica_id.unique_id
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica)
+        if isinstance(runner, TargetRunner):  # a tensor-parallel group's pools live on its ranks
+            pool = runner.pool
+            watch_kv_pool(lambda: (pool.used_blocks * BLOCK_TOKENS, pool.capacity_tokens), context.app_name, replica)
 
     async def check_health(self) -> None:
         """Serve replaces the replica when this raises: a tensor-parallel group with a

@@ -138,14 +138,15 @@ def test_docs_and_dashboard_name_only_defined_metrics_and_document_them_all():
     m = fake_metrics()
     defined = {v.name: v for v in vars(m).values() if isinstance(v, FakeMetric)}
     histograms = {name for name, v in defined.items() if v.boundaries}
-    exported = {"ray_" + name for name in defined} | {"ray_outrider_session_store_bytes"}
+    pool = {"ray_outrider_kv_pool_used_positions", "ray_outrider_kv_pool_capacity_positions"}  # verifier replicas
+    exported = {"ray_" + name for name in defined} | {"ray_outrider_session_store_bytes"} | pool
     exported |= {f"ray_{name}{suffix}" for name in histograms for suffix in ("_bucket", "_sum", "_count")}
     docs = (root / "cluster" / "metrics.md").read_text()
     dashboard = json.loads((root / "cluster" / "grafana" / "outrider-spec-decode.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     for text in (docs, exprs):
         assert set(re.findall(r"ray_outrider_\w+", text)) <= exported
-    assert {"ray_" + name for name in defined} | {"ray_outrider_session_store_bytes"} <= set(
+    assert {"ray_" + name for name in defined} | {"ray_outrider_session_store_bytes"} | pool <= set(
         re.findall(r"ray_outrider_\w+", docs))
     assert {p["datasource"] for p in dashboard["panels"]} == {"${datasource}"}
     assert dashboard["templating"]["list"][0]["name"] == "datasource"
@@ -230,14 +231,16 @@ def served():
     # Export metrics every second (the default is 10 s); one session at a time so a
     # second concurrent request is refused.
     with serving_cluster({"max_sessions": 1}, system_config={"metrics_report_interval_ms": 1000}) as (client, _):
-        gateway = serve.get_deployment_handle("gateway", app_name=APP)
-        node = gateway.node_id.remote().result()
-        port = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node)
-        yield client, port
+        ports = {}
+        for deployment in ("gateway", "verifier"):  # metrics are served by the node each runs on
+            node = serve.get_deployment_handle(deployment, app_name=APP).node_id.remote().result()
+            ports[deployment] = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node)
+        yield client, ports
 
 
 def test_counters_and_histograms_match_the_requests_own_stats(served):
-    client, port = served
+    client, ports = served
+    port = ports["gateway"]
     finished = []  # (method, GenerationStats)
     for method, gamma, pipeline in (("draft", 2, True), ("draft", 6, False), ("ngram", 4, True)):
         chunks = list(client.generate(make_request("def parse_args(argv):", 32, method=method, gamma=gamma,
@@ -283,13 +286,18 @@ def test_counters_and_histograms_match_the_requests_own_stats(served):
         time.sleep(1.0)
     assert by_label(samples, "ray_outrider_requests_total", "code") == expected_codes
     assert total(samples, "ray_outrider_session_store_bytes", application=APP) == held
+    # The verifier's KV pool (its node's endpoint): its size, and every session's budget returned.
+    pool = scrape(ports["verifier"])
+    assert total(pool, "ray_outrider_kv_pool_capacity_positions", application=APP) > 0
+    assert total(pool, "ray_outrider_kv_pool_used_positions", application=APP) == 0
 
     all_stats = [s for _, s in finished]
     gateway_tags = {"application": APP, "deployment": "gateway"}
     assert total(samples, "ray_outrider_requests_total", **gateway_tags) == 7
     for name, field in [("rounds", "rounds"), ("drafted_tokens", "drafted"), ("accepted_tokens", "accepted"),
                         ("rejections", "rejections"), ("emitted_tokens", "emitted"),
-                        ("pipeline_rounds", "pipeline_rounds"), ("pipeline_hits", "pipeline_hits")]:
+                        ("pipeline_rounds", "pipeline_rounds"), ("pipeline_hits", "pipeline_hits"),
+                        ("draft_bytes", "draft_bytes")]:
         assert total(samples, f"ray_outrider_{name}_total") == sum(getattr(s, field) for s in all_stats), name
     assert total(samples, "ray_outrider_drafts_total") == sum(s.drafted_per_position[0] for s in all_stats
                                                               if s.drafted_per_position)
