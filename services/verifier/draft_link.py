@@ -73,7 +73,8 @@ class DraftLink:
                 if isinstance(error, DraftStalled):
                     self.stalled.add(self.address)
                 if speculative:
-                    self.call.cancel()
+                    if self.call is not None:
+                        self.call.cancel()
                     self.call = None  # reopened by the fresh block's receive
                     return None
                 await self._reconnect(round, error)
