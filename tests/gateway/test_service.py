@@ -3,11 +3,16 @@
 Serve cancels a streaming call by throwing CancelledError into the deployment's
 generator; when that generator is suspended at a `yield` inside an `async for`, the
 generator being iterated is *not* closed by the exception. These tests fail if any
-level leaves its inner stream open (the verify session would then run on)."""
+level leaves its inner stream open (the verify session would then run on). A refusal
+raised in the verifier replica reaches the client as a gRPC status with its reason."""
 
 import asyncio
 
+import grpc
 import pytest
+from ray.exceptions import RayTaskError
+
+from services.core.errors import InvalidRequest, PoolExhausted
 
 from services.gateway.deployment import Gateway
 from services.gateway.service import GatewayService, Limits
@@ -66,3 +71,57 @@ def test_serve_style_cancellation_of_the_deployment_generator_frees_the_session(
         return verifier.closed, gateway.service.active_sessions
 
     assert asyncio.run(go()) == (True, 0)
+
+
+class FailingVerifyHandle:
+    """A Serve handle whose Verify stream fails in the verifier replica with ``cause``."""
+
+    def __init__(self, cause: Exception):
+        self.Verify = self
+        self.cause = cause
+
+    def remote(self, payload):
+        handle = self
+
+        class Stream:
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                raise RayTaskError("Verify", "traceback", handle.cause)
+
+            def cancel(self):
+                """Nothing to cancel."""
+
+        return Stream()
+
+
+class Context:
+    code = details = None
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+@pytest.mark.parametrize("cause,code", [
+    (PoolExhausted("the KV pool has 0 free positions of 1024"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidRequest("the draft worker refused the session: too large"), grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_verifier_refusals_reach_the_client_as_a_status_with_the_reason(tokenizer, cause, code):
+    gateway = object.__new__(Gateway.func_or_class)  # the shim, without loading models
+    gateway.verifier = FailingVerifyHandle(cause)
+    gateway.service = GatewayService(tokenizer, LIMITS, gateway._verify)
+    gateway.metrics = None
+    context = Context()
+
+    async def go():
+        with pytest.raises(Exception):
+            async for _ in gateway.Generate(make_request("def f():", 8), context):
+                pass
+        return gateway.service.active_sessions
+
+    assert asyncio.run(go()) == 0
+    assert context.code == code and str(cause) in context.details
