@@ -276,8 +276,10 @@ def test_counters_and_histograms_match_the_requests_own_stats(served):
     expected_codes = {"OK": 4, "INVALID_ARGUMENT": 1, "RESOURCE_EXHAUSTED": 1, "CANCELLED": 1}
     deadline = time.monotonic() + 90
     while True:
-        samples = scrape(port)
+        samples, pool = scrape(port), scrape(ports["verifier"])
         done = (by_label(samples, "ray_outrider_requests_total", "code") == expected_codes
+                and total(pool, "ray_outrider_kv_pool_capacity_positions", application=APP) > 0
+                and total(pool, "ray_outrider_kv_pool_used_positions", application=APP) == 0
                 and total(samples, "ray_outrider_active_sessions") == 0
                 and total(samples, "ray_outrider_session_store_bytes", application=APP) == held
                 and total(samples, "ray_outrider_time_to_first_token_seconds_count") == 4)
@@ -286,8 +288,8 @@ def test_counters_and_histograms_match_the_requests_own_stats(served):
         time.sleep(1.0)
     assert by_label(samples, "ray_outrider_requests_total", "code") == expected_codes
     assert total(samples, "ray_outrider_session_store_bytes", application=APP) == held
-    # The verifier's KV pool (its node's endpoint): its size, and every session's budget returned.
-    pool = scrape(ports["verifier"])
+    # The verifier's KV pool (its node's endpoint): its size, and every session's budget
+    # returned (the cancelled one's once its cancellation reached the verifier).
     assert total(pool, "ray_outrider_kv_pool_capacity_positions", application=APP) > 0
     assert total(pool, "ray_outrider_kv_pool_used_positions", application=APP) == 0
 
