@@ -344,7 +344,7 @@ def run_scale_bench(args) -> int:
     pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype, with_draft=True,
                      trust_remote_code=args.trust_remote_code)
     prompts = [pair.tokenizer(t)["input_ids"][:64] for t in load_prompts(args.prompts, args.limit)]
-    summary = run_scale(args.repeat if args.repeat > 1 else 5, pair, prompts, on_row=lambda line: print(line, flush=True))
+    summary = run_scale(args.repeat, pair, prompts, on_row=lambda line: print(line, flush=True))
     path = Path("bench-out/scale.json") if args.json == Path("bench-out/bench.json") else args.json
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
