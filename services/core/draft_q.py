@@ -5,8 +5,8 @@ q keeps the output exactly the target's (Leviathan et al., Theorem 1): losslessn
 only asks that the drafter sample from the very q it reports. So the drafter maps
 its adjusted distribution to a compact q' first, samples from q', and sends only q':
 
-- support: the top tokens, at most ``MAX_SUPPORT``, whose probability is within a
-  factor ``RANGE`` of the top one; each gets a log-scale level (one byte, steps of
+- support: the top tokens, at most ``MAX_SUPPORT``, whose probability is at least
+  ``RANGE`` times the top one's; each gets a log-scale level (one byte, steps of
   6.5%);
 - tail: everything else shares one weight, spread evenly over the tokens outside the
   support (top-k and top-p leave it at exactly 0).
@@ -15,9 +15,9 @@ Weights are integers (``LEVEL_WEIGHTS[level]`` and the tail's), summed exactly i
 int64, and q' = weight / sum in float64, then float32: drafter and verifier derive
 bit-identical q' on any device and in any reduction order.
 
-What it costs in acceptance (sum_x min(p(x), q'(x)) against the full q's): nothing
-under top-k or top-p; at plain temperature 1.0 the tail's shape is lost, not its mass.
-Measured by ``outrider bench --scale``. On the wire a support token costs about two
+What it costs in acceptance (sum_x min(p(x), q'(x)) against the full q's): under
+top-k or top-p only the levels' rounding (-0.0001 measured); at plain temperature 1.0
+also the tail's shape, not its mass. Measured by ``outrider bench --scale``. On the wire a support token costs about two
 bytes (a varint id delta and its level).
 """
 
