@@ -14,6 +14,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from services.models.shapes import noisy_draft
+
 VOCAB = 96
 
 
@@ -52,13 +54,7 @@ FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 
 def noisy_copy(model, seed: int, scale: float):
     """A draft that agrees with ``model`` often but not always: its weights plus noise."""
-    draft = type(model)(model.config)
-    draft.load_state_dict(model.state_dict())
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std().clamp_min(1e-3))
-    return draft.eval()
+    return noisy_draft(model, seed, scale)
 
 
 _GREEDY_CACHE: dict = {}

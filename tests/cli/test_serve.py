@@ -17,19 +17,33 @@ REPO = Path(__file__).resolve().parents[2]
 OUTRIDER = str(Path(sys.executable).with_name("outrider"))
 
 
-def test_serve_generate_bench_stop(tmp_path):
+def local_config(tmp_path, **args) -> tuple[Path, int]:
+    """A copy of cluster/serve_config.yaml on free ports, with ``args`` set in the app's
+    args; returns its path and gRPC port."""
     config = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
     grpc_port = free_port()
     config["grpc_options"]["port"] = grpc_port
     config["http_options"]["port"] = free_port()
+    config["applications"][0]["args"].update(args)
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    # Its own temp dir: `outrider stop` must stop this cluster and nothing else.
-    env = {**os.environ, "OUTRIDER_RAY_TEMP": str(Path("/tmp") / f"outrider-test-{os.getpid()}")}
+    return path, grpc_port
+
+
+def outrider_command(name: str, **env):
+    """Runs `outrider` with its own temp dir: `outrider stop` must stop this test's
+    cluster and nothing else."""
+    env = {**os.environ, "OUTRIDER_RAY_TEMP": str(Path("/tmp") / f"outrider-test-{name}-{os.getpid()}"), **env}
 
     def outrider(*args, timeout=600):
         return subprocess.run([OUTRIDER, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
+    return outrider
+
+
+def test_serve_generate_bench_stop(tmp_path):
+    path, grpc_port = local_config(tmp_path)
+    outrider = outrider_command("main")
     try:
         served = outrider("serve", "--detach", "--config", str(path), "--ray-port", str(free_port()),
                           "--dashboard-port", str(free_port()), "--max-new-tokens", "16")
@@ -67,18 +81,8 @@ def test_serve_sizes_its_nodes_for_a_tensor_parallel_config(tmp_path):
     """The config a user makes by setting tensor_parallel_size: 2 in a copy of
     cluster/serve_config.yaml: the verifier node gets room for the replica and both
     ranks (3 CPUs; it had 1 and the deploy hung), and the stream is served."""
-    config = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
-    grpc_port = free_port()
-    config["grpc_options"]["port"] = grpc_port
-    config["http_options"]["port"] = free_port()
-    config["applications"][0]["args"]["tensor_parallel_size"] = 2
-    path = tmp_path / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OUTRIDER_RAY_TEMP": str(Path("/tmp") / f"outrider-test-tp-{os.getpid()}")}
-
-    def outrider(*args, timeout=600):
-        return subprocess.run([OUTRIDER, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
+    path, _ = local_config(tmp_path, tensor_parallel_size=2)
+    outrider = outrider_command("tp")
     try:
         served = outrider("serve", "--detach", "--config", str(path), "--ray-port", str(free_port()),
                           "--dashboard-port", str(free_port()), "--max-new-tokens", "8", "--timeout", "300")
@@ -89,15 +93,9 @@ def test_serve_sizes_its_nodes_for_a_tensor_parallel_config(tmp_path):
 
 
 def test_a_config_this_machine_cannot_place_fails_fast_naming_what_is_missing(tmp_path):
-    config = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
-    args = config["applications"][0]["args"]
-    args.update(device="cuda", tensor_parallel_size=2)
-    args["drafter"]["num_gpus"] = 0.5
-    path = tmp_path / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OUTRIDER_RAY_TEMP": str(Path("/tmp") / f"outrider-test-nogpu-{os.getpid()}"),
-           "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([OUTRIDER, "serve", "--config", str(path)], env=env, capture_output=True, text=True,
-                            timeout=120)
+    path, _ = local_config(tmp_path, device="cuda", tensor_parallel_size=2,
+                           drafter={"num_replicas": 1, "num_cpus": 1, "num_gpus": 0.5,
+                                    "resources": {"outrider_drafter": 1}})
+    result = outrider_command("nogpu", CUDA_VISIBLE_DEVICES="")("serve", "--config", str(path), timeout=120)
     assert result.returncode == 2
     assert "cannot be placed here" in result.stderr and "2 on the verifier node" in result.stderr
