@@ -34,12 +34,18 @@ BATCH, GAMMA = 8, 8
 
 
 class ForwardTimer:
-    """Seconds spent inside ``model``'s forward (hooks on the top module)."""
+    """Seconds spent inside ``model``'s forward (hooks on the top module, until ``close``)."""
 
     def __init__(self, model):
         self.seconds, self._t0 = 0.0, 0.0
-        model.register_forward_pre_hook(lambda *_: setattr(self, "_t0", time.perf_counter()))
-        model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._t0))
+        self.hooks = [
+            model.register_forward_pre_hook(lambda *_: setattr(self, "_t0", time.perf_counter())),
+            model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._t0)),
+        ]
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
 
 @torch.inference_mode()
@@ -88,6 +94,7 @@ def verify_pass(model, context: int, repeat: int, seed: int = 0) -> dict:
         host.append(total - inside)
         limit.append(bare())
     verifier.release([req.kv for req in reqs])
+    timer.close()
     o, b = statistics.median(ours), statistics.median(limit)
     return {"context": context, "batch": BATCH, "gamma": GAMMA, "verify_pass_s": o, "bare_forward_s": b,
             "verify_over_bare": o / b, "host_s_per_pass": statistics.median(host)}

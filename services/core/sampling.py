@@ -150,8 +150,9 @@ def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     drawn: its cumulative mass equals its predecessor's, so it is never the first past u.
     """
     cdf = probs.cumsum(-1)
-    target = uniforms[..., None] * cdf[..., -1:]
-    index = torch.searchsorted(cdf, target, right=True)[..., 0]
-    # u * total can round up to total itself: fall back to the last token with mass.
-    last = (probs > 0).long().cumsum(-1).argmax(-1)
+    total = cdf[..., -1:]
+    index = torch.searchsorted(cdf, uniforms[..., None] * total, right=True)[..., 0]
+    # u * total can round up to total itself: fall back to the last token with mass,
+    # the first whose cumulative mass reaches the total.
+    last = torch.searchsorted(cdf, total)[..., 0]
     return torch.minimum(index, last)

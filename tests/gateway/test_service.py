@@ -15,7 +15,7 @@ from ray.exceptions import RayTaskError
 from services.core.errors import InvalidRequest, PoolExhausted
 
 from services.gateway.deployment import Gateway
-from services.gateway.service import GatewayService, Limits
+from services.gateway.service import GatewayService, Limits, Overloaded
 from services.gateway.client import make_request
 from services.models.loading import bundled_paths, load_tokenizer
 from services.rpc import internal_pb2
@@ -118,9 +118,8 @@ def test_verifier_refusals_reach_the_client_as_a_status_with_the_reason(tokenize
     context = Context()
 
     async def go():
-        with pytest.raises(Exception):
-            async for _ in gateway.Generate(make_request("def f():", 8), context):
-                pass
+        with pytest.raises((Overloaded, InvalidRequest), match=str(cause)):
+            [chunk async for chunk in gateway.Generate(make_request("def f():", 8), context)]
         return gateway.service.active_sessions
 
     assert asyncio.run(go()) == 0
