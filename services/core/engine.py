@@ -29,6 +29,9 @@ class SequenceState:
     gamma: int  # what the schedule asks for
     schedule: GammaSchedule
     target_kv: TargetKV
+    # Who drafts for the sequence in this process (the engine's proposer, or heads on a
+    # served verifier), and its per-sequence state; None when drafts come from elsewhere.
+    proposer: Proposer | None
     draft_state: object
     round: int = 0  # the next round's number; a resumed stream numbers on
     finished: bool = False
@@ -64,6 +67,16 @@ class GenerationResult:
     stats: GenerationStats
 
 
+def draft_room(proposer: Proposer | None) -> int:
+    """Pool positions a round's drafts may take beyond the committed tokens."""
+    return max(MAX_GAMMA, getattr(proposer, "max_nodes", 0))
+
+
+def reads_hidden(proposer: Proposer | None) -> bool:
+    """The proposer drafts from the target's hidden state (heads on the verifier)."""
+    return getattr(proposer, "uses_target_hidden", False)
+
+
 class SpeculativeEngine:
     def __init__(
         self,
@@ -97,9 +110,11 @@ class SpeculativeEngine:
         params: SamplingParams,
         schedule: GammaSchedule | None = None,
         first_round: int = 0,
+        proposer: Proposer | None = None,
     ) -> SequenceState:
         """``schedule`` overrides the engine's for this sequence (a served request
-        chooses its own gamma). ``first_round``: a resumed sequence's round numbering."""
+        chooses its own gamma). ``first_round``: a resumed sequence's round numbering.
+        ``proposer`` overrides the engine's (a served verifier's heads for one request)."""
         self.validate(prompt_ids, max_new_tokens)
         schedule = schedule or self.schedule
         if params.seed is None:
@@ -113,7 +128,8 @@ class SpeculativeEngine:
             gamma=schedule.initial,
             schedule=schedule,
             target_kv=self.verifier.new_state(),
-            draft_state=self.proposer.new_state() if self.proposer is not None else None,
+            proposer=proposer or self.proposer,
+            draft_state=(proposer or self.proposer).new_state() if (proposer or self.proposer) is not None else None,
         )
 
     def step(self, seq: SequenceState) -> list[int]:
@@ -125,9 +141,9 @@ class SpeculativeEngine:
 
     def propose(self, seq: SequenceState) -> Proposal:
         gamma = seq.draft_budget
-        if self.proposer is None or gamma == 0:
+        if seq.proposer is None or gamma == 0:
             return Proposal.empty(self.verifier.device)
-        return self.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params)
+        return seq.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params)
 
     def prefill(self, seq: SequenceState, cached: list = ()) -> None:
         """Cache the prompt's KV except its last token, which the first round feeds with
@@ -137,7 +153,7 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         # Admission: the session holds its whole budget (prompt, new tokens, a block of
         # drafts) from the start, so it never runs out of KV pool mid-stream.
-        reserve = len(seq.committed) + seq.remaining + MAX_GAMMA + 1
+        reserve = len(seq.committed) + seq.remaining + draft_room(seq.proposer) + 1
         self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached, reserve)
         seq.stats.verify_time_s += time.perf_counter() - t0
 
@@ -150,7 +166,8 @@ class SpeculativeEngine:
         result is what it would be alone. Each is charged the whole pass as verify time."""
         t0 = time.perf_counter()
         outcomes = self.verifier.verify(
-            [VerifyRequest(s.target_kv, s.committed, p, s.params, s.round) for s, p in zip(seqs, proposals)]
+            [VerifyRequest(s.target_kv, s.committed, p, s.params, s.round, reads_hidden(s.proposer))
+             for s, p in zip(seqs, proposals)]
         )
         elapsed = time.perf_counter() - t0
         results = []
@@ -159,8 +176,11 @@ class SpeculativeEngine:
             seq.round += 1
             new = self._truncate_at_stop(outcome.tokens, seq)
             seq.committed.extend(new)
-            seq.stats.record_round(len(proposal), outcome.num_accepted, len(new))
-            seq.gamma = seq.schedule.next(seq.gamma, len(proposal), outcome.num_accepted)
+            ranks = None if proposal.tree is None else proposal.tree.sibling_rank[list(outcome.path)].tolist()
+            seq.stats.record_round(len(proposal), outcome.num_accepted, len(new), proposal.depth, ranks)
+            seq.gamma = seq.schedule.next(seq.gamma, proposal.depth, outcome.num_accepted)
+            if reads_hidden(seq.proposer):
+                seq.proposer.observe(seq.draft_state, seq.committed, outcome)
             results.append(RoundResult(tokens=new, num_accepted=outcome.num_accepted))
         return results
 

@@ -1,15 +1,9 @@
 """The typed messages between proposer, verifier and rejection sampler.
 
-How a token *tree* fits (Medusa, EAGLE-2, multi-drafter SpecInfer trees):
-a chain is the special case ``parents = [-1, 0, 1, ..., N-2]``. A tree is the same
-``Proposal`` with any parent list whose parents precede their children. The verifier
-turns ``parents`` once into index buffers: position ids (prefix length + node depth)
-and an ancestor attention mask (each node sees the prefix and its ancestors), scores
-all N nodes in one forward pass, and the acceptor walks down from the root trying the
-children of each accepted node in sibling order, subtracting each rejected child's q
-from p before testing the next (SpecInfer's multi-draft rejection, which stays
-lossless). Only ``parents`` and the acceptor's walk change; the verifier API and the
-``VerifyOutcome`` it returns stay as they are.
+A proposal is a token tree: a chain is the tree with one child per node
+(``tree = None``). The verifier scores every node in one forward pass with an ancestor
+attention mask and per-node positions (core/target.py), and the acceptor walks down
+from the root trying each accepted node's children in sibling order (core/tree_accept.py).
 """
 
 from __future__ import annotations
@@ -19,28 +13,36 @@ from dataclasses import dataclass
 import torch
 
 from .draft_q import SparseQ
+from .tree import TreeShape
 
 
 @dataclass(frozen=True)
 class Proposal:
     """Draft tokens for one sequence, proposed after its last committed token."""
 
-    tokens: torch.Tensor  # [N] int64 drafted token ids
+    tokens: torch.Tensor  # [N] int64 drafted token ids, one per node
     # q each token was sampled from, truncated and quantized ([N, K], see core/draft_q.py);
-    # None when the proposer is deterministic (greedy drafting, n-gram lookup), i.e. q
-    # is one-hot on the token.
+    # None when the proposer is deterministic (greedy drafting, n-gram lookup, a head's
+    # top-k candidates), i.e. q is one-hot on the token.
     draft_q: SparseQ | None = None
-    # [N] int64 parent node of each token, -1 = the last committed token; None = chain.
-    parents: torch.Tensor | None = None
+    # The nodes' parents (core/tree.py); None = a chain, node i the parent of node i+1.
+    tree: TreeShape | None = None
+
+    def __post_init__(self) -> None:
+        if self.tree is not None and len(self.tree) != len(self):
+            raise ValueError(f"a tree of {len(self.tree)} nodes for {len(self)} tokens")
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
     @property
     def is_chain(self) -> bool:
-        return self.parents is None or bool(
-            torch.equal(self.parents, torch.arange(-1, len(self) - 1, device=self.parents.device))
-        )
+        return self.tree is None or self.tree.is_chain
+
+    @property
+    def depth(self) -> int:
+        """Tokens on the longest path: the most a round can accept."""
+        return len(self) if self.tree is None else self.tree.max_depth
 
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> "Proposal":
@@ -51,5 +53,9 @@ class Proposal:
 class VerifyOutcome:
     """What one verification round commits for one sequence."""
 
-    num_accepted: int  # how many proposed tokens passed the acceptance test
+    num_accepted: int  # how many proposed tokens passed the acceptance test (the path's depth)
     tokens: list[int]  # the accepted drafts followed by the correction or bonus token
+    path: tuple[int, ...] = ()  # the accepted nodes, root to leaf (a chain's: 0..n-1)
+    # The target's last hidden state [H] where it chose the correction/bonus token: what
+    # drafting heads on the verifier (Medusa, MTP) draft the next round from. Only when asked.
+    hidden: torch.Tensor | None = None

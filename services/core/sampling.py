@@ -150,7 +150,7 @@ def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     drawn: its cumulative mass equals its predecessor's, so it is never the first past u.
     """
     cdf = probs.cumsum(-1)
-    total = cdf[..., -1:]
+    total = cdf[..., -1:].contiguous()
     index = torch.searchsorted(cdf, uniforms[..., None] * total, right=True)[..., 0]
     # u * total can round up to total itself: fall back to the last token with mass,
     # the first whose cumulative mass reaches the total.

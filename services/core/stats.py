@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 @dataclass
 class GenerationStats:
     rounds: int = 0
-    drafted: int = 0
+    drafted: int = 0  # draft tokens scored: a tree's every node
     accepted: int = 0
     rejections: int = 0  # rounds that ended on a rejected draft (not on a bonus token)
     emitted: int = 0
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
+    # Accepted drafts by their place among their siblings (a chain's are all rank 0):
+    # how often a tree's second, third... candidate saves a round.
+    accepted_per_rank: list[int] = field(default_factory=list)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     total_time_s: float = 0.0
@@ -27,17 +30,29 @@ class GenerationStats:
     draft_reconnects: int = 0  # times the session continued on another draft worker
     draft_bytes: int = 0  # draft block bytes received on the wire
 
-    def record_round(self, drafted: int, accepted: int, emitted: int) -> None:
+    def record_round(self, drafted: int, accepted: int, emitted: int, depth: int | None = None,
+                     ranks: list[int] | None = None) -> None:
+        """``depth``: the deepest draft's depth (a tree's; a chain's is ``drafted``);
+        position i counts as drafted when the round reached that depth. ``ranks``: the
+        sibling rank of each accepted draft (a chain's are 0)."""
+        depth = drafted if depth is None else depth
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.rejections += accepted < drafted
+        self.rejections += accepted < depth
         self.emitted += emitted
-        self._cover_positions(drafted)
-        for i in range(drafted):
+        self._cover_positions(depth)
+        for i in range(depth):
             self.drafted_per_position[i] += 1
         for i in range(accepted):
             self.accepted_per_position[i] += 1
+        for rank in ranks if ranks is not None else [0] * accepted:
+            self._grow(self.accepted_per_rank, rank + 1)
+            self.accepted_per_rank[rank] += 1
+
+    @staticmethod
+    def _grow(counts: list[int], n: int) -> None:
+        counts.extend([0] * (n - len(counts)))
 
     def _cover_positions(self, n: int) -> None:
         grow = n - len(self.drafted_per_position)
@@ -86,6 +101,9 @@ class GenerationStats:
         for i, (d, a) in enumerate(zip(other.drafted_per_position, other.accepted_per_position)):
             self.drafted_per_position[i] += d
             self.accepted_per_position[i] += a
+        self._grow(self.accepted_per_rank, len(other.accepted_per_rank))
+        for i, a in enumerate(other.accepted_per_rank):
+            self.accepted_per_rank[i] += a
         for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
@@ -101,6 +119,7 @@ class GenerationStats:
             "per_token_acceptance": self.per_token_acceptance,
             "mean_acceptance_length": self.mean_acceptance_length,
             "acceptance_per_position": self.acceptance_per_position,
+            "accepted_per_rank": list(self.accepted_per_rank),
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
             "total_time_s": self.total_time_s,

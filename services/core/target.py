@@ -16,6 +16,7 @@ import torch
 
 from .kv_chunks import KVChunk
 from .kv_pool import KVPool, PagedSeq, pass_cache
+from .tree import tree_shape
 
 DEFAULT_KV_CACHE_BYTES = 2 * 2**30
 
@@ -28,6 +29,12 @@ class Feed:
     keep: int  # cached positions to keep; the rest (rejected drafts) are dropped first
     tokens: list[int]  # fed after them, and cached
     logits_to_keep: int  # logits wanted for the last positions of ``tokens``
+    # The last len(tree) tokens are a draft tree's nodes with these parents (core/tree.py;
+    # -1 = the token before them); None = all a chain. Nodes are cached in node order.
+    tree: tuple[int, ...] | None = None
+    # (from, to) position pairs copied before the pass: last round's accepted tree path,
+    # compacted into place. Applied before ``keep`` truncates.
+    moves: tuple[tuple[int, int], ...] = ()
 
 
 class TargetRunner:
@@ -40,10 +47,15 @@ class TargetRunner:
     def device(self) -> torch.device:
         return self.model.device
 
-    @torch.inference_mode()
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
         """Logits [logits_to_keep, V] per feed, in order. Raises PoolExhausted, having
         changed nothing, when the pool cannot hold the pass."""
+        return self.forward_with_hidden(feeds, hidden=False)[0]
+
+    @torch.inference_mode()
+    def forward_with_hidden(self, feeds: list[Feed], hidden: bool = True) -> tuple[list[torch.Tensor], list | None]:
+        """Logits per feed and, with ``hidden``, the final hidden states [logits_to_keep, H]
+        the logits came from (what drafting heads on the verifier read)."""
         if len({f.session for f in feeds}) != len(feeds):
             raise ValueError("a session appears twice in one batch")
         if min(f.logits_to_keep for f in feeds) < 1 or min(len(f.tokens) for f in feeds) < 1:
@@ -53,9 +65,14 @@ class TargetRunner:
         for feed, seq in zip(feeds, seqs):
             if feed.keep > len(seq):
                 raise ValueError(f"session {feed.session}: keep {feed.keep} > {len(seq)} cached positions")
+            if any(not (0 <= dst < feed.keep and 0 <= src < len(seq)) for src, dst in feed.moves):
+                raise ValueError(f"session {feed.session}: moves {feed.moves} out of its {len(seq)} positions")
+            if feed.tree is not None and len(feed.tree) > len(feed.tokens):
+                raise ValueError(f"session {feed.session}: a tree of {len(feed.tree)} nodes in {len(feed.tokens)} tokens")
         self.pool.reserve(seqs, [f.keep + len(f.tokens) for f in feeds])
         for feed, seq in zip(feeds, seqs):
             self.sessions[feed.session] = seq
+            self._move(seq, feed.moves)
             del seq.tokens[feed.keep :]  # rollback: a length pointer
         past, new = [f.keep for f in feeds], [len(f.tokens) for f in feeds]
         cache, P, N = pass_cache(self.pool, seqs, past, new)
@@ -64,7 +81,11 @@ class TargetRunner:
         for i, feed in enumerate(feeds):
             ids[i, : len(feed.tokens)] = torch.tensor(feed.tokens)
         extra = {}
-        if len(set(past)) > 1 or len(set(new)) > 1:
+        if any(f.tree is not None for f in feeds):
+            positions, key_positions, allowed = tree_layout(feeds, past, P, N)
+            extra = dict(attention_mask=self._tree_masks(allowed, positions, key_positions),
+                         position_ids=positions.to(device))
+        elif len(set(past)) > 1 or len(set(new)) > 1:
             # Rows differ: mask both pads, count positions from each row's own start.
             mask = torch.zeros(len(feeds), P + N, dtype=torch.long)
             for i, (p, n) in enumerate(zip(past, new)):
@@ -72,13 +93,58 @@ class TargetRunner:
             positions = torch.tensor(past)[:, None] + torch.arange(N)[None, :]
             extra = dict(attention_mask=mask.to(device), position_ids=positions.to(device))
         window = max(N - n + f.logits_to_keep for n, f in zip(new, feeds))
-        out = self.model(input_ids=ids.to(device), cache=cache, use_cache=True, logits_to_keep=window, **extra)
-        logits = []
+        captured = []
+        hook = None
+        if hidden:
+            # What the LM head reads is the final (normed) hidden state, in any family.
+            hook = self.model.get_output_embeddings().register_forward_hook(lambda m, args, out: captured.append(args[0]))
+        try:
+            out = self.model(input_ids=ids.to(device), cache=cache, use_cache=True, logits_to_keep=window, **extra)
+        finally:
+            if hook is not None:
+                hook.remove()
+        logits, states = [], []
         for i, (feed, n) in enumerate(zip(feeds, new)):
             end = window - (N - n)
             logits.append(out.logits[i, end - feed.logits_to_keep : end])
+            if hidden:
+                states.append(captured[0][i, end - feed.logits_to_keep : end])
             seqs[i].tokens.extend(feed.tokens)
-        return logits
+        return logits, states if hidden else None
+
+    def _move(self, seq: PagedSeq, moves: tuple[tuple[int, int], ...]) -> None:
+        """Copy positions within a session: an accepted tree path into place. One gather
+        and one scatter per layer, for the path's few positions (sources are read before
+        any destination is written, so overlapping moves are safe)."""
+        if not moves:
+            return
+        src = self._slots_at(seq, [s for s, _ in moves])
+        dst = self._slots_at(seq, [d for _, d in moves])
+        for index in range(self.pool.num_layers):
+            if self.pool.keys[index] is not None:
+                self.pool.keys[index][dst] = self.pool.keys[index][src]
+                self.pool.values[index][dst] = self.pool.values[index][src]
+        tokens = [seq.tokens[s] for s, _ in moves]
+        for (_, d), token in zip(moves, tokens):
+            seq.tokens[d] = token
+
+    def _tree_masks(self, allowed: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor):
+        """The 4-D additive masks for a pass with tree rows: transformers uses a 4-D mask
+        as given, so a sliding window must be in it (a dict per layer type when the
+        model mixes full and sliding layers)."""
+        dtype, device = self.model.dtype, self.device
+        def additive(keep):
+            return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)[:, None].to(device)
+        text = self.model.config.get_text_config(decoder=True)
+        window = getattr(text, "sliding_window", None)
+        types = set(getattr(text, "layer_types", None) or ())
+        if not window or (types and "sliding_attention" not in types):
+            return additive(allowed)
+        # transformers' sliding rule: a query at q sees keys at k > q - window.
+        sliding = additive(allowed & (positions[:, :, None] - key_positions[:, None, :] < window))
+        if types and types != {"sliding_attention"}:
+            return {"full_attention": additive(allowed), "sliding_attention": sliding}
+        return sliding
 
     @torch.inference_mode()  # the pool may have been allocated in a forward: writes need the same mode
     def prefill(self, session: str, tokens: list[int], cached: list[KVChunk], reserve: int = 0) -> None:
@@ -117,7 +183,10 @@ class TargetRunner:
                        keys=tuple(k.to("cpu") for k, _ in pairs), values=tuple(v.to("cpu") for _, v in pairs))
 
     def _slots(self, seq: PagedSeq, start: int, end: int) -> torch.Tensor:
-        positions = torch.arange(start, end, device=self.pool.device)[None]
+        return self._slots_at(seq, range(start, end))
+
+    def _slots_at(self, seq: PagedSeq, positions) -> torch.Tensor:
+        positions = torch.tensor(list(positions), dtype=torch.long, device=self.pool.device)[None]
         return self.pool.slots(self.pool.table([seq]), positions)[0]
 
     def release(self, sessions: list[str]) -> None:
@@ -128,3 +197,33 @@ class TargetRunner:
 
     def cached_positions(self) -> int:
         return sum(len(seq) for seq in self.sessions.values())
+
+
+def tree_layout(feeds: list[Feed], past: list[int], P: int, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Position ids and attention for a pass where some rows end in a draft tree. Row i
+    is laid out [left pad | past_i | new_i | right pad] (P + N columns, as pass_cache
+    writes it). A chain token sits at the next position and sees everything before it;
+    a tree node sits at (the position of the token before the tree) + its depth and
+    sees the past, the chain tokens, and its ancestors and itself (the shape's index
+    buffers, copied in: no per-node loop). Returns positions [B, N], key_positions
+    [B, P + N] (negative in the left pad) and allowed [B, N, P + N] bool."""
+    B = len(feeds)
+    positions = torch.zeros(B, N, dtype=torch.long)
+    new_allowed = torch.zeros(B, N, N, dtype=torch.bool)
+    for i, (feed, p) in enumerate(zip(feeds, past)):
+        n = len(feed.tokens)
+        t = len(feed.tree) if feed.tree is not None else 0
+        c = n - t  # the chain part
+        new_allowed[i, :n, :c] = torch.ones(n, c, dtype=torch.bool).tril()  # tree rows see every chain token
+        positions[i, :c] = torch.arange(p, p + c)
+        if t:
+            shape = tree_shape(feed.tree)
+            new_allowed[i, c:n, c:n] = shape.ancestors
+            positions[i, c:n] = p + c - 1 + shape.depth
+        new_allowed[i, n:, n:] = torch.eye(N - n, dtype=torch.bool)  # right pads see themselves (no NaN rows)
+        positions[i, n:] = p + n
+    past_t = torch.tensor(past)[:, None]
+    column = torch.arange(P)[None, :]
+    past_allowed = (column >= P - past_t)[:, None, :].expand(B, N, P)
+    key_positions = torch.cat([column - (P - past_t), positions], 1)
+    return positions, key_positions, torch.cat([past_allowed, new_allowed], -1)

@@ -4,7 +4,7 @@ pass, then accept or reject each one on its own."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -13,6 +13,7 @@ from .proposals import Proposal, VerifyOutcome
 from .rejection import DraftBatch, Randomness, accept_batch
 from .sampling import SamplingParams, SamplingRows
 from .target import Feed, TargetRunner
+from .tree_accept import TreeBatch, accept_tree_batch
 
 
 @dataclass
@@ -24,6 +25,9 @@ class TargetKV:
     # keeps rejected drafts until the next feed says how much to keep, so a rollback
     # costs no extra call (which matters when the runner is a group of TP ranks).
     tokens: list[int] = field(default_factory=list)
+    # Position moves the next feed makes first: last round's accepted tree path, copied
+    # into place (tokens above already lists the path as compacted).
+    moves: tuple[tuple[int, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -38,6 +42,7 @@ class VerifyRequest:
     proposal: Proposal  # drafts to check after committed[-1]
     params: SamplingParams  # seed resolved
     round: int  # keys the round's random stream: (seed, round) draws the same on any replica
+    hidden: bool = False  # return the target's hidden state where it chose the last token
 
 
 class TargetVerifier:
@@ -63,48 +68,75 @@ class TargetVerifier:
             self.runner.prefill(kv.session, tokens, list(cached), reserve)
             kv.tokens = list(tokens)
             return
-        keep = common_prefix_len(kv.tokens, tokens)
-        if len(tokens) > keep:
-            self.runner.forward([Feed(kv.session, keep, tokens[keep:], 1)])
+        if len(tokens) > common_prefix_len(kv.tokens, tokens):
+            self.runner.forward([self._feed(kv, tokens, 0)])
         kv.tokens = list(tokens)
 
+    def _feed(self, kv: TargetKV, tokens: list[int], drafts: int, tree: tuple[int, ...] | None = None) -> Feed:
+        """Feed what the cache lacks of ``tokens`` (whose last ``drafts`` are draft nodes):
+        the last committed token, or more after a prefix miss, plus the drafts."""
+        keep = common_prefix_len(kv.tokens, tokens[: len(tokens) - drafts])
+        moves = tuple((src, dst) for src, dst in kv.moves if dst < keep)
+        kv.moves = ()
+        return Feed(kv.session, keep, tokens[keep:], drafts + 1, tree, moves)
+
     def verify(self, batch: list[VerifyRequest]) -> list[VerifyOutcome]:
-        if any(not req.proposal.is_chain for req in batch):
-            raise ValueError("tree proposals need tree attention; see the note in core/proposals.py")
         feeds = []
         for req in batch:
-            keep = common_prefix_len(req.kv.tokens, req.committed)
-            # Feed what the cache lacks (the last committed token, or more after a
-            # prefix miss) plus the drafts; the last g+1 logits are p_1..p_{g+1}.
-            tokens = req.committed[keep:] + req.proposal.tokens.tolist()
-            feeds.append(Feed(req.kv.session, keep, tokens, len(req.proposal) + 1))
+            tree = None if req.proposal.is_chain else req.proposal.tree.parents
+            # The last g+1 logits are p at the root (the last committed token) and after each node.
+            feeds.append(self._feed(req.kv, req.committed + req.proposal.tokens.tolist(), len(req.proposal), tree))
         try:
-            all_logits = self.runner.forward(feeds)
+            if any(req.hidden for req in batch):
+                if not hasattr(self.runner, "forward_with_hidden"):
+                    raise ValueError("drafting heads need the target's hidden states: a tensor-parallel target has none yet")
+                all_logits, hidden = self.runner.forward_with_hidden(feeds)
+            else:
+                all_logits, hidden = self.runner.forward(feeds), None
         except BaseException:
             # The runner may have dropped positions before failing; forget what it
             # caches, so the next feed recomputes from scratch rather than trust it.
             for req in batch:
-                req.kv.tokens = []
+                req.kv.tokens, req.kv.moves = [], ()
             raise
         for req, feed in zip(batch, feeds):
             # The runner now caches committed + every draft; the next feed keeps the
             # accepted ones (the correction/bonus token is fed next round).
             req.kv.tokens = req.committed[: feed.keep] + feed.tokens
-        return self.accept(batch, all_logits)
+        outcomes = self.accept(batch, all_logits)
+        for b, (req, outcome) in enumerate(zip(batch, outcomes)):
+            if not req.proposal.is_chain:
+                # Keep the accepted path's KV, compacted into place by the next feed.
+                base = len(req.committed)
+                req.kv.tokens = req.committed + outcome.tokens[:-1]
+                req.kv.moves = tuple((base + node, base + depth) for depth, node in enumerate(outcome.path) if node != depth)
+            if hidden is not None and req.hidden:
+                slot = outcome.path[-1] + 1 if outcome.path else 0
+                outcomes[b] = replace(outcome, hidden=hidden[b][slot])
+        return outcomes
 
     def accept(self, batch: list[VerifyRequest], all_logits: list[torch.Tensor]) -> list[VerifyOutcome]:
         """Every row's acceptance in one batched pass on the target's device, and one
-        host sync for the result."""
+        host sync for the result. Chains take the chain rule's single pass; a batch with
+        a tree walks the trees (core/tree_accept.py), chains included."""
         device = all_logits[0].device
-        logits = as_batch(all_logits)  # [B, G+1, V]
-        B, G1, V = logits.shape
+        logits = as_batch(all_logits)  # [B, N+1, V]
+        B, N1, V = logits.shape
         drafts = DraftBatch.of([(req.proposal.tokens, req.proposal.draft_q) for req in batch], V, device)
         rows = SamplingRows.of([req.params for req in batch], V, device)
         keys = [None if req.params.greedy else (req.params.seed, req.round) for req in batch]
-        rand = Randomness.draw(keys, [len(req.proposal) for req in batch], G1 - 1, device)
-        # The one host sync: [n, token, drafts...] per row.
-        result = torch.cat([accept_batch(logits, drafts, rows, rand), drafts.tokens], -1).tolist()
-        return [VerifyOutcome(num_accepted=row[0], tokens=row[2 : 2 + row[0]] + [row[1]]) for row in result]
+        rand = Randomness.draw(keys, [len(req.proposal) for req in batch], N1 - 1, device)
+        if all(req.proposal.is_chain for req in batch):
+            # The one host sync: [n, token, drafts...] per row.
+            result = torch.cat([accept_batch(logits, drafts, rows, rand), drafts.tokens], -1).tolist()
+            return [VerifyOutcome(row[0], row[2 : 2 + row[0]] + [row[1]], tuple(range(row[0]))) for row in result]
+        trees = TreeBatch.of([req.proposal.tree for req in batch], [len(req.proposal) for req in batch], device)
+        result = torch.cat([accept_tree_batch(logits, drafts, trees, rows, rand), drafts.tokens], -1).tolist()
+        outcomes = []
+        for row in result:
+            n, token, path, tokens = row[0], row[1], row[2 : 2 + trees.max_depth], row[2 + trees.max_depth :]
+            outcomes.append(VerifyOutcome(n, [tokens[node] for node in path[:n]] + [token], tuple(path[:n])))
+        return outcomes
 
 
 def as_batch(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -176,6 +176,7 @@ def stats_to_proto(stats: GenerationStats, finish_reason: str = "") -> outrider_
         cached_prefix_tokens=stats.cached_prefix_tokens,
         draft_reconnects=stats.draft_reconnects,
         draft_bytes=stats.draft_bytes,
+        accepted_per_rank=stats.accepted_per_rank,
     )
 
 
@@ -199,4 +200,5 @@ def stats_from_proto(msg: outrider_pb2.GenerationStats) -> GenerationStats:
         cached_prefix_tokens=msg.cached_prefix_tokens,
         draft_reconnects=msg.draft_reconnects,
         draft_bytes=msg.draft_bytes,
+        accepted_per_rank=list(msg.accepted_per_rank),
     )

@@ -82,6 +82,9 @@ class SpecDecodeMetrics:
                                      "Drafted tokens by draft position (0 = first).", "method", "position")
         self.accepted_by_position = c("outrider_accepted_tokens_per_position_total",
                                       "Accepted tokens by draft position (0 = first).", "method", "position")
+        self.accepted_by_rank = c("outrider_accepted_tokens_per_rank_total",
+                                  "Accepted draft tokens by sibling rank in their tree (0 = first candidate).",
+                                  "method", "rank")
         self.phase_seconds = c("outrider_phase_seconds_total",
                                "Seconds in each round phase, summed over rounds (draft = exposed draft).",
                                "method", "phase")
@@ -142,6 +145,8 @@ class SpecDecodeMetrics:
         for position, (drafted, accepted) in enumerate(zip(stats.drafted_per_position, stats.accepted_per_position)):
             _inc(self.drafted_by_position, drafted, {**tags, "position": str(position)})
             _inc(self.accepted_by_position, accepted, {**tags, "position": str(position)})
+        for rank, accepted in enumerate(stats.accepted_per_rank):
+            _inc(self.accepted_by_rank, accepted, {**tags, "rank": str(rank)})
         phases = {"draft": stats.exposed_draft_s, "verify": stats.verify_s, "transport": stats.transport_s,
                   "queue": stats.queue_s}
         for phase, seconds in phases.items():

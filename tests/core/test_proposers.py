@@ -1,6 +1,10 @@
+"""Proposers and the proposal type."""
+
+import pytest
 import torch
 from tiny_models import tiny
 
+from services.core.tree import tree_shape
 from services.core.proposals import Proposal
 from services.core.proposers import DraftModelProposer, NgramProposer
 from services.core.sampling import SamplingParams
@@ -62,7 +66,10 @@ def test_draft_proposer_greedy_matches_model_argmax():
 
 
 def test_chain_and_tree_proposals():
-    chain = Proposal(tokens=torch.tensor([1, 2, 3]), parents=torch.tensor([-1, 0, 1]))
-    tree = Proposal(tokens=torch.tensor([1, 2, 3]), parents=torch.tensor([-1, -1, 0]))
+    chain = Proposal(tokens=torch.tensor([1, 2, 3]), tree=tree_shape((-1, 0, 1)))
+    tree = Proposal(tokens=torch.tensor([1, 2, 3]), tree=tree_shape((-1, -1, 0)))
     assert chain.is_chain and not tree.is_chain and Proposal.empty().is_chain
+    assert (chain.depth, tree.depth, Proposal(tokens=torch.tensor([4, 5])).depth) == (3, 2, 2)
+    with pytest.raises(ValueError, match="tree of 2 nodes"):
+        Proposal(tokens=torch.tensor([1, 2, 3]), tree=tree_shape((-1, 0)))
 

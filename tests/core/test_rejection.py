@@ -6,15 +6,14 @@ Each row of one big batch is an independent trial of one round, with targets p_j
 drafts q_j that depend only on the block position j (prefix-independent), so the
 token a row emits at position j, among the rows that reach j, must follow p_j.
 
-Power: a 3% relative bias adds about n * 0.03^2 to the chi-square statistic over n
-draws; ``_power`` checks, for every tested position at its own n, that the same test
-fails a 3%-biased sample at ALPHA.
+Every tested position also checks, at its own n, that the test would catch a 3% bias
+(tests/distribution.py).
 """
 
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
+from distribution import ALPHA, check_power, chi2_pvalue
 
 from services.core.draft_q import SparseQ, compact
 from services.core.rejection import DraftBatch, Randomness, accept_batch
@@ -22,7 +21,6 @@ from services.core.sampling import SamplingParams, SamplingRows, adjusted_probs
 
 V = 8
 G = 3
-ALPHA = 1e-4
 CONFIGS = [
     SamplingParams(temperature=1.0),
     SamplingParams(temperature=0.7),
@@ -35,25 +33,6 @@ ROWS = 250_000  # per config; the bonus position is reached by about half of the
 
 def _logits(seed: int, rows: int) -> torch.Tensor:
     return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed))
-
-
-def _chi2_pvalue(tokens: np.ndarray, probs: np.ndarray) -> float:
-    support = probs > 0
-    counts = np.bincount(tokens, minlength=V)
-    assert counts[~support].sum() == 0, "emitted a token the adjusted target forbids"
-    if support.sum() == 1:
-        return 1.0
-    expected = probs[support].astype(np.float64)
-    return chisquare(counts[support], expected / expected.sum() * len(tokens)).pvalue
-
-
-def _power(n: int, probs: np.ndarray, rng: np.random.Generator) -> None:
-    """The test at this n rejects a 3%-biased version of probs."""
-    if (probs > 0).sum() < 2:
-        return
-    biased = probs * np.where(np.arange(V) % 2 == 0, 1.03, 0.97)
-    biased /= biased.sum()
-    assert _chi2_pvalue(rng.choice(V, size=n, p=biased), probs) < ALPHA, f"no power at n={n}"
 
 
 def _round(configs, rows_per_config, one_hot_q=False, seed=0):
@@ -115,8 +94,8 @@ def test_every_position_follows_the_target(one_hot_q):
             # bonus when n == j.
             emitted = np.where(n[reached] > j, drafts[rows][reached, min(j, G - 1)], token[reached])
             assert reached.sum() > 10_000, f"{cfg}: position {j} reached by {reached.sum()} rows only"
-            assert _chi2_pvalue(emitted, p[j]) > ALPHA, f"{cfg}: position {j}"
-            _power(int(reached.sum()), p[j], rng)
+            assert chi2_pvalue(emitted, p[j]) > ALPHA, f"{cfg}: position {j}"
+            check_power(int(reached.sum()), p[j], rng)
 
 
 def test_lying_about_q_is_caught():
@@ -135,7 +114,7 @@ def test_lying_about_q_is_caught():
     rand = Randomness(torch.rand(B, 1, generator=gen), torch.rand(B, generator=gen))
     out = accept_batch(target_logits.expand(B, 2, V), batch, SamplingRows.of([cfg] * B, V, "cpu"), rand).numpy()
     first = np.where(out[:, 0] > 0, drafts[:, 0].numpy(), out[:, 1])
-    assert _chi2_pvalue(first, adjusted_probs(target_logits[0], cfg).numpy()) < ALPHA
+    assert chi2_pvalue(first, adjusted_probs(target_logits[0], cfg).numpy()) < ALPHA
 
 
 def test_greedy_accepts_matching_prefix_then_corrects():

@@ -1,0 +1,64 @@
+"""Drafting heads next to the target: they draft the next round from the hidden state
+of the verification pass just run, with no draft model and no network hop.
+
+Medusa (Cai et al., 2024): K heads on the target's last hidden state h_t; head k
+predicts the token k+2 positions after t (the target's own LM head predicts t+1, the
+token the round just emitted). Each head's top candidates fill a token tree given as
+data (core/tree.py ``ChoiceTree``): node i takes head depth_i's rank_i-th candidate, one
+gather for the whole tree. The candidates are chosen deterministically, so each is a
+point mass to the tree acceptor: lossless under sampling too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .kv_chunks import KVChunk
+from .proposals import Proposal, VerifyOutcome
+from .sampling import SamplingParams
+from .tree import ChoiceTree
+
+# hidden [H] -> logits [K, V]: what each head predicts at offsets 2..K+1.
+Heads = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class HeadState:
+    hidden: torch.Tensor | None = None  # [H] where the target chose committed[-1]
+    length: int = 0  # len(committed) when it was taken: a stale state drafts nothing
+
+
+class MedusaProposer:
+    uses_target_hidden = True
+
+    def __init__(self, heads: Heads, tree: ChoiceTree, device: torch.device | str = "cpu"):
+        self.heads, self.tree, self.device = heads, tree, device
+
+    @property
+    def max_nodes(self) -> int:
+        return len(self.tree.shape)
+
+    def new_state(self) -> HeadState:
+        return HeadState()
+
+    def restore_state(self, chunks: list[KVChunk]) -> HeadState:
+        return HeadState()  # heads are stateless given the committed tokens: the next pass refills it
+
+    def observe(self, state: HeadState, committed: list[int], outcome: VerifyOutcome) -> None:
+        state.hidden, state.length = outcome.hidden, len(committed)
+
+    @torch.inference_mode()
+    def propose(self, state: HeadState, committed: list[int], gamma: int, params: SamplingParams,
+                stop=None) -> Proposal:
+        """A tree no deeper than ``gamma`` (the round's draft budget) after ``committed``."""
+        if state.hidden is None or state.length != len(committed) or gamma <= 0:
+            return Proposal.empty(self.device)
+        tree = self.tree if gamma >= self.tree.shape.max_depth else self.tree.prune(gamma)
+        logits = self.heads(state.hidden)  # [K, V]
+        candidates = logits[: tree.shape.max_depth].topk(int(tree.rank.max()) + 1, dim=-1).indices  # [D, R]
+        rows = (tree.shape.depth - 1).to(candidates.device)
+        tokens = candidates[rows, tree.rank.to(candidates.device)]  # [N]
+        return Proposal(tokens=tokens.to(self.device), tree=tree.shape)

@@ -1,0 +1,115 @@
+"""Drafting heads attached to a target: Medusa heads, saved in Hub format.
+
+A heads folder holds ``config.json`` (``HeadsConfig``) and ``model.safetensors``; it
+loads by path or Hub id (``load_heads``). Heads never hold the target: the target's
+LM head is passed in when they are built, and when ``share_lm_head`` is set it is
+used as is (frozen, not saved), which keeps Medusa heads for a 8k-vocabulary target
+at a few MB instead of 4M parameters per head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.tree import choice_tree, parse_choices
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+# A default before a tree is tuned for a target: top-4 at depth 1 narrowing to 1 at depth 4.
+DEFAULT_CHOICES = "0;1;2;3;0.0;0.1;1.0;0.0.0;0.1.0;0.0.0.0"
+
+
+class HeadsConfig(BaseModel):
+    kind: str = "medusa"
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = Field(4, ge=1, le=8)
+    num_layers: int = Field(1, ge=1, le=4)  # residual blocks per head
+    share_lm_head: bool = True  # use the target's LM head (frozen) instead of one per head
+    tree_choices: str = DEFAULT_CHOICES  # the default tree ("0;1;0.0": paths of candidate ranks)
+    target: str = ""  # what they were trained on (a name, for the record)
+
+    def tree(self):
+        tree = choice_tree(parse_choices(self.tree_choices))
+        if tree.shape.max_depth > self.num_heads:
+            raise ValueError(f"tree choices reach depth {tree.shape.max_depth} but there are {self.num_heads} heads")
+        return tree
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(W x + b), W = 0 at first: a new head starts as the target's LM head."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """K heads on the target's final hidden state; head k predicts the token k+2 ahead."""
+
+    def __init__(self, config: HeadsConfig, target_lm_head: nn.Module):
+        super().__init__()
+        self.config = config
+        H, V = config.hidden_size, config.vocab_size
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(ResBlock(H) for _ in range(config.num_layers))) for _ in range(config.num_heads))
+        if config.share_lm_head:
+            self.lm_heads = None
+            self._target_head = [target_lm_head]  # a list: not a submodule, so never trained nor saved
+        else:
+            self.lm_heads = nn.ModuleList(nn.Linear(H, V, bias=False) for _ in range(config.num_heads))
+            with torch.no_grad():
+                for head in self.lm_heads:
+                    head.weight.copy_(target_lm_head.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., K, V]."""
+        outs = []
+        for k, block in enumerate(self.blocks):
+            x = block(hidden)
+            head = self._target_head[0] if self.lm_heads is None else self.lm_heads[k]
+            outs.append(head(x.to(head.weight.dtype)))
+        return torch.stack(outs, -2)
+
+    def save(self, folder: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, folder / WEIGHTS)
+        (folder / CONFIG).write_text(self.config.model_dump_json(indent=2) + "\n")
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A local folder as is; anything else is a Hub repo id, downloaded (and cached)."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG, WEIGHTS]))
+
+
+def load_heads(path_or_id: str | Path, target) -> MedusaHeads:
+    """Heads for ``target`` (a loaded causal LM), on its device and in its dtype."""
+    folder = resolve(path_or_id)
+    config = HeadsConfig.model_validate(json.loads((folder / CONFIG).read_text()))
+    if config.kind != "medusa":
+        raise ValueError(f"{folder}: heads of kind {config.kind!r}, expected medusa")
+    text = target.config.get_text_config(decoder=True)
+    if (config.hidden_size, config.vocab_size) != (text.hidden_size, target.get_output_embeddings().weight.shape[0]):
+        raise ValueError(f"{folder}: heads for hidden {config.hidden_size} / vocab {config.vocab_size} do not fit "
+                         f"this target (hidden {text.hidden_size}, vocab {target.get_output_embeddings().weight.shape[0]})")
+    heads = MedusaHeads(config, target.get_output_embeddings())
+    heads.load_state_dict(load_file(folder / WEIGHTS))
+    return heads.to(device=target.device, dtype=target.dtype).eval()
