@@ -45,6 +45,10 @@ class AppArgs(BaseModel):
     # Model folders or hub ids; unset = the pair bundled with the package.
     target: str | None = None
     draft: str | None = None
+    # Medusa heads for the target (folder or hub id); unset = those beside the target
+    # (<target>-medusa, as `outrider build-heads` saves them), if there. The verifiers
+    # load them and serve SPECULATION_METHOD_MEDUSA.
+    medusa: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["default", "auto", "float32", "bfloat16", "float16"] = "default"
     trust_remote_code: bool = False
@@ -128,4 +132,13 @@ class AppArgs(BaseModel):
 
     @property
     def paths(self) -> ModelPaths:
-        return resolve_paths(self.target, self.draft)
+        return resolve_paths(self.target, self.draft, self.medusa)
+
+    def head_methods(self) -> dict[str, str | None]:
+        """Methods drafted on the verifier: None where served, else why not."""
+        medusa = None
+        if self.paths.medusa is None:
+            medusa = f"no Medusa heads for {self.paths.target} (set medusa, or run `outrider build-heads`)"
+        elif self.tensor_parallel_size > 1:
+            medusa = "Medusa heads need the target's hidden states, which a tensor-parallel verifier does not return yet"
+        return {"medusa": medusa, "mtp": "MTP modules are not supported yet"}

@@ -14,6 +14,16 @@ def _target_only(runs: list[Run]) -> tuple[Run, float]:
     return ar, ar.seconds / ar.tokens
 
 
+def best_by_drafter(runs: list[Run], ar: Run) -> dict:
+    """{drafter: its fastest config's speedup, mean accepted length and gamma or tree}."""
+    best: dict[str, Run] = {}
+    for r in runs:
+        if r.drafter not in best or r.tokens_per_s > best[r.drafter].tokens_per_s:
+            best[r.drafter] = r
+    return {name: {"speedup_vs_ar": r.tokens_per_s / ar.tokens_per_s, "mean_accepted_length": r.stats.mean_acceptance_length,
+                   "gamma_or_tree": r.gamma_or_tree, "config": r.label} for name, r in best.items()}
+
+
 def summarize(runs: list[Run]) -> dict:
     ar, ar_spt = _target_only(runs)
     outrider = [r for r in runs if r.method.startswith("outrider-")]
@@ -35,6 +45,7 @@ def summarize(runs: list[Run]) -> dict:
         "mean_accepted_length": best.stats.mean_acceptance_length,
         "theoretical_speedup": theoretical,
         "measured_over_theoretical": speedup / theoretical,
+        "best_by_drafter": best_by_drafter(outrider, ar),
         # Greedy decoding: every method must produce exactly the target-only tokens.
         "outputs_identical": all(r.outputs == ar.outputs for r in runs),
         **pipeline_summary(runs),

@@ -17,6 +17,7 @@ from ..models.pair import ModelPair, make_engine
 class Run:
     method: str  # target-only | outrider-draft | outrider-ngram | hf-assisted | hf-target-only
     gamma: int | None  # None for target-only; 0 marks the adaptive schedule
+    tree: str = ""  # a tree drafter's shape (ChoiceTree.label), instead of gamma
     tokens: int = 0
     seconds: float = 0.0
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -26,24 +27,39 @@ class Run:
     def label(self) -> str:
         if self.gamma is None:
             return self.method
+        if self.tree:
+            return f"{self.method} {self.tree}"
         return f"{self.method} gamma={'adaptive' if self.gamma == 0 else self.gamma}"
+
+    @property
+    def drafter(self) -> str:
+        """draft, ngram, medusa...: the method without its mode."""
+        return self.method.removeprefix("outrider-").removesuffix("-serial")
+
+    @property
+    def gamma_or_tree(self) -> str:
+        return self.tree or ("adaptive" if self.gamma == 0 else str(self.gamma))
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def run_outrider(pair: ModelPair, drafter: str, gamma: int | None, prompts: list[list[int]], max_new: int) -> Run:
+def run_outrider(pair: ModelPair, drafter: str, gamma: int | None, prompts: list[list[int]], max_new: int,
+                 tree: str | None = None) -> Run:
+    """``gamma`` for a tree drafter (medusa) caps the tree's depth; ``tree`` is its
+    shape as paths of candidate ranks (None: the heads' tuned tree)."""
     if drafter == "none":
         schedule, method = GammaSchedule(initial=0), "target-only"
     else:
         adaptive = gamma == 0
         schedule, method = GammaSchedule(initial=4 if adaptive else gamma, adaptive=adaptive), f"outrider-{drafter}"
-    engine = make_engine(pair, drafter, schedule)
+    engine = make_engine(pair, drafter, schedule, tree=tree)
     run = Run(method=method, gamma=None if drafter == "none" else gamma)
     for ids in prompts:
         result = engine.generate(ids, max_new, SamplingParams())
         run.stats += result.stats
+        run.tree = result.stats.draft_shape
         run.outputs.append(result.token_ids)
         run.tokens += len(result.token_ids)
         run.seconds += result.stats.total_time_s
@@ -90,16 +106,19 @@ def leviathan_speedup(run: Run, ar_seconds_per_token: float) -> float:
     return expected / (g * draft_cost + verify_cost)
 
 
-def run_server(client, method: str, gamma: int | None, pipeline: bool, prompts: list[str], max_new: int) -> Run:
+def run_server(client, method: str, gamma: int | None, pipeline: bool, prompts: list[str], max_new: int,
+               tree: str = "") -> Run:
     """The same pass through a running server's public gRPC API (greedy). Seconds are
-    the client's wall time per request, so every hop and queue is included."""
+    the client's wall time per request, so every hop and queue is included. ``tree``:
+    a tree method's shape (paths of candidate ranks; "" = the server's)."""
     from ..gateway.client import make_request
     from ..rpc.convert import stats_from_proto
 
     label = "target-only" if method == "none" else f"outrider-{method}" + ("" if pipeline else "-serial")
     run = Run(method=label, gamma=None if method == "none" else gamma)
     for prompt in prompts:
-        request = make_request(prompt, max_new, method=method, gamma=gamma or 0, adaptive=gamma == 0, pipeline=pipeline)
+        request = make_request(prompt, max_new, method=method, gamma=gamma or 0, adaptive=gamma == 0, pipeline=pipeline,
+                               tree=tree)
         start = time.perf_counter()
         ids, stats = [], None
         for chunk in client.generate(request):
@@ -108,6 +127,7 @@ def run_server(client, method: str, gamma: int | None, pipeline: bool, prompts: 
                 stats = chunk.stats
         run.seconds += time.perf_counter() - start
         run.stats += stats_from_proto(stats)
+        run.tree = stats.draft_shape
         run.outputs.append(ids)
         run.tokens += len(ids)
     return run

@@ -15,11 +15,14 @@ from ..bench.concurrent import run_server as run_concurrent_server
 from ..bench.concurrent import summarize_concurrency
 from ..bench.report import format_table, run_rows, summarize, write_json, write_plot
 from ..bench.runs import run_hf, run_outrider, run_server
+from ..core.gamma import MAX_GAMMA
 from ..models.loading import BUNDLED_DIR, resolve_paths
 from ..models.pair import load_pair
 from .common import UsageError, add_model_options, apply_threads, validate_device
 
 DEFAULT_PROMPTS = BUNDLED_DIR / "heldout_prompts.jsonl"
+BENCH_DRAFTERS = ("draft", "ngram", "medusa")
+TREE_DRAFTERS = ("medusa",)
 
 
 def add_parser(sub, name: str) -> None:
@@ -28,7 +31,9 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, default=8, help="use the first N prompts")
     parser.add_argument("--gammas", default="1,2,3,4,6,8", help="comma-separated gammas; 0 = adaptive")
-    parser.add_argument("--drafters", default="draft,ngram", help="comma-separated proposers to measure")
+    parser.add_argument("--drafters", default="draft,ngram",
+                        help=f"comma-separated proposers to measure, of {', '.join(BENCH_DRAFTERS)} (medusa runs "
+                             "its whole tree once: --tree, or the heads' tuned tree)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--repeat", type=int, default=1,
                         help="passes over all configs; reports the median pass (by speedup over target-only)")
@@ -106,8 +111,10 @@ def run(args) -> int:
     gammas = parse_ints(args.gammas, "gammas")
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     for d in drafters:
-        if d not in ("draft", "ngram"):
-            raise UsageError(f"unknown drafter {d!r} for bench; choose draft and/or ngram")
+        if d not in BENCH_DRAFTERS:
+            raise UsageError(f"unknown drafter {d!r} for bench; choose from {', '.join(BENCH_DRAFTERS)}")
+    if "medusa" in drafters and args.concurrency:
+        raise UsageError("--concurrency measures draft and ngram; measure medusa at one stream")
     texts = load_prompts(args.prompts, args.limit)
     if args.concurrency:
         args.no_hf = True  # the single-stream anchor means nothing next to N streams
@@ -115,8 +122,9 @@ def run(args) -> int:
     need_pair = args.server is None or not args.no_hf
     pair = None
     if need_pair:
-        pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype,
-                         with_draft="draft" in drafters or not args.no_hf, trust_remote_code=args.trust_remote_code)
+        pair = load_pair(resolve_paths(args.target, args.draft, args.medusa), args.device, args.dtype,
+                         with_draft="draft" in drafters or not args.no_hf, trust_remote_code=args.trust_remote_code,
+                         with_heads="medusa" in drafters and args.server is None)
     summarize_pass, speedup_key = summarize, "speedup_vs_ar"
     if args.concurrency:
         measure, configs = concurrency_configs(args, drafters, gammas, texts, pair)
@@ -164,6 +172,11 @@ def run(args) -> int:
     return 0
 
 
+def drafter_gammas(drafter: str, gammas: list[int]) -> list[int]:
+    """A tree drafter runs once, with its whole tree (gamma caps only its depth)."""
+    return [MAX_GAMMA] if drafter in TREE_DRAFTERS else gammas
+
+
 def check_fits(pair, prompts: list[list[int]], max_new: int) -> None:
     for ids in prompts:
         if not ids or len(ids) + max_new > pair.max_context:
@@ -176,17 +189,17 @@ def local_configs(args, drafters, gammas, texts, pair):
     # Warm up every code path once (allocator, kernels) so no method pays first-call costs.
     run_outrider(pair, "none", None, prompts[:1], 8)
     for d in drafters:
-        run_outrider(pair, d, 2, prompts[:1], 8)
+        run_outrider(pair, d, 2, prompts[:1], 8, args.tree)
     if not args.no_hf:
         run_hf(pair, 2, prompts[:1], 8)
-    configs = [("outrider", "none", None)] + [("outrider", d, g) for d in drafters for g in gammas]
+    configs = [("outrider", "none", None)] + [("outrider", d, g) for d in drafters for g in drafter_gammas(d, gammas)]
     if not args.no_hf:
         configs += [("hf", None, None)] + [("hf", None, g) for g in gammas if g > 0]
 
     def measure(config):
         kind, drafter, gamma = config
         if kind == "outrider":
-            return run_outrider(pair, drafter, gamma, prompts, args.max_new_tokens)
+            return run_outrider(pair, drafter, gamma, prompts, args.max_new_tokens, args.tree)
         return run_hf(pair, gamma, prompts, args.max_new_tokens)
 
     return measure, configs
@@ -209,20 +222,21 @@ def server_configs(args, drafters, gammas, texts, pair):
     try:
         run_server(client, "none", None, True, texts[:1], 8)  # warm-up
         for d in drafters:
-            run_server(client, d, 2, True, texts[:1], 8)
+            run_server(client, d, 2, True, texts[:1], 8, args.tree or "")
     except grpc.RpcError as err:
         raise UsageError(f"server {args.server}: {err.code().name}: {err.details()}") from None
     if pair is not None:
         run_hf(pair, 2, prompts[:1], 8)
     configs = [("server", "none", None, True)]
-    configs += [("server", d, g, p) for d in drafters for g in gammas for p in (True, False)]
+    configs += [("server", d, g, p) for d in drafters for g in drafter_gammas(d, gammas)
+                for p in ((True, False) if d not in TREE_DRAFTERS else (True,))]  # heads have no draft hop to pipeline
     if pair is not None:
         configs += [("hf", None, g, None) for g in gammas if g > 0]
 
     def measure(config):
         kind, drafter, gamma, pipeline = config
         if kind == "server":
-            return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens)
+            return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens, args.tree or "")
         return run_hf(pair, gamma, prompts, args.max_new_tokens)
 
     return measure, configs
@@ -272,7 +286,7 @@ def run_resilience(args) -> int:
     texts = load_prompts(args.prompts, 10**6)
     summary: dict = {}
     if args.shared_prefix:
-        tokenizer = load_tokenizer(resolve_paths(args.target, args.draft).target, args.trust_remote_code)
+        tokenizer = load_tokenizer(resolve_paths(args.target, args.draft, args.medusa).target, args.trust_remote_code)
         corpus = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
         try:
             summary["shared_prefix"] = resilience.shared_prefix(client, corpus, args.shared_prefix, args.trials)
@@ -311,7 +325,7 @@ def run_tracing(args) -> int:
     if drafter not in ("draft", "ngram"):
         raise UsageError(f"unknown drafter {drafter!r} for bench; choose draft or ngram")
     gamma = parse_ints(args.gammas, "gammas")[0] or 4
-    pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype, with_draft=drafter == "draft",
+    pair = load_pair(resolve_paths(args.target, args.draft, args.medusa), args.device, args.dtype, with_draft=drafter == "draft",
                      trust_remote_code=args.trust_remote_code)
     prompts = [pair.tokenizer(t)["input_ids"] for t in load_prompts(args.prompts, args.limit)]
     check_fits(pair, prompts, args.max_new_tokens)
@@ -341,7 +355,7 @@ def run_scale_bench(args) -> int:
 
     if args.server or args.concurrency:
         raise UsageError("--scale measures in-process (its served figures use loopback gRPC); drop --server and --concurrency")
-    pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype, with_draft=True,
+    pair = load_pair(resolve_paths(args.target, args.draft, args.medusa), args.device, args.dtype, with_draft=True,
                      trust_remote_code=args.trust_remote_code)
     prompts = [pair.tokenizer(t)["input_ids"][:64] for t in load_prompts(args.prompts, args.limit)]
     summary = run_scale(args.repeat, pair, prompts, on_row=lambda line: print(line, flush=True))

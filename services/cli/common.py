@@ -22,6 +22,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     group.add_argument("--target", help="target model: local folder or hub id (default: bundled)")
     group.add_argument("--draft", help="draft model: local folder or hub id (default: bundled)")
+    group.add_argument("--medusa", help="Medusa heads for the target: folder or hub id "
+                                        "(default: <target>-medusa beside the target, if there)")
+    group.add_argument("--tree", help="the heads' token tree as paths of candidate ranks, e.g. '0;1;0.0' "
+                                      "(default: the tree tuned when the heads were built)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     group.add_argument("--dtype", default="default", choices=["default", "auto", "float32", "bfloat16", "float16"],
                        help="weights dtype (default: bf16 on GPU, fp32 on CPU)")

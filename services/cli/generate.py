@@ -62,9 +62,10 @@ def run(args) -> int:
     if args.server:
         return run_remote(args, base)
 
-    pair = load_pair(resolve_paths(args.target, args.draft), args.device, args.dtype,
-                     with_draft=args.drafter == "draft", trust_remote_code=args.trust_remote_code)
-    engine = make_engine(pair, args.drafter, schedule, args.confidence_stop)
+    pair = load_pair(resolve_paths(args.target, args.draft, args.medusa), args.device, args.dtype,
+                     with_draft=args.drafter == "draft", trust_remote_code=args.trust_remote_code,
+                     with_heads=args.drafter == "medusa")
+    engine = make_engine(pair, args.drafter, schedule, args.confidence_stop, args.tree)
     prompt_ids = pair.tokenizer(args.prompt)["input_ids"]
     engine.validate(prompt_ids, args.max_new_tokens)
 

@@ -1,15 +1,16 @@
-"""``outrider``: models, generate, bench, build-models, serve, stop."""
+"""``outrider``: models, generate, bench, build-models, build-heads, serve, stop."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import bench, build, generate, models, serve
+from . import bench, build, build_heads, generate, models, serve
 from ..core.errors import InvalidRequest
 from .common import UsageError, fail
 
-COMMANDS = {"models": models, "generate": generate, "bench": bench, "build-models": build, "serve": serve,
+COMMANDS = {"models": models, "generate": generate, "bench": bench, "build-models": build,
+            "build-heads": build_heads, "serve": serve,
             "stop": serve}
 
 

@@ -15,9 +15,9 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args) -> int:
-    paths = resolve_paths(args.target, args.draft)
+    paths = resolve_paths(args.target, args.draft, args.medusa)
     if args.json:
-        print(json.dumps({"target": paths.target, "draft": paths.draft}))
+        print(json.dumps({"target": paths.target, "draft": paths.draft, "medusa": paths.medusa}))
     else:
-        print(f"target: {paths.target}\ndraft:  {paths.draft}")
+        print(f"target: {paths.target}\ndraft:  {paths.draft}\nmedusa: {paths.medusa or '(none)'}")
     return 0

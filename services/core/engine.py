@@ -117,6 +117,8 @@ class SpeculativeEngine:
         ``proposer`` overrides the engine's (a served verifier's heads for one request)."""
         self.validate(prompt_ids, max_new_tokens)
         schedule = schedule or self.schedule
+        proposer = proposer or self.proposer
+        tree = getattr(proposer, "tree", None)
         if params.seed is None:
             params = replace(params, seed=random.SystemRandom().randrange(2**63))
         return SequenceState(
@@ -128,8 +130,9 @@ class SpeculativeEngine:
             gamma=schedule.initial,
             schedule=schedule,
             target_kv=self.verifier.new_state(),
-            proposer=proposer or self.proposer,
-            draft_state=(proposer or self.proposer).new_state() if (proposer or self.proposer) is not None else None,
+            proposer=proposer,
+            draft_state=proposer.new_state() if proposer is not None else None,
+            stats=GenerationStats(draft_shape=tree.label if tree is not None else ""),
         )
 
     def step(self, seq: SequenceState) -> list[int]:

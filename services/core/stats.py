@@ -29,6 +29,7 @@ class GenerationStats:
     cached_prefix_tokens: int = 0  # prompt tokens whose target KV came from a shared prefix
     draft_reconnects: int = 0  # times the session continued on another draft worker
     draft_bytes: int = 0  # draft block bytes received on the wire
+    draft_shape: str = ""  # a tree drafter's tree (ChoiceTree.label, e.g. "tree10:4-3-2-1"); "" for chains
 
     def record_round(self, drafted: int, accepted: int, emitted: int, depth: int | None = None,
                      ranks: list[int] | None = None) -> None:
@@ -106,6 +107,7 @@ class GenerationStats:
             self.accepted_per_rank[i] += a
         for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.draft_shape = self.draft_shape or other.draft_shape
         return self
 
     def to_dict(self) -> dict:
@@ -130,6 +132,7 @@ class GenerationStats:
             "pipeline_hits": self.pipeline_hits,
             "pipeline_hit_rate": self.pipeline_hit_rate,
             "draft_bytes": self.draft_bytes,
+            "draft_shape": self.draft_shape,
             "overlap": self.overlap,
         }
 

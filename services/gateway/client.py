@@ -22,8 +22,10 @@ def make_request(
     adaptive: bool = False,
     pipeline: bool | None = None,
     request_id: str = "",
+    tree: str = "",
 ) -> outrider_pb2.GenerateRequest:
-    speculation = outrider_pb2.Speculation(method=METHOD_IDS[method] if method else 0, gamma=gamma, adaptive=adaptive)
+    speculation = outrider_pb2.Speculation(method=METHOD_IDS[method] if method else 0, gamma=gamma, adaptive=adaptive,
+                                           tree=tree)
     if pipeline is not None:
         speculation.pipeline = pipeline
     req = outrider_pb2.GenerateRequest(

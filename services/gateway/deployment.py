@@ -44,6 +44,7 @@ class Gateway:
             vocab_size=vocab_size(config), max_context=context_length(config),
             max_new_tokens=cfg.max_new_tokens, default_max_new_tokens=cfg.default_max_new_tokens,
             max_sessions=cfg.max_sessions, default_method=cfg.default_method, default_gamma=cfg.default_gamma,
+            head_methods=cfg.head_methods(),
         )
         self.verifier = verifier.options(stream=True)
         # The gateway holds every session's committed tokens, so it decides when a

@@ -19,7 +19,8 @@ from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
 from ..models.detokenizer import IncrementalDetokenizer
 from ..rpc import internal_pb2, outrider_pb2
-from ..rpc.convert import METHOD_IDS, METHODS, method_name, sampling_from_proto, sampling_to_proto
+from ..core.tree import choice_tree, parse_choices
+from ..rpc.convert import METHOD_IDS, METHODS, ON_VERIFIER, method_name, sampling_from_proto, sampling_to_proto
 from ..telemetry import tracing
 
 
@@ -41,6 +42,8 @@ class Limits:
     max_sessions: int  # concurrent sessions per gateway replica
     default_method: str
     default_gamma: int
+    # Methods whose heads the verifiers loaded, with why each other one is not served.
+    head_methods: dict[str, str | None] = field(default_factory=lambda: {"medusa": "no Medusa heads", "mtp": "no MTP modules"})
 
 
 class GatewayService:
@@ -78,7 +81,17 @@ class GatewayService:
         pinned_gamma = params.seed is not None and not params.greedy
         if params.seed is None:  # resolved here so draft worker and verifier share it
             params = replace(params, seed=random.SystemRandom().randrange(2**63))
-        method = method_name(req.speculation.method, limits.default_method)  # every app serves all three
+        method = method_name(req.speculation.method, limits.default_method)
+        if limits.head_methods.get(method):  # draft, ngram and none are served by every app
+            raise InvalidRequest(f"speculation method {method.upper()} is not served here: {limits.head_methods[method]}")
+        tree = req.speculation.tree
+        if tree:
+            if method not in ON_VERIFIER:
+                raise InvalidRequest(f"a tree is for MEDUSA or MTP, not {method.upper()}")
+            try:
+                choice_tree(parse_choices(tree))
+            except ValueError as err:
+                raise InvalidRequest(str(err)) from None
         gamma = req.speculation.gamma or limits.default_gamma
         GammaSchedule(initial=gamma)  # validates the range
         pipeline = req.speculation.pipeline if req.speculation.HasField("pipeline") else True
@@ -89,7 +102,7 @@ class GatewayService:
             sampling=sampling_to_proto(params),
             speculation=outrider_pb2.Speculation(
                 method=METHOD_IDS[method], gamma=0 if method == "none" else gamma,
-                adaptive=req.speculation.adaptive, pipeline=pipeline,
+                adaptive=req.speculation.adaptive, pipeline=pipeline, tree=tree,
             ),
             received_at=received_at,
             pinned_gamma=pinned_gamma,

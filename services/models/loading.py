@@ -22,15 +22,20 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 class ModelPaths:
     target: str
     draft: str
+    medusa: str | None = None  # Medusa heads for the target: folder or hub id
 
 
 def bundled_paths() -> ModelPaths:
-    return ModelPaths(target=str(BUNDLED_DIR / "target"), draft=str(BUNDLED_DIR / "draft"))
+    return resolve_paths()
 
 
-def resolve_paths(target: str | None = None, draft: str | None = None) -> ModelPaths:
-    bundled = bundled_paths()
-    return ModelPaths(target=target or bundled.target, draft=draft or bundled.draft)
+def resolve_paths(target: str | None = None, draft: str | None = None, medusa: str | None = None) -> ModelPaths:
+    """Unset models are the bundled ones; unset heads are those beside the target
+    (``<target>-medusa``, where ``outrider build-heads`` saves them), if any."""
+    target = target or str(BUNDLED_DIR / "target")
+    beside = Path(target).with_name(Path(target).name + "-medusa")
+    return ModelPaths(target=target, draft=draft or str(BUNDLED_DIR / "draft"),
+                      medusa=medusa or (str(beside) if beside.is_dir() else None))
 
 
 def default_dtype(device: str) -> torch.dtype:

@@ -22,7 +22,10 @@ METHODS = {
     outrider_pb2.SPECULATION_METHOD_DRAFT: "draft",
     outrider_pb2.SPECULATION_METHOD_NGRAM: "ngram",
     outrider_pb2.SPECULATION_METHOD_NONE: "none",
+    outrider_pb2.SPECULATION_METHOD_MEDUSA: "medusa",
+    outrider_pb2.SPECULATION_METHOD_MTP: "mtp",
 }
+ON_VERIFIER = ("medusa", "mtp")  # methods whose drafting heads run on the verifier
 METHOD_IDS = {name: value for value, name in METHODS.items()}
 
 
@@ -46,7 +49,7 @@ def method_name(value: int, default: str) -> str:
     if value == outrider_pb2.SPECULATION_METHOD_UNSPECIFIED:
         return default
     if value not in METHODS:
-        raise InvalidRequest(f"unknown speculation method {value}; use DRAFT, NGRAM or NONE")
+        raise InvalidRequest(f"unknown speculation method {value}; use DRAFT, NGRAM, MEDUSA, MTP or NONE")
     return METHODS[value]
 
 
@@ -177,6 +180,7 @@ def stats_to_proto(stats: GenerationStats, finish_reason: str = "") -> outrider_
         draft_reconnects=stats.draft_reconnects,
         draft_bytes=stats.draft_bytes,
         accepted_per_rank=stats.accepted_per_rank,
+        draft_shape=stats.draft_shape,
     )
 
 
@@ -201,4 +205,5 @@ def stats_from_proto(msg: outrider_pb2.GenerationStats) -> GenerationStats:
         draft_reconnects=msg.draft_reconnects,
         draft_bytes=msg.draft_bytes,
         accepted_per_rank=list(msg.accepted_per_rank),
+        draft_shape=msg.draft_shape,
     )

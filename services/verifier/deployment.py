@@ -14,10 +14,13 @@ from ray.serve.handle import DeploymentHandle
 
 from ..app.args import AppArgs
 from ..core.engine import SpeculativeEngine
+from ..core.errors import InvalidRequest
 from ..core.verifier import TargetVerifier
 from ..core.kv_pool import BLOCK_TOKENS
 from ..core.target import TargetRunner
+from ..models.heads import load_heads
 from ..models.loading import context_length, load_config, load_model, load_tokenizer
+from ..models.pair import medusa_proposer
 from ..rpc import internal_pb2
 from ..state.client import PrefixSharing, ShardedPrefixSharing, replica_state_client
 from ..telemetry import tracing
@@ -58,7 +61,9 @@ class Verifier:
                 prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"{salt}|{runner.model.dtype}")
         context = serve.get_replica_context()
         replica = context.replica_id.unique_id
-        self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica)
+        head_proposer = _medusa(load_heads(paths.medusa, runner.model)) if cfg.head_methods()["medusa"] is None else None
+        self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica,
+                                       head_proposer=head_proposer)
         if isinstance(runner, TargetRunner):  # a tensor-parallel group's pools live on its ranks
             pool = runner.pool
             watch_kv_pool(lambda: (pool.used_blocks * BLOCK_TOKENS, pool.capacity_tokens), context.app_name, replica)
@@ -84,3 +89,14 @@ class Verifier:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+
+def _medusa(heads):
+    """The verifier's head proposer: one per request, for the tree it asks for."""
+
+    def head_proposer(method: str, tree: str):
+        if method != "medusa":
+            raise InvalidRequest(f"this verifier serves MEDUSA heads, not {method.upper()}")
+        return medusa_proposer(heads, tree)
+
+    return head_proposer

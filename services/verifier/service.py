@@ -18,10 +18,12 @@ import grpc
 from ..core.engine import SequenceState, SpeculativeEngine
 from ..core.gamma import GammaSchedule, LoadAwareGamma, draft_budget
 from ..core.pipeline import DraftBlock, pipeline_hit
+from ..core.errors import InvalidRequest
 from ..core.proposals import Proposal
+from ..core.proposers import Proposer
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.channels import CHANNEL_OPTIONS
-from ..rpc.convert import METHOD_IDS, METHODS, sampling_from_proto, stats_to_proto
+from ..rpc.convert import METHOD_IDS, METHODS, ON_VERIFIER, sampling_from_proto, stats_to_proto
 from ..state.client import PrefixSharing, ShardedPrefixSharing
 from ..telemetry import tracing
 from .batcher import RoundBatcher
@@ -51,8 +53,11 @@ def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit
 class VerifierService:
     def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]],
                  max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | ShardedPrefixSharing | None = None,
-                 name: str = ""):
+                 name: str = "", head_proposer: Callable[[str, str], Proposer] | None = None):
+        """``head_proposer(method, tree)``: a proposer for a request drafted by heads on
+        this replica (MEDUSA), raising InvalidRequest for one it cannot serve."""
         self.engine = engine
+        self.head_proposer = head_proposer
         self.find_drafter = find_drafter
         self.device = engine.verifier.device
         self.max_batch_size = max_batch_size
@@ -69,16 +74,21 @@ class VerifierService:
     async def verify(self, req: internal_pb2.VerifyRequest) -> AsyncIterator[internal_pb2.VerifyChunk]:
         params = sampling_from_proto(req.sampling)
         spec = req.speculation
+        method = METHODS[spec.method]
+        proposer = None
+        if method in ON_VERIFIER:
+            if self.head_proposer is None:
+                raise InvalidRequest(f"this verifier has no heads for {method.upper()}")
+            proposer = self.head_proposer(method, spec.tree)
         schedule = GammaSchedule(initial=spec.gamma, adaptive=spec.adaptive)
-        seq = self.engine.start(list(req.prompt_ids), req.max_new_tokens, params, schedule, req.first_round)
+        seq = self.engine.start(list(req.prompt_ids), req.max_new_tokens, params, schedule, req.first_round, proposer)
         seq.stats.queue_time_s += max(0.0, time.time() - req.received_at)
         # The request's span context crossed the Serve handle hop in the request; every
         # span of this session is in its trace.
         trace_ctx = tracing.extract(req.traceparent, req.tracestate)
         self.active_sessions += 1
         try:
-            method = METHODS[spec.method]
-            rounds = (self._target_only(seq, req, trace_ctx) if method == "none"
+            rounds = (self._local_rounds(seq, req, trace_ctx) if method == "none" or method in ON_VERIFIER
                       else self._speculative(seq, req, method, trace_ctx))
             # Closed explicitly, so a cancelled session cancels its draft stream at once.
             async with aclosing(rounds) as committed:
@@ -121,16 +131,21 @@ class VerifierService:
         finally:
             span.end()
 
-    async def _target_only(self, seq: SequenceState, req, trace_ctx) -> AsyncIterator[list[int]]:
+    async def _local_rounds(self, seq: SequenceState, req, trace_ctx) -> AsyncIterator[list[int]]:
+        """Rounds with no draft hop: target-only, or drafted here by heads from the
+        hidden state of the pass before (the first round drafts nothing)."""
         await self._prefill(seq, trace_ctx)
-        empty = Proposal.empty(self.device)
         round = req.first_round
         while not seq.finished:
             span = self._round_span(req, round, trace_ctx)
             try:
-                result = await self.batcher.verify(seq, empty, span)
+                t0 = time.perf_counter()
+                proposal = await self.batcher.run(seq, self.engine.propose, seq) if seq.proposer else Proposal.empty(self.device)
+                seq.stats.draft_time_s += time.perf_counter() - t0
+                result = await self.batcher.verify(seq, proposal, span)
                 if span.is_recording():
-                    span.set_attributes({"outrider.gamma": 0, "outrider.accepted": 0, "outrider.committed": len(result.tokens)})
+                    span.set_attributes({"outrider.gamma": proposal.depth, "outrider.tree_nodes": len(proposal),
+                                         "outrider.accepted": result.num_accepted, "outrider.committed": len(result.tokens)})
             finally:
                 span.end()
             yield result.tokens

@@ -7,6 +7,7 @@ level leaves its inner stream open (the verify session would then run on). A ref
 raised in the verifier replica reaches the client as a gRPC status with its reason."""
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
@@ -124,3 +125,25 @@ def test_verifier_refusals_reach_the_client_as_a_status_with_the_reason(tokenize
 
     assert asyncio.run(go()) == 0
     assert context.code == code and str(cause) in context.details
+
+
+@pytest.mark.parametrize("request_args,reason", [
+    (dict(method="medusa"), "MEDUSA is not served here: no Medusa heads"),
+    (dict(method="mtp"), "MTP is not served here"),
+    (dict(method="draft", tree="0;1"), "a tree is for MEDUSA or MTP, not DRAFT"),
+])
+def test_methods_without_heads_and_misplaced_trees_are_refused(tokenizer, request_args, reason):
+    service = GatewayService(tokenizer, LIMITS, FakeVerifier())
+    with pytest.raises(InvalidRequest, match=reason):
+        service.prepare(make_request("def f():", 8, **request_args), 0.0)
+
+
+def test_a_served_tree_method_gets_its_tree_checked_and_passed_on(tokenizer):
+    limits = dataclasses.replace(LIMITS, head_methods={"medusa": None, "mtp": "no MTP modules"})
+    service = GatewayService(tokenizer, limits, FakeVerifier())
+    with pytest.raises(InvalidRequest, match="lack their parent paths"):
+        service.prepare(make_request("def f():", 8, method="medusa", tree="0;0.1.2"), 0.0)
+    with pytest.raises(InvalidRequest, match="paths of ranks"):
+        service.prepare(make_request("def f():", 8, method="medusa", tree="0;x"), 0.0)
+    prepared = service.prepare(make_request("def f():", 8, method="medusa", tree="0;1;0.0"), 0.0)
+    assert prepared.speculation.tree == "0;1;0.0" and prepared.speculation.method == 4

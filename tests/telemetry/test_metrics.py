@@ -65,7 +65,7 @@ def stats(**fields):
         "drafted_per_position": [4, 3, 2, 1], "accepted_per_position": [3, 2, 1, 1],
         "mean_acceptance_length": 2.75, "draft_s": 0.4, "exposed_draft_s": 0.1, "verify_s": 0.8,
         "transport_s": 0.04, "queue_s": 0.02, "total_s": 1.1, "time_to_first_token_s": 0.3,
-        "pipeline_rounds": 3, "pipeline_hits": 2, "draft_bytes": 5000, **fields,
+        "pipeline_rounds": 3, "pipeline_hits": 2, "draft_bytes": 5000, "accepted_per_rank": [5, 2], **fields,
     })
 
 
@@ -77,6 +77,7 @@ def test_record_request_counts_every_stat_once():
     assert (m.rejections.total(), m.emitted_tokens.total()) == (2, 11)
     assert [m.accepted_by_position.total(position=str(i)) for i in range(4)] == [3, 2, 1, 1]
     assert [m.drafted_by_position.total(position=str(i)) for i in range(4)] == [4, 3, 2, 1]
+    assert [m.accepted_by_rank.total(rank=str(i)) for i in range(2)] == [5, 2]
     assert m.phase_seconds.total(phase="draft") == pytest.approx(0.1)  # exposed draft time
     assert m.draft_compute_seconds.total() == pytest.approx(0.4)
     per_round = [m.round_phase.values[(("method", "draft"), ("phase", p))] for p in PHASES]

@@ -57,7 +57,7 @@ class BuildConfig:
     eval_max_new_tokens: int = 128
 
 
-def _tokenize(tokenizer, files: list[Path], out: Path) -> np.ndarray:
+def tokenize_files(tokenizer, files: list[Path], out: Path) -> np.ndarray:
     if out.exists():
         return np.load(out)
     ids: list[int] = []
@@ -87,8 +87,8 @@ def build_models(cfg: BuildConfig) -> dict:
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer(split.train, cfg.vocab_size).save_pretrained(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    train_ids = _tokenize(tokenizer, split.train, cfg.work_dir / "train.npy")
-    heldout_ids = _tokenize(tokenizer, split.heldout, cfg.work_dir / "heldout.npy")
+    train_ids = tokenize_files(tokenizer, split.train, cfg.work_dir / "train.npy")
+    heldout_ids = tokenize_files(tokenizer, split.heldout, cfg.work_dir / "heldout.npy")
 
     vocab = len(tokenizer)
     eos = tokenizer.eos_token_id

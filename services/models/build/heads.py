@@ -1,0 +1,264 @@
+"""``outrider build-heads``: Medusa heads for any causal-LM target, by self-distillation.
+
+Stages, each leaving its result in the work folder (re-running resumes):
+  1. prompts: windows of the stdlib corpus in the target's tokenizer (held-out modules
+     kept apart for tuning);
+  2. continuations: the target's own text from those prompts (half greedy, half
+     sampled at T = 1), what the heads must predict at serving time;
+  3. hidden states: the target's final hidden state at every position;
+  4. training: head k at position t learns the target's distribution of the token
+     k+2 ahead, KL(p_target || head_k) (the teacher is the target's LM head at t+k+1),
+     the target frozen; resumable checkpoints;
+  5. tuning: acceptance of each head's rank-r candidate on held-out continuations, the
+     verify cost of an N-node tree measured on this device, and the tree that maximises
+     expected tokens per unit of round cost (Medusa's greedy sparse-tree construction);
+  6. export: config (with the tuned tree) + bf16 safetensors, in Hub format.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ...core.target import Feed, TargetRunner
+from ...core.tree import format_choices, tree_shape
+from ..heads import HeadsConfig, MedusaHeads
+from ..loading import load_model, load_tokenizer
+from .corpus import split_corpus
+from .pipeline import tokenize_files
+from .train import TrainSpec, _load_ckpt, _save_ckpt, lr_at
+
+
+@dataclass(frozen=True)
+class HeadsBuild:
+    target: str  # folder or Hub id
+    out_dir: Path
+    work_dir: Path
+    device: str = "cpu"
+    num_heads: int = 4
+    num_layers: int = 1
+    share_lm_head: bool = True
+    sequences: int = 1024  # self-distillation continuations
+    heldout_sequences: int = 96
+    prompt_len: int = 64
+    gen_len: int = 192
+    gen_batch: int = 64
+    steps: int = 1500
+    positions: int = 512  # training positions per step
+    lr: float = 2e-3
+    seed: int = 0
+    max_tree_nodes: int = 64
+    corpus_root: Path | None = None
+    ckpt_every_s: float = 60.0
+
+
+def default_out_dir(target: str) -> Path:
+    """Beside a local target (``<target>-medusa``); under the working folder for a Hub id."""
+    path = Path(target)
+    return path.with_name(path.name + "-medusa") if path.is_dir() else Path(target.replace("/", "--") + "-medusa")
+
+
+def build_heads(cfg: HeadsBuild) -> dict:
+    torch.manual_seed(cfg.seed)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    target = load_model(cfg.target, cfg.device, "float32" if cfg.device == "cpu" else "bfloat16")
+    target.requires_grad_(False)
+    tokenizer = load_tokenizer(cfg.target)
+    split = split_corpus(cfg.corpus_root)
+    train_seqs = _continuations(cfg, target, tokenizer, split.train, "train", cfg.sequences, cfg.seed)
+    held_seqs = _continuations(cfg, target, tokenizer, split.heldout, "heldout", cfg.heldout_sequences, cfg.seed + 1)
+    hidden = _hidden_states(cfg, target, train_seqs, "train")
+    held_hidden = _hidden_states(cfg, target, held_seqs, "heldout")
+
+    text = target.config.get_text_config(decoder=True)
+    config = HeadsConfig(hidden_size=text.hidden_size, vocab_size=target.get_output_embeddings().weight.shape[0],
+                         num_heads=cfg.num_heads, num_layers=cfg.num_layers, share_lm_head=cfg.share_lm_head,
+                         target=str(cfg.target))
+    heads = MedusaHeads(config, target.get_output_embeddings()).to(cfg.device)
+    _train(cfg, heads, target, hidden)
+    heads.eval()
+
+    greedy = np.arange(len(held_seqs)) % 2 == 0  # tune for greedy text (sampled halves kept for the report)
+    acceptance = rank_acceptance(heads, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
+    cost_file = cfg.work_dir / "verify_cost.npy"  # a timing: measured once, so a re-run picks the same tree
+    if not cost_file.exists() or len(np.load(cost_file)) <= cfg.max_tree_nodes:
+        np.save(cost_file, verify_cost(target, cfg.max_tree_nodes, cfg.device))
+    cost = np.load(cost_file)
+    choices, expected = choose_tree(acceptance, cost, cfg.max_tree_nodes)
+    heads.config = config.model_copy(update={"tree_choices": format_choices(choices)})
+    heads.to("cpu").save(cfg.out_dir)
+    report = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "tree_choices": format_choices(choices),
+        "tree_nodes": len(choices),
+        "expected_accepted_per_round": expected,
+        "heldout_top1_acceptance_per_head": [float(a[0]) for a in acceptance],
+        "heldout_acceptance_per_head_rank": [[float(x) for x in a[:8]] for a in acceptance],
+        "verify_cost_vs_one_token": {str(n): float(cost[n]) for n in (1, 4, 8, 16, 32, 64) if n < len(cost)},
+        "bytes": (cfg.out_dir / "model.safetensors").stat().st_size,
+    }
+    (cfg.out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _continuations(cfg, target, tokenizer, files, name, count, seed) -> np.ndarray:
+    """[count, prompt_len + gen_len] int64: corpus prompts and the target's continuations;
+    even rows greedy, odd rows sampled. Saved per batch, so an interrupted stage resumes."""
+    out = cfg.work_dir / f"{name}_continuations.npy"
+    if out.exists():
+        return np.load(out)
+    rng = np.random.default_rng(seed)
+    picked = [files[i] for i in rng.permutation(len(files))[: max(8, count // 2)]]
+    ids = tokenize_files(tokenizer, sorted(picked), cfg.work_dir / f"{name}_prompt_tokens.npy").astype(np.int64)
+    starts = rng.integers(0, len(ids) - cfg.prompt_len, count)
+    prompts = torch.from_numpy(np.stack([ids[s : s + cfg.prompt_len] for s in starts]))
+    parts = []
+    for b in tqdm(range(0, count, cfg.gen_batch), desc=f"continuations ({name})", dynamic_ncols=True):
+        part = cfg.work_dir / f"{name}_continuations.{b}.npy"
+        if not part.exists():
+            batch = prompts[b : b + cfg.gen_batch].to(cfg.device)
+            rows = []
+            for sample in (False, True):  # greedy rows, then sampled rows
+                sub = batch[int(sample) :: 2]
+                torch.manual_seed(seed * 1_000_003 + b)
+                with torch.no_grad():
+                    gen = target.generate(sub, attention_mask=torch.ones_like(sub), max_new_tokens=cfg.gen_len,
+                                          min_new_tokens=cfg.gen_len, do_sample=sample, temperature=1.0 if sample else None,
+                                          top_k=0 if sample else None, top_p=1.0 if sample else None,
+                                          pad_token_id=0)
+                rows.append(gen.cpu())
+            merged = torch.empty(len(batch), cfg.prompt_len + cfg.gen_len, dtype=torch.long)
+            merged[0::2], merged[1::2] = rows
+            np.save(part, merged.numpy())
+        parts.append(np.load(part))
+    seqs = np.concatenate(parts)
+    np.save(out, seqs)
+    return seqs
+
+
+@torch.no_grad()
+def _hidden_states(cfg, target, seqs: np.ndarray, name: str) -> torch.Tensor:
+    """[n, T, H] float16: the final hidden state the LM head reads, at every position."""
+    out = cfg.work_dir / f"{name}_hidden.pt"
+    if out.exists():
+        return torch.load(out)
+    captured = []
+    hook = target.get_output_embeddings().register_forward_hook(lambda m, a, o: captured.append(a[0].half().cpu()))
+    try:
+        for b in tqdm(range(0, len(seqs), 16), desc=f"hidden states ({name})", dynamic_ncols=True):
+            target(input_ids=torch.from_numpy(seqs[b : b + 16]).to(cfg.device), logits_to_keep=0)
+    finally:
+        hook.remove()
+    hidden = torch.cat(captured)
+    torch.save(hidden, out)
+    return hidden
+
+
+def _train(cfg: HeadsBuild, heads: MedusaHeads, target, hidden: torch.Tensor) -> None:
+    """KL(p_target(token t+k+2) || head_k(h_t)) for k < K, weighted 0.8^k as Medusa does."""
+    done = cfg.work_dir / "heads_trained.pt"
+    if done.exists():
+        heads.load_state_dict(torch.load(done))
+        return
+    lm_head = target.get_output_embeddings()
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    spec = TrainSpec(cfg.steps, cfg.lr, 0, 0, cfg.seed, warmup=50)
+    ckpt = cfg.work_dir / "heads.ckpt"
+    start = _load_ckpt(ckpt, heads, opt)
+    K, (n, T, _) = cfg.num_heads, hidden.shape
+    weights = torch.tensor([0.8**k for k in range(K)], device=cfg.device)
+    heads.train()
+    last_save = time.monotonic()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="medusa heads", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, spec)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        rows = torch.randint(0, n, (cfg.positions,), generator=gen)
+        cols = torch.randint(cfg.prompt_len - 1, T - K - 1, (cfg.positions,), generator=gen)
+        h = hidden[rows, cols].float().to(cfg.device)  # [P, H]
+        ahead = hidden[rows[:, None], cols[:, None] + 1 + torch.arange(K)].float().to(cfg.device)  # [P, K, H]
+        with torch.no_grad():
+            teacher = F.log_softmax(lm_head(ahead).float(), -1)  # [P, K, V]: the target at t+k+1
+        student = F.log_softmax(heads(h).float(), -1)  # [P, K, V]
+        kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean(0)  # [K]
+        loss = (kl * weights).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(kl=" ".join(f"{x:.2f}" for x in kl.tolist()))
+        if time.monotonic() - last_save > cfg.ckpt_every_s or step + 1 == cfg.steps:
+            _save_ckpt(ckpt, heads, opt, step + 1)
+            last_save = time.monotonic()
+    torch.save(heads.state_dict(), done)
+
+
+@torch.no_grad()
+def rank_acceptance(heads: MedusaHeads, hidden: torch.Tensor, seqs: np.ndarray, start: int, device: str,
+                    max_rank: int = 16) -> np.ndarray:
+    """[K, max_rank]: how often head k's rank-r candidate at position t is the token
+    k+2 ahead in the target's own greedy text (t in the continuations only)."""
+    K = heads.config.num_heads
+    T = hidden.shape[1]
+    hits = np.zeros((K, max_rank))
+    total = 0
+    for b in range(len(seqs)):
+        h = hidden[b, start - 1 : T - K - 1].float().to(device)  # [L, H]
+        top = heads(h).topk(max_rank, -1).indices.cpu()  # [L, K, R]
+        cols = torch.arange(start - 1, T - K - 1)
+        truth = torch.from_numpy(seqs[b])[cols[:, None] + 2 + torch.arange(K)]  # [L, K]
+        hits += (top == truth[..., None]).sum(0).numpy()
+        total += len(cols)
+    return hits / max(1, total)
+
+
+@torch.no_grad()
+def verify_cost(target, max_nodes: int, device: str, repeats: int = 5) -> np.ndarray:
+    """cost[n]: the time of one verification pass with an n-node tree after a 256-token
+    context, relative to n = 0 (one token), measured on this device."""
+    runner = TargetRunner(target, kv_cache_bytes=64 * 2**20)
+    runner.prefill("ctx", list(range(3, 259)), [])
+    times = []
+    for n in range(max_nodes + 1):
+        feed = Feed("ctx", 256, [5] + [7] * n, n + 1, tree_shape(tuple([-1] * n)).parents if n else None)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.forward([feed])
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - t0)
+        times.append(float(np.median(samples)))
+    times = np.maximum.accumulate(np.array(times))  # noise aside, more nodes never cost less
+    return times / times[0]
+
+
+def choose_tree(acceptance: np.ndarray, cost: np.ndarray, max_nodes: int) -> tuple[tuple[tuple[int, ...], ...], float]:
+    """Grow the tree one node at a time, always adding the path most likely to be
+    accepted (its ranks' acceptances multiplied, as Medusa assumes), and keep the size
+    that maximises (1 + expected accepted) / cost(size). Returns (choices, expected)."""
+    K, R = acceptance.shape
+    frontier = {(r,): float(acceptance[0, r]) for r in range(R)}
+    chosen: list[tuple[int, ...]] = []
+    expected, best = 0.0, (0.0, (), 0.0)
+    while frontier and len(chosen) < max_nodes:
+        path = max(frontier, key=frontier.get)
+        prob = frontier.pop(path)
+        chosen.append(path)
+        expected += prob
+        if len(path) < K:
+            for r in range(R):
+                frontier[path + (r,)] = prob * float(acceptance[len(path), r])
+        score = (1 + expected) / cost[len(chosen)]
+        if score > best[0]:
+            best = (score, tuple(chosen), expected)
+    return best[1], best[2]

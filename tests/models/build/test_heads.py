@@ -1,0 +1,75 @@
+"""``outrider build-heads``: self-distilled Medusa heads for any target, resumable,
+saved in Hub format with a tree tuned for the measured verify cost."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import save_tiny_pair, tiny
+
+from services.models.build.heads import HeadsBuild, build_heads, choose_tree
+from services.models.heads import HeadsConfig, MedusaHeads, load_heads
+from services.models.loading import load_model
+
+SOURCE = "def f{i}(x):\n    y = x * {i}\n    return y + {i}\n\n"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    corpus = root / "stdlib"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"mod{i}.py").write_text(SOURCE.format(i=i) * 4)
+    target, _ = save_tiny_pair(root)
+    cfg = HeadsBuild(target=str(target), out_dir=root / "target-medusa", work_dir=root / "work", num_heads=3,
+                     sequences=8, heldout_sequences=4, prompt_len=8, gen_len=24, gen_batch=4, steps=6, positions=32,
+                     max_tree_nodes=12, corpus_root=corpus, ckpt_every_s=0.0)
+    return cfg, build_heads(cfg)
+
+
+def test_heads_are_saved_in_hub_format_and_load_by_path(built):
+    cfg, report = built
+    target = load_model(cfg.target)
+    heads = load_heads(cfg.out_dir, target)
+    config = json.loads((cfg.out_dir / "config.json").read_text())
+    assert config["kind"] == "medusa" and config["num_heads"] == 3 and config["tree_choices"] == report["tree_choices"]
+    tree = heads.config.tree()
+    assert 1 <= len(tree.shape) <= 12 and tree.shape.max_depth <= 3
+    assert all(t.dtype == torch.bfloat16 for t in load_file(cfg.out_dir / "model.safetensors").values())
+    assert heads(torch.zeros(5, config["hidden_size"])).shape == (5, 3, config["vocab_size"])
+    assert len(report["heldout_acceptance_per_head_rank"]) == 3 and report["verify_cost_vs_one_token"]["1"] >= 1.0
+
+
+def test_a_second_run_resumes_from_the_work_folder(built):
+    cfg, report = built
+    again = build_heads(cfg)  # every stage's result is there: nothing is recomputed
+    assert again["tree_choices"] == report["tree_choices"]
+    assert again["heldout_acceptance_per_head_rank"] == report["heldout_acceptance_per_head_rank"]
+
+
+def test_heads_for_another_target_are_refused(built):
+    cfg, _ = built
+    with pytest.raises(ValueError, match="do not fit"):
+        load_heads(cfg.out_dir, tiny("llama", seed=0, hidden=48))
+
+
+def test_the_tree_grows_by_likeliest_path_and_stops_where_cost_outweighs():
+    acceptance = np.array([[0.6, 0.2, 0.1], [0.5, 0.3, 0.0]])
+    free = np.ones(20)  # verifying more nodes costs nothing: take every path with any chance
+    choices, expected = choose_tree(acceptance, free, 19)
+    assert choices[:3] == ((0,), (0, 0), (1,)) and len(choices) == 3 + 3 * 2  # zero-chance paths add nothing
+    assert expected == pytest.approx(0.9 + 0.9 * 0.8)
+    steep = 1 + np.arange(20) * 0.5  # each node costs half a pass: only the best path pays
+    choices, expected = choose_tree(acceptance, steep, 19)
+    assert choices == ((0,),) and expected == pytest.approx(0.6)
+
+
+def test_a_fresh_head_starts_as_the_target_lm_head():
+    target = tiny("llama", seed=0)
+    heads = MedusaHeads(HeadsConfig(hidden_size=32, vocab_size=96, num_heads=2), target.get_output_embeddings())
+    h = torch.randn(4, 32)
+    torch.testing.assert_close(heads(h), target.get_output_embeddings()(h)[:, None].expand(4, 2, 96))
+    assert not any(p is target.get_output_embeddings().weight for p in heads.parameters())  # shared, not owned
