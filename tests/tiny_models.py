@@ -52,6 +52,20 @@ def tiny(family: str, seed: int, layers: int = 2, hidden: int = 32, vocab: int =
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 
 
+def random_heads(target, seed: int, num_heads: int = 4):
+    """Medusa heads for ``target`` with random weights (acceptance is poor, output exact)."""
+    from services.models.heads import HeadsConfig, MedusaHeads
+
+    text = target.config.get_text_config(decoder=True)
+    heads = MedusaHeads(HeadsConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size, num_heads=num_heads),
+                        target.get_output_embeddings())
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.3)
+    return heads.eval()
+
+
 def noisy_copy(model, seed: int, scale: float):
     """A draft that agrees with ``model`` often but not always: its weights plus noise."""
     return noisy_draft(model, seed, scale)

@@ -93,7 +93,8 @@ def run_remote(args, base: SamplingParams) -> int:
 
     def one(seed, method, on_text=None) -> tuple[dict, list[int]]:
         request = make_request(args.prompt, args.max_new_tokens, replace(base, seed=seed), method, args.gamma or 0,
-                               args.adaptive_gamma, pipeline=not args.no_pipeline)
+                               args.adaptive_gamma, pipeline=not args.no_pipeline,
+                               tree=(args.tree or "") if method == "medusa" else "")
         ids, text, final = [], "", None
         for chunk in client.generate(request):
             ids.extend(chunk.token_ids)

@@ -1,4 +1,4 @@
-"""``outrider models``: which target and draft are in use."""
+"""``outrider models``: which target, draft and Medusa heads are in use."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from ..models.loading import resolve_paths
 
 
 def add_parser(sub, name: str) -> None:
-    parser = sub.add_parser(name, help="print the target and draft model in use")
+    parser = sub.add_parser(name, help="print the target, draft and Medusa heads in use")
     parser.add_argument("--target", help="target model folder or hub id (default: bundled)")
     parser.add_argument("--draft", help="draft model folder or hub id (default: bundled)")
+    parser.add_argument("--medusa", help="Medusa heads folder or hub id (default: <target>-medusa beside the target)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -32,10 +32,12 @@ class HeadsConfig(BaseModel):
     num_heads: int = Field(4, ge=1, le=8)
     num_layers: int = Field(1, ge=1, le=4)  # residual blocks per head
     share_lm_head: bool = True  # use the target's LM head (frozen) instead of one per head
-    tree_choices: str = DEFAULT_CHOICES  # the default tree ("0;1;0.0": paths of candidate ranks)
+    tree_choices: str = ""  # the default tree ("0;1;0.0": paths of candidate ranks); "" = DEFAULT_CHOICES
     target: str = ""  # what they were trained on (a name, for the record)
 
     def tree(self):
+        if not self.tree_choices:
+            return choice_tree(parse_choices(DEFAULT_CHOICES)).prune(self.num_heads)
         tree = choice_tree(parse_choices(self.tree_choices))
         if tree.shape.max_depth > self.num_heads:
             raise ValueError(f"tree choices reach depth {tree.shape.max_depth} but there are {self.num_heads} heads")

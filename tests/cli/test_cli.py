@@ -5,15 +5,18 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import save_tiny_pair
+from tiny_models import random_heads, save_tiny_pair
 
 from services.cli.main import main
-from services.models.loading import bundled_paths
+from services.models.loading import bundled_paths, load_model
 
 
 @pytest.fixture(scope="module")
 def pair_args(tmp_path_factory):
+    """A tiny pair with Medusa heads beside its target, where build-heads puts them."""
     target, draft = save_tiny_pair(tmp_path_factory.mktemp("pair"))
+    model = load_model(str(target))
+    random_heads(model, seed=1, num_heads=3).save(target.with_name("target-medusa"))
     return ["--target", str(target), "--draft", str(draft), "--threads", "1"]
 
 
@@ -23,11 +26,13 @@ def run_json(capsys, argv):
 
 
 def test_models_json_defaults_to_bundled_and_honours_overrides(capsys):
-    assert run_json(capsys, ["models", "--json"]) == {"target": bundled_paths().target, "draft": bundled_paths().draft}
-    assert run_json(capsys, ["models", "--json", "--target", "t", "--draft", "d"]) == {"target": "t", "draft": "d"}
+    bundled = bundled_paths()
+    assert run_json(capsys, ["models", "--json"]) == {"target": bundled.target, "draft": bundled.draft, "medusa": bundled.medusa}
+    assert run_json(capsys, ["models", "--json", "--target", "t", "--draft", "d"]) == {"target": "t", "draft": "d", "medusa": None}
+    assert run_json(capsys, ["models", "--json", "--medusa", "m"])["medusa"] == "m"
 
 
-@pytest.mark.parametrize("drafter", ["draft", "ngram", "none"])
+@pytest.mark.parametrize("drafter", ["draft", "ngram", "medusa", "none"])
 def test_generate_json_shape_and_greedy_agreement(capsys, pair_args, drafter):
     out = run_json(capsys, ["generate", "def add(a, b):", "--json", "--max-new-tokens", "9", "--drafter", drafter]
                    + pair_args)
@@ -136,3 +141,17 @@ def test_generate_compare_reports_speedup_against_target_only(capsys, pair_args)
     assert comparison["identical"] is True  # greedy: token for token
     assert comparison["target_only_tokens_per_s"] > 0
     assert comparison["speedup"] == pytest.approx(out["stats"]["tokens_per_s"] / comparison["target_only_tokens_per_s"])
+
+
+def test_medusa_trees_are_chosen_per_call_and_bad_ones_refused(capsys, pair_args, tmp_path):
+    out = run_json(capsys, ["generate", "def add(a, b):", "--json", "--max-new-tokens", "9", "--drafter", "medusa",
+                            "--tree", "0;1;0.0"] + pair_args)
+    assert out["stats"]["draft_shape"] == "tree3:2-1"
+    for tree, reason in [("0;0.0;0.0.0;0.0.0.0", "exceeds the 3 Medusa heads"), ("1.1", "parent paths")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", "x", "--drafter", "medusa", "--tree", tree] + pair_args)
+        assert exit_.value.code == 2 and reason in capsys.readouterr().err
+    target, draft = save_tiny_pair(tmp_path)  # no heads beside this one
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", "--drafter", "medusa", "--target", str(target), "--draft", str(draft)])
+    assert exit_.value.code == 2 and "build-heads" in capsys.readouterr().err

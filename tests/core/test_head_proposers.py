@@ -5,7 +5,7 @@ and EOS and max_new_tokens land inside them."""
 
 import pytest
 import torch
-from tiny_models import FAMILIES, hf_greedy, noisy_copy, tiny
+from tiny_models import FAMILIES, hf_greedy, noisy_copy, random_heads, tiny
 
 from services.core.engine import SpeculativeEngine
 from services.core.gamma import GammaSchedule
@@ -15,21 +15,9 @@ from services.core.sampling import SamplingParams
 from services.core.target import TargetRunner
 from services.core.tree import choice_tree, parse_choices
 from services.core.verifier import TargetVerifier
-from services.models.heads import HeadsConfig, MedusaHeads
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [3], list(range(20, 60))]
 TREE = choice_tree(parse_choices("0;1;2;0.0;0.1;1.0;0.0.0;0.1.0;0.0.0.0"))
-
-
-def random_heads(target, seed, num_heads=4):
-    text = target.config.get_text_config(decoder=True)
-    heads = MedusaHeads(HeadsConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size, num_heads=num_heads),
-                        target.get_output_embeddings())
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0, 0.3)
-    return heads.eval()
 
 
 class OracleHeads:

@@ -37,11 +37,12 @@ def write_prompts(prompts: list[str], path: Path) -> None:
 
 
 def greedy_acceptance(paths: ModelPaths, prompts: list[str], drafter: str, gamma: int, max_new: int) -> dict:
-    pair = load_pair(paths, with_draft=drafter == "draft")
+    pair = load_pair(paths, with_draft=drafter == "draft", with_heads=drafter == "medusa")
     engine = make_engine(pair, drafter, GammaSchedule(initial=gamma))
     total = GenerationStats()
     for text in prompts:
         total += engine.generate(pair.tokenizer(text)["input_ids"], max_new, SamplingParams()).stats
     return {"drafter": drafter, "gamma": gamma, "max_new_tokens": max_new, "prompts": len(prompts),
             "acceptance_rate": total.acceptance_rate, "mean_acceptance_length": total.mean_acceptance_length,
-            "acceptance_per_position": total.acceptance_per_position}
+            "acceptance_per_position": total.acceptance_per_position, "accepted_per_rank": total.accepted_per_rank,
+            "draft_shape": total.draft_shape}

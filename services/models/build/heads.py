@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ...core.gamma import MAX_GAMMA
 from ...core.target import Feed, TargetRunner
 from ...core.tree import format_choices, tree_shape
 from ..heads import HeadsConfig, MedusaHeads
-from ..loading import load_model, load_tokenizer
+from ..loading import load_model, load_tokenizer, resolve_paths
 from .corpus import split_corpus
+from .evaluate import greedy_acceptance, heldout_prompts
 from .pipeline import tokenize_files
 from .train import TrainSpec, _load_ckpt, _save_ckpt, lr_at
 
@@ -55,6 +57,8 @@ class HeadsBuild:
     lr: float = 2e-3
     seed: int = 0
     max_tree_nodes: int = 64
+    eval_prompts: int = 16
+    eval_max_new_tokens: int = 128
     corpus_root: Path | None = None
     ckpt_every_s: float = 60.0
 
@@ -104,6 +108,10 @@ def build_heads(cfg: HeadsBuild) -> dict:
         "verify_cost_vs_one_token": {str(n): float(cost[n]) for n in (1, 4, 8, 16, 32, 64) if n < len(cost)},
         "bytes": (cfg.out_dir / "model.safetensors").stat().st_size,
     }
+    # What a user sees: in-process greedy Medusa on held-out prompts (per depth, per rank).
+    paths = resolve_paths(cfg.target, medusa=str(cfg.out_dir))
+    report["heldout_acceptance"] = greedy_acceptance(paths, heldout_prompts(split.heldout, cfg.eval_prompts), "medusa",
+                                                     MAX_GAMMA, cfg.eval_max_new_tokens)
     (cfg.out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

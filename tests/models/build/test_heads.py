@@ -26,7 +26,7 @@ def built(tmp_path_factory):
     target, _ = save_tiny_pair(root)
     cfg = HeadsBuild(target=str(target), out_dir=root / "target-medusa", work_dir=root / "work", num_heads=3,
                      sequences=8, heldout_sequences=4, prompt_len=8, gen_len=24, gen_batch=4, steps=6, positions=32,
-                     max_tree_nodes=12, corpus_root=corpus, ckpt_every_s=0.0)
+                     max_tree_nodes=12, corpus_root=corpus, ckpt_every_s=0.0, eval_prompts=2, eval_max_new_tokens=12)
     return cfg, build_heads(cfg)
 
 
@@ -73,3 +73,10 @@ def test_a_fresh_head_starts_as_the_target_lm_head():
     h = torch.randn(4, 32)
     torch.testing.assert_close(heads(h), target.get_output_embeddings()(h)[:, None].expand(4, 2, 96))
     assert not any(p is target.get_output_embeddings().weight for p in heads.parameters())  # shared, not owned
+
+
+def test_the_report_says_what_a_user_gets_in_process(built):
+    _, report = built
+    held = report["heldout_acceptance"]
+    assert held["drafter"] == "medusa" and held["prompts"] == 2 and held["draft_shape"].startswith("tree")
+    assert held["mean_acceptance_length"] >= 1 and len(held["acceptance_per_position"]) <= 3  # one position per head
