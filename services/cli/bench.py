@@ -156,6 +156,8 @@ def run(args) -> int:
         median, per_pass = len(passes) - 1, {"per_pass": summaries}
     rows = run_rows(passes[median])
     summary = {**summaries[median], "passes": len(passes), "reported_pass": median + 1, **per_pass}
+    if pair is not None and any(d in TREE_DRAFTERS for d in drafters):
+        summary["verify_cost"] = tree_verify_cost(pair)
     meta = {"server": args.server, "target": pair.paths.target if pair else None,
             "draft": pair.paths.draft if pair else None, "prompts": len(texts),
             "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "concurrency": args.concurrency, "threads": torch.get_num_threads(),
@@ -170,6 +172,16 @@ def run(args) -> int:
     write_plot(plot, rows)
     print(f"wrote {args.json} and {plot}")
     return 0
+
+
+def tree_verify_cost(pair) -> dict:
+    """One verify pass (256-token context) with an N-node tree against one with a
+    5-token chain (6 positions either way counts the last committed token), here."""
+    from ..models.build.heads import verify_cost
+
+    cost = verify_cost(pair.target, 64, str(pair.target.device), repeats=9)
+    return {"tree16_vs_chain5": float(cost[16] / cost[5]),
+            "vs_one_token": {str(n): float(cost[n]) for n in (5, 8, 16, 32, 64)}}
 
 
 def drafter_gammas(drafter: str, gammas: list[int]) -> list[int]:

@@ -71,7 +71,7 @@ def test_generate_streams_text(capsys, pair_args):
         (["--top-p", "0"], "top_p"),
         (["--top-p", "1.5"], "top_p"),
         (["--top-k", "-2"], "top_k"),
-        (["--drafter", "medusa"], "unknown drafter"),
+        (["--drafter", "eagle"], "unknown drafter"),
         (["--gamma", "-1"], "gamma"),
     ],
 )
@@ -116,6 +116,22 @@ def test_bench_writes_required_keys_and_plot(tmp_path, pair_args, capsys):
         "target-only", "outrider-draft", "outrider-ngram", "hf-target-only", "hf-assisted"}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_bench_measures_tree_drafters_once_each_and_reports_the_best_per_drafter(tmp_path, pair_args):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):"}) + "\n")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "6", "--gammas", "1,2", "--no-hf",
+                 "--drafters", "draft,medusa", "--json", str(out)] + pair_args) == 0
+    result = json.loads(out.read_text())
+    labels = [r["config"] for r in result["runs"]]
+    assert labels == ["target-only", "outrider-draft gamma=1", "outrider-draft gamma=2", "outrider-medusa tree9:4-3-2"]
+    best = result["best_by_drafter"]
+    assert set(best) == {"draft", "medusa"} and best["medusa"]["gamma_or_tree"] == "tree9:4-3-2"
+    assert best["draft"]["gamma_or_tree"] in ("1", "2") and result["outputs_identical"] is True
+    assert all(isinstance(v["speedup_vs_ar"], float) and v["mean_accepted_length"] >= 1 for v in best.values())
+    assert result["verify_cost"]["tree16_vs_chain5"] > 0
 
 
 @pytest.mark.parametrize("content,message", [("", "no prompts"), ("{\"text\": 1}\n", "prompt"),

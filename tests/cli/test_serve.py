@@ -59,18 +59,27 @@ def test_serve_generate_bench_stop(tmp_path):
         assert len(out["samples"][0]["token_ids"]) == 12 and out["prompt_token_ids"]
         assert out["comparison"]["identical"] is True
 
+        medusa = outrider("generate", "def f(x):", "--server", address, "--max-new-tokens", "12", "--json",
+                          "--compare", "--drafter", "medusa")
+        assert medusa.returncode == 0, medusa.stderr
+        out = json.loads(medusa.stdout)
+        assert out["comparison"]["identical"] is True and out["stats"]["draft_shape"].startswith("tree")
+
         bad = outrider("generate", "x", "--server", address, "--max-new-tokens", "100000")
         assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
 
         report = tmp_path / "bench.json"
         bench = outrider("bench", "--server", address, "--limit", "1", "--max-new-tokens", "12", "--gammas", "3",
-                         "--drafters", "draft", "--json", str(report))
+                         "--drafters", "draft,medusa", "--json", str(report))
         assert bench.returncode == 0, bench.stderr
         result = json.loads(report.read_text())
         assert result["outputs_identical"] is True
         assert {"pipeline_hit_rate", "overlap", "round_breakdown_ms", "speedup_vs_ar", "speedup_vs_hf"} <= set(result)
         labels = {row["config"] for row in result["runs"]}
         assert {"target-only", "outrider-draft gamma=3", "outrider-draft-serial gamma=3", "hf-assisted gamma=3"} <= labels
+        best = result["best_by_drafter"]
+        assert set(best) == {"draft", "medusa"} and best["medusa"]["gamma_or_tree"].startswith("tree")
+        assert all({"speedup_vs_ar", "mean_accepted_length", "gamma_or_tree"} <= set(v) for v in best.values())
     finally:
         stopped = outrider("stop", timeout=120)
     assert stopped.returncode == 0 and "stopped the local Outrider cluster" in stopped.stdout

@@ -43,6 +43,8 @@ def test_unknown_drafter_is_rejected(pair_dirs):
     target, draft = pair_dirs
     pair = load_pair(ModelPaths(str(target), str(draft)), with_draft=False)
     with pytest.raises(InvalidRequest, match="unknown drafter"):
+        make_proposer(pair, "eagle")
+    with pytest.raises(InvalidRequest, match="needs Medusa heads"):
         make_proposer(pair, "medusa")
     with pytest.raises(InvalidRequest, match="needs a draft model"):
         make_proposer(pair, "draft")

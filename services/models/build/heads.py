@@ -9,9 +9,11 @@ Stages, each leaving its result in the work folder (re-running resumes):
   4. training: head k at position t learns the target's distribution of the token
      k+2 ahead, KL(p_target || head_k) (the teacher is the target's LM head at t+k+1),
      the target frozen; resumable checkpoints;
-  5. tuning: acceptance of each head's rank-r candidate on held-out continuations, the
-     verify cost of an N-node tree measured on this device, and the tree that maximises
-     expected tokens per unit of round cost (Medusa's greedy sparse-tree construction);
+  5. tuning: where the truth ranks among each head's candidates on held-out greedy
+     continuations, the verify cost of an N-node tree measured on this device, and the
+     tree that maximises expected tokens per unit of round cost (Medusa's greedy
+     sparse-tree construction, with path acceptance counted rather than assumed
+     independent across heads);
   6. export: config (with the tuned tree) + bf16 safetensors, in Hub format.
 """
 
@@ -90,12 +92,13 @@ def build_heads(cfg: HeadsBuild) -> dict:
     heads.eval()
 
     greedy = np.arange(len(held_seqs)) % 2 == 0  # tune for greedy text (sampled halves kept for the report)
-    acceptance = rank_acceptance(heads, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
+    ranks = truth_ranks(heads, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
+    acceptance = rank_acceptance(ranks)
     cost_file = cfg.work_dir / "verify_cost.npy"  # a timing: measured once, so a re-run picks the same tree
     if not cost_file.exists() or len(np.load(cost_file)) <= cfg.max_tree_nodes:
-        np.save(cost_file, verify_cost(target, cfg.max_tree_nodes, cfg.device))
+        np.save(cost_file, verify_cost(target, cfg.max_tree_nodes, cfg.device, heads=heads))
     cost = np.load(cost_file)
-    choices, expected = choose_tree(acceptance, cost, cfg.max_tree_nodes)
+    choices, expected = choose_tree(ranks, cost, cfg.max_tree_nodes)
     heads.config = config.model_copy(update={"tree_choices": format_choices(choices)})
     heads.to("cpu").save(cfg.out_dir)
     report = {
@@ -105,7 +108,7 @@ def build_heads(cfg: HeadsBuild) -> dict:
         "expected_accepted_per_round": expected,
         "heldout_top1_acceptance_per_head": [float(a[0]) for a in acceptance],
         "heldout_acceptance_per_head_rank": [[float(x) for x in a[:8]] for a in acceptance],
-        "verify_cost_vs_one_token": {str(n): float(cost[n]) for n in (1, 4, 8, 16, 32, 64) if n < len(cost)},
+        "round_cost_vs_one_token": {str(n): float(cost[n]) for n in (1, 4, 8, 16, 32, 64) if n < len(cost)},
         "bytes": (cfg.out_dir / "model.safetensors").stat().st_size,
     }
     # What a user sees: in-process greedy Medusa on held-out prompts (per depth, per rank).
@@ -211,61 +214,84 @@ def _train(cfg: HeadsBuild, heads: MedusaHeads, target, hidden: torch.Tensor) ->
 
 
 @torch.no_grad()
-def rank_acceptance(heads: MedusaHeads, hidden: torch.Tensor, seqs: np.ndarray, start: int, device: str,
-                    max_rank: int = 16) -> np.ndarray:
-    """[K, max_rank]: how often head k's rank-r candidate at position t is the token
-    k+2 ahead in the target's own greedy text (t in the continuations only)."""
-    K = heads.config.num_heads
-    T = hidden.shape[1]
-    hits = np.zeros((K, max_rank))
-    total = 0
+def truth_ranks(heads: MedusaHeads, hidden: torch.Tensor, seqs: np.ndarray, start: int, device: str,
+                max_rank: int = 16) -> np.ndarray:
+    """[positions, K] int: where the token k+2 ahead in the target's own text ranks
+    among head k's candidates at each position (max_rank if not in the top max_rank).
+    On greedy text that token is the target's argmax, so a tree path (r_1..r_d) is
+    accepted at a position exactly when its first d ranks are r_1..r_d there."""
+    K, T = heads.config.num_heads, hidden.shape[1]
+    rows = []
     for b in range(len(seqs)):
         h = hidden[b, start - 1 : T - K - 1].float().to(device)  # [L, H]
         top = heads(h).topk(max_rank, -1).indices.cpu()  # [L, K, R]
         cols = torch.arange(start - 1, T - K - 1)
         truth = torch.from_numpy(seqs[b])[cols[:, None] + 2 + torch.arange(K)]  # [L, K]
-        hits += (top == truth[..., None]).sum(0).numpy()
-        total += len(cols)
-    return hits / max(1, total)
+        hit = top == truth[..., None]
+        rows.append(torch.where(hit.any(-1), hit.int().argmax(-1), max_rank).numpy())
+    return np.concatenate(rows)
+
+
+def rank_acceptance(ranks: np.ndarray, max_rank: int = 16) -> np.ndarray:
+    """[K, max_rank]: how often head k's rank-r candidate is right (on its own)."""
+    return np.stack([np.bincount(ranks[:, k], minlength=max_rank + 1)[:max_rank] for k in range(ranks.shape[1])]) / len(ranks)
 
 
 @torch.no_grad()
-def verify_cost(target, max_nodes: int, device: str, repeats: int = 5) -> np.ndarray:
+def verify_cost(target, max_nodes: int, device: str, repeats: int = 5, heads: MedusaHeads | None = None) -> np.ndarray:
     """cost[n]: the time of one verification pass with an n-node tree after a 256-token
-    context, relative to n = 0 (one token), measured on this device."""
+    context, relative to n = 0 (one token), measured on this device; with ``heads``,
+    plus their draft from one hidden state (which every round with a tree pays)."""
     runner = TargetRunner(target, kv_cache_bytes=64 * 2**20)
     runner.prefill("ctx", list(range(3, 259)), [])
-    times = []
-    for n in range(max_nodes + 1):
-        feed = Feed("ctx", 256, [5] + [7] * n, n + 1, tree_shape(tuple([-1] * n)).parents if n else None)
+    hidden = torch.zeros(target.get_output_embeddings().weight.shape[1], device=target.device, dtype=target.dtype)
+
+    def median_s(fn) -> float:
         samples = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            runner.forward([feed])
+            fn()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             samples.append(time.perf_counter() - t0)
-        times.append(float(np.median(samples)))
-    times = np.maximum.accumulate(np.array(times))  # noise aside, more nodes never cost less
+        return float(np.median(samples))
+
+    feeds = [Feed("ctx", 256, [5] + [7] * n, n + 1, tree_shape(tuple([-1] * n)).parents if n else None)
+             for n in range(max_nodes + 1)]
+    times = np.array([median_s(lambda feed=feed: runner.forward([feed])) for feed in feeds])
+    times = np.maximum.accumulate(times)  # noise aside, more nodes never cost less
+    if heads is not None:
+        times[1:] += median_s(lambda: heads(hidden))
     return times / times[0]
 
 
-def choose_tree(acceptance: np.ndarray, cost: np.ndarray, max_nodes: int) -> tuple[tuple[tuple[int, ...], ...], float]:
-    """Grow the tree one node at a time, always adding the path most likely to be
-    accepted (its ranks' acceptances multiplied, as Medusa assumes), and keep the size
-    that maximises (1 + expected accepted) / cost(size). Returns (choices, expected)."""
-    K, R = acceptance.shape
-    frontier = {(r,): float(acceptance[0, r]) for r in range(R)}
+def choose_tree(ranks: np.ndarray, cost: np.ndarray, max_nodes: int,
+                max_rank: int = 16) -> tuple[tuple[tuple[int, ...], ...], float]:
+    """Grow the tree one node at a time, always adding the path accepted at the most
+    held-out positions (counted, not multiplied out: heads' errors are correlated),
+    and keep the size that maximises (1 + expected accepted) / cost(size).
+    ``ranks``: truth_ranks. Returns (choices, expected accepted per round)."""
+    K = ranks.shape[1]
+    matches = {(): np.ones(len(ranks), dtype=bool)}  # positions where each path is accepted
+
+    def children(path):
+        at = matches[path]
+        for r in range(max_rank):
+            matches[path + (r,)] = at & (ranks[:, len(path)] == r)
+            yield path + (r,), float(matches[path + (r,)].mean())
+
+    frontier = dict(children(()))
     chosen: list[tuple[int, ...]] = []
     expected, best = 0.0, (0.0, (), 0.0)
     while frontier and len(chosen) < max_nodes:
-        path = max(frontier, key=frontier.get)
+        path = max(frontier, key=lambda p: (frontier[p], -len(p)))
         prob = frontier.pop(path)
+        if prob <= 0:
+            break
         chosen.append(path)
         expected += prob
         if len(path) < K:
-            for r in range(R):
-                frontier[path + (r,)] = prob * float(acceptance[len(path), r])
+            frontier.update(children(path))
         score = (1 + expected) / cost[len(chosen)]
         if score > best[0]:
             best = (score, tuple(chosen), expected)

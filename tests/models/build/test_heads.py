@@ -40,7 +40,7 @@ def test_heads_are_saved_in_hub_format_and_load_by_path(built):
     assert 1 <= len(tree.shape) <= 12 and tree.shape.max_depth <= 3
     assert all(t.dtype == torch.bfloat16 for t in load_file(cfg.out_dir / "model.safetensors").values())
     assert heads(torch.zeros(5, config["hidden_size"])).shape == (5, 3, config["vocab_size"])
-    assert len(report["heldout_acceptance_per_head_rank"]) == 3 and report["verify_cost_vs_one_token"]["1"] >= 1.0
+    assert len(report["heldout_acceptance_per_head_rank"]) == 3 and report["round_cost_vs_one_token"]["1"] >= 1.0
 
 
 def test_a_second_run_resumes_from_the_work_folder(built):
@@ -57,14 +57,15 @@ def test_heads_for_another_target_are_refused(built):
 
 
 def test_the_tree_grows_by_likeliest_path_and_stops_where_cost_outweighs():
-    acceptance = np.array([[0.6, 0.2, 0.1], [0.5, 0.3, 0.0]])
-    free = np.ones(20)  # verifying more nodes costs nothing: take every path with any chance
-    choices, expected = choose_tree(acceptance, free, 19)
-    assert choices[:3] == ((0,), (0, 0), (1,)) and len(choices) == 3 + 3 * 2  # zero-chance paths add nothing
-    assert expected == pytest.approx(0.9 + 0.9 * 0.8)
-    steep = 1 + np.arange(20) * 0.5  # each node costs half a pass: only the best path pays
-    choices, expected = choose_tree(acceptance, steep, 19)
-    assert choices == ((0,),) and expected == pytest.approx(0.6)
+    # Ranks of the truth among 2 heads' candidates at 10 positions (16 = not in the top 16).
+    ranks = np.array([[0, 0]] * 4 + [[0, 1]] * 2 + [[1, 0]] * 2 + [[0, 16]] + [[2, 3]])
+    free = np.ones(40)  # verifying more nodes costs nothing: take every path that is ever right
+    choices, expected = choose_tree(ranks, free, 39)
+    assert choices == ((0,), (0, 0), (1,), (0, 1), (1, 0), (2,), (2, 3))
+    assert expected == pytest.approx((7 + 4 + 2 + 2 + 2 + 1 + 1) / 10)  # counted, not multiplied out
+    steep = 1 + np.arange(40) * 0.5  # each node costs half a pass: only the best path pays
+    choices, expected = choose_tree(ranks, steep, 39)
+    assert choices == ((0,),) and expected == pytest.approx(0.7)
 
 
 def test_a_fresh_head_starts_as_the_target_lm_head():
