@@ -93,3 +93,29 @@ def test_the_paged_pool_on_cuda_gives_each_session_what_it_gets_alone():
     (warm,) = runner.forward([Feed("3", 17, [6], 1)])
     torch.testing.assert_close(warm, extend(model, KVState.empty(model), list(range(3, 19)) + [5, 6])[-1:],
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_medusa_trees_on_cuda(dtype):
+    """Tree masks, tree acceptance and the heads on the GPU: fp32 is exact greedy; bf16
+    runs the same path (near-tied argmaxes may flip, as for chains) and stays close."""
+    from tiny_models import random_heads
+
+    from services.core.head_proposers import MedusaProposer
+    from services.core.tree import choice_tree, parse_choices
+
+    target = tiny("llama", seed=0).to("cuda", dtype)
+    heads = random_heads(tiny("llama", seed=0), 1).to("cuda", dtype)
+    heads._target_head = [target.get_output_embeddings()]
+    tree = choice_tree(parse_choices("0;1;2;0.0;0.1;1.0;0.0.0"))
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    plain = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256).generate(prompt, 40).token_ids
+    engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), MedusaProposer(heads, tree, "cuda"), None, 256,
+                               GammaSchedule(8))
+    result = engine.generate(prompt, 40)
+    if dtype == torch.float32:
+        assert result.token_ids == plain
+    else:
+        assert sum(a == b for a, b in zip(result.token_ids, plain)) >= 20
+    sampled = engine.generate(prompt, 30, SamplingParams(temperature=0.8, seed=4)).token_ids
+    assert sampled == engine.generate(prompt, 30, SamplingParams(temperature=0.8, seed=4)).token_ids
