@@ -1,21 +1,33 @@
 import pytest
 import torch
-from tiny_models import tiny
+from tiny_models import hf_greedy, tiny
 
 from services.core.proposals import Proposal
 from services.core.sampling import SamplingParams
 from services.core.target import TargetRunner
+from services.core.tree import tree_shape
 from services.core.verifier import TargetVerifier, VerifyRequest
 
 
-def test_verifier_refuses_tree_proposals_without_touching_state():
+def test_a_tree_round_keeps_its_accepted_path_for_the_next_feed():
+    """The accepted path (here the second root child, then its first child) is what the
+    verifier's handle lists, with the moves that put its KV in place; the next round
+    goes on exactly as transformers' greedy decoding."""
     model = tiny("llama", seed=0)
     verifier = TargetVerifier(TargetRunner(model))
+    prompt = [3, 4, 5, 6]
+    want = hf_greedy(model, prompt, 4, eos=None)
     kv = verifier.new_state()
-    tree = Proposal(tokens=torch.tensor([1, 2]), parents=torch.tensor([-1, -1]))
-    with pytest.raises(ValueError, match="tree"):
-        verifier.verify([VerifyRequest(kv, [3, 4], tree, SamplingParams(), None)])
-    assert kv.tokens == [] and verifier.runner.sessions == {}
+    verifier.prefill(kv, prompt[:-1])
+    wrong = (want[0] + 1) % 96
+    tree = Proposal(tokens=torch.tensor([wrong, want[0], 7, want[1], 9]), tree=tree_shape((-1, -1, 0, 1, 1)))
+    (outcome,) = verifier.verify([VerifyRequest(kv, prompt, tree, SamplingParams(), None)])
+    assert outcome.path == (1, 3) and outcome.tokens == want[:3] and outcome.num_accepted == 2
+    base = len(prompt)
+    assert kv.tokens == prompt + want[:2] and kv.moves == ((base + 1, base), (base + 3, base + 1))
+    (after,) = verifier.verify([VerifyRequest(kv, prompt + want[:3], Proposal.empty(), SamplingParams(), None)])
+    assert after.tokens == [want[3]] and kv.moves == ()
+    assert verifier.runner.sessions[kv.session].tokens == prompt + want[:3]  # the last token is fed next round
 
 
 def test_verify_batch_handles_each_sequence_independently():
