@@ -64,6 +64,15 @@ class DraftBatch:
         return out
 
 
+    def dense_q(self, at: torch.Tensor, V: int) -> torch.Tensor:
+        """q' of draft at[b] of every row b, over the whole vocabulary: [B, V]."""
+        ar = torch.arange(at.shape[0], device=at.device)
+        support = self.q_probs[ar, at] > 0  # [B, K]
+        tail = self.q_tail[ar, at]  # [B]
+        return tail[:, None].expand(-1, V).clone().scatter_add_(
+            -1, self.q_ids[ar, at], torch.where(support, self.q_probs[ar, at] - tail[:, None], 0.0))
+
+
 @dataclass(frozen=True)
 class Randomness:
     """Every number a pass's acceptance draws, from each row's own keyed stream."""
@@ -115,11 +124,7 @@ def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, r
     p_n = p[ar, n]  # [B, V]
     rejected = n < drafts.num_drafts  # [B]: the token at n is a correction, not a bonus
     if G:
-        at = n.clamp(max=G - 1)
-        support = drafts.q_probs[ar, at] > 0  # [B, K]
-        tail = drafts.q_tail[ar, at]  # [B]
-        q_n = tail[:, None].expand(B, V).clone().scatter_add_(
-            -1, drafts.q_ids[ar, at], torch.where(support, drafts.q_probs[ar, at] - tail[:, None], 0.0))
+        q_n = drafts.dense_q(n.clamp(max=G - 1), V)
         residual = (p_n - q_n * rejected[:, None]).clamp_min(0)  # max(0, p - q); a bonus row keeps p
         # residual is nonzero whenever a rejection can happen; guard float round-off.
         usable = residual.sum(-1) > 0

@@ -79,7 +79,7 @@ def accept_tree_batch(logits: torch.Tensor, drafts: DraftBatch, trees: TreeBatch
             if best is not None:
                 ok = x == best[ar, cur + 1]
             if p is not None:
-                q = dense_q(drafts, node, V)  # [B, V]
+                q = drafts.dense_q(node, V)  # [B, V]
                 q_x = q[ar, x]
                 # min(1, (r(x)/mass) / q(x)) > u  <=>  u * q(x) * mass < r(x)
                 sampled_ok = rand.uniforms[ar, node] * q_x * mass < r[ar, x]
@@ -107,11 +107,3 @@ def accept_tree_batch(logits: torch.Tensor, drafts: DraftBatch, trees: TreeBatch
             token = torch.where(rows.greedy, best[ar, cur + 1], token)
     return torch.cat([n[:, None], token[:, None], path], -1)
 
-
-def dense_q(drafts: DraftBatch, node: torch.Tensor, V: int) -> torch.Tensor:
-    """q' of node[b] of every row b, over the whole vocabulary: [B, V]."""
-    ar = torch.arange(node.shape[0], device=node.device)
-    support = drafts.q_probs[ar, node] > 0  # [B, K]
-    tail = drafts.q_tail[ar, node]  # [B]
-    return tail[:, None].expand(-1, V).clone().scatter_add_(
-        -1, drafts.q_ids[ar, node], torch.where(support, drafts.q_probs[ar, node] - tail[:, None], 0.0))

@@ -91,3 +91,23 @@ def test_accepted_path_is_compacted_into_place():
         torch.testing.assert_close(runner.pool.values[layer][slots], fresh.pool.values[layer][fresh_slots], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="moves"):
         runner.forward([Feed("s", 3, [1], 1, None, ((40, 2),))])
+
+
+def test_tree_logits_at_a_real_vocabulary_and_a_long_context():
+    """Llama-3's 128k vocabulary and a 1,500-token context, a tree row next to a chain
+    row of another length: each node's logits equal its path run as a chain."""
+    from services.models.shapes import random_model
+
+    model = random_model("llama3")
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(3, model.config.vocab_size, (1500,), generator=g).tolist()
+    nodes = torch.randint(3, model.config.vocab_size, (len(PARENTS),), generator=g).tolist()
+    runner = TargetRunner(model, kv_cache_bytes=2**28)
+    runner.prefill("tree", ctx[:-1], [])
+    runner.prefill("chain", ctx[:1200], [])
+    got, _ = runner.forward([Feed("tree", len(ctx) - 1, ctx[-1:] + nodes, len(nodes) + 1, PARENTS),
+                             Feed("chain", 1200, ctx[1200:1203], 1)])
+    reference = TargetRunner(model, kv_cache_bytes=2**28)
+    for node in (1, 4, 7):
+        (alone,) = reference.forward([Feed(str(node), 0, ctx + [nodes[j] for j in path_to(PARENTS, node)], 1)])
+        torch.testing.assert_close(got[node + 1], alone[0], rtol=1e-4, atol=1e-4)
