@@ -1,4 +1,3 @@
-import pytest
 import torch
 from tiny_models import hf_greedy, tiny
 
