@@ -66,6 +66,17 @@ def random_heads(target, seed: int, num_heads: int = 4):
     return heads.eval()
 
 
+def random_mtp(target, seed: int, num_modules: int = 2):
+    """MTP modules for ``target`` (random init; acceptance is poor, output exact)."""
+    from services.models.heads import HeadsConfig
+    from services.models.mtp import MtpHeads
+
+    text = target.config.get_text_config(decoder=True)
+    torch.manual_seed(seed)
+    config = HeadsConfig(kind="mtp", hidden_size=text.hidden_size, vocab_size=text.vocab_size, num_heads=num_modules)
+    return MtpHeads(config, target).eval()
+
+
 def noisy_copy(model, seed: int, scale: float):
     """A draft that agrees with ``model`` often but not always: its weights plus noise."""
     return noisy_draft(model, seed, scale)

@@ -49,6 +49,10 @@ class AppArgs(BaseModel):
     # (<target>-medusa, as `outrider build-heads` saves them), if there. The verifiers
     # load them and serve SPECULATION_METHOD_MEDUSA.
     medusa: str | None = None
+    # MTP modules (folder or hub id); unset = those beside the target (<target>-mtp), else
+    # the target's own checkpoint if it ships them (DeepSeek-V3, GLM-4.5, Qwen3-Next
+    # layouts). The verifiers load them and serve SPECULATION_METHOD_MTP.
+    mtp: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["default", "auto", "float32", "bfloat16", "float16"] = "default"
     trust_remote_code: bool = False
@@ -132,13 +136,20 @@ class AppArgs(BaseModel):
 
     @property
     def paths(self) -> ModelPaths:
-        return resolve_paths(self.target, self.draft, self.medusa)
+        return resolve_paths(self.target, self.draft, self.medusa, self.mtp)
 
     def head_methods(self) -> dict[str, str | None]:
         """Methods drafted on the verifier: None where served, else why not."""
-        medusa = None
-        if self.paths.medusa is None:
-            medusa = f"no Medusa heads for {self.paths.target} (set medusa, or run `outrider build-heads`)"
-        elif self.tensor_parallel_size > 1:
-            medusa = "Medusa heads need the target's hidden states, which a tensor-parallel verifier does not return yet"
-        return {"medusa": medusa, "mtp": "MTP modules are not supported yet"}
+        from ..models.mtp import ships_mtp
+
+        paths = self.paths
+        why = {}
+        for kind, name, found in (("medusa", "Medusa heads", paths.medusa is not None),
+                                  ("mtp", "MTP modules", paths.mtp is not None or ships_mtp(paths.target))):
+            if not found:
+                why[kind] = f"no {name} for {paths.target} (set {kind}, or run `outrider build-heads --kind {kind}`)"
+            elif self.tensor_parallel_size > 1:
+                why[kind] = f"{name} need the target's hidden states, which a tensor-parallel verifier does not return yet"
+            else:
+                why[kind] = None
+        return why

@@ -16,13 +16,13 @@ from ..bench.concurrent import summarize_concurrency
 from ..bench.report import format_table, run_rows, summarize, write_json, write_plot
 from ..bench.runs import run_hf, run_outrider, run_server
 from ..core.gamma import MAX_GAMMA
-from ..models.loading import BUNDLED_DIR, resolve_paths
+from ..models.loading import BUNDLED_DIR
 from ..models.pair import load_pair
-from .common import UsageError, add_model_options, apply_threads, validate_device
+from .common import UsageError, add_model_options, apply_threads, model_paths, validate_device
 
 DEFAULT_PROMPTS = BUNDLED_DIR / "heldout_prompts.jsonl"
-BENCH_DRAFTERS = ("draft", "ngram", "medusa")
-TREE_DRAFTERS = ("medusa",)
+BENCH_DRAFTERS = ("draft", "ngram", "medusa", "mtp")
+TREE_DRAFTERS = ("medusa", "mtp")  # heads on the verifier: each runs its whole tree once
 
 
 def add_parser(sub, name: str) -> None:
@@ -32,8 +32,8 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--limit", type=int, default=8, help="use the first N prompts")
     parser.add_argument("--gammas", default="1,2,3,4,6,8", help="comma-separated gammas; 0 = adaptive")
     parser.add_argument("--drafters", default="draft,ngram",
-                        help=f"comma-separated proposers to measure, of {', '.join(BENCH_DRAFTERS)} (medusa runs "
-                             "its whole tree once: --tree, or the heads' tuned tree)")
+                        help=f"comma-separated proposers to measure, of {', '.join(BENCH_DRAFTERS)} (medusa and mtp "
+                             "run their whole tree once: --tree, or the heads' tuned tree)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--repeat", type=int, default=1,
                         help="passes over all configs; reports the median pass (by speedup over target-only)")
@@ -113,8 +113,8 @@ def run(args) -> int:
     for d in drafters:
         if d not in BENCH_DRAFTERS:
             raise UsageError(f"unknown drafter {d!r} for bench; choose from {', '.join(BENCH_DRAFTERS)}")
-    if "medusa" in drafters and args.concurrency:
-        raise UsageError("--concurrency measures draft and ngram; measure medusa at one stream")
+    if any(d in TREE_DRAFTERS for d in drafters) and args.concurrency:
+        raise UsageError("--concurrency measures draft and ngram; measure medusa and mtp at one stream")
     texts = load_prompts(args.prompts, args.limit)
     if args.concurrency:
         args.no_hf = True  # the single-stream anchor means nothing next to N streams
@@ -122,9 +122,9 @@ def run(args) -> int:
     need_pair = args.server is None or not args.no_hf
     pair = None
     if need_pair:
-        pair = load_pair(resolve_paths(args.target, args.draft, args.medusa), args.device, args.dtype,
+        pair = load_pair(model_paths(args), args.device, args.dtype,
                          with_draft="draft" in drafters or not args.no_hf, trust_remote_code=args.trust_remote_code,
-                         with_heads="medusa" in drafters and args.server is None)
+                         heads=tuple(d for d in drafters if d in TREE_DRAFTERS) if args.server is None else ())
     summarize_pass, speedup_key = summarize, "speedup_vs_ar"
     if args.concurrency:
         measure, configs = concurrency_configs(args, drafters, gammas, texts, pair)
@@ -298,7 +298,7 @@ def run_resilience(args) -> int:
     texts = load_prompts(args.prompts, 10**6)
     summary: dict = {}
     if args.shared_prefix:
-        tokenizer = load_tokenizer(resolve_paths(args.target, args.draft, args.medusa).target, args.trust_remote_code)
+        tokenizer = load_tokenizer(model_paths(args).target, args.trust_remote_code)
         corpus = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
         try:
             summary["shared_prefix"] = resilience.shared_prefix(client, corpus, args.shared_prefix, args.trials)
@@ -337,7 +337,7 @@ def run_tracing(args) -> int:
     if drafter not in ("draft", "ngram"):
         raise UsageError(f"unknown drafter {drafter!r} for bench; choose draft or ngram")
     gamma = parse_ints(args.gammas, "gammas")[0] or 4
-    pair = load_pair(resolve_paths(args.target, args.draft, args.medusa), args.device, args.dtype, with_draft=drafter == "draft",
+    pair = load_pair(model_paths(args), args.device, args.dtype, with_draft=drafter == "draft",
                      trust_remote_code=args.trust_remote_code)
     prompts = [pair.tokenizer(t)["input_ids"] for t in load_prompts(args.prompts, args.limit)]
     check_fits(pair, prompts, args.max_new_tokens)
@@ -367,7 +367,7 @@ def run_scale_bench(args) -> int:
 
     if args.server or args.concurrency:
         raise UsageError("--scale measures in-process (its served figures use loopback gRPC); drop --server and --concurrency")
-    pair = load_pair(resolve_paths(args.target, args.draft, args.medusa), args.device, args.dtype, with_draft=True,
+    pair = load_pair(model_paths(args), args.device, args.dtype, with_draft=True,
                      trust_remote_code=args.trust_remote_code)
     prompts = [pair.tokenizer(t)["input_ids"][:64] for t in load_prompts(args.prompts, args.limit)]
     summary = run_scale(args.repeat, pair, prompts, on_row=lambda line: print(line, flush=True))

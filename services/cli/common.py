@@ -24,6 +24,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft", help="draft model: local folder or hub id (default: bundled)")
     group.add_argument("--medusa", help="Medusa heads for the target: folder or hub id "
                                         "(default: <target>-medusa beside the target, if there)")
+    group.add_argument("--mtp", help="MTP modules for the target: folder or hub id (default: <target>-mtp beside "
+                                     "the target, else the target's own checkpoint if it ships them)")
     group.add_argument("--tree", help="the heads' token tree as paths of candidate ranks, e.g. '0;1;0.0' "
                                       "(default: the tree tuned when the heads were built)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
@@ -31,6 +33,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
     group.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     group.add_argument("--trust-remote-code", action="store_true", help="allow model repos' own code")
+
+
+def model_paths(args: argparse.Namespace):
+    from ..models.loading import resolve_paths
+
+    return resolve_paths(args.target, args.draft, args.medusa, args.mtp)
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -10,9 +10,8 @@ from ..core.gamma import GammaSchedule
 from ..core.sampling import SamplingParams
 from ..core.stats import GenerationStats
 from ..models.detokenizer import IncrementalDetokenizer
-from ..models.loading import resolve_paths
-from ..models.pair import DRAFTERS, load_pair, make_engine
-from .common import UsageError, add_model_options, apply_threads, validate_device
+from ..models.pair import DRAFTERS, HEAD_KINDS, load_pair, make_engine
+from .common import UsageError, add_model_options, apply_threads, model_paths, validate_device
 
 
 def add_parser(sub, name: str) -> None:
@@ -62,9 +61,9 @@ def run(args) -> int:
     if args.server:
         return run_remote(args, base)
 
-    pair = load_pair(resolve_paths(args.target, args.draft, args.medusa), args.device, args.dtype,
+    pair = load_pair(model_paths(args), args.device, args.dtype,
                      with_draft=args.drafter == "draft", trust_remote_code=args.trust_remote_code,
-                     with_heads=args.drafter == "medusa")
+                     heads=(args.drafter,) if args.drafter in HEAD_KINDS else ())
     engine = make_engine(pair, args.drafter, schedule, args.confidence_stop, args.tree)
     prompt_ids = pair.tokenizer(args.prompt)["input_ids"]
     engine.validate(prompt_ids, args.max_new_tokens)
@@ -94,7 +93,7 @@ def run_remote(args, base: SamplingParams) -> int:
     def one(seed, method, on_text=None) -> tuple[dict, list[int]]:
         request = make_request(args.prompt, args.max_new_tokens, replace(base, seed=seed), method, args.gamma or 0,
                                args.adaptive_gamma, pipeline=not args.no_pipeline,
-                               tree=(args.tree or "") if method == "medusa" else "")
+                               tree=(args.tree or "") if method in HEAD_KINDS else "")
         ids, text, final = [], "", None
         for chunk in client.generate(request):
             ids.extend(chunk.token_ids)

@@ -157,7 +157,13 @@ class SpeculativeEngine:
         # Admission: the session holds its whole budget (prompt, new tokens, a block of
         # drafts) from the start, so it never runs out of KV pool mid-stream.
         reserve = len(seq.committed) + seq.remaining + draft_room(seq.proposer) + 1
-        self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached, reserve)
+        if reads_hidden(seq.proposer):
+            # Heads on the verifier read the prompt's hidden states: the first round drafts too.
+            hidden = self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached, reserve, hidden=True)
+            if hidden is not None:
+                seq.proposer.observe(seq.draft_state, len(seq.committed) - 1 - len(hidden), hidden)
+        else:
+            self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached, reserve)
         seq.stats.verify_time_s += time.perf_counter() - t0
 
     def verify_and_commit(self, seq: SequenceState, proposal: Proposal) -> "RoundResult":
@@ -177,13 +183,14 @@ class SpeculativeEngine:
         for seq, proposal, outcome in zip(seqs, proposals, outcomes):
             seq.stats.verify_time_s += elapsed
             seq.round += 1
+            start = len(seq.committed) - 1  # where the round's first hidden state sits
             new = self._truncate_at_stop(outcome.tokens, seq)
             seq.committed.extend(new)
             ranks = None if proposal.tree is None else proposal.tree.sibling_rank[list(outcome.path)].tolist()
             seq.stats.record_round(len(proposal), outcome.num_accepted, len(new), proposal.depth, ranks)
             seq.gamma = seq.schedule.next(seq.gamma, proposal.depth, outcome.num_accepted)
-            if reads_hidden(seq.proposer):
-                seq.proposer.observe(seq.draft_state, seq.committed, outcome)
+            if reads_hidden(seq.proposer) and not seq.finished:
+                seq.proposer.observe(seq.draft_state, start, outcome.hidden)
             results.append(RoundResult(tokens=new, num_accepted=outcome.num_accepted))
         return results
 

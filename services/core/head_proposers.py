@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .kv_chunks import KVChunk
-from .proposals import Proposal, VerifyOutcome
+from .proposals import Proposal
 from .sampling import SamplingParams
 from .tree import ChoiceTree
 
@@ -47,8 +47,10 @@ class MedusaProposer:
     def restore_state(self, chunks: list[KVChunk]) -> HeadState:
         return HeadState()  # heads are stateless given the committed tokens: the next pass refills it
 
-    def observe(self, state: HeadState, committed: list[int], outcome: VerifyOutcome) -> None:
-        state.hidden, state.length = outcome.hidden, len(committed)
+    def observe(self, state: HeadState, start: int, hidden: torch.Tensor) -> None:
+        """``hidden`` [n, H]: the target's final hidden states at positions start..start+n-1
+        (row i where it chose token start+i+1). Medusa drafts from the last one."""
+        state.hidden, state.length = hidden[-1], start + len(hidden) + 1
 
     @torch.inference_mode()
     def propose(self, state: HeadState, committed: list[int], gamma: int, params: SamplingParams,
@@ -57,8 +59,13 @@ class MedusaProposer:
         if state.hidden is None or state.length != len(committed) or gamma <= 0:
             return Proposal.empty(self.device)
         tree = self.tree if gamma >= self.tree.shape.max_depth else self.tree.prune(gamma)
-        logits = self.heads(state.hidden)  # [K, V]
-        candidates = logits[: tree.shape.max_depth].topk(int(tree.rank.max()) + 1, dim=-1).indices  # [D, R]
-        rows = (tree.shape.depth - 1).to(candidates.device)
-        tokens = candidates[rows, tree.rank.to(candidates.device)]  # [N]
-        return Proposal(tokens=tokens.to(self.device), tree=tree.shape)
+        return tree_of_candidates(tree, self.heads(state.hidden), self.device)  # heads: [K, V]
+
+
+def tree_of_candidates(tree: ChoiceTree, logits: torch.Tensor, device) -> Proposal:
+    """Fill ``tree`` from per-depth logits [>= D, V]: node i takes the rank_i-th
+    candidate at its depth, one top-k and one gather for the whole tree."""
+    candidates = logits[: tree.shape.max_depth].topk(int(tree.rank.max()) + 1, dim=-1).indices  # [D, R]
+    rows = (tree.shape.depth - 1).to(candidates.device)
+    tokens = candidates[rows, tree.rank.to(candidates.device)]  # [N]
+    return Proposal(tokens=tokens.to(device), tree=tree.shape)

@@ -54,8 +54,9 @@ class TargetRunner:
 
     @torch.inference_mode()
     def forward_with_hidden(self, feeds: list[Feed], hidden: bool = True) -> tuple[list[torch.Tensor], list | None]:
-        """Logits per feed and, with ``hidden``, the final hidden states [logits_to_keep, H]
-        the logits came from (what drafting heads on the verifier read)."""
+        """Logits per feed and, with ``hidden``, the final hidden states [len(tokens), H]
+        at every fed position (what drafting heads on the verifier read: Medusa the
+        last, MTP all of them)."""
         if len({f.session for f in feeds}) != len(feeds):
             raise ValueError("a session appears twice in one batch")
         if min(f.logits_to_keep for f in feeds) < 1 or min(len(f.tokens) for f in feeds) < 1:
@@ -96,8 +97,9 @@ class TargetRunner:
         captured = []
         hook = None
         if hidden:
-            # What the LM head reads is the final (normed) hidden state, in any family.
-            hook = self.model.get_output_embeddings().register_forward_hook(lambda m, args, out: captured.append(args[0]))
+            # The decoder's output is the final (normed) hidden state the LM head reads, in
+            # any family, at every position (the LM head itself sees only the kept ones).
+            hook = self.model.get_decoder().register_forward_hook(lambda m, args, out: captured.append(out[0]))
         try:
             out = self.model(input_ids=ids.to(device), cache=cache, use_cache=True, logits_to_keep=window, **extra)
         finally:
@@ -108,7 +110,7 @@ class TargetRunner:
             end = window - (N - n)
             logits.append(out.logits[i, end - feed.logits_to_keep : end])
             if hidden:
-                states.append(captured[0][i, end - feed.logits_to_keep : end])
+                states.append(captured[0][i, :n])
             seqs[i].tokens.extend(feed.tokens)
         return logits, states if hidden else None
 
@@ -147,11 +149,14 @@ class TargetRunner:
         return sliding
 
     @torch.inference_mode()  # the pool may have been allocated in a forward: writes need the same mode
-    def prefill(self, session: str, tokens: list[int], cached: list[KVChunk], reserve: int = 0) -> None:
+    def prefill(self, session: str, tokens: list[int], cached: list[KVChunk], reserve: int = 0,
+                hidden: bool = False) -> torch.Tensor | None:
         """Cache ``tokens`` for a new session, starting from ``cached`` (chunks of a
         shared prefix, computed by any replica) and computing only the rest. ``reserve``:
         positions to hold for the session from the start (its prompt, its budget of new
-        tokens and a block of drafts), so that it cannot run out of pool mid-stream."""
+        tokens and a block of drafts), so that it cannot run out of pool mid-stream.
+        With ``hidden``, returns the final hidden states [n, H] of the positions it
+        computed (the last n of ``tokens``; None when it computed none)."""
         if sum(len(c.tokens) for c in cached) > len(tokens) or \
                 [t for c in cached for t in c.tokens] != tokens[: sum(len(c.tokens) for c in cached)]:
             raise ValueError(f"session {session}: cached chunks are not a prefix of its tokens")
@@ -169,7 +174,9 @@ class TargetRunner:
             seq.tokens.extend(chunk.tokens)
             position = chunk.end
         if len(tokens) > len(seq):
-            self.forward([Feed(session, len(seq), tokens[len(seq) :], 1)])
+            _, states = self.forward_with_hidden([Feed(session, len(seq), tokens[len(seq) :], 1)], hidden)
+            return states[0] if hidden else None
+        return None
 
     @torch.inference_mode()
     def export(self, session: str, start: int, end: int) -> KVChunk | None:

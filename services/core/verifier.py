@@ -42,7 +42,7 @@ class VerifyRequest:
     proposal: Proposal  # drafts to check after committed[-1]
     params: SamplingParams  # seed resolved
     round: int  # keys the round's random stream: (seed, round) draws the same on any replica
-    hidden: bool = False  # return the target's hidden state where it chose the last token
+    hidden: bool = False  # return the target's hidden states where it chose the round's tokens
 
 
 class TargetVerifier:
@@ -59,18 +59,27 @@ class TargetVerifier:
     def release(self, kvs: list[TargetKV]) -> None:
         self.runner.release([kv.session for kv in kvs])
 
-    def prefill(self, kv: TargetKV, tokens: list[int], cached: list = (), reserve: int = 0) -> None:
+    def prefill(self, kv: TargetKV, tokens: list[int], cached: list = (), reserve: int = 0,
+                hidden: bool = False) -> torch.Tensor | None:
         """``cached``: blocks of a shared prefix of ``tokens`` (a new session only), in
         the form the runner takes: KVChunks, or a tensor-parallel runner's per-rank refs.
         ``reserve``: positions a new session holds in the pool from the start (raises
-        PoolExhausted, changing nothing, when they are not free)."""
+        PoolExhausted, changing nothing, when they are not free). With ``hidden`` (a new
+        session only), the target's final hidden states [n, H] at the last n positions of
+        ``tokens``, the ones it computed (None if none)."""
         if not kv.tokens:
-            self.runner.prefill(kv.session, tokens, list(cached), reserve)
+            if hidden:
+                if not hasattr(self.runner, "forward_with_hidden"):
+                    raise ValueError("drafting heads need the target's hidden states: a tensor-parallel target has none yet")
+                states = self.runner.prefill(kv.session, tokens, list(cached), reserve, hidden=True)
+            else:
+                states = self.runner.prefill(kv.session, tokens, list(cached), reserve)
             kv.tokens = list(tokens)
-            return
+            return states
         if len(tokens) > common_prefix_len(kv.tokens, tokens):
             self.runner.forward([self._feed(kv, tokens, 0)])
         kv.tokens = list(tokens)
+        return None
 
     def _feed(self, kv: TargetKV, tokens: list[int], drafts: int, tree: tuple[int, ...] | None = None) -> Feed:
         """Feed what the cache lacks of ``tokens`` (whose last ``drafts`` are draft nodes):
@@ -111,8 +120,11 @@ class TargetVerifier:
                 req.kv.tokens = req.committed + outcome.tokens[:-1]
                 req.kv.moves = tuple((base + node, base + depth) for depth, node in enumerate(outcome.path) if node != depth)
             if hidden is not None and req.hidden:
-                slot = outcome.path[-1] + 1 if outcome.path else 0
-                outcomes[b] = replace(outcome, hidden=hidden[b][slot])
+                # Rows where the target chose each token the round commits: at the last
+                # committed token (slot ``root`` of the feed), then at each accepted node.
+                root = len(feeds[b].tokens) - len(req.proposal) - 1
+                slots = [root] + [root + 1 + node for node in outcome.path]
+                outcomes[b] = replace(outcome, hidden=hidden[b][slots])
         return outcomes
 
     def accept(self, batch: list[VerifyRequest], all_logits: list[torch.Tensor]) -> list[VerifyOutcome]:

@@ -1,4 +1,5 @@
-"""Drafting heads attached to a target: Medusa heads, saved in Hub format.
+"""Drafting heads attached to a target: Medusa heads and MTP modules (models/mtp.py),
+saved in Hub format.
 
 A heads folder holds ``config.json`` (``HeadsConfig``) and ``model.safetensors``; it
 loads by path or Hub id (``load_heads``). Heads never hold the target: the target's
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -23,19 +25,24 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 # A default before a tree is tuned for a target: top-4 at depth 1 narrowing to 1 at depth 4.
 DEFAULT_CHOICES = "0;1;2;3;0.0;0.1;1.0;0.0.0;0.1.0;0.0.0.0"
+# MTP's: its depths see the drafted tokens before them, so a narrower, deeper start.
+MTP_DEFAULT_CHOICES = "0;1;0.0;0.1;0.0.0"
+KINDS = ("medusa", "mtp")
 
 
 class HeadsConfig(BaseModel):
-    kind: str = "medusa"
+    kind: Literal["medusa", "mtp"] = "medusa"
     hidden_size: int
     vocab_size: int
-    num_heads: int = Field(4, ge=1, le=8)
+    num_heads: int = Field(4, ge=1, le=8)  # Medusa heads, or MTP modules (deeper MTP depths reuse the last)
     num_layers: int = Field(1, ge=1, le=4)  # residual blocks per head
     share_lm_head: bool = True  # use the target's LM head (frozen) instead of one per head
     tree_choices: str = ""  # the default tree ("0;1;0.0": paths of candidate ranks); "" = DEFAULT_CHOICES
     target: str = ""  # what they were trained on (a name, for the record)
 
     def tree(self):
+        if self.kind == "mtp":
+            return choice_tree(parse_choices(self.tree_choices or MTP_DEFAULT_CHOICES))
         if not self.tree_choices:
             return choice_tree(parse_choices(DEFAULT_CHOICES)).prune(self.num_heads)
         tree = choice_tree(parse_choices(self.tree_choices))
@@ -100,19 +107,31 @@ def resolve(path_or_id: str | Path) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG, WEIGHTS]))
+    # *.safetensors and the index: a model that ships MTP weights in its own (sharded) checkpoint.
+    return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG, "*.safetensors", "model.safetensors.index.json"]))
 
 
-def load_heads(path_or_id: str | Path, target) -> MedusaHeads:
-    """Heads for ``target`` (a loaded causal LM), on its device and in its dtype."""
+def load_heads(path_or_id: str | Path, target, kind: str = "medusa"):
+    """Heads of ``kind`` for ``target`` (a loaded causal LM), on its device and in its
+    dtype. MTP modules also load from a target checkpoint that ships them."""
     folder = resolve(path_or_id)
-    config = HeadsConfig.model_validate(json.loads((folder / CONFIG).read_text()))
-    if config.kind != "medusa":
-        raise ValueError(f"{folder}: heads of kind {config.kind!r}, expected medusa")
+    raw = json.loads((folder / CONFIG).read_text())
+    if kind == "mtp" and "kind" not in raw:  # a model's own config: its checkpoint's MTP weights
+        from .mtp import load_checkpoint_mtp
+
+        return load_checkpoint_mtp(folder, target)
+    config = HeadsConfig.model_validate(raw)
+    if config.kind != kind:
+        raise ValueError(f"{folder}: heads of kind {config.kind!r}, expected {kind}")
     text = target.config.get_text_config(decoder=True)
     if (config.hidden_size, config.vocab_size) != (text.hidden_size, target.get_output_embeddings().weight.shape[0]):
         raise ValueError(f"{folder}: heads for hidden {config.hidden_size} / vocab {config.vocab_size} do not fit "
                          f"this target (hidden {text.hidden_size}, vocab {target.get_output_embeddings().weight.shape[0]})")
-    heads = MedusaHeads(config, target.get_output_embeddings())
+    if kind == "mtp":
+        from .mtp import MtpHeads
+
+        heads = MtpHeads(config, target)
+    else:
+        heads = MedusaHeads(config, target.get_output_embeddings())
     heads.load_state_dict(load_file(folder / WEIGHTS))
     return heads.to(device=target.device, dtype=target.dtype).eval()

@@ -23,19 +23,26 @@ class ModelPaths:
     target: str
     draft: str
     medusa: str | None = None  # Medusa heads for the target: folder or hub id
+    # MTP modules: a heads folder or hub id; None = the target's own checkpoint, if it ships them
+    mtp: str | None = None
 
 
 def bundled_paths() -> ModelPaths:
     return resolve_paths()
 
 
-def resolve_paths(target: str | None = None, draft: str | None = None, medusa: str | None = None) -> ModelPaths:
+def resolve_paths(target: str | None = None, draft: str | None = None, medusa: str | None = None,
+                  mtp: str | None = None) -> ModelPaths:
     """Unset models are the bundled ones; unset heads are those beside the target
-    (``<target>-medusa``, where ``outrider build-heads`` saves them), if any."""
+    (``<target>-medusa``, ``<target>-mtp``: where ``outrider build-heads`` saves them), if any."""
     target = target or str(BUNDLED_DIR / "target")
-    beside = Path(target).with_name(Path(target).name + "-medusa")
+
+    def beside(kind: str) -> str | None:
+        folder = Path(target).with_name(f"{Path(target).name}-{kind}")
+        return str(folder) if folder.is_dir() else None
+
     return ModelPaths(target=target, draft=draft or str(BUNDLED_DIR / "draft"),
-                      medusa=medusa or (str(beside) if beside.is_dir() else None))
+                      medusa=medusa or beside("medusa"), mtp=mtp or beside("mtp"))
 
 
 def default_dtype(device: str) -> torch.dtype:

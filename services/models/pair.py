@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,6 +10,7 @@ from ..core.engine import SpeculativeEngine
 from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
 from ..core.head_proposers import MedusaProposer
+from ..core.mtp_proposer import MtpProposer
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..core.tree import choice_tree, parse_choices
 from ..core.verifier import TargetVerifier
@@ -17,7 +18,9 @@ from ..core.target import TargetRunner
 from .heads import load_heads
 from .loading import ModelPaths, check_pair, load_model, load_tokenizer, max_context
 
-DRAFTERS = ("draft", "ngram", "medusa", "none")
+HEAD_KINDS = ("medusa", "mtp")  # drafters that run on the verifier, from the target's hidden states
+DRAFTERS = ("draft", "ngram", *HEAD_KINDS, "none")
+MAX_HEAD_DEPTH = 8
 
 
 @dataclass
@@ -26,7 +29,7 @@ class ModelPair:
     draft: torch.nn.Module | None
     tokenizer: object
     paths: ModelPaths
-    heads: torch.nn.Module | None = None  # Medusa heads on the target
+    heads: dict[str, torch.nn.Module] = field(default_factory=dict)  # kind -> heads on the target
 
     @property
     def eos_token_id(self) -> int | None:
@@ -43,21 +46,35 @@ def load_pair(
     dtype: str = "default",
     with_draft: bool = True,
     trust_remote_code: bool = False,
-    with_heads: bool = False,
+    heads: tuple[str, ...] = (),
 ) -> ModelPair:
+    """``heads``: the kinds of drafting heads to load (of HEAD_KINDS)."""
     tokenizer = load_tokenizer(paths.target, trust_remote_code)
     target = load_model(paths.target, device, dtype, trust_remote_code)
     draft = None
     if with_draft:
         draft = load_model(paths.draft, device, dtype, trust_remote_code)
         check_pair(target.config, draft.config, tokenizer, load_tokenizer(paths.draft, trust_remote_code))
-    heads = None
-    if with_heads:
-        if paths.medusa is None:
-            raise InvalidRequest(f"no Medusa heads for {paths.target}: build them with `outrider build-heads "
-                                 f"--target {paths.target}` or pass --medusa")
-        heads = load_heads(paths.medusa, target)
-    return ModelPair(target=target, draft=draft, tokenizer=tokenizer, paths=paths, heads=heads)
+    loaded = {kind: load_pair_heads(paths, kind, target) for kind in heads}
+    return ModelPair(target=target, draft=draft, tokenizer=tokenizer, paths=paths, heads=loaded)
+
+
+def load_pair_heads(paths: ModelPaths, kind: str, target) -> torch.nn.Module:
+    """Heads of ``kind`` for the loaded ``target``: from their folder (or hub id) in
+    ``paths``; MTP modules otherwise from the target's own checkpoint if it ships them."""
+    if kind not in HEAD_KINDS:
+        raise InvalidRequest(f"unknown heads {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
+    where = getattr(paths, kind)
+    if where is None and kind == "medusa":
+        raise InvalidRequest(f"no Medusa heads for {paths.target}: build them with `outrider build-heads "
+                             f"--target {paths.target}` or pass --medusa")
+    try:
+        return load_heads(where or paths.target, target, kind)
+    except ValueError as err:
+        if where is None:
+            raise InvalidRequest(f"no MTP modules for {paths.target}: it ships none in a known layout ({err}); build "
+                                 f"them with `outrider build-heads --kind mtp --target {paths.target}` or pass --mtp") from None
+        raise InvalidRequest(str(err)) from None
 
 
 def make_proposer(pair: ModelPair, drafter: str, confidence_stop: float = 0.0, tree: str | None = None) -> Proposer | None:
@@ -68,24 +85,30 @@ def make_proposer(pair: ModelPair, drafter: str, confidence_stop: float = 0.0, t
         return DraftModelProposer(pair.draft, confidence_stop=confidence_stop)
     if drafter == "ngram":
         return NgramProposer(device=pair.target.device)
-    if drafter == "medusa":
-        if pair.heads is None:
-            raise InvalidRequest("the medusa drafter needs Medusa heads (load_pair(..., with_heads=True))")
-        return medusa_proposer(pair.heads, tree)
+    if drafter in HEAD_KINDS:
+        if drafter not in pair.heads:
+            raise InvalidRequest(f"the {drafter} drafter needs its heads (load_pair(..., heads=({drafter!r},)))")
+        return head_proposer(pair.heads[drafter], tree)
     if drafter == "none":
         return None
     raise InvalidRequest(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
 
 
-def medusa_proposer(heads, tree: str | None = None) -> MedusaProposer:
-    """Drafts ``tree`` (paths of candidate ranks; None or "" = the heads' tuned tree)."""
+def head_proposer(heads, tree: str | None = None) -> MedusaProposer | MtpProposer:
+    """Drafts ``tree`` (paths of candidate ranks; None or "" = the heads' tuned tree)
+    with Medusa heads or MTP modules (``heads.config.kind``)."""
     try:
         shape = choice_tree(parse_choices(tree)) if tree else heads.config.tree()
     except ValueError as err:
         raise InvalidRequest(str(err)) from None
+    device = next(heads.parameters()).device
+    if heads.config.kind == "mtp":
+        if shape.shape.max_depth > MAX_HEAD_DEPTH:
+            raise InvalidRequest(f"tree depth {shape.shape.max_depth} exceeds {MAX_HEAD_DEPTH} MTP depths")
+        return MtpProposer(heads, shape, device)
     if shape.shape.max_depth > heads.config.num_heads:
         raise InvalidRequest(f"tree depth {shape.shape.max_depth} exceeds the {heads.config.num_heads} Medusa heads")
-    return MedusaProposer(heads, shape, next(heads.parameters()).device)
+    return MedusaProposer(heads, shape, device)
 
 
 def make_engine(

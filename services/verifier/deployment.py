@@ -18,9 +18,8 @@ from ..core.errors import InvalidRequest
 from ..core.verifier import TargetVerifier
 from ..core.kv_pool import BLOCK_TOKENS
 from ..core.target import TargetRunner
-from ..models.heads import load_heads
 from ..models.loading import context_length, load_config, load_model, load_tokenizer
-from ..models.pair import medusa_proposer
+from ..models.pair import head_proposer, load_pair_heads
 from ..rpc import internal_pb2
 from ..state.client import PrefixSharing, ShardedPrefixSharing, replica_state_client
 from ..telemetry import tracing
@@ -61,7 +60,9 @@ class Verifier:
                 prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"{salt}|{runner.model.dtype}")
         context = serve.get_replica_context()
         replica = context.replica_id.unique_id
-        head_proposer = _medusa(load_heads(paths.medusa, runner.model)) if cfg.head_methods()["medusa"] is None else None
+        heads = {kind: load_pair_heads(paths, kind, runner.model) for kind, why in cfg.head_methods().items()
+                 if why is None}
+        head_proposer = _heads_proposer(heads) if heads else None
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica,
                                        head_proposer=head_proposer)
         if isinstance(runner, TargetRunner):  # a tensor-parallel group's pools live on its ranks
@@ -91,12 +92,12 @@ class Verifier:
         return ray.get_runtime_context().get_node_id()
 
 
-def _medusa(heads):
-    """The verifier's head proposer: one per request, for the tree it asks for."""
+def _heads_proposer(heads: dict):
+    """The verifier's head proposer: one per request, for the method and tree it asks for."""
 
-    def head_proposer(method: str, tree: str):
-        if method != "medusa":
-            raise InvalidRequest(f"this verifier serves MEDUSA heads, not {method.upper()}")
-        return medusa_proposer(heads, tree)
+    def proposer(method: str, tree: str):
+        if method not in heads:
+            raise InvalidRequest(f"this verifier serves {', '.join(k.upper() for k in heads)}, not {method.upper()}")
+        return head_proposer(heads[method], tree)
 
-    return head_proposer
+    return proposer

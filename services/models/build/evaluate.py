@@ -9,7 +9,7 @@ from ...core.gamma import GammaSchedule
 from ...core.sampling import SamplingParams
 from ...core.stats import GenerationStats
 from ..loading import ModelPaths
-from ..pair import load_pair, make_engine
+from ..pair import HEAD_KINDS, load_pair, make_engine
 from .corpus import read_text
 
 PROMPT_CHARS = 320
@@ -37,7 +37,7 @@ def write_prompts(prompts: list[str], path: Path) -> None:
 
 
 def greedy_acceptance(paths: ModelPaths, prompts: list[str], drafter: str, gamma: int, max_new: int) -> dict:
-    pair = load_pair(paths, with_draft=drafter == "draft", with_heads=drafter == "medusa")
+    pair = load_pair(paths, with_draft=drafter == "draft", heads=(drafter,) if drafter in HEAD_KINDS else ())
     engine = make_engine(pair, drafter, GammaSchedule(initial=gamma))
     total = GenerationStats()
     for text in prompts:

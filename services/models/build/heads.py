@@ -1,4 +1,5 @@
-"""``outrider build-heads``: Medusa heads for any causal-LM target, by self-distillation.
+"""``outrider build-heads``: Medusa heads or MTP modules (build/mtp.py) for any
+causal-LM target, by self-distillation.
 
 Stages, each leaving its result in the work folder (re-running resumes):
   1. prompts: windows of the stdlib corpus in the target's tokenizer (held-out modules
@@ -33,9 +34,11 @@ from ...core.gamma import MAX_GAMMA
 from ...core.target import Feed, TargetRunner
 from ...core.tree import format_choices, tree_shape
 from ..heads import HeadsConfig, MedusaHeads
+from ..mtp import MtpHeads, init_from_target
 from ..loading import load_model, load_tokenizer, resolve_paths
 from .corpus import split_corpus
 from .evaluate import greedy_acceptance, heldout_prompts
+from .mtp import mtp_draft_s, mtp_truth_ranks, train_mtp
 from .pipeline import tokenize_files
 from .train import TrainSpec, _load_ckpt, _save_ckpt, lr_at
 
@@ -46,7 +49,10 @@ class HeadsBuild:
     out_dir: Path
     work_dir: Path
     device: str = "cpu"
-    num_heads: int = 4
+    kind: str = "medusa"  # or "mtp"
+    num_heads: int = 4  # Medusa heads, or MTP modules
+    depths: int = 4  # MTP drafting depths trained and tuned (past num_heads they reuse the last module)
+    window: int = 128  # MTP training window (tokens)
     num_layers: int = 1
     share_lm_head: bool = True
     sequences: int = 1024  # self-distillation continuations
@@ -65,10 +71,10 @@ class HeadsBuild:
     ckpt_every_s: float = 60.0
 
 
-def default_out_dir(target: str) -> Path:
-    """Beside a local target (``<target>-medusa``); under the working folder for a Hub id."""
+def default_out_dir(target: str, kind: str = "medusa") -> Path:
+    """Beside a local target (``<target>-<kind>``); under the working folder for a Hub id."""
     path = Path(target)
-    return path.with_name(path.name + "-medusa") if path.is_dir() else Path(target.replace("/", "--") + "-medusa")
+    return path.with_name(f"{path.name}-{kind}") if path.is_dir() else Path(f"{target.replace('/', '--')}-{kind}")
 
 
 def build_heads(cfg: HeadsBuild) -> dict:
@@ -84,19 +90,27 @@ def build_heads(cfg: HeadsBuild) -> dict:
     held_hidden = _hidden_states(cfg, target, held_seqs, "heldout")
 
     text = target.config.get_text_config(decoder=True)
-    config = HeadsConfig(hidden_size=text.hidden_size, vocab_size=target.get_output_embeddings().weight.shape[0],
-                         num_heads=cfg.num_heads, num_layers=cfg.num_layers, share_lm_head=cfg.share_lm_head,
-                         target=str(cfg.target))
-    heads = MedusaHeads(config, target.get_output_embeddings()).to(cfg.device)
-    _train(cfg, heads, target, hidden)
-    heads.eval()
-
+    config = HeadsConfig(kind=cfg.kind, hidden_size=text.hidden_size,
+                         vocab_size=target.get_output_embeddings().weight.shape[0], num_heads=cfg.num_heads,
+                         num_layers=cfg.num_layers, share_lm_head=cfg.share_lm_head, target=str(cfg.target))
     greedy = np.arange(len(held_seqs)) % 2 == 0  # tune for greedy text (sampled halves kept for the report)
-    ranks = truth_ranks(heads, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
+    if cfg.kind == "mtp":
+        heads = MtpHeads(config, target).to(cfg.device)
+        init_from_target(heads, target)
+        train_mtp(cfg, heads, target, hidden, train_seqs)
+        heads.eval()
+        ranks = mtp_truth_ranks(heads, cfg.depths, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
+        draft_s = mtp_draft_s(heads, cfg.depths, 256, cfg.device)
+    else:
+        heads = MedusaHeads(config, target.get_output_embeddings()).to(cfg.device)
+        _train(cfg, heads, target, hidden)
+        heads.eval()
+        ranks = truth_ranks(heads, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
+        draft_s = medusa_draft_s(heads, cfg.device)
     acceptance = rank_acceptance(ranks)
-    cost_file = cfg.work_dir / "verify_cost.npy"  # a timing: measured once, so a re-run picks the same tree
+    cost_file = cfg.work_dir / f"verify_cost.{cfg.kind}.npy"  # a timing: measured once, so a re-run picks the same tree
     if not cost_file.exists() or len(np.load(cost_file)) <= cfg.max_tree_nodes:
-        np.save(cost_file, verify_cost(target, cfg.max_tree_nodes, cfg.device, heads=heads))
+        np.save(cost_file, verify_cost(target, cfg.max_tree_nodes, cfg.device, draft_s=draft_s))
     cost = np.load(cost_file)
     choices, expected = choose_tree(ranks, cost, cfg.max_tree_nodes)
     heads.config = config.model_copy(update={"tree_choices": format_choices(choices)})
@@ -112,8 +126,8 @@ def build_heads(cfg: HeadsBuild) -> dict:
         "bytes": (cfg.out_dir / "model.safetensors").stat().st_size,
     }
     # What a user sees: in-process greedy Medusa on held-out prompts (per depth, per rank).
-    paths = resolve_paths(cfg.target, medusa=str(cfg.out_dir))
-    report["heldout_acceptance"] = greedy_acceptance(paths, heldout_prompts(split.heldout, cfg.eval_prompts), "medusa",
+    paths = resolve_paths(cfg.target, **{cfg.kind: str(cfg.out_dir)})
+    report["heldout_acceptance"] = greedy_acceptance(paths, heldout_prompts(split.heldout, cfg.eval_prompts), cfg.kind,
                                                      MAX_GAMMA, cfg.eval_max_new_tokens)
     (cfg.out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -237,31 +251,37 @@ def rank_acceptance(ranks: np.ndarray, max_rank: int = 16) -> np.ndarray:
     return np.stack([np.bincount(ranks[:, k], minlength=max_rank + 1)[:max_rank] for k in range(ranks.shape[1])]) / len(ranks)
 
 
+def median_s(fn, device: str, repeats: int = 5) -> float:
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+
 @torch.no_grad()
-def verify_cost(target, max_nodes: int, device: str, repeats: int = 5, heads: MedusaHeads | None = None) -> np.ndarray:
+def medusa_draft_s(heads: MedusaHeads, device: str) -> float:
+    """The heads' draft from one hidden state, which every round with a tree pays."""
+    hidden = torch.zeros(heads.config.hidden_size, device=device, dtype=next(heads.parameters()).dtype)
+    return median_s(lambda: heads(hidden), device)
+
+
+@torch.no_grad()
+def verify_cost(target, max_nodes: int, device: str, repeats: int = 5, draft_s: float = 0.0) -> np.ndarray:
     """cost[n]: the time of one verification pass with an n-node tree after a 256-token
-    context, relative to n = 0 (one token), measured on this device; with ``heads``,
-    plus their draft from one hidden state (which every round with a tree pays)."""
+    context, relative to n = 0 (one token), measured on this device; plus ``draft_s``,
+    the heads' drafting (a round with a tree pays it)."""
     runner = TargetRunner(target, kv_cache_bytes=64 * 2**20)
     runner.prefill("ctx", list(range(3, 259)), [])
-    hidden = torch.zeros(target.get_output_embeddings().weight.shape[1], device=target.device, dtype=target.dtype)
-
-    def median_s(fn) -> float:
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - t0)
-        return float(np.median(samples))
 
     feeds = [Feed("ctx", 256, [5] + [7] * n, n + 1, tree_shape(tuple([-1] * n)).parents if n else None)
              for n in range(max_nodes + 1)]
-    times = np.array([median_s(lambda feed=feed: runner.forward([feed])) for feed in feeds])
+    times = np.array([median_s(lambda feed=feed: runner.forward([feed]), device, repeats) for feed in feeds])
     times = np.maximum.accumulate(times)  # noise aside, more nodes never cost less
-    if heads is not None:
-        times[1:] += median_s(lambda: heads(hidden))
+    times[1:] += draft_s
     return times / times[0]
 
 
