@@ -67,7 +67,7 @@ def load_pair_heads(paths: ModelPaths, kind: str, target) -> torch.nn.Module:
     where = getattr(paths, kind)
     if where is None and kind == "medusa":
         raise InvalidRequest(f"no Medusa heads for {paths.target}: build them with `outrider build-heads "
-                             f"--target {paths.target}` or pass --medusa")
+                             f"--kind medusa --target {paths.target}` or pass --medusa")
     try:
         return load_heads(where or paths.target, target, kind)
     except ValueError as err:

@@ -55,7 +55,7 @@ class VerifierService:
                  max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | ShardedPrefixSharing | None = None,
                  name: str = "", head_proposer: Callable[[str, str], Proposer] | None = None):
         """``head_proposer(method, tree)``: a proposer for a request drafted by heads on
-        this replica (MEDUSA), raising InvalidRequest for one it cannot serve."""
+        this replica (MEDUSA, MTP), raising InvalidRequest for one it cannot serve."""
         self.engine = engine
         self.head_proposer = head_proposer
         self.find_drafter = find_drafter
@@ -133,7 +133,7 @@ class VerifierService:
 
     async def _local_rounds(self, seq: SequenceState, req, trace_ctx) -> AsyncIterator[list[int]]:
         """Rounds with no draft hop: target-only, or drafted here by heads from the
-        hidden state of the pass before (the first round drafts nothing)."""
+        hidden states of the pass before (the first round's from the prefill's)."""
         await self._prefill(seq, trace_ctx)
         round = req.first_round
         while not seq.finished:

@@ -52,3 +52,15 @@ def test_node_demand_counts_replicas_and_tensor_parallel_ranks():
                                                                   "resources": {DRAFTER_RESOURCE: 1}})
     assert gpu.node_demand()[VERIFIER_RESOURCE]["GPU"] == 4.0
     assert gpu.node_demand()[DRAFTER_RESOURCE]["GPU"] == 0.5
+
+
+def test_head_methods_say_which_heads_are_served_and_why_not(tmp_path):
+    from tiny_models import tiny
+
+    served = AppArgs().head_methods()  # the bundled target ships both beside it
+    assert served == {"medusa": None, "mtp": None}
+    assert "tensor-parallel" in AppArgs.model_validate({"tensor_parallel_size": 2}).head_methods()["mtp"]
+    tiny("llama", seed=0).save_pretrained(tmp_path / "plain")
+    why = AppArgs.model_validate({"target": str(tmp_path / "plain")}).head_methods()
+    assert "build-heads --kind medusa" in why["medusa"] and "build-heads --kind mtp" in why["mtp"]
+    assert AppArgs.model_validate({"target": str(tmp_path / "plain"), "mtp": "org/mtp"}).head_methods()["mtp"] is None

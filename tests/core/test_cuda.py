@@ -119,3 +119,27 @@ def test_medusa_trees_on_cuda(dtype):
         assert sum(a == b for a, b in zip(result.token_ids, plain)) >= 20
     sampled = engine.generate(prompt, 30, SamplingParams(temperature=0.8, seed=4)).token_ids
     assert sampled == engine.generate(prompt, 30, SamplingParams(temperature=0.8, seed=4)).token_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mtp_trees_on_cuda(dtype):
+    """MTP modules on the GPU (their caches, masks and the shared embedding/LM head in
+    the target's dtype): fp32 is exact greedy; bf16 runs the same path and stays close."""
+    from tiny_models import random_mtp
+
+    from services.core.mtp_proposer import MtpProposer
+    from services.core.tree import choice_tree, parse_choices
+
+    target = tiny("llama", seed=0).to("cuda", dtype)
+    mtp = random_mtp(target, 1).to("cuda", dtype)
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    plain = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256).generate(prompt, 40).token_ids
+    engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)),
+                               MtpProposer(mtp, choice_tree(parse_choices("0;1;0.0;0.1;0.0.0")), "cuda"), None, 256,
+                               GammaSchedule(8))
+    result = engine.generate(prompt, 40)
+    assert result.stats.drafted > 0
+    if dtype == torch.float32:
+        assert result.token_ids == plain
+    else:
+        assert sum(a == b for a, b in zip(result.token_ids, plain)) >= 20

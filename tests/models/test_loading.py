@@ -44,8 +44,9 @@ def test_unknown_drafter_is_rejected(pair_dirs):
     pair = load_pair(ModelPaths(str(target), str(draft)), with_draft=False)
     with pytest.raises(InvalidRequest, match="unknown drafter"):
         make_proposer(pair, "eagle")
-    with pytest.raises(InvalidRequest, match="needs Medusa heads"):
-        make_proposer(pair, "medusa")
+    for kind in ("medusa", "mtp"):
+        with pytest.raises(InvalidRequest, match=f"the {kind} drafter needs its heads"):
+            make_proposer(pair, kind)
     with pytest.raises(InvalidRequest, match="needs a draft model"):
         make_proposer(pair, "draft")
 
