@@ -17,6 +17,7 @@ from .proposals import Proposal
 from .proposers import Proposer
 from .sampling import SamplingParams
 from .stats import GenerationStats
+from .target import FINAL
 from .verifier import TargetKV, TargetVerifier, VerifyRequest
 
 
@@ -72,9 +73,12 @@ def draft_room(proposer: Proposer | None) -> int:
     return max(MAX_GAMMA, getattr(proposer, "max_nodes", 0))
 
 
-def reads_hidden(proposer: Proposer | None) -> bool:
-    """The proposer drafts from the target's hidden state (heads on the verifier)."""
-    return getattr(proposer, "uses_target_hidden", False)
+def reads_hidden(proposer: Proposer | None) -> str:
+    """Which hidden states of the target the proposer drafts from (heads on the
+    verifier; core/target.py HIDDEN_KINDS), "" for none."""
+    if not getattr(proposer, "uses_target_hidden", False):
+        return ""
+    return getattr(proposer, "target_hidden", FINAL)
 
 
 class SpeculativeEngine:
@@ -159,7 +163,8 @@ class SpeculativeEngine:
         reserve = len(seq.committed) + seq.remaining + draft_room(seq.proposer) + 1
         if reads_hidden(seq.proposer):
             # Heads on the verifier read the prompt's hidden states: the first round drafts too.
-            hidden = self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached, reserve, hidden=True)
+            hidden = self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached, reserve,
+                                           hidden=reads_hidden(seq.proposer))
             if hidden is not None:
                 seq.proposer.observe(seq.draft_state, len(seq.committed) - 1 - len(hidden), hidden)
         else:

@@ -34,10 +34,13 @@ from .head_proposers import tree_of_candidates
 from .kv_chunks import KVChunk
 from .proposals import Proposal
 from .sampling import SamplingParams
+from .target import FINAL
 from .tree import ChoiceTree
 
 
 class MtpModules(Protocol):
+    target_hidden: str  # which of the target's hidden states depth 1 reads (core/target.py HIDDEN_KINDS)
+
     def new_cache(self) -> object: ...  # one depth's KV, grown by run_depth
 
     def truncate(self, cache, length: int) -> None: ...  # keep the first ``length`` entries
@@ -71,6 +74,7 @@ class MtpProposer:
     def __init__(self, modules: MtpModules, tree: ChoiceTree, device: torch.device | str = "cpu"):
         self.modules, self.tree, self.device = modules, tree, device
         self.depths = tree.shape.max_depth
+        self.target_hidden = getattr(modules, "target_hidden", FINAL)
 
     @property
     def max_nodes(self) -> int:

@@ -19,6 +19,10 @@ from .kv_pool import KVPool, PagedSeq, pass_cache
 from .tree import tree_shape
 
 DEFAULT_KV_CACHE_BYTES = 2 * 2**30
+# Hidden states drafting heads read: the final (normed) one the LM head reads, or the
+# residual stream before the final norm.
+FINAL, PRE_NORM = "final", "pre_norm"
+HIDDEN_KINDS = (FINAL, PRE_NORM)
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,13 @@ class TargetRunner:
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
         """Logits [logits_to_keep, V] per feed, in order. Raises PoolExhausted, having
         changed nothing, when the pool cannot hold the pass."""
-        return self.forward_with_hidden(feeds, hidden=False)[0]
+        return self.forward_with_hidden(feeds, ())[0]
 
     @torch.inference_mode()
-    def forward_with_hidden(self, feeds: list[Feed], hidden: bool = True) -> tuple[list[torch.Tensor], list | None]:
-        """Logits per feed and, with ``hidden``, the final hidden states [len(tokens), H]
-        at every fed position (what drafting heads on the verifier read: Medusa the
-        last, MTP all of them)."""
+    def forward_with_hidden(self, feeds: list[Feed], kinds: tuple[str, ...] = (FINAL,)) -> tuple[list, dict | None]:
+        """Logits per feed and, for each of ``kinds`` (HIDDEN_KINDS), hidden states
+        [len(tokens), H] per feed at every fed position: what drafting heads on the
+        verifier read (Medusa the last, MTP all of them). {kind: [per feed]}."""
         if len({f.session for f in feeds}) != len(feeds):
             raise ValueError("a session appears twice in one batch")
         if min(f.logits_to_keep for f in feeds) < 1 or min(len(f.tokens) for f in feeds) < 1:
@@ -94,25 +98,29 @@ class TargetRunner:
             positions = torch.tensor(past)[:, None] + torch.arange(N)[None, :]
             extra = dict(attention_mask=mask.to(device), position_ids=positions.to(device))
         window = max(N - n + f.logits_to_keep for n, f in zip(new, feeds))
-        captured = []
-        hook = None
-        if hidden:
+        captured, hooks = {}, []
+        decoder = self.model.get_decoder()
+        def keep(kind, value) -> None:  # (a hook that returns something replaces the output)
+            captured[kind] = value
+
+        if FINAL in kinds:
             # The decoder's output is the final (normed) hidden state the LM head reads, in
             # any family, at every position (the LM head itself sees only the kept ones).
-            hook = self.model.get_decoder().register_forward_hook(lambda m, args, out: captured.append(out[0]))
+            hooks.append(decoder.register_forward_hook(lambda m, args, out: keep(FINAL, out[0])))
+        if PRE_NORM in kinds:  # the residual stream before the final norm (MiMo's MTP reads it)
+            hooks.append(decoder.norm.register_forward_hook(lambda m, args, out: keep(PRE_NORM, args[0])))
         try:
             out = self.model(input_ids=ids.to(device), cache=cache, use_cache=True, logits_to_keep=window, **extra)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
-        logits, states = [], []
+        logits = []
         for i, (feed, n) in enumerate(zip(feeds, new)):
             end = window - (N - n)
             logits.append(out.logits[i, end - feed.logits_to_keep : end])
-            if hidden:
-                states.append(captured[0][i, :n])
             seqs[i].tokens.extend(feed.tokens)
-        return logits, states if hidden else None
+        states = {kind: [captured[kind][i, :n] for i, n in enumerate(new)] for kind in kinds}
+        return logits, states if kinds else None
 
     def _move(self, seq: PagedSeq, moves: tuple[tuple[int, int], ...]) -> None:
         """Copy positions within a session: an accepted tree path into place. One gather
@@ -150,13 +158,13 @@ class TargetRunner:
 
     @torch.inference_mode()  # the pool may have been allocated in a forward: writes need the same mode
     def prefill(self, session: str, tokens: list[int], cached: list[KVChunk], reserve: int = 0,
-                hidden: bool = False) -> torch.Tensor | None:
+                hidden: str = "") -> torch.Tensor | None:
         """Cache ``tokens`` for a new session, starting from ``cached`` (chunks of a
         shared prefix, computed by any replica) and computing only the rest. ``reserve``:
         positions to hold for the session from the start (its prompt, its budget of new
         tokens and a block of drafts), so that it cannot run out of pool mid-stream.
-        With ``hidden``, returns the final hidden states [n, H] of the positions it
-        computed (the last n of ``tokens``; None when it computed none)."""
+        With ``hidden`` (a HIDDEN_KINDS kind), returns those hidden states [n, H] at the
+        positions it computed (the last n of ``tokens``; None when it computed none)."""
         if sum(len(c.tokens) for c in cached) > len(tokens) or \
                 [t for c in cached for t in c.tokens] != tokens[: sum(len(c.tokens) for c in cached)]:
             raise ValueError(f"session {session}: cached chunks are not a prefix of its tokens")
@@ -174,8 +182,9 @@ class TargetRunner:
             seq.tokens.extend(chunk.tokens)
             position = chunk.end
         if len(tokens) > len(seq):
-            _, states = self.forward_with_hidden([Feed(session, len(seq), tokens[len(seq) :], 1)], hidden)
-            return states[0] if hidden else None
+            _, states = self.forward_with_hidden([Feed(session, len(seq), tokens[len(seq) :], 1)],
+                                                 (hidden,) if hidden else ())
+            return states[hidden][0] if hidden else None
         return None
 
     @torch.inference_mode()

@@ -42,7 +42,9 @@ class VerifyRequest:
     proposal: Proposal  # drafts to check after committed[-1]
     params: SamplingParams  # seed resolved
     round: int  # keys the round's random stream: (seed, round) draws the same on any replica
-    hidden: bool = False  # return the target's hidden states where it chose the round's tokens
+    # Return the target's hidden states of this kind (core/target.py HIDDEN_KINDS; "" = none)
+    # where it chose the round's tokens.
+    hidden: str = ""
 
 
 class TargetVerifier:
@@ -60,18 +62,18 @@ class TargetVerifier:
         self.runner.release([kv.session for kv in kvs])
 
     def prefill(self, kv: TargetKV, tokens: list[int], cached: list = (), reserve: int = 0,
-                hidden: bool = False) -> torch.Tensor | None:
+                hidden: str = "") -> torch.Tensor | None:
         """``cached``: blocks of a shared prefix of ``tokens`` (a new session only), in
         the form the runner takes: KVChunks, or a tensor-parallel runner's per-rank refs.
         ``reserve``: positions a new session holds in the pool from the start (raises
         PoolExhausted, changing nothing, when they are not free). With ``hidden`` (a new
-        session only), the target's final hidden states [n, H] at the last n positions of
-        ``tokens``, the ones it computed (None if none)."""
+        session only), the target's hidden states of that kind [n, H] at the last n
+        positions of ``tokens``, the ones it computed (None if none)."""
         if not kv.tokens:
             if hidden:
                 if not hasattr(self.runner, "forward_with_hidden"):
                     raise ValueError("drafting heads need the target's hidden states: a tensor-parallel target has none yet")
-                states = self.runner.prefill(kv.session, tokens, list(cached), reserve, hidden=True)
+                states = self.runner.prefill(kv.session, tokens, list(cached), reserve, hidden=hidden)
             else:
                 states = self.runner.prefill(kv.session, tokens, list(cached), reserve)
             kv.tokens = list(tokens)
@@ -96,10 +98,11 @@ class TargetVerifier:
             # The last g+1 logits are p at the root (the last committed token) and after each node.
             feeds.append(self._feed(req.kv, req.committed + req.proposal.tokens.tolist(), len(req.proposal), tree))
         try:
-            if any(req.hidden for req in batch):
+            kinds = tuple(sorted({req.hidden for req in batch if req.hidden}))
+            if kinds:
                 if not hasattr(self.runner, "forward_with_hidden"):
                     raise ValueError("drafting heads need the target's hidden states: a tensor-parallel target has none yet")
-                all_logits, hidden = self.runner.forward_with_hidden(feeds)
+                all_logits, hidden = self.runner.forward_with_hidden(feeds, kinds)
             else:
                 all_logits, hidden = self.runner.forward(feeds), None
         except BaseException:
@@ -124,7 +127,7 @@ class TargetVerifier:
                 # committed token (slot ``root`` of the feed), then at each accepted node.
                 root = len(feeds[b].tokens) - len(req.proposal) - 1
                 slots = [root] + [root + 1 + node for node in outcome.path]
-                outcomes[b] = replace(outcome, hidden=hidden[b][slots])
+                outcomes[b] = replace(outcome, hidden=hidden[req.hidden][b][slots])
         return outcomes
 
     def accept(self, batch: list[VerifyRequest], all_logits: list[torch.Tensor]) -> list[VerifyOutcome]:

@@ -9,8 +9,10 @@ head. The embedding and the LM head are the target's, shared and never saved.
 Our Hub format (``outrider build-heads --kind mtp``): ``config.json`` (HeadsConfig,
 kind "mtp") and ``layers.{k}.{enorm,hnorm,eh_proj,block.*,norm}`` in bf16 safetensors.
 Checkpoints that ship MTP weights load straight from the target's own safetensors
-(``CHECKPOINT_LAYOUTS``): DeepSeek-V3 and GLM-4.5 (``model.layers.{N+k}.*``) and
-Qwen3-Next (``mtp.*``, zero-centred norms, which its own norm class applies).
+(``CHECKPOINT_LAYOUTS``): DeepSeek-V3 and GLM-4.5 (``model.layers.{N+k}.*``),
+Qwen3-Next (``mtp.*``, zero-centred norms, which its own norm class applies) and MiMo
+(``model.mtp_layers.{k}.*``: reads the target's state before its final norm and
+concatenates [hidden; embedding], which loading reorders to ours).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.target import FINAL, PRE_NORM
 from .heads import HeadsConfig
 
 
@@ -52,11 +55,13 @@ class MtpModule(nn.Module):
 class MtpHeads(nn.Module):
     """D modules; depth k >= D reuses the last one (see core/mtp_proposer.py)."""
 
-    def __init__(self, config: HeadsConfig, target, carry_normed: bool = False):
+    def __init__(self, config: HeadsConfig, target, carry_normed: bool = False, target_hidden: str = FINAL):
         super().__init__()
         self.config = config
-        # Qwen3-Next carries (and feeds the LM head) the normed output; DeepSeek the block's.
+        # Qwen3-Next and MiMo carry (and feed the LM head) the normed output; DeepSeek the block's.
         self.carry_normed = carry_normed
+        # The target's state depth 1 reads: the final (normed) one, or before its norm (MiMo).
+        self.target_hidden = target_hidden
         text = target.config.get_text_config(decoder=True)
         layer_cls, norm_cls, rotary = decoder_parts(target)
         self.layers = nn.ModuleList(MtpModule(text, layer_cls, norm_cls) for _ in range(config.num_heads))
@@ -152,6 +157,8 @@ class Layout:
     skip: tuple = ()  # shared with the target, not loaded
     carry_normed: bool = False
     single: bool = False  # one module holding all the MTP layers (Qwen3-Next): one is supported
+    hidden_first: bool = False  # the projection reads [hidden; embedding] (MiMo), not [embedding; hidden]
+    target_hidden: str = FINAL
 
 
 CHECKPOINT_LAYOUTS = (
@@ -160,6 +167,9 @@ CHECKPOINT_LAYOUTS = (
            skip=("embed_tokens", "shared_head.head")),
     Layout("qwen3-next", "mtp.", {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidden": "hnorm",
                                   "norm": "norm", "layers.0": "block"}, carry_normed=True, single=True),
+    Layout("mimo", "model.mtp_layers.{k}.", {"token_layernorm": "enorm", "hidden_layernorm": "hnorm",
+                                             "input_proj": "eh_proj", "final_layernorm": "norm"},
+           carry_normed=True, hidden_first=True, target_hidden=PRE_NORM),
 )
 
 
@@ -180,16 +190,18 @@ def checkpoint_tensors(folder: Path) -> dict[str, Path]:
 def find_layout(names, num_layers: int) -> tuple[Layout, int] | None:
     """The layout whose first module is present, and how many modules it has."""
     for layout in CHECKPOINT_LAYOUTS:
-        def prefix(k):
-            return layout.prefix.replace("{n+k}", str(num_layers + k))
         count = 0
-        while any(name.startswith(prefix(count)) for name in names):
+        while any(name.startswith(module_prefix(layout, num_layers, count)) for name in names):
             count += 1
-            if layout.single or "{n+k}" not in layout.prefix:
+            if layout.single:
                 break
         if count:
             return layout, count
     return None
+
+
+def module_prefix(layout: Layout, num_layers: int, k: int) -> str:
+    return layout.prefix.replace("{n+k}", str(num_layers + k)).replace("{k}", str(k))
 
 
 def ships_mtp(target: str) -> bool:
@@ -217,10 +229,10 @@ def load_checkpoint_mtp(folder: Path, target) -> MtpHeads:
     vocab = target.get_output_embeddings().weight.shape[0]
     config = HeadsConfig(kind="mtp", hidden_size=text.hidden_size, vocab_size=vocab, num_heads=count,
                          target=str(folder), tree_choices="")
-    heads = MtpHeads(config, target, carry_normed=layout.carry_normed)
+    heads = MtpHeads(config, target, carry_normed=layout.carry_normed, target_hidden=layout.target_hidden)
     state = {}
     for k in range(count):
-        prefix = layout.prefix.replace("{n+k}", str(text.num_hidden_layers + k))
+        prefix = module_prefix(layout, text.num_hidden_layers, k)
         for name, file in files.items():
             if not name.startswith(prefix):
                 continue
@@ -230,7 +242,10 @@ def load_checkpoint_mtp(folder: Path, target) -> MtpHeads:
             head = next((old for old in layout.renames if rest.startswith(old + ".")), None)
             ours = layout.renames[head] + rest[len(head):] if head else "block." + rest
             with safe_open(file, "pt") as f:
-                state[f"layers.{k}.{ours}"] = f.get_tensor(name)
+                tensor = f.get_tensor(name)
+            if layout.hidden_first and ours == "eh_proj.weight":  # to our [embedding; hidden] order
+                tensor = torch.cat(tensor.chunk(2, dim=1)[::-1], dim=1)
+            state[f"layers.{k}.{ours}"] = tensor
     missing, unexpected = heads.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{folder}: {layout.name} MTP weights do not fit this target "

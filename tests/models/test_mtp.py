@@ -13,6 +13,7 @@ from tiny_models import hf_greedy, random_mtp, tiny
 from services.core.engine import SpeculativeEngine
 from services.core.errors import InvalidRequest
 from services.core.gamma import GammaSchedule
+from services.core.sampling import SamplingParams
 from services.core.target import TargetRunner
 from services.core.verifier import TargetVerifier
 from services.models.heads import load_heads
@@ -59,7 +60,7 @@ def save_with_mtp(root, layout: str, family: str = "llama"):
     """A tiny target saved with one MTP module in a shipped layout, and those weights."""
     target = tiny(family, seed=0)
     mtp = random_mtp(target, 5, num_modules=1)
-    if layout == "qwen3-next":
+    if layout in ("qwen3-next", "mimo"):
         mtp.carry_normed = True
     target.save_pretrained(root)
     ours = {k: v.contiguous() for k, v in mtp.state_dict().items()}
@@ -69,13 +70,19 @@ def save_with_mtp(root, layout: str, family: str = "llama"):
         prefix = f"model.layers.{n}."
         extra = {prefix + "embed_tokens.weight": target.get_input_embeddings().weight.detach().clone(),
                  prefix + "shared_head.head.weight": target.get_output_embeddings().weight.detach().clone()}
-    else:
+    elif layout == "qwen3-next":
         names = {"enorm": "pre_fc_norm_embedding", "hnorm": "pre_fc_norm_hidden", "eh_proj": "fc", "norm": "norm",
                  "block": "layers.0."}
         prefix, extra = "mtp.", {}
+    else:  # MiMo: [hidden; embedding] into its projection
+        names = {"enorm": "token_layernorm", "hnorm": "hidden_layernorm", "eh_proj": "input_proj",
+                 "norm": "final_layernorm", "block": ""}
+        prefix, extra = "model.mtp_layers.0.", {}
     shipped = dict(extra)
     for key, value in ours.items():
         part, rest = key.removeprefix("layers.0.").split(".", 1)
+        if layout == "mimo" and part == "eh_proj":
+            value = torch.cat(value.chunk(2, dim=1)[::-1], dim=1).contiguous()
         shipped[prefix + (names[part] + rest if part == "block" else f"{names[part]}.{rest}")] = value
     weights = load_file(root / "model.safetensors")
     save_file({**weights, **shipped}, root / "model.safetensors", metadata={"format": "pt"})
@@ -85,15 +92,16 @@ def save_with_mtp(root, layout: str, family: str = "llama"):
     return mtp
 
 
-@pytest.mark.parametrize("layout", ["deepseek-v3", "qwen3-next"])
-def test_shipped_mtp_weights_load_from_the_target_checkpoint(tmp_path, layout):
-    want = save_with_mtp(tmp_path / "target", layout)
+@pytest.mark.parametrize("layout,family", [("deepseek-v3", "llama"), ("qwen3-next", "llama"), ("mimo", "qwen2")])
+def test_shipped_mtp_weights_load_from_the_target_checkpoint(tmp_path, layout, family):
+    want = save_with_mtp(tmp_path / "target", layout, family)
     target = load_model(str(tmp_path / "target"), dtype="float32")  # the extra keys are not the target's
     assert ships_mtp(str(tmp_path / "target"))
     paths = resolve_paths(str(tmp_path / "target"), str(tmp_path / "target"))
     assert paths.mtp is None  # nothing beside it: the checkpoint's own modules are used
     mtp = load_pair_heads(paths, "mtp", target)
-    assert mtp.config.num_heads == 1 and mtp.carry_normed == (layout == "qwen3-next")
+    assert mtp.config.num_heads == 1 and mtp.carry_normed == (layout != "deepseek-v3")
+    assert mtp.target_hidden == ("pre_norm" if layout == "mimo" else "final")
     for name, value in mtp.state_dict().items():
         torch.testing.assert_close(value, want.state_dict()[name])
     eng = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes=2**24)), head_proposer(mtp, "0;0.0;1"),
@@ -110,3 +118,24 @@ def test_a_target_without_mtp_weights_is_refused_with_the_way_out(tmp_path):
         load_pair_heads(resolve_paths(str(tmp_path / "plain")), "mtp", target)
     with pytest.raises(ValueError, match="rotary layers"):
         random_mtp(tiny("gpt2", seed=0), 0)
+
+
+def test_mimo_modules_draft_from_the_state_before_the_final_norm(tmp_path):
+    save_with_mtp(tmp_path / "target", "mimo", "qwen2")
+    target = load_model(str(tmp_path / "target"), dtype="float32")
+    mtp = load_pair_heads(resolve_paths(str(tmp_path / "target")), "mtp", target)
+    eng = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes=2**24)), head_proposer(mtp, "0;0.0"),
+                            None, 256, GammaSchedule(4))
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    seq = eng.start(prompt, 12, SamplingParams())
+    eng.prefill(seq)
+    eng.verify_and_commit(seq, eng.propose(seq))
+    drafts = eng.propose(seq).tokens.tolist()
+    captured = []
+    hook = target.get_decoder().norm.register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    with torch.no_grad():
+        target(input_ids=torch.tensor([seq.committed[:-1]]))
+        hook.remove()
+        logits = mtp.forward_train(captured[0], torch.tensor([seq.committed + drafts]), 2)
+    assert drafts == [int(logits[k][0, len(seq.committed) - 2].argmax()) for k in range(2)]
+    eng.release(seq)

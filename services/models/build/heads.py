@@ -100,19 +100,24 @@ def build_heads(cfg: HeadsBuild) -> dict:
         train_mtp(cfg, heads, target, hidden, train_seqs)
         heads.eval()
         ranks = mtp_truth_ranks(heads, cfg.depths, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
-        draft_s = mtp_draft_s(heads, cfg.depths, 256, cfg.device)
     else:
         heads = MedusaHeads(config, target.get_output_embeddings()).to(cfg.device)
         _train(cfg, heads, target, hidden)
         heads.eval()
         ranks = truth_ranks(heads, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
-        draft_s = medusa_draft_s(heads, cfg.device)
     acceptance = rank_acceptance(ranks)
-    cost_file = cfg.work_dir / f"verify_cost.{cfg.kind}.npy"  # a timing: measured once, so a re-run picks the same tree
-    if not cost_file.exists() or len(np.load(cost_file)) <= cfg.max_tree_nodes:
-        np.save(cost_file, verify_cost(target, cfg.max_tree_nodes, cfg.device, draft_s=draft_s))
-    cost = np.load(cost_file)
-    choices, expected = choose_tree(ranks, cost, cfg.max_tree_nodes)
+    # Timings, measured once (so a re-run picks the same tree): a verify pass with n nodes,
+    # and drafting a tree of depth d (Medusa's heads cost the same at any depth; MTP runs
+    # one module pass per depth), both relative to a one-token pass.
+    times = _cached(cfg.work_dir / "verify_times.npy", lambda: verify_times(target, cfg.max_tree_nodes, cfg.device),
+                    lambda t: len(t) > cfg.max_tree_nodes)
+    depths = ranks.shape[1]
+    draft = _cached(cfg.work_dir / f"draft_times.{cfg.kind}.npy",
+                    lambda: np.array([0.0] + [mtp_draft_s(heads, d, 256, cfg.device) if cfg.kind == "mtp"
+                                              else medusa_draft_s(heads, cfg.device) for d in range(1, depths + 1)]),
+                    lambda t: len(t) == depths + 1)
+    cost = times / times[0]
+    choices, expected = choose_tree(ranks, cost, cfg.max_tree_nodes, draft / times[0])
     heads.config = config.model_copy(update={"tree_choices": format_choices(choices)})
     heads.to("cpu").save(cfg.out_dir)
     report = {
@@ -122,7 +127,8 @@ def build_heads(cfg: HeadsBuild) -> dict:
         "expected_accepted_per_round": expected,
         "heldout_top1_acceptance_per_head": [float(a[0]) for a in acceptance],
         "heldout_acceptance_per_head_rank": [[float(x) for x in a[:8]] for a in acceptance],
-        "round_cost_vs_one_token": {str(n): float(cost[n]) for n in (1, 4, 8, 16, 32, 64) if n < len(cost)},
+        "verify_cost_vs_one_token": {str(n): float(cost[n]) for n in (1, 4, 8, 16, 32, 64) if n < len(cost)},
+        "draft_cost_vs_one_token_per_depth": [float(x) for x in draft[1:] / times[0]],
         "bytes": (cfg.out_dir / "model.safetensors").stat().st_size,
     }
     # What a user sees: in-process greedy Medusa on held-out prompts (per depth, per rank).
@@ -269,50 +275,70 @@ def medusa_draft_s(heads: MedusaHeads, device: str) -> float:
     return median_s(lambda: heads(hidden), device)
 
 
+def _cached(path: Path, measure, fits) -> np.ndarray:
+    if path.exists() and fits(np.load(path)):
+        return np.load(path)
+    values = measure()
+    np.save(path, values)
+    return values
+
+
+def verify_cost(target, max_nodes: int, device: str, repeats: int = 9) -> np.ndarray:
+    """cost[n]: a verification pass with an n-node tree relative to one with one token."""
+    times = verify_times(target, max_nodes, device, repeats)
+    return times / times[0]
+
+
 @torch.no_grad()
-def verify_cost(target, max_nodes: int, device: str, repeats: int = 5, draft_s: float = 0.0) -> np.ndarray:
-    """cost[n]: the time of one verification pass with an n-node tree after a 256-token
-    context, relative to n = 0 (one token), measured on this device; plus ``draft_s``,
-    the heads' drafting (a round with a tree pays it)."""
+def verify_times(target, max_nodes: int, device: str, repeats: int = 9) -> np.ndarray:
+    """times[n]: seconds for one verification pass with an n-node tree after a 256-token
+    context (n = 0: the one-token step), measured on this device."""
     runner = TargetRunner(target, kv_cache_bytes=64 * 2**20)
     runner.prefill("ctx", list(range(3, 259)), [])
 
     feeds = [Feed("ctx", 256, [5] + [7] * n, n + 1, tree_shape(tuple([-1] * n)).parents if n else None)
              for n in range(max_nodes + 1)]
     times = np.array([median_s(lambda feed=feed: runner.forward([feed]), device, repeats) for feed in feeds])
-    times = np.maximum.accumulate(times)  # noise aside, more nodes never cost less
-    times[1:] += draft_s
-    return times / times[0]
+    return np.maximum.accumulate(times)  # noise aside, more nodes never cost less
 
 
-def choose_tree(ranks: np.ndarray, cost: np.ndarray, max_nodes: int,
+def choose_tree(ranks: np.ndarray, cost: np.ndarray, max_nodes: int, draft_cost: np.ndarray | None = None,
                 max_rank: int = 16) -> tuple[tuple[tuple[int, ...], ...], float]:
     """Grow the tree one node at a time, always adding the path accepted at the most
     held-out positions (counted, not multiplied out: heads' errors are correlated),
-    and keep the size that maximises (1 + expected accepted) / cost(size).
-    ``ranks``: truth_ranks. Returns (choices, expected accepted per round)."""
+    and keep the size that maximises (1 + expected accepted) / round cost, the round
+    being a verify pass of that size (``cost[n]``) plus drafting a tree that deep
+    (``draft_cost[depth]``; when given, every depth limit is grown and the best kept,
+    since a deeper node then also prices every depth above it). ``ranks``:
+    truth_ranks. Returns (choices, expected accepted per round)."""
     K = ranks.shape[1]
     matches = {(): np.ones(len(ranks), dtype=bool)}  # positions where each path is accepted
 
     def children(path):
         at = matches[path]
         for r in range(max_rank):
-            matches[path + (r,)] = at & (ranks[:, len(path)] == r)
+            if path + (r,) not in matches:
+                matches[path + (r,)] = at & (ranks[:, len(path)] == r)
             yield path + (r,), float(matches[path + (r,)].mean())
 
-    frontier = dict(children(()))
-    chosen: list[tuple[int, ...]] = []
-    expected, best = 0.0, (0.0, (), 0.0)
-    while frontier and len(chosen) < max_nodes:
-        path = max(frontier, key=lambda p: (frontier[p], -len(p)))
-        prob = frontier.pop(path)
-        if prob <= 0:
-            break
-        chosen.append(path)
-        expected += prob
-        if len(path) < K:
-            frontier.update(children(path))
-        score = (1 + expected) / cost[len(chosen)]
-        if score > best[0]:
-            best = (score, tuple(chosen), expected)
+    def grow(limit: int) -> tuple[float, tuple, float]:
+        frontier = dict(children(()))
+        chosen: list[tuple[int, ...]] = []
+        expected, best = 0.0, (0.0, (), 0.0)
+        while frontier and len(chosen) < max_nodes:
+            path = max(frontier, key=lambda p: (frontier[p], -len(p)))
+            prob = frontier.pop(path)
+            if prob <= 0:
+                break
+            chosen.append(path)
+            expected += prob
+            if len(path) < limit:
+                frontier.update(children(path))
+            depth = max(len(p) for p in chosen)
+            score = (1 + expected) / (cost[len(chosen)] + (0.0 if draft_cost is None else draft_cost[depth]))
+            if score > best[0]:
+                best = (score, tuple(chosen), expected)
+        return best
+
+    best = max((grow(limit) for limit in (range(1, K + 1) if draft_cost is not None else [K])), key=lambda b: b[0])
     return best[1], best[2]

@@ -90,7 +90,7 @@ def mtp_truth_ranks(heads: MtpHeads, depths: int, hidden: torch.Tensor, seqs: np
     return np.concatenate(rows)
 
 
-def mtp_draft_s(heads: MtpHeads, depths: int, context: int, device: str, repeats: int = 5) -> float:
+def mtp_draft_s(heads: MtpHeads, depths: int, context: int, device: str, repeats: int = 9) -> float:
     """The time of one round's drafting on this device: every depth over two new
     positions after ``context`` cached ones (a typical accepted length)."""
     H = heads.config.hidden_size

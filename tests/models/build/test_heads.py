@@ -1,6 +1,7 @@
 """``outrider build-heads``: self-distilled Medusa heads for any target, resumable,
 saved in Hub format with a tree tuned for the measured verify cost."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -30,6 +31,15 @@ def built(tmp_path_factory):
     return cfg, build_heads(cfg)
 
 
+@pytest.fixture(scope="module")
+def built_mtp(built):
+    """MTP modules for the same target, from the same work folder's continuations."""
+    cfg, _ = built
+    mtp = dataclasses.replace(cfg, kind="mtp", out_dir=cfg.out_dir.with_name("target-mtp"), num_heads=1, depths=2,
+                              window=16, lr=1e-3)
+    return mtp, build_heads(mtp)
+
+
 def test_heads_are_saved_in_hub_format_and_load_by_path(built):
     cfg, report = built
     target = load_model(cfg.target)
@@ -40,7 +50,7 @@ def test_heads_are_saved_in_hub_format_and_load_by_path(built):
     assert 1 <= len(tree.shape) <= 12 and tree.shape.max_depth <= 3
     assert all(t.dtype == torch.bfloat16 for t in load_file(cfg.out_dir / "model.safetensors").values())
     assert heads(torch.zeros(5, config["hidden_size"])).shape == (5, 3, config["vocab_size"])
-    assert len(report["heldout_acceptance_per_head_rank"]) == 3 and report["round_cost_vs_one_token"]["1"] >= 1.0
+    assert len(report["heldout_acceptance_per_head_rank"]) == 3 and report["verify_cost_vs_one_token"]["1"] >= 1.0
 
 
 def test_a_second_run_resumes_from_the_work_folder(built):
@@ -56,6 +66,20 @@ def test_heads_for_another_target_are_refused(built):
         load_heads(cfg.out_dir, tiny("llama", seed=0, hidden=48))
 
 
+def test_mtp_modules_build_resume_and_draft_exactly(built_mtp):
+    cfg, report = built_mtp
+    target = load_model(cfg.target)
+    mtp = load_heads(cfg.out_dir, target, "mtp")
+    config = json.loads((cfg.out_dir / "config.json").read_text())
+    assert config["kind"] == "mtp" and config["num_heads"] == 1 and config["tree_choices"] == report["tree_choices"]
+    assert mtp.config.tree().shape.max_depth <= 2
+    assert all(t.dtype == torch.bfloat16 for t in load_file(cfg.out_dir / "model.safetensors").values())
+    assert len(report["draft_cost_vs_one_token_per_depth"]) == 2 and len(report["heldout_acceptance_per_head_rank"]) == 2
+    held = report["heldout_acceptance"]
+    assert held["drafter"] == "mtp" and held["prompts"] == 2 and held["mean_acceptance_length"] >= 1
+    assert build_heads(cfg)["tree_choices"] == report["tree_choices"]  # resumed: the same tree
+
+
 def test_the_tree_grows_by_likeliest_path_and_stops_where_cost_outweighs():
     # Ranks of the truth among 2 heads' candidates at 10 positions (16 = not in the top 16).
     ranks = np.array([[0, 0]] * 4 + [[0, 1]] * 2 + [[1, 0]] * 2 + [[0, 16]] + [[2, 3]])
@@ -66,6 +90,9 @@ def test_the_tree_grows_by_likeliest_path_and_stops_where_cost_outweighs():
     steep = 1 + np.arange(40) * 0.5  # each node costs half a pass: only the best path pays
     choices, expected = choose_tree(ranks, steep, 39)
     assert choices == ((0,),) and expected == pytest.approx(0.7)
+    # Drafting that costs a pass per depth (MTP) keeps the tree shallow.
+    choices, _ = choose_tree(ranks, free, 39, draft_cost=np.array([0.0, 0.1, 5.0]))
+    assert choices == ((0,), (1,), (2,))
 
 
 def test_a_fresh_head_starts_as_the_target_lm_head():
