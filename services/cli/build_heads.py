@@ -32,6 +32,9 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 Medusa, 1e-3 MTP)")
     parser.add_argument("--max-tree-nodes", type=int, default=d.max_tree_nodes)
+    parser.add_argument("--draft-vocab", type=int, default=d.draft_vocab,
+                        help="draw candidates from the target's K most frequent tokens (0 = the whole vocabulary; "
+                             "default: a quarter of vocabularies of 8k tokens or more)")
     parser.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -52,6 +55,6 @@ def run(args) -> int:
                      depths=args.depths, num_layers=args.num_layers,
                      share_lm_head=not args.own_lm_heads, sequences=args.sequences, steps=args.steps,
                      max_tree_nodes=args.max_tree_nodes, seed=args.seed,
-                     lr=args.lr or (1e-3 if args.kind == "mtp" else 2e-3))
+                     lr=args.lr or (1e-3 if args.kind == "mtp" else 2e-3), draft_vocab=args.draft_vocab)
     print(json.dumps(build_heads(cfg), indent=2))
     return 0

@@ -59,13 +59,17 @@ class MedusaProposer:
         if state.hidden is None or state.length != len(committed) or gamma <= 0:
             return Proposal.empty(self.device)
         tree = self.tree if gamma >= self.tree.shape.max_depth else self.tree.prune(gamma)
-        return tree_of_candidates(tree, self.heads(state.hidden), self.device)  # heads: [K, V]
+        # heads: [K, V'] over their draft vocabulary, if they have one
+        return tree_of_candidates(tree, self.heads(state.hidden), self.device, getattr(self.heads, "draft_vocab", None))
 
 
-def tree_of_candidates(tree: ChoiceTree, logits: torch.Tensor, device) -> Proposal:
-    """Fill ``tree`` from per-depth logits [>= D, V]: node i takes the rank_i-th
-    candidate at its depth, one top-k and one gather for the whole tree."""
+def tree_of_candidates(tree: ChoiceTree, logits: torch.Tensor, device, vocab: torch.Tensor | None = None) -> Proposal:
+    """Fill ``tree`` from per-depth logits [>= D, V']: node i takes the rank_i-th
+    candidate at its depth, one top-k and one gather for the whole tree. ``vocab``
+    [V']: the token id of each logit (a draft vocabulary); None = the identity."""
     candidates = logits[: tree.shape.max_depth].topk(int(tree.rank.max()) + 1, dim=-1).indices  # [D, R]
+    if vocab is not None:
+        candidates = vocab.to(candidates.device)[candidates]
     rows = (tree.shape.depth - 1).to(candidates.device)
     tokens = candidates[rows, tree.rank.to(candidates.device)]  # [N]
     return Proposal(tokens=tokens.to(device), tree=tree.shape)

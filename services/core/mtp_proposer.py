@@ -75,6 +75,7 @@ class MtpProposer:
         self.modules, self.tree, self.device = modules, tree, device
         self.depths = tree.shape.max_depth
         self.target_hidden = getattr(modules, "target_hidden", FINAL)
+        self.vocab = getattr(modules, "draft_vocab", None)  # [V'] token ids of the logits, or None
 
     @property
     def max_nodes(self) -> int:
@@ -107,7 +108,7 @@ class MtpProposer:
             return Proposal.empty(self.device)
         tree = self.tree if gamma >= self.depths else self.tree.prune(gamma)
         if state.drafted is not None and state.drafted[0] == len(committed):
-            return tree_of_candidates(tree, state.drafted[1], self.device)
+            return tree_of_candidates(tree, state.drafted[1], self.device, self.vocab)
         P = len(committed) - 1
         F = P - 1  # the drafting position: h^0_F chose x_P
         ext = torch.tensor(committed, dtype=torch.long)
@@ -128,9 +129,10 @@ class MtpProposer:
             if k + 1 < self.depths:
                 state.pending[k + 1] = _cat(state.pending[k + 1], out[:commit])
                 carry = out[commit:]
-            ext = torch.cat([ext, logits[-1].argmax(-1, keepdim=True).cpu()])  # d_{k+1}: the top-1 path
+            top = logits[-1].argmax(-1, keepdim=True)
+            ext = torch.cat([ext, (top if self.vocab is None else self.vocab[top]).cpu()])  # d_{k+1}: the top-1 path
         state.drafted = (len(committed), torch.stack(logits))
-        return tree_of_candidates(tree, state.drafted[1], self.device)
+        return tree_of_candidates(tree, state.drafted[1], self.device, self.vocab)
 
 
 def _rows(x: torch.Tensor | None) -> int:

@@ -39,6 +39,9 @@ class HeadsConfig(BaseModel):
     share_lm_head: bool = True  # use the target's LM head (frozen) instead of one per head
     tree_choices: str = ""  # the default tree ("0;1;0.0": paths of candidate ranks); "" = DEFAULT_CHOICES
     target: str = ""  # what they were trained on (a name, for the record)
+    # Candidates come from this many of the target's most frequent tokens (saved with the
+    # weights as ``draft_vocab``); 0 = the whole vocabulary. See DraftHeads.
+    draft_vocab_size: int = Field(0, ge=0)
 
     def tree(self):
         if self.kind == "mtp":
@@ -64,12 +67,65 @@ class ResBlock(nn.Module):
         return x + nn.functional.silu(self.linear(x))
 
 
-class MedusaHeads(nn.Module):
+class DraftHeads(nn.Module):
+    """What Medusa heads and MTP modules share: the target's LM head, optionally
+    restricted to a draft vocabulary, and saving in Hub format.
+
+    A draft vocabulary (frequency-ranked drafting, as FR-Spec and EAGLE-3's reduced
+    vocabularies) projects onto the target's K most frequent tokens only: at batch 1
+    the LM head is the biggest read of a draft step (8,192 x 512 here, 128k x 4,096 for
+    Llama 3), and a token outside it is rarely a head's right answer. Lossless either
+    way: the target verifies every candidate."""
+
+    def _init_draft_vocab(self, config: HeadsConfig) -> None:
+        size = config.draft_vocab_size
+        self.register_buffer("draft_vocab", torch.zeros(size, dtype=torch.long) if size else None)
+        self._rows = None  # (weight, vocab) -> the LM head's rows for the draft vocabulary
+
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        if ids is not None and getattr(self, "lm_heads", None) is not None:
+            raise ValueError("a draft vocabulary needs heads that share the target's LM head")
+        self.draft_vocab = None if ids is None else ids.to(device=self.draft_device, dtype=torch.long)
+        self.config = self.config.model_copy(update={"draft_vocab_size": 0 if ids is None else len(ids)})
+        self._rows = None
+
+    @property
+    def draft_device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def project(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """[..., H] -> logits over the draft vocabulary (or all of it)."""
+        x = x.to(head.weight.dtype)
+        if self.draft_vocab is None:
+            return head(x)
+        weight = head.weight
+        if self._rows is None or self._rows[0] is not weight or self._rows[1].device != weight.device:
+            self._rows = (weight, weight[self.draft_vocab.to(weight.device)].contiguous())
+        return nn.functional.linear(x, self._rows[1])
+
+    def candidates(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """The top-k token ids of ``project``'s logits [..., V'] -> [..., k]."""
+        top = logits.topk(k, dim=-1).indices
+        return top if self.draft_vocab is None else self.draft_vocab.to(top.device)[top]
+
+    def save(self, folder: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+                 for k, v in self.state_dict().items()}
+        save_file(state, folder / WEIGHTS)
+        (folder / CONFIG).write_text(self.config.model_dump_json(indent=2) + "\n")
+
+
+class MedusaHeads(DraftHeads):
     """K heads on the target's final hidden state; head k predicts the token k+2 ahead."""
 
     def __init__(self, config: HeadsConfig, target_lm_head: nn.Module):
         super().__init__()
         self.config = config
+        if config.draft_vocab_size and not config.share_lm_head:
+            raise ValueError("a draft vocabulary needs heads that share the target's LM head")
+        self._init_draft_vocab(config)
         H, V = config.hidden_size, config.vocab_size
         self.blocks = nn.ModuleList(
             nn.Sequential(*(ResBlock(H) for _ in range(config.num_layers))) for _ in range(config.num_heads))
@@ -83,21 +139,13 @@ class MedusaHeads(nn.Module):
                     head.weight.copy_(target_lm_head.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> logits [..., K, V]."""
+        """hidden [..., H] -> logits [..., K, V] (V: the draft vocabulary's size if set)."""
         x = torch.stack([block(hidden) for block in self.blocks], -2)  # [..., K, H]
         if self.lm_heads is None:
             # One matmul through the shared head: at batch 1 the LM head is read from
             # memory once a round, not once per head (on this CPU 10.8 -> 6.6 ms a round with 4 heads).
-            head = self._target_head[0]
-            return head(x.to(head.weight.dtype))
+            return self.project(x, self._target_head[0])
         return torch.stack([head(x[..., k, :]) for k, head in enumerate(self.lm_heads)], -2)
-
-    def save(self, folder: Path, dtype: torch.dtype = torch.bfloat16) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, folder / WEIGHTS)
-        (folder / CONFIG).write_text(self.config.model_dump_json(indent=2) + "\n")
 
 
 def resolve(path_or_id: str | Path) -> Path:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.target import FINAL, PRE_NORM
-from .heads import HeadsConfig
+from .heads import DraftHeads, HeadsConfig
 
 
 def decoder_parts(target):
@@ -52,7 +52,7 @@ class MtpModule(nn.Module):
         return self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], -1))
 
 
-class MtpHeads(nn.Module):
+class MtpHeads(DraftHeads):
     """D modules; depth k >= D reuses the last one (see core/mtp_proposer.py)."""
 
     def __init__(self, config: HeadsConfig, target, carry_normed: bool = False, target_hidden: str = FINAL):
@@ -65,6 +65,7 @@ class MtpHeads(nn.Module):
         text = target.config.get_text_config(decoder=True)
         layer_cls, norm_cls, rotary = decoder_parts(target)
         self.layers = nn.ModuleList(MtpModule(text, layer_cls, norm_cls) for _ in range(config.num_heads))
+        self._init_draft_vocab(config)
         # Lists: the target's parts are used, never trained nor saved with the modules.
         self._shared = [target.get_input_embeddings(), target.get_output_embeddings(), rotary]
 
@@ -103,9 +104,8 @@ class MtpHeads(nn.Module):
         return self.block_output(depth, x, positions, mask, cache)[0]
 
     def logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
-        head = self._shared[1]
-        x = hidden if self.carry_normed else self.module(depth).norm(hidden)
-        return head(x.to(head.weight.dtype))
+        """[..., H] -> [..., V] (V: the draft vocabulary's size if set)."""
+        return self.project(hidden if self.carry_normed else self.module(depth).norm(hidden), self._shared[1])
 
     def forward_train(self, hidden0: torch.Tensor, tokens: torch.Tensor, depths: int | None = None) -> list[torch.Tensor]:
         """Teacher-forced over whole windows: hidden0 [B, T', H] (the target's at
@@ -124,15 +124,6 @@ class MtpHeads(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.layers[0].eh_proj.weight.dtype
-
-    def save(self, folder: Path, dtype: torch.dtype = torch.bfloat16) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, folder / "model.safetensors")
-        (folder / "config.json").write_text(self.config.model_dump_json(indent=2) + "\n")
 
 
 def init_from_target(heads: MtpHeads, target) -> None:

@@ -126,3 +126,24 @@ def test_sampled_medusa_is_reproducible_and_stays_in_vocabulary():
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
     first = eng.generate(PROMPTS[0], 30, params).token_ids
     assert first == eng.generate(PROMPTS[0], 30, params).token_ids and len(first) == 30
+
+
+def test_a_draft_vocabulary_keeps_candidates_inside_it_and_output_exact(tmp_path):
+    from services.models.heads import load_heads
+
+    target = tiny("llama", seed=0)
+    heads = random_heads(target, 1)
+    vocab = torch.arange(2, 96, 3)  # a third of the tokens
+    heads.set_draft_vocab(vocab)
+    heads.save(tmp_path / "heads")
+    loaded = load_heads(tmp_path / "heads", target)
+    assert torch.equal(loaded.draft_vocab, vocab) and loaded.config.draft_vocab_size == len(vocab)
+    torch.testing.assert_close(loaded(torch.ones(32))[0], target.get_output_embeddings()(
+        loaded.blocks[0](torch.ones(32)))[vocab])  # the LM head's rows for the draft vocabulary
+    proposer = MedusaProposer(loaded, TREE)
+    eng = engine(target, proposer)
+    seq = eng.start(PROMPTS[2], 20, SamplingParams())
+    eng.prefill(seq)
+    assert set(eng.propose(seq).tokens.tolist()) <= set(vocab.tolist())
+    eng.release(seq)
+    assert eng.generate(PROMPTS[2], 20).token_ids == hf_greedy(target, PROMPTS[2], 20, eos=None)

@@ -172,3 +172,18 @@ def test_gamma_caps_the_tree_depth_and_sampling_is_reproducible():
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
     first = eng.generate(PROMPTS[0], 30, params).token_ids
     assert first == eng.generate(PROMPTS[0], 30, params).token_ids and len(first) == 30
+
+
+def test_a_draft_vocabulary_keeps_every_depth_inside_it():
+    target = tiny("llama", seed=0)
+    mtp = random_mtp(target, 1)
+    vocab = torch.arange(1, 96, 2)
+    mtp.set_draft_vocab(vocab)
+    eng = engine(target, MtpProposer(mtp, TREE))
+    seq = eng.start(PROMPTS[2], 30, SamplingParams())
+    eng.prefill(seq)
+    while not seq.finished:
+        proposal = eng.propose(seq)
+        assert set(proposal.tokens.tolist()) <= set(vocab.tolist())
+        eng.verify_and_commit(seq, proposal)
+    assert seq.generated == hf_greedy(target, PROMPTS[2], 30, eos=None)

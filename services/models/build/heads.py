@@ -53,6 +53,7 @@ class HeadsBuild:
     num_heads: int = 4  # Medusa heads, or MTP modules
     depths: int = 4  # MTP drafting depths trained and tuned (past num_heads they reuse the last module)
     window: int = 128  # MTP training window (tokens)
+    draft_vocab: int = -1  # candidates from the K most frequent tokens; 0 = all; -1 = a quarter of a vocabulary >= 8k
     num_layers: int = 1
     share_lm_head: bool = True
     sequences: int = 1024  # self-distillation continuations
@@ -99,13 +100,18 @@ def build_heads(cfg: HeadsBuild) -> dict:
         init_from_target(heads, target)
         train_mtp(cfg, heads, target, hidden, train_seqs)
         heads.eval()
+        heads.set_draft_vocab(draft_vocab(cfg, train_seqs, config.vocab_size))
         ranks = mtp_truth_ranks(heads, cfg.depths, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
     else:
         heads = MedusaHeads(config, target.get_output_embeddings()).to(cfg.device)
         _train(cfg, heads, target, hidden)
         heads.eval()
+        if cfg.share_lm_head:
+            heads.set_draft_vocab(draft_vocab(cfg, train_seqs, config.vocab_size))
         ranks = truth_ranks(heads, held_hidden[greedy], held_seqs[greedy], cfg.prompt_len, cfg.device)
     acceptance = rank_acceptance(ranks)
+    coverage = float(np.isin(held_seqs[:, cfg.prompt_len:], heads.draft_vocab.cpu().numpy()).mean()) \
+        if heads.draft_vocab is not None else 1.0
     # Timings, measured once (so a re-run picks the same tree): a verify pass with n nodes,
     # and drafting a tree of depth d (Medusa's heads cost the same at any depth; MTP runs
     # one module pass per depth), both relative to a one-token pass.
@@ -118,7 +124,7 @@ def build_heads(cfg: HeadsBuild) -> dict:
                     lambda t: len(t) == depths + 1)
     cost = times / times[0]
     choices, expected = choose_tree(ranks, cost, cfg.max_tree_nodes, draft / times[0])
-    heads.config = config.model_copy(update={"tree_choices": format_choices(choices)})
+    heads.config = heads.config.model_copy(update={"tree_choices": format_choices(choices)})
     heads.to("cpu").save(cfg.out_dir)
     report = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
@@ -130,6 +136,8 @@ def build_heads(cfg: HeadsBuild) -> dict:
         "verify_cost_vs_one_token": {str(n): float(cost[n]) for n in (1, 4, 8, 16, 32, 64) if n < len(cost)},
         "draft_cost_vs_one_token_per_depth": [float(x) for x in draft[1:] / times[0]],
         "bytes": (cfg.out_dir / "model.safetensors").stat().st_size,
+        "draft_vocab_size": heads.config.draft_vocab_size,
+        "heldout_tokens_in_draft_vocab": coverage,
     }
     # What a user sees: in-process greedy Medusa on held-out prompts (per depth, per rank).
     paths = resolve_paths(cfg.target, **{cfg.kind: str(cfg.out_dir)})
@@ -137,6 +145,15 @@ def build_heads(cfg: HeadsBuild) -> dict:
                                                      MAX_GAMMA, cfg.eval_max_new_tokens)
     (cfg.out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def draft_vocab(cfg: HeadsBuild, seqs: np.ndarray, vocab: int) -> torch.Tensor | None:
+    """The target's most frequent tokens in its own continuations, most frequent first."""
+    size = (vocab // 4 if vocab >= 8192 else 0) if cfg.draft_vocab < 0 else min(cfg.draft_vocab, vocab)
+    if size == 0 or size == vocab:
+        return None
+    counts = np.bincount(seqs[:, cfg.prompt_len:].ravel(), minlength=vocab)
+    return torch.from_numpy(np.argsort(-counts, kind="stable")[:size].copy())
 
 
 def _continuations(cfg, target, tokenizer, files, name, count, seed) -> np.ndarray:
@@ -244,7 +261,7 @@ def truth_ranks(heads: MedusaHeads, hidden: torch.Tensor, seqs: np.ndarray, star
     rows = []
     for b in range(len(seqs)):
         h = hidden[b, start - 1 : T - K - 1].float().to(device)  # [L, H]
-        top = heads(h).topk(max_rank, -1).indices.cpu()  # [L, K, R]
+        top = heads.candidates(heads(h), max_rank).cpu()  # [L, K, R] token ids
         cols = torch.arange(start - 1, T - K - 1)
         truth = torch.from_numpy(seqs[b])[cols[:, None] + 2 + torch.arange(K)]  # [L, K]
         hit = top == truth[..., None]

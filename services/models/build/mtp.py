@@ -82,7 +82,7 @@ def mtp_truth_ranks(heads: MtpHeads, depths: int, hidden: torch.Tensor, seqs: np
         cols = torch.arange(start - 1, T - depths - 1)
         ranks = []
         for k in range(depths):
-            top = logits[k][0, cols].topk(max_rank, -1).indices.cpu()  # [L, R]
+            top = heads.candidates(logits[k][0, cols], max_rank).cpu()  # [L, R] token ids
             truth = tokens[0, cols + k + 2].cpu()
             hit = top == truth[:, None]
             ranks.append(torch.where(hit.any(-1), hit.int().argmax(-1), max_rank))

@@ -36,7 +36,7 @@ def built_mtp(built):
     """MTP modules for the same target, from the same work folder's continuations."""
     cfg, _ = built
     mtp = dataclasses.replace(cfg, kind="mtp", out_dir=cfg.out_dir.with_name("target-mtp"), num_heads=1, depths=2,
-                              window=16, lr=1e-3)
+                              window=16, lr=1e-3, draft_vocab=100)
     return mtp, build_heads(mtp)
 
 
@@ -73,8 +73,10 @@ def test_mtp_modules_build_resume_and_draft_exactly(built_mtp):
     config = json.loads((cfg.out_dir / "config.json").read_text())
     assert config["kind"] == "mtp" and config["num_heads"] == 1 and config["tree_choices"] == report["tree_choices"]
     assert mtp.config.tree().shape.max_depth <= 2
-    assert all(t.dtype == torch.bfloat16 for t in load_file(cfg.out_dir / "model.safetensors").values())
+    saved = load_file(cfg.out_dir / "model.safetensors")
+    assert saved.pop("draft_vocab").dtype == torch.int64 and all(t.dtype == torch.bfloat16 for t in saved.values())
     assert len(report["draft_cost_vs_one_token_per_depth"]) == 2 and len(report["heldout_acceptance_per_head_rank"]) == 2
+    assert report["draft_vocab_size"] == 100 == len(mtp.draft_vocab) and 0 < report["heldout_tokens_in_draft_vocab"] <= 1
     held = report["heldout_acceptance"]
     assert held["drafter"] == "mtp" and held["prompts"] == 2 and held["mean_acceptance_length"] >= 1
     assert build_heads(cfg)["tree_choices"] == report["tree_choices"]  # resumed: the same tree
