@@ -66,6 +66,21 @@ def random_heads(target, seed: int, num_heads: int = 4):
     return heads.eval()
 
 
+def tiny_deepseek_v3(seed: int):
+    """A tiny DeepSeek-V3 (MLA attention, MoE after the first layer): its MTP modules'
+    blocks are MoE layers, as the real checkpoint's."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = DeepseekV3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                              num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=16,
+                              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                              max_position_embeddings=256, n_shared_experts=1, bos_token_id=0, eos_token_id=1,
+                              pad_token_id=0)
+    return DeepseekV3ForCausalLM(config).eval()
+
+
 def random_mtp(target, seed: int, num_modules: int = 2):
     """MTP modules for ``target`` (random init; acceptance is poor, output exact)."""
     from services.models.heads import HeadsConfig

@@ -46,7 +46,13 @@ class MtpModule(nn.Module):
         H, eps = text_config.hidden_size, getattr(text_config, "rms_norm_eps", 1e-6)
         self.enorm, self.hnorm, self.norm = norm_cls(H, eps=eps), norm_cls(H, eps=eps), norm_cls(H, eps=eps)
         self.eh_proj = nn.Linear(2 * H, H, bias=False)
-        self.block = layer_cls(text_config, layer_idx=0)  # index 0 of the depth's own one-layer cache
+        # Built as the target's last layer, so that a family whose layer kind follows the
+        # index (DeepSeek-V3's MoE after the first dense layers) builds the kind its
+        # checkpoints ship; then re-indexed to slot 0 of the depth's own one-layer cache.
+        self.block = layer_cls(text_config, layer_idx=text_config.num_hidden_layers - 1)
+        for part in self.block.modules():
+            if hasattr(part, "layer_idx"):
+                part.layer_idx = 0
 
     def combine(self, embedded: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], -1))
@@ -65,6 +71,10 @@ class MtpHeads(DraftHeads):
         text = target.config.get_text_config(decoder=True)
         layer_cls, norm_cls, rotary = decoder_parts(target)
         self.layers = nn.ModuleList(MtpModule(text, layer_cls, norm_cls) for _ in range(config.num_heads))
+        if hasattr(target, "_init_weights"):  # the family's own init (some layers allocate with torch.empty)
+            with torch.no_grad():
+                for part in self.layers.modules():
+                    target._init_weights(part)
         self._init_draft_vocab(config)
         # Lists: the target's parts are used, never trained nor saved with the modules.
         self._shared = [target.get_input_embeddings(), target.get_output_embeddings(), rotary]

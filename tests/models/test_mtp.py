@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import hf_greedy, random_mtp, tiny
+from tiny_models import hf_greedy, random_mtp, tiny, tiny_deepseek_v3
 
 from services.core.engine import SpeculativeEngine
 from services.core.errors import InvalidRequest
@@ -22,9 +22,9 @@ from services.models.mtp import MtpHeads, ships_mtp
 from services.models.pair import head_proposer, load_pair_heads
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "deepseek-v3"])
 def test_incremental_depths_equal_teacher_forcing(family):
-    target = tiny(family, seed=0)
+    target = tiny_deepseek_v3(0) if family == "deepseek-v3" else tiny(family, seed=0)
     mtp = random_mtp(target, 3, num_modules=2)
     tokens = torch.randint(2, 96, (1, 30))
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_saved_modules_load_by_path_and_refuse_another_kind(tmp_path):
 
 def save_with_mtp(root, layout: str, family: str = "llama"):
     """A tiny target saved with one MTP module in a shipped layout, and those weights."""
-    target = tiny(family, seed=0)
+    target = tiny_deepseek_v3(0) if family == "deepseek-v3" else tiny(family, seed=0)
     mtp = random_mtp(target, 5, num_modules=1)
     if layout in ("qwen3-next", "mimo"):
         mtp.carry_normed = True
@@ -139,3 +139,16 @@ def test_mimo_modules_draft_from_the_state_before_the_final_norm(tmp_path):
         logits = mtp.forward_train(captured[0], torch.tensor([seq.committed + drafts]), 2)
     assert drafts == [int(logits[k][0, len(seq.committed) - 2].argmax()) for k in range(2)]
     eng.release(seq)
+
+
+def test_deepseek_v3_checkpoints_load_their_moe_mtp_block(tmp_path):
+    """A real DeepSeek-V3 layout: the module's block is a MoE layer (experts, shared
+    experts, router), loaded by name. (A DeepSeek-V3 target itself cannot be served
+    yet: the KV pool has no MLA layout, whose keys and values differ in width.)"""
+    want = save_with_mtp(tmp_path / "target", "deepseek-v3", "deepseek-v3")
+    target = load_model(str(tmp_path / "target"), dtype="float32")
+    mtp = load_pair_heads(resolve_paths(str(tmp_path / "target")), "mtp", target)
+    assert type(mtp.layers[0].block.mlp).__name__ == "DeepseekV3MoE"
+    assert any("experts" in name for name in mtp.state_dict())
+    for name, value in mtp.state_dict().items():
+        torch.testing.assert_close(value, want.state_dict()[name])
