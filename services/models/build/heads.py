@@ -40,7 +40,7 @@ from .corpus import split_corpus
 from .evaluate import greedy_acceptance, heldout_prompts
 from .mtp import mtp_draft_s, mtp_truth_ranks, train_mtp
 from .pipeline import tokenize_files
-from .train import TrainSpec, _load_ckpt, _save_ckpt, lr_at
+from .train import distill_heads
 
 
 @dataclass(frozen=True)
@@ -211,25 +211,10 @@ def _hidden_states(cfg, target, seqs: np.ndarray, name: str) -> torch.Tensor:
 
 def _train(cfg: HeadsBuild, heads: MedusaHeads, target, hidden: torch.Tensor) -> None:
     """KL(p_target(token t+k+2) || head_k(h_t)) for k < K, weighted 0.8^k as Medusa does."""
-    done = cfg.work_dir / "heads_trained.pt"
-    if done.exists():
-        heads.load_state_dict(torch.load(done))
-        return
     lm_head = target.get_output_embeddings()
-    params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    spec = TrainSpec(cfg.steps, cfg.lr, 0, 0, cfg.seed, warmup=50)
-    ckpt = cfg.work_dir / "heads.ckpt"
-    start = _load_ckpt(ckpt, heads, opt)
     K, (n, T, _) = cfg.num_heads, hidden.shape
-    weights = torch.tensor([0.8**k for k in range(K)], device=cfg.device)
-    heads.train()
-    last_save = time.monotonic()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="medusa heads", dynamic_ncols=True)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, spec)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+    def kl_at(gen: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, n, (cfg.positions,), generator=gen)
         cols = torch.randint(cfg.prompt_len - 1, T - K - 1, (cfg.positions,), generator=gen)
         h = hidden[rows, cols].float().to(cfg.device)  # [P, H]
@@ -237,17 +222,9 @@ def _train(cfg: HeadsBuild, heads: MedusaHeads, target, hidden: torch.Tensor) ->
         with torch.no_grad():
             teacher = F.log_softmax(lm_head(ahead).float(), -1)  # [P, K, V]: the target at t+k+1
         student = F.log_softmax(heads(h).float(), -1)  # [P, K, V]
-        kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean(0)  # [K]
-        loss = (kl * weights).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.set_postfix(kl=" ".join(f"{x:.2f}" for x in kl.tolist()))
-        if time.monotonic() - last_save > cfg.ckpt_every_s or step + 1 == cfg.steps:
-            _save_ckpt(ckpt, heads, opt, step + 1)
-            last_save = time.monotonic()
-    torch.save(heads.state_dict(), done)
+        return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean(0)  # [K]
+
+    distill_heads(cfg, heads, "heads", K, kl_at)
 
 
 @torch.no_grad()

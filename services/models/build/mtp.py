@@ -14,58 +14,33 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..mtp import MtpHeads
-from .train import TrainSpec, _load_ckpt, _save_ckpt, lr_at
+from .train import distill_heads
 
 
 def train_mtp(cfg, heads: MtpHeads, target, hidden: torch.Tensor, seqs: np.ndarray) -> None:
-    done = cfg.work_dir / "mtp_trained.pt"
-    if done.exists():
-        heads.load_state_dict(torch.load(done))
-        return
     lm_head = target.get_output_embeddings()
-    params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    spec = TrainSpec(cfg.steps, cfg.lr, 0, 0, cfg.seed, warmup=50)
-    ckpt = cfg.work_dir / "mtp.ckpt"
-    start = _load_ckpt(ckpt, heads, opt)
     D, (n, T, _) = cfg.depths, hidden.shape
     W = min(cfg.window, T)
     batch = max(1, cfg.positions // W)
-    weights = torch.tensor([0.8**k for k in range(D)], device=cfg.device)
     tokens_all = torch.from_numpy(seqs)
-    heads.train()
-    last_save = time.monotonic()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="mtp modules", dynamic_ncols=True)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, spec)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+    def kl_at(gen: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, n, (batch,), generator=gen)
         starts = torch.randint(0, T - W + 1, (batch,), generator=gen)
         cols = starts[:, None] + torch.arange(W)
         h0 = hidden[rows[:, None], cols].float().to(cfg.device)  # [B, W, H]
         tokens = tokens_all[rows[:, None], cols].to(cfg.device)  # [B, W]
-        student = heads.forward_train(h0, tokens, D)
         kls = []
-        for k, logits in enumerate(student):  # [B, W-k-1, V] predicting x_{j+k+2}
+        for k, logits in enumerate(heads.forward_train(h0, tokens, D)):  # [B, W-k-1, V] predicting x_{j+k+2}
             with torch.no_grad():
                 teacher = F.log_softmax(lm_head(h0[:, k + 1 : k + 1 + logits.shape[1]]).float(), -1)
             kls.append(F.kl_div(F.log_softmax(logits.float(), -1), teacher, log_target=True,
                                 reduction="none").sum(-1).mean())
-        kl = torch.stack(kls)
-        loss = (kl * weights).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.set_postfix(kl=" ".join(f"{x:.2f}" for x in kl.tolist()))
-        if time.monotonic() - last_save > cfg.ckpt_every_s or step + 1 == cfg.steps:
-            _save_ckpt(ckpt, heads, opt, step + 1)
-            last_save = time.monotonic()
-    torch.save(heads.state_dict(), done)
+        return torch.stack(kls)
+
+    distill_heads(cfg, heads, "mtp", D, kl_at)
 
 
 @torch.no_grad()

@@ -163,3 +163,37 @@ def heldout_loss(model, tokens: np.ndarray, seq_len: int, windows: int, device: 
             logits = model(input_ids=chunk[:, :-1]).logits
         losses.append(F.cross_entropy(logits[0].float(), chunk[0, 1:]).item())
     return float(np.mean(losses))
+
+
+def distill_heads(cfg, heads: torch.nn.Module, name: str, depths: int, kl_at) -> None:
+    """The self-distillation loop drafting heads share (build/heads.py): ``kl_at(gen)``
+    gives this step's KL per depth [depths] from a batch drawn with ``gen``; depths are
+    weighted 0.8^k (Medusa's), gradients clipped at 1, AdamW with warmup and cosine
+    decay; resumable from ``<name>.ckpt`` and done once ``<name>_trained.pt`` exists."""
+    done = cfg.work_dir / f"{name}_trained.pt"
+    if done.exists():
+        heads.load_state_dict(torch.load(done))
+        return
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    spec = TrainSpec(cfg.steps, cfg.lr, 0, 0, cfg.seed, warmup=50)
+    ckpt = cfg.work_dir / f"{name}.ckpt"
+    start = _load_ckpt(ckpt, heads, opt)
+    weights = torch.tensor([0.8**k for k in range(depths)], device=cfg.device)
+    heads.train()
+    last_save = time.monotonic()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.kind} heads", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, spec)
+        kl = kl_at(torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        loss = (kl * weights).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(kl=" ".join(f"{x:.2f}" for x in kl.tolist()))
+        if time.monotonic() - last_save > cfg.ckpt_every_s or step + 1 == cfg.steps:
+            _save_ckpt(ckpt, heads, opt, step + 1)
+            last_save = time.monotonic()
+    torch.save(heads.state_dict(), done)
