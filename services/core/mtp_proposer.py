@@ -88,8 +88,8 @@ class MtpProposer:
         return MtpState()  # rebuilt from the target's next hidden states (a shorter context at first)
 
     def observe(self, state: MtpState, start: int, hidden: torch.Tensor) -> None:
-        """``hidden`` [n, H]: the target's final hidden states at positions start.. (row i
-        chose token start+i+1). Contiguous rows extend the state; a gap (a failover, a
+        """``hidden`` [n, H]: the target's hidden states (``target_hidden``'s kind) at
+        positions start.. (row i chose token start+i+1). Contiguous rows extend the state; a gap (a failover, a
         prefix served from cache) starts it afresh at ``start``."""
         if state.base < 0 or start != state.done[0] + _rows(state.pending[0]):
             state.base = start

@@ -56,7 +56,8 @@ class VerifyOutcome:
     num_accepted: int  # how many proposed tokens passed the acceptance test (the path's depth)
     tokens: list[int]  # the accepted drafts followed by the correction or bonus token
     path: tuple[int, ...] = ()  # the accepted nodes, root to leaf (a chain's: 0..n-1)
-    # The target's final hidden states [num_accepted + 1, H] where it chose each of
-    # ``tokens`` (at the last committed token, then at each accepted node): what drafting
-    # heads on the verifier (Medusa, MTP) draft the next round from. Only when asked.
+    # The target's hidden states [num_accepted + 1, H] (of the kind asked: final or
+    # pre-norm) where it chose each of ``tokens`` (at the last committed token, then at
+    # each accepted node): what drafting heads on the verifier (Medusa, MTP) draft the
+    # next round from. Only when asked.
     hidden: torch.Tensor | None = None
