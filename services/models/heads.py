@@ -178,7 +178,7 @@ def load_heads(path_or_id: str | Path, target, kind: str = "medusa"):
     if kind == "mtp":
         from .mtp import MtpHeads
 
-        heads = MtpHeads(config, target)
+        heads = MtpHeads(config, target, initialize=False)  # every weight is loaded below (strict)
     else:
         heads = MedusaHeads(config, target.get_output_embeddings())
     heads.load_state_dict(load_file(folder / WEIGHTS))

@@ -61,7 +61,8 @@ class MtpModule(nn.Module):
 class MtpHeads(DraftHeads):
     """D modules; depth k >= D reuses the last one (see core/mtp_proposer.py)."""
 
-    def __init__(self, config: HeadsConfig, target, carry_normed: bool = False, target_hidden: str = FINAL):
+    def __init__(self, config: HeadsConfig, target, carry_normed: bool = False, target_hidden: str = FINAL,
+                 initialize: bool = True):
         super().__init__()
         self.config = config
         # Qwen3-Next and MiMo carry (and feed the LM head) the normed output; DeepSeek the block's.
@@ -71,7 +72,7 @@ class MtpHeads(DraftHeads):
         text = target.config.get_text_config(decoder=True)
         layer_cls, norm_cls, rotary = decoder_parts(target)
         self.layers = nn.ModuleList(MtpModule(text, layer_cls, norm_cls) for _ in range(config.num_heads))
-        if hasattr(target, "_init_weights"):  # the family's own init (some layers allocate with torch.empty)
+        if initialize and hasattr(target, "_init_weights"):  # the family's init (some layers allocate with torch.empty)
             with torch.no_grad():
                 for part in self.layers.modules():
                     target._init_weights(part)
@@ -230,7 +231,8 @@ def load_checkpoint_mtp(folder: Path, target) -> MtpHeads:
     vocab = target.get_output_embeddings().weight.shape[0]
     config = HeadsConfig(kind="mtp", hidden_size=text.hidden_size, vocab_size=vocab, num_heads=count,
                          target=str(folder), tree_choices="")
-    heads = MtpHeads(config, target, carry_normed=layout.carry_normed, target_hidden=layout.target_hidden)
+    heads = MtpHeads(config, target, carry_normed=layout.carry_normed, target_hidden=layout.target_hidden,
+                     initialize=False)  # every weight is loaded below (checked)
     state = {}
     for k in range(count):
         prefix = module_prefix(layout, text.num_hidden_layers, k)

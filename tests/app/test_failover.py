@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 import ray
+from ray import serve
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 from ray.util.state import list_actors
 
@@ -57,9 +58,14 @@ def replicas(deployment: str) -> list:
 
 
 def wait_for_replicas(count: int = 2, timeout: float = 180) -> None:
+    """Until Serve runs ``count`` replicas of each deployment. (An actor is ALIVE while
+    its constructor still loads models: a replica still starting would look like the
+    busy one to ``busiest``.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(len(replicas(d)) >= count for d in ("drafter", "verifier")):
+        deployments = serve.status().applications[APP].deployments
+        if all(deployments[d].replica_states.get("RUNNING", 0) >= count and len(replicas(d)) >= count
+               for d in ("drafter", "verifier")):
             return
         time.sleep(1)
     pytest.fail("the replicas did not come back")
