@@ -103,9 +103,10 @@ _GREEDY_CACHE: dict = {}
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
     """transformers' own greedy decoding: the reference every proposer must reproduce."""
     key = (id(model), tuple(prompt), max_new_tokens, eos)
-    if key not in _GREEDY_CACHE:
-        _GREEDY_CACHE[key] = _hf_greedy(model, prompt, max_new_tokens, eos)
-    return list(_GREEDY_CACHE[key])
+    # The entry keeps its model alive: a collected model's id could be reused by another.
+    if key not in _GREEDY_CACHE or _GREEDY_CACHE[key][0] is not model:
+        _GREEDY_CACHE[key] = (model, _hf_greedy(model, prompt, max_new_tokens, eos))
+    return list(_GREEDY_CACHE[key][1])
 
 
 def _hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:

@@ -111,13 +111,14 @@ class MtpProposer:
             return tree_of_candidates(tree, state.drafted[1], self.device, self.vocab)
         P = len(committed) - 1
         F = P - 1  # the drafting position: h^0_F chose x_P
-        ext = torch.tensor(committed, dtype=torch.long)
+        lo = min(state.done)  # no depth reads a token before lo + 1: convert only the tail
+        ext = torch.tensor(committed[lo:], dtype=torch.long)
         carry = None  # this round's frontier outputs of the depth before (built on drafts)
         logits = []
         for k in range(self.depths):
             rows = _cat(state.pending[k], carry)  # h^k for positions [done[k], F]
             first = state.done[k]
-            tokens = ext[first + k + 1 : F + k + 2].to(rows.device)  # x_{j+k+1} (committed, then drafts)
+            tokens = ext[first + k + 1 - lo : F + k + 2 - lo].to(rows.device)  # x_{j+k+1} (committed, then drafts)
             out = self.modules.run_depth(k, rows, tokens, first, state.caches[k])  # h^{k+1} [n, H]
             logits.append(self.modules.logits(k, out[-1]))
             # Keep the entries whose token is committed (j + k + 1 <= P); crop the frontier.
