@@ -92,6 +92,17 @@ def random_mtp(target, seed: int, num_modules: int = 2):
     return MtpHeads(config, target).eval()
 
 
+def random_eagle(target, seed: int, draft_vocab: torch.Tensor | None = None, layers=None, tree=None):
+    """An EAGLE-3 drafter for ``target`` (random init; acceptance is poor, output exact)."""
+    from services.models.eagle import new_drafter
+
+    torch.manual_seed(seed)
+    drafter = new_drafter(target, draft_vocab, layers)
+    if tree is not None:
+        drafter.tree = tree
+    return drafter.eval()
+
+
 def noisy_copy(model, seed: int, scale: float):
     """A draft that agrees with ``model`` often but not always: its weights plus noise."""
     return noisy_draft(model, seed, scale)

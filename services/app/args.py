@@ -30,6 +30,18 @@ class Placement(BaseModel):
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
 
 
+class EagleArgs(BaseModel):
+    """An EAGLE-3 drafter (published layout) and where it drafts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Folder or hub id; unset = the one beside the target (<target>-eagle), if there.
+    path: str | None = None
+    # "verifier": drafted in the verifier process from the features of the pass just run.
+    # (Disaggregated drafting on the draft workers is not built yet.)
+    placement: Literal["verifier"] = "verifier"
+
+
 class RankPlacement(BaseModel):
     """Each rank of a tensor-parallel verifier replica; on CUDA each also gets one GPU."""
 
@@ -53,6 +65,8 @@ class AppArgs(BaseModel):
     # the target's own checkpoint if it ships them (DeepSeek-V3, GLM-4.5, Qwen3-Next
     # layouts). The verifiers load them and serve SPECULATION_METHOD_MTP.
     mtp: str | None = None
+    # The verifiers load it and serve SPECULATION_METHOD_EAGLE.
+    eagle: EagleArgs = Field(default_factory=EagleArgs)
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["default", "auto", "float32", "bfloat16", "float16"] = "default"
     trust_remote_code: bool = False
@@ -136,7 +150,7 @@ class AppArgs(BaseModel):
 
     @property
     def paths(self) -> ModelPaths:
-        return resolve_paths(self.target, self.draft, self.medusa, self.mtp)
+        return resolve_paths(self.target, self.draft, self.medusa, self.mtp, self.eagle.path)
 
     def head_methods(self) -> dict[str, str | None]:
         """Methods drafted on the verifier: None where served, else why not."""
@@ -145,11 +159,13 @@ class AppArgs(BaseModel):
         paths = self.paths
         why = {}
         for kind, name, found in (("medusa", "Medusa heads", paths.medusa is not None),
-                                  ("mtp", "MTP modules", paths.mtp is not None or ships_mtp(paths.target))):
+                                  ("mtp", "MTP modules", paths.mtp is not None or ships_mtp(paths.target)),
+                                  ("eagle", "an EAGLE-3 drafter", paths.eagle is not None)):
             if not found:
-                why[kind] = f"no {name} for {paths.target} (set {kind}, or run `outrider build-heads --kind {kind}`)"
+                setting = "eagle.path" if kind == "eagle" else kind
+                why[kind] = f"no {name} for {paths.target} (set {setting}, or run `outrider build-heads --kind {kind}`)"
             elif self.tensor_parallel_size > 1:
-                why[kind] = f"{name} need the target's hidden states, which a tensor-parallel verifier does not return yet"
+                why[kind] = f"drafting with {name} needs the target's hidden states, which a tensor-parallel verifier does not return yet"
             else:
                 why[kind] = None
         return why

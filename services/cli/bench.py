@@ -18,11 +18,11 @@ from ..bench.runs import run_hf, run_outrider, run_server
 from ..core.gamma import MAX_GAMMA
 from ..models.loading import BUNDLED_DIR
 from ..models.pair import load_pair
-from .common import UsageError, add_model_options, apply_threads, model_paths, validate_device
+from .common import UsageError, add_model_options, apply_threads, model_paths, tree_option, validate_device
 
 DEFAULT_PROMPTS = BUNDLED_DIR / "heldout_prompts.jsonl"
-BENCH_DRAFTERS = ("draft", "ngram", "medusa", "mtp")
-TREE_DRAFTERS = ("medusa", "mtp")  # heads on the verifier: each runs its whole tree once
+BENCH_DRAFTERS = ("draft", "ngram", "medusa", "mtp", "eagle")
+TREE_DRAFTERS = ("medusa", "mtp", "eagle")  # heads on the verifier: each runs its whole tree once
 
 
 def add_parser(sub, name: str) -> None:
@@ -32,8 +32,8 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--limit", type=int, default=8, help="use the first N prompts")
     parser.add_argument("--gammas", default="1,2,3,4,6,8", help="comma-separated gammas; 0 = adaptive")
     parser.add_argument("--drafters", default="draft,ngram",
-                        help=f"comma-separated proposers to measure, of {', '.join(BENCH_DRAFTERS)} (medusa and mtp "
-                             "run their whole tree once: --tree, or the heads' tuned tree)")
+                        help=f"comma-separated proposers to measure, of {', '.join(BENCH_DRAFTERS)} (medusa, mtp "
+                             "and eagle run their whole tree once: --tree / --eagle-tree, or the heads' own)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--repeat", type=int, default=1,
                         help="passes over all configs; reports the median pass (by speedup over target-only)")
@@ -114,7 +114,7 @@ def run(args) -> int:
         if d not in BENCH_DRAFTERS:
             raise UsageError(f"unknown drafter {d!r} for bench; choose from {', '.join(BENCH_DRAFTERS)}")
     if any(d in TREE_DRAFTERS for d in drafters) and args.concurrency:
-        raise UsageError("--concurrency measures draft and ngram; measure medusa and mtp at one stream")
+        raise UsageError("--concurrency measures draft and ngram; measure medusa, mtp and eagle at one stream")
     texts = load_prompts(args.prompts, args.limit)
     if args.concurrency:
         args.no_hf = True  # the single-stream anchor means nothing next to N streams
@@ -201,7 +201,7 @@ def local_configs(args, drafters, gammas, texts, pair):
     # Warm up every code path once (allocator, kernels) so no method pays first-call costs.
     run_outrider(pair, "none", None, prompts[:1], 8)
     for d in drafters:
-        run_outrider(pair, d, 2, prompts[:1], 8, args.tree)
+        run_outrider(pair, d, 2, prompts[:1], 8, tree_option(args, d))
     if not args.no_hf:
         run_hf(pair, 2, prompts[:1], 8)
     configs = [("outrider", "none", None)] + [("outrider", d, g) for d in drafters for g in drafter_gammas(d, gammas)]
@@ -211,7 +211,7 @@ def local_configs(args, drafters, gammas, texts, pair):
     def measure(config):
         kind, drafter, gamma = config
         if kind == "outrider":
-            return run_outrider(pair, drafter, gamma, prompts, args.max_new_tokens, args.tree)
+            return run_outrider(pair, drafter, gamma, prompts, args.max_new_tokens, tree_option(args, drafter))
         return run_hf(pair, gamma, prompts, args.max_new_tokens)
 
     return measure, configs
@@ -234,7 +234,7 @@ def server_configs(args, drafters, gammas, texts, pair):
     try:
         run_server(client, "none", None, True, texts[:1], 8)  # warm-up
         for d in drafters:
-            run_server(client, d, 2, True, texts[:1], 8, args.tree or "")
+            run_server(client, d, 2, True, texts[:1], 8, tree_option(args, d) or "")
     except grpc.RpcError as err:
         raise UsageError(f"server {args.server}: {err.code().name}: {err.details()}") from None
     if pair is not None:
@@ -248,7 +248,7 @@ def server_configs(args, drafters, gammas, texts, pair):
     def measure(config):
         kind, drafter, gamma, pipeline = config
         if kind == "server":
-            return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens, args.tree or "")
+            return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens, tree_option(args, drafter) or "")
         return run_hf(pair, gamma, prompts, args.max_new_tokens)
 
     return measure, configs

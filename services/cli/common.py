@@ -26,8 +26,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                                         "(default: <target>-medusa beside the target, if there)")
     group.add_argument("--mtp", help="MTP modules for the target: folder or hub id (default: <target>-mtp beside "
                                      "the target, else the target's own checkpoint if it ships them)")
-    group.add_argument("--tree", help="the heads' token tree as paths of candidate ranks, e.g. '0;1;0.0' "
+    group.add_argument("--eagle", help="an EAGLE-3 drafter for the target, in the published layout: folder or hub "
+                                       "id (default: <target>-eagle beside the target, if there)")
+    group.add_argument("--tree", help="Medusa's or MTP's token tree as paths of candidate ranks, e.g. '0;1;0.0' "
                                       "(default: the tree tuned when the heads were built)")
+    group.add_argument("--eagle-tree", help="EAGLE's dynamic tree as depth,top_k,nodes, e.g. 5,2,8 "
+                                            "(default: the one saved with the drafter)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     group.add_argument("--dtype", default="default", choices=["default", "auto", "float32", "bfloat16", "float16"],
                        help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
@@ -38,7 +42,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def model_paths(args: argparse.Namespace):
     from ..models.loading import resolve_paths
 
-    return resolve_paths(args.target, args.draft, args.medusa, args.mtp)
+    return resolve_paths(args.target, args.draft, args.medusa, args.mtp, getattr(args, "eagle", None))
+
+
+def tree_option(args: argparse.Namespace, drafter: str) -> str | None:
+    """The tree a head drafter is asked for: --eagle-tree for EAGLE, --tree for Medusa and MTP."""
+    return getattr(args, "eagle_tree", None) if drafter == "eagle" else getattr(args, "tree", None)
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ from ..core.sampling import SamplingParams
 from ..core.stats import GenerationStats
 from ..models.detokenizer import IncrementalDetokenizer
 from ..models.pair import DRAFTERS, HEAD_KINDS, load_pair, make_engine
-from .common import UsageError, add_model_options, apply_threads, model_paths, validate_device
+from .common import UsageError, add_model_options, apply_threads, model_paths, tree_option, validate_device
 
 
 def add_parser(sub, name: str) -> None:
@@ -64,7 +64,7 @@ def run(args) -> int:
     pair = load_pair(model_paths(args), args.device, args.dtype,
                      with_draft=args.drafter == "draft", trust_remote_code=args.trust_remote_code,
                      heads=(args.drafter,) if args.drafter in HEAD_KINDS else ())
-    engine = make_engine(pair, args.drafter, schedule, args.confidence_stop, args.tree)
+    engine = make_engine(pair, args.drafter, schedule, args.confidence_stop, tree_option(args, args.drafter))
     prompt_ids = pair.tokenizer(args.prompt)["input_ids"]
     engine.validate(prompt_ids, args.max_new_tokens)
 
@@ -93,7 +93,7 @@ def run_remote(args, base: SamplingParams) -> int:
     def one(seed, method, on_text=None) -> tuple[dict, list[int]]:
         request = make_request(args.prompt, args.max_new_tokens, replace(base, seed=seed), method, args.gamma or 0,
                                args.adaptive_gamma, pipeline=not args.no_pipeline,
-                               tree=(args.tree or "") if method in HEAD_KINDS else "")
+                               tree=(tree_option(args, method) or "") if method in HEAD_KINDS else "")
         ids, text, final = [], "", None
         for chunk in client.generate(request):
             ids.extend(chunk.token_ids)

@@ -23,6 +23,18 @@ DEFAULT_KV_CACHE_BYTES = 2 * 2**30
 # residual stream before the final norm.
 FINAL, PRE_NORM = "final", "pre_norm"
 HIDDEN_KINDS = (FINAL, PRE_NORM)
+# Or the states entering some decoder layers, concatenated ("layers:2,16,29" -> [n, 3H]):
+# the low, middle and high features EAGLE-3 fuses.
+LAYERS = "layers:"
+
+
+def layer_features(layers) -> str:
+    return LAYERS + ",".join(str(int(i)) for i in layers)
+
+
+def feature_layers(kind: str) -> tuple[int, ...]:
+    """The decoder layers a ``layers:`` kind reads ((): another kind)."""
+    return tuple(int(i) for i in kind[len(LAYERS):].split(",")) if kind.startswith(LAYERS) else ()
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,8 @@ class TargetRunner:
 
     @torch.inference_mode()
     def forward_with_hidden(self, feeds: list[Feed], kinds: tuple[str, ...] = (FINAL,)) -> tuple[list, dict | None]:
-        """Logits per feed and, for each of ``kinds`` (HIDDEN_KINDS), hidden states
-        [len(tokens), H] per feed at every fed position: what drafting heads on the
+        """Logits per feed and, for each of ``kinds`` (HIDDEN_KINDS or ``layers:``), hidden
+        states [len(tokens), H] ([.., kH] for k layers) per feed at every fed position: what drafting heads on the
         verifier read (Medusa the last, MTP all of them). {kind: [per feed]}."""
         if len({f.session for f in feeds}) != len(feeds):
             raise ValueError("a session appears twice in one batch")
@@ -109,6 +121,12 @@ class TargetRunner:
             hooks.append(decoder.register_forward_hook(lambda m, args, out: keep(FINAL, out[0])))
         if PRE_NORM in kinds:  # the residual stream before the final norm (MiMo's MTP reads it)
             hooks.append(decoder.norm.register_forward_hook(lambda m, args, out: keep(PRE_NORM, args[0])))
+        for index in sorted({i for kind in kinds for i in feature_layers(kind)}):
+            if not 0 <= index < len(decoder.layers):
+                raise ValueError(f"no decoder layer {index}: the target has {len(decoder.layers)}")
+            hooks.append(decoder.layers[index].register_forward_pre_hook(
+                lambda m, args, kwargs, index=index: keep(index, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
         try:
             out = self.model(input_ids=ids.to(device), cache=cache, use_cache=True, logits_to_keep=window, **extra)
         finally:
@@ -119,6 +137,9 @@ class TargetRunner:
             end = window - (N - n)
             logits.append(out.logits[i, end - feed.logits_to_keep : end])
             seqs[i].tokens.extend(feed.tokens)
+        for kind in kinds:
+            if feature_layers(kind):
+                captured[kind] = torch.cat([captured[i] for i in feature_layers(kind)], -1)
         states = {kind: [captured[kind][i, :n] for i, n in enumerate(new)] for kind in kinds}
         return logits, states if kinds else None
 

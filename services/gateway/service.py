@@ -19,6 +19,7 @@ from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
 from ..models.detokenizer import IncrementalDetokenizer
 from ..rpc import internal_pb2, outrider_pb2
+from ..core.eagle_proposer import EagleTree
 from ..core.tree import choice_tree, parse_choices
 from ..rpc.convert import METHOD_IDS, METHODS, ON_VERIFIER, method_name, sampling_from_proto, sampling_to_proto
 from ..telemetry import tracing
@@ -43,7 +44,7 @@ class Limits:
     default_method: str
     default_gamma: int
     # Methods whose heads the verifiers loaded, with why each other one is not served.
-    head_methods: dict[str, str | None] = field(default_factory=lambda: {"medusa": "no Medusa heads", "mtp": "no MTP modules"})
+    head_methods: dict[str, str | None] = field(default_factory=lambda: {"medusa": "no Medusa heads", "mtp": "no MTP modules", "eagle": "no EAGLE-3 drafter"})
 
 
 class GatewayService:
@@ -87,9 +88,9 @@ class GatewayService:
         tree = req.speculation.tree
         if tree:
             if method not in ON_VERIFIER:
-                raise InvalidRequest(f"a tree is for MEDUSA or MTP, not {method.upper()}")
+                raise InvalidRequest(f"a tree is for MEDUSA, MTP or EAGLE, not {method.upper()}")
             try:
-                choice_tree(parse_choices(tree))
+                EagleTree.parse(tree) if method == "eagle" else choice_tree(parse_choices(tree))
             except ValueError as err:
                 raise InvalidRequest(str(err)) from None
         gamma = req.speculation.gamma or limits.default_gamma

@@ -27,7 +27,7 @@ WEIGHTS = "model.safetensors"
 DEFAULT_CHOICES = "0;1;2;3;0.0;0.1;1.0;0.0.0;0.1.0;0.0.0.0"
 # MTP's: its depths see the drafted tokens before them, so a narrower, deeper start.
 MTP_DEFAULT_CHOICES = "0;1;0.0;0.1;0.0.0"
-KINDS = ("medusa", "mtp")
+KINDS = ("medusa", "mtp", "eagle")
 
 
 class HeadsConfig(BaseModel):
@@ -161,8 +161,13 @@ def resolve(path_or_id: str | Path) -> Path:
 
 def load_heads(path_or_id: str | Path, target, kind: str = "medusa"):
     """Heads of ``kind`` for ``target`` (a loaded causal LM), on its device and in its
-    dtype. MTP modules also load from a target checkpoint that ships them."""
+    dtype. MTP modules also load from a target checkpoint that ships them; EAGLE-3
+    drafters are in their published layout (models/eagle.py)."""
     folder = resolve(path_or_id)
+    if kind == "eagle":
+        from .eagle import load_eagle
+
+        return load_eagle(folder, target)
     raw = json.loads((folder / CONFIG).read_text())
     if kind == "mtp" and "kind" not in raw:  # a model's own config: its checkpoint's MTP weights
         from .mtp import load_checkpoint_mtp

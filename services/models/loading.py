@@ -25,6 +25,7 @@ class ModelPaths:
     medusa: str | None = None  # Medusa heads for the target: folder or hub id
     # MTP modules: a heads folder or hub id; None = the target's own checkpoint, if it ships them
     mtp: str | None = None
+    eagle: str | None = None  # an EAGLE-3 drafter for the target (published layout): folder or hub id
 
 
 def bundled_paths() -> ModelPaths:
@@ -32,9 +33,9 @@ def bundled_paths() -> ModelPaths:
 
 
 def resolve_paths(target: str | None = None, draft: str | None = None, medusa: str | None = None,
-                  mtp: str | None = None) -> ModelPaths:
+                  mtp: str | None = None, eagle: str | None = None) -> ModelPaths:
     """Unset models are the bundled ones; unset heads are those beside the target
-    (``<target>-medusa``, ``<target>-mtp``: where ``outrider build-heads`` saves them), if any."""
+    (``<target>-medusa``, ``<target>-mtp``, ``<target>-eagle``: where ``outrider build-heads`` saves them), if any."""
     target = target or str(BUNDLED_DIR / "target")
 
     def beside(kind: str) -> str | None:
@@ -42,7 +43,8 @@ def resolve_paths(target: str | None = None, draft: str | None = None, medusa: s
         return str(folder) if folder.is_dir() else None
 
     return ModelPaths(target=target, draft=draft or str(BUNDLED_DIR / "draft"),
-                      medusa=medusa or beside("medusa"), mtp=mtp or beside("mtp"))
+                      medusa=medusa or beside("medusa"), mtp=mtp or beside("mtp"),
+                      eagle=eagle or beside("eagle"))
 
 
 def default_dtype(device: str) -> torch.dtype:

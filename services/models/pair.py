@@ -10,6 +10,7 @@ from ..core.engine import SpeculativeEngine
 from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
 from ..core.head_proposers import MedusaProposer
+from ..core.eagle_proposer import EagleProposer, EagleTree
 from ..core.mtp_proposer import MtpProposer
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..core.tree import choice_tree, parse_choices
@@ -18,7 +19,7 @@ from ..core.target import TargetRunner
 from .heads import load_heads
 from .loading import ModelPaths, check_pair, load_model, load_tokenizer, max_context
 
-HEAD_KINDS = ("medusa", "mtp")  # drafters that run on the verifier, from the target's hidden states
+HEAD_KINDS = ("medusa", "mtp", "eagle")  # drafters that run on the verifier, from the target's hidden states
 DRAFTERS = ("draft", "ngram", *HEAD_KINDS, "none")
 MAX_HEAD_DEPTH = 8
 
@@ -65,9 +66,10 @@ def load_pair_heads(paths: ModelPaths, kind: str, target) -> torch.nn.Module:
     if kind not in HEAD_KINDS:
         raise InvalidRequest(f"unknown heads {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
     where = getattr(paths, kind)
-    if where is None and kind == "medusa":
-        raise InvalidRequest(f"no Medusa heads for {paths.target}: build them with `outrider build-heads "
-                             f"--kind medusa --target {paths.target}` or pass --medusa")
+    if where is None and kind in ("medusa", "eagle"):
+        name = "Medusa heads" if kind == "medusa" else "EAGLE-3 drafter"
+        raise InvalidRequest(f"no {name} for {paths.target}: build one with `outrider build-heads "
+                             f"--kind {kind} --target {paths.target}` or pass --{kind}")
     try:
         return load_heads(where or paths.target, target, kind)
     except ValueError as err:
@@ -94,9 +96,15 @@ def make_proposer(pair: ModelPair, drafter: str, confidence_stop: float = 0.0, t
     raise InvalidRequest(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
 
 
-def head_proposer(heads, tree: str | None = None) -> MedusaProposer | MtpProposer:
-    """Drafts ``tree`` (paths of candidate ranks; None or "" = the heads' tuned tree)
-    with Medusa heads or MTP modules (``heads.config.kind``)."""
+def head_proposer(heads, tree: str | None = None) -> MedusaProposer | MtpProposer | EagleProposer:
+    """Drafts ``tree`` (paths of candidate ranks, or EAGLE's "depth,top_k,nodes"; None or
+    "" = the heads' tuned tree) with Medusa heads, MTP modules or an EAGLE-3 drafter."""
+    if getattr(heads, "kind", "") == "eagle":
+        try:
+            shape = EagleTree.parse(tree) if tree else heads.tree
+        except ValueError as err:
+            raise InvalidRequest(str(err)) from None
+        return EagleProposer(heads, shape, heads.fc.weight.device)
     try:
         shape = choice_tree(parse_choices(tree)) if tree else heads.config.tree()
     except ValueError as err:

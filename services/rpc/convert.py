@@ -24,8 +24,9 @@ METHODS = {
     outrider_pb2.SPECULATION_METHOD_NONE: "none",
     outrider_pb2.SPECULATION_METHOD_MEDUSA: "medusa",
     outrider_pb2.SPECULATION_METHOD_MTP: "mtp",
+    outrider_pb2.SPECULATION_METHOD_EAGLE: "eagle",
 }
-ON_VERIFIER = ("medusa", "mtp")  # methods whose drafting heads run on the verifier
+ON_VERIFIER = ("medusa", "mtp", "eagle")  # methods whose drafting heads run on the verifier
 METHOD_IDS = {name: value for value, name in METHODS.items()}
 
 
@@ -49,7 +50,7 @@ def method_name(value: int, default: str) -> str:
     if value == outrider_pb2.SPECULATION_METHOD_UNSPECIFIED:
         return default
     if value not in METHODS:
-        raise InvalidRequest(f"unknown speculation method {value}; use DRAFT, NGRAM, MEDUSA, MTP or NONE")
+        raise InvalidRequest(f"unknown speculation method {value}; use DRAFT, NGRAM, MEDUSA, MTP, EAGLE or NONE")
     return METHODS[value]
 
 

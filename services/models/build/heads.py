@@ -34,10 +34,13 @@ from ...core.gamma import MAX_GAMMA
 from ...core.target import Feed, TargetRunner
 from ...core.tree import format_choices, tree_shape
 from ..heads import HeadsConfig, MedusaHeads
+from ...core.eagle_proposer import EagleTree
+from ..eagle import init_from_target as init_eagle, new_drafter
 from ..mtp import MtpHeads, init_from_target
 from ..loading import load_model, load_tokenizer, resolve_paths
 from .corpus import split_corpus
 from .evaluate import greedy_acceptance, heldout_prompts
+from .eagle import eagle_truth_ranks, layer_states, train_eagle
 from .mtp import mtp_draft_s, mtp_truth_ranks, train_mtp
 from .pipeline import tokenize_files
 from .train import distill_heads
@@ -49,10 +52,13 @@ class HeadsBuild:
     out_dir: Path
     work_dir: Path
     device: str = "cpu"
-    kind: str = "medusa"  # or "mtp"
+    kind: str = "medusa"  # or "mtp", "eagle"
     num_heads: int = 4  # Medusa heads, or MTP modules
-    depths: int = 4  # MTP drafting depths trained and tuned (past num_heads they reuse the last module)
-    window: int = 128  # MTP training window (tokens)
+    # MTP drafting depths trained and tuned (past num_heads they reuse the last module);
+    # EAGLE's training-time-test steps.
+    depths: int = 4
+    window: int = 128  # MTP and EAGLE training window (tokens)
+    eagle_tree: str = "5,2,8"  # EAGLE's dynamic tree saved with it: depth,top_k,nodes
     draft_vocab: int = -1  # candidates from the K most frequent tokens; 0 = all; -1 = a quarter of a vocabulary >= 8k
     num_layers: int = 1
     share_lm_head: bool = True
@@ -90,11 +96,13 @@ def build_heads(cfg: HeadsBuild) -> dict:
     hidden = _hidden_states(cfg, target, train_seqs, "train")
     held_hidden = _hidden_states(cfg, target, held_seqs, "heldout")
 
+    greedy = np.arange(len(held_seqs)) % 2 == 0  # tune for greedy text (sampled halves kept for the report)
+    if cfg.kind == "eagle":
+        return build_eagle(cfg, target, split, train_seqs, held_seqs[greedy], hidden)
     text = target.config.get_text_config(decoder=True)
     config = HeadsConfig(kind=cfg.kind, hidden_size=text.hidden_size,
                          vocab_size=target.get_output_embeddings().weight.shape[0], num_heads=cfg.num_heads,
                          num_layers=cfg.num_layers, share_lm_head=cfg.share_lm_head, target=str(cfg.target))
-    greedy = np.arange(len(held_seqs)) % 2 == 0  # tune for greedy text (sampled halves kept for the report)
     if cfg.kind == "mtp":
         heads = MtpHeads(config, target).to(cfg.device)
         init_from_target(heads, target)
@@ -139,12 +147,46 @@ def build_heads(cfg: HeadsBuild) -> dict:
         "draft_vocab_size": heads.config.draft_vocab_size,
         "heldout_tokens_in_draft_vocab": coverage,
     }
-    # What a user sees: in-process greedy Medusa on held-out prompts (per depth, per rank).
+    return finish_report(cfg, split, report)
+
+
+def finish_report(cfg: HeadsBuild, split, report: dict) -> dict:
+    """Adds what a user sees, in-process greedy drafting on held-out prompts (per depth,
+    per rank), and writes the report beside the heads."""
     paths = resolve_paths(cfg.target, **{cfg.kind: str(cfg.out_dir)})
     report["heldout_acceptance"] = greedy_acceptance(paths, heldout_prompts(split.heldout, cfg.eval_prompts), cfg.kind,
                                                      MAX_GAMMA, cfg.eval_max_new_tokens)
     (cfg.out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def build_eagle(cfg: HeadsBuild, target, split, train_seqs: np.ndarray, held_greedy: np.ndarray,
+                hidden: torch.Tensor) -> dict:
+    """EAGLE-3: the draft vocabulary first (its LM head is sized by it), then
+    training-time-test training; the tree is the one asked for (``eagle_tree``)."""
+    vocab = target.get_output_embeddings().weight.shape[0]
+    drafter = new_drafter(target, draft_vocab(cfg, train_seqs, vocab))
+    drafter.tree = EagleTree.parse(cfg.eagle_tree)
+    drafter.to(cfg.device)
+    init_eagle(drafter, target)
+    features = layer_states(cfg, target, train_seqs, "train", drafter.layers)
+    train_eagle(cfg, drafter, target, features, hidden, train_seqs)
+    drafter.eval()
+    held_features = layer_states(cfg, target, held_greedy, "heldout_greedy", drafter.layers)
+    with torch.no_grad():
+        ranks = eagle_truth_ranks(drafter, cfg.depths, held_features, held_greedy, cfg.prompt_len, cfg.device)
+    acceptance = rank_acceptance(ranks)
+    drafter.to("cpu").save(cfg.out_dir)
+    report = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "tree": drafter.tree.as_dict(),
+        "feature_layers": list(drafter.layers),
+        "heldout_top1_acceptance_per_step": [float(a[0]) for a in acceptance],
+        "heldout_acceptance_per_step_rank": [[float(x) for x in a[:8]] for a in acceptance],
+        "bytes": (cfg.out_dir / "model.safetensors").stat().st_size,
+        "draft_vocab_size": len(drafter.draft_vocab) if drafter.draft_vocab is not None else vocab,
+    }
+    return finish_report(cfg, split, report)
 
 
 def draft_vocab(cfg: HeadsBuild, seqs: np.ndarray, vocab: int) -> torch.Tensor | None:

@@ -1,0 +1,201 @@
+"""EAGLE-3 drafting next to the target, with EAGLE-2's dynamic tree.
+
+The drafter (models/eagle.py) is one decoder layer over [embedding of the next token;
+feature]. At committed position j the feature is the target's fused layer states
+f_j; past the committed text it is the drafter's own output g, fed back:
+
+    g_j = Layer(emb(x_{j+1}), f_j)    -> p(x_{j+2}) = softmax(head(norm(g_j)))
+
+With committed x_0..x_P the target has given f up to F = P - 1. A round first runs the
+layer over the positions committed since the last round (true features, true tokens:
+cached for good), which drafts depth 1 from g_F. Depth d >= 2 runs the layer on the
+nodes chosen for expansion at depth d - 1, one row each at position F + d - 1, fed
+the output of the row that drafted them and their own token; each row sees the
+committed cache, the rows of its ancestors and itself (a 4-D mask), as the drafter
+was trained (training-time test, models/eagle.py ``forward_train``). The rows are
+cropped from the cache after the round.
+
+EAGLE-2's tree: every row proposes its top_k children, scored by cumulative draft
+log-probability; the top_k children of the whole depth are expanded next. After the
+last depth all scored nodes are reranked and the best ``nodes`` kept. A node's score
+never exceeds its parent's, so the kept set is closed under ancestors (ties: a stable
+sort keeps the shallower first). Nodes are top-k picks, so each is a point mass to
+the tree acceptor: sampling stays lossless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+
+from .kv_chunks import KVChunk
+from .proposals import Proposal
+from .sampling import SamplingParams
+from .tree import tree_shape
+
+
+@dataclass(frozen=True)
+class EagleTree:
+    depth: int = 5  # drafting depths (the longest path)
+    top_k: int = 2  # children per expanded node, and nodes expanded per depth
+    nodes: int = 8  # kept after reranking: the verify pass's size
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.depth <= 16 and 1 <= self.top_k <= 16 and 1 <= self.nodes <= 128):
+            raise ValueError(f"EAGLE tree {self}: depth 1-16, top_k 1-16, nodes 1-128")
+
+    @property
+    def label(self) -> str:
+        return f"eagle{self.nodes}:d{self.depth}k{self.top_k}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def parse(text: str) -> "EagleTree":
+        """'depth,top_k,nodes', e.g. '5,2,8'."""
+        try:
+            depth, top_k, nodes = (int(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"EAGLE tree {text!r}: write depth,top_k,nodes (e.g. 5,2,8)") from None
+        return EagleTree(depth, top_k, nodes)
+
+
+class EagleModel(Protocol):
+    target_hidden: str  # the target's states it reads (core/target.py: "layers:...")
+    draft_vocab: torch.Tensor | None  # [K] token id of each draft logit
+
+    def new_cache(self) -> object: ...
+
+    def truncate(self, cache, length: int) -> None: ...
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor: ...  # [..., 3H] -> [..., H]
+
+    def step(self, feature: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, mask=None,
+             cache=None) -> torch.Tensor: ...  # [B, n, H], [B, n], [B, n] -> [B, n, H]
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor: ...  # [..., H] -> [..., K]
+
+
+@dataclass
+class EagleState:
+    base: int = -1  # the first position the cache holds (-1: nothing seen yet)
+    done: int = 0  # positions [base, done) are cached, built on committed tokens
+    pending: torch.Tensor | None = None  # [n, 3H] the target's features at done.. not yet run
+    cache: object = None
+    length: int = 0  # len(committed) the features reach: a stale state drafts nothing
+    drafted: tuple[int, torch.Tensor, tuple[int, ...]] | None = None  # (length, tokens, parents): reused until a verify
+
+
+class EagleProposer:
+    uses_target_hidden = True
+
+    def __init__(self, model: EagleModel, tree: EagleTree, device: torch.device | str = "cpu"):
+        self.model, self.tree, self.device = model, tree, device
+        self.target_hidden = model.target_hidden
+
+    @property
+    def max_nodes(self) -> int:
+        return self.tree.nodes
+
+    def new_state(self) -> EagleState:
+        return EagleState()
+
+    def restore_state(self, chunks: list[KVChunk]) -> EagleState:
+        return EagleState()  # rebuilt from the target's next features (a shorter context at first)
+
+    def observe(self, state: EagleState, start: int, hidden: torch.Tensor) -> None:
+        """``hidden`` [n, 3H]: the target's features at positions start.. (row i chose
+        token start+i+1). Contiguous rows extend the state; a gap (a failover, a prefix
+        served from cache) starts it afresh at ``start``."""
+        if state.base < 0 or start != state.done + _rows(state.pending):
+            state.base, state.done, state.pending, state.cache = start, start, None, self.model.new_cache()
+        state.pending = hidden if state.pending is None else torch.cat([state.pending, hidden])
+        state.drafted = None
+        state.length = start + len(hidden) + 1
+
+    @torch.inference_mode()
+    def propose(self, state: EagleState, committed: list[int], gamma: int, params: SamplingParams,
+                stop=None) -> Proposal:
+        """A tree no deeper than ``gamma`` (the round's budget) after ``committed``."""
+        if state.base < 0 or state.length != len(committed) or gamma <= 0:
+            return Proposal.empty(self.device)
+        if state.drafted is None or state.drafted[0] != len(committed):
+            state.drafted = (len(committed), *self._draft(state, committed))
+        _, tokens, parents = state.drafted
+        shape, kept = tree_shape(parents).prune(gamma)
+        return Proposal(tokens=tokens[list(kept)].to(self.device), tree=shape)
+
+    def _draft(self, state: EagleState, committed: list[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        model, k = self.model, self.tree.top_k
+        P = len(committed) - 1
+        F = P - 1
+        rows = state.pending  # [n, 3H] at positions done..F
+        n = len(rows)
+        tokens = torch.tensor(committed[state.done + 1 : P + 1], device=rows.device)  # x_{j+1}
+        past = state.done - state.base
+        g = model.step(model.fuse(rows)[None], tokens[None], torch.arange(state.done, F + 1, device=rows.device)[None],
+                       _mask(torch.ones(n, past, dtype=torch.bool, device=rows.device),
+                             torch.ones(n, n, dtype=torch.bool, device=rows.device).tril(), model), state.cache)[0]
+        state.done, state.pending = F + 1, None
+        committed_keys = F + 1 - state.base
+        vocab = model.draft_vocab
+
+        def ids(draft_ids):  # draft-vocabulary ids -> token ids
+            return draft_ids if vocab is None else vocab[draft_ids]
+
+        top = torch.log_softmax(model.logits(g[-1]).float(), -1).topk(k)
+        pool_tokens, pool_scores = [ids(top.indices)], [top.values]
+        pool_parents = [torch.full((k,), -1, dtype=torch.long, device=g.device)]
+        beam = torch.arange(k, device=g.device)  # pool indices expanded next
+        beam_scores, beam_features = top.values, g[-1].expand(k, -1)
+        beam_rows = torch.full((k,), -1, dtype=torch.long, device=g.device)  # the row that drafted each
+        ancestors = torch.zeros(0, 0, dtype=torch.bool, device=g.device)  # [R, R] row -> its ancestor rows and itself
+        for d in range(1, self.tree.depth):
+            R = len(ancestors)
+            # Each new row sees its drafting row's ancestors (and that row), and itself.
+            parent_anc = torch.zeros(k, R, dtype=torch.bool, device=g.device)
+            has = beam_rows >= 0
+            if R:
+                parent_anc[has] = ancestors[beam_rows[has]]
+            ancestors = torch.cat([torch.cat([ancestors, torch.zeros(R, k, dtype=torch.bool, device=g.device)], 1),
+                                   torch.cat([parent_anc, torch.eye(k, dtype=torch.bool, device=g.device)], 1)])
+            visible = ancestors[R:]  # [k, R + k]
+            positions = torch.full((1, k), F + d, device=g.device)
+            out = model.step(beam_features[None], torch.cat(pool_tokens)[beam][None], positions,
+                             _mask(torch.ones(k, committed_keys, dtype=torch.bool, device=g.device), visible, model),
+                             state.cache)[0]  # [k, H]
+            child = torch.log_softmax(model.logits(out).float(), -1).topk(k)  # [k, k]
+            scores = (beam_scores[:, None] + child.values).flatten()
+            first = sum(len(t) for t in pool_tokens)
+            pool_tokens.append(ids(child.indices.flatten()))
+            pool_scores.append(scores)
+            pool_parents.append(beam.repeat_interleave(k))
+            best = scores.topk(k).indices
+            beam, beam_scores = first + best, scores[best]
+            beam_features, beam_rows = out[best // k], R + best // k
+        model.truncate(state.cache, committed_keys)
+        scores = torch.cat(pool_scores)
+        order = torch.sort(scores, descending=True, stable=True).indices[: self.tree.nodes]
+        chosen = torch.sort(order).values.tolist()  # pool order: parents before children
+        index = {p: i for i, p in enumerate(chosen)}
+        parents_all = torch.cat(pool_parents).tolist()
+        parents = tuple(-1 if parents_all[p] < 0 else index[parents_all[p]] for p in chosen)
+        return torch.cat(pool_tokens)[chosen].cpu(), parents
+
+
+def _mask(cached: torch.Tensor, new: torch.Tensor, model) -> torch.Tensor | None:
+    """Additive [1, 1, rows, keys] from which cached keys [rows, C] and new rows
+    [rows, R] each row sees; None for one row that sees everything (no mask needed)."""
+    allowed = torch.cat([cached, new], -1)
+    if len(allowed) == 1 and bool(allowed.all()):
+        return None
+    dtype = getattr(model, "dtype", torch.float32)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _rows(x: torch.Tensor | None) -> int:
+    return 0 if x is None else len(x)
