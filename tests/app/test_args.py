@@ -58,9 +58,13 @@ def test_head_methods_say_which_heads_are_served_and_why_not(tmp_path):
     from tiny_models import tiny
 
     served = AppArgs().head_methods()  # the bundled target ships both beside it
-    assert served == {"medusa": None, "mtp": None}
+    assert served == {"medusa": None, "mtp": None, "eagle": None}
     assert "tensor-parallel" in AppArgs.model_validate({"tensor_parallel_size": 2}).head_methods()["mtp"]
     tiny("llama", seed=0).save_pretrained(tmp_path / "plain")
     why = AppArgs.model_validate({"target": str(tmp_path / "plain")}).head_methods()
     assert "build-heads --kind medusa" in why["medusa"] and "build-heads --kind mtp" in why["mtp"]
+    assert "set eagle.path" in why["eagle"] and "build-heads --kind eagle" in why["eagle"]
+    assert AppArgs.model_validate({"target": str(tmp_path / "plain"), "eagle": {"path": "org/e"}}).head_methods()["eagle"] is None
+    with pytest.raises(ValidationError, match="placement"):
+        AppArgs.model_validate({"eagle": {"placement": "drafter"}})
     assert AppArgs.model_validate({"target": str(tmp_path / "plain"), "mtp": "org/mtp"}).head_methods()["mtp"] is None

@@ -187,23 +187,24 @@ def test_sixteen_concurrent_streams_complete_and_one_more_is_refused(server, pai
 
 
 @pytest.mark.parametrize("method,tree", [("medusa", ""), ("medusa", "0;1;2;0.0;0.1;0.0.0"), ("mtp", ""),
-                                         ("mtp", "0;1;2;0.0;0.1;0.0.0")])
+                                         ("mtp", "0;1;2;0.0;0.1;0.0.0"), ("eagle", ""), ("eagle", "3,2,6")])
 def test_heads_over_grpc_are_target_only_decoding(server, pair, method, tree):
     """The bundled Medusa heads and MTP modules draft on the verifier: no draft hop, the same tokens."""
     for prompt in PROMPTS[:2]:
         tokens, chunks = stream(server, make_request(prompt, 40, method=method, tree=tree))
         assert tokens == target_only(pair, prompt, 40)
         stats = chunks[-1].stats
-        assert stats.draft_shape.startswith("tree") and stats.drafted > 0 and stats.draft_bytes == 0
-        assert sum(stats.accepted_per_rank) == stats.accepted and len(stats.accepted_per_position) <= 4
+        assert stats.draft_shape.startswith(("tree", "eagle")) and stats.drafted > 0 and stats.draft_bytes == 0
+        assert sum(stats.accepted_per_rank) == stats.accepted and len(stats.accepted_per_position) <= 5
         assert stats.accepted > 0  # trained heads: most rounds accept something
         if tree:
-            assert stats.draft_shape == "tree6:3-2-1"
+            assert stats.draft_shape == ("eagle6:d3k2" if method == "eagle" else "tree6:3-2-1")
 
 
 @pytest.mark.parametrize("request_args,reason", [
     (dict(method="medusa", tree="0;0.0;0.0.0;0.0.0.0;0.0.0.0.0"), "exceeds the 4 Medusa heads"),
     (dict(method="mtp", tree=";".join(".".join(["0"] * d) for d in range(1, 10))), "exceeds 8 MTP depths"),
+    (dict(method="eagle", tree="0;0.0"), "depth,top_k,nodes"),
 ])
 def test_tree_methods_the_server_cannot_draft_are_refused(server, request_args, reason):
     with pytest.raises(grpc.RpcError) as err:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import random_heads, random_mtp, save_tiny_pair
+from tiny_models import random_eagle, random_heads, random_mtp, save_tiny_pair
 
 from services.cli.main import main
 from services.models.loading import bundled_paths, load_model
@@ -13,11 +13,13 @@ from services.models.loading import bundled_paths, load_model
 
 @pytest.fixture(scope="module")
 def pair_args(tmp_path_factory):
-    """A tiny pair with Medusa heads and MTP modules beside its target, where build-heads puts them."""
+    """A tiny pair with Medusa heads, MTP modules and an EAGLE drafter beside its target,
+    where build-heads puts them."""
     target, draft = save_tiny_pair(tmp_path_factory.mktemp("pair"))
     model = load_model(str(target))
     random_heads(model, seed=1, num_heads=3).save(target.with_name("target-medusa"))
     random_mtp(model, seed=1).save(target.with_name("target-mtp"))
+    random_eagle(model, seed=1).save(target.with_name("target-eagle"))
     return ["--target", str(target), "--draft", str(draft), "--threads", "1"]
 
 
@@ -29,13 +31,14 @@ def run_json(capsys, argv):
 def test_models_json_defaults_to_bundled_and_honours_overrides(capsys):
     bundled = bundled_paths()
     assert run_json(capsys, ["models", "--json"]) == {"target": bundled.target, "draft": bundled.draft,
-                                                      "medusa": bundled.medusa, "mtp": bundled.mtp}
+                                                      "medusa": bundled.medusa, "mtp": bundled.mtp,
+                                                      "eagle": bundled.eagle}
     assert run_json(capsys, ["models", "--json", "--target", "t", "--draft", "d"]) == {
-        "target": "t", "draft": "d", "medusa": None, "mtp": None}
-    assert run_json(capsys, ["models", "--json", "--medusa", "m", "--mtp", "p"])["mtp"] == "p"
+        "target": "t", "draft": "d", "medusa": None, "mtp": None, "eagle": None}
+    assert run_json(capsys, ["models", "--json", "--medusa", "m", "--mtp", "p", "--eagle", "e"])["eagle"] == "e"
 
 
-@pytest.mark.parametrize("drafter", ["draft", "ngram", "medusa", "mtp", "none"])
+@pytest.mark.parametrize("drafter", ["draft", "ngram", "medusa", "mtp", "eagle", "none"])
 def test_generate_json_shape_and_greedy_agreement(capsys, pair_args, drafter):
     out = run_json(capsys, ["generate", "def add(a, b):", "--json", "--max-new-tokens", "9", "--drafter", drafter]
                    + pair_args)
@@ -74,7 +77,7 @@ def test_generate_streams_text(capsys, pair_args):
         (["--top-p", "0"], "top_p"),
         (["--top-p", "1.5"], "top_p"),
         (["--top-k", "-2"], "top_k"),
-        (["--drafter", "eagle"], "unknown drafter"),
+        (["--drafter", "spec"], "unknown drafter"),
         (["--gamma", "-1"], "gamma"),
     ],
 )
@@ -126,14 +129,14 @@ def test_bench_measures_tree_drafters_once_each_and_reports_the_best_per_drafter
     prompts.write_text(json.dumps({"prompt": "def add(a, b):"}) + "\n")
     out = tmp_path / "bench.json"
     assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "6", "--gammas", "1,2", "--no-hf",
-                 "--drafters", "draft,medusa,mtp", "--json", str(out)] + pair_args) == 0
+                 "--drafters", "draft,medusa,mtp,eagle", "--json", str(out)] + pair_args) == 0
     result = json.loads(out.read_text())
     labels = [r["config"] for r in result["runs"]]
     assert labels == ["target-only", "outrider-draft gamma=1", "outrider-draft gamma=2", "outrider-medusa tree9:4-3-2",
-                      "outrider-mtp tree5:2-2-1"]
+                      "outrider-mtp tree5:2-2-1", "outrider-eagle eagle8:d5k2"]
     best = result["best_by_drafter"]
-    assert set(best) == {"draft", "medusa", "mtp"} and best["medusa"]["gamma_or_tree"] == "tree9:4-3-2"
-    assert best["mtp"]["gamma_or_tree"] == "tree5:2-2-1"
+    assert set(best) == {"draft", "medusa", "mtp", "eagle"} and best["medusa"]["gamma_or_tree"] == "tree9:4-3-2"
+    assert best["mtp"]["gamma_or_tree"] == "tree5:2-2-1" and best["eagle"]["gamma_or_tree"] == "eagle8:d5k2"
     assert best["draft"]["gamma_or_tree"] in ("1", "2") and result["outputs_identical"] is True
     assert all(isinstance(v["speedup_vs_ar"], float) and v["mean_accepted_length"] >= 1 for v in best.values())
     assert result["verify_cost"]["tree16_vs_chain5"] > 0
@@ -179,8 +182,14 @@ def test_medusa_trees_are_chosen_per_call_and_bad_ones_refused(capsys, pair_args
         main(["generate", "x", "--drafter", "mtp", "--tree", ";".join(".".join(["0"] * d) for d in range(1, 10))]
              + pair_args)
     assert exit_.value.code == 2 and "exceeds 8 MTP depths" in capsys.readouterr().err
+    out = run_json(capsys, ["generate", "def add(a, b):", "--json", "--max-new-tokens", "9", "--drafter", "eagle",
+                            "--eagle-tree", "3,2,4", "--tree", "0;1"] + pair_args)  # --tree is Medusa's and MTP's
+    assert out["stats"]["draft_shape"] == "eagle4:d3k2"
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", "--drafter", "eagle", "--eagle-tree", "3,2"] + pair_args)
+    assert exit_.value.code == 2 and "depth,top_k,nodes" in capsys.readouterr().err
     target, draft = save_tiny_pair(tmp_path)  # no heads beside this one
-    for kind in ("medusa", "mtp"):
+    for kind in ("medusa", "mtp", "eagle"):
         with pytest.raises(SystemExit) as exit_:
             main(["generate", "x", "--drafter", kind, "--target", str(target), "--draft", str(draft)])
         assert exit_.value.code == 2 and f"build-heads --kind {kind}" in capsys.readouterr().err

@@ -130,7 +130,8 @@ def test_verifier_refusals_reach_the_client_as_a_status_with_the_reason(tokenize
 @pytest.mark.parametrize("request_args,reason", [
     (dict(method="medusa"), "MEDUSA is not served here: no Medusa heads"),
     (dict(method="mtp"), "MTP is not served here"),
-    (dict(method="draft", tree="0;1"), "a tree is for MEDUSA or MTP, not DRAFT"),
+    (dict(method="eagle"), "EAGLE is not served here: no EAGLE-3 drafter"),
+    (dict(method="draft", tree="0;1"), "a tree is for MEDUSA, MTP or EAGLE, not DRAFT"),
 ])
 def test_methods_without_heads_and_misplaced_trees_are_refused(tokenizer, request_args, reason):
     service = GatewayService(tokenizer, LIMITS, FakeVerifier())
@@ -139,7 +140,7 @@ def test_methods_without_heads_and_misplaced_trees_are_refused(tokenizer, reques
 
 
 def test_a_served_tree_method_gets_its_tree_checked_and_passed_on(tokenizer):
-    limits = dataclasses.replace(LIMITS, head_methods={"medusa": None, "mtp": "no MTP modules"})
+    limits = dataclasses.replace(LIMITS, head_methods={"medusa": None, "mtp": "no MTP modules", "eagle": None})
     service = GatewayService(tokenizer, limits, FakeVerifier())
     with pytest.raises(InvalidRequest, match="lack their parent paths"):
         service.prepare(make_request("def f():", 8, method="medusa", tree="0;0.1.2"), 0.0)
@@ -147,3 +148,7 @@ def test_a_served_tree_method_gets_its_tree_checked_and_passed_on(tokenizer):
         service.prepare(make_request("def f():", 8, method="medusa", tree="0;x"), 0.0)
     prepared = service.prepare(make_request("def f():", 8, method="medusa", tree="0;1;0.0"), 0.0)
     assert prepared.speculation.tree == "0;1;0.0" and prepared.speculation.method == 4
+    with pytest.raises(InvalidRequest, match="depth,top_k,nodes"):  # EAGLE's tree is its budget
+        service.prepare(make_request("def f():", 8, method="eagle", tree="0;1;0.0"), 0.0)
+    prepared = service.prepare(make_request("def f():", 8, method="eagle", tree="4,2,6"), 0.0)
+    assert prepared.speculation.tree == "4,2,6" and prepared.speculation.method == 6
