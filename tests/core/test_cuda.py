@@ -143,3 +143,25 @@ def test_mtp_trees_on_cuda(dtype):
         assert result.token_ids == plain
     else:
         assert sum(a == b for a, b in zip(result.token_ids, plain)) >= 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eagle_trees_on_cuda(dtype):
+    """An EAGLE-3 drafter on the GPU (its cache, the frontier masks, the draft vocabulary,
+    the target's layer features in its dtype): fp32 is exact greedy; bf16 stays close."""
+    from tiny_models import random_eagle
+
+    from services.core.eagle_proposer import EagleProposer, EagleTree
+
+    target = tiny("llama", seed=0, layers=4).to("cuda", dtype)
+    drafter = random_eagle(target, 1, torch.arange(0, 96, 2)).to("cuda", dtype)
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    plain = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256).generate(prompt, 40).token_ids
+    engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)),
+                               EagleProposer(drafter, EagleTree(4, 3, 10), "cuda"), None, 256, GammaSchedule(8))
+    result = engine.generate(prompt, 40)
+    assert result.stats.drafted > 0
+    if dtype == torch.float32:
+        assert result.token_ids == plain
+    else:
+        assert sum(a == b for a, b in zip(result.token_ids, plain)) >= 20
