@@ -31,7 +31,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 
 from ..core.eagle_proposer import EagleTree
 from ..core.target import layer_features
-from .heads import CONFIG, WEIGHTS
+from .heads import CONFIG, WEIGHTS, OwnKV
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -92,7 +92,7 @@ class EagleLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Eagle3Drafter(nn.Module):
+class Eagle3Drafter(OwnKV, nn.Module):
     """The draft layer and what drafting needs of it (core/eagle_proposer.py EagleModel)."""
 
     kind = "eagle"
@@ -124,16 +124,6 @@ class Eagle3Drafter(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.fc.weight.dtype
-
-    def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache()
-
-    def truncate(self, cache, length: int) -> None:
-        drop = cache.get_seq_length() - length
-        if drop > 0:
-            cache.crop(-drop)  # (transformers 5: a negative count removes that many)
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """The target's concatenated layer states [..., 3H] -> features [..., H]."""

@@ -67,6 +67,21 @@ class ResBlock(nn.Module):
         return x + nn.functional.silu(self.linear(x))
 
 
+class OwnKV:
+    """Drafters with their own KV cache (MTP depths, EAGLE's layer): transformers' cache,
+    cropped back to the committed positions after each round's frontier."""
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def truncate(self, cache, length: int) -> None:
+        drop = cache.get_seq_length() - length
+        if drop > 0:
+            cache.crop(-drop)  # (transformers 5: a negative count removes that many)
+
+
 class DraftHeads(nn.Module):
     """What Medusa heads and MTP modules share: the target's LM head, optionally
     restricted to a draft vocabulary, and saving in Hub format.

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.target import FINAL, PRE_NORM
-from .heads import DraftHeads, HeadsConfig
+from .heads import DraftHeads, HeadsConfig, OwnKV
 
 
 def decoder_parts(target):
@@ -58,7 +58,7 @@ class MtpModule(nn.Module):
         return self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], -1))
 
 
-class MtpHeads(DraftHeads):
+class MtpHeads(OwnKV, DraftHeads):
     """D modules; depth k >= D reuses the last one (see core/mtp_proposer.py)."""
 
     def __init__(self, config: HeadsConfig, target, carry_normed: bool = False, target_hidden: str = FINAL,
@@ -82,16 +82,6 @@ class MtpHeads(DraftHeads):
 
     def module(self, depth: int) -> MtpModule:
         return self.layers[min(depth, len(self.layers) - 1)]
-
-    def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache()
-
-    def truncate(self, cache, length: int) -> None:
-        drop = cache.get_seq_length() - length
-        if drop > 0:
-            cache.crop(-drop)  # (transformers 5: a negative count removes that many)
 
     def block_output(self, depth: int, x: torch.Tensor, positions: torch.Tensor, mask=None, cache=None) -> torch.Tensor:
         """x [B, n, H] after eh_proj -> the carried state [B, n, H]."""
