@@ -40,6 +40,15 @@ def built_mtp(built):
     return mtp, build_heads(mtp)
 
 
+@pytest.fixture(scope="module")
+def built_eagle(built):
+    """An EAGLE-3 drafter for the same target, from the same work folder's continuations."""
+    cfg, _ = built
+    eagle = dataclasses.replace(cfg, kind="eagle", out_dir=cfg.out_dir.with_name("target-eagle"), depths=3,
+                                window=12, lr=1e-3, draft_vocab=100, eagle_tree="3,2,4")
+    return eagle, build_heads(eagle)
+
+
 def test_heads_are_saved_in_hub_format_and_load_by_path(built):
     cfg, report = built
     target = load_model(cfg.target)
@@ -80,6 +89,25 @@ def test_mtp_modules_build_resume_and_draft_exactly(built_mtp):
     held = report["heldout_acceptance"]
     assert held["drafter"] == "mtp" and held["prompts"] == 2 and held["mean_acceptance_length"] >= 1
     assert build_heads(cfg)["tree_choices"] == report["tree_choices"]  # resumed: the same tree
+
+
+def test_an_eagle_drafter_builds_in_the_published_layout_resumes_and_drafts(built_eagle):
+    cfg, report = built_eagle
+    target = load_model(cfg.target)
+    drafter = load_heads(cfg.out_dir, target, "eagle")
+    config = json.loads((cfg.out_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 100
+    assert config["outrider"] == {"depth": 3, "top_k": 2, "nodes": 4} == report["tree"]
+    saved = load_file(cfg.out_dir / "model.safetensors")
+    assert {"fc.weight", "midlayer.hidden_norm.weight", "lm_head.weight", "d2t", "t2d"} <= set(saved)
+    assert saved["lm_head.weight"].shape == (100, 32) and saved["lm_head.weight"].dtype == torch.bfloat16
+    assert int(saved["t2d"].sum()) == 100 and len(set(drafter.draft_vocab.tolist())) == 100
+    assert len(report["heldout_top1_acceptance_per_step"]) == 3 and report["feature_layers"] == list(drafter.layers)
+    held = report["heldout_acceptance"]
+    assert held["drafter"] == "eagle" and held["prompts"] == 2 and held["mean_acceptance_length"] >= 1
+    assert held["draft_shape"] == "eagle4:d3k2"
+    again = build_heads(cfg)  # resumed: the trained weights are in the work folder
+    assert again["heldout_acceptance_per_step_rank"] == report["heldout_acceptance_per_step_rank"]
 
 
 def test_the_tree_grows_by_likeliest_path_and_stops_where_cost_outweighs():
