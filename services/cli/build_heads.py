@@ -27,7 +27,8 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--depths", type=int, default=d.depths,
                         help="MTP drafting depths trained and tuned (deeper than --num-heads reuse the last module); "
                              "EAGLE's training-time-test steps")
-    parser.add_argument("--eagle-tree", default=d.eagle_tree, help="EAGLE's dynamic tree saved with it: depth,top_k,nodes")
+    parser.add_argument("--eagle-tree", default=d.eagle_tree,
+                        help="EAGLE's dynamic tree saved with it, depth,top_k,nodes (default: the one measured fastest here)")
     parser.add_argument("--num-layers", type=int, default=d.num_layers, help="residual blocks per Medusa head")
     parser.add_argument("--own-lm-heads", action="store_true", help="a trained LM head per head (bigger)")
     parser.add_argument("--sequences", type=int, default=d.sequences, help="self-distillation continuations")
@@ -50,7 +51,7 @@ def run(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.kind == "eagle":
+    if args.kind == "eagle" and args.eagle_tree:
         from ..core.eagle_proposer import EagleTree
 
         try:

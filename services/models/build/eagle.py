@@ -1,4 +1,5 @@
-"""The EAGLE-3 side of ``outrider build-heads --kind eagle`` (stages as in build/heads.py).
+"""The EAGLE-3 side of ``outrider build-heads --kind eagle`` (stages as in build/heads.py):
+training, then the tree (depth, top_k, nodes) measured fastest on this device.
 
 Training-time test (EAGLE-3): windows of the target's own continuations (self-
 distilled: what the drafter must predict when serving), unrolled ``depths`` steps.
@@ -11,12 +12,21 @@ distribution of x_{j+s+2} over the draft vocabulary, KL(p_target || q), weighted
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ...core.eagle_proposer import EagleProposer, EagleTree
+from ...core.engine import SpeculativeEngine
+from ...core.gamma import MAX_GAMMA, GammaSchedule
+from ...core.stats import GenerationStats
+from ...core.target import TargetRunner
+from ...core.verifier import TargetVerifier
 from ..eagle import Eagle3Drafter
+from ..loading import max_context
 from .train import distill_heads
 
 
@@ -84,3 +94,41 @@ def eagle_truth_ranks(drafter: Eagle3Drafter, depths: int, features: torch.Tenso
             ranks.append(torch.where(hit.any(-1), hit.int().argmax(-1), max_rank))
         rows.append(torch.stack(ranks, -1).numpy())
     return np.concatenate(rows)
+
+
+# Trees ``tune_tree`` measures: chains, and EAGLE-2 trees of a few widths.
+EAGLE_TREES = tuple(EagleTree(d, 1, d) for d in (2, 3, 4, 5, 6)) + tuple(
+    EagleTree(d, k, n) for d in (4, 5, 6) for k, n in ((2, 8), (3, 12)))
+
+
+@torch.inference_mode()
+def tune_tree(drafter: Eagle3Drafter, target, prompts: list[list[int]], max_new: int, repeats: int = 3,
+              trees: tuple[EagleTree, ...] = EAGLE_TREES) -> tuple[EagleTree, dict]:
+    """The tree that decodes ``prompts`` (greedy) fastest on this device, measured, not
+    modelled: each pass times target-only decoding and every tree, interleaved, so
+    that drift in machine load hits them alike; a tree's figure is its median speedup
+    over the passes. Returns it and {label: (median speedup, mean accepted length)}."""
+    runner = TargetRunner(target, kv_cache_bytes=2**28)
+    limit = max_context(target)
+
+    def timed(proposer) -> tuple[float, float]:
+        engine = SpeculativeEngine(TargetVerifier(runner), proposer, None, limit, GammaSchedule(initial=MAX_GAMMA))
+        emitted, seconds, stats = 0, 0.0, GenerationStats()
+        for ids in prompts:
+            t0 = time.perf_counter()
+            result = engine.generate(ids, max_new)
+            seconds += time.perf_counter() - t0
+            emitted += len(result.token_ids)
+            stats += result.stats
+        return emitted / seconds, stats.mean_acceptance_length
+
+    speedups = {tree: [] for tree in trees}
+    accepted = {}
+    for _ in tqdm(range(repeats), desc="eagle trees", dynamic_ncols=True):
+        plain, _ = timed(None)
+        for tree in trees:
+            rate, accepted[tree] = timed(EagleProposer(drafter, tree, target.device))
+            speedups[tree].append(rate / plain)
+    median = {tree: float(np.median(s)) for tree, s in speedups.items()}
+    best = max(trees, key=lambda tree: median[tree])
+    return best, {tree.label: (median[tree], float(accepted[tree])) for tree in trees}

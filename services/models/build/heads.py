@@ -40,7 +40,7 @@ from ..mtp import MtpHeads, init_from_target
 from ..loading import load_model, load_tokenizer, resolve_paths
 from .corpus import split_corpus
 from .evaluate import greedy_acceptance, heldout_prompts
-from .eagle import eagle_truth_ranks, layer_states, train_eagle
+from .eagle import eagle_truth_ranks, layer_states, train_eagle, tune_tree
 from .mtp import mtp_draft_s, mtp_truth_ranks, train_mtp
 from .pipeline import tokenize_files
 from .train import distill_heads
@@ -58,7 +58,11 @@ class HeadsBuild:
     # EAGLE's training-time-test steps.
     depths: int = 4
     window: int = 128  # MTP and EAGLE training window (tokens)
-    eagle_tree: str = "5,2,8"  # EAGLE's dynamic tree saved with it: depth,top_k,nodes
+    # EAGLE's dynamic tree saved with it, "depth,top_k,nodes"; "" = the one measured
+    # fastest on held-out prompts (build/eagle.py tune_tree).
+    eagle_tree: str = ""
+    tune_prompts: int = 8
+    tune_max_new_tokens: int = 64
     draft_vocab: int = -1  # candidates from the K most frequent tokens; 0 = all; -1 = a quarter of a vocabulary >= 8k
     num_layers: int = 1
     share_lm_head: bool = True
@@ -163,10 +167,10 @@ def finish_report(cfg: HeadsBuild, split, report: dict) -> dict:
 def build_eagle(cfg: HeadsBuild, target, split, train_seqs: np.ndarray, held_greedy: np.ndarray,
                 hidden: torch.Tensor) -> dict:
     """EAGLE-3: the draft vocabulary first (its LM head is sized by it), then
-    training-time-test training; the tree is the one asked for (``eagle_tree``)."""
+    training-time-test training, then the tree: the one asked for (``eagle_tree``), or
+    the one measured fastest on held-out prompts."""
     vocab = target.get_output_embeddings().weight.shape[0]
     drafter = new_drafter(target, draft_vocab(cfg, train_seqs, vocab))
-    drafter.tree = EagleTree.parse(cfg.eagle_tree)
     drafter.to(cfg.device)
     init_eagle(drafter, target)
     features = layer_states(cfg, target, train_seqs, "train", drafter.layers)
@@ -176,10 +180,19 @@ def build_eagle(cfg: HeadsBuild, target, split, train_seqs: np.ndarray, held_gre
     with torch.no_grad():
         ranks = eagle_truth_ranks(drafter, cfg.depths, held_features, held_greedy, cfg.prompt_len, cfg.device)
     acceptance = rank_acceptance(ranks)
+    tuned = {}
+    if cfg.eagle_tree:
+        drafter.tree = EagleTree.parse(cfg.eagle_tree)
+    else:
+        tokenizer = load_tokenizer(cfg.target)
+        prompts = [tokenizer(p)["input_ids"] for p in heldout_prompts(split.heldout, cfg.tune_prompts)]
+        drafter.tree, tuned = tune_tree(drafter, target, prompts, cfg.tune_max_new_tokens)
     drafter.to("cpu").save(cfg.out_dir)
     report = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "tree": drafter.tree.as_dict(),
+        # Measured in one run: median speedup over target-only, mean accepted length.
+        "tree_speedups": {label: {"speedup": v[0], "mean_accepted": v[1]} for label, v in tuned.items()},
         "feature_layers": list(drafter.layers),
         "heldout_top1_acceptance_per_step": [float(a[0]) for a in acceptance],
         "heldout_acceptance_per_step_rank": [[float(x) for x in a[:8]] for a in acceptance],
