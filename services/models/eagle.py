@@ -57,7 +57,8 @@ def eagle_config(target, draft_vocab_size: int, layers=None, tree: EagleTree | N
         num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_key_value_heads,
         head_dim=head_dim, rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6), vocab_size=text.vocab_size,
         max_position_embeddings=text.max_position_embeddings, rope_parameters=dict(text.rope_parameters),
-        tie_word_embeddings=False)
+        tie_word_embeddings=False, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+        pad_token_id=getattr(text, "pad_token_id", None))
     config.architectures = [ARCHITECTURE]
     config.draft_vocab_size = draft_vocab_size
     config.eagle_config = {"eagle_aux_hidden_state_layer_ids": list(layers)}
