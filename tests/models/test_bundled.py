@@ -21,8 +21,12 @@ def pair():
 
 
 def test_pair_is_within_budget_and_shaped_as_specified(pair):
-    size = sum(f.stat().st_size for f in BUNDLED_DIR.glob("*/model.safetensors"))
-    assert size <= 64 * 2**20
+    def size(*folders):
+        return sum((BUNDLED_DIR / folder / "model.safetensors").stat().st_size for folder in folders)
+
+    assert size("target", "draft") <= 64 * 2**20  # the pair's budget
+    assert size("target-medusa", "target-mtp") <= 24 * 2**20  # both head kinds together
+    assert size("target-eagle") <= 16 * 2**20
     assert pair.target.config.model_type == pair.draft.config.model_type == "llama"
     assert sum(p.numel() for p in pair.target.parameters()) >= 15_000_000
     assert 1 <= pair.draft.config.num_hidden_layers <= 2

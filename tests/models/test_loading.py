@@ -43,8 +43,8 @@ def test_unknown_drafter_is_rejected(pair_dirs):
     target, draft = pair_dirs
     pair = load_pair(ModelPaths(str(target), str(draft)), with_draft=False)
     with pytest.raises(InvalidRequest, match="unknown drafter"):
-        make_proposer(pair, "eagle")
-    for kind in ("medusa", "mtp"):
+        make_proposer(pair, "spec")
+    for kind in ("medusa", "mtp", "eagle"):
         with pytest.raises(InvalidRequest, match=f"the {kind} drafter needs its heads"):
             make_proposer(pair, kind)
     with pytest.raises(InvalidRequest, match="needs a draft model"):

@@ -296,6 +296,9 @@ class RefusingDrafter(DrafterService):
 
     async def Draft(self, request_iterator, context):
         self.opened += 1
+        # Read the open first, as the real worker does: a worker that aborted before the
+        # verifier's write of it completed would fail that write with a bare INTERNAL.
+        await anext(request_iterator.__aiter__())
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "a draft block of 99 bytes is over the limit")
         yield  # an async generator, like the real one
 
