@@ -103,8 +103,7 @@ class Eagle3Drafter(OwnKV, nn.Module):
         config._attn_implementation = "sdpa"
         self.config = config
         text = target.config.get_text_config(decoder=True)
-        layers = (config.eagle_config or {}).get("eagle_aux_hidden_state_layer_ids") \
-            if hasattr(config, "eagle_config") else None
+        layers = (getattr(config, "eagle_config", None) or {}).get("eagle_aux_hidden_state_layer_ids")
         # Published drafters without the field use EAGLE-3's rule as is.
         N = text.num_hidden_layers
         self.layers = tuple(layers) if layers else (2, N // 2, N - 3)
@@ -228,13 +227,13 @@ def load_eagle(folder: Path, target) -> Eagle3Drafter:
     V = target.get_output_embeddings().weight.shape[0]
     if config.vocab_size != V:
         raise ValueError(f"{folder}: an EAGLE-3 drafter for a vocabulary of {config.vocab_size}, the target has {V}")
-    text = target.config.get_text_config(decoder=True)
-    layers = (getattr(config, "eagle_config", None) or {}).get("eagle_aux_hidden_state_layer_ids")
-    if layers and not all(0 <= i < text.num_hidden_layers for i in layers):
-        raise ValueError(f"{folder}: feature layers {layers} outside the target's {text.num_hidden_layers}")
     drafter = Eagle3Drafter(config, target)
+    N = target.config.get_text_config(decoder=True).num_hidden_layers
+    if not all(0 <= i < N for i in drafter.layers):
+        raise ValueError(f"{folder}: feature layers {list(drafter.layers)} outside the target's {N}")
     state = load_file(folder / WEIGHTS)
-    d2t, t2d = state.pop("d2t", None), state.pop("t2d", None)
+    d2t = state.pop("d2t", None)
+    state.pop("t2d", None)  # implied by d2t
     embed = state.pop("embed_tokens.weight", None)
     if embed is not None:  # its own copy (a drafter narrower than the target has one)
         drafter._embed = [nn.Embedding.from_pretrained(embed.to(target.dtype), freeze=True).to(target.device)]
@@ -245,5 +244,4 @@ def load_eagle(folder: Path, target) -> Eagle3Drafter:
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     if [k for k in missing if not k.startswith("rotary.")] or unexpected:
         raise ValueError(f"{folder}: EAGLE-3 weights do not fit (missing {missing[:4]}, unexpected {unexpected[:4]})")
-    del t2d  # implied by d2t
     return drafter.to(device=target.device, dtype=target.dtype).eval()

@@ -15,6 +15,7 @@ from tiny_models import hf_greedy, random_eagle, tiny
 from services.core.eagle_proposer import EagleProposer, EagleTree
 from services.core.engine import SpeculativeEngine
 from services.core.gamma import GammaSchedule
+from services.core.sampling import SamplingParams
 from services.core.target import Feed, TargetRunner, layer_features
 from services.core.verifier import TargetVerifier
 from services.models.eagle import default_feature_layers, load_eagle
@@ -159,3 +160,6 @@ def test_real_vocabulary_long_prompt_gqa_greedy_exact():
                             EagleProposer(drafter, EagleTree(4, 3, 10)), None, 4096, GammaSchedule(4))
     result = eng.generate(prompt, 24)
     assert result.token_ids == hf_greedy(target, prompt, 24, eos=None) and result.stats.drafted > 0
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)  # sampled: the same stream reproduces
+    sampled = eng.generate(prompt, 24, params)
+    assert sampled.token_ids == eng.generate(prompt, 24, params).token_ids and sampled.stats.drafted > 0

@@ -102,7 +102,7 @@ def build_heads(cfg: HeadsBuild) -> dict:
 
     greedy = np.arange(len(held_seqs)) % 2 == 0  # tune for greedy text (sampled halves kept for the report)
     if cfg.kind == "eagle":
-        return build_eagle(cfg, target, split, train_seqs, held_seqs[greedy], hidden)
+        return build_eagle(cfg, target, tokenizer, split, train_seqs, held_seqs[greedy], hidden)
     text = target.config.get_text_config(decoder=True)
     config = HeadsConfig(kind=cfg.kind, hidden_size=text.hidden_size,
                          vocab_size=target.get_output_embeddings().weight.shape[0], num_heads=cfg.num_heads,
@@ -164,7 +164,7 @@ def finish_report(cfg: HeadsBuild, split, report: dict) -> dict:
     return report
 
 
-def build_eagle(cfg: HeadsBuild, target, split, train_seqs: np.ndarray, held_greedy: np.ndarray,
+def build_eagle(cfg: HeadsBuild, target, tokenizer, split, train_seqs: np.ndarray, held_greedy: np.ndarray,
                 hidden: torch.Tensor) -> dict:
     """EAGLE-3: the draft vocabulary first (its LM head is sized by it), then
     training-time-test training, then the tree: the one asked for (``eagle_tree``), or
@@ -184,7 +184,6 @@ def build_eagle(cfg: HeadsBuild, target, split, train_seqs: np.ndarray, held_gre
     if cfg.eagle_tree:
         drafter.tree = EagleTree.parse(cfg.eagle_tree)
     else:
-        tokenizer = load_tokenizer(cfg.target)
         prompts = [tokenizer(p)["input_ids"] for p in heldout_prompts(split.heldout, cfg.tune_prompts)]
         drafter.tree, tuned = tune_tree(drafter, target, prompts, cfg.tune_max_new_tokens)
     drafter.to("cpu").save(cfg.out_dir)
