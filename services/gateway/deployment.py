@@ -3,6 +3,7 @@ named after the RPCs (Outrider.Generate, Outrider.GenerateUnary, Health.Check)."
 
 from __future__ import annotations
 
+import uuid
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -18,7 +19,7 @@ from ..app.args import AppArgs
 from ..core.errors import InvalidRequest, PoolExhausted
 from ..models.loading import context_length, load_config, load_tokenizer, vocab_size
 from ..rpc import internal_pb2, outrider_pb2
-from ..state.client import replica_state_client
+from ..state.client import StateClient, replica_state_client
 from ..telemetry import tracing
 from ..telemetry.metrics import RequestOutcome, SpecDecodeMetrics, method_label
 from ..verifier.tensor_parallel import RankFailed
@@ -26,7 +27,7 @@ from .service import GatewayService, Limits, Overloaded, ReplicaLost
 
 # Serve's gRPC proxy imports these to register the services it routes to this app.
 GRPC_SERVICER_FUNCTIONS = [
-    "services.rpc.outrider_pb2_grpc.add_OutriderServicer_to_server",
+    "services.gateway.grpc_proxy.add_outrider_to_proxy",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -34,6 +35,7 @@ GRPC_SERVICER_FUNCTIONS = [
 @serve.deployment(name="gateway", max_ongoing_requests=1000)
 class Gateway:
     metrics: SpecDecodeMetrics | None = None  # a shim built without __init__ (tests) records none
+    state: StateClient | None = None  # ... and has no session store
 
     def __init__(self, verifier: DeploymentHandle, args: dict):
         cfg = AppArgs.model_validate(args)
@@ -62,6 +64,7 @@ class Gateway:
         # With Serve's own tracing on, its router parents its routing span on the current
         # context when the call is made: make that the request's span, so Serve's spans
         # for the verifier call sit in the request's trace too (no effect otherwise).
+        req.attempt_id = uuid.uuid4().hex
         with tracing.activated(tracing.extract(req.traceparent, req.tracestate)):
             stream = self.verifier.Verify.remote(req.SerializeToString())
         try:
@@ -78,7 +81,11 @@ class Gateway:
                 raise Overloaded(str(error.cause)) from error
             raise
         finally:
-            stream.cancel()  # a client that went away frees the verifier's session too
+            # A client that went away frees the verifier's session too: Serve cancels the
+            # stream, and the store relays the attempt's end for when that is lost.
+            stream.cancel()
+            if self.state is not None:
+                self.state.end_attempt(req.attempt_id)
 
     async def Generate(self, request: outrider_pb2.GenerateRequest, grpc_context) -> AsyncIterator:
         with self._outcome(request) as outcome:  # metrics: OK at the stats chunk, else the failure

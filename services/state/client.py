@@ -141,6 +141,9 @@ class StateClient:
     def release(self, session: str) -> None:
         self._spawn(self.store.release.remote(session))
 
+    def end_attempt(self, attempt: str) -> None:
+        self._spawn(self.store.end_attempt.remote(attempt))
+
     async def flush(self) -> None:
         """Wait for the saves and publishes in flight (tests, shutdown)."""
         while self.background:
@@ -176,6 +179,60 @@ class StateClient:
         self.background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("session store call failed (the state is recomputed if needed): %r", task.exception())
+
+
+class AttemptWatch:
+    """Cancels a verify stream the gateway has ended.
+
+    Serve cancels a stream whose caller went away by cancelling the Ray task that
+    reports its chunks. Cancelled while it reports one (rather than while it awaits the
+    next), Ray's streaming executor keeps the generator without closing it, and Serve
+    then never cancels the user code: the session ran to its end about 1 time in 15
+    (tests/app/test_serving.py). So the gateway also ends every attempt in the session
+    store, and this watch, one long poll per replica for all its streams, cancels the
+    task of any stream still running when its attempt ends. The poll returns every
+    attempt ended since the last one (any replica's: a few ids a second), so a stream
+    that begins while a poll is out is covered by it.
+    """
+
+    def __init__(self, store, poll_s: float = 5.0):
+        self.store, self.poll_s = store, poll_s
+        self.running: dict[str, asyncio.Task] = {}  # attempt -> the task that runs its stream
+        self.new: list[str] = []  # began since the last poll did
+        self.changed = asyncio.Event()
+        self.poller: asyncio.Task | None = None
+
+    def watch(self, attempt: str) -> None:
+        """Cancel the calling task if ``attempt`` ends before ``done(attempt)``."""
+        self.running[attempt] = asyncio.current_task()
+        self.new.append(attempt)
+        self.changed.set()
+        if self.poller is None or self.poller.done():
+            self.poller = asyncio.ensure_future(self._poll())
+
+    def done(self, attempt: str) -> None:
+        self.running.pop(attempt, None)
+
+    async def _poll(self) -> None:
+        cursor = -1
+        while True:
+            if not self.running:
+                self.changed.clear()
+                await self.changed.wait()
+                continue
+            check, self.new = [a for a in self.new if a in self.running], []
+            try:
+                cursor, ended = await self.store.attempts_ended_after.remote(cursor, check, self.poll_s)
+            except Exception as error:  # the store restarts: Serve's own cancellation still works
+                log.warning("session store poll failed: %r", error)
+                self.new = check + self.new
+                await asyncio.sleep(1.0)
+                continue
+            for attempt in ended:
+                task = self.running.pop(attempt, None)
+                if task is not None:
+                    log.info("cancelling the stream of attempt %s: the gateway ended it", attempt)
+                    task.cancel()
 
 
 def replica_state_client(cfg) -> StateClient | None:

@@ -15,6 +15,9 @@ Two kinds of state:
   ``idle_s`` without use;
 - shared prefix blocks of target KV named by their hash chain (core/kv_chunks.py), kept
   least-recently-used within ``prefix_bytes``.
+
+It also relays the end of each verify attempt from the gateway to the verifier replicas
+(``end_attempt`` / ``ended_attempts``; see client.AttemptWatch).
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class SessionStore:
         self.prefixes: OrderedDict[str, tuple[ray.ObjectRef, int]] = OrderedDict()  # name -> (ref, bytes)
         self.prefix_held = 0
         self.expiry: asyncio.Task | None = None
+        self.ended_attempts: OrderedDict[str, int] = OrderedDict()  # verify attempts the gateway ended -> seq
+        self.attempt_seq = 0
+        self.attempt_ended = asyncio.Event()  # set (and replaced) at each end
 
     def _start_expiry(self) -> None:
         if self.expiry is None:
@@ -92,6 +98,39 @@ class SessionStore:
         while len(self.ended) > ENDED_REMEMBERED:
             self.ended.popitem(last=False)
         self._report()
+
+    async def end_attempt(self, attempt: str) -> None:
+        """The gateway is done with a verify attempt, however it ended."""
+        self.attempt_seq += 1
+        self.ended_attempts[attempt] = self.attempt_seq
+        while len(self.ended_attempts) > ENDED_REMEMBERED:
+            self.ended_attempts.popitem(last=False)
+        self.attempt_ended.set()
+        self.attempt_ended = asyncio.Event()
+
+    async def attempts_ended_after(self, cursor: int, check: list[str], timeout_s: float) -> tuple[int, list[str]]:
+        """A long poll, one per verifier replica for all its streams: (the new cursor,
+        the attempts ended after ``cursor`` plus those of ``check`` ended at all),
+        waiting up to ``timeout_s`` for one. ``cursor`` -1: none yet. ``check``: the
+        streams that began since the last poll did (they may have ended before it)."""
+        deadline = time.monotonic() + timeout_s
+        if cursor > self.attempt_seq:  # this actor restarted: everything it knows is new
+            cursor = 0
+        ended = [attempt for attempt in check if attempt in self.ended_attempts]
+        while True:
+            if cursor >= 0:
+                for attempt, seq in reversed(self.ended_attempts.items()):
+                    if seq <= cursor:
+                        break
+                    ended.append(attempt)
+            remaining = deadline - time.monotonic()
+            if ended or remaining <= 0:
+                return self.attempt_seq, ended
+            cursor = self.attempt_seq if cursor < 0 else cursor
+            try:
+                await asyncio.wait_for(self.attempt_ended.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
 
     async def lookup_prefix(self, names: list[str]) -> list[ray.ObjectRef]:
         """Refs of the longest run of known blocks from the first one."""

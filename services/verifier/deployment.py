@@ -21,7 +21,7 @@ from ..core.target import TargetRunner
 from ..models.loading import context_length, load_config, load_model, load_tokenizer
 from ..models.pair import head_proposer, load_pair_heads
 from ..rpc import internal_pb2
-from ..state.client import PrefixSharing, ShardedPrefixSharing, replica_state_client
+from ..state.client import AttemptWatch, PrefixSharing, ShardedPrefixSharing, replica_state_client
 from ..telemetry import tracing
 from ..telemetry.metrics import watch_kv_pool
 from .service import VerifierService
@@ -51,6 +51,7 @@ class Verifier:
         self.runner = runner
         self.drafter = drafter
         state = replica_state_client(cfg)
+        self.attempts = AttemptWatch(state.store) if state is not None else None
         prefixes = None
         if state is not None:
             salt = f"target|{paths.target}|{cfg.device}|{cfg.dtype}"
@@ -81,9 +82,18 @@ class Verifier:
 
     async def Verify(self, request: bytes) -> AsyncIterator[bytes]:
         req = internal_pb2.VerifyRequest.FromString(request)
-        async with aclosing(self.service.verify(req)) as chunks:  # see Gateway.Generate
-            async for chunk in chunks:
-                yield chunk.SerializeToString()
+        watched = self.attempts is not None and bool(req.attempt_id)
+        if watched:  # cancelled here if the gateway ends the attempt first (AttemptWatch)
+            self.attempts.watch(req.attempt_id)
+        try:
+            async with aclosing(self.service.verify(req)) as chunks:  # see Gateway.Generate
+                async for chunk in chunks:
+                    if watched and chunk.HasField("stats"):  # the gateway ends the attempt on these
+                        self.attempts.done(req.attempt_id)
+                    yield chunk.SerializeToString()
+        finally:
+            if watched:
+                self.attempts.done(req.attempt_id)
 
     def active_sessions(self) -> int:
         return self.service.active_sessions

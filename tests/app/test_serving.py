@@ -139,12 +139,16 @@ def test_bad_input_is_invalid_argument_and_changes_nothing(server, name, request
     assert len(tokens) == 8
 
 
-def test_client_cancellation_frees_the_session(server):
-    responses = server.generate(make_request(PROMPTS[0], 1500, gamma=2))
-    next(responses)
-    assert active_sessions() == {"gateway": 1, "verifier": 1, "drafter": 1}
-    responses.cancel()
-    assert wait_for_no_sessions() == {"gateway": 0, "verifier": 0, "drafter": 0}
+def test_every_client_cancellation_frees_the_session(server):
+    # Cancelled right after the first chunk, while Serve's proxy may still be writing
+    # it: before services/gateway/grpc_proxy.py about 1 in 10 of these ran to the end.
+    for attempt in range(20):
+        responses = server.generate(make_request(PROMPTS[attempt % 3], 1500, gamma=2))
+        next(responses)
+        if attempt == 0:
+            assert active_sessions() == {"gateway": 1, "verifier": 1, "drafter": 1}
+        responses.cancel()
+        assert wait_for_no_sessions(timeout=10) == {"gateway": 0, "verifier": 0, "drafter": 0}, attempt
 
 
 def test_client_deadline_is_deadline_exceeded_and_frees_the_session(server):

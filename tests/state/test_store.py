@@ -11,7 +11,7 @@ from tiny_models import tiny
 
 from services.core.kv import KVState, extend
 from services.core.kv_chunks import export_chunk
-from services.state.client import StateClient
+from services.state.client import AttemptWatch, StateClient
 from services.state.store import SessionStore
 
 TOKENS = list(range(3, 40))
@@ -110,3 +110,51 @@ def test_the_client_fetches_a_chunk_once(local_ray, kv):
     assert mine == 0 and first[0].tokens == tuple(TOKENS[:6])
     assert fetched_bytes == fetched[0].nbytes > 0  # only the first fetch moved bytes
     assert again[0].tokens == fetched[0].tokens
+
+
+def test_ended_attempts_are_relayed_to_a_long_poll(local_ray):
+    store = new_store()
+    ray.get(store.end_attempt.remote("early"))
+    cursor, ended = ray.get(store.attempts_ended_after.remote(-1, ["early", "a"], 5.0))
+    assert ended == ["early"]  # a stream checked when it begins: ended before any poll
+    assert ray.get(store.attempts_ended_after.remote(cursor, [], 0.1)) == (cursor, [])  # nothing new: times out
+    waiting = store.attempts_ended_after.remote(cursor, [], 30.0)
+    time.sleep(0.3)
+    ray.get(store.end_attempt.remote("b"))
+    cursor, ended = ray.get(waiting, timeout=10)
+    assert ended == ["b"]  # woken by the end, not the timeout: any attempt after the cursor
+    ray.get(store.end_attempt.remote("c"))
+    ray.get(store.end_attempt.remote("d"))
+    assert sorted(ray.get(store.attempts_ended_after.remote(cursor, [], 5.0))[1]) == ["c", "d"]
+
+
+def test_the_watch_cancels_a_stream_whose_attempt_ends_and_spares_a_finished_one(local_ray):
+    store = new_store()
+    ray.get(store.usage.remote())  # started: its first call can take seconds on a loaded machine
+
+    async def go():
+        client = StateClient(store)
+        watch = AttemptWatch(store, poll_s=0.2)
+
+        async def stream(attempt, finished_first, then_s):
+            watch.watch(attempt)
+            try:
+                if finished_first:
+                    watch.done(attempt)  # its stats went out: the gateway's end is expected
+                await asyncio.sleep(0.5)
+                client.end_attempt(attempt)  # as the gateway does, however the attempt ends
+                started = time.monotonic()
+                try:
+                    await asyncio.sleep(then_s)
+                except asyncio.CancelledError:
+                    return f"cancelled after {time.monotonic() - started:.1f} s"
+                return "ran to its end"
+            finally:
+                watch.done(attempt)
+
+        results = await asyncio.gather(stream("lost", False, 60), stream("finished", True, 2))
+        return results, watch.running
+
+    (lost, finished), running = asyncio.run(go())
+    assert lost.startswith("cancelled after") and float(lost.split()[2]) < 10
+    assert finished == "ran to its end" and running == {}

@@ -253,9 +253,6 @@ def test_counters_and_histograms_match_the_requests_own_stats(served):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # One session at a time: a second request is refused while a first one streams;
     # then the first one's deadline passes, which the gateway sees as a cancellation.
-    # (A deadline rather than long.cancel(): a client cancel right after the first
-    # chunk is now and then lost on the way to the gateway, with or without metrics,
-    # and the request then runs to its end.)
     long = client.generate(make_request("class Stack:", 1500, gamma=2), timeout=6)
     next(long)
     with pytest.raises(grpc.RpcError) as err:
