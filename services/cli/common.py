@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 import torch
 
@@ -13,7 +14,7 @@ class UsageError(Exception):
     """Bad user input: reported on one line, exit code 2."""
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     print(f"outrider: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
