@@ -50,7 +50,7 @@ class Loopback:
                        pipeline=True, adaptive=False):
         """(tokens, final stats) of one session; also checks chunk framing."""
         req = internal_pb2.VerifyRequest(
-            request_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=max_new, sampling=sampling_to_proto(params),
+            request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=max_new, sampling=sampling_to_proto(params),
             pinned_gamma=not params.greedy,
             speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=gamma, adaptive=adaptive,
                                                  pipeline=pipeline),

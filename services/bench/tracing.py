@@ -69,7 +69,7 @@ def round_tracing_cost_s(provider: TracerProvider | None, repeat: int = 2000) ->
     from ..verifier import batcher
     from ..verifier.service import VerifierService, _record_round
 
-    req = internal_pb2.VerifyRequest(request_id="0" * 32)
+    req = internal_pb2.VerifyRequest(request_id="0" * 32, session_id="1" * 32)
     block = DraftBlock(0, Proposal(tokens=torch.arange(4)), False, None, 0.004)
     early = DraftBlock(1, Proposal(tokens=torch.arange(4)), True, 7, 0.004)
     result = RoundResult(tokens=[0, 1, 2, 3, 7], num_accepted=4)
@@ -93,8 +93,8 @@ def round_tracing_cost_s(provider: TracerProvider | None, repeat: int = 2000) ->
             traceparent, tracestate = tracing.inject(span)
             # draft worker: the outcome's context, the fresh and the early block's spans
             round_ctx = tracing.extract(traceparent, tracestate)
-            await _drafted(DrafterService._draft_span(round_ctx, req.request_id, k + 1, False), done)
-            await _drafted(DrafterService._draft_span(round_ctx, req.request_id, k + 2, True), done)
+            await _drafted(DrafterService._draft_span(round_ctx, req.session_id, k + 1, False), done)
+            await _drafted(DrafterService._draft_span(round_ctx, req.session_id, k + 2, True), done)
             if provider is not None and k % 100 == 99:
                 provider.force_flush()  # every span exported: none dropped from a full queue
         span.end()

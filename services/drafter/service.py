@@ -97,7 +97,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             saved, shared = await self._restore(session_id, session)
             if span.is_recording():
                 span.set_attributes({
-                    "outrider.session_id": session_id, "outrider.request_id": session_id,
+                    "outrider.session_id": session_id,
                     "outrider.round": first.open.first_round, "outrider.gamma": first.open.gamma,
                     "outrider.pipeline": pipeline, "outrider.restored_positions": saved,
                     # Draft KV chunks this worker fetched from the object store to restore the

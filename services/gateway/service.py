@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import secrets
 import time
 import uuid
 from contextlib import aclosing
@@ -98,6 +99,9 @@ class GatewayService:
         pipeline = req.speculation.pipeline if req.speculation.HasField("pipeline") else True
         return internal_pb2.VerifyRequest(
             request_id=req.request_id or uuid.uuid4().hex,
+            # Never the client's id: two clients choosing the same one, or one reusing
+            # an id, must not share, end or restore each other's state.
+            session_id=secrets.token_hex(16),
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,
             sampling=sampling_to_proto(params),
@@ -159,7 +163,7 @@ class GatewayService:
         if span.is_recording():
             spec = verify_request.speculation
             span.set_attributes({
-                "outrider.request_id": verify_request.request_id, "outrider.session_id": verify_request.request_id,
+                "outrider.request_id": verify_request.request_id, "outrider.session_id": verify_request.session_id,
                 "outrider.method": METHODS.get(spec.method, ""), "outrider.gamma": spec.gamma,
                 "outrider.pipeline": spec.pipeline, "outrider.prompt_tokens": len(verify_request.prompt_ids),
                 "outrider.max_new_tokens": verify_request.max_new_tokens,
@@ -189,7 +193,7 @@ class GatewayService:
                     await asyncio.sleep(min(0.1 * 2 ** (progress.resumes - 1), 2.0))  # Serve replaces the replica meanwhile
         finally:
             self.active_sessions -= 1
-            self.release_session(verify_request.request_id)
+            self.release_session(verify_request.session_id)
 
     async def _attempt(self, progress: "_Progress", span) -> AsyncIterator[outrider_pb2.GenerateChunk]:
         """One verifier replica's part of a stream: from the tokens already sent to the

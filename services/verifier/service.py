@@ -156,7 +156,7 @@ class VerifierService:
         if not tracing.enabled():
             return tracing.INVALID_SPAN
         return tracing.start_span("outrider.round", trace_ctx, attributes={
-            "outrider.session_id": req.request_id, "outrider.request_id": req.request_id, "outrider.round": round})
+            "outrider.session_id": req.session_id, "outrider.request_id": req.request_id, "outrider.round": round})
 
     async def _speculative(self, seq: SequenceState, req, method: str, trace_ctx=None) -> AsyncIterator[list[int]]:
         pipeline = req.speculation.pipeline
@@ -250,7 +250,7 @@ class VerifierService:
         call = internal_pb2_grpc.DrafterStub(self.channels[address]).Draft(
             metadata=tracing.grpc_metadata(req.traceparent, req.tracestate))
         opened = internal_pb2.DraftOpen(
-            session_id=req.request_id,
+            session_id=req.session_id,
             prompt_ids=seq.committed,
             max_new_tokens=seq.remaining,
             sampling=req.sampling,

@@ -158,6 +158,25 @@ def test_client_deadline_is_deadline_exceeded_and_frees_the_session(server):
     assert wait_for_no_sessions() == {"gateway": 0, "verifier": 0, "drafter": 0}
 
 
+def test_two_clients_choosing_the_same_request_id_share_nothing(server, pair):
+    # Session state is keyed by the server, never by the client's request_id: two
+    # streams under one id at once, then the id reused, each decode their own prompt.
+    results: dict[int, tuple] = {}
+
+    def one(i):
+        results[i] = stream(server, make_request(PROMPTS[i], 24, gamma=4, request_id="same-id"))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    results[2] = stream(server, make_request(PROMPTS[2], 24, gamma=4, request_id="same-id"))
+    for i, (tokens, chunks) in results.items():
+        assert tokens == target_only(pair, PROMPTS[i], 24), i
+        assert {c.request_id for c in chunks} == {"same-id"}
+
+
 def test_sixteen_concurrent_streams_complete_and_one_more_is_refused(server, pair):
     prompts = [PROMPTS[i % 3] + " " * (i // 3) for i in range(MAX_SESSIONS)]
     results: dict[int, list[int]] = {}

@@ -57,7 +57,7 @@ def test_a_session_continues_on_another_worker_from_its_saved_chunks(store, pipe
         engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256)
         verifier = VerifierService(engine, find_drafter)
         req = internal_pb2.VerifyRequest(
-            request_id=uuid.uuid4().hex, prompt_ids=PROMPT, max_new_tokens=60,
+            request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=PROMPT, max_new_tokens=60,
             sampling=sampling_to_proto(SamplingParams(seed=0)),
             speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=3, pipeline=pipeline),
         )
@@ -99,7 +99,7 @@ def test_a_prompt_prefix_drafted_on_one_worker_is_reused_on_another(store):
 
             verifier = VerifierService(engine, find_drafter)
             req = internal_pb2.VerifyRequest(
-                request_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=20,
+                request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=20,
                 sampling=sampling_to_proto(SamplingParams(seed=0)),
                 speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=3, pipeline=True),
             )

@@ -152,3 +152,13 @@ def test_a_served_tree_method_gets_its_tree_checked_and_passed_on(tokenizer):
         service.prepare(make_request("def f():", 8, method="eagle", tree="0;1;0.0"), 0.0)
     prepared = service.prepare(make_request("def f():", 8, method="eagle", tree="4,2,6"), 0.0)
     assert prepared.speculation.tree == "4,2,6" and prepared.speculation.method == 6
+
+
+def test_session_keys_are_the_servers_and_request_ids_only_labels(tokenizer):
+    service = GatewayService(tokenizer, LIMITS, FakeVerifier())
+    request = make_request("def f():", 8, request_id="mine")
+    first, again = service.prepare(request, 0.0), service.prepare(request, 0.0)
+    assert first.request_id == again.request_id == "mine"  # echoed and traced
+    assert first.session_id != again.session_id  # a reused or shared id shares no state
+    assert len(first.session_id) == 32 and "mine" not in first.session_id
+    assert service.prepare(make_request("def f():", 8), 0.0).request_id  # assigned when empty
