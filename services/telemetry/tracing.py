@@ -17,10 +17,17 @@ call's gRPC metadata (the request's context, for the draft session) and in each
 ``DraftOpen``/``RoundOutcome`` (the context of the round the worker drafts for).
 
 Configuration is the standard OpenTelemetry environment, read once per process by
-``setup_tracing``: ``OTEL_TRACES_EXPORTER`` = ``otlp`` (OTLP over HTTP/protobuf to
-``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``), ``console`` or ``none`` (the default:
+``setup_tracing``: ``OTEL_TRACES_EXPORTER`` = ``otlp`` (OTLP to
+``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` over ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``
+``http/protobuf``, the default, or ``grpc``), ``console`` or ``none`` (the default:
 tracing off), comma-separated for several; ``OTEL_TRACES_SAMPLER`` /
-``OTEL_TRACES_SAMPLER_ARG`` and ``OTEL_BSP_*`` are read by the SDK itself. Outrider adds
+``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_BSP_*``, ``OTEL_SERVICE_NAME`` and
+``OTEL_RESOURCE_ATTRIBUTES`` are read by the SDK itself, and win over Outrider's
+defaults (``service.name`` is the role unless ``OTEL_SERVICE_NAME`` says otherwise;
+``outrider.role`` always is). A client's trace context is read from its gRPC metadata
+with the propagators ``OTEL_PROPAGATORS`` names (W3C trace context and baggage by
+default, as the SDK does); between Outrider's own processes it always travels as W3C
+``traceparent``/``tracestate`` fields of the internal protos. Outrider adds
 ``OUTRIDER_TRACES_FILE=/path``: spans appended to a file as JSON lines (tests, quick
 looks). Ray workers inherit their raylet's environment, so set these where the nodes
 start (the pod spec, or ``os.environ`` before ``ray.cluster_utils.Cluster``), or pass
@@ -44,7 +51,7 @@ proxy_grpc_request -> route_to_replica -> replica_handle_request -> outrider.gen
 (Serve's route_to_replica verifier Verify, and Outrider's rounds). So at the gateway,
 ``request_parent`` takes ``opentelemetry.context.get_current()`` when it holds a span;
 when Serve does not trace the context is empty, and it falls back to the client's own
-``traceparent`` metadata (Serve's ``grpc_context.traceparent()``), else a new trace.
+gRPC metadata (read with the ``OTEL_PROPAGATORS`` propagators), else a new trace.
 Serve installs its provider as the process-global one (``trace.set_tracer_provider``,
 allowed once per process), so Outrider keeps a provider of its own and never sets the
 global one: they coexist, sharing only the API-level context. With a parent-based
@@ -106,7 +113,13 @@ def setup_tracing(service_name: str, serve_replica: bool = False, **resource_att
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create({"service.name": service_name, "process.pid": os.getpid(), **resource_attributes})
+    from opentelemetry.sdk.resources import OTELResourceDetector
+
+    # Outrider's defaults, then the environment's OTEL_RESOURCE_ATTRIBUTES and
+    # OTEL_SERVICE_NAME over them (Resource.create alone would let ours win).
+    defaults = {"service.name": service_name, "outrider.role": service_name, "process.pid": os.getpid(),
+                **resource_attributes}
+    resource = Resource.create(defaults).merge(OTELResourceDetector().detect())
     provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER[_ARG], read by the SDK
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))  # OTEL_BSP_* apply
@@ -140,11 +153,13 @@ def exporters_from_env(environ: Mapping[str, str] = os.environ) -> list:
             continue
         if name == "otlp":
             protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-            if protocol not in (None, "", "http/protobuf"):
-                log.warning("OTLP protocol %r is not supported here; exporting over http/protobuf", protocol)
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporters.append(OTLPSpanExporter())  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
+            if protocol == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            else:
+                if protocol not in (None, "", "http/protobuf"):
+                    log.warning("OTLP protocol %r is not supported (grpc, http/protobuf); using http/protobuf", protocol)
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            exporters.append(OTLPSpanExporter())  # endpoint, headers, timeout, TLS: OTEL_EXPORTER_OTLP_*
         elif name == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -268,17 +283,20 @@ def from_metadata(pairs) -> otel_context.Context | None:
 def request_parent(grpc_context=None) -> otel_context.Context | None:
     """The parent of a request's span at the gateway: the current context when it holds
     a span (Serve's ``replica_handle_request`` span, when Serve's own tracing is on),
-    else the client's ``traceparent`` gRPC metadata, else None (a new trace)."""
+    else the context in the client's gRPC metadata as the ``OTEL_PROPAGATORS``
+    propagators read it, else None (a new trace)."""
     if not _enabled:
         return None
     current = otel_context.get_current()
     if trace.get_current_span(current).get_span_context().is_valid:
         return current
-    traceparent = getattr(grpc_context, "traceparent", None)
-    tracestate = getattr(grpc_context, "tracestate", None)
-    if callable(traceparent):  # Serve's RayServegRPCContext
-        return extract(traceparent(), tracestate() if callable(tracestate) else "")
-    return None
+    metadata = getattr(grpc_context, "invocation_metadata", None)
+    if not callable(metadata):
+        return None
+    from opentelemetry import propagate  # its global propagator follows OTEL_PROPAGATORS
+
+    ctx = propagate.extract({key.lower(): value for key, value in metadata() or () if isinstance(value, str)})
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
 @contextmanager

@@ -61,6 +61,57 @@ def test_exporters_follow_the_otel_environment(tmp_path, monkeypatch):
     assert tracing.exporters_from_env({"OTEL_TRACES_EXPORTER": "zipkin"}) == []  # unsupported: warned, ignored
 
 
+def test_otlp_over_grpc_when_the_environment_asks(monkeypatch):
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+    monkeypatch.delenv(tracing.FILE_ENV, raising=False)
+    for key in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+        (found,) = tracing.exporters_from_env({"OTEL_TRACES_EXPORTER": "otlp", key: "grpc"})
+        assert isinstance(found, GrpcExporter)
+    (found,) = tracing.exporters_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+    assert isinstance(found, OTLPSpanExporter)
+
+
+def test_the_environment_names_the_service_over_outriders_defaults(tracing_off, tmp_path, monkeypatch):
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv(tracing.FILE_ENV, str(tmp_path / "spans.jsonl"))
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    assert tracing.setup_tracing("outrider-verifier")
+    attrs = tracing._provider.resource.attributes
+    assert attrs["service.name"] == attrs["outrider.role"] == "outrider-verifier"
+    tracing.use_provider(None)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "llm-serving")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.namespace=ml")
+    assert tracing.setup_tracing("outrider-verifier")
+    attrs = tracing._provider.resource.attributes
+    assert attrs["service.name"] == "llm-serving" and attrs["outrider.role"] == "outrider-verifier"
+    assert attrs["deployment.environment"] == "prod" and attrs["service.namespace"] == "ml"
+
+
+class ClientContext:
+    """Serve's RayServegRPCContext as far as the gateway reads it."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+    def invocation_metadata(self):
+        return self.metadata
+
+
+def test_a_clients_context_is_read_with_the_configured_propagators(tracing_off):
+    tracing.use_provider(TracerProvider())
+    parent = tracing.request_parent(ClientContext([("traceparent", CLIENT_TRACEPARENT), ("baggage", "tenant=a")]))
+    span = trace.get_current_span(parent).get_span_context()
+    _, trace_id, span_id, _ = CLIENT_TRACEPARENT.split("-")
+    assert (format(span.trace_id, "032x"), format(span.span_id, "016x")) == (trace_id, span_id)
+    from opentelemetry import baggage
+
+    assert baggage.get_baggage("tenant", parent) == "a"  # OTEL_PROPAGATORS default: tracecontext,baggage
+    assert tracing.request_parent(ClientContext([("user-agent", "grpc")])) is None
+    assert tracing.request_parent(None) is None
+
+
 def test_context_round_trips_through_traceparent(tracing_off):
     provider = TracerProvider()
     tracing.use_provider(provider)
