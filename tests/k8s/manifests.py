@@ -1,21 +1,46 @@
 """Reading the rendered KubeRay manifests: the RayService, its serve config, its node
-groups and what each group's pods offer Ray."""
+groups and what each group's pods offer Ray. Rendered by the real `kubectl kustomize`
+(kustomize v5), as `kubectl apply -k` renders them."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
+import shutil
+import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 
-from k8s.render import K8S, find, render
-
-OVERLAYS = ("cpu", "gpu", "gpu-pvc")
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+OVERLAYS = ("cpu", "gpu", "gpu-pvc", "production")
 GPU = "nvidia.com/gpu"
+
+
+@functools.cache
+def _kustomize(folder: str) -> str:
+    if shutil.which("kubectl") is None:
+        pytest.skip("rendering the manifests needs kubectl (with kustomize)")
+    done = subprocess.run(["kubectl", "kustomize", folder], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"kubectl kustomize {folder}: {done.stderr}"
+    return done.stdout
+
+
+def render(folder: Path) -> list[dict]:
+    """The documents `kubectl kustomize folder` gives (a fresh copy each call)."""
+    return [doc for doc in yaml.safe_load_all(_kustomize(str(folder))) if doc]
 
 
 def rendered(overlay: str) -> list[dict]:
     return render(K8S / "overlays" / overlay)
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
 
 
 def rayservice(docs: list[dict]) -> dict:

@@ -51,6 +51,8 @@ def test_cpu_overlay_serve_config_serves_grpc_on_its_node_groups():
     # cluster-wide Serve options, not the app's config.
     config["http_options"]["port"] = free_port()
     grpc_port = config["grpc_options"]["port"] = free_port()
+    # One machine, one proxy: a pod's own address on Kubernetes, the same ports here.
+    config["proxy_location"] = "HeadOnly"
     dashboard_port = free_port()
 
     head = node_groups["head"]

@@ -9,16 +9,18 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from k8s.manifests import (
-    GPU, OVERLAYS, app_args, container, groups, pod_gpus, ray_cpus, ray_resources, rayservice, rendered,
-    serve_config,
+    GPU, K8S, OVERLAYS, REPO, app_args, container, find, groups, pod_gpus, ray_cpus, ray_resources, rayservice,
+    render, rendered, serve_config,
 )
-from k8s.render import K8S, REPO, apply_op, find, render
 from services.app import build_app
 from services.app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE, AppArgs
+from services import __version__
 from services.gateway.deployment import GRPC_SERVICER_FUNCTIONS
 
 CLUSTER_CONFIG = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
 ROLE_RESOURCE = {"head": GATEWAY_RESOURCE, "drafter": DRAFTER_RESOURCE, "verifier": VERIFIER_RESOURCE}
+GPU_OVERLAYS = ["gpu", "gpu-pvc", "production"]
+RAY_HEALTH = ("local_raylet_healthz", "gcs_healthz")
 # What the GPU overlays may change in the app's args, relative to cluster/serve_config.yaml.
 GPU_DIFFERENCES = {"target", "draft", "device", "dtype", "tensor_parallel_size", "drafter.num_gpus", "verifier.num_gpus"}
 
@@ -44,7 +46,8 @@ def test_every_manifest_parses():
                 assert all({"op", "path"} <= set(op) for op in doc), path
             else:
                 assert {"apiVersion", "kind"} <= set(doc), path
-                assert doc["kind"] == "Kustomization" or doc["metadata"]["name"], path
+                assert doc["kind"] in ("Kustomization", "Component") or doc["metadata"]["name"], path
+    assert sorted(p.name for p in (K8S / "overlays").iterdir()) == sorted(OVERLAYS)  # every overlay is tested
     for folder in [K8S / "base", *(K8S / "overlays" / o for o in OVERLAYS)]:
         kinds = sorted({d["kind"] for d in render(folder)})
         assert {"RayService", "Service", "ConfigMap", "Deployment"} <= set(kinds), folder
@@ -62,8 +65,10 @@ def test_the_serve_config_validates_and_builds_the_app(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_it_agrees_with_cluster_serve_config(overlay):
     config = serve_config(rendered(overlay))
-    for key in ("proxy_location", "http_options", "grpc_options"):
+    for key in ("http_options", "grpc_options"):
         assert config[key] == CLUSTER_CONFIG[key], key
+    # A proxy on every pod with a replica; on one machine (`outrider serve`), the head's only.
+    assert (config["proxy_location"], CLUSTER_CONFIG["proxy_location"]) == ("EveryNode", "HeadOnly")
     assert config["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
     (app,), (local,) = config["applications"], CLUSTER_CONFIG["applications"]
     assert {k: v for k, v in app.items() if k != "args"} == {k: v for k, v in local.items() if k != "args"}
@@ -76,7 +81,7 @@ def test_it_agrees_with_cluster_serve_config(overlay):
     parsed = AppArgs.model_validate(app["args"])
     assert (parsed.device, parsed.dtype) == ("cuda", "bfloat16")
     assert parsed.tensor_parallel_size > 1 and parsed.verifier.num_gpus == 0 and parsed.drafter.num_gpus > 0
-    if overlay == "gpu":
+    if overlay != "gpu-pvc":
         assert not parsed.target.startswith("/") and not parsed.draft.startswith("/")  # hub ids
     else:
         assert parsed.target.startswith("/models/") and parsed.draft.startswith("/models/")
@@ -104,7 +109,7 @@ def test_each_deployment_is_pinned_to_exactly_one_node_group(overlay):
     assert pod_gpus(all_groups["verifier"]) >= sum(b.get("GPU", 0) for b in bundles)
 
 
-@pytest.mark.parametrize("overlay", ["gpu", "gpu-pvc"])
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
 def test_gpu_pods_ask_for_their_gpus_and_tolerate_gpu_nodes(overlay):
     docs = rendered(overlay)
     args = AppArgs.model_validate(app_args(docs))
@@ -132,28 +137,33 @@ def test_the_cpu_variant_asks_for_no_gpu_and_little():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_grpc_service_probes_and_the_head(overlay):
+def test_grpc_service_spreads_over_every_serving_pod_and_probes_check_ray_not_the_app(overlay):
     docs = rendered(overlay)
-    grpc_port = serve_config(docs)["grpc_options"]["port"]
-    head = groups(docs)["head"]
-    ray_head = container(head)
-    ports = {p["name"]: p["containerPort"] for p in ray_head["ports"]}
+    config = serve_config(docs)
+    grpc_port = config["grpc_options"]["port"]
+    assert config["proxy_location"] == "EveryNode"
     service = find(docs, "Service", "outrider-grpc")
     (port,) = service["spec"]["ports"]
-    assert port["port"] == grpc_port == ports[port["targetPort"]] and port["appProtocol"] == "grpc"
-    # The Service selects the head pod, once KubeRay has labelled it serving.
+    assert port["port"] == grpc_port and port["appProtocol"] == "grpc"
+    # Any Ray pod whose proxy KubeRay has labelled serving, whatever its group.
     selector = dict(service["spec"]["selector"])
-    assert selector.pop("ray.io/node-type") == "head" and selector.pop("ray.io/serve") == "true"
-    assert selector.items() <= head["template"]["metadata"]["labels"].items()
-    # A native gRPC probe on the public port; no readiness or startup probe on the head
-    # (KubeRay deploys the serve config only once the head pod is Ready).
-    assert ray_head["livenessProbe"]["grpc"] == {"port": grpc_port}
-    assert "readinessProbe" not in ray_head and "startupProbe" not in ray_head
-    # Workers run no Serve proxy (HeadOnly): their readiness must not wait for one.
-    assert serve_config(docs)["proxy_location"] == "HeadOnly"
+    assert selector.pop("ray.io/serve") == "true"
+    for name, group in groups(docs).items():
+        assert selector.items() <= group["template"]["metadata"]["labels"].items(), name
+        ports = {p["name"]: p["containerPort"] for p in container(group)["ports"]}
+        assert ports[port["targetPort"]] == grpc_port, name
+    # The head's liveness and readiness are Ray's own health (raylet and GCS): a stalled
+    # gateway must not restart the head and the cluster with it.
+    head = container(groups(docs)["head"])
+    for probe in ("livenessProbe", "readinessProbe"):
+        command = " ".join(head[probe]["exec"]["command"])
+        assert all(endpoint in command for endpoint in RAY_HEALTH) and str(grpc_port) not in command, probe
+    assert "grpc" not in head["livenessProbe"]
+    # Workers: Ready as Ray nodes; their proxies start only once a replica runs there.
     for name in ("drafter", "verifier"):
         probe = " ".join(container(groups(docs)[name])["readinessProbe"]["exec"]["command"])
         assert "local_raylet_healthz" in probe and ":8000" not in probe
+    assert rayservice(docs)["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -170,7 +180,9 @@ def test_hf_token_comes_from_a_secret_and_pods_export_to_the_collector(overlay):
         env = {e["name"]: e for e in c["env"]}
         assert "value" not in env["HF_TOKEN"], name
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "outrider-hf-token", name
-        assert c["image"] == "outrider:0.1.0"
+        name_, tag = c["image"].rsplit(":", 1)
+        assert tag == __version__ and name_.rsplit("/", 1)[-1] == "outrider", c["image"]
+        assert ("/" in name_) == (overlay == "production"), c["image"]  # production: from a registry
 
 
 def test_the_collector_receives_otlp_and_exports_to_debug():
@@ -215,27 +227,37 @@ def test_versions_agree_with_the_image_and_the_package():
         assert rayservice(rendered(overlay))["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
 
 
-def test_the_renderer_applies_json6902():
-    doc = {"a": {"b": [1, 2]}, "x~y/z": 0}
-    apply_op(doc, {"op": "add", "path": "/a/b/-", "value": 3})
-    apply_op(doc, {"op": "replace", "path": "/x~0y~1z", "value": 1})
-    apply_op(doc, {"op": "remove", "path": "/a/b/0"})
-    apply_op(doc, {"op": "test", "path": "/a/b", "value": [2, 3]})
-    assert doc == {"a": {"b": [2, 3]}, "x~y/z": 1}
-    with pytest.raises(AssertionError):
-        apply_op(doc, {"op": "test", "path": "/a/b/0", "value": 9})
-    with pytest.raises(KeyError):
-        apply_op(doc, {"op": "replace", "path": "/a/missing", "value": 1})
-    with pytest.raises(ValueError):
-        apply_op(doc, {"op": "move", "path": "/a", "from": "/x"})
+def test_production_keeps_gcs_state_in_redis_with_a_password_from_a_secret():
+    docs = rendered("production")
+    options = rayservice(docs)["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    redis = find(docs, "Service", "outrider-redis")
+    (port,) = redis["spec"]["ports"]
+    assert options["redisAddress"] == f"redis://{redis['metadata']['name']}:{port['port']}"
+    secret = options["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": "outrider-redis", "key": "password"}
+    assert not [d for d in docs if d["kind"] == "Secret"]  # the operator creates it
+    deployment = find(docs, "Deployment", "outrider-redis")
+    spec = deployment["spec"]["template"]["spec"]
+    (server,) = spec["containers"]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": secret}} in server["env"]
+    assert "$(REDIS_PASSWORD)" in server["args"] and "--appendonly" in server["args"]
+    assert redis["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert spec["securityContext"]["runAsNonRoot"] and server["securityContext"]["readOnlyRootFilesystem"]
+    assert "gcsFaultToleranceOptions" not in rayservice(rendered("gpu"))["spec"]["rayClusterConfig"]
 
 
-def test_the_renderer_sets_images_at_any_depth():
-    from k8s.render import _set_image, image_name
-
-    assert image_name("registry:5000/ml/outrider:0.1.0") == "registry:5000/ml/outrider"
-    assert image_name("outrider@sha256:ab") == image_name("outrider") == "outrider"
-    doc = {"spec": {"groups": [{"template": {"spec": {"containers": [{"image": "outrider:0.1.0"}, {"image": "x:1"}]}}}]}}
-    _set_image(doc, {"name": "outrider", "newName": "registry:5000/ml/outrider"})
-    (group,) = doc["spec"]["groups"]
-    assert [c["image"] for c in group["template"]["spec"]["containers"]] == ["registry:5000/ml/outrider:0.1.0", "x:1"]
+def test_production_is_scraped_by_prometheus_operator_and_wires_grafana():
+    docs = rendered("production")
+    (monitor,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    for name, group in groups(docs).items():  # KubeRay adds ray.io/is-ray-node to every Ray pod
+        labels = {**group["template"]["metadata"]["labels"], "ray.io/is-ray-node": "yes"}
+        assert selector.items() <= labels.items(), name
+        ports = {p["name"]: p["containerPort"] for p in container(group)["ports"]}
+        assert ports[endpoint["port"]] == 8080, name  # Ray's metrics export port on KubeRay
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"], "targetLabel": "ray_io_cluster"} \
+        in endpoint["relabelings"]
+    env = {e["name"]: e.get("value") for e in container(groups(docs)["head"])["env"]}
+    assert env["RAY_PROMETHEUS_HOST"].startswith("http://") and env["RAY_GRAFANA_HOST"].startswith("http://")
+    assert not [d for d in rendered("gpu") if d["kind"] == "PodMonitor"]  # needs the operator's CRDs
