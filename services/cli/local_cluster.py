@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from ..app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE
+from ..rpc.auth import TOKEN_ENV
 
 TEMP_DIR = Path(os.environ.get("OUTRIDER_RAY_TEMP", "/tmp/outrider-ray"))
 DEFAULT_DASHBOARD_PORT = 8265
@@ -37,7 +39,7 @@ def _bin(name: str) -> str:
 
 def _env() -> dict:
     # Processes size their own torch pools; default OpenMP pools would oversubscribe.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", **AUTH_ENV}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", **AUTH_ENV, **INTERNAL_TOKEN_ENV}
 
 
 # Ray 2.60 turns token auth on for a node that finds ~/.ray/auth_token (any earlier
@@ -45,6 +47,9 @@ def _env() -> dict:
 # be refused by its own head. This single-machine cluster listens on this machine only
 # and says its mode explicitly; a real cluster (k8s/) sets its own.
 AUTH_ENV = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+# The token of the internal streams (rpc/auth.py): the caller's, else a fresh one for
+# this cluster; every node inherits it from its `ray start`.
+INTERNAL_TOKEN_ENV = {TOKEN_ENV: os.environ.get(TOKEN_ENV) or secrets.token_hex(16)}
 
 
 def running() -> bool:

@@ -4,6 +4,7 @@ its own gRPC port, which verifiers reach directly once Serve has picked the repl
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import ray
@@ -13,10 +14,13 @@ from ray import serve
 from ..app.args import AppArgs
 from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
+from ..rpc.auth import TOKEN_ENV, TokenInterceptor, internal_token
 from ..rpc.channels import SERVER_OPTIONS
 from ..state.client import PrefixSharing, replica_state_client
 from ..telemetry import tracing
 from .service import DrafterService, make_proposers
+
+log = logging.getLogger(__name__)
 
 
 @serve.deployment(name="drafter", max_ongoing_requests=1000)
@@ -45,15 +49,19 @@ class DraftWorker:
 
     async def endpoint(self) -> str:
         """host:port of this replica's Drafter service (started on first use, on the
-        replica's event loop)."""
+        replica's event loop), bound to the node's address only."""
+        host = ray.util.get_node_ip_address()
         async with self.starting:
             if self.server is None:
-                server = grpc.aio.server(options=SERVER_OPTIONS)
+                token = internal_token()
+                if token is None:
+                    log.warning("%s is not set: the Drafter service on %s accepts any stream", TOKEN_ENV, host)
+                server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[TokenInterceptor(token)] if token else [])
                 internal_pb2_grpc.add_DrafterServicer_to_server(self.service, server)
-                self.port = server.add_insecure_port(f"[::]:{self.port}")
+                self.port = server.add_insecure_port(f"{host}:{self.port}")
                 await server.start()
                 self.server = server
-        return f"{ray.util.get_node_ip_address()}:{self.port}"
+        return f"{host}:{self.port}"
 
     def active_sessions(self) -> int:
         return self.service.active_sessions

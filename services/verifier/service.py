@@ -22,6 +22,7 @@ from ..core.errors import InvalidRequest
 from ..core.proposals import Proposal
 from ..core.proposers import Proposer
 from ..rpc import internal_pb2, internal_pb2_grpc
+from ..rpc.auth import auth_metadata
 from ..rpc.channels import CHANNEL_OPTIONS
 from ..rpc.convert import METHOD_IDS, METHODS, ON_VERIFIER, sampling_from_proto, stats_to_proto
 from ..state.client import PrefixSharing, ShardedPrefixSharing
@@ -248,7 +249,7 @@ class VerifierService:
         if address not in self.channels:
             self.channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         call = internal_pb2_grpc.DrafterStub(self.channels[address]).Draft(
-            metadata=tracing.grpc_metadata(req.traceparent, req.tracestate))
+            metadata=(tracing.grpc_metadata(req.traceparent, req.tracestate) or ()) + auth_metadata())
         opened = internal_pb2.DraftOpen(
             session_id=req.session_id,
             prompt_ids=seq.committed,

@@ -16,6 +16,7 @@ from services.app import build_app
 from services.app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE, AppArgs
 from services import __version__
 from services.gateway.deployment import GRPC_SERVICER_FUNCTIONS
+from services.rpc.auth import TOKEN_ENV
 
 CLUSTER_CONFIG = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
 ROLE_RESOURCE = {"head": GATEWAY_RESOURCE, "drafter": DRAFTER_RESOURCE, "verifier": VERIFIER_RESOURCE}
@@ -180,9 +181,31 @@ def test_hf_token_comes_from_a_secret_and_pods_export_to_the_collector(overlay):
         env = {e["name"]: e for e in c["env"]}
         assert "value" not in env["HF_TOKEN"], name
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "outrider-hf-token", name
+        # Every Ray process has the internal streams' token, from a Secret (required).
+        assert env[TOKEN_ENV]["valueFrom"]["secretKeyRef"] == {"name": "outrider-internal-token", "key": "token"}, name
         name_, tag = c["image"].rsplit(":", 1)
         assert tag == __version__ and name_.rsplit("/", 1)[-1] == "outrider", c["image"]
         assert ("/" in name_) == (overlay == "production"), c["image"]  # production: from a registry
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_draft_workers_admit_only_the_clusters_ray_pods(overlay):
+    docs = rendered(overlay)
+    policy = find(docs, "NetworkPolicy", "outrider-drafter")
+    all_groups = groups(docs)
+    labels = {name: {**g["template"]["metadata"]["labels"], "ray.io/is-ray-node": "yes"} for name, g in all_groups.items()}
+    target = policy["spec"]["podSelector"]["matchLabels"]
+    assert [name for name in labels if target.items() <= labels[name].items()] == ["drafter"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    from_pods, scrapes = policy["spec"]["ingress"]
+    (peer,) = from_pods["from"]
+    assert set(peer) == {"podSelector"} and "ports" not in from_pods  # Ray's own ports stay open among its pods
+    assert all(peer["podSelector"]["matchLabels"].items() <= pod.items() for pod in labels.values())
+    assert "from" not in scrapes and scrapes["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    other = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}  # collector, Redis: no Ray
+    for name, deployment in other.items():
+        pod = deployment["spec"]["template"]["metadata"]["labels"]
+        assert not peer["podSelector"]["matchLabels"].items() <= pod.items(), name
 
 
 def test_the_collector_receives_otlp_and_exports_to_debug():
