@@ -81,6 +81,10 @@ class AppArgs(BaseModel):
     default_max_new_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(2048, ge=1)
     max_sessions: int = Field(64, ge=1)  # per gateway replica; beyond it RESOURCE_EXHAUSTED
+    max_prompt_tokens: int = Field(0, ge=0)  # beyond it INVALID_ARGUMENT; 0: what the context leaves room for
+    # Concurrent sessions of one client address per gateway replica; beyond it
+    # RESOURCE_EXHAUSTED (0: no limit beneath max_sessions).
+    max_sessions_per_client: int = Field(0, ge=0)
     # Rounds of concurrent sessions verified together in one forward pass, at most
     # this many (1 = each session verified on its own).
     max_batch_size: int = Field(16, ge=1)

@@ -39,7 +39,8 @@ def _bin(name: str) -> str:
 
 def _env() -> dict:
     # Processes size their own torch pools; default OpenMP pools would oversubscribe.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", **AUTH_ENV, **INTERNAL_TOKEN_ENV}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", **AUTH_ENV, **INTERNAL_TOKEN_ENV,
+            **MESSAGE_ENV}
 
 
 # Ray 2.60 turns token auth on for a node that finds ~/.ray/auth_token (any earlier
@@ -50,6 +51,10 @@ AUTH_ENV = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 # The token of the internal streams (rpc/auth.py): the caller's, else a fresh one for
 # this cluster; every node inherits it from its `ray start`.
 INTERNAL_TOKEN_ENV = {TOKEN_ENV: os.environ.get(TOKEN_ENV) or secrets.token_hex(16)}
+# The largest message Serve's gRPC proxy takes (its default is 2 GiB): a bigger request
+# is refused RESOURCE_EXHAUSTED before it reaches the gateway. 8 MiB holds a prompt of
+# a few hundred thousand tokens.
+MESSAGE_ENV = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": os.environ.get("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(8 << 20))}
 
 
 def running() -> bool:

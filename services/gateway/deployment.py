@@ -46,6 +46,7 @@ class Gateway:
             vocab_size=vocab_size(config), max_context=context_length(config),
             max_new_tokens=cfg.max_new_tokens, default_max_new_tokens=cfg.default_max_new_tokens,
             max_sessions=cfg.max_sessions, default_method=cfg.default_method, default_gamma=cfg.default_gamma,
+            max_prompt_tokens=cfg.max_prompt_tokens, max_sessions_per_client=cfg.max_sessions_per_client,
             head_methods=cfg.head_methods(),
         )
         self.verifier = verifier.options(stream=True)
@@ -94,7 +95,8 @@ class Gateway:
                 # ones may sit at a `yield`; an exception does not close the generator an
                 # `async for` is iterating, so close it explicitly (their `finally`s free
                 # the session here and cancel it on the verifier).
-                async with aclosing(self.service.generate(request, tracing.request_parent(grpc_context))) as chunks:
+                async with aclosing(self.service.generate(request, tracing.request_parent(grpc_context),
+                                                          _client(grpc_context))) as chunks:
                     async for chunk in chunks:
                         outcome.see(chunk)
                         yield chunk
@@ -105,7 +107,8 @@ class Gateway:
     async def GenerateUnary(self, request: outrider_pb2.GenerateRequest, grpc_context):
         with self._outcome(request) as outcome:
             try:
-                response = await self.service.generate_unary(request, tracing.request_parent(grpc_context))
+                response = await self.service.generate_unary(request, tracing.request_parent(grpc_context),
+                                                              _client(grpc_context))
             except (InvalidRequest, Overloaded, ReplicaLost) as error:
                 outcome.code = _set_status(grpc_context, error)
                 raise
@@ -124,6 +127,13 @@ class Gateway:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+
+def _client(grpc_context) -> str:
+    """Who asks: the client's address as Serve's proxy saw it, without the port
+    ("ipv4:10.0.0.7"); "" when unknown."""
+    peer = grpc_context.peer() if grpc_context is not None and hasattr(grpc_context, "peer") else ""
+    return peer.rsplit(":", 1)[0] if peer else ""
 
 
 def _set_status(grpc_context, error: Exception) -> str:

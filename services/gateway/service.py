@@ -44,6 +44,8 @@ class Limits:
     max_sessions: int  # concurrent sessions per gateway replica
     default_method: str
     default_gamma: int
+    max_prompt_tokens: int = 0  # 0: as many as the context leaves room for
+    max_sessions_per_client: int = 0  # concurrent sessions of one client (peer address) per replica; 0: no limit
     # Methods whose heads the verifiers loaded, with why each other one is not served.
     head_methods: dict[str, str | None] = field(default_factory=lambda: {"medusa": "no Medusa heads", "mtp": "no MTP modules", "eagle": "no EAGLE-3 drafter"})
 
@@ -63,11 +65,14 @@ class GatewayService:
         self.release_session = release_session  # frees the session's state wherever it is kept
         self.max_resumes = max_resumes
         self.active_sessions = 0
+        self.client_sessions: dict[str, int] = {}  # client -> its sessions open here
 
     def prepare(self, req: outrider_pb2.GenerateRequest, received_at: float) -> internal_pb2.VerifyRequest:
         """Validate a request and resolve every default; raises InvalidRequest."""
         limits = self.limits
         prompt_ids = self._prompt_ids(req)
+        if limits.max_prompt_tokens and len(prompt_ids) > limits.max_prompt_tokens:
+            raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens exceeds this server's limit of {limits.max_prompt_tokens}")
         max_new = req.max_new_tokens or limits.default_max_new_tokens
         if max_new > limits.max_new_tokens:
             raise InvalidRequest(f"max_new_tokens {max_new} exceeds this server's limit of {limits.max_new_tokens}")
@@ -130,17 +135,18 @@ class GatewayService:
             raise InvalidRequest("prompt is empty: set `text` or `token_ids`")
         return ids
 
-    def generate(self, req: outrider_pb2.GenerateRequest, trace_parent=None) -> AsyncIterator[outrider_pb2.GenerateChunk]:
+    def generate(self, req: outrider_pb2.GenerateRequest, trace_parent=None, client: str = "") -> AsyncIterator[outrider_pb2.GenerateChunk]:
         """The request's chunks. ``trace_parent``: the OpenTelemetry context its
-        ``outrider.generate`` span starts under (``tracing.request_parent``)."""
+        ``outrider.generate`` span starts under (``tracing.request_parent``);
+        ``client``: who asks (their address), for the per-client session limit."""
         if not tracing.enabled():  # no span, no extra generator layer
-            return self._generate(req, tracing.start_span("outrider.generate"))
-        return self._traced(req, trace_parent)
+            return self._generate(req, tracing.start_span("outrider.generate"), client)
+        return self._traced(req, trace_parent, client)
 
-    async def _traced(self, req: outrider_pb2.GenerateRequest, trace_parent) -> AsyncIterator[outrider_pb2.GenerateChunk]:
+    async def _traced(self, req: outrider_pb2.GenerateRequest, trace_parent, client: str) -> AsyncIterator[outrider_pb2.GenerateChunk]:
         span = tracing.start_span("outrider.generate", trace_parent, tracing.SpanKind.SERVER)
         try:
-            async with aclosing(self._generate(req, span)) as chunks:
+            async with aclosing(self._generate(req, span, client)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except (GeneratorExit, asyncio.CancelledError):
@@ -153,7 +159,7 @@ class GatewayService:
         finally:
             span.end()
 
-    async def _generate(self, req: outrider_pb2.GenerateRequest, span) -> AsyncIterator[outrider_pb2.GenerateChunk]:
+    async def _generate(self, req: outrider_pb2.GenerateRequest, span, client: str = "") -> AsyncIterator[outrider_pb2.GenerateChunk]:
         received = time.time()
         start = time.perf_counter()
         verify_request = self.prepare(req, received)
@@ -170,7 +176,11 @@ class GatewayService:
             })
         if self.active_sessions >= self.limits.max_sessions:
             raise Overloaded(f"at the limit of {self.limits.max_sessions} concurrent sessions; retry later")
+        per_client = self.limits.max_sessions_per_client
+        if per_client and self.client_sessions.get(client, 0) >= per_client:
+            raise Overloaded(f"this client already has {per_client} concurrent sessions here, its limit; retry later")
         self.active_sessions += 1
+        self.client_sessions[client] = self.client_sessions.get(client, 0) + 1
         progress = _Progress(verify_request, IncrementalDetokenizer(self.tokenizer), start)
         try:
             while True:
@@ -193,6 +203,9 @@ class GatewayService:
                     await asyncio.sleep(min(0.1 * 2 ** (progress.resumes - 1), 2.0))  # Serve replaces the replica meanwhile
         finally:
             self.active_sessions -= 1
+            self.client_sessions[client] -= 1
+            if not self.client_sessions[client]:
+                del self.client_sessions[client]
             self.release_session(verify_request.session_id)
 
     async def _attempt(self, progress: "_Progress", span) -> AsyncIterator[outrider_pb2.GenerateChunk]:
@@ -236,9 +249,9 @@ class GatewayService:
         eos = self.tokenizer.eos_token_id
         return len(committed) >= req.max_new_tokens or (bool(committed) and eos is not None and committed[-1] == eos)
 
-    async def generate_unary(self, req: outrider_pb2.GenerateRequest, trace_parent=None) -> outrider_pb2.GenerateResponse:
+    async def generate_unary(self, req: outrider_pb2.GenerateRequest, trace_parent=None, client: str = "") -> outrider_pb2.GenerateResponse:
         response = outrider_pb2.GenerateResponse()
-        async with aclosing(self.generate(req, trace_parent)) as chunks:
+        async with aclosing(self.generate(req, trace_parent, client)) as chunks:
             async for chunk in chunks:
                 response.request_id = chunk.request_id
                 response.token_ids.extend(chunk.token_ids)

@@ -19,11 +19,13 @@ from services.models.pair import load_pair, make_engine
 
 PROMPTS = ["def parse_args(argv):", "class Stack:\n    def push(self, item):", "import os\n\nfor name in"]
 MAX_SESSIONS = 16
+MAX_MESSAGE = 1 << 20  # Serve's gRPC proxy message limit here (outrider serve: 8 MiB)
 
 
 @pytest.fixture(scope="module")
 def server():
-    with serving_cluster({"max_sessions": MAX_SESSIONS}) as (client, _):
+    with serving_cluster({"max_sessions": MAX_SESSIONS},
+                         env={"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(MAX_MESSAGE)}) as (client, _):
         yield client
 
 
@@ -136,6 +138,15 @@ def test_bad_input_is_invalid_argument_and_changes_nothing(server, name, request
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert reason in err.value.details()
     tokens, _ = stream(server, make_request(PROMPTS[0], 8))  # the replicas are still serving
+    assert len(tokens) == 8
+
+
+def test_a_request_over_the_message_limit_is_refused_at_the_proxy(server):
+    with pytest.raises(grpc.RpcError) as err:
+        server.generate_unary(make_request("x" * (2 * MAX_MESSAGE), 8), timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert active_sessions() == {"gateway": 0, "verifier": 0, "drafter": 0}  # it never reached the gateway
+    tokens, _ = stream(server, make_request(PROMPTS[0], 8))
     assert len(tokens) == 8
 
 

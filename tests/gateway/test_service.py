@@ -162,3 +162,26 @@ def test_session_keys_are_the_servers_and_request_ids_only_labels(tokenizer):
     assert first.session_id != again.session_id  # a reused or shared id shares no state
     assert len(first.session_id) == 32 and "mine" not in first.session_id
     assert service.prepare(make_request("def f():", 8), 0.0).request_id  # assigned when empty
+
+
+def test_prompt_and_per_client_limits_are_enforced_before_any_work(tokenizer):
+    limits = dataclasses.replace(LIMITS, max_prompt_tokens=4, max_sessions_per_client=1)
+    verifier = FakeVerifier()
+    service = GatewayService(tokenizer, limits, verifier)
+    with pytest.raises(InvalidRequest, match="prompt of 5 tokens exceeds this server's limit of 4"):
+        service.prepare(make_request([1, 2, 3, 4, 5], 8), 0.0)
+
+    async def go():
+        first = service.generate(make_request([1, 2, 3], 100), client="ipv4:10.0.0.7")
+        await first.__anext__()  # one session open for this client
+        with pytest.raises(Overloaded, match="this client already has 1 concurrent sessions"):
+            await service.generate(make_request([1, 2, 3], 8), client="ipv4:10.0.0.7").__anext__()
+        other = service.generate(make_request([1, 2, 3], 100), client="ipv4:10.0.0.8")
+        await other.__anext__()  # another client is not held back
+        open_now = dict(service.client_sessions)
+        await first.aclose()
+        await other.aclose()
+        return open_now, service.client_sessions
+
+    open_now, after = asyncio.run(go())
+    assert open_now == {"ipv4:10.0.0.7": 1, "ipv4:10.0.0.8": 1} and after == {}
