@@ -284,3 +284,18 @@ def test_production_is_scraped_by_prometheus_operator_and_wires_grafana():
     env = {e["name"]: e.get("value") for e in container(groups(docs)["head"])["env"]}
     assert env["RAY_PROMETHEUS_HOST"].startswith("http://") and env["RAY_GRAFANA_HOST"].startswith("http://")
     assert not [d for d in rendered("gpu") if d["kind"] == "PodMonitor"]  # needs the operator's CRDs
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_runs_unprivileged_as_a_non_root_user(overlay):
+    docs = rendered(overlay)
+    pods = [g["template"]["spec"] for g in groups(docs).values()]
+    pods += [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+    ray_containers = {id(container(g)) for g in groups(docs).values()}
+    for spec in pods:
+        for c in spec["containers"]:
+            security = {**spec.get("securityContext", {}), **c.get("securityContext", {})}
+            assert security["runAsNonRoot"] and security["runAsUser"] > 0, c["name"]
+            assert security["allowPrivilegeEscalation"] is False, c["name"]
+            # Ray writes its session and caches under the root filesystem; nothing else may.
+            assert security.get("readOnlyRootFilesystem") or id(c) in ray_containers, c["name"]

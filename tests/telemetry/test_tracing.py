@@ -5,6 +5,7 @@ draft worker processes of a multi-node Ray cluster, written by the JSON-lines ex
 import asyncio
 import json
 import time
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -15,6 +16,7 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProces
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.bench.loopback import Loopback
+from services.rpc.auth import TOKEN_ENV
 from services.telemetry import tracing
 from tiny_models import tiny
 
@@ -26,6 +28,7 @@ PROMPT = (
 )
 
 CLIENT_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+SECRETS = ("hf_sentinel_0123456789abcdef", "internal_sentinel_fedcba9876543210")
 
 
 @pytest.fixture
@@ -226,10 +229,15 @@ def test_a_served_request_is_one_trace_across_processes(tmp_path):
     from serving_cluster import serving_cluster
     from services.gateway.client import make_request
 
+    import ray
+
     path = tmp_path / "spans.jsonl"
     env = {tracing.FILE_ENV: str(path), "OTEL_TRACES_EXPORTER": "none", "OTEL_BSP_SCHEDULE_DELAY": "200",
-           "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.0"}
+           "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.0",
+           # Secrets every process holds, as the pods get them from Secrets on k8s/.
+           "HF_TOKEN": SECRETS[0], TOKEN_ENV: SECRETS[1]}
     with serving_cluster(env=env) as (client, _):
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
         chunks = list(client.generate(make_request(PROMPT, 48, method="draft", gamma=4, pipeline=True), timeout=120))
         stats, request_id = chunks[-1].stats, chunks[0].request_id
         spans = wait_for_trace(path, request_id, stats)
@@ -242,6 +250,13 @@ def test_a_served_request_is_one_trace_across_processes(tmp_path):
     assert stats.emitted == 48 and stats.pipeline_hits > 0
     tree = check_tree(spans, stats)
     assert tree["root"]["parent_span_id"] is None  # Serve's tracing is off: Outrider's trace stands alone
+    # No secret reaches a span or a log line, in any process.
+    text = path.read_text()
+    assert text and not any(secret in text for secret in SECRETS)
+    files = [f for f in logs.rglob("*") if f.is_file()]
+    assert len([f for f in files if "replica_outrider" in f.name]) >= 3  # every replica's log is read
+    leaks = [str(f) for f in files if any(s.encode() in f.read_bytes() for s in SECRETS)]
+    assert not leaks
     assert tree["root"]["attributes"]["outrider.request_id"] == request_id
     # Three processes on three nodes: gateway, verifier, draft worker.
     where = {(s["resource"]["service.name"], s["resource"]["process.pid"], s["resource"]["ray.node_id"]) for s in spans}
