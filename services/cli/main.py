@@ -1,17 +1,17 @@
-"""``outrider``: models, generate, bench, build-models, build-heads, serve, stop."""
+"""``outrider``: models, generate, bench, build-models, build-heads, serve, stop, fuzz."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import bench, build, build_heads, generate, models, serve
+from . import bench, build, build_heads, fuzz, generate, models, serve
 from ..core.errors import InvalidRequest
 from .common import UsageError, fail
 
 COMMANDS = {"models": models, "generate": generate, "bench": bench, "build-models": build,
             "build-heads": build_heads, "serve": serve,
-            "stop": serve}
+            "stop": serve, "fuzz": fuzz}
 
 
 def make_parser() -> argparse.ArgumentParser:

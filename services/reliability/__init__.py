@@ -1,0 +1,1 @@
+"""Reliability tools that run against a served cluster: the API fuzzer."""
