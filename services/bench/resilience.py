@@ -6,6 +6,9 @@ e.g. `outrider serve --replicas 2`):
   of an undisturbed run: nothing lost, duplicated or changed.
 - ``shared_prefix``: time to first token of a request whose long prefix an earlier
   request computed on a *different* verifier replica, against the cold figure.
+- ``cancellations`` (one replica a role, as `outrider serve` runs): N long streams, each
+  cancelled by its client right after the first chunk (every 4th by a 1 s deadline
+  instead); the time until no deployment holds a session any more.
 """
 
 from __future__ import annotations
@@ -101,6 +104,44 @@ def kill_replicas(client: OutriderClient, ray_address: str, prompt: str, expecte
             report.results.append(result)
             on_result(result)
         return report
+    finally:
+        ray.shutdown()
+
+
+def cancellations(client: OutriderClient, ray_address: str, prompts: list[str], n: int, on_result=lambda s: None) -> dict:
+    import grpc
+    import ray
+    from ray import serve
+
+    ray.init(address=ray_address, logging_level="error", log_to_driver=False)
+    try:
+        if any(len(_replicas(ray_address, d)) != 1 for d in ("gateway", "drafter", "verifier")):
+            raise RuntimeError("--cancels counts sessions through Serve handles: it needs one replica a role")
+        handles = {d: serve.get_deployment_handle(d, app_name=APP) for d in ("gateway", "verifier", "drafter")}
+
+        def sessions() -> int:
+            return sum(h.active_sessions.remote().result() for h in handles.values())
+
+        freed_s = []
+        for i in range(n):
+            request = make_request(prompts[i % len(prompts)], 1500, method="draft", gamma=2)
+            if i % 4 == 3:  # a deadline: the server cancels it
+                try:
+                    for _ in client.generate(request, timeout=1.0):
+                        pass
+                except grpc.RpcError:
+                    pass
+            else:
+                stream = client.generate(request, timeout=600)
+                next(stream)
+                stream.cancel()
+            start = time.perf_counter()
+            while sessions() and time.perf_counter() - start < 120:
+                time.sleep(0.02)
+            freed_s.append(time.perf_counter() - start)
+            on_result(freed_s[-1])
+        return {"cancels": n, "freed_within_1s": sum(s <= 1.0 for s in freed_s),
+                "median_s": statistics.median(freed_s), "max_s": max(freed_s)}
     finally:
         ray.shutdown()
 

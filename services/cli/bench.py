@@ -49,9 +49,12 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
                         help="with --server: time to first token with a TOKENS-long prefix computed earlier by "
                              "another verifier replica, against cold")
+    parser.add_argument("--cancels", type=int, default=0, metavar="N",
+                        help="with --server (one replica a role): N streams cancelled right after their first "
+                             "chunk (every 4th by a 1 s deadline); seconds until every deployment freed the session")
     parser.add_argument("--trials", type=int, default=5, help="--shared-prefix trials")
     parser.add_argument("--ray-address", default="127.0.0.1:6390",
-                        help="the server's Ray cluster, for --kill-replica (default: `outrider serve`'s)")
+                        help="the server's Ray cluster, for --kill-replica and --cancels (default: `outrider serve`'s)")
     parser.add_argument("--tracing", action="store_true",
                         help="in-process: tokens/s with OpenTelemetry tracing off vs on (every span sampled), "
                              "interleaved; the first of --drafters and --gammas (default JSON: bench-out/tracing.json)")
@@ -102,7 +105,7 @@ def run(args) -> int:
         raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
     if args.concurrency < 0:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
-    if args.kill_replica or args.shared_prefix:
+    if args.kill_replica or args.shared_prefix or args.cancels:
         return run_resilience(args)
     if args.tracing:
         return run_tracing(args)
@@ -282,16 +285,16 @@ def concurrency_configs(args, drafters, gammas, texts, pair):
 
 
 def run_resilience(args) -> int:
-    """--kill-replica / --shared-prefix: session-state scenarios against a server."""
+    """--kill-replica / --shared-prefix / --cancels: session-state scenarios against a server."""
     from ..bench import resilience
     from . import local_cluster
     from ..gateway.client import OutriderClient, make_request
     from ..models.loading import load_tokenizer
 
     if not args.server:
-        raise UsageError("--kill-replica and --shared-prefix measure a server: give --server HOST:PORT")
-    if args.kill_replica < 0 or args.shared_prefix < 0 or args.trials < 1:
-        raise UsageError("--kill-replica, --shared-prefix and --trials must be positive")
+        raise UsageError("--kill-replica, --shared-prefix and --cancels measure a server: give --server HOST:PORT")
+    if args.kill_replica < 0 or args.shared_prefix < 0 or args.cancels < 0 or args.trials < 1:
+        raise UsageError("--kill-replica, --shared-prefix, --cancels and --trials must be positive")
     client = OutriderClient(args.server)
     if not client.healthy(timeout=10):
         raise UsageError(f"no healthy Outrider server at {args.server}")
@@ -319,11 +322,22 @@ def run_resilience(args) -> int:
                                       f"{', moved' if r.continued else ''}", flush=True),
         )
         summary["kill_replica"] = report.summary()
+    if args.cancels:
+        if local_cluster.running():
+            os.environ.update(local_cluster.AUTH_ENV)
+        try:
+            summary["cancels"] = resilience.cancellations(client, args.ray_address, texts, args.cancels)
+        except RuntimeError as error:
+            raise UsageError(str(error)) from None
+        c = summary["cancels"]
+        print(f"{c['freed_within_1s']} of {c['cancels']} cancelled sessions freed everywhere within 1 s "
+              f"(median {c['median_s']:.2f} s, max {c['max_s']:.2f} s)")
     print(json.dumps(summary, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"summary": summary, "server": args.server}, indent=2))
     print(f"wrote {args.json}")
     ok = summary.get("kill_replica", {}).get("all_identical", True)
+    ok = ok and summary.get("cancels", {}).get("freed_within_1s") == summary.get("cancels", {}).get("cancels")
     return 0 if ok else 1
 
 
