@@ -44,9 +44,10 @@ def outrider_command(name: str, **env):
 def test_serve_generate_bench_stop(tmp_path):
     path, grpc_port = local_config(tmp_path)
     outrider = outrider_command("main")
+    ray_port, dashboard_port = free_port(), free_port()
     try:
-        served = outrider("serve", "--detach", "--config", str(path), "--ray-port", str(free_port()),
-                          "--dashboard-port", str(free_port()), "--max-new-tokens", "16")
+        served = outrider("serve", "--detach", "--config", str(path), "--ray-port", str(ray_port),
+                          "--dashboard-port", str(dashboard_port), "--max-new-tokens", "16")
         assert served.returncode == 0, served.stdout + served.stderr
         assert f"serving gRPC on 127.0.0.1:{grpc_port}" in served.stdout
         assert "def parse_args(argv):" in served.stdout and "[16 tokens" in served.stdout
@@ -80,6 +81,17 @@ def test_serve_generate_bench_stop(tmp_path):
         best = result["best_by_drafter"]
         assert set(best) == {"draft", "medusa"} and best["medusa"]["gamma_or_tree"].startswith("tree")
         assert all({"speedup_vs_ar", "mean_accepted_length", "gamma_or_tree"} <= set(v) for v in best.values())
+
+        cancels = outrider("bench", "--server", address, "--cancels", "4", "--ray-address", f"127.0.0.1:{ray_port}",
+                           "--json", str(tmp_path / "cancels.json"))
+        assert cancels.returncode == 0, cancels.stdout + cancels.stderr
+        assert json.loads((tmp_path / "cancels.json").read_text())["summary"]["cancels"]["freed_within_1s"] == 4
+
+        fuzzed = outrider("fuzz", "--server", address, "--requests", "30", "--dashboard",
+                          f"http://127.0.0.1:{dashboard_port}", "--json", str(tmp_path / "fuzz.json"))
+        assert fuzzed.returncode == 0, fuzzed.stdout + fuzzed.stderr
+        result = json.loads((tmp_path / "fuzz.json").read_text())
+        assert (result["requests"], result["wrong_status"], result["replica_restarts"]) == (30, 0, 0)
     finally:
         stopped = outrider("stop", timeout=120)
     assert stopped.returncode == 0 and "stopped the local Outrider cluster" in stopped.stdout
