@@ -7,7 +7,7 @@ generator while it awaits the replica's next chunk. A client that cancels while 
 proxy is writing a chunk (right after the first one, typically) cancels gRPC's write
 instead; the generator is then closed later, by garbage collection, and Serve's proxy
 swallows that close without cancelling the replica: the request ran to its end about
-1 time in 10 (tests/app/test_serving.py). Here Serve's generator runs in a task of its
+1 time in 15 here (tests/app/test_serving.py). Here Serve's generator runs in a task of its
 own, which between chunks is always awaiting the replica, and every way the call can
 end cancels that task: the cancellation always lands where Serve handles it.
 

@@ -17,7 +17,7 @@ Two kinds of state:
   least-recently-used within ``prefix_bytes``.
 
 It also relays the end of each verify attempt from the gateway to the verifier replicas
-(``end_attempt`` / ``ended_attempts``; see client.AttemptWatch).
+(``end_attempt`` / ``attempts_ended_after``; see client.AttemptWatch).
 """
 
 from __future__ import annotations
