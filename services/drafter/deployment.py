@@ -51,6 +51,7 @@ class DraftWorker:
         """host:port of this replica's Drafter service (started on first use, on the
         replica's event loop), bound to the node's address only."""
         host = ray.util.get_node_ip_address()
+        host = f"[{host}]" if ":" in host else host  # an IPv6 node
         async with self.starting:
             if self.server is None:
                 token = internal_token()
