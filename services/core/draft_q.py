@@ -112,8 +112,3 @@ def compact(q: torch.Tensor, max_support: int = MAX_SUPPORT) -> SparseQ:
     order = ids.argsort()
     return SparseQ.of(ids[order][None], levels[order][None], tail_weight[None], V)
 
-
-def one_hot(tokens: torch.Tensor, vocab: int) -> SparseQ:
-    """q of deterministic drafts (greedy drafting, n-gram lookup): a point mass [N, 1]."""
-    levels = torch.full((len(tokens), 1), LEVELS, dtype=torch.uint8, device=tokens.device)
-    return SparseQ.of(tokens[:, None], levels, torch.zeros(len(tokens), dtype=torch.int64, device=tokens.device), vocab)

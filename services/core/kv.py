@@ -66,16 +66,26 @@ class KVState:
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
-    # This runs twice a round: C-level slice comparisons (usually one; binary search on
-    # a mismatch), not a Python loop over the whole context.
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """The length of the longest common prefix. This runs for every session in every
+    pass, on lists as long as the context, and the lists nearly always agree up to the
+    last few positions (rejected drafts): so look from the end. Each probe is one
+    C-level slice comparison; the probes step back 1, 2, 4... positions until the
+    prefixes agree (a few probes, not log2(context) of them as a bisection from the
+    middle takes), then a Python scan covers the small gap that is left."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    good, step = n, 1
+    while good > 0:
+        good = max(0, n - step)
+        if a[:good] == b[:good]:
+            break
+        n, step = good, step * 2
+    # a[:good] == b[:good] and a[:n] != b[:n]: the first mismatch is in [good, n).
+    i = good
+    while a[i] == b[i]:
+        i += 1
+    return i
 
 
 @torch.inference_mode()

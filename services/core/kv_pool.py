@@ -97,9 +97,7 @@ class KVPool:
         return table.gather(1, positions // BLOCK_TOKENS) * BLOCK_TOKENS + positions % BLOCK_TOKENS
 
     def table(self, seqs: list[PagedSeq]) -> torch.Tensor:
-        width = max(1, max(len(seq.blocks) for seq in seqs))
-        rows = [seq.blocks + [SCRATCH] * (width - len(seq.blocks)) for seq in seqs]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return torch.tensor(block_rows(seqs), dtype=torch.long, device=self.device)
 
     def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``index``'s pools, allocated once from ``like`` [.., H_kv, .., D]."""
@@ -121,6 +119,12 @@ class KVPool:
     def read(self, index: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots [n] -> keys, values [1, H, n, D] (copies)."""
         return tuple(pool[slots].transpose(0, 1)[None].clone() for pool in (self.keys[index], self.values[index]))
+
+
+def block_rows(seqs: list[PagedSeq]) -> list[list[int]]:
+    """Each session's block table, padded with the scratch block to the longest."""
+    width = max(1, max(len(seq.blocks) for seq in seqs))
+    return [seq.blocks + [SCRATCH] * (width - len(seq.blocks)) for seq in seqs]
 
 
 class PagedLayer(CacheLayerMixin):
@@ -161,9 +165,10 @@ def pass_cache(pool: KVPool, seqs: list[PagedSeq], past: list[int], new: list[in
     as the model's padded-batch attention expects. Returns (cache, P, N)."""
     P, N = max(past), max(new)
     device = pool.device
-    table = pool.table(seqs)
-    past_t = torch.tensor(past, device=device)[:, None]
-    new_t = torch.tensor(new, device=device)[:, None]
+    # Lengths and block tables cross to the device in one copy: [B, 2 + blocks].
+    rows = torch.tensor([[p, n] + blocks for p, n, blocks in zip(past, new, block_rows(seqs))],
+                        dtype=torch.long).to(device)
+    past_t, new_t, table = rows[:, :1], rows[:, 1:2], rows[:, 2:]
     j = torch.arange(N, device=device)[None, :]
     write = torch.where(j < new_t, pool.slots(table, (past_t + j).clamp(max=table.shape[1] * BLOCK_TOKENS - 1)), SCRATCH)
     k = torch.arange(P, device=device)[None, :] - (P - past_t)  # position of read column k, < 0 in the left pad

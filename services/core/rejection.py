@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .draft_q import SparseQ, one_hot
-from .sampling import SamplingRows, adjusted_probs_rows, keyed_generator, sample_from
+from .draft_q import SparseQ
+from .sampling import SamplingRows, adjusted_probs_rows, common_device, keyed_generator, sample_from
 
 
 @dataclass(frozen=True)
@@ -41,28 +41,38 @@ class DraftBatch:
 
     @classmethod
     def of(cls, drafts: list[tuple[torch.Tensor, SparseQ | None]], vocab: int, device: torch.device | str) -> "DraftBatch":
-        """(tokens [g_b], q' or None for a one-hot q) per row."""
-        B, G = len(drafts), max((len(tokens) for tokens, _ in drafts), default=0)
-        K = max((q.ids.shape[-1] for tokens, q in drafts if q is not None and len(tokens)), default=1)
-        out = cls(
-            tokens=torch.zeros(B, G, dtype=torch.long, device=device),
-            num_drafts=torch.tensor([len(tokens) for tokens, _ in drafts], dtype=torch.long, device=device),
-            q_ids=torch.zeros(B, G, K, dtype=torch.long, device=device),
-            q_probs=torch.zeros(B, G, K, device=device),
-            q_tail=torch.zeros(B, G, device=device),
-        )
-        for b, (tokens, q) in enumerate(drafts):
-            g = len(tokens)
-            if not g:
-                continue
-            q = one_hot(tokens, vocab) if q is None else q
-            k = q.ids.shape[-1]
-            out.tokens[b, :g] = tokens
-            out.q_ids[b, :g, :k] = q.ids
-            out.q_probs[b, :g, :k] = q.probs
-            out.q_tail[b, :g] = q.tail
-        return out
-
+        """(tokens [g_b], q' or None for a one-hot q) per row. The per-row copies run
+        where the rows already are (the host, for drafts that came over the wire), and
+        the batch crosses to ``device`` once per field: on a GPU, a copy or kernel per
+        row and field costs more than the whole acceptance."""
+        B, lens = len(drafts), [len(tokens) for tokens, _ in drafts]
+        G = max(lens, default=0)
+        home = common_device([t for t, _ in drafts] + [q.ids for _, q in drafts if q is not None], device)
+        tokens = torch.zeros(B, G, dtype=torch.long, device=home)
+        for b, (row, _) in enumerate(drafts):
+            tokens[b, : lens[b]] = row
+        if all(q is None for _, q in drafts):  # deterministic drafts: every q is a point mass
+            valid = torch.arange(G, device=home)[None, :] < torch.tensor(lens, device=home)[:, None]
+            q_ids, q_probs, q_tail = tokens[..., None], valid[..., None].float(), torch.zeros(B, G, device=home)
+        else:
+            K = max(q.ids.shape[-1] for tokens, q in drafts if q is not None and len(tokens))
+            q_ids = torch.zeros(B, G, K, dtype=torch.long, device=home)
+            q_probs = torch.zeros(B, G, K, device=home)
+            q_tail = torch.zeros(B, G, device=home)
+            for b, (row, q) in enumerate(drafts):
+                g = lens[b]
+                if not g:
+                    continue
+                if q is None:  # a point mass on the draft (q' 1 there, 0 elsewhere)
+                    q_ids[b, :g, 0] = row
+                    q_probs[b, :g, 0] = 1.0
+                    continue
+                k = q.ids.shape[-1]
+                q_ids[b, :g, :k] = q.ids
+                q_probs[b, :g, :k] = q.probs
+                q_tail[b, :g] = q.tail
+        return cls(tokens=tokens.to(device), num_drafts=torch.tensor(lens, dtype=torch.long).to(device),
+                   q_ids=q_ids.to(device), q_probs=q_probs.to(device), q_tail=q_tail.to(device))
 
     def dense_q(self, at: torch.Tensor, V: int) -> torch.Tensor:
         """q' of draft at[b] of every row b, over the whole vocabulary: [B, V]."""
@@ -84,17 +94,21 @@ class Randomness:
     def draw(cls, keys: list[tuple[int, int] | None], num_drafts: list[int], G: int,
              device: torch.device | str) -> "Randomness":
         """keys[b]: (seed, round) of a sampled row, None for a greedy row (draws nothing).
-        A row's draws depend only on its key and its own draft count."""
-        uniforms = torch.ones(len(keys), G, device=device)
-        final = torch.zeros(len(keys), device=device)
+        A row's draws depend only on its key and its own draft count. They come from a
+        host generator and cross to ``device`` in one copy: a handful of numbers a row
+        is not worth a device generator and kernels per row, and a host stream draws
+        the same on every replica, whatever its device (a stream resumed on a GPU
+        replica after a CPU one, or back, continues exactly)."""
+        draws = torch.ones(len(keys), G + 1)  # [B, G+1]: the tests' uniforms, then the final one
+        draws[:, G] = 0
         for b, key in enumerate(keys):
             if key is None:
                 continue
-            generator = keyed_generator(key[0], f"verify:{key[1]}", device)
-            draws = torch.rand(num_drafts[b] + 1, generator=generator, device=device)
-            uniforms[b, : num_drafts[b]] = draws[:-1]
-            final[b] = draws[-1]
-        return cls(uniforms, final)
+            row = torch.rand(num_drafts[b] + 1, generator=keyed_generator(key[0], f"verify:{key[1]}"))
+            draws[b, : num_drafts[b]] = row[:-1]
+            draws[b, G] = row[-1]
+        draws = draws.to(device)
+        return cls(draws[:, :G], draws[:, G])
 
 
 def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, rand: Randomness) -> torch.Tensor:

@@ -83,17 +83,27 @@ class SamplingRows:
         truncates = [not p.greedy and (k < vocab or p.top_p < 1) for k, p in zip(top_k, params)]
         width = max([k for k, t in zip(top_k, truncates) if t] or [0])
         temperature = [1.0 if p.greedy else p.temperature for p in params]
+        # One host tensor, one copy to the device (float64 holds every top-k exactly).
+        packed = torch.tensor([temperature, top_k, [p.top_p for p in params], truncates,
+                               [p.greedy for p in params]], dtype=torch.float64).to(device)
         return cls(
-            temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
-            top_k=torch.tensor(top_k, dtype=torch.long, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            truncates=torch.tensor(truncates, device=device),
-            greedy=torch.tensor([p.greedy for p in params], device=device),
+            temperature=packed[0].float(),
+            top_k=packed[1].long(),
+            top_p=packed[2].float(),
+            truncates=packed[3].bool(),
+            greedy=packed[4].bool(),
             width=width,
             greedy_rows=tuple(b for b, p in enumerate(params) if p.greedy),
             tiny_rows=tuple(b for b, p in enumerate(params) if not p.greedy and p.temperature < TINY_TEMPERATURE),
             all_unit_temperature=all(t == 1.0 for t in temperature),
         )
+
+
+def common_device(tensors: list[torch.Tensor], fallback: torch.device | str) -> torch.device:
+    """The device all of ``tensors`` live on, else ``fallback``: where to assemble a
+    batch from per-row tensors without a copy per row."""
+    devices = {t.device for t in tensors}
+    return devices.pop() if len(devices) == 1 else torch.device(fallback)
 
 
 def adjusted_probs_rows(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
