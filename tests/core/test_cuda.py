@@ -70,7 +70,11 @@ def test_batched_acceptance_on_cuda_mixes_greedy_and_sampled_rows():
     plain = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256).generate([5, 6, 7, 8], 24).token_ids
     assert seqs[0].generated[:8] == plain[:8]  # bf16: near-ties may flip later (see above)
     assert all(len(s.generated) == 24 for s in seqs)
-    assert Randomness.draw([(1, 0)], [3], 3, "cuda").uniforms.device.type == "cuda"
+    on_gpu = Randomness.draw([(1, 0), None], [3, 2], 3, "cuda")
+    assert on_gpu.uniforms.device.type == "cuda"
+    # Host streams: a stream resumed on a GPU replica draws what a CPU replica would.
+    on_cpu = Randomness.draw([(1, 0), None], [3, 2], 3, "cpu")
+    assert torch.equal(on_gpu.uniforms.cpu(), on_cpu.uniforms) and torch.equal(on_gpu.final.cpu(), on_cpu.final)
 
 
 def test_the_paged_pool_on_cuda_gives_each_session_what_it_gets_alone():

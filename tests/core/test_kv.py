@@ -1,11 +1,13 @@
 """KV rollback is exact: after any accept/reject history the cache equals a fresh prefill."""
 
+import random
+
 import torch
 from tiny_models import noisy_copy, tiny
 
 from services.core.engine import SpeculativeEngine
 from services.core.gamma import GammaSchedule
-from services.core.kv import KVState, extend
+from services.core.kv import KVState, common_prefix_len, extend
 from services.core.kv_pool import BLOCK_TOKENS
 from services.core.proposers import DraftModelProposer
 from services.core.sampling import SamplingParams
@@ -77,3 +79,24 @@ def test_rollback_finds_first_divergence_anywhere():
         extend(model, kv, cached)
         kv.rollback_to_prefix_of(committed)
         assert kv.tokens == cached[:keep] and kv.cache.get_seq_length() == keep
+
+
+def test_common_prefix_len_finds_the_first_mismatch_wherever_it_is():
+    # It probes from the end (mismatches are usually the last few drafts): every
+    # position of the first mismatch, at every length, against a plain scan.
+    rng = random.Random(0)
+
+    def scan(a, b):
+        i = 0
+        while i < min(len(a), len(b)) and a[i] == b[i]:
+            i += 1
+        return i
+
+    for _ in range(3000):
+        a = [rng.randrange(3) for _ in range(rng.randrange(80))]
+        b = a[: rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(12))]
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        assert common_prefix_len(a, b) == scan(a, b)
+    long = list(range(4096))
+    for mismatch in (0, 1, 2047, 4088, 4095):
+        assert common_prefix_len(long, long[:mismatch] + [-1] + long[mismatch + 1 :]) == mismatch
