@@ -64,6 +64,19 @@ class DraftWorker:
                 self.server = server
         return f"{host}:{self.port}"
 
+    async def drop_streams(self) -> int:
+        """Chaos (`outrider soak --chaos`): close every open Draft stream at once, as a
+        network fault would, then listen again on the same port. Verifiers must carry
+        on (reconnect, or verify without drafts). Returns how many sessions were open."""
+        async with self.starting:
+            if self.server is None:
+                return 0
+            dropped = self.service.active_sessions
+            await self.server.stop(grace=None)
+            self.server = None
+        await self.endpoint()
+        return dropped
+
     def active_sessions(self) -> int:
         return self.service.active_sessions
 

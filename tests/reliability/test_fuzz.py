@@ -5,6 +5,8 @@ statuses the contract allows, without a replica restart."""
 import grpc
 import pytest
 
+from fake_grpc import Failing, FakeClient
+
 from services.gateway.client import make_request
 from services.reliability.fuzz import EXHAUSTED, INVALID, OK, check, expected
 from services.rpc import outrider_pb2
@@ -29,29 +31,6 @@ def test_the_oracle_follows_the_documented_rules():
         assert expected(req).codes == {INVALID}, req
     assert expected(make_request([5], 8, method="medusa", tree="0;1")).codes == {OK, INVALID, EXHAUSTED}
     assert expected(make_request([5, 9000], 8)).codes == {OK, INVALID, EXHAUSTED}  # depends on the vocabulary
-
-
-class Failing(grpc.RpcError):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-
-class FakeClient:
-    """Answers every request with one fixed outcome."""
-
-    def __init__(self, error=None, chunks=()):
-        self.error, self.chunks = error, list(chunks)
-
-    def generate(self, request, timeout=None):
-        if self.error is not None:
-            raise self.error
-        return iter(self.chunks)
 
 
 def test_the_checks_catch_what_the_contract_forbids():

@@ -1,0 +1,63 @@
+"""The soak: its verdicts follow the contract (complete identical, or UNAVAILABLE with a
+reason; a cancel or a short deadline ends as asked), and a served cluster under every
+fault of the chaos rotation loses, corrupts and hangs no stream and leaks no session."""
+
+import grpc
+from fake_grpc import Failing, FakeClient
+
+from services.core.sampling import SamplingParams
+from services.reliability.chaos import EVENTS
+from services.reliability.soak import CANCEL, DEADLINE, NORMAL, Case, make_cases, run_stream, soak
+from services.rpc import outrider_pb2
+
+CASE = Case("def f(x):", "draft", SamplingParams(), 2)
+
+
+def chunks(request_id, tokens, stats=True):
+    out = [outrider_pb2.GenerateChunk(request_id=request_id, token_ids=tokens)]
+    if stats:
+        out.append(outrider_pb2.GenerateChunk(request_id=request_id, stats=outrider_pb2.GenerationStats(emitted=2)))
+    return out
+
+
+def verdict(client, kind=NORMAL, reference=(1, 2)):
+    return run_stream(client, CASE, kind, list(reference) if reference else None, "r", 60.0).verdict
+
+
+def test_each_stream_gets_the_verdict_the_contract_gives_it():
+    assert verdict(FakeClient(chunks=chunks("r", [1, 2]))) == "identical"
+    assert verdict(FakeClient(chunks=chunks("r", [1, 3]))) == "corrupted"
+    assert verdict(FakeClient(chunks=chunks("r", [1, 2], stats=False))) == "lost"
+    assert verdict(FakeClient(chunks=chunks("other", [1, 2]))) == "lost"
+    assert verdict(FakeClient(Failing(grpc.StatusCode.UNAVAILABLE, "no verifier replica answered"))) == "unavailable"
+    assert verdict(FakeClient(Failing(grpc.StatusCode.UNAVAILABLE, ""))) == "lost"  # no reason
+    assert verdict(FakeClient(Failing(grpc.StatusCode.INTERNAL, "Traceback"))) == "lost"
+    assert verdict(FakeClient(Failing(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))) == "hung"
+    # A stream cancelled after its first chunk, and a short deadline that fires.
+    assert verdict(FakeClient(chunks=chunks("r", [1, 2])), CANCEL, None) == "cancelled"
+    deadline = FakeClient(Failing(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    assert verdict(deadline, DEADLINE, None) == "deadline"
+    assert verdict(FakeClient(Failing(grpc.StatusCode.INTERNAL, "x")), DEADLINE, None) == "lost"
+
+
+def test_cases_cover_every_method_greedy_and_seeded_short_and_long():
+    cases = make_cases(["a", "b", "c"], ["draft", "ngram"], short=4, long=9)
+    assert len(cases) == 8 and {c.method for c in cases} == {"draft", "ngram"}
+    assert {c.max_new for c in cases} == {4, 9} and {c.params.greedy for c in cases} == {True, False}
+    assert all(c.params.seed is not None for c in cases if not c.params.greedy)
+
+
+def test_a_soak_under_every_fault_loses_no_stream_and_leaks_nothing():
+    from serving_cluster import serving_cluster
+
+    with serving_cluster({"max_sessions": 16}) as (client, cluster):
+        cases = make_cases(["def parse(text):", "import os\n", "class Node:"], ["draft", "ngram"], short=8, long=24)
+        report = soak(client, cases, streams=3, seconds=8 * len(EVENTS) + 4, ray_address=cluster.address,
+                      chaos_every_s=8, freeze_s=3, deadline_s=120, sample_every_s=10)
+    result = report.as_json()
+    assert [e["event"] for e in result["chaos"]][: len(EVENTS)] == list(EVENTS)
+    assert all(not e["error"] for e in result["chaos"]), result["chaos"]
+    assert (result["lost"], result["corrupted"], result["hung"]) == (0, 0, 0), result["failures"]
+    assert result["verdicts"].get("identical", 0) >= 6  # streams completed through the faults
+    assert result["leftover"] and not any(result["leftover"].values()), result["leftover"]
+    assert result["memory_growth_ratio"] is not None
