@@ -18,7 +18,8 @@ from ..bench.runs import run_hf, run_outrider, run_server
 from ..core.gamma import MAX_GAMMA
 from ..models.loading import BUNDLED_DIR
 from ..models.pair import load_pair
-from .common import UsageError, add_model_options, apply_threads, model_paths, tree_option, validate_device
+from .common import (UsageError, add_model_options, add_server_options, apply_threads, model_paths, server_client,
+                     tree_option, validate_device)
 
 DEFAULT_PROMPTS = BUNDLED_DIR / "heldout_prompts.jsonl"
 BENCH_DRAFTERS = ("draft", "ngram", "medusa", "mtp", "eagle")
@@ -37,9 +38,8 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--repeat", type=int, default=1,
                         help="passes over all configs; reports the median pass (by speedup over target-only)")
-    parser.add_argument("--server", metavar="HOST:PORT",
-                        help="measure a running server through its gRPC API (target-only through the same "
-                             "service, each drafter pipelined and serial); HF assisted stays in-process")
+    add_server_options(parser, None, "measure a running server through its gRPC API (target-only through the "
+                                     "same service, each drafter pipelined and serial); HF assisted stays in-process")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N",
                         help="N streams at once, aggregate tokens/s: target-only and each drafter; in-process "
                              "(no --server) each with batched and with per-session verification")
@@ -225,9 +225,8 @@ def server_configs(args, drafters, gammas, texts, pair):
     through the server; HF assisted in this process as the single-process anchor."""
     import grpc
 
-    from ..gateway.client import OutriderClient
 
-    client = OutriderClient(args.server)
+    client = server_client(args)
     if not client.healthy(timeout=10):
         raise UsageError(f"no healthy Outrider server at {args.server}")
     prompts = None  # token ids for the in-process anchor, tokenized once
@@ -263,9 +262,8 @@ def concurrency_configs(args, drafters, gammas, texts, pair):
     n = args.concurrency
     methods = [("none", None)] + [(d, g) for d in drafters for g in gammas if g > 0]
     if args.server:
-        from ..gateway.client import OutriderClient
 
-        client = OutriderClient(args.server)
+        client = server_client(args)
         if not client.healthy(timeout=10):
             raise UsageError(f"no healthy Outrider server at {args.server}")
         for method, gamma in methods:  # warm-up
@@ -288,14 +286,14 @@ def run_resilience(args) -> int:
     """--kill-replica / --shared-prefix / --cancels: session-state scenarios against a server."""
     from ..bench import resilience
     from . import local_cluster
-    from ..gateway.client import OutriderClient, make_request
+    from ..gateway.client import make_request
     from ..models.loading import load_tokenizer
 
     if not args.server:
         raise UsageError("--kill-replica, --shared-prefix and --cancels measure a server: give --server HOST:PORT")
     if args.kill_replica < 0 or args.shared_prefix < 0 or args.cancels < 0 or args.trials < 1:
         raise UsageError("--kill-replica, --shared-prefix, --cancels and --trials must be positive")
-    client = OutriderClient(args.server)
+    client = server_client(args)
     if not client.healthy(timeout=10):
         raise UsageError(f"no healthy Outrider server at {args.server}")
     texts = load_prompts(args.prompts, 10**6)

@@ -60,3 +60,26 @@ def apply_threads(args: argparse.Namespace) -> None:
 def validate_device(device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"device {device!r} requested but CUDA is not available")
+
+
+def add_server_options(parser: argparse.ArgumentParser, default: str | None = "127.0.0.1:9000", help: str = "") -> None:
+    """--server and how to reach it: plain gRPC (a local cluster, inside Kubernetes) or
+    TLS (through the TLS-terminating ingress)."""
+    parser.add_argument("--server", metavar="HOST:PORT", default=default, help=help or "a running Outrider server")
+    parser.add_argument("--tls", action="store_true", help="reach --server over TLS (e.g. the tls-ingress component)")
+    parser.add_argument("--ca-cert", metavar="PEM", help="with --tls: the CA certificate to check the server against "
+                                                         "(default: the system's roots)")
+
+
+def server_client(args: argparse.Namespace):
+    from ..gateway.client import OutriderClient
+
+    if args.ca_cert and not args.tls:
+        raise UsageError("--ca-cert needs --tls")
+    ca = None
+    if args.ca_cert:
+        try:
+            ca = open(args.ca_cert, "rb").read()
+        except OSError as err:
+            raise UsageError(f"--ca-cert: {err}") from None
+    return OutriderClient(args.server, tls=args.tls, ca_cert=ca)

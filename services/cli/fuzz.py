@@ -8,12 +8,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .common import UsageError
+from .common import UsageError, add_server_options, server_client
 
 
 def add_parser(sub, name: str) -> None:
     parser = sub.add_parser(name, help="fuzz a running server's gRPC API")
-    parser.add_argument("--server", metavar="HOST:PORT", default="127.0.0.1:9000")
+    add_server_options(parser)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="the same seed sends the same requests")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (past it: a hang)")
@@ -23,12 +23,11 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args) -> int:
-    from ..gateway.client import OutriderClient
     from ..reliability.fuzz import fuzz, serve_replicas
 
     if args.requests < 1:
         raise UsageError(f"--requests must be >= 1, got {args.requests}")
-    client = OutriderClient(args.server)
+    client = server_client(args)
     if not client.healthy(timeout=10):
         raise UsageError(f"no Outrider server answers at {args.server}")
     dashboard = None if args.dashboard in ("", "none") else args.dashboard

@@ -11,7 +11,8 @@ from ..core.sampling import SamplingParams
 from ..core.stats import GenerationStats
 from ..models.detokenizer import IncrementalDetokenizer
 from ..models.pair import DRAFTERS, HEAD_KINDS, load_pair, make_engine
-from .common import UsageError, add_model_options, apply_threads, model_paths, tree_option, validate_device
+from .common import (UsageError, add_model_options, add_server_options, apply_threads, model_paths, server_client,
+                     tree_option, validate_device)
 
 
 def add_parser(sub, name: str) -> None:
@@ -32,8 +33,7 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--compare", action="store_true",
                         help="also decode with the target alone and report the speedup")
-    parser.add_argument("--server", metavar="HOST:PORT",
-                        help="generate through a running server's gRPC API instead of in-process")
+    add_server_options(parser, None, "generate through a running server's gRPC API instead of in-process")
     parser.add_argument("--no-pipeline", action="store_true", help="with --server: draft only after each verify")
     add_model_options(parser)
 
@@ -87,7 +87,7 @@ def run_remote(args, base: SamplingParams) -> int:
     """The same command through the public gRPC API; the same output and JSON."""
     import grpc
 
-    from ..gateway.client import OutriderClient, make_request
+    from ..gateway.client import make_request
     from ..rpc.convert import stats_from_proto
 
     def one(seed, method, on_text=None) -> tuple[dict, list[int]]:
@@ -105,7 +105,7 @@ def run_remote(args, base: SamplingParams) -> int:
         stats = stats_from_proto(final.stats)
         return {"token_ids": ids, "text": text, "stats": stats.to_dict(), "_stats": stats}, list(final.prompt_token_ids)
 
-    with OutriderClient(args.server) as client:
+    with server_client(args) as client:
         try:
             samples, total, prompt_ids = [], GenerationStats(), []
             for seed in sample_seeds(args.seed, args.n):

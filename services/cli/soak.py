@@ -9,14 +9,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .bench import DEFAULT_PROMPTS, load_prompts
-from .common import UsageError
+from .common import UsageError, add_server_options, server_client
 
 METHODS = ("draft", "ngram", "medusa", "mtp", "eagle", "none")
 
 
 def add_parser(sub, name: str) -> None:
     parser = sub.add_parser(name, help="soak a running server with many streams, optionally under chaos")
-    parser.add_argument("--server", metavar="HOST:PORT", default="127.0.0.1:9000")
+    add_server_options(parser)
     parser.add_argument("--streams", type=int, default=64, help="client streams at once")
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--methods", default="draft,ngram,medusa,none",
@@ -34,7 +34,6 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args) -> int:
-    from ..gateway.client import OutriderClient
     from ..reliability.soak import make_cases, soak
 
     if args.streams < 1 or args.minutes <= 0 or args.chaos_every <= 0 or args.deadline <= 1:
@@ -45,7 +44,7 @@ def run(args) -> int:
     ray_address = None if args.ray_address in ("", "none") else args.ray_address
     if args.chaos and ray_address is None:
         raise UsageError("--chaos needs the server's --ray-address")
-    client = OutriderClient(args.server)
+    client = server_client(args)
     if not client.healthy(timeout=10):
         raise UsageError(f"no Outrider server answers at {args.server}")
     cases = make_cases(load_prompts(DEFAULT_PROMPTS, 8), methods)

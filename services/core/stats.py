@@ -28,6 +28,9 @@ class GenerationStats:
     pipeline_hits: int = 0  # ... and used
     cached_prefix_tokens: int = 0  # prompt tokens whose target KV came from a shared prefix
     draft_reconnects: int = 0  # times the session continued on another draft worker
+    # Rounds decoded without drafts because no draft worker answered: a seeded sampled
+    # stream stays exactly target-distributed, but is then a different draw.
+    undrafted_rounds: int = 0
     draft_bytes: int = 0  # draft block bytes received on the wire
     draft_shape: str = ""  # a tree drafter's tree (ChoiceTree.label, e.g. "tree10:4-3-2-1"); "" for chains
 
@@ -140,5 +143,5 @@ class GenerationStats:
 _SUMMED = (
     "rounds", "drafted", "accepted", "rejections", "emitted", "draft_time_s", "verify_time_s", "total_time_s",
     "transport_time_s", "queue_time_s", "exposed_draft_time_s", "pipeline_rounds", "pipeline_hits",
-    "cached_prefix_tokens", "draft_reconnects", "draft_bytes",
+    "cached_prefix_tokens", "draft_reconnects", "undrafted_rounds", "draft_bytes",
 )

@@ -40,9 +40,15 @@ def make_request(
 
 
 class OutriderClient:
-    def __init__(self, address: str):
+    def __init__(self, address: str, tls: bool = False, ca_cert: bytes | None = None):
+        """``tls``: a TLS channel (to a TLS-terminating ingress in front of Serve's
+        proxies, k8s/components/tls-ingress), checked against ``ca_cert`` (PEM) or else
+        the system's roots."""
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        if tls:
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca_cert))
+        else:
+            self.channel = grpc.insecure_channel(address)
         self.stub = outrider_pb2_grpc.OutriderStub(self.channel)
 
     def generate(self, request: outrider_pb2.GenerateRequest, timeout: float | None = None) -> Iterator:

@@ -79,12 +79,14 @@ def node_processes(resource: str) -> list[psutil.Process]:
     """The raylet of the live node that offers ``resource``, and every process under it."""
     import ray
 
-    ports = {n["NodeManagerPort"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]}
+    # The raylet's socket path names its node uniquely on a machine (its port may be
+    # given as 0 on the command line and chosen later).
+    sockets = {n["RayletSocketName"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]}
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         with contextlib.suppress(psutil.Error):
             cmdline = proc.info["cmdline"] or []
-            if "raylet" in (proc.info["name"] or "") and any(f"--node_manager_port={p}" in cmdline for p in ports):
+            if "raylet" in (proc.info["name"] or "") and any(f"--raylet_socket_name={s}" in cmdline for s in sockets):
                 found += [proc, *proc.children(recursive=True)]
     return found
 

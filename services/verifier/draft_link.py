@@ -29,6 +29,7 @@ FIRST_READ_S = 30.0  # the first block: the worker restores or prefills the prom
 MIN_READ_S, MAX_READ_S = 1.0, 4.0  # later blocks: READ_SLACK x the slowest recent one, within these
 READ_SLACK = 8.0
 OPEN_S = 2.0  # finding a worker and opening a stream
+THAW_S = 0.25  # a last look after a missed deadline, for a block already received
 
 
 class DraftStalled(ConnectionError):
@@ -78,7 +79,10 @@ class DraftLink:
                     self.call = None  # reopened by the fresh block's receive
                     return None
                 await self._reconnect(round, error)
-        return None if speculative else DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
+        if speculative:
+            return None
+        self.seq.stats.undrafted_rounds += 1
+        return DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
 
     async def _read(self, round: int, speculative: bool) -> DraftBlock:
         if self.call is None:
@@ -87,10 +91,18 @@ class DraftLink:
         t0 = time.perf_counter()
         deadline = t0 + self.deadline()
         while True:
-            try:
-                msg = await asyncio.wait_for(self.call.read(), max(0.0, deadline - time.perf_counter()))
-            except TimeoutError:
-                raise DraftStalled(f"draft worker {self.address} sent nothing for {self.deadline():.1f} s") from None
+            read = asyncio.ensure_future(self.call.read())
+            done, _ = await asyncio.wait({read}, timeout=max(0.0, deadline - time.perf_counter()))
+            if not done:
+                # If this process was the one frozen (its node stopped, then resumed), the
+                # deadline passed with the block already in the socket: give the read a
+                # moment more before blaming the worker. (The read is not cancelled in
+                # between: cancelling a read cancels the whole gRPC call.)
+                done, _ = await asyncio.wait({read}, timeout=THAW_S)
+            if not done:
+                read.cancel()
+                raise DraftStalled(f"draft worker {self.address} sent nothing for {self.deadline():.1f} s")
+            msg = read.result()
             if msg is grpc.aio.EOF:
                 raise ConnectionError("the draft worker closed the session")
             stats.draft_bytes += msg.ByteSize()

@@ -299,3 +299,22 @@ def test_every_container_runs_unprivileged_as_a_non_root_user(overlay):
             assert security["allowPrivilegeEscalation"] is False, c["name"]
             # Ray writes its session and caches under the root filesystem; nothing else may.
             assert security.get("readOnlyRootFilesystem") or id(c) in ray_containers, c["name"]
+
+
+def test_production_ends_tls_at_an_ingress_in_front_of_the_grpc_service():
+    docs = rendered("production")
+    ingress = find(docs, "Ingress", "outrider-grpc")
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600  # streams last minutes
+    env = find(docs, "ConfigMap", "outrider-env")["data"]
+    body = notes["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert body.endswith("m") and int(body[:-1]) * 2**20 == int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"])
+    (tls,) = ingress["spec"]["tls"]
+    (rule,) = ingress["spec"]["rules"]
+    assert tls["secretName"] and rule["host"] in tls["hosts"]
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    service = find(docs, "Service", backend["name"])
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    assert not [d for d in rendered("gpu") if d["kind"] == "Ingress"]  # an opt-in component

@@ -15,6 +15,10 @@ from services.bench.loopback import Loopback, run
 from services.drafter.service import DrafterService, make_proposers
 from services.verifier.draft_link import FIRST_READ_S, MAX_READ_S, MIN_READ_S, OPEN_S, READ_SLACK, DraftLink
 from services.core.draft_q import MAX_SUPPORT
+from services.core.pipeline import DraftBlock
+from services.core.proposals import Proposal
+from services.core.stats import GenerationStats
+from services.rpc.convert import block_to_proto
 from services.core.errors import InvalidRequest
 from services.core.sampling import SamplingParams, adjusted_probs
 from tiny_models import hf_greedy, noisy_copy, tiny
@@ -239,8 +243,32 @@ def test_a_frozen_draft_worker_costs_one_read_deadline_then_decoding_goes_on(pai
     tokens, stats, elapsed = run(go())
     assert tokens == hf_greedy(target, PROMPT, 40, eos=None)
     assert stats.draft_reconnects >= 1  # it looked for another worker, found only the frozen one
+    assert stats.undrafted_rounds > 0  # and said how many rounds went without drafts
     assert stats.accepted > 0 and stats.rounds > stats.drafted_per_position[0]  # drafted, then decoded alone
     assert elapsed < MAX_READ_S + OPEN_S + 3.0
+
+
+def test_a_block_that_came_while_the_verifier_itself_was_frozen_is_not_a_stall():
+    """When the verifier's own node is stopped and resumed, every read deadline has passed
+    with the worker's block already in the socket: that worker did not stall."""
+    class ThawedCall:
+        def __init__(self):
+            self.reads = 0
+
+        async def read(self):
+            self.reads += 1
+            await asyncio.sleep(MIN_READ_S + 0.05)  # just past its deadline, as across a SIGSTOP
+            return block_to_proto(DraftBlock(5, Proposal(torch.tensor([7, 8]), None), False, None, 0.01))
+
+    class Seq:
+        stats = GenerationStats()
+
+    link = DraftLink(None, Seq(), "cpu")
+    link.call, link.address = ThawedCall(), "worker:1"
+    link.waits.append(0.01)  # a deadline of MIN_READ_S
+    block = run(link.receive(5, speculative=False))
+    assert block.round == 5 and block.proposal.tokens.tolist() == [7, 8]
+    assert link.call.reads == 1 and link.stalled == set() and not link.off and Seq.stats.undrafted_rounds == 0
 
 
 def test_read_deadline_follows_the_measured_block_times():
