@@ -55,7 +55,7 @@ class DraftBatch:
             valid = torch.arange(G, device=home)[None, :] < torch.tensor(lens, device=home)[:, None]
             q_ids, q_probs, q_tail = tokens[..., None], valid[..., None].float(), torch.zeros(B, G, device=home)
         else:
-            K = max(q.ids.shape[-1] for tokens, q in drafts if q is not None and len(tokens))
+            K = max(q.ids.shape[-1] for row, q in drafts if q is not None and len(row))
             q_ids = torch.zeros(B, G, K, dtype=torch.long, device=home)
             q_probs = torch.zeros(B, G, K, device=home)
             q_tail = torch.zeros(B, G, device=home)
@@ -99,7 +99,7 @@ class Randomness:
         is not worth a device generator and kernels per row, and a host stream draws
         the same on every replica, whatever its device (a stream resumed on a GPU
         replica after a CPU one, or back, continues exactly)."""
-        draws = torch.ones(len(keys), G + 1)  # [B, G+1]: the tests' uniforms, then the final one
+        draws = torch.ones(len(keys), G + 1)  # [B, G+1]: the acceptance tests' uniforms, then the final draw
         draws[:, G] = 0
         for b, key in enumerate(keys):
             if key is None:

@@ -54,25 +54,27 @@ def deployment_memory(ray_address: str) -> dict[str, float]:
 
 
 def leftover_state(ray_address: str, settle_s: float = 30.0) -> dict:
-    """Sessions every deployment still holds and what the store still keeps for
-    sessions, once the last streams have had ``settle_s`` to be released."""
+    """What is still held once the last streams have had up to ``settle_s`` to be
+    released: per deployment, the most sessions any replica reported, and the
+    store's sessions and their bytes. Serve's handle picks the replica, so each poll
+    asks every deployment 4x its replica count (a replica missed by all of them: 2 x
+    2^-8 for two replicas), and only three all-clear polls in a row count as clear."""
     import ray
     from ray import serve
 
     _connect(ray_address)
     handles = {d: serve.get_deployment_handle(d, app_name=APP) for d in DEPLOYMENTS}
     store = ray.get_actor(f"outrider-state:{APP}", namespace=NAMESPACE)
-    deadline = time.monotonic() + settle_s
+    deadline, clear = time.monotonic() + settle_s, 0
     while True:
-        # Every replica of a deployment answers for itself: ask each one through the
-        # handle enough times to reach them all (the handle spreads calls).
-        held = {d: sum(h.active_sessions.remote().result() for _ in range(2 * max(1, len(replicas(ray_address, d)))))
+        held = {d: max(h.active_sessions.remote().result() for _ in range(4 * max(1, len(replicas(ray_address, d)))))
                 for d, h in handles.items()}
         usage = ray.get(store.usage.remote())
         left = {**held, "store_sessions": usage["sessions"], "store_session_bytes": usage["session_bytes"]}
-        if not any(left.values()) or time.monotonic() > deadline:
+        clear = 0 if any(left.values()) else clear + 1
+        if clear == 3 or time.monotonic() > deadline:
             return left
-        time.sleep(1.0)
+        time.sleep(1.0 if clear == 0 else 0.2)
 
 
 def node_processes(resource: str) -> list[psutil.Process]:

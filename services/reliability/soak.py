@@ -117,12 +117,16 @@ class SoakReport:
     memory: list[dict] = field(default_factory=list)  # {"t": s, deployment: MiB per replica}
     leftover: dict = field(default_factory=dict)
     seconds: float = 0.0
+    warmup_s: float = 0.0  # memory is compared from the first sample this far into the load
 
     def memory_growth_ratio(self) -> float | None:
-        """The largest end / after-warm-up ratio of a deployment's memory per replica."""
-        if len(self.memory) < 2:
+        """The largest end / after-warm-up ratio of a deployment's memory per replica.
+        Warm-up includes the load's first minutes: the verifier's working set for S
+        streams is reached under load, not by the undisturbed reference runs."""
+        warm = [m for m in self.memory if m["t"] >= self.warmup_s]
+        if len(warm) < 2:
             return None
-        first, last = self.memory[0], self.memory[-1]
+        first, last = warm[0], warm[-1]
         ratios = [last[d] / first[d] for d in first if d != "t" and first[d] and last.get(d)]
         return max(ratios) if ratios else None
 
@@ -139,7 +143,8 @@ class SoakReport:
             "verdicts": dict(verdicts), "by_code": dict(Counter(o.code for o in self.outcomes)),
             "by_kind": dict(Counter(o.kind for o in self.outcomes)),
             "completed_p50_s": pct(0.5), "completed_p99_s": pct(0.99), "seconds": self.seconds,
-            "chaos": self.chaos, "memory_mib_per_replica": self.memory, "leftover": self.leftover,
+            "chaos": self.chaos, "memory_mib_per_replica": self.memory, "memory_warmup_s": self.warmup_s,
+            "leftover": self.leftover,
             "failures": [o.__dict__ for o in self.outcomes if o.verdict in ("lost", "corrupted", "hung")][:50],
         }
 
@@ -157,10 +162,14 @@ def references(client, cases: list[Case], deadline_s: float, workers: int) -> li
 
 
 def soak(client, cases: list[Case], streams: int, seconds: float, ray_address: str | None, chaos_every_s: float = 0.0,
-         freeze_s: float = 10.0, deadline_s: float = 600.0, seed: int = 0, sample_every_s: float = 30.0, on_outcome=lambda o: None) -> SoakReport:
+         freeze_s: float = 10.0, deadline_s: float = 600.0, seed: int = 0, sample_every_s: float | None = None,
+         on_outcome=lambda o: None) -> SoakReport:
     """``chaos_every_s`` > 0 runs the chaos schedule at that period (needs ``ray_address``);
-    memory and leftovers are read through Ray when ``ray_address`` is given."""
-    report = SoakReport()
+    memory and leftovers are read through Ray when ``ray_address`` is given, memory every
+    ``sample_every_s`` (default: 30 s, and 8 samples at least in a short soak)."""
+    if sample_every_s is None:
+        sample_every_s = min(30.0, max(1.0, seconds / 8))
+    report = SoakReport(warmup_s=min(120.0, seconds / 4))
     refs = references(client, cases, deadline_s, min(streams, 8))
     chaos = Chaos(ray_address, freeze_s) if chaos_every_s > 0 else None
     start, lock = time.monotonic(), threading.Lock()
@@ -174,7 +183,7 @@ def soak(client, cases: list[Case], streams: int, seconds: float, ray_address: s
             roll = rng.random()
             kind = CANCEL if roll < 0.1 else DEADLINE if roll < 0.2 else NORMAL
             index = rng.randrange(len(cases))
-            outcome = run_stream(client, cases[index], kind, refs[index] if kind == NORMAL else None,
+            outcome = run_stream(client, cases[index], kind, refs[index] if kind != CANCEL else None,
                                  f"soak-{w}-{n}", deadline_s)
             n += 1
             outcome.ended = round(time.monotonic() - start, 1)

@@ -92,15 +92,18 @@ class DraftLink:
         deadline = t0 + self.deadline()
         while True:
             read = asyncio.ensure_future(self.call.read())
-            done, _ = await asyncio.wait({read}, timeout=max(0.0, deadline - time.perf_counter()))
+            try:
+                done, _ = await asyncio.wait({read}, timeout=max(0.0, deadline - time.perf_counter()))
+                if not done:
+                    # If this process was the one frozen (its node stopped, then resumed),
+                    # the deadline passed with the block already in the socket: give the
+                    # read a moment more before blaming the worker. (The read is not
+                    # cancelled in between: cancelling a read cancels the whole gRPC call.)
+                    done, _ = await asyncio.wait({read}, timeout=THAW_S)
+            finally:
+                if not read.done():  # stalled, or this session was cancelled meanwhile
+                    read.cancel()
             if not done:
-                # If this process was the one frozen (its node stopped, then resumed), the
-                # deadline passed with the block already in the socket: give the read a
-                # moment more before blaming the worker. (The read is not cancelled in
-                # between: cancelling a read cancels the whole gRPC call.)
-                done, _ = await asyncio.wait({read}, timeout=THAW_S)
-            if not done:
-                read.cancel()
                 raise DraftStalled(f"draft worker {self.address} sent nothing for {self.deadline():.1f} s")
             msg = read.result()
             if msg is grpc.aio.EOF:

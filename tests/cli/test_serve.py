@@ -92,6 +92,13 @@ def test_serve_generate_bench_stop(tmp_path):
         assert fuzzed.returncode == 0, fuzzed.stdout + fuzzed.stderr
         result = json.loads((tmp_path / "fuzz.json").read_text())
         assert (result["requests"], result["wrong_status"], result["replica_restarts"]) == (30, 0, 0)
+
+        soaked = outrider("soak", "--server", address, "--streams", "2", "--minutes", "0.25", "--methods", "draft",
+                          "--ray-address", f"127.0.0.1:{ray_port}", "--json", str(tmp_path / "soak.json"))
+        assert soaked.returncode == 0, soaked.stdout + soaked.stderr
+        result = json.loads((tmp_path / "soak.json").read_text())
+        assert result["streams"] >= 2 and (result["lost"], result["corrupted"], result["hung"]) == (0, 0, 0)
+        assert result["memory_growth_ratio"] is not None and not any(result["leftover"].values())
     finally:
         stopped = outrider("stop", timeout=120)
     assert stopped.returncode == 0 and "stopped the local Outrider cluster" in stopped.stdout

@@ -318,3 +318,16 @@ def test_production_ends_tls_at_an_ingress_in_front_of_the_grpc_service():
     service = find(docs, "Service", backend["name"])
     assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
     assert not [d for d in rendered("gpu") if d["kind"] == "Ingress"]  # an opt-in component
+
+
+def test_production_leaves_ray_only_its_scratch_paths_writable():
+    docs = rendered("production")
+    for name, group in groups(docs).items():
+        ray = container(group)
+        assert ray["securityContext"]["readOnlyRootFilesystem"] is True, name
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m for m in ray["volumeMounts"]}
+        assert set(mounts) == {"/tmp", "/home/ray/.cache", "/home/ray/.config", "/home/ray/.ray"}, name
+        assert all("emptyDir" in volumes[m["name"]] for m in mounts.values()), name
+    for name, group in groups(rendered("gpu")).items():  # an opt-in component
+        assert "readOnlyRootFilesystem" not in container(group)["securityContext"], name

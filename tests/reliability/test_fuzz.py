@@ -3,7 +3,6 @@ wrong status, and a served cluster answers a few hundred fuzzed requests with th
 statuses the contract allows, without a replica restart."""
 
 import grpc
-import pytest
 
 from fake_grpc import Failing, FakeClient
 

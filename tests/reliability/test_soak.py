@@ -2,15 +2,13 @@
 reason; a cancel or a short deadline ends as asked), and a served cluster under every
 fault of the chaos rotation loses, corrupts and hangs no stream and leaks no session."""
 
-import json
-from pathlib import Path
-
 import grpc
+import pytest
 from fake_grpc import Failing, FakeClient
 
 from services.core.sampling import SamplingParams
 from services.reliability.chaos import EVENTS
-from services.reliability.soak import CANCEL, DEADLINE, NORMAL, Case, make_cases, run_stream, soak
+from services.reliability.soak import CANCEL, DEADLINE, NORMAL, Case, SoakReport, make_cases, run_stream, soak
 from services.rpc import outrider_pb2
 
 CASE = Case("def f(x):", "draft", SamplingParams(), 2)
@@ -51,6 +49,14 @@ def test_each_stream_gets_the_verdict_the_contract_gives_it():
     assert verdict(FakeClient(Failing(grpc.StatusCode.INTERNAL, "x")), DEADLINE, None) == "lost"
 
 
+def test_memory_growth_is_measured_from_the_loads_warm_up():
+    memory = [{"t": 0.0, "gateway": 100.0, "verifier": 500.0},  # before the load: not the baseline
+              {"t": 130.0, "gateway": 110.0, "verifier": 800.0},
+              {"t": 900.0, "gateway": 121.0, "verifier": 808.0}]
+    assert SoakReport(memory=memory, warmup_s=120.0).memory_growth_ratio() == pytest.approx(1.1)
+    assert SoakReport(memory=memory[:2], warmup_s=120.0).memory_growth_ratio() is None
+
+
 def test_cases_cover_every_method_greedy_and_seeded_short_and_long():
     cases = make_cases(["a", "b", "c"], ["draft", "ngram"], short=4, long=9)
     assert len(cases) == 8 and {c.method for c in cases} == {"draft", "ngram"}
@@ -66,7 +72,6 @@ def test_a_soak_under_every_fault_loses_no_stream_and_leaks_nothing():
         report = soak(client, cases, streams=3, seconds=8 * len(EVENTS) + 4, ray_address=cluster.address,
                       chaos_every_s=8, freeze_s=3, deadline_s=120, sample_every_s=10)
     result = report.as_json()
-    Path("/tmp/outrider-soak-test.json").write_text(json.dumps(result, indent=1))
     assert [e["event"] for e in result["chaos"]][: len(EVENTS)] == list(EVENTS)
     assert [e for e in result["chaos"] if e["error"]] == []
     assert (result["lost"], result["corrupted"], result["hung"]) == (0, 0, 0), result["failures"]
