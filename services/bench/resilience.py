@@ -20,16 +20,8 @@ from dataclasses import dataclass, field
 import psutil
 
 from ..gateway.client import OutriderClient, make_request
-
-APP = "outrider"
-
-
-def _replicas(address: str, deployment: str) -> list:
-    from ray.util.state import list_actors
-
-    # The address is explicit: left out, the state API may find another cluster on this machine.
-    return [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name == f"ServeReplica:{APP}:{deployment}"]
+from ..reliability.chaos import APP
+from ..reliability.chaos import replicas as _replicas
 
 
 def _busiest(actors: list):
