@@ -71,7 +71,8 @@ def add_server_options(parser: argparse.ArgumentParser, default: str | None = "1
                                                          "(default: the system's roots)")
 
 
-def server_client(args: argparse.Namespace):
+def server_client(args: argparse.Namespace, check: bool = True):
+    """A client for ``--server``; with ``check``, one that answered a health check."""
     from ..gateway.client import OutriderClient
 
     if args.ca_cert and not args.tls:
@@ -82,4 +83,7 @@ def server_client(args: argparse.Namespace):
             ca = open(args.ca_cert, "rb").read()
         except OSError as err:
             raise UsageError(f"--ca-cert: {err}") from None
-    return OutriderClient(args.server, tls=args.tls, ca_cert=ca)
+    client = OutriderClient(args.server, tls=args.tls, ca_cert=ca)
+    if check and not client.healthy(timeout=10):
+        raise UsageError(f"no healthy Outrider server at {args.server}")
+    return client
