@@ -15,7 +15,7 @@ from .errors import InvalidRequest
 from .gamma import MAX_GAMMA, GammaSchedule, draft_budget
 from .proposals import Proposal
 from .proposers import Proposer
-from .sampling import SamplingParams
+from .sampling import SamplingParams, StopRule
 from .stats import GenerationStats
 from .target import FINAL
 from .verifier import TargetKV, TargetVerifier, VerifyRequest
@@ -38,6 +38,11 @@ class SequenceState:
     finished: bool = False
     gamma_cap: int | None = None  # a server's limit under load (LoadAwareGamma)
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: int | None = None  # None: none; N: each token's and its top N alternatives' (core/shaping.py)
+    stopped_by: int | None = None  # the stop token id the sequence ended on
+    # Stop strings: ``feed(tokens)`` -> how many of a round's tokens to keep, ``matched``
+    # the stop that ended the output (models/detokenizer.py StopScanner); None = none.
+    text_stop: object | None = None
 
     @property
     def generated(self) -> list[int]:
@@ -60,6 +65,8 @@ class SequenceState:
 class RoundResult:
     tokens: list[int]  # what the round commits, after stop/length truncation
     num_accepted: int  # drafts that passed the acceptance test
+    logprobs: list[float] | None = None  # per token, when the sequence asked (VerifyOutcome)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,16 +122,17 @@ class SpeculativeEngine:
         schedule: GammaSchedule | None = None,
         first_round: int = 0,
         proposer: Proposer | None = None,
+        logprobs: int | None = None,
     ) -> SequenceState:
         """``schedule`` overrides the engine's for this sequence (a served request
         chooses its own gamma). ``first_round``: a resumed sequence's round numbering.
-        ``proposer`` overrides the engine's (a served verifier's heads for one request)."""
+        ``proposer`` overrides the engine's (a served verifier's heads for one request).
+        ``logprobs``: see SequenceState."""
         self.validate(prompt_ids, max_new_tokens)
         schedule = schedule or self.schedule
         proposer = proposer or self.proposer
         tree = getattr(proposer, "tree", None)
-        if params.seed is None:
-            params = replace(params, seed=random.SystemRandom().randrange(2**63))
+        params = self.resolve(params, len(prompt_ids))
         return SequenceState(
             committed=list(prompt_ids),
             prompt_len=len(prompt_ids),
@@ -137,7 +145,19 @@ class SpeculativeEngine:
             proposer=proposer,
             draft_state=proposer.new_state() if proposer is not None else None,
             stats=GenerationStats(draft_shape=tree.label if tree is not None else ""),
+            logprobs=logprobs,
         )
+
+    def resolve(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        """``params`` with every default made concrete: a fresh seed, the stop rule
+        (EOS), the prompt's length."""
+        if params.seed is None:
+            params = replace(params, seed=random.SystemRandom().randrange(2**63))
+        if params.stop is None:
+            params = replace(params, stop=StopRule(() if self.eos_token_id is None else (self.eos_token_id,)))
+        if params.prompt_len is None:
+            params = replace(params, prompt_len=prompt_len)
+        return params
 
     def step(self, seq: SequenceState) -> list[int]:
         """One speculative round; returns the tokens it commits (1 to gamma+1)."""
@@ -180,7 +200,7 @@ class SpeculativeEngine:
         result is what it would be alone. Each is charged the whole pass as verify time."""
         t0 = time.perf_counter()
         outcomes = self.verifier.verify(
-            [VerifyRequest(s.target_kv, s.committed, p, s.params, s.round, reads_hidden(s.proposer))
+            [VerifyRequest(s.target_kv, s.committed, p, s.params, s.round, reads_hidden(s.proposer), s.logprobs)
              for s, p in zip(seqs, proposals)]
         )
         elapsed = time.perf_counter() - t0
@@ -196,7 +216,10 @@ class SpeculativeEngine:
             seq.gamma = seq.schedule.next(seq.gamma, proposal.depth, outcome.num_accepted)
             if reads_hidden(seq.proposer) and not seq.finished:
                 seq.proposer.observe(seq.draft_state, start, outcome.hidden)
-            results.append(RoundResult(tokens=new, num_accepted=outcome.num_accepted))
+            cut = slice(0, len(new))
+            results.append(RoundResult(new, outcome.num_accepted,
+                                       None if outcome.logprobs is None else outcome.logprobs[cut],
+                                       None if outcome.top_logprobs is None else outcome.top_logprobs[cut]))
         return results
 
     def release(self, seq: SequenceState) -> None:
@@ -204,10 +227,20 @@ class SpeculativeEngine:
         self.verifier.release([seq.target_kv])
 
     def _truncate_at_stop(self, tokens: list[int], seq: SequenceState) -> list[int]:
+        """The round's tokens up to the first stop token (kept) or the length limit."""
         tokens = tokens[: seq.remaining]
-        if self.eos_token_id is not None and self.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(self.eos_token_id) + 1]
-            seq.finished = True
+        stop = seq.params.stop
+        produced = len(seq.committed) - seq.params.prompt_len  # output before tokens[0]
+        for i, token in enumerate(tokens):
+            if token in stop.token_ids and produced + i >= stop.min_tokens:
+                tokens = tokens[: i + 1]
+                seq.finished, seq.stopped_by = True, token
+                break
+        if seq.text_stop is not None and tokens:
+            keep = seq.text_stop.feed(tokens)
+            if seq.text_stop.matched is not None:
+                tokens = tokens[:keep]
+                seq.finished, seq.stopped_by = True, None
         if len(tokens) == seq.remaining:
             seq.finished = True
         return tokens

@@ -61,3 +61,8 @@ class VerifyOutcome:
     # each accepted node): what drafting heads on the verifier (Medusa, MTP) draft the
     # next round from. Only when asked.
     hidden: torch.Tensor | None = None
+    # With logprobs asked for: each of ``tokens``' log-probability under the distribution
+    # the target drew it from (core/shaping.py slot_logprobs), and per token the top
+    # alternatives as (token id, log-probability).
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None

@@ -16,6 +16,7 @@ from .kv import KVState, extend
 from .kv_chunks import KVChunk, restore_kv
 from .proposals import Proposal
 from .sampling import SamplingParams, adjusted_probs
+from .shaping import ShapeRow, shape_logits, shapes
 
 
 # Polled between drafted tokens; True abandons the rest of the draft (a pipelined
@@ -93,6 +94,8 @@ class DraftModelProposer:
             if stop is not None and stop():
                 break
             logits = self.step(state, pending)  # [V]
+            if shapes(params):  # the same penalties the verifier applies to the target, at this position
+                logits = shape_logits(logits[None, None], [ShapeRow(params, committed + tokens, [])])[0, 0]
             if params.greedy:
                 token = int(logits.argmax())
             else:

@@ -19,6 +19,43 @@ import torch
 from .errors import InvalidRequest
 
 
+MAX_LOGPROBS = 20  # top alternatives a request may ask for (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """Logit penalties (core/shaping.py applies them); the defaults change nothing."""
+
+    repetition: float = 1.0  # > 0; 1 = off. Over the prompt and the output (transformers, vLLM)
+    presence: float = 0.0  # in [-2, 2], over the output (OpenAI)
+    frequency: float = 0.0  # in [-2, 2], over the output (OpenAI)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]), ids ascending
+
+    def __post_init__(self) -> None:
+        if not (0 < self.repetition < float("inf")):
+            raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {self.repetition}")
+        for name, value in (("presence_penalty", self.presence), ("frequency_penalty", self.frequency)):
+            if not -2 <= value <= 2:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {value}")
+        for token, bias in self.logit_bias:
+            if not -100 <= bias <= 100:
+                raise InvalidRequest(f"logit_bias of token {token} must be in [-100, 100], got {bias}")
+
+    @property
+    def active(self) -> bool:
+        return self.repetition != 1.0 or bool(self.presence) or bool(self.frequency) or bool(self.logit_bias)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a sequence ends on a token: at any of ``token_ids`` (EOS among them unless the
+    request ignores it), once at least ``min_tokens`` tokens were generated. Before that,
+    the stop ids are masked out of both models' distributions (core/shaping.py)."""
+
+    token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     # 0 means greedy (argmax). A tiny positive temperature is valid and means "almost
@@ -27,6 +64,12 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0  # 1 disables top-p
     seed: int | None = None  # None draws a fresh seed per request
+    penalties: Penalties = Penalties()
+    stop: StopRule | None = None  # None: the engine's (stop at EOS)
+    # The request's original prompt length: its output starts here in the committed
+    # tokens, also on a stream resumed with the output so far as its prompt. None: the
+    # engine resolves it to the prompt it starts from.
+    prompt_len: int | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0 or self.temperature == float("inf"):  # also rejects NaN

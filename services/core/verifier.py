@@ -12,6 +12,7 @@ from .kv import common_prefix_len
 from .proposals import Proposal, VerifyOutcome
 from .rejection import DraftBatch, Randomness, accept_batch
 from .sampling import SamplingParams, SamplingRows
+from .shaping import ShapeRow, shape_logits, shapes, slot_logprobs
 from .target import Feed, TargetRunner
 from .tree_accept import TreeBatch, accept_tree_batch
 
@@ -45,6 +46,7 @@ class VerifyRequest:
     # Return the target's hidden states of this kind (core/target.py HIDDEN_KINDS; "" = none)
     # where it chose the round's tokens.
     hidden: str = ""
+    logprobs: int | None = None  # None: none; N: the emitted tokens' and the top N alternatives'
 
 
 class TargetVerifier:
@@ -135,7 +137,9 @@ class TargetVerifier:
         host sync for the result. Chains take the chain rule's single pass; a batch with
         a tree walks the trees (core/tree_accept.py), chains included."""
         device = all_logits[0].device
-        logits = as_batch(all_logits)  # [B, N+1, V]
+        logits = shape_logits(as_batch(all_logits), [  # [B, N+1, V]
+            ShapeRow(req.params, req.committed, req.proposal.tokens.tolist(), None if req.proposal.is_chain else req.proposal.tree)
+            if shapes(req.params) else None for req in batch])
         B, N1, V = logits.shape
         drafts = DraftBatch.of([(req.proposal.tokens, req.proposal.draft_q) for req in batch], V, device)
         rows = SamplingRows.of([req.params for req in batch], V, device)
@@ -144,13 +148,27 @@ class TargetVerifier:
         if all(req.proposal.is_chain for req in batch):
             # The one host sync: [n, token, drafts...] per row.
             result = torch.cat([accept_batch(logits, drafts, rows, rand), drafts.tokens], -1).tolist()
-            return [VerifyOutcome(row[0], row[2 : 2 + row[0]] + [row[1]], tuple(range(row[0]))) for row in result]
+            outcomes = [VerifyOutcome(row[0], row[2 : 2 + row[0]] + [row[1]], tuple(range(row[0]))) for row in result]
+            return self._with_logprobs(batch, logits, outcomes)
         trees = TreeBatch.of([req.proposal.tree for req in batch], [len(req.proposal) for req in batch], device)
         result = torch.cat([accept_tree_batch(logits, drafts, trees, rows, rand), drafts.tokens], -1).tolist()
         outcomes = []
         for row in result:
             n, token, path, tokens = row[0], row[1], row[2 : 2 + trees.max_depth], row[2 + trees.max_depth :]
             outcomes.append(VerifyOutcome(n, [tokens[node] for node in path[:n]] + [token], tuple(path[:n])))
+        return self._with_logprobs(batch, logits, outcomes)
+
+    @staticmethod
+    def _with_logprobs(batch: list[VerifyRequest], logits: torch.Tensor, outcomes: list[VerifyOutcome]) -> list[VerifyOutcome]:
+        """The committed tokens' log-probabilities, for the rows that asked, from the
+        logits the round drew them from: slot 0 (the root), then after each accepted node."""
+        for b, req in enumerate(batch):
+            if req.logprobs is None:
+                continue
+            outcome = outcomes[b]
+            slots = [0] + [1 + node for node in outcome.path]
+            chosen, top = slot_logprobs(logits[b, slots], req.params, outcome.tokens, req.logprobs)
+            outcomes[b] = replace(outcome, logprobs=chosen, top_logprobs=top)
         return outcomes
 
 

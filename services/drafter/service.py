@@ -169,7 +169,8 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         method = METHODS.get(msg.method)
         if method not in self.proposers:
             raise InvalidRequest(f"this draft worker has no {method or msg.method!r} proposer")
-        params = sampling_from_proto(msg.sampling)
+        # Drafts are shaped as the target is (penalties, min_tokens): accepted more often.
+        params = sampling_from_proto(msg.sampling, msg.stop if msg.HasField("stop") else None, msg.prompt_len)
         if params.seed is None:
             raise InvalidRequest("the verifier must resolve the seed before opening a draft stream")
         session = DraftSession(

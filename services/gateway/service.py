@@ -18,7 +18,8 @@ from typing import AsyncIterator, Callable
 
 from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
-from ..models.detokenizer import IncrementalDetokenizer
+from ..core.sampling import MAX_LOGPROBS, derive_seed
+from ..models.detokenizer import MAX_STOP_CHARS, MAX_STOPS, StopScanner
 from ..rpc import internal_pb2, outrider_pb2
 from ..core.eagle_proposer import EagleTree
 from ..core.tree import choice_tree, parse_choices
@@ -46,6 +47,7 @@ class Limits:
     default_gamma: int
     max_prompt_tokens: int = 0  # 0: as many as the context leaves room for
     max_sessions_per_client: int = 0  # concurrent sessions of one client (peer address) per replica; 0: no limit
+    max_samples: int = 8  # n per request (each sample is a session)
     # Methods whose heads the verifiers loaded, with why each other one is not served.
     head_methods: dict[str, str | None] = field(default_factory=lambda: {"medusa": "no Medusa heads", "mtp": "no MTP modules", "eagle": "no EAGLE-3 drafter"})
 
@@ -84,7 +86,14 @@ class GatewayService:
         sampling = req.sampling
         if not math.isfinite(sampling.temperature) or (sampling.HasField("top_p") and not math.isfinite(sampling.top_p)):
             raise InvalidRequest("sampling values must be finite numbers")
+        for token in sampling.logit_bias:
+            self._check_token(token, "logit_bias")
         params = sampling_from_proto(sampling)  # validates ranges
+        stop = self._stop(req, max_new)
+        if req.HasField("logprobs") and req.logprobs > MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be at most {MAX_LOGPROBS}, got {req.logprobs}")
+        if req.n > limits.max_samples:
+            raise InvalidRequest(f"n must be at most {limits.max_samples} here, got {req.n}")
         pinned_gamma = params.seed is not None and not params.greedy
         if params.seed is None:  # resolved here so draft worker and verifier share it
             params = replace(params, seed=random.SystemRandom().randrange(2**63))
@@ -116,7 +125,33 @@ class GatewayService:
             ),
             received_at=received_at,
             pinned_gamma=pinned_gamma,
+            stop=stop,
+            logprobs=req.logprobs if req.HasField("logprobs") else None,
+            prompt_len=len(prompt_ids),
         )
+
+    def _check_token(self, token: int, where: str) -> None:
+        if not 0 <= token < self.limits.vocab_size:
+            raise InvalidRequest(f"{where}: token id {token} is outside the vocabulary [0, {self.limits.vocab_size})")
+
+    def _stop(self, req: outrider_pb2.GenerateRequest, max_new: int) -> outrider_pb2.StopOptions:
+        """The request's stops, resolved: EOS among the stop ids unless ignored."""
+        stop = req.stop
+        if len(stop.sequences) > MAX_STOPS:
+            raise InvalidRequest(f"at most {MAX_STOPS} stop sequences, got {len(stop.sequences)}")
+        for sequence in stop.sequences:
+            if not 0 < len(sequence) <= MAX_STOP_CHARS:
+                raise InvalidRequest(f"a stop sequence must have 1 to {MAX_STOP_CHARS} characters, got {len(sequence)}")
+        for token in stop.token_ids:
+            self._check_token(token, "stop token_ids")
+        if stop.min_tokens > max_new:
+            raise InvalidRequest(f"min_tokens {stop.min_tokens} exceeds max_new_tokens {max_new}")
+        ids = list(stop.token_ids)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and not stop.ignore_eos:
+            ids.append(eos)
+        return outrider_pb2.StopOptions(sequences=stop.sequences, token_ids=list(dict.fromkeys(ids)),
+                                        min_tokens=stop.min_tokens)
 
     def _prompt_ids(self, req: outrider_pb2.GenerateRequest) -> list[int]:
         kind = req.WhichOneof("prompt")
@@ -125,10 +160,7 @@ class GatewayService:
         elif kind == "token_ids":
             ids = list(req.token_ids.ids)
             for position, token in enumerate(ids):
-                if not 0 <= token < self.limits.vocab_size:
-                    raise InvalidRequest(
-                        f"token id {token} at position {position} is outside the vocabulary [0, {self.limits.vocab_size})"
-                    )
+                self._check_token(token, f"prompt position {position}")
         else:
             ids = []
         if not ids:
@@ -166,22 +198,44 @@ class GatewayService:
         # The verifier's spans join this request's trace (the context crosses the
         # Serve handle hop inside the serialized request).
         verify_request.traceparent, verify_request.tracestate = tracing.inject(span)
+        n = req.n or 1
         if span.is_recording():
             spec = verify_request.speculation
             span.set_attributes({
                 "outrider.request_id": verify_request.request_id, "outrider.session_id": verify_request.session_id,
                 "outrider.method": METHODS.get(spec.method, ""), "outrider.gamma": spec.gamma,
                 "outrider.pipeline": spec.pipeline, "outrider.prompt_tokens": len(verify_request.prompt_ids),
-                "outrider.max_new_tokens": verify_request.max_new_tokens,
+                "outrider.max_new_tokens": verify_request.max_new_tokens, "outrider.samples": n,
+                "outrider.stops": len(verify_request.stop.sequences), "outrider.logprobs": req.logprobs if req.HasField("logprobs") else -1,
+                "outrider.penalized": sampling_from_proto(verify_request.sampling).penalties.active,
             })
-        if self.active_sessions >= self.limits.max_sessions:
+        # A request's samples are admitted together or not at all.
+        if self.active_sessions + n > self.limits.max_sessions:
             raise Overloaded(f"at the limit of {self.limits.max_sessions} concurrent sessions; retry later")
         per_client = self.limits.max_sessions_per_client
-        if per_client and self.client_sessions.get(client, 0) >= per_client:
-            raise Overloaded(f"this client already has {per_client} concurrent sessions here, its limit; retry later")
-        self.active_sessions += 1
-        self.client_sessions[client] = self.client_sessions.get(client, 0) + 1
-        progress = _Progress(verify_request, IncrementalDetokenizer(self.tokenizer), start)
+        if per_client and self.client_sessions.get(client, 0) + n > per_client:
+            raise Overloaded(f"this client already has {self.client_sessions.get(client, 0)} concurrent sessions here, "
+                             f"and its limit is {per_client}; retry later")
+        self.active_sessions += n
+        self.client_sessions[client] = self.client_sessions.get(client, 0) + n
+        try:
+            streams = [self._session(verify_request, span, start, 0)]
+            streams += [self._session(_sample(verify_request, i), span, start, i) for i in range(1, n)]
+            async with aclosing(streams[0] if n == 1 else _merged(streams)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self.active_sessions -= n
+            self.client_sessions[client] -= n
+            if not self.client_sessions[client]:
+                del self.client_sessions[client]
+
+    async def _session(self, verify_request: internal_pb2.VerifyRequest, span, start: float,
+                       index: int) -> AsyncIterator[outrider_pb2.GenerateChunk]:
+        """One sample's stream, across verifier replicas."""
+        stop = verify_request.stop
+        text = StopScanner(self.tokenizer, tuple(stop.sequences), stop.min_tokens)
+        progress = _Progress(verify_request, text, start, index=index)
         try:
             while True:
                 try:
@@ -202,26 +256,24 @@ class GatewayService:
                         raise
                     await asyncio.sleep(min(0.1 * 2 ** (progress.resumes - 1), 2.0))  # Serve replaces the replica meanwhile
         finally:
-            self.active_sessions -= 1
-            self.client_sessions[client] -= 1
-            if not self.client_sessions[client]:
-                del self.client_sessions[client]
             self.release_session(verify_request.session_id)
 
     async def _attempt(self, progress: "_Progress", span) -> AsyncIterator[outrider_pb2.GenerateChunk]:
         """One verifier replica's part of a stream: from the tokens already sent to the
         stats, or ReplicaLost."""
         req = progress.request
-        request_id = req.request_id
-        if progress.resumes and self._complete(req, progress.committed):
+        request_id, index = req.request_id, progress.index
+        if progress.resumes and self._complete(req, progress):
             # The replica died between the last token and its stats.
             stats = outrider_pb2.GenerationStats(
                 emitted=len(progress.committed), resumes=progress.resumes, total_s=progress.elapsed(),
-                time_to_first_token_s=progress.first_token_s or 0.0,
-                finish_reason="stop" if progress.committed[-1] == self.tokenizer.eos_token_id else "length",
-            )
-            yield outrider_pb2.GenerateChunk(request_id=request_id, text=progress.detok.flush(), stats=stats,
-                                             prompt_token_ids=req.prompt_ids)
+                time_to_first_token_s=progress.first_token_s or 0.0, finish_reason="length")
+            if progress.text.matched is not None:
+                stats.finish_reason, stats.stop_sequence = "stop", progress.text.matched
+            elif progress.committed[-1] in req.stop.token_ids:
+                stats.finish_reason, stats.stop_token_id = "stop", progress.committed[-1]
+            yield outrider_pb2.GenerateChunk(request_id=request_id, text=progress.text.text_out(final=True), stats=stats,
+                                             prompt_token_ids=req.prompt_ids, index=index)
             return
         attempt = _resumed(req, progress) if progress.resumes else req
         async with aclosing(self.open_verify(attempt)) as verify_chunks:
@@ -233,8 +285,8 @@ class GatewayService:
                     stats.resumes = progress.resumes
                     if span.is_recording():
                         _record_stats(span, stats)
-                    yield outrider_pb2.GenerateChunk(request_id=request_id, text=progress.detok.flush(), stats=stats,
-                                                     prompt_token_ids=req.prompt_ids)
+                    yield outrider_pb2.GenerateChunk(request_id=request_id, text=progress.text.text_out(final=True),
+                                                     stats=stats, prompt_token_ids=req.prompt_ids, index=index)
                     return
                 if progress.first_token_s is None:
                     progress.first_token_s = progress.elapsed()
@@ -242,24 +294,79 @@ class GatewayService:
                 progress.committed += ids
                 progress.rounds += 1
                 progress.gamma = chunk.next_gamma
-                yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=progress.detok.add(ids))
+                progress.text.feed(ids)  # the verifier ended the tokens at a stop string already
+                yield outrider_pb2.GenerateChunk(request_id=request_id, token_ids=ids, text=progress.text.text_out(),
+                                                 logprobs=chunk.logprobs, top_logprobs=chunk.top_logprobs, index=index)
         raise ConnectionError("the verifier ended the session without its stats")
 
-    def _complete(self, req: internal_pb2.VerifyRequest, committed: list[int]) -> bool:
-        eos = self.tokenizer.eos_token_id
-        return len(committed) >= req.max_new_tokens or (bool(committed) and eos is not None and committed[-1] == eos)
+    def _complete(self, req: internal_pb2.VerifyRequest, progress: "_Progress") -> bool:
+        committed = progress.committed
+        stopped = bool(committed) and committed[-1] in req.stop.token_ids and len(committed) > req.stop.min_tokens
+        return len(committed) >= req.max_new_tokens or stopped or progress.text.matched is not None
 
     async def generate_unary(self, req: outrider_pb2.GenerateRequest, trace_parent=None, client: str = "") -> outrider_pb2.GenerateResponse:
+        samples: dict[int, outrider_pb2.Sample] = {}
         response = outrider_pb2.GenerateResponse()
         async with aclosing(self.generate(req, trace_parent, client)) as chunks:
             async for chunk in chunks:
                 response.request_id = chunk.request_id
-                response.token_ids.extend(chunk.token_ids)
-                response.text += chunk.text
+                sample = samples.setdefault(chunk.index, outrider_pb2.Sample(index=chunk.index))
+                sample.token_ids.extend(chunk.token_ids)
+                sample.text += chunk.text
+                sample.logprobs.extend(chunk.logprobs)
+                sample.top_logprobs.extend(chunk.top_logprobs)
                 if chunk.HasField("stats"):
-                    response.stats.CopyFrom(chunk.stats)
-                    response.prompt_token_ids.extend(chunk.prompt_token_ids)
+                    sample.stats.CopyFrom(chunk.stats)
+                    if not response.prompt_token_ids:
+                        response.prompt_token_ids.extend(chunk.prompt_token_ids)
+        first = samples.get(0, outrider_pb2.Sample())
+        response.token_ids.extend(first.token_ids)
+        response.text = first.text
+        response.stats.CopyFrom(first.stats)
+        response.logprobs.extend(first.logprobs)
+        response.top_logprobs.extend(first.top_logprobs)
+        if len(samples) > 1:
+            response.samples.extend(samples[i] for i in sorted(samples))
         return response
+
+
+def _sample(req: internal_pb2.VerifyRequest, index: int) -> internal_pb2.VerifyRequest:
+    """Sample ``index`` (> 0) of a request: its own session and random stream."""
+    sample = internal_pb2.VerifyRequest()
+    sample.CopyFrom(req)
+    sample.session_id = secrets.token_hex(16)
+    sample.sampling.seed = derive_seed(req.sampling.seed, f"sample:{index}")
+    return sample
+
+
+async def _merged(streams: list[AsyncIterator]) -> AsyncIterator:
+    """The items of several streams as they come; the first error ends them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(stream) -> None:
+        try:
+            async with aclosing(stream) as items:
+                async for item in items:
+                    queue.put_nowait(item)
+            queue.put_nowait(None)
+        except Exception as error:
+            queue.put_nowait(error)
+
+    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    try:
+        ended = 0
+        while ended < len(tasks):
+            item = await queue.get()
+            if item is None:
+                ended += 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _record_stats(span, stats: outrider_pb2.GenerationStats) -> None:
@@ -275,8 +382,9 @@ class _Progress:
     """A stream's progress as the client has seen it, across verifier replicas."""
 
     request: internal_pb2.VerifyRequest
-    detok: IncrementalDetokenizer
+    text: StopScanner  # the output's text as sent, held back where a stop string may begin
     start: float  # perf_counter at receipt
+    index: int = 0  # the sample
     committed: list[int] = field(default_factory=list)  # tokens sent: a resumed stream starts after them
     rounds: int = 0
     gamma: int = 0  # the gamma schedule's next value, as the verifier last reported it

@@ -13,7 +13,7 @@ from ..core.draft_q import SparseQ
 from ..core.errors import InvalidRequest
 from ..core.pipeline import DraftBlock
 from ..core.proposals import Proposal
-from ..core.sampling import SamplingParams
+from ..core.sampling import Penalties, SamplingParams, StopRule
 from ..core.stats import GenerationStats
 from . import internal_pb2, outrider_pb2
 from .channels import MAX_BLOCK_BYTES
@@ -30,20 +30,47 @@ ON_VERIFIER = ("medusa", "mtp", "eagle")  # methods whose drafting heads run on 
 METHOD_IDS = {name: value for value, name in METHODS.items()}
 
 
-def sampling_from_proto(msg: outrider_pb2.SamplingParams) -> SamplingParams:
+def sampling_from_proto(msg: outrider_pb2.SamplingParams, stop: outrider_pb2.StopOptions | None = None,
+                        prompt_len: int | None = None) -> SamplingParams:
+    """The core's sampling parameters. ``stop``: a resolved stop (internal messages:
+    its token ids include EOS where it stops the output); None leaves the engine's."""
     return SamplingParams(
         temperature=msg.temperature,
         top_k=msg.top_k,
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         seed=msg.seed if msg.HasField("seed") else None,
+        penalties=Penalties(
+            repetition=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+            presence=msg.presence_penalty,
+            frequency=msg.frequency_penalty,
+            logit_bias=tuple(sorted(msg.logit_bias.items())),
+        ),
+        stop=None if stop is None else StopRule(tuple(stop.token_ids), stop.min_tokens),
+        prompt_len=prompt_len or None,
     )
 
 
 def sampling_to_proto(params: SamplingParams) -> outrider_pb2.SamplingParams:
-    msg = outrider_pb2.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    """The wire form of ``params``' sampling map (the stop rule and prompt length travel
+    beside it: stop_to_proto)."""
+    pen = params.penalties
+    msg = outrider_pb2.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                      presence_penalty=pen.presence, frequency_penalty=pen.frequency,
+                                      logit_bias=dict(pen.logit_bias))
+    if pen.repetition != 1.0:
+        msg.repetition_penalty = pen.repetition
     if params.seed is not None:
         msg.seed = params.seed
     return msg
+
+
+def stop_to_proto(stop: StopRule) -> outrider_pb2.StopOptions:
+    """A resolved stop rule (EOS among its ids when it stops the output)."""
+    return outrider_pb2.StopOptions(token_ids=stop.token_ids, min_tokens=stop.min_tokens)
+
+
+def top_logprobs_to_proto(top: list[list[tuple[int, float]]]) -> list[outrider_pb2.TopLogprobs]:
+    return [outrider_pb2.TopLogprobs(token_ids=[i for i, _ in alts], logprobs=[v for _, v in alts]) for alts in top]
 
 
 def method_name(value: int, default: str) -> str:
@@ -156,7 +183,7 @@ def decode_varints(data: bytes) -> np.ndarray:
 
 
 def stats_to_proto(stats: GenerationStats, finish_reason: str = "") -> outrider_pb2.GenerationStats:
-    return outrider_pb2.GenerationStats(
+    return outrider_pb2.GenerationStats(  # (stop_sequence, stop_token_id: set by who ended the sequence)
         rounds=stats.rounds,
         drafted=stats.drafted,
         accepted=stats.accepted,

@@ -65,7 +65,7 @@ class Verifier:
                  if why is None}
         head_proposer = _heads_proposer(heads) if heads else None
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica,
-                                       head_proposer=head_proposer)
+                                       head_proposer=head_proposer, tokenizer=tokenizer)
         if isinstance(runner, TargetRunner):  # a tensor-parallel group's pools live on its ranks
             pool = runner.pool
             watch_kv_pool(lambda: (pool.used_blocks * BLOCK_TOKENS, pool.capacity_tokens), context.app_name, replica)

@@ -15,7 +15,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from ..core.engine import SequenceState, SpeculativeEngine
+from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
 from ..core.gamma import GammaSchedule, LoadAwareGamma, draft_budget
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.errors import InvalidRequest
@@ -24,7 +24,8 @@ from ..core.proposers import Proposer
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.auth import auth_metadata
 from ..rpc.channels import CHANNEL_OPTIONS
-from ..rpc.convert import METHOD_IDS, METHODS, ON_VERIFIER, sampling_from_proto, stats_to_proto
+from ..models.detokenizer import StopScanner
+from ..rpc.convert import METHOD_IDS, METHODS, ON_VERIFIER, sampling_from_proto, stats_to_proto, stop_to_proto, top_logprobs_to_proto
 from ..state.client import PrefixSharing, ShardedPrefixSharing
 from ..telemetry import tracing
 from .batcher import RoundBatcher
@@ -54,10 +55,12 @@ def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit
 class VerifierService:
     def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]],
                  max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | ShardedPrefixSharing | None = None,
-                 name: str = "", head_proposer: Callable[[str, str], Proposer] | None = None):
+                 name: str = "", head_proposer: Callable[[str, str], Proposer] | None = None, tokenizer=None):
         """``head_proposer(method, tree)``: a proposer for a request drafted by heads on
-        this replica (MEDUSA, MTP), raising InvalidRequest for one it cannot serve."""
+        this replica (MEDUSA, MTP), raising InvalidRequest for one it cannot serve.
+        ``tokenizer``: the target's, for requests with stop strings."""
         self.engine = engine
+        self.tokenizer = tokenizer
         self.head_proposer = head_proposer
         self.find_drafter = find_drafter
         self.device = engine.verifier.device
@@ -73,7 +76,7 @@ class VerifierService:
         self.active_sessions = 0
 
     async def verify(self, req: internal_pb2.VerifyRequest) -> AsyncIterator[internal_pb2.VerifyChunk]:
-        params = sampling_from_proto(req.sampling)
+        params = sampling_from_proto(req.sampling, req.stop if req.HasField("stop") else None, req.prompt_len)
         spec = req.speculation
         method = METHODS[spec.method]
         proposer = None
@@ -82,7 +85,13 @@ class VerifierService:
                 raise InvalidRequest(f"this verifier has no heads for {method.upper()}")
             proposer = self.head_proposer(method, spec.tree)
         schedule = GammaSchedule(initial=spec.gamma, adaptive=spec.adaptive)
-        seq = self.engine.start(list(req.prompt_ids), req.max_new_tokens, params, schedule, req.first_round, proposer)
+        seq = self.engine.start(list(req.prompt_ids), req.max_new_tokens, params, schedule, req.first_round, proposer,
+                                logprobs=req.logprobs if req.HasField("logprobs") else None)
+        if req.stop.sequences:
+            if self.tokenizer is None:
+                raise InvalidRequest("this verifier has no tokenizer for stop strings")
+            seq.text_stop = StopScanner(self.tokenizer, tuple(req.stop.sequences), req.stop.min_tokens,
+                                        earlier=seq.committed[seq.params.prompt_len :])
         seq.stats.queue_time_s += max(0.0, time.time() - req.received_at)
         # The request's span context crossed the Serve handle hop in the request; every
         # span of this session is in its trace.
@@ -92,11 +101,20 @@ class VerifierService:
             rounds = (self._local_rounds(seq, req, trace_ctx) if method == "none" or method in ON_VERIFIER
                       else self._speculative(seq, req, method, trace_ctx))
             # Closed explicitly, so a cancelled session cancels its draft stream at once.
-            async with aclosing(rounds) as committed:
-                async for tokens in committed:
-                    yield internal_pb2.VerifyChunk(token_ids=tokens, next_gamma=seq.gamma)
-            finish = "stop" if seq.committed[-1] == self.engine.eos_token_id else "length"
-            stats = stats_to_proto(seq.stats, finish)
+            async with aclosing(rounds) as results:
+                async for result in results:
+                    chunk = internal_pb2.VerifyChunk(token_ids=result.tokens, next_gamma=seq.gamma)
+                    if result.logprobs is not None:
+                        chunk.logprobs.extend(result.logprobs)
+                        if seq.logprobs:
+                            chunk.top_logprobs.extend(top_logprobs_to_proto(result.top_logprobs))
+                    yield chunk
+            stopped = seq.stopped_by is not None or seq.text_stop is not None and seq.text_stop.matched is not None
+            stats = stats_to_proto(seq.stats, "stop" if stopped else "length")
+            if seq.stopped_by is not None:
+                stats.stop_token_id = seq.stopped_by
+            elif stopped:
+                stats.stop_sequence = seq.text_stop.matched
             stats.verifier_replica = self.name
             yield internal_pb2.VerifyChunk(stats=stats)
         finally:
@@ -132,7 +150,7 @@ class VerifierService:
         finally:
             span.end()
 
-    async def _local_rounds(self, seq: SequenceState, req, trace_ctx) -> AsyncIterator[list[int]]:
+    async def _local_rounds(self, seq: SequenceState, req, trace_ctx) -> AsyncIterator[RoundResult]:
         """Rounds with no draft hop: target-only, or drafted here by heads from the
         hidden states of the pass before (the first round's from the prefill's)."""
         await self._prefill(seq, trace_ctx)
@@ -149,7 +167,7 @@ class VerifierService:
                                          "outrider.accepted": result.num_accepted, "outrider.committed": len(result.tokens)})
             finally:
                 span.end()
-            yield result.tokens
+            yield result
             round += 1
 
     @staticmethod
@@ -159,7 +177,7 @@ class VerifierService:
         return tracing.start_span("outrider.round", trace_ctx, attributes={
             "outrider.session_id": req.session_id, "outrider.request_id": req.request_id, "outrider.round": round})
 
-    async def _speculative(self, seq: SequenceState, req, method: str, trace_ctx=None) -> AsyncIterator[list[int]]:
+    async def _speculative(self, seq: SequenceState, req, method: str, trace_ctx=None) -> AsyncIterator[RoundResult]:
         pipeline = req.speculation.pipeline
         round = req.first_round  # a resumed stream numbers its rounds on
         link = DraftLink(lambda first, avoid: self._open_stream(seq, req, method, first, avoid, link.trace),
@@ -212,7 +230,7 @@ class VerifierService:
                     told = seq.effective_gamma
                     await link.report(round, unreported, hit, told)
                     unreported = []
-                yield result.tokens
+                yield result
                 if seq.finished:
                     return
                 round += 1
@@ -261,6 +279,8 @@ class VerifierService:
             first_round=first_round,
             traceparent=trace[0],
             tracestate=trace[1],
+            stop=stop_to_proto(seq.params.stop),
+            prompt_len=seq.params.prompt_len,
         )
         try:
             await call.write(internal_pb2.DraftCommand(open=opened))
