@@ -9,11 +9,11 @@ distribution at that prefix, so rejection sampling keeps the output distribution
 shaped target's, whatever the drafter did (a drafter that shapes the same way is only
 accepted more often).
 
-The rules, in transformers' order:
+The rules, in transformers' order (and vLLM's: bias before penalties):
+    logit bias: l -> l + bias[token] (transformers' SequenceBiasLogitsProcessor);
     repetition (CTRL, Keskar et al. 2019; transformers' RepetitionPenaltyLogitsProcessor):
         every token in the prompt or the output so far: l -> l / r if l > 0 else l * r;
     presence and frequency (OpenAI's): over the output so far, l -> l - f * count - p * [count > 0];
-    logit bias: l -> l + bias[token];
     min_tokens: the stop ids (EOS included) get -inf while fewer than min_tokens tokens
         have been generated (transformers' MinNewTokensLengthLogitsProcessor).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sampling import SamplingParams, SamplingRows, adjusted_probs_rows
@@ -46,56 +47,68 @@ def shape_logits(logits: torch.Tensor, rows: list[ShapeRow | None]) -> torch.Ten
     """logits [B, N+1, V] (row b's slot 0 after its committed tokens, slot i+1 after
     draft node i) -> float32 logits with each row's rules applied at each slot. Rows
     given as None, or whose rules are all off, are returned unchanged; with no row to
-    shape, ``logits`` itself is returned (no copy)."""
+    shape, ``logits`` itself is returned (no copy).
+
+    Only the columns of the tokens the rules touch change: the output and prompt (for
+    the penalties), the drafts, the biased and the stop ids; M of them a row, not V.
+    Each row's entries are worked out on the host (small integer work on lists the host
+    holds anyway), packed, and cross to the device once; the device then does one
+    gather, a few elementwise ops and one scatter for the whole batch, whatever B is.
+    """
     active = [b for b, row in enumerate(rows) if row is not None and shapes(row.params)]
     if not active:
         return logits
     out = logits.float().clone()
-    for b in active:
-        row = rows[b]
-        T = len(row.drafts) + 1
-        out[b, :T] = _shape_row(out[b, :T], row)
+    B, N1, V = out.shape
+    parts = [_row_entries(b, rows[b], N1, V) for b in active]
+    index = torch.from_numpy(np.concatenate([i for i, _ in parts])).to(out.device)  # [E] flat positions
+    bias, rep, sub, mask = torch.from_numpy(np.concatenate([v for _, v in parts], axis=1)).to(out.device)  # [4, E]
+    flat = out.view(-1)
+    z = flat[index] + bias
+    z = torch.where(z > 0, z / rep, z * rep)  # rep is 1 where the token was not seen
+    z = (z - sub).masked_fill(mask > 0, float("-inf"))
+    flat[index] = z
     return out
 
 
-def _prefix_counts(row: ShapeRow, T: int, V: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per slot: counts [T, V] of each token in the output before it (drafts on its
-    path included), and the depth [T] of the slot (how many drafts precede it)."""
-    drafts = torch.tensor(row.drafts, dtype=torch.long, device=device)
+def _row_entries(b: int, row: ShapeRow, N1: int, V: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row b's entries: flat positions [T*M] in the [B, N1, V] logits, and per entry
+    [4, T*M] float32: (bias to add, repetition divisor, presence + frequency to
+    subtract, 1 to mask out)."""
+    T = len(row.drafts) + 1
+    pen, stop = row.params.penalties, row.params.stop
+    penalizes = pen.repetition != 1.0 or bool(pen.presence) or bool(pen.frequency)
+    masks = stop is not None and stop.min_tokens > 0 and bool(stop.token_ids)
+    committed = np.asarray(row.committed if penalizes else (), dtype=np.int64)
+    drafts = np.asarray(row.drafts if penalizes else (), dtype=np.int64)
+    bias_ids = np.asarray([t for t, _ in pen.logit_bias], dtype=np.int64)
+    stop_ids = np.asarray(stop.token_ids if masks else (), dtype=np.int64)
+    cols = np.unique(np.concatenate([committed, drafts, bias_ids, stop_ids]))  # [M] ascending
+    M = len(cols)
     if row.tree is None:  # slot t follows drafts 0..t-1
-        on_path = torch.tril(torch.ones(T, T - 1, device=device), diagonal=-1)
-        depth = torch.arange(T, device=device)
+        on_path = np.tril(np.ones((T, T - 1), dtype=np.float32), -1)
+        depth = np.arange(T)
     else:  # slot i+1 follows node i and its ancestors
-        on_path = torch.cat([torch.zeros(1, T - 1, device=device), row.tree.ancestors.to(device).float()])
-        depth = torch.cat([torch.zeros(1, dtype=torch.long), row.tree.depth]).to(device)
-    generated = torch.tensor(row.committed[row.params.prompt_len :], dtype=torch.long, device=device)
-    counts = torch.bincount(generated, minlength=V).float()[None].repeat(T, 1)
-    if T > 1:
-        counts.index_add_(1, drafts, on_path)  # [T, N] x token ids -> columns
-    return counts, depth
-
-
-def _shape_row(z: torch.Tensor, row: ShapeRow) -> torch.Tensor:
-    """z [T, V] float32 -> shaped, every slot with its own prefix."""
-    T, V = z.shape
-    pen = row.params.penalties
-    counts, depth = _prefix_counts(row, T, V, z.device)
-    if pen.repetition != 1.0:
+        on_path = np.concatenate([np.zeros((1, T - 1), np.float32), row.tree.ancestors.cpu().numpy().astype(np.float32)])
+        depth = np.concatenate([[0], row.tree.depth.cpu().numpy()])
+    values = np.zeros((4, T, M), dtype=np.float32)
+    values[1] = 1.0
+    if penalizes:
+        output = np.searchsorted(cols, committed[row.params.prompt_len :])
+        counts = np.bincount(output, minlength=M).astype(np.float32)[None] + \
+            on_path[:, : len(drafts)] @ (np.searchsorted(cols, drafts)[:, None] == np.arange(M)[None]).astype(np.float32)
         seen = counts > 0
-        seen[:, torch.tensor(row.committed, dtype=torch.long, device=z.device)] = True
-        z = torch.where(seen, torch.where(z > 0, z / pen.repetition, z * pen.repetition), z)
-    if pen.presence or pen.frequency:
-        z = z - pen.frequency * counts - pen.presence * (counts > 0).float()
+        seen[:, np.searchsorted(cols, committed)] = True
+        values[1] = np.where(seen, pen.repetition, 1.0)
+        values[2] = pen.frequency * counts + pen.presence * (counts > 0)
     if pen.logit_bias:
-        ids = torch.tensor([i for i, _ in pen.logit_bias], dtype=torch.long, device=z.device)
-        z[:, ids] += torch.tensor([v for _, v in pen.logit_bias], device=z.device)
-    stop = row.params.stop
-    if stop is not None and stop.min_tokens and stop.token_ids:
+        values[0][:, np.searchsorted(cols, bias_ids)] = [v for _, v in pen.logit_bias]
+    if masks:
         produced = len(row.committed) - row.params.prompt_len + depth  # tokens generated before each slot
-        early = produced < stop.min_tokens
-        ids = torch.tensor(stop.token_ids, dtype=torch.long, device=z.device)
-        z[:, ids] = torch.where(early[:, None], float("-inf"), z[:, ids])
-    return z
+        early = np.flatnonzero(produced < stop.min_tokens)
+        values[3][early[:, None], np.searchsorted(cols, stop_ids)[None]] = 1.0
+    index = ((b * N1 + np.arange(T))[:, None] * V + cols[None]).reshape(-1)
+    return index, values.reshape(4, -1)
 
 
 def slot_logprobs(logits: torch.Tensor, params: SamplingParams, tokens: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
