@@ -55,13 +55,14 @@ def serving_cluster(args: dict | None = None, verifier_cpus: int = 1, drafter_cp
                            **({"_system_config": system_config} if system_config else {})})
     cluster.add_node(num_cpus=drafter_cpus, resources={DRAFTER_RESOURCE: 16}, object_store_memory=STORE)
     cluster.add_node(num_cpus=verifier_cpus, resources={VERIFIER_RESOURCE: 16}, object_store_memory=STORE)
-    port = free_port()
+    port, http_port = free_port(), free_port()
     try:
         ray.init(address=cluster.address, logging_level="error", log_to_driver=False)
-        serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
+        serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
                     grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
         serve.run(build_app(args or {}), name=APP)
         client = OutriderClient(f"127.0.0.1:{port}")
+        client.http_url = f"http://127.0.0.1:{http_port}/v1"  # the OpenAI-compatible API
         yield client, cluster
         client.close()
     finally:

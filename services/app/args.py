@@ -85,6 +85,9 @@ class AppArgs(BaseModel):
     # Concurrent sessions of one client address per gateway replica; beyond it
     # RESOURCE_EXHAUSTED (0: no limit beneath max_sessions).
     max_sessions_per_client: int = Field(0, ge=0)
+    max_samples: int = Field(8, ge=1)  # n per request; each sample is a session
+    # The model's name in the OpenAI-compatible API (/v1/models; requests naming another get 404).
+    served_model_name: str = "outrider"
     # Rounds of concurrent sessions verified together in one forward pass, at most
     # this many (1 = each session verified on its own).
     max_batch_size: int = Field(16, ge=1)

@@ -7,9 +7,10 @@ import sys
 from dataclasses import replace
 
 from ..core.gamma import GammaSchedule
-from ..core.sampling import SamplingParams
+from ..core.errors import InvalidRequest
+from ..core.sampling import MAX_LOGPROBS, Penalties, SamplingParams, StopRule
 from ..core.stats import GenerationStats
-from ..models.detokenizer import IncrementalDetokenizer
+from ..models.detokenizer import MAX_STOPS, StopScanner
 from ..models.pair import DRAFTERS, HEAD_KINDS, load_pair, make_engine
 from .common import (UsageError, add_model_options, add_server_options, apply_threads, model_paths, server_client,
                      tree_option, validate_device)
@@ -30,6 +31,17 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--confidence-stop", type=float, default=0.0,
                         help="stop a draft when its token probability falls below this")
     parser.add_argument("--n", type=int, default=1, help="independent samples")
+    parser.add_argument("--stop", action="append", default=[], metavar="S",
+                        help="end the output at this string (repeatable; the text ends before it)")
+    parser.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
+                        help="end the output with this token (repeatable)")
+    parser.add_argument("--min-tokens", type=int, default=0, help="no stop before this many tokens")
+    parser.add_argument("--ignore-eos", action="store_true", help="EOS does not end the output")
+    parser.add_argument("--logprobs", type=int, default=None, metavar="N",
+                        help=f"report each token's log-probability and its top N alternatives (N <= {MAX_LOGPROBS})")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off (transformers' rule)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2] (OpenAI's rule)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2] (OpenAI's rule)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--compare", action="store_true",
                         help="also decode with the target alone and report the speedup")
@@ -56,8 +68,18 @@ def run(args) -> int:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if not 0 <= args.confidence_stop < 1:
         raise UsageError(f"--confidence-stop must be in [0, 1), got {args.confidence_stop}")
+    if args.logprobs is not None and not 0 <= args.logprobs <= MAX_LOGPROBS:
+        raise UsageError(f"--logprobs must be in [0, {MAX_LOGPROBS}], got {args.logprobs}")
+    if len(args.stop) > MAX_STOPS or not all(args.stop):
+        raise UsageError(f"--stop takes 1 to {MAX_STOPS} non-empty strings")
+    if not 0 <= args.min_tokens <= args.max_new_tokens:
+        raise UsageError(f"--min-tokens must be in [0, --max-new-tokens], got {args.min_tokens}")
     schedule = GammaSchedule(initial=8 if args.gamma is None else args.gamma, adaptive=args.adaptive_gamma)
-    base = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    try:
+        base = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              penalties=Penalties(args.repetition_penalty, args.presence_penalty, args.frequency_penalty))
+    except InvalidRequest as error:
+        raise UsageError(str(error)) from None
     if args.server:
         return run_remote(args, base)
 
@@ -67,16 +89,28 @@ def run(args) -> int:
     engine = make_engine(pair, args.drafter, schedule, args.confidence_stop, tree_option(args, args.drafter))
     prompt_ids = pair.tokenizer(args.prompt)["input_ids"]
     engine.validate(prompt_ids, args.max_new_tokens)
+    for token in args.stop_token_id:
+        if not 0 <= token < len(pair.tokenizer):
+            raise UsageError(f"--stop-token-id {token} is outside the vocabulary")
+    eos = [] if args.ignore_eos or pair.tokenizer.eos_token_id is None else [pair.tokenizer.eos_token_id]
+    base = replace(base, stop=StopRule(tuple(dict.fromkeys(args.stop_token_id + eos)), args.min_tokens))
 
     samples, total = [], GenerationStats()
     for seed in sample_seeds(args.seed, args.n):
         params = replace(base, seed=seed)
-        on_tokens = None if args.json else TextStreamer(pair.tokenizer, echo=args.prompt)
-        result = engine.generate(prompt_ids, args.max_new_tokens, params, on_tokens=on_tokens)
+        on_tokens = None if args.json else TextStreamer(pair.tokenizer, args.prompt, args.stop, args.min_tokens)
+        result = engine.generate(prompt_ids, args.max_new_tokens, params, on_tokens=on_tokens, logprobs=args.logprobs,
+                                 text_stop=StopScanner(pair.tokenizer, tuple(args.stop), args.min_tokens) if args.stop else None)
         if on_tokens is not None:
             on_tokens.finish()
-        samples.append({"token_ids": result.token_ids, "text": pair.tokenizer.decode(result.token_ids),
-                        "stats": result.stats.to_dict()})
+        text = StopScanner(pair.tokenizer, tuple(args.stop), args.min_tokens)
+        text.feed(result.token_ids)
+        sample = {"token_ids": result.token_ids, "text": text.text_out(final=True), "finish_reason": result.finish_reason,
+                  "stats": result.stats.to_dict()}
+        if args.logprobs is not None:
+            sample["logprobs"] = result.logprobs
+            sample["top_logprobs"] = [[[i, v] for i, v in top] for top in result.top_logprobs]
+        samples.append(sample)
         total += result.stats
     comparison = compare_with_target_only(pair, prompt_ids, base, args, samples, total) if args.compare else None
     report(args, prompt_ids, samples, total, comparison)
@@ -93,17 +127,26 @@ def run_remote(args, base: SamplingParams) -> int:
     def one(seed, method, on_text=None) -> tuple[dict, list[int]]:
         request = make_request(args.prompt, args.max_new_tokens, replace(base, seed=seed), method, args.gamma or 0,
                                args.adaptive_gamma, pipeline=not args.no_pipeline,
-                               tree=(tree_option(args, method) or "") if method in HEAD_KINDS else "")
-        ids, text, final = [], "", None
+                               tree=(tree_option(args, method) or "") if method in HEAD_KINDS else "",
+                               stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id), min_tokens=args.min_tokens,
+                               ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+        ids, text, final, lps, tops = [], "", None, [], []
         for chunk in client.generate(request):
             ids.extend(chunk.token_ids)
             text += chunk.text
+            lps.extend(chunk.logprobs)
+            tops.extend([[i, v] for i, v in zip(top.token_ids, top.logprobs)] for top in chunk.top_logprobs)
             if on_text is not None:
                 on_text(chunk.text)
             if chunk.HasField("stats"):
                 final = chunk
         stats = stats_from_proto(final.stats)
-        return {"token_ids": ids, "text": text, "stats": stats.to_dict(), "_stats": stats}, list(final.prompt_token_ids)
+        sample = {"token_ids": ids, "text": text, "finish_reason": final.stats.finish_reason, "stats": stats.to_dict(),
+                  "_stats": stats}
+        if args.logprobs is not None:
+            sample["logprobs"] = lps
+            sample["top_logprobs"] = tops if args.logprobs else [[] for _ in ids]
+        return sample, list(final.prompt_token_ids)
 
     with server_client(args, check=False) as client:
         try:
@@ -172,16 +215,17 @@ def compare_with_target_only(pair, prompt_ids, base: SamplingParams, args, sampl
 
 
 class TextStreamer:
-    """Prints decoded text as tokens arrive, after the prompt."""
+    """Prints decoded text as tokens arrive, after the prompt (up to a stop string)."""
 
-    def __init__(self, tokenizer, echo: str = ""):
-        self.detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer, echo: str = "", stops: list[str] = (), min_tokens: int = 0):
+        self.text = StopScanner(tokenizer, tuple(stops), min_tokens)
         sys.stdout.write(echo)  # the prompt, so the continuation reads in context
 
     def __call__(self, new_ids: list[int]) -> None:
-        sys.stdout.write(self.detok.add(new_ids))
+        self.text.feed(new_ids)
+        sys.stdout.write(self.text.text_out())
         sys.stdout.flush()
 
     def finish(self) -> None:
-        sys.stdout.write(self.detok.flush() + "\n")
+        sys.stdout.write(self.text.text_out(final=True) + "\n")
         sys.stdout.flush()

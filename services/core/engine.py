@@ -73,6 +73,9 @@ class RoundResult:
 class GenerationResult:
     token_ids: list[int]  # generated tokens only
     stats: GenerationStats
+    finish_reason: str = "length"  # or "stop": EOS, a stop token or a stop string
+    logprobs: list[float] | None = None  # per token, when asked (RoundResult)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def draft_room(proposer: Proposer | None) -> int:
@@ -159,12 +162,12 @@ class SpeculativeEngine:
             params = replace(params, prompt_len=prompt_len)
         return params
 
-    def step(self, seq: SequenceState) -> list[int]:
-        """One speculative round; returns the tokens it commits (1 to gamma+1)."""
+    def step(self, seq: SequenceState) -> "RoundResult":
+        """One speculative round: the tokens it commits (1 to gamma+1), and their logprobs."""
         t0 = time.perf_counter()
         proposal = self.propose(seq)
         seq.stats.draft_time_s += time.perf_counter() - t0
-        return self.verify_and_commit(seq, proposal).tokens
+        return self.verify_and_commit(seq, proposal)
 
     def propose(self, seq: SequenceState) -> Proposal:
         gamma = seq.draft_budget
@@ -251,16 +254,25 @@ class SpeculativeEngine:
         max_new_tokens: int,
         params: SamplingParams = SamplingParams(),
         on_tokens: Callable[[list[int]], None] | None = None,
+        logprobs: int | None = None,
+        text_stop: object | None = None,
     ) -> GenerationResult:
-        seq = self.start(prompt_ids, max_new_tokens, params)
+        """``logprobs``, ``text_stop``: see SequenceState."""
+        seq = self.start(prompt_ids, max_new_tokens, params, logprobs=logprobs)
+        seq.text_stop = text_stop
         start = time.perf_counter()
+        lps, tops = ([], []) if logprobs is not None else (None, None)
         try:
             self.prefill(seq)
             while not seq.finished:
-                new = self.step(seq)
+                result = self.step(seq)
+                if lps is not None:
+                    lps += result.logprobs
+                    tops += result.top_logprobs
                 if on_tokens is not None:
-                    on_tokens(new)
+                    on_tokens(result.tokens)
         finally:
             self.release(seq)
         seq.stats.total_time_s = time.perf_counter() - start
-        return GenerationResult(token_ids=seq.generated, stats=seq.stats)
+        stopped = seq.stopped_by is not None or getattr(text_stop, "matched", None) is not None
+        return GenerationResult(seq.generated, seq.stats, "stop" if stopped else "length", lps, tops)

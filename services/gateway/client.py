@@ -23,15 +23,26 @@ def make_request(
     pipeline: bool | None = None,
     request_id: str = "",
     tree: str = "",
+    stop: tuple[str, ...] = (),
+    stop_token_ids: tuple[int, ...] = (),
+    min_tokens: int = 0,
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+    n: int = 0,
 ) -> outrider_pb2.GenerateRequest:
+    """A GenerateRequest; ``params`` carries sampling and penalties (its stop rule and
+    prompt length are the server's to resolve: the stop arguments say what to stop at)."""
     speculation = outrider_pb2.Speculation(method=METHOD_IDS[method] if method else 0, gamma=gamma, adaptive=adaptive,
                                            tree=tree)
     if pipeline is not None:
         speculation.pipeline = pipeline
     req = outrider_pb2.GenerateRequest(
         request_id=request_id, max_new_tokens=max_new_tokens, sampling=sampling_to_proto(params),
-        speculation=speculation,
+        speculation=speculation, n=n,
+        stop=outrider_pb2.StopOptions(sequences=stop, token_ids=stop_token_ids, min_tokens=min_tokens, ignore_eos=ignore_eos),
     )
+    if logprobs is not None:
+        req.logprobs = logprobs
     if isinstance(prompt, str):
         req.text = prompt
     else:

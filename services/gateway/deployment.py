@@ -1,5 +1,6 @@
-"""Serve shim for the gateway: the ingress behind Serve's gRPC proxy. Its methods are
-named after the RPCs (Outrider.Generate, Outrider.GenerateUnary, Health.Check)."""
+"""Serve shim for the gateway: the ingress behind Serve's gRPC proxy and its HTTP proxy.
+Its gRPC methods are named after the RPCs (Outrider.Generate, Outrider.GenerateUnary,
+Health.Check); its HTTP routes are the OpenAI-compatible API (gateway/openai_api.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..app.args import AppArgs
 from ..core.errors import InvalidRequest, PoolExhausted
@@ -23,6 +26,7 @@ from ..state.client import StateClient, replica_state_client
 from ..telemetry import tracing
 from ..telemetry.metrics import RequestOutcome, SpecDecodeMetrics, method_label
 from ..verifier.tensor_parallel import RankFailed
+from .openai_api import OpenAIError, OpenAIFrontend, error_for, first_then
 from .service import GatewayService, Limits, Overloaded, ReplicaLost
 
 # Serve's gRPC proxy imports these to register the services it routes to this app.
@@ -32,7 +36,37 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 
 
+# Helpers above the class: serve.ingress pickles the class's routes with the module
+# globals defined by then.
+def _client(grpc_context) -> str:
+    """Who asks: the client's address as Serve's proxy saw it, without the port
+    ("ipv4:10.0.0.7"); "" when unknown."""
+    peer = grpc_context.peer() if grpc_context is not None and hasattr(grpc_context, "peer") else ""
+    return peer.rsplit(":", 1)[0] if peer else ""
+
+
+def _code(error: Exception) -> grpc.StatusCode:
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, ReplicaLost):  # every resume failed: the client may retry later
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _set_status(grpc_context, error: Exception) -> str:
+    code = _code(error)
+    if isinstance(error, ReplicaLost):
+        error = f"the stream lost its verifier replica and could not continue elsewhere: {error}"
+    grpc_context.set_code(code)
+    grpc_context.set_details(str(error))
+    return code.name
+
+
+api = FastAPI(title="Outrider", description="OpenAI-compatible API over Outrider's speculative decoding")
+
+
 @serve.deployment(name="gateway", max_ongoing_requests=1000)
+@serve.ingress(api)
 class Gateway:
     metrics: SpecDecodeMetrics | None = None  # a shim built without __init__ (tests) records none
     state: StateClient | None = None  # ... and has no session store
@@ -47,7 +81,7 @@ class Gateway:
             max_new_tokens=cfg.max_new_tokens, default_max_new_tokens=cfg.default_max_new_tokens,
             max_sessions=cfg.max_sessions, default_method=cfg.default_method, default_gamma=cfg.default_gamma,
             max_prompt_tokens=cfg.max_prompt_tokens, max_sessions_per_client=cfg.max_sessions_per_client,
-            head_methods=cfg.head_methods(),
+            head_methods=cfg.head_methods(), max_samples=cfg.max_samples,
         )
         self.verifier = verifier.options(stream=True)
         # The gateway holds every session's committed tokens, so it decides when a
@@ -58,6 +92,7 @@ class Gateway:
             release_session=self.state.release if self.state is not None else (lambda session: None),
             max_resumes=cfg.max_resumes,
         )
+        self.openai = OpenAIFrontend(self.service, cfg.served_model_name)
         self.metrics = SpecDecodeMetrics.for_replica()  # cluster/metrics.md
         self.metrics.watch_active_sessions(lambda: self.service.active_sessions)
 
@@ -115,6 +150,52 @@ class Gateway:
             outcome.finish(response.stats)
             return response
 
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return self.openai.models()
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._openai(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._openai(request, chat=True)
+
+    async def _openai(self, request: Request, chat: bool):
+        """One OpenAI-format request: a JSON body, or server-sent events when it streams;
+        every refusal as an OpenAI error with its HTTP status."""
+        client = f"ipv4:{request.client.host}" if request.client else ""
+        try:
+            try:
+                raw = await request.json()
+            except ValueError:
+                raise OpenAIError(400, "the body is not valid JSON") from None
+            req, body = (self.openai.chat_request if chat else self.openai.completion_request)(raw)
+            if body.stream:
+                include_usage = bool((body.stream_options or {}).get("include_usage"))
+                _, events = await first_then(self._events(req, chat, include_usage, client))
+                return StreamingResponse(events, media_type="text/event-stream")
+            with self._outcome(req) as outcome:
+                try:
+                    return await self.openai.complete(req, chat, client, on_response=lambda r: outcome.finish(r.stats))
+                except (InvalidRequest, Overloaded, ReplicaLost) as error:
+                    outcome.code = _code(error).name
+                    raise
+        except Exception as error:
+            failure = error_for(error)
+            return JSONResponse(failure.body(), status_code=failure.status)
+
+    async def _events(self, req: outrider_pb2.GenerateRequest, chat: bool, include_usage: bool, client: str):
+        with self._outcome(req) as outcome:
+            try:
+                async with aclosing(self.openai.stream(req, chat, include_usage, client, on_chunk=outcome.see)) as events:
+                    async for event in events:
+                        yield event
+            except (InvalidRequest, Overloaded, ReplicaLost) as error:
+                outcome.code = _code(error).name
+                raise
+
     def _outcome(self, request: outrider_pb2.GenerateRequest) -> RequestOutcome:
         return RequestOutcome(self.metrics, method_label(request, self.service.limits.default_method))
 
@@ -127,22 +208,3 @@ class Gateway:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
-
-
-def _client(grpc_context) -> str:
-    """Who asks: the client's address as Serve's proxy saw it, without the port
-    ("ipv4:10.0.0.7"); "" when unknown."""
-    peer = grpc_context.peer() if grpc_context is not None and hasattr(grpc_context, "peer") else ""
-    return peer.rsplit(":", 1)[0] if peer else ""
-
-
-def _set_status(grpc_context, error: Exception) -> str:
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, Overloaded):
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    elif isinstance(error, ReplicaLost):  # every resume failed: the client may retry later
-        code = grpc.StatusCode.UNAVAILABLE
-        error = f"the stream lost its verifier replica and could not continue elsewhere: {error}"
-    grpc_context.set_code(code)
-    grpc_context.set_details(str(error))
-    return code.name

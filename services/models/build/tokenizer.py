@@ -12,6 +12,15 @@ from .corpus import read_text
 EOS = "<|endoftext|>"
 
 
+# A plain chat template (the pair is trained on code, not chat): each message as a
+# comment line naming its role, then the content; the OpenAI-compatible chat endpoint
+# renders conversations with it. Checkpoints with their own template keep theirs.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '# ' + message['role'] + ':\\n' + message['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '# assistant:\\n' }}{% endif %}"
+)
+
+
 def train_tokenizer(files: list[Path], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -24,5 +33,5 @@ def train_tokenizer(files: list[Path], vocab_size: int) -> PreTrainedTokenizerFa
     )
     tok.train_from_iterator((read_text(f) for f in files), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None, pad_token=EOS
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None, pad_token=EOS, chat_template=CHAT_TEMPLATE
     )
