@@ -2,8 +2,8 @@
 Its gRPC methods are named after the RPCs (Outrider.Generate, Outrider.GenerateUnary,
 Health.Check); its HTTP routes are the OpenAI-compatible API (gateway/openai_api.py)."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations
+# (``request: Request``) as objects, through Serve's class-based view.
 import uuid
 from contextlib import aclosing
 from typing import AsyncIterator
