@@ -38,16 +38,19 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
 
 
-def grpc_address(config: Path) -> str:
+def serve_addresses(config: Path) -> tuple[str, str]:
+    """The gRPC address and the OpenAI-compatible API's base URL a config serves on."""
     if not config.exists():
         raise UsageError(f"serve config not found: {config}")
     try:
-        port = (yaml.safe_load(config.read_text()).get("grpc_options") or {}).get("port")
+        loaded = yaml.safe_load(config.read_text())
     except yaml.YAMLError as err:
         raise UsageError(f"{config} is not valid YAML: {err}") from None
+    port = (loaded.get("grpc_options") or {}).get("port")
     if not port:
         raise UsageError(f"{config} sets no grpc_options.port")
-    return f"127.0.0.1:{port}"
+    http_port = (loaded.get("http_options") or {}).get("port", 8000)  # Serve's default
+    return f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}/v1"
 
 
 def run(args) -> int:
@@ -55,7 +58,7 @@ def run(args) -> int:
         count = local_cluster.stop()
         print("stopped the local Outrider cluster" if count else "no local Outrider cluster was running")
         return 0
-    address = grpc_address(args.config)
+    address, http_url = serve_addresses(args.config)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.replicas < 1:
@@ -74,8 +77,8 @@ def run(args) -> int:
               flush=True)
         local_cluster.deploy(config, args.dashboard_port)
         client = wait_until_serving(address, args.timeout)
-        print(f"Outrider is serving gRPC on {address} ({time.perf_counter() - started:.0f} s); "
-              f"Ray dashboard: http://127.0.0.1:{args.dashboard_port}", flush=True)
+        print(f"Outrider is serving gRPC on {address} and the OpenAI-compatible API on {http_url} "
+              f"({time.perf_counter() - started:.0f} s); Ray dashboard: http://127.0.0.1:{args.dashboard_port}", flush=True)
         first_request(client, args.prompt, args.max_new_tokens)
     except BaseException:
         local_cluster.stop()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -49,7 +50,10 @@ def test_serve_generate_bench_stop(tmp_path):
         served = outrider("serve", "--detach", "--config", str(path), "--ray-port", str(ray_port),
                           "--dashboard-port", str(dashboard_port), "--max-new-tokens", "16")
         assert served.returncode == 0, served.stdout + served.stderr
-        assert f"serving gRPC on 127.0.0.1:{grpc_port}" in served.stdout
+        http_url = f"http://127.0.0.1:{yaml.safe_load(path.read_text())['http_options']['port']}/v1"
+        assert f"serving gRPC on 127.0.0.1:{grpc_port} and the OpenAI-compatible API on {http_url}" in served.stdout
+        with urllib.request.urlopen(f"{http_url}/models", timeout=30) as reply:  # what `curl` in the README does
+            assert json.load(reply)["data"][0]["id"] == "outrider"
         assert "def parse_args(argv):" in served.stdout and "[16 tokens" in served.stdout
 
         address = f"127.0.0.1:{grpc_port}"
