@@ -147,7 +147,7 @@ class Gateway:
             except (InvalidRequest, Overloaded, ReplicaLost) as error:
                 outcome.code = _set_status(grpc_context, error)
                 raise
-            outcome.finish(response.stats)
+            outcome.finish_response(response)
             return response
 
     @api.get("/v1/models")
@@ -178,7 +178,7 @@ class Gateway:
                 return StreamingResponse(events, media_type="text/event-stream")
             with self._outcome(req) as outcome:
                 try:
-                    return await self.openai.complete(req, chat, client, on_response=lambda r: outcome.finish(r.stats))
+                    return await self.openai.complete(req, chat, client, on_response=outcome.finish_response)
                 except (InvalidRequest, Overloaded, ReplicaLost) as error:
                     outcome.code = _code(error).name
                     raise

@@ -73,6 +73,7 @@ class SpecDecodeMetrics:
 
         self.requests = c("outrider_requests_total", "Finished requests by gRPC status code.", "code", "method")
         self.rounds = c("outrider_rounds_total", "Decoding rounds (one target forward each).", "method")
+        self.finished = c("outrider_finished_total", "Finished samples by why they ended.", "method", "reason")
         self.drafts = c("outrider_drafts_total", "Rounds that drafted at least one token.", "method")
         self.drafted_tokens = c("outrider_drafted_tokens_total", "Drafted tokens.", "method")
         self.accepted_tokens = c("outrider_accepted_tokens_total", "Drafted tokens the target accepted.", "method")
@@ -132,9 +133,13 @@ class SpecDecodeMetrics:
         """Record one finished request: its status code, and for a request that
         finished (``stats`` set) everything its final GenerationStats says."""
         self.requests.inc(1, {"code": code, "method": method})
-        if stats is None:
-            return
+        if stats is not None:
+            self.record_sample(stats, method)
+
+    def record_sample(self, stats: outrider_pb2.GenerationStats, method: str = "unknown") -> None:
+        """Record one finished sample's stats (a request with n samples has n)."""
         tags = {"method": method}
+        self.finished.inc(1, {**tags, "reason": finish_label(stats)})
         rounds = stats.rounds
         _inc(self.rounds, rounds, tags)
         _inc(self.drafts, stats.drafted_per_position[0] if stats.drafted_per_position else 0, tags)
@@ -218,6 +223,13 @@ def _inc(counter, value: float, tags: dict) -> None:
         counter.inc(value, tags)
 
 
+def finish_label(stats: outrider_pb2.GenerationStats) -> str:
+    """Why a sample ended: "length", "stop_token" (EOS or a stop token id) or "stop_string"."""
+    if stats.finish_reason != "stop":
+        return "length"
+    return "stop_string" if stats.stop_sequence else "stop_token"
+
+
 def method_label(request: outrider_pb2.GenerateRequest, default_method: str) -> str:
     """The speculation method a request asked for ("draft", "ngram", "none"), with the
     server's default resolved; "unknown" for a value the gateway will refuse."""
@@ -246,8 +258,26 @@ class RequestOutcome:
         self.recorded = False
 
     def see(self, chunk: outrider_pb2.GenerateChunk) -> None:
-        if chunk.HasField("stats"):
+        if not chunk.HasField("stats"):
+            return
+        if not self.recorded:
             self.finish(chunk.stats)
+        else:  # another of the request's samples
+            self._sample(chunk.stats)
+
+    def finish_response(self, response: outrider_pb2.GenerateResponse) -> None:
+        """A unary request's outcome: OK, with each of its samples' stats."""
+        self.finish(response.stats)
+        for sample in response.samples[1:]:
+            self._sample(sample.stats)
+
+    def _sample(self, stats: outrider_pb2.GenerationStats) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.record_sample(stats, self.method)
+        except Exception:
+            logger.exception("recording sample metrics failed")
 
     def finish(self, stats: outrider_pb2.GenerationStats) -> None:
         self._record(stats, "OK")

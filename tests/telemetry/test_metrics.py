@@ -104,6 +104,22 @@ def test_target_only_requests_skip_acceptance_length_and_failures_only_count():
     assert m.pipeline_hit_rate.values[()][-3:] == pytest.approx([0, 0.5, 1.0])
 
 
+def test_each_sample_of_a_request_counts_with_why_it_ended():
+    m = fake_metrics()
+    with RequestOutcome(m, "draft") as outcome:
+        outcome.see(outrider_pb2.GenerateChunk(token_ids=[1]))
+        outcome.see(outrider_pb2.GenerateChunk(stats=stats(finish_reason="stop", stop_token_id=2)))
+        outcome.see(outrider_pb2.GenerateChunk(index=1, stats=stats(finish_reason="stop", stop_sequence="\n\n")))
+        outcome.see(outrider_pb2.GenerateChunk(index=2, stats=stats(finish_reason="length")))
+    assert m.requests.total() == 1 and m.emitted_tokens.total() == 33
+    assert [m.finished.total(reason=r) for r in ("stop_token", "stop_string", "length")] == [1, 1, 1]
+    unary = fake_metrics()
+    response = outrider_pb2.GenerateResponse(stats=stats(), samples=[outrider_pb2.Sample(stats=stats()) for _ in range(2)])
+    with RequestOutcome(unary, "draft") as outcome:
+        outcome.finish_response(response)
+    assert unary.requests.total() == 1 and unary.emitted_tokens.total() == 22
+
+
 @pytest.mark.parametrize("error,code", [
     (asyncio.CancelledError(), "CANCELLED"), (GeneratorExit(), "CANCELLED"), (RuntimeError("x"), "INTERNAL"),
 ])
