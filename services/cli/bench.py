@@ -8,6 +8,7 @@ import os
 import platform
 from pathlib import Path
 
+import grpc
 import torch
 
 from ..bench.concurrent import run_local as run_concurrent_local
@@ -52,6 +53,10 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--cancels", type=int, default=0, metavar="N",
                         help="with --server (one replica a role): N streams cancelled right after their first "
                              "chunk (every 4th by a 1 s deadline); seconds until every deployment freed the session")
+    parser.add_argument("--features", action="store_true",
+                        help="with --server: what stops, logprobs and penalties cost, and HTTP next to gRPC")
+    parser.add_argument("--http-url", default=None,
+                        help="--features: the OpenAI-compatible API (default: http://HOST:8000/v1 of --server)")
     parser.add_argument("--trials", type=int, default=5, help="--shared-prefix trials")
     parser.add_argument("--ray-address", default="127.0.0.1:6390",
                         help="the server's Ray cluster, for --kill-replica and --cancels (default: `outrider serve`'s)")
@@ -111,6 +116,8 @@ def run(args) -> int:
         return run_tracing(args)
     if args.scale:
         return run_scale_bench(args)
+    if args.features:
+        return run_features_bench(args)
     gammas = parse_ints(args.gammas, "gammas")
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     for d in drafters:
@@ -223,8 +230,6 @@ def local_configs(args, drafters, gammas, texts, pair):
 def server_configs(args, drafters, gammas, texts, pair):
     """Target-only and every drafter x gamma (pipelined, and serial for comparison)
     through the server; HF assisted in this process as the single-process anchor."""
-    import grpc
-
     client = server_client(args)
     prompts = None  # token ids for the in-process anchor, tokenized once
     if pair is not None:
@@ -383,5 +388,31 @@ def run_scale_bench(args) -> int:
     print(f"verify pass / bare forward at batch 8, context 4096: {summary['verify_pass_vs_bare_b8_c4096']:.2f}x; "
           f"bytes per round at V=151,936 gamma 8: top-k 50 {summary['bytes_per_round_v151936_g8_topk50']:.0f}, "
           f"T=1.0 {summary['bytes_per_round_v151936_g8_t1']:.0f}")
+    print(f"wrote {path}")
+    return 0
+
+
+def run_features_bench(args) -> int:
+    """--features: the generation API's costs, served (services/bench/features.py)."""
+    from ..bench.features import run_features
+
+    if not args.server:
+        raise UsageError("--features measures a server: give --server HOST:PORT")
+    http_url = args.http_url or f"http://{args.server.rsplit(':', 1)[0]}:8000/v1"
+    texts = load_prompts(args.prompts, args.limit)
+    try:
+        summary = run_features(server_client(args), http_url, texts, args.max_new_tokens, args.repeat,
+                               on_row=lambda line: print(line, flush=True))
+    except (grpc.RpcError, OSError, RuntimeError) as err:
+        raise UsageError(f"server {args.server} / {http_url}: {err}") from None
+    path = Path("bench-out/features.json") if args.json == Path("bench-out/bench.json") else args.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**summary, "server": args.server, "http": http_url}, indent=2) + "\n")
+    print(f"stops + logprobs (top 5) on / off: {summary['stops_logprobs_over_off_tokens_per_s']:.3f}x tokens/s; "
+          f"all features on / off: {summary['all_features_over_off_tokens_per_s']:.3f}x")
+    print(f"speculative speedup with a repetition penalty {summary['speedup_with_penalty']:.2f}x, without "
+          f"{summary['speedup_without_penalty']:.2f}x (ratio {summary['penalty_speedup_over_plain_speedup']:.3f})")
+    print(f"HTTP / gRPC: {summary['http_over_grpc_tokens_per_s']:.3f}x tokens/s; time to first token "
+          f"{summary['http_minus_grpc_ttft_ms_median']:+.1f} ms (gRPC {summary['grpc_ttft_ms_median']:.1f} ms)")
     print(f"wrote {path}")
     return 0

@@ -19,8 +19,9 @@ from typing import AsyncIterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.errors import InvalidRequest
+from ..core.sampling import Penalties, SamplingParams
 from ..rpc import outrider_pb2
-from ..rpc.convert import METHOD_IDS
+from .client import make_request
 from .service import GatewayService, Overloaded, ReplicaLost
 
 MODEL_NAME = "outrider"
@@ -115,35 +116,20 @@ def _parse(cls: type[BaseModel], body: object) -> BaseModel:
 
 
 def _request(body: _Common, prompt: str | list[int], logprobs: int | None, max_tokens: int | None) -> outrider_pb2.GenerateRequest:
-    """The GenerateRequest for a body: the same message a gRPC client would send."""
-    sampling = outrider_pb2.SamplingParams(
-        temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        logit_bias=body.logit_bias or {},
+    """The GenerateRequest for a body: the same message a gRPC client would send (and a
+    value out of range fails the same check, with the same reason)."""
+    params = SamplingParams(
+        temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p, seed=body.seed,
+        penalties=Penalties(1.0 if body.repetition_penalty is None else body.repetition_penalty, body.presence_penalty,
+                            body.frequency_penalty, tuple(sorted((body.logit_bias or {}).items()))),
     )
-    if body.seed is not None:
-        sampling.seed = body.seed
-    if body.repetition_penalty is not None:
-        sampling.repetition_penalty = body.repetition_penalty
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    req = outrider_pb2.GenerateRequest(
-        max_new_tokens=max_tokens or 0, sampling=sampling, n=body.n,
-        stop=outrider_pb2.StopOptions(sequences=stops, token_ids=body.stop_token_ids or [],
-                                      min_tokens=body.min_tokens, ignore_eos=body.ignore_eos),
+    spec = body.speculation or SpeculationBody()
+    return make_request(
+        prompt, max_tokens or 0, params, spec.method, spec.gamma, spec.adaptive, spec.pipeline, tree=spec.tree,
+        stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids or ()), min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+        logprobs=logprobs, n=body.n,
     )
-    spec = body.speculation
-    if spec is not None:
-        req.speculation.CopyFrom(outrider_pb2.Speculation(
-            method=METHOD_IDS[spec.method] if spec.method else 0, gamma=spec.gamma, adaptive=spec.adaptive, tree=spec.tree))
-        if spec.pipeline is not None:
-            req.speculation.pipeline = spec.pipeline
-    if logprobs is not None:
-        req.logprobs = logprobs
-    if isinstance(prompt, str):
-        req.text = prompt
-    else:
-        req.token_ids.ids.extend(prompt)
-    return req
 
 
 class OpenAIFrontend:

@@ -340,7 +340,9 @@ def _sample(req: internal_pb2.VerifyRequest, index: int) -> internal_pb2.VerifyR
 
 
 async def _merged(streams: list[AsyncIterator]) -> AsyncIterator:
-    """The items of several streams as they come; the first error ends them all."""
+    """The items of several streams as they come; the first error ends them all. The
+    first stream leads: the others start at its first item, when its prompt's KV
+    blocks are computed and published to the prefix cache, so they start from them."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(stream) -> None:
@@ -352,11 +354,13 @@ async def _merged(streams: list[AsyncIterator]) -> AsyncIterator:
         except Exception as error:
             queue.put_nowait(error)
 
-    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    tasks = [asyncio.ensure_future(pump(streams[0]))]
     try:
         ended = 0
-        while ended < len(tasks):
+        while ended < len(streams):
             item = await queue.get()
+            if len(tasks) < len(streams):
+                tasks += [asyncio.ensure_future(pump(stream)) for stream in streams[1:]]
             if item is None:
                 ended += 1
             elif isinstance(item, Exception):

@@ -104,6 +104,10 @@ def test_n_samples_are_independent_and_reproducible(server):
     _, chunks = stream(server, request)
     streamed = {i: "".join(c.text for c in chunks if c.index == i) for i in range(3)}
     assert list(streamed.values()) == texts
+    # The others start from the lead's prompt blocks (64 tokens each) in the prefix cache.
+    long = make_request(PROMPT + " x = 1\n" * 40, 8, SamplingParams(temperature=1.0, seed=3), gamma=4, n=3)
+    cached = [s.stats.cached_prefix_tokens for s in server.generate_unary(long, timeout=120).samples]
+    assert cached[1] >= 64 and cached[2] >= 64
 
 
 BAD = [
