@@ -16,6 +16,7 @@ from .gamma import MAX_GAMMA, GammaSchedule, draft_budget
 from .proposals import Proposal
 from .proposers import Proposer
 from .sampling import SamplingParams, StopRule
+from .shaping import ContextCounts
 from .stats import GenerationStats
 from .target import FINAL
 from .verifier import TargetKV, TargetVerifier, VerifyRequest
@@ -43,6 +44,8 @@ class SequenceState:
     # Stop strings: ``feed(tokens)`` -> how many of a round's tokens to keep, ``matched``
     # the stop that ended the output (models/detokenizer.py StopScanner); None = none.
     text_stop: object | None = None
+    # Its committed tokens counted for the penalties, kept across rounds (core/shaping.py).
+    context_counts: ContextCounts = field(default_factory=ContextCounts)
 
     @property
     def generated(self) -> list[int]:
@@ -203,8 +206,8 @@ class SpeculativeEngine:
         result is what it would be alone. Each is charged the whole pass as verify time."""
         t0 = time.perf_counter()
         outcomes = self.verifier.verify(
-            [VerifyRequest(s.target_kv, s.committed, p, s.params, s.round, reads_hidden(s.proposer), s.logprobs)
-             for s, p in zip(seqs, proposals)]
+            [VerifyRequest(s.target_kv, s.committed, p, s.params, s.round, reads_hidden(s.proposer), s.logprobs,
+                           s.context_counts) for s, p in zip(seqs, proposals)]
         )
         elapsed = time.perf_counter() - t0
         results = []

@@ -16,7 +16,7 @@ from .kv import KVState, extend
 from .kv_chunks import KVChunk, restore_kv
 from .proposals import Proposal
 from .sampling import SamplingParams, adjusted_probs
-from .shaping import ShapeRow, shape_logits, shapes
+from .shaping import ContextCounts, ShapeRow, shape_logits, shapes
 
 
 # Polled between drafted tokens; True abandons the rest of the draft (a pipelined
@@ -90,12 +90,13 @@ class DraftModelProposer:
         pending = committed[len(state) :]
         tokens: list[int] = []
         qs: list[SparseQ] = []
+        counts = ContextCounts()  # the context counted once a round, then a token a step
         for _ in range(gamma):
             if stop is not None and stop():
                 break
             logits = self.step(state, pending)  # [V]
             if shapes(params):  # the same penalties the verifier applies to the target, at this position
-                logits = shape_logits(logits[None, None], [ShapeRow(params, committed + tokens, [])])[0, 0]
+                logits = shape_logits(logits[None, None], [ShapeRow(params, committed + tokens, [], counts=counts)])[0, 0]
             if params.greedy:
                 token = int(logits.argmax())
             else:

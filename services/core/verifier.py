@@ -12,7 +12,7 @@ from .kv import common_prefix_len
 from .proposals import Proposal, VerifyOutcome
 from .rejection import DraftBatch, Randomness, accept_batch
 from .sampling import SamplingParams, SamplingRows
-from .shaping import ShapeRow, shape_logits, shapes, slot_logprobs
+from .shaping import ContextCounts, ShapeRow, shape_logits, shapes, slot_logprobs
 from .target import Feed, TargetRunner
 from .tree_accept import TreeBatch, accept_tree_batch
 
@@ -47,6 +47,7 @@ class VerifyRequest:
     # where it chose the round's tokens.
     hidden: str = ""
     logprobs: int | None = None  # None: none; N: the emitted tokens' and the top N alternatives'
+    counts: ContextCounts | None = None  # the sequence's counted tokens, kept across rounds (core/shaping.py)
 
 
 class TargetVerifier:
@@ -138,7 +139,8 @@ class TargetVerifier:
         a tree walks the trees (core/tree_accept.py), chains included."""
         device = all_logits[0].device
         logits = shape_logits(as_batch(all_logits), [  # [B, N+1, V]
-            ShapeRow(req.params, req.committed, req.proposal.tokens.tolist(), None if req.proposal.is_chain else req.proposal.tree)
+            ShapeRow(req.params, req.committed, req.proposal.tokens.tolist(),
+                     None if req.proposal.is_chain else req.proposal.tree, req.counts)
             if shapes(req.params) else None for req in batch])
         B, N1, V = logits.shape
         drafts = DraftBatch.of([(req.proposal.tokens, req.proposal.draft_q) for req in batch], V, device)

@@ -33,6 +33,7 @@ HEAD_METHODS = (4, 5, 6)  # MEDUSA, MTP, EAGLE: served only where the heads are 
 SMALL_VOCAB = 256  # every served model's vocabulary is larger
 LARGEST_VOCAB = 2**22  # and every one is smaller
 NEVER_FITS = 10**7  # no model's context holds this many tokens
+MAX_STOPS, MAX_STOP_CHARS, MAX_LOGPROBS, MAX_SAMPLES = 16, 256, 20, 8  # outrider.proto's documented limits
 
 
 @dataclass
@@ -66,6 +67,28 @@ def expected(req: outrider_pb2.GenerateRequest) -> Expected:
         maybe.append("heads maybe not served, or a tree they cannot draft")
     elif spec.tree:
         definite.append("a tree without a tree method")
+    stop = req.stop
+    if len(stop.sequences) > MAX_STOPS or any(not 0 < len(x) <= MAX_STOP_CHARS for x in stop.sequences):
+        definite.append("stop strings over the limits")
+    named = list(stop.token_ids) + list(sampling.logit_bias)  # token ids the request names besides the prompt
+    if any(t < 0 or t >= LARGEST_VOCAB for t in named):
+        definite.append("a stop token or biased token outside any vocabulary")
+    elif any(t >= SMALL_VOCAB for t in named):
+        maybe.append("a stop token or biased token maybe outside the vocabulary")
+    if req.max_new_tokens and stop.min_tokens > req.max_new_tokens:
+        definite.append("min_tokens over max_new_tokens")
+    elif stop.min_tokens > 8:
+        maybe.append("min_tokens maybe over the server's default max_new_tokens")
+    if req.HasField("logprobs") and req.logprobs > MAX_LOGPROBS:
+        definite.append("logprobs over 20")
+    if req.n > MAX_SAMPLES:
+        maybe.append("n over this server's max_samples, maybe")
+    if sampling.HasField("repetition_penalty") and not (0 < sampling.repetition_penalty < math.inf):
+        definite.append("repetition_penalty not a finite number > 0")
+    if not all(-2 <= v <= 2 for v in (sampling.presence_penalty, sampling.frequency_penalty)):
+        definite.append("presence or frequency penalty outside [-2, 2]")
+    if not all(-100 <= v <= 100 for v in sampling.logit_bias.values()):
+        definite.append("a logit bias outside [-100, 100]")
     if req.max_new_tokens >= NEVER_FITS:
         definite.append("max_new_tokens past any context")
     elif req.max_new_tokens > 128 or len(ids) > 128 or len(req.text.encode()) > 128:
@@ -103,6 +126,18 @@ def requests() -> st.SearchStrategy:
         "tree": (st.just(""), st.one_of(st.just(""), st.text(max_size=24), st.sampled_from(
             ["0;1;0.0", "5,2,8", "4,1,4", "0;x", "9" * 30, ",,", "0.0.0.0.0.0.0.0.0.0"]))),
         "request_id": (st.text(max_size=64), st.text(max_size=64)),
+        "stops": (st.lists(st.sampled_from(["\n\n", "return", "é", ")"]), max_size=3),
+                  st.lists(st.text(max_size=300), max_size=20)),
+        "stop_token_ids": (st.lists(st.integers(0, SMALL_VOCAB - 1), max_size=3),
+                           st.lists(st.integers(-2**63, 2**63 - 1), max_size=4)),
+        "min_tokens": (st.integers(0, 2), st.one_of(st.integers(0, 20), u32)),
+        "logprobs": (st.one_of(st.none(), st.integers(0, 5)), st.one_of(st.none(), st.integers(0, 30), u32)),
+        "n": (st.integers(0, 3), st.one_of(st.integers(0, 10), u32)),
+        "penalty": (st.sampled_from([0.0, 0.5, -0.5]), st.one_of(_floats32(allow_nan=True), st.sampled_from([2.0001, -3.0]))),
+        "repetition": (st.sampled_from([None, 1.0, 1.2]),
+                       st.one_of(st.none(), _floats32(allow_nan=True), st.sampled_from([0.0, -1.0, 1e-30]))),
+        "logit_bias": (st.dictionaries(st.integers(0, SMALL_VOCAB - 1), st.floats(-100, 100), max_size=3),
+                       st.dictionaries(st.integers(-2**63, 2**63 - 1), _floats32(allow_nan=True), max_size=3)),
     }
 
     @st.composite
@@ -130,6 +165,19 @@ def requests() -> st.SearchStrategy:
         if (pipeline := draw(st.one_of(st.none(), st.booleans()))) is not None:
             req.speculation.pipeline = pipeline
         req.speculation.tree = value("tree")
+        req.stop.sequences.extend(value("stops"))
+        req.stop.token_ids.extend(value("stop_token_ids"))
+        req.stop.min_tokens = value("min_tokens")
+        req.stop.ignore_eos = draw(st.booleans())
+        if (logprobs := value("logprobs")) is not None:
+            req.logprobs = logprobs
+        if (n := value("n")) and n < 2**31:
+            req.n = n
+        req.sampling.presence_penalty = value("penalty")
+        req.sampling.frequency_penalty = value("penalty")
+        if (repetition := value("repetition")) is not None:
+            req.sampling.repetition_penalty = repetition
+        req.sampling.logit_bias.update(value("logit_bias"))
         return req
 
     return st.one_of(build(False), build(True))
@@ -160,12 +208,17 @@ def check(client, req: outrider_pb2.GenerateRequest, timeout: float) -> tuple[gr
         return code, f"{code.name} where {'/'.join(sorted(c.name for c in want.codes))} ({want.why}): {details[:300]}"
     if code != OK:
         return code, None if details.strip() else f"{code.name} without a reason"
-    if not chunks or not chunks[-1].HasField("stats"):
-        return code, "an OK stream without its final stats"
-    emitted = sum(len(c.token_ids) for c in chunks)
+    finals = {c.index: c.stats for c in chunks if c.HasField("stats")}
+    if not chunks or not chunks[-1].HasField("stats") or sorted(finals) != list(range(max(req.n, 1))):
+        return code, "an OK stream without every sample's final stats"
     limit = req.max_new_tokens or 10**9
-    if emitted > limit or emitted != chunks[-1].stats.emitted:
-        return code, f"{emitted} tokens for max_new_tokens {req.max_new_tokens} (stats: {chunks[-1].stats.emitted})"
+    for index, stats in finals.items():
+        emitted = sum(len(c.token_ids) for c in chunks if c.index == index)
+        if emitted > limit or emitted != stats.emitted:
+            return code, f"sample {index}: {emitted} tokens for max_new_tokens {req.max_new_tokens} (stats: {stats.emitted})"
+        logprobs = sum(len(c.logprobs) for c in chunks if c.index == index)
+        if logprobs != (emitted if req.HasField("logprobs") else 0):
+            return code, f"sample {index}: {logprobs} logprobs for {emitted} tokens"
     if req.request_id and any(c.request_id != req.request_id for c in chunks):
         return code, "the request_id was not echoed"
     return code, None

@@ -18,7 +18,7 @@ from services.core.head_proposers import MedusaProposer
 from services.core.proposals import Proposal
 from services.core.proposers import DraftModelProposer, NgramProposer
 from services.core.sampling import Penalties, SamplingParams, StopRule, adjusted_probs
-from services.core.shaping import ShapeRow, shape_logits
+from services.core.shaping import ContextCounts, ShapeRow, shape_logits
 from services.core.target import TargetRunner
 from services.core.tree import choice_tree, parse_choices, tree_shape
 from services.core.verifier import TargetVerifier, VerifyRequest
@@ -56,7 +56,7 @@ def test_every_slot_is_shaped_with_its_own_prefix(parents):
         drafts = drafts[:4]
     T = len(drafts) + 1
     logits = torch.randn(1, T, V, generator=torch.Generator().manual_seed(0)) * 3
-    shaped = shape_logits(logits, [ShapeRow(PARAMS, committed, drafts, tree)])[0]
+    shaped = shape_logits(logits.clone(), [ShapeRow(PARAMS, committed, drafts, tree)])[0]
     for t in range(T):
         if t == 0:
             path = []
@@ -69,6 +69,23 @@ def test_every_slot_is_shaped_with_its_own_prefix(parents):
                 node = parents[node]
         want = reference_shape(logits[0, t], committed + path, 3, PARAMS)
         assert torch.allclose(shaped[t], want, atol=1e-6), f"slot {t}"
+
+
+def test_real_vocabulary_and_context_with_counts_kept_across_rounds():
+    """V = 151,936, a 4k-token context, counts carried from round to round as the engine
+    carries them: every slot equals the rules applied from scratch."""
+    V, gen = 151_936, torch.Generator().manual_seed(1)
+    context = torch.randint(0, V, (4096,), generator=gen).tolist()
+    params = SamplingParams(penalties=Penalties(1.2, 0.5, 0.3, ((7, 1.0),)), stop=StopRule((2,), min_tokens=0),
+                            prompt_len=3000)
+    counts = ContextCounts()
+    for end in (3500, 3507, 4096):  # three rounds, the context grown between them
+        drafts = torch.randint(0, V, (8,), generator=gen).tolist() + context[end - 3 : end - 1]
+        logits = torch.randn(1, len(drafts) + 1, V, generator=gen)
+        shaped = shape_logits(logits.clone(), [ShapeRow(params, context[:end], drafts, counts=counts)])[0]
+        for t in (0, 4, len(drafts)):
+            want = reference_shape(logits[0, t], context[:end] + drafts[:t], 3000, params)
+            assert torch.allclose(shaped[t], want, atol=1e-5), (end, t)
 
 
 def test_rows_without_rules_are_not_copied():

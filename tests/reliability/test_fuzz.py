@@ -26,8 +26,15 @@ def test_the_oracle_follows_the_documented_rules():
     top_p.sampling.top_p = 0.0
     unknown = make_request([5], 8)
     unknown.speculation.method = 99
-    for req in bad + [nan, top_p, unknown]:
+    penalty = make_request([5], 8)
+    penalty.sampling.presence_penalty = 2.5
+    bias = make_request([5], 8)
+    bias.sampling.logit_bias[5] = float("nan")
+    options = [make_request([5], 8, logprobs=21), make_request([5], 8, stop=("",)), make_request([5], 8, min_tokens=9),
+               make_request([5], 8, stop=tuple("abcdefghijklmnopq")), make_request([5], 8, stop_token_ids=(-3,))]
+    for req in bad + [nan, top_p, unknown, penalty, bias] + options:
         assert expected(req).codes == {INVALID}, req
+    assert expected(make_request([5], 8, stop=("\n",), logprobs=3, n=2, min_tokens=2)).codes == {OK}
     assert expected(make_request([5], 8, method="medusa", tree="0;1")).codes == {OK, INVALID, EXHAUSTED}
     assert expected(make_request([5, 9000], 8)).codes == {OK, INVALID, EXHAUSTED}  # depends on the vocabulary
 
@@ -43,7 +50,7 @@ def test_the_checks_catch_what_the_contract_forbids():
         (FakeClient(chunks=good), invalid, "OK where INVALID_ARGUMENT"),
         (FakeClient(Failing(INVALID, "")), invalid, "without a reason"),
         (FakeClient(Failing(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")), valid, "DEADLINE_EXCEEDED"),
-        (FakeClient(chunks=good[:1]), valid, "without its final stats"),
+        (FakeClient(chunks=good[:1]), valid, "final stats"),
         (FakeClient(chunks=[outrider_pb2.GenerateChunk(request_id="r", token_ids=[1, 2, 3]),
                             outrider_pb2.GenerateChunk(request_id="r", stats=stats)]), valid, "3 tokens"),
         (FakeClient(chunks=[outrider_pb2.GenerateChunk(request_id="other", token_ids=[1, 2]),
