@@ -16,6 +16,7 @@ models with real shapes (services/models/shapes.py).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import statistics
 import time
 
@@ -24,7 +25,8 @@ from transformers import DynamicCache
 
 from ..core.draft_q import SparseQ, compact
 from ..core.proposals import Proposal
-from ..core.sampling import SamplingParams, adjusted_probs
+from ..core.sampling import Penalties, SamplingParams, StopRule, adjusted_probs
+from ..core.shaping import ContextCounts
 from ..core.target import TargetRunner
 from ..core.verifier import TargetVerifier, VerifyRequest
 from ..models.shapes import random_model, random_pair
@@ -49,8 +51,10 @@ class ForwardTimer:
 
 
 @torch.inference_mode()
-def verify_pass(model, context: int, repeat: int, seed: int = 0) -> dict:
-    """Outrider's verify pass and transformers' bare forward, batch 8, interleaved."""
+def verify_pass(model, context: int, repeat: int, seed: int = 0, penalties: Penalties | None = None) -> dict:
+    """Outrider's verify pass and transformers' bare forward, batch 8, interleaved.
+    With ``penalties``, also the pass with them on every row (the second half of each
+    context counted as output), interleaved with the others."""
     V, device = model.config.vocab_size, model.device
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(2, V, (BATCH, context), generator=gen)
@@ -65,17 +69,19 @@ def verify_pass(model, context: int, repeat: int, seed: int = 0) -> dict:
         q = compact(torch.randn(V, generator=gen).mul(4).softmax(-1))
         proposal = Proposal(drafts[b], SparseQ.stack([q] * GAMMA))
         reqs.append(VerifyRequest(kv, committed, proposal, SamplingParams(temperature=1.0, seed=b), 0))
+    penalized = [replace(req, params=replace(req.params, penalties=penalties, stop=StopRule(()), prompt_len=context // 2),
+                         counts=ContextCounts()) for req in reqs] if penalties is not None else []
     # The limit: the same 9 tokens a row, on a cache that already holds the prompts.
     cache = DynamicCache(config=model.config)
     model(input_ids=prompts[:, :-1].to(device), cache=cache, use_cache=True, logits_to_keep=1)
     feed = torch.cat([prompts[:, -1:], drafts], 1).to(device)  # [B, gamma+1]
     positions = torch.arange(context - 1, context + GAMMA, device=device)[None].expand(BATCH, -1)
 
-    def outrider() -> tuple[float, float]:
-        for req in reqs:  # forget last pass's drafts: the next pass feeds the same tokens
+    def outrider(batch=reqs) -> tuple[float, float]:
+        for req in batch:  # forget last pass's drafts: the next pass feeds the same tokens
             req.kv.tokens = req.committed[:-1]
         inside, t0 = timer.seconds, time.perf_counter()
-        verifier.verify(reqs)
+        verifier.verify(batch)
         return time.perf_counter() - t0, timer.seconds - inside
 
     def bare() -> float:
@@ -87,17 +93,25 @@ def verify_pass(model, context: int, repeat: int, seed: int = 0) -> dict:
         return elapsed
 
     outrider(), bare()  # warm-up
-    ours, limit, host = [], [], []
+    if penalized:
+        outrider(penalized)
+    ours, limit, host, shaped = [], [], [], []
     for _ in range(repeat):
         total, inside = outrider()
         ours.append(total)
         host.append(total - inside)
         limit.append(bare())
+        if penalized:
+            shaped.append(outrider(penalized)[0])
     verifier.release([req.kv for req in reqs])
     timer.close()
     o, b = statistics.median(ours), statistics.median(limit)
-    return {"context": context, "batch": BATCH, "gamma": GAMMA, "verify_pass_s": o, "bare_forward_s": b,
-            "verify_over_bare": o / b, "host_s_per_pass": statistics.median(host)}
+    row = {"context": context, "batch": BATCH, "gamma": GAMMA, "verify_pass_s": o, "bare_forward_s": b,
+           "verify_over_bare": o / b, "host_s_per_pass": statistics.median(host)}
+    if shaped:
+        row["penalized_pass_s"] = statistics.median(shaped)
+        row["penalized_over_plain"] = row["penalized_pass_s"] / o
+    return row
 
 
 @torch.inference_mode()
@@ -144,7 +158,8 @@ def run_scale(repeat: int, bundled_pair=None, bundled_prompts=(), on_row=print) 
     summary: dict = {"verify_pass": []}
     llama = random_model("llama3")
     for context in CONTEXTS:
-        row = verify_pass(llama, context, repeat)
+        # At the longest context, also with penalties on every row (repetition, presence, frequency, a bias).
+        row = verify_pass(llama, context, repeat, penalties=Penalties(1.1, 0.2, 0.2, ((5, 1.0),)) if context == 4096 else None)
         on_row(f"  verify pass, batch {BATCH}, context {context}: {row['verify_pass_s'] * 1e3:.1f} ms vs bare "
                f"{row['bare_forward_s'] * 1e3:.1f} ms ({row['verify_over_bare']:.2f}x), host {row['host_s_per_pass'] * 1e3:.1f} ms")
         summary["verify_pass"].append(row)
@@ -152,6 +167,9 @@ def run_scale(repeat: int, bundled_pair=None, bundled_prompts=(), on_row=print) 
     summary["verify_pass_vs_bare_b8_c4096"] = by_context[4096]["verify_over_bare"]
     summary["pass_growth_256_to_4096"] = by_context[4096]["verify_pass_s"] / by_context[256]["verify_pass_s"]
     summary["bare_growth_256_to_4096"] = by_context[4096]["bare_forward_s"] / by_context[256]["bare_forward_s"]
+    summary["penalized_over_plain_pass_b8_c4096"] = by_context[4096]["penalized_over_plain"]
+    on_row(f"  verify pass with penalties, batch {BATCH}, context 4096: {by_context[4096]['penalized_pass_s'] * 1e3:.1f} ms "
+           f"({summary['penalized_over_plain_pass_b8_c4096']:.3f}x the pass without, interleaved)")
     del llama
 
     target, draft = random_pair("qwen2")
