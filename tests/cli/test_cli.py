@@ -61,6 +61,21 @@ def test_generate_n_samples_are_seeded(capsys, pair_args):
     assert len({tuple(s["token_ids"]) for s in first["samples"]}) > 1
 
 
+def test_generate_stops_logprobs_and_penalties_exactly_as_target_only(capsys, pair_args):
+    base = ["generate", "def add(a, b):", "--json", "--max-new-tokens", "16", "--repetition-penalty", "1.3",
+            "--logprobs", "2"] + pair_args
+    plain = run_json(capsys, base + ["--drafter", "none"])["samples"][0]
+    assert len(plain["logprobs"]) == len(plain["token_ids"]) and all(len(t) == 2 for t in plain["top_logprobs"])
+    stop = plain["text"][3:5]
+    assert len(stop) == 2, plain["text"]
+    for drafter in ("draft", "none"):
+        sample = run_json(capsys, base + ["--drafter", drafter, "--stop", stop])["samples"][0]
+        assert sample["finish_reason"] == "stop" and sample["text"] == plain["text"][: plain["text"].index(stop)]
+        n = len(sample["token_ids"])
+        assert sample["token_ids"] == plain["token_ids"][:n]
+        assert sample["logprobs"] == pytest.approx(plain["logprobs"][:n], abs=1e-5)
+
+
 def test_generate_streams_text(capsys, pair_args):
     assert main(["generate", "def add(a, b):", "--max-new-tokens", "8"] + pair_args) == 0
     captured = capsys.readouterr()
@@ -79,6 +94,10 @@ def test_generate_streams_text(capsys, pair_args):
         (["--top-k", "-2"], "top_k"),
         (["--drafter", "spec"], "unknown drafter"),
         (["--gamma", "-1"], "gamma"),
+        (["--logprobs", "21"], "--logprobs"),
+        (["--repetition-penalty", "0"], "repetition_penalty"),
+        (["--presence-penalty", "3"], "presence_penalty"),
+        (["--stop", ""], "--stop"),
     ],
 )
 def test_generate_bad_input_exits_2(capsys, pair_args, extra, message):
