@@ -153,6 +153,13 @@ def test_grpc_service_spreads_over_every_serving_pod_and_probes_check_ray_not_th
         assert selector.items() <= group["template"]["metadata"]["labels"].items(), name
         ports = {p["name"]: p["containerPort"] for p in container(group)["ports"]}
         assert ports[port["targetPort"]] == grpc_port, name
+    # The OpenAI-compatible API: Serve's HTTP proxy on the same pods.
+    http = find(docs, "Service", "outrider-http")
+    (web,) = http["spec"]["ports"]
+    assert web["port"] == config["http_options"]["port"] and http["spec"]["selector"] == service["spec"]["selector"]
+    for name, group in groups(docs).items():
+        ports = {p["name"]: p["containerPort"] for p in container(group)["ports"]}
+        assert ports[web["targetPort"]] == web["port"], name
     # The head's liveness and readiness are Ray's own health (raylet and GCS): a stalled
     # gateway must not restart the head and the cluster with it.
     head = container(groups(docs)["head"])
