@@ -99,12 +99,12 @@ def run(args) -> int:
     for seed in sample_seeds(args.seed, args.n):
         params = replace(base, seed=seed)
         on_tokens = None if args.json else TextStreamer(pair.tokenizer, args.prompt, args.stop, args.min_tokens)
+        # The engine ends the output at a stop with this scanner, which then holds its text.
+        text = StopScanner(pair.tokenizer, tuple(args.stop), args.min_tokens)
         result = engine.generate(prompt_ids, args.max_new_tokens, params, on_tokens=on_tokens, logprobs=args.logprobs,
-                                 text_stop=StopScanner(pair.tokenizer, tuple(args.stop), args.min_tokens) if args.stop else None)
+                                 text_stop=text)
         if on_tokens is not None:
             on_tokens.finish()
-        text = StopScanner(pair.tokenizer, tuple(args.stop), args.min_tokens)
-        text.feed(result.token_ids)
         sample = {"token_ids": result.token_ids, "text": text.text_out(final=True), "finish_reason": result.finish_reason,
                   "stats": result.stats.to_dict()}
         if args.logprobs is not None:

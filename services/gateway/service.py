@@ -18,13 +18,14 @@ from typing import AsyncIterator, Callable
 
 from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
-from ..core.sampling import MAX_LOGPROBS, derive_seed
+from ..core.sampling import MAX_LOGPROBS
 from ..models.detokenizer import MAX_STOP_CHARS, MAX_STOPS, StopScanner
 from ..rpc import internal_pb2, outrider_pb2
 from ..core.eagle_proposer import EagleTree
 from ..core.tree import choice_tree, parse_choices
 from ..rpc.convert import METHOD_IDS, METHODS, ON_VERIFIER, method_name, sampling_from_proto, sampling_to_proto
 from ..telemetry import tracing
+from .samples import merged, sample_request
 
 
 class Overloaded(Exception):
@@ -220,8 +221,8 @@ class GatewayService:
         self.client_sessions[client] = self.client_sessions.get(client, 0) + n
         try:
             streams = [self._session(verify_request, span, start, 0)]
-            streams += [self._session(_sample(verify_request, i), span, start, i) for i in range(1, n)]
-            async with aclosing(streams[0] if n == 1 else _merged(streams)) as chunks:
+            streams += [self._session(sample_request(verify_request, i), span, start, i) for i in range(1, n)]
+            async with aclosing(streams[0] if n == 1 else merged(streams)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
@@ -328,49 +329,6 @@ class GatewayService:
         if len(samples) > 1:
             response.samples.extend(samples[i] for i in sorted(samples))
         return response
-
-
-def _sample(req: internal_pb2.VerifyRequest, index: int) -> internal_pb2.VerifyRequest:
-    """Sample ``index`` (> 0) of a request: its own session and random stream."""
-    sample = internal_pb2.VerifyRequest()
-    sample.CopyFrom(req)
-    sample.session_id = secrets.token_hex(16)
-    sample.sampling.seed = derive_seed(req.sampling.seed, f"sample:{index}")
-    return sample
-
-
-async def _merged(streams: list[AsyncIterator]) -> AsyncIterator:
-    """The items of several streams as they come; the first error ends them all. The
-    first stream leads: the others start at its first item, when its prompt's KV
-    blocks are computed and published to the prefix cache, so they start from them."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(stream) -> None:
-        try:
-            async with aclosing(stream) as items:
-                async for item in items:
-                    queue.put_nowait(item)
-            queue.put_nowait(None)
-        except Exception as error:
-            queue.put_nowait(error)
-
-    tasks = [asyncio.ensure_future(pump(streams[0]))]
-    try:
-        ended = 0
-        while ended < len(streams):
-            item = await queue.get()
-            if len(tasks) < len(streams):
-                tasks += [asyncio.ensure_future(pump(stream)) for stream in streams[1:]]
-            if item is None:
-                ended += 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _record_stats(span, stats: outrider_pb2.GenerationStats) -> None:
