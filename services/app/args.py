@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..core.speculation_cache import MAX_FANOUT
 from ..models.loading import ModelPaths, resolve_paths
 
 # Custom resources that pin each deployment to its node group. `outrider serve` and the
@@ -74,6 +75,9 @@ class AppArgs(BaseModel):
     # Request defaults and limits.
     default_method: Literal["draft", "ngram", "none"] = "draft"
     default_gamma: int = Field(8, ge=1, le=16)
+    # The speculation cache: while a round verifies, each draft worker session drafts the
+    # next block for up to this many likely outcomes of it (1: plain pipelining's one).
+    default_fanout: int = Field(4, ge=1, le=MAX_FANOUT)
     # Draft workers end a draft early when the draft model's probability of its own
     # token falls below this (0 = never): shorter blocks that are more often accepted
     # whole, which is what lets a pipelined early block be used.

@@ -15,6 +15,7 @@ and such models are refused at load.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,20 @@ class KVState:
         if drop > 0:
             self.cache.crop(-drop)
             del self.tokens[length:]
+
+    def fork(self, length: int | None = None) -> "KVState":
+        """A copy of the first ``length`` cached positions (all by default) that grows
+        on its own: the speculation cache drafts one branch per assumed outcome from
+        one session's KV. Zero-copy: ``DynamicLayer`` never writes a tensor in place (an
+        update concatenates into a new one, a crop takes a view), so the fork and this
+        state can share the tensors they have in common."""
+        if not batchable(self):
+            raise ValueError("only a cache of plain DynamicLayers can be forked")
+        cache = DynamicCache()
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        fork = KVState(cache, list(self.tokens))
+        fork.truncate(len(self) if length is None else length)
+        return fork
 
     def rollback_to_prefix_of(self, committed: list[int]) -> None:
         """Drop cached positions that disagree with ``committed`` (rejected drafts)."""

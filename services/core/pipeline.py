@@ -1,57 +1,71 @@
-"""Pipelined drafting (PEARL's "post-verify"), the draft worker's side.
+"""Pipelined drafting (PEARL's "post-verify") with a speculation cache, the draft
+worker's side.
 
-While the target verifies round k, the draft worker already drafts round k+1 on two
-assumptions: every draft of round k is accepted, and the target's bonus token equals
-the draft's own next token, its *guess*. The verifier keeps that early block only when
-both hold (``pipeline_hit``); otherwise the worker redrafts from what was committed.
+While the target verifies round k, the draft worker already drafts round k+1: one
+branch per outcome of round k it finds likely (core/speculation_cache.py), each a block
+drafted after the prefix that outcome would commit. With a fan-out of 1 that is plain
+pipelining's single assumption: every draft of round k accepted, and the target's bonus
+token equal to the draft's own likeliest next token, its *guess*. The verifier takes the
+branch for the outcome that happened when it holds it (``pipeline_hit``); otherwise the
+worker sends the branch it drafted for that outcome at once, or drafts afresh.
 
-Why this stays exactly lossless: an early block that is kept was sampled from q given
-exactly the prefix that got committed (prefix + round k's drafts + guess == bonus), and
-from the draft's own random stream, independent of the target's draws that decided the
-hit. Testing it against p is the standard test at its exact prefix. Every drafted
-position draws from its own stream keyed by (seed, position), so an early block and
-a fresh block after the same prefix are the same block, and a seeded request
-reproduces whatever the timing of cancellations or failovers was.
+Why this stays exactly lossless: a branch that is used was drafted from q given exactly
+the prefix that got committed, from the draft's own random streams, independent of the
+target's draws that decided the outcome. Testing it against p is the standard test at
+its exact prefix. Every drafted position draws from its own stream keyed by
+(seed, position), so a branch and a fresh block after the same prefix are the same
+block, and a seeded request reproduces whatever the timing of cancellations, failovers
+or cache hits was.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
-
+from dataclasses import dataclass, replace
 
 from .gamma import draft_budget
 from .kv import KVState, common_prefix_len
 from .kv_chunks import KVChunk, export_chunk, exportable
 from .proposals import Proposal
-from .proposers import Proposer, StopCheck
+from .proposers import Proposer, StopCheck, propose_branches
 from .sampling import SamplingParams
+from .speculation_cache import AcceptanceHistory, likely_outcomes
 
 
 @dataclass(frozen=True)
 class DraftBlock:
     round: int  # the round these drafts are for
     proposal: Proposal
-    speculative: bool  # drafted before round - 1 was verified
-    guess: int | None  # speculative only: the draft's guess of round - 1's bonus token
-    draft_s: float  # compute time spent drafting it
+    speculative: bool  # drafted before round - 1 was verified: a branch of the speculation cache
+    guess: int | None  # speculative only: the token the target emits after round - 1's accepted drafts
+    draft_s: float  # compute time spent drafting it (a branch: the batch of branches it was drafted in)
+    accepted: int = 0  # speculative only: how many of round - 1's drafts the branch assumes accepted
+    from_cache: bool = False  # a fresh block that was drafted as a branch for the outcome just reported
 
 
 def pipeline_hit(verified: Proposal, num_accepted: int, bonus: int, early: DraftBlock | None) -> bool:
-    """The early block for the next round is usable: the verified round accepted every
-    draft and its bonus token is the guess the early block was drafted after."""
+    """``early`` is the branch for what the verified round did: it accepted the drafts
+    the branch assumed and then emitted its guess."""
     return (
         early is not None
         and early.guess is not None
         and len(early.proposal) > 0
-        and num_accepted == len(verified)
+        and num_accepted == early.accepted <= len(verified)
         and bonus == early.guess
     )
 
 
+@dataclass
+class _Branch:
+    block: DraftBlock
+    state: object  # the proposer's state after drafting it
+
+
 class DraftSession:
     """One session's drafting state on a draft worker: the committed tokens it has
-    been told about, the proposer's own state (draft KV), and the blocks in flight."""
+    been told about, the proposer's own state (draft KV), the block in flight and the
+    branches drafted for its outcomes."""
 
     def __init__(
         self,
@@ -61,17 +75,23 @@ class DraftSession:
         params: SamplingParams,
         gamma: int,
         state: object | None = None,
+        fanout: int = 1,
     ):
         """``state``: the proposer's state restored from chunks (a session continued
-        here after it ran on another draft worker)."""
+        here after it ran on another draft worker). ``fanout``: the most branches to
+        draft a round (1: plain pipelining)."""
         self.proposer = proposer
         self.state = proposer.new_state() if state is None else state
         self.committed = list(prompt_ids)
         self.limit = len(prompt_ids) + max_new_tokens  # committed length at which generation ends
         self.params = params
         self.gamma = gamma
+        self.fanout = fanout
+        self.history = AcceptanceHistory()
         self.in_flight: DraftBlock | None = None  # the last block sent, not yet verified
-        self.early: DraftBlock | None = None  # drafted ahead for in_flight.round + 1
+        self.branches: dict[tuple[int, int], _Branch] = {}  # (accepted, token) -> drafted for in_flight.round + 1
+        self._reported: tuple[int, int] | None = None  # the outcome the verifier reported while branches draft
+        self._lock = threading.Lock()
 
     def budget(self, committed_len: int) -> int:
         return draft_budget(self.gamma, self.limit - committed_len)
@@ -81,47 +101,93 @@ class DraftSession:
         t0 = time.perf_counter()
         proposal = self.proposer.propose(self.state, self.committed, self.budget(len(self.committed)), self.params)
         self.in_flight = DraftBlock(round, proposal, speculative=False, guess=None, draft_s=time.perf_counter() - t0)
-        self.early = None
+        self.branches = {}
         return self.in_flight
 
-    def draft_ahead(self, stop: StopCheck | None = None) -> DraftBlock:
-        """The early block for the round after ``in_flight``, assuming it is accepted in
-        full: first the guess of its bonus token, then the block after the guess. An
-        empty block (guess None) means no room, no n-gram match, or a stopped draft."""
+    def draft_branches(self, fanout: int | None = None, stop: StopCheck | None = None) -> list[DraftBlock]:
+        """The branches for the round after ``in_flight``, likeliest outcome first,
+        drafted together (one batched forward a step). Empty: no room, no guess, or a
+        stopped draft. Once the verifier's outcome is reported (``report``), only its
+        branch goes on drafting."""
         assert self.in_flight is not None, "draft a block before drafting ahead"
-        base = self.committed + self.in_flight.proposal.tokens.tolist()
-        count = self.budget(len(base) + 1)
+        block = self.in_flight.proposal
+        base = self.committed + block.tokens.tolist()
         round = self.in_flight.round + 1
-        if count == 0:
-            self.early = DraftBlock(round, Proposal.empty(self.in_flight.proposal.tokens.device), True, None, 0.0)
-            return self.early
+        self.branches = {}
+        if self.budget(len(base) + 1) == 0:  # no room after a fully accepted block and its bonus
+            return []
         t0 = time.perf_counter()
-        # Two calls, guess then block, so the block is exactly what a fresh draft after
-        # `base + [guess]` would propose: the same for a draft model (each position
-        # draws from its own keyed stream), and the lookup a prompt-lookup proposer
-        # would do after it.
-        guess = self.proposer.propose(self.state, base, 1, self.params, stop)
-        block = Proposal.empty(guess.tokens.device)
-        if len(guess):
-            block = self.proposer.propose(self.state, base + guess.tokens.tolist(), count, self.params, stop)
-        draft_s = time.perf_counter() - t0
-        if not len(block):  # no room, no match, or stopped
-            self.early = DraftBlock(round, block, True, None, draft_s)
-        else:
-            self.early = DraftBlock(round, block, speculative=True, guess=int(guess.tokens[0]), draft_s=draft_s)
-        return self.early
+        # The draft's next token after the whole block: the bonus guesses.
+        after = self.proposer.propose(self.state, base, 1, self.params, stop)
+        if not len(after):  # no n-gram match, or stopped
+            return []
+        alternatives = after.alternatives
+        outcomes = likely_outcomes(block, alternatives, int(after.tokens[0]), self.history,
+                                   self.fanout if fanout is None else fanout)
+        prefixes = [self.committed + block.tokens.tolist()[: o.accepted] + [o.token] for o in outcomes]
+        states = [self._fork(len(p) - 1) for p in prefixes]
+        budgets = [self.budget(len(p)) for p in prefixes]
 
-    def resolve(self, committed: list[int], hit: bool, next_gamma: int) -> None:
+        def wanted():
+            if stop is not None and stop():
+                return ()
+            reported = self._reported
+            if reported is None:
+                return None
+            return [i for i, o in enumerate(outcomes) if (o.accepted, o.token) == reported]
+
+        proposals = propose_branches(self.proposer, states, prefixes, budgets, self.params, wanted)
+        draft_s = time.perf_counter() - t0
+        blocks = []
+        for outcome, proposal, state in zip(outcomes, proposals, states):
+            if not len(proposal):  # no room, no match, stopped, or dropped
+                continue
+            branch = DraftBlock(round, proposal, True, outcome.token, draft_s, outcome.accepted)
+            self.branches[(outcome.accepted, outcome.token)] = _Branch(branch, state)
+            blocks.append(branch)
+        return blocks
+
+    def report(self, committed: list[int]) -> None:
+        """The verifier's outcome for ``in_flight``, told to branches still drafting:
+        only the branch for it goes on (called from another thread)."""
+        if committed:
+            self._reported = (len(committed) - 1, committed[-1])
+
+    def _fork(self, length: int) -> object:
+        """The proposer's state for a branch: the draft KV of the first ``length``
+        positions, shared with the session's (core/kv.py ``KVState.fork``)."""
+        return self.state.fork(min(length, len(self.state))) if isinstance(self.state, KVState) else self.state
+
+    def resolve(self, committed: list[int], hit: bool, next_gamma: int) -> DraftBlock | None:
         """Apply a verified round's outcome: what it committed and whether the verifier
-        took the early block."""
-        if hit:
-            assert self.in_flight is not None and self.early is not None
-            expected = self.in_flight.proposal.tokens.tolist() + [self.early.guess]
-            if committed != expected:
-                raise ValueError("pipeline hit reported for tokens the early block did not assume")
+        took the branch drafted for it. Returns that branch as the fresh block for the
+        next round when the verifier did not hold it (a cache hit it still needs),
+        None when there is none."""
+        if self.in_flight is None:  # rounds decoded without drafts (told gamma 0), reported at once
+            if hit:
+                raise ValueError("pipeline hit reported for a round this worker drafted nothing for")
+            self.committed.extend(committed)
+            self.gamma = next_gamma
+            return None
+        drafts = self.in_flight.proposal.tokens.tolist()
+        self.history.observe(len(drafts), len(committed) - 1)
+        branch = self.branches.get((len(committed) - 1, committed[-1])) if committed else None
+        if branch is not None and committed != drafts[: branch.block.accepted] + [branch.block.guess]:
+            branch = None  # cannot be: keyed by the outcome; never hand out another outcome's block
+        if hit and branch is None:
+            raise ValueError("pipeline hit reported for tokens no branch was drafted for")
         self.committed.extend(committed)
         self.gamma = next_gamma
-        self.in_flight, self.early = (self.early, None) if hit else (None, None)
+        self.branches, self._reported = {}, None
+        if branch is None or next_gamma == 0:
+            self.in_flight = None
+            return None
+        self.state = branch.state
+        if hit:
+            self.in_flight = branch.block
+            return None
+        self.in_flight = replace(branch.block, speculative=False, guess=None, accepted=0, from_cache=True)
+        return self.in_flight
 
     def committed_chunk(self, start: int, min_tokens: int) -> KVChunk | None:
         """The draft KV of committed positions from ``start`` on, once there are at

@@ -17,6 +17,17 @@ from .tree import TreeShape
 
 
 @dataclass(frozen=True)
+class DraftAlternatives:
+    """The draft's likeliest tokens at each drafted position, from the distribution it
+    drafted from (after shaping; a greedy draft's at temperature 1). What the
+    speculation cache guesses the target's next token from (core/speculation_cache.py).
+    Stays on the draft worker."""
+
+    ids: torch.Tensor  # [N, K] int64 token ids, likeliest first
+    probs: torch.Tensor  # [N, K] float32 their probabilities
+
+
+@dataclass(frozen=True)
 class Proposal:
     """Draft tokens for one sequence, proposed after its last committed token."""
 
@@ -27,6 +38,8 @@ class Proposal:
     draft_q: SparseQ | None = None
     # The nodes' parents (core/tree.py); None = a chain, node i the parent of node i+1.
     tree: TreeShape | None = None
+    # A draft model's alternatives at each position ([N, K]); None for other proposers.
+    alternatives: DraftAlternatives | None = None
 
     def __post_init__(self) -> None:
         if self.tree is not None and len(self.tree) != len(self):

@@ -6,15 +6,15 @@ object, never on the proposer or the model, so one proposer serves many sequence
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Collection, Protocol
 
 import numpy as np
 import torch
 
 from .draft_q import SparseQ, compact
-from .kv import KVState, extend
+from .kv import KVState, extend_batch
 from .kv_chunks import KVChunk, restore_kv
-from .proposals import Proposal
+from .proposals import DraftAlternatives, Proposal
 from .sampling import SamplingParams, adjusted_probs
 from .shaping import ContextCounts, ShapeRow, shape_logits, shapes
 
@@ -22,9 +22,14 @@ from .shaping import ContextCounts, ShapeRow, shape_logits, shapes
 # Polled between drafted tokens; True abandons the rest of the draft (a pipelined
 # draft whose assumption the verifier has just refuted).
 StopCheck = Callable[[], bool]
-# One forward step of a draft model: feed tokens on top of a KV state, get the logits
-# [V] of the last one.
-Step = Callable[[KVState, list[int]], torch.Tensor]
+# Polled between the steps of several branches drafted together: the indices of the
+# branches still wanted (the speculation cache drops the others once the verifier
+# reports which outcome happened); None: all of them.
+Wanted = Callable[[], Collection[int] | None]
+# One forward step of a draft model for several sequences at once: feed each KV state
+# its tokens, get each one's logits [V] at its last token.
+Step = Callable[[list[KVState], list[list[int]]], list[torch.Tensor]]
+ALTERNATIVES = 4  # the draft's likeliest tokens kept per position, for the speculation cache
 
 
 class Proposer(Protocol):
@@ -51,19 +56,37 @@ class Proposer(Protocol):
         ...
 
 
+def propose_branches(proposer: Proposer, states: list, bases: list[list[int]], budgets: list[int],
+                     params: SamplingParams, wanted: Wanted | None = None) -> list[Proposal]:
+    """One proposal per branch (``states[i]`` after ``bases[i]``, up to ``budgets[i]``
+    tokens), each exactly what ``propose`` would return alone. A proposer that can
+    draft branches together (one batched forward a step) does; others draft them in turn."""
+    if hasattr(proposer, "propose_branches"):
+        return proposer.propose_branches(states, bases, budgets, params, wanted)
+    out = []
+    for i, (state, base, budget) in enumerate(zip(states, bases, budgets)):
+        keep = wanted() if wanted is not None else None
+        if keep is not None and i not in keep:
+            out.append(Proposal.empty(getattr(proposer, "device", "cpu")))
+            continue
+        out.append(proposer.propose(state, base, budget, params))
+    return out
+
+
 class DraftModelProposer:
     """A small causal LM with the target's tokenizer drafts autoregressively.
 
     ``confidence_stop``: stop drafting early once the draft's own probability of the
     token it just drafted falls below this (transformers' default is 0.4); 0 disables.
-    ``step``: runs one draft forward step, (kv, new tokens) -> next-token logits [V];
-    a draft worker passes one that batches the steps of concurrent sessions.
+    ``step``: runs one draft forward step for several sequences; a draft worker passes
+    one that batches the steps of concurrent sessions (drafter/steps.py).
     """
 
     def __init__(self, model, confidence_stop: float = 0.0, step: Step | None = None):
         self.model = model
+        self.device = model.device
         self.confidence_stop = confidence_stop
-        self.step = step or (lambda kv, tokens: extend(model, kv, tokens, logits_to_keep=1)[-1])
+        self.step = step or (lambda kvs, feeds: [out[-1] for out in extend_batch(model, kvs, feeds, [1] * len(kvs))])
 
     def new_state(self) -> KVState:
         return KVState.empty(self.model)
@@ -79,40 +102,68 @@ class DraftModelProposer:
         params: SamplingParams,
         stop: StopCheck | None = None,
     ) -> Proposal:
-        if gamma <= 0:
-            return Proposal.empty(self.model.device)
-        # Positions drafted last round but rejected are dropped; accepted ones are kept.
-        state.rollback_to_prefix_of(committed)
-        if len(state) == len(committed):
-            # Everything is cached (drafts from an early block the verifier passed up
-            # were all committed), but the next token needs the last one's logits.
-            state.truncate(len(committed) - 1)
-        pending = committed[len(state) :]
-        tokens: list[int] = []
-        qs: list[SparseQ] = []
-        counts = ContextCounts()  # the context counted once a round, then a token a step
-        for _ in range(gamma):
-            if stop is not None and stop():
-                break
-            logits = self.step(state, pending)  # [V]
-            if shapes(params):  # the same penalties the verifier applies to the target, at this position
-                logits = shape_logits(logits[None, None], [ShapeRow(params, committed + tokens, [], counts=counts)])[0, 0]
-            if params.greedy:
-                token = int(logits.argmax())
-            else:
-                # Sample from the compact q that is sent, never from the full one.
-                q = compact(adjusted_probs(logits, params))
-                token = q.sample(params.seed, len(committed) + len(tokens))
-                qs.append(q)
-            tokens.append(token)
-            pending = [token]
-            if self.confidence_stop > 0 and float(logits.float().softmax(-1)[token]) < self.confidence_stop:
-                break
+        wanted = None if stop is None else (lambda: () if stop() else None)
+        return self.propose_branches([state], [committed], [gamma], params, wanted)[0]
+
+    def propose_branches(self, states: list[KVState], bases: list[list[int]], budgets: list[int],
+                         params: SamplingParams, wanted: Wanted | None = None) -> list[Proposal]:
+        """Every live branch's next token in one forward step (batched by ``step``)."""
+        n = len(states)
+        pending = []
+        for state, base in zip(states, bases):
+            # Positions drafted last round but rejected are dropped; accepted ones are kept.
+            state.rollback_to_prefix_of(base)
+            if len(state) == len(base):
+                # Everything is cached (drafts from an early block the verifier passed up
+                # were all committed), but the next token needs the last one's logits.
+                state.truncate(len(base) - 1)
+            pending.append(base[len(state) :])
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        qs: list[list[SparseQ]] = [[] for _ in range(n)]
+        tops: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
+        counts = [ContextCounts() for _ in range(n)]  # each branch's context, counted once, then a token a step
+        live = [i for i in range(n) if budgets[i] > 0]
+        while live:
+            keep = wanted() if wanted is not None else None
+            if keep is not None:
+                live = [i for i in live if i in keep]
+                if not live:
+                    break
+            logits = self.step([states[i] for i in live], [pending[i] for i in live])
+            still = []
+            for i, row in zip(live, logits):  # row: [V]
+                if shapes(params):  # the same penalties the verifier applies to the target, at this position
+                    row = shape_logits(row[None, None], [ShapeRow(params, bases[i] + tokens[i], [], counts=counts[i])])[0, 0]
+                if params.greedy:
+                    probs = row.float().softmax(-1)
+                    token = int(row.argmax())
+                else:
+                    probs = adjusted_probs(row, params)
+                    # Sample from the compact q that is sent, never from the full one.
+                    q = compact(probs)
+                    token = q.sample(params.seed, len(bases[i]) + len(tokens[i]))
+                    qs[i].append(q)
+                top = probs.topk(min(ALTERNATIVES, probs.shape[-1]))
+                tops[i].append((top.indices, top.values))
+                tokens[i].append(token)
+                pending[i] = [token]
+                confident = self.confidence_stop <= 0 or float(row.float().softmax(-1)[token]) >= self.confidence_stop
+                if confident and len(tokens[i]) < budgets[i]:
+                    still.append(i)
+            live = still
         # The last drafted token is not fed to the draft here; if it is accepted it is
         # fed next round as part of ``pending``, so no work is wasted on a rejection.
+        return [self._proposal(t, q, top) for t, q, top in zip(tokens, qs, tops)]
+
+    def _proposal(self, tokens: list[int], qs: list[SparseQ], tops: list) -> Proposal:
+        alternatives = None
+        if tops:
+            alternatives = DraftAlternatives(ids=torch.stack([t[0] for t in tops]).cpu(),
+                                             probs=torch.stack([t[1] for t in tops]).float().cpu())
         return Proposal(
-            tokens=torch.tensor(tokens, dtype=torch.long, device=self.model.device),
+            tokens=torch.tensor(tokens, dtype=torch.long, device=self.device),
             draft_q=SparseQ.stack(qs) if qs else None,
+            alternatives=alternatives,
         )
 
 

@@ -25,7 +25,13 @@ class GenerationStats:
     queue_time_s: float = 0.0  # waiting for a session slot or the verifier's compute thread
     exposed_draft_time_s: float = 0.0  # draft compute the verifier waited on
     pipeline_rounds: int = 0  # rounds after which an early block was drafted
-    pipeline_hits: int = 0  # ... and used
+    pipeline_hits: int = 0  # ... whose next block the verifier already held (a branch for the outcome)
+    # The speculation cache: rounds whose outcome the worker had drafted the next block
+    # for (held already, or sent at once when reported), by the outcome's kind: every
+    # draft accepted (the bonus guessed) or one rejected (the correction guessed).
+    cache_hits_full: int = 0
+    cache_hits_partial: int = 0
+    branches_drafted: int = 0  # blocks drafted for outcomes, used or not
     cached_prefix_tokens: int = 0  # prompt tokens whose target KV came from a shared prefix
     draft_reconnects: int = 0  # times the session continued on another draft worker
     # Rounds decoded without drafts because no draft worker answered: a seeded sampled
@@ -88,6 +94,20 @@ class GenerationStats:
     def pipeline_hit_rate(self) -> float:
         return self.pipeline_hits / self.pipeline_rounds if self.pipeline_rounds else 0.0
 
+    def record_cache_hit(self, full: bool) -> None:
+        if full:
+            self.cache_hits_full += 1
+        else:
+            self.cache_hits_partial += 1
+
+    @property
+    def cache_hits(self) -> int:
+        return self.cache_hits_full + self.cache_hits_partial
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hits / self.pipeline_rounds if self.pipeline_rounds else 0.0
+
     @property
     def overlap(self) -> float:
         """Share of draft compute that ran while the target was verifying."""
@@ -134,6 +154,11 @@ class GenerationStats:
             "pipeline_rounds": self.pipeline_rounds,
             "pipeline_hits": self.pipeline_hits,
             "pipeline_hit_rate": self.pipeline_hit_rate,
+            "cache_hits": self.cache_hits,
+            "cache_hit_rate": self.cache_hit_rate,
+            "cache_hits_full": self.cache_hits_full,
+            "cache_hits_partial": self.cache_hits_partial,
+            "branches_drafted": self.branches_drafted,
             "draft_bytes": self.draft_bytes,
             "draft_shape": self.draft_shape,
             "overlap": self.overlap,
@@ -143,5 +168,6 @@ class GenerationStats:
 _SUMMED = (
     "rounds", "drafted", "accepted", "rejections", "emitted", "draft_time_s", "verify_time_s", "total_time_s",
     "transport_time_s", "queue_time_s", "exposed_draft_time_s", "pipeline_rounds", "pipeline_hits",
-    "cached_prefix_tokens", "draft_reconnects", "undrafted_rounds", "draft_bytes",
+    "cached_prefix_tokens", "draft_reconnects", "undrafted_rounds", "draft_bytes", "cache_hits_full",
+    "cache_hits_partial", "branches_drafted",
 )

@@ -41,7 +41,7 @@ class DraftWorker:
             prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"draft|{paths.draft}|{cfg.dtype}|{draft.dtype}")
         self.service = DrafterService(
             make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size),
-            state=state, chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes,
+            state=state, chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes, rows=cfg.max_batch_size,
         )
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None

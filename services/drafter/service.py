@@ -22,8 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from ..core.errors import InvalidRequest
-from ..core.pipeline import DraftBlock, DraftSession
+from ..core.pipeline import DraftSession
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
+from ..core.speculation_cache import MAX_FANOUT, fanout_for_load
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHODS, BlockTooLarge, block_to_proto, sampling_from_proto
 from ..core.kv import KVState
@@ -35,15 +36,18 @@ from .steps import StepBatcher
 log = logging.getLogger(__name__)
 
 
-async def _drafted(span, future: asyncio.Future, discarded: bool = False) -> DraftBlock:
-    """The block ``future`` drafts; ends its span. ``discarded``: an early block the
-    verifier's outcome refuted before it was out (stopped, never sent)."""
+async def _drafted(span, future: asyncio.Future, discarded: bool = False):
+    """The block (or branches) ``future`` drafts; ends its span. ``discarded``:
+    branches the verifier's outcome came before (all but its own stopped, none sent)."""
     try:
         block = await future
         if span.is_recording():
-            span.set_attribute("outrider.gamma", len(block.proposal))
+            blocks = block if isinstance(block, list) else [block]
+            span.set_attribute("outrider.gamma", max((len(b.proposal) for b in blocks), default=0))
+            if isinstance(block, list):
+                span.set_attribute("outrider.branches", len(blocks))
             if discarded:
-                span.add_event("draft.early_discarded", {"outrider.round": block.round, "outrider.reason": "refuted"})
+                span.add_event("draft.early_discarded", {"outrider.reason": "outcome_first"})
         return block
     except Exception as error:
         tracing.record_error(span, error)
@@ -64,8 +68,11 @@ def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):
     def __init__(self, proposers: dict[str, Proposer], max_sessions: int = 256, state: StateClient | None = None,
-                 chunk_tokens: int = 32, prefixes: PrefixSharing | None = None):
+                 chunk_tokens: int = 32, prefixes: PrefixSharing | None = None, rows: int = 16):
+        """``rows``: the draft model's batched step size (StepBatcher's): the
+        speculation cache's branches of all sessions share it."""
         self.proposers = proposers
+        self.rows = rows
         self.state = state
         self.prefixes = prefixes  # the draft model's prompt KV, shared like the target's
         self.chunk_tokens = chunk_tokens
@@ -113,29 +120,33 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                 next_command = asyncio.ensure_future(anext(commands, None))
                 if pipeline and session.gamma > 0:
                     early_span = self._draft_span(round_ctx, session_id, session.in_flight.round + 1, True)
-                    early = self._run(session.draft_ahead, stop.is_set)
-                    await asyncio.wait({early, next_command}, return_when=asyncio.FIRST_COMPLETED)
-                    # An outcome before the early block is out can only be a miss (the
-                    # verifier takes an early block only after receiving it): stop it.
-                    refuted = next_command.done()
-                    if refuted:
-                        stop.set()
-                    block = await _drafted(early_span, early, discarded=refuted)
-                    stop.clear()
-                    if not refuted:
-                        yield block_to_proto(block)
+                    fanout = fanout_for_load(session.fanout, self.active_sessions, self.rows)
+                    drafting = self._run(session.draft_branches, fanout, stop.is_set)
+                    await asyncio.wait({drafting, next_command}, return_when=asyncio.FIRST_COMPLETED)
+                    # The outcome came first: only its branch, if one is drafting, goes on
+                    # (and is sent below as the fresh block); the rest stop.
+                    reported = next_command.done()
+                    if reported and next_command.result() is not None:
+                        session.report(list(next_command.result().outcome.committed))
+                    branches = await _drafted(early_span, drafting, discarded=reported)
+                    if not reported:
+                        for branch in branches:
+                            yield block_to_proto(branch, len(branches))
                 command = await next_command
                 if command is None or command.outcome.finished:
                     return
                 outcome = command.outcome
                 round_ctx = tracing.extract(outcome.traceparent, outcome.tracestate) or round_ctx
-                session.resolve(list(outcome.committed), outcome.pipeline_hit, outcome.next_gamma)
+                cached = session.resolve(list(outcome.committed), outcome.pipeline_hit, outcome.next_gamma)
                 saved = self._checkpoint(session_id, session, saved)
                 # gamma 0: the verifier decodes without drafts until it raises gamma again.
                 if not outcome.pipeline_hit and session.gamma > 0:
                     round = outcome.round + 1
-                    yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
-                                                        self._run(session.draft, round)))
+                    if cached is not None:  # drafted for this outcome already: sent at once
+                        yield block_to_proto(cached)
+                    else:
+                        yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
+                                                            self._run(session.draft, round)))
         except BlockTooLarge as error:  # the verifier fails the request with this reason
             tracing.record_error(span, error)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
@@ -174,7 +185,8 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         if params.seed is None:
             raise InvalidRequest("the verifier must resolve the seed before opening a draft stream")
         session = DraftSession(
-            self.proposers[method], list(msg.prompt_ids), msg.max_new_tokens, params, msg.gamma
+            self.proposers[method], list(msg.prompt_ids), msg.max_new_tokens, params, msg.gamma,
+            fanout=min(max(1, msg.fanout), MAX_FANOUT),
         )
         return session, msg.pipeline
 

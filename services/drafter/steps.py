@@ -1,7 +1,8 @@
 """Batching the draft model's forward steps across a worker's sessions.
 
 Each session drafts on its own thread, autoregressively; every step it needs goes
-through ``StepBatcher.step``, and one compute thread runs all the steps waiting at
+through ``StepBatcher.step`` (one step for each of a session's branches, when the
+speculation cache drafts several), and one compute thread runs all the steps waiting at
 that moment in one padded forward pass (core/kv.py ``extend_batch``). Sessions in
 lockstep (the usual case under load: every session drafts gamma tokens a round) share
 every pass. Short feeds only: a long one (a new session's prompt) runs alone rather
@@ -38,16 +39,19 @@ class StepBatcher:
         self.batch_sizes: list[int] = []
         threading.Thread(target=self._loop, name="outrider-draft-steps", daemon=True).start()
 
-    def step(self, kv: KVState, tokens: list[int]) -> torch.Tensor:
-        """Next-token logits [V] after feeding ``tokens`` on top of ``kv`` (blocks)."""
-        request = _Step(kv, tokens)
+    def step(self, kvs: list[KVState], feeds: list[list[int]]) -> list[torch.Tensor]:
+        """Next-token logits [V] after feeding each of ``feeds`` on top of its KV state
+        (blocks until all are done)."""
+        requests = [_Step(kv, tokens) for kv, tokens in zip(kvs, feeds)]
         with self.wakeup:
-            self.pending.append(request)
+            self.pending.extend(requests)
             self.wakeup.notify()
-        request.done.wait()
-        if request.error is not None:
-            raise request.error
-        return request.logits
+        for request in requests:
+            request.done.wait()
+        for request in requests:
+            if request.error is not None:
+                raise request.error
+        return [request.logits for request in requests]
 
     def _take(self) -> list[_Step]:
         with self.wakeup:

@@ -81,7 +81,7 @@ class Gateway:
             max_new_tokens=cfg.max_new_tokens, default_max_new_tokens=cfg.default_max_new_tokens,
             max_sessions=cfg.max_sessions, default_method=cfg.default_method, default_gamma=cfg.default_gamma,
             max_prompt_tokens=cfg.max_prompt_tokens, max_sessions_per_client=cfg.max_sessions_per_client,
-            head_methods=cfg.head_methods(), max_samples=cfg.max_samples,
+            head_methods=cfg.head_methods(), max_samples=cfg.max_samples, default_fanout=cfg.default_fanout,
         )
         self.verifier = verifier.options(stream=True)
         # The gateway holds every session's committed tokens, so it decides when a

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable
 from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
 from ..core.sampling import MAX_LOGPROBS
+from ..core.speculation_cache import MAX_FANOUT
 from ..models.detokenizer import MAX_STOP_CHARS, MAX_STOPS, StopScanner
 from ..rpc import internal_pb2, outrider_pb2
 from ..core.eagle_proposer import EagleTree
@@ -49,6 +50,7 @@ class Limits:
     max_prompt_tokens: int = 0  # 0: as many as the context leaves room for
     max_sessions_per_client: int = 0  # concurrent sessions of one client (peer address) per replica; 0: no limit
     max_samples: int = 8  # n per request (each sample is a session)
+    default_fanout: int = 4  # the speculation cache's branches a round (Speculation.fanout)
     # Methods whose heads the verifiers loaded, with why each other one is not served.
     head_methods: dict[str, str | None] = field(default_factory=lambda: {"medusa": "no Medusa heads", "mtp": "no MTP modules", "eagle": "no EAGLE-3 drafter"})
 
@@ -112,6 +114,9 @@ class GatewayService:
         gamma = req.speculation.gamma or limits.default_gamma
         GammaSchedule(initial=gamma)  # validates the range
         pipeline = req.speculation.pipeline if req.speculation.HasField("pipeline") else True
+        fanout = req.speculation.fanout if req.speculation.HasField("fanout") else limits.default_fanout
+        if not 1 <= fanout <= MAX_FANOUT:
+            raise InvalidRequest(f"fanout must be in [1, {MAX_FANOUT}], got {fanout}")
         return internal_pb2.VerifyRequest(
             request_id=req.request_id or uuid.uuid4().hex,
             # Never the client's id: two clients choosing the same one, or one reusing
@@ -122,7 +127,7 @@ class GatewayService:
             sampling=sampling_to_proto(params),
             speculation=outrider_pb2.Speculation(
                 method=METHOD_IDS[method], gamma=0 if method == "none" else gamma,
-                adaptive=req.speculation.adaptive, pipeline=pipeline, tree=tree,
+                adaptive=req.speculation.adaptive, pipeline=pipeline, tree=tree, fanout=fanout,
             ),
             received_at=received_at,
             pinned_gamma=pinned_gamma,

@@ -81,13 +81,17 @@ def method_name(value: int, default: str) -> str:
     return METHODS[value]
 
 
-def block_to_proto(block: DraftBlock) -> internal_pb2.DraftBlock:
+def block_to_proto(block: DraftBlock, branches: int = 0) -> internal_pb2.DraftBlock:
+    """``branches``: a speculative block's, how many were drafted for its round."""
     msg = internal_pb2.DraftBlock(
         round=block.round,
         speculative=block.speculative,
         guess=-1 if block.guess is None else block.guess,
         tokens=block.proposal.tokens.tolist(),
         draft_s=block.draft_s,
+        accepted=block.accepted,
+        from_cache=block.from_cache,
+        branches=branches,
     )
     q = block.proposal.draft_q
     if q is not None:
@@ -138,6 +142,8 @@ def block_from_proto(msg: internal_pb2.DraftBlock, device: torch.device | str) -
         speculative=msg.speculative,
         guess=None if msg.guess < 0 else msg.guess,
         draft_s=msg.draft_s,
+        accepted=msg.accepted,
+        from_cache=msg.from_cache,
     )
 
 
@@ -208,6 +214,11 @@ def stats_to_proto(stats: GenerationStats, finish_reason: str = "") -> outrider_
         draft_reconnects=stats.draft_reconnects,
         undrafted_rounds=stats.undrafted_rounds,
         draft_bytes=stats.draft_bytes,
+        cache_hits=stats.cache_hits,
+        cache_hit_rate=stats.cache_hit_rate,
+        cache_hits_full=stats.cache_hits_full,
+        cache_hits_partial=stats.cache_hits_partial,
+        branches_drafted=stats.branches_drafted,
         accepted_per_rank=stats.accepted_per_rank,
         draft_shape=stats.draft_shape,
     )
@@ -234,6 +245,9 @@ def stats_from_proto(msg: outrider_pb2.GenerationStats) -> GenerationStats:
         draft_reconnects=msg.draft_reconnects,
         undrafted_rounds=msg.undrafted_rounds,
         draft_bytes=msg.draft_bytes,
+        cache_hits_full=msg.cache_hits_full,
+        cache_hits_partial=msg.cache_hits_partial,
+        branches_drafted=msg.branches_drafted,
         accepted_per_rank=list(msg.accepted_per_rank),
         draft_shape=msg.draft_shape,
     )

@@ -47,6 +47,10 @@ class DraftLink:
         self.stalled: set[str] = set()  # workers that missed a deadline: never reused by this session
         self.off = False  # no worker to draft with: the session decodes alone
         self.waits: deque[float] = deque(maxlen=16)  # recent block waits, for the deadline
+        self.reading: asyncio.Future | None = None  # the stream's one outstanding read
+        # The speculation cache's branches received: (round, accepted, guess) -> block.
+        self.branches: dict[tuple[int, int, int], DraftBlock] = {}
+        self.branched_round = -1
         # (traceparent, tracestate) of the round the worker drafts for next: sent with
         # every outcome and with a reopened stream's `open`.
         self.trace: tuple[str, str] = ("", "")
@@ -59,59 +63,89 @@ class DraftLink:
             return FIRST_READ_S
         return min(MAX_READ_S, max(MIN_READ_S, READ_SLACK * max(self.waits)))
 
-    async def receive(self, round: int, speculative: bool) -> DraftBlock | None:
-        """Wait for the block for ``round``; blocks the verifier no longer wants (early
-        blocks after a miss) are skipped. Waiting is charged to exposed draft compute
-        up to the block's own draft time, and the rest to transport. None: an early
-        block lost with its worker (the round then asks for a fresh one). With drafting
-        off, a fresh block is empty (a plain decoding step)."""
+    async def receive(self, round: int) -> DraftBlock:
+        """Wait for the fresh block for ``round``; branches are kept for ``take_branch``.
+        Waiting is charged to exposed draft compute up to the block's own draft time,
+        and the rest to transport. With drafting off, the block is empty (a plain
+        decoding step)."""
         while not self.off:
             try:
-                return await self._read(round, speculative)
+                return await self._read(round)
             except (grpc.aio.AioRpcError, ConnectionError) as error:
                 if not worker_lost(error):  # another worker would refuse it too
                     raise InvalidRequest(f"the draft worker refused the session: {error.details()}") from error
                 if isinstance(error, DraftStalled):
                     self.stalled.add(self.address)
-                if speculative:
-                    if self.call is not None:
-                        self.call.cancel()
-                    self.call = None  # reopened by the fresh block's receive
-                    return None
                 await self._reconnect(round, error)
-        if speculative:
-            return None
         self.seq.stats.undrafted_rounds += 1
         return DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
 
-    async def _read(self, round: int, speculative: bool) -> DraftBlock:
+    def take_branch(self, round: int, accepted: int, token: int) -> DraftBlock | None:
+        """The branch drafted for ``round`` after the outcome (``accepted`` drafts, then
+        ``token``), if it is already here; never waits. Branches of earlier rounds go."""
+        try:
+            self._drain()
+        except (grpc.aio.AioRpcError, ConnectionError):
+            self._drop_call()  # the fresh block's receive reconnects
+        branch = self.branches.pop((round, accepted, token), None)
+        self.branches = {key: b for key, b in self.branches.items() if key[0] > round}
+        if branch is not None:
+            self.seq.stats.draft_time_s += branch.draft_s
+        return branch
+
+    def _drain(self) -> None:
+        """Take every message already received, without waiting."""
+        while self.reading is not None and self.reading.done():
+            msg = self.reading.result()
+            self.reading = None
+            if msg is grpc.aio.EOF:
+                raise ConnectionError("the draft worker closed the session")
+            self._arrived(msg)
+            self.reading = asyncio.ensure_future(self.call.read())
+
+    def _arrived(self, msg) -> DraftBlock | None:
+        """Account a received block; keep a branch, return a fresh block."""
+        stats = self.seq.stats
+        stats.draft_bytes += msg.ByteSize()
+        block = block_from_proto(msg, self.device)
+        if block.speculative:
+            self.branches[(block.round, block.accepted, block.guess)] = block
+            if block.round > self.branched_round:  # the first branch of its round says how many there are
+                self.branched_round = block.round
+                stats.branches_drafted += msg.branches
+            return None
+        stats.draft_time_s += block.draft_s
+        return block
+
+    async def _read(self, round: int) -> DraftBlock:
         if self.call is None:
-            raise ConnectionError("the stream was dropped after a lost early block")
+            raise ConnectionError("the stream was dropped")
         stats = self.seq.stats
         t0 = time.perf_counter()
         deadline = t0 + self.deadline()
         while True:
-            read = asyncio.ensure_future(self.call.read())
+            if self.reading is None:
+                self.reading = asyncio.ensure_future(self.call.read())
             try:
-                done, _ = await asyncio.wait({read}, timeout=max(0.0, deadline - time.perf_counter()))
+                done, _ = await asyncio.wait({self.reading}, timeout=max(0.0, deadline - time.perf_counter()))
                 if not done:
                     # If this process was the one frozen (its node stopped, then resumed),
                     # the deadline passed with the block already in the socket: give the
                     # read a moment more before blaming the worker. (The read is not
                     # cancelled in between: cancelling a read cancels the whole gRPC call.)
-                    done, _ = await asyncio.wait({read}, timeout=THAW_S)
-            finally:
-                if not read.done():  # stalled, or this session was cancelled meanwhile
-                    read.cancel()
+                    done, _ = await asyncio.wait({self.reading}, timeout=THAW_S)
+            except BaseException:  # this session was cancelled meanwhile
+                self._drop_call()
+                raise
             if not done:
+                self._drop_call()
                 raise DraftStalled(f"draft worker {self.address} sent nothing for {self.deadline():.1f} s")
-            msg = read.result()
+            msg = self.reading.result()
+            self.reading = None
             if msg is grpc.aio.EOF:
                 raise ConnectionError("the draft worker closed the session")
-            stats.draft_bytes += msg.ByteSize()
-            block = block_from_proto(msg, self.device)
-            stats.draft_time_s += block.draft_s
-            if block.round == round and block.speculative == speculative:
+            block = self._arrived(msg)
+            if block is not None and block.round == round:
                 break
         waited = time.perf_counter() - t0
         self.waits.append(waited)
@@ -120,10 +154,18 @@ class DraftLink:
         stats.transport_time_s += waited - exposed
         return block
 
-    async def _reconnect(self, round: int, error: Exception) -> None:
+    def _drop_call(self) -> None:
+        """Cancel the stream (cancelling a read cancels the whole call anyway); the
+        next receive reopens it on another worker."""
+        if self.reading is not None:
+            self.reading.cancel()
         if self.call is not None:
             self.call.cancel()
-        self.call = None
+        self.call = self.reading = None
+        self.branches = {}  # a new worker's session knows nothing of them
+
+    async def _reconnect(self, round: int, error: Exception) -> None:
+        self._drop_call()
         for attempt in range(self.max_reconnects - self.seq.stats.draft_reconnects):
             self.seq.stats.draft_reconnects += 1
             if not self.stalled:  # a dead worker: Serve notices it meanwhile
@@ -159,8 +201,7 @@ class DraftLink:
             pass  # "RPC already finished": the worker is gone
 
     def close(self) -> None:
-        if self.call is not None:
-            self.call.cancel()
+        self._drop_call()
 
 
 class NoOtherWorker(ConnectionError):

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import grpc
 
 from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
-from ..core.gamma import GammaSchedule, LoadAwareGamma, draft_budget
+from ..core.gamma import GammaSchedule, LoadAwareGamma
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.errors import InvalidRequest
 from ..core.proposals import Proposal
@@ -46,10 +46,9 @@ def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit
     if not pipelined:
         return
     if hit:
-        span.add_event("draft.early_kept", {"outrider.round": block.round + 1})
-    else:
-        reason = "rejected" if result.num_accepted < drafted else "bonus_mismatch" if early is not None else "no_block"
-        span.add_event("draft.early_discarded", {"outrider.round": block.round + 1, "outrider.reason": reason})
+        span.add_event("draft.early_kept", {"outrider.round": block.round + 1, "outrider.assumed_accepted": early.accepted})
+    else:  # no branch for this outcome had arrived (the worker may still send one drafted for it)
+        span.add_event("draft.early_discarded", {"outrider.round": block.round + 1, "outrider.reason": "no_branch"})
 
 
 class VerifierService:
@@ -200,7 +199,7 @@ class VerifierService:
             exposed = seq.stats.exposed_draft_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
             unreported: list[int] = []  # committed tokens the worker has not been told yet
-            block = await link.receive(round, speculative=False)
+            block = await link.receive(round)
             while True:
                 result = await self.batcher.verify(seq, block.proposal, span)
                 if not req.pinned_gamma:
@@ -208,14 +207,15 @@ class VerifierService:
                 exposed = seq.stats.exposed_draft_time_s
                 early = None
                 full = result.num_accepted == len(block.proposal)
-                # The worker drafts ahead whenever it drafts at all (told > 0); the
-                # block is worth waiting for only after a fully accepted round.
+                # The worker drafts branches for this round's outcomes whenever it drafts
+                # at all (told > 0): take the one for what happened if it is here already.
                 pipelined = pipeline and told > 0 and not seq.finished
                 if pipelined:
                     seq.stats.pipeline_rounds += 1
-                    if full and draft_budget(told, seq.remaining) > 0:
-                        early = await link.receive(round + 1, speculative=True)
-                hit = not seq.finished and pipeline_hit(block.proposal, result.num_accepted, result.tokens[-1], early)
+                    early = link.take_branch(round + 1, result.num_accepted, result.tokens[-1])
+                hit = pipelined and pipeline_hit(block.proposal, result.num_accepted, result.tokens[-1], early)
+                if hit:
+                    seq.stats.record_cache_hit(full)
                 seq.stats.pipeline_hits += hit
                 unreported += result.tokens
                 if span.is_recording():
@@ -237,7 +237,11 @@ class VerifierService:
                 if hit:
                     block = early
                 elif told > 0:
-                    block = await link.receive(round, speculative=False)
+                    # The worker sends the branch it drafted for this outcome at once
+                    # (from_cache), or drafts a fresh block.
+                    block = await link.receive(round)
+                    if block.from_cache:
+                        seq.stats.record_cache_hit(full)
                 else:  # no drafting at this load: a plain decoding step, no hop
                     block = DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
         except Exception as error:
@@ -276,6 +280,7 @@ class VerifierService:
             method=METHOD_IDS[method],
             gamma=seq.effective_gamma,
             pipeline=req.speculation.pipeline,
+            fanout=req.speculation.fanout,
             first_round=first_round,
             traceparent=trace[0],
             tracestate=trace[1],

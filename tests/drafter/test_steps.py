@@ -24,7 +24,7 @@ def test_concurrent_steps_are_batched_and_exact():
     def session(i):
         kv = KVState.empty(model)
         start.wait()
-        got[i] = [batcher.step(kv, prompts[i])] + [batcher.step(kv, [40 + j]) for j in range(4)]
+        got[i] = batcher.step([kv], [prompts[i]]) + [batcher.step([kv], [[40 + j]])[0] for j in range(4)]
 
     threads = [threading.Thread(target=session, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -47,7 +47,7 @@ def test_a_failing_step_fails_only_its_session():
     def session(i):
         start.wait()
         try:
-            results[i] = batcher.step(KVState.empty(model), feeds[i])
+            results[i] = batcher.step([KVState.empty(model)], [feeds[i]])[0]
         except (IndexError, RuntimeError) as error:
             results[i] = error
 
@@ -59,3 +59,19 @@ def test_a_failing_step_fails_only_its_session():
     assert isinstance(results[1], (IndexError, RuntimeError))
     for i in (0, 2):
         torch.testing.assert_close(results[i], extend(model, KVState.empty(model), feeds[i], 1)[-1])
+
+
+def test_a_sessions_branches_go_in_one_pass():
+    """The speculation cache's branches: one call, several KV states, one forward."""
+    model = tiny("llama", seed=0)
+    batcher = StepBatcher(model)
+    base = KVState.empty(model)
+    extend(model, base, [5, 6, 7, 8])
+    forks = [base.fork(4), base.fork(3), base.fork(2)]
+    feeds = [[9], [30], [31]]
+    alone = [extend(model, base.fork(len(f)), feed, 1)[-1] for f, feed in zip(forks, feeds)]
+    got = batcher.step(forks, feeds)
+    for expected, actual in zip(alone, got):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert batcher.batch_sizes[-1] == 3
+    assert base.tokens == [5, 6, 7, 8] and [f.tokens for f in forks] == [[5, 6, 7, 8, 9], [5, 6, 7, 30], [5, 6, 31]]
