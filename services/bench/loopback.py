@@ -25,7 +25,7 @@ from ..verifier.service import VerifierService
 class Loopback:
     def __init__(self, target, draft, eos_token_id=None, max_context=256, max_batch_size=16,
                  kv_cache_bytes=DEFAULT_KV_CACHE_BYTES):
-        self.drafter = DrafterService(make_proposers(draft, max_batch_size=max_batch_size))
+        self.drafter = DrafterService(make_proposers(draft, max_batch_size=max_batch_size), rows=max_batch_size)
         engine = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes)), None, eos_token_id, max_context)
         self.verifier = VerifierService(engine, self._address, max_batch_size)
         self.server = None
@@ -47,13 +47,13 @@ class Loopback:
         await self.server.stop(None)
 
     async def generate(self, prompt, max_new, params=SamplingParams(seed=0), method="draft", gamma=4,
-                       pipeline=True, adaptive=False):
+                       pipeline=True, adaptive=False, fanout=4):
         """(tokens, final stats) of one session; also checks chunk framing."""
         req = internal_pb2.VerifyRequest(
             request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=max_new, sampling=sampling_to_proto(params),
             pinned_gamma=not params.greedy,
             speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=gamma, adaptive=adaptive,
-                                                 pipeline=pipeline),
+                                                 pipeline=pipeline, fanout=fanout),
         )
         # With tracing on, a request span stands in for the gateway's.
         span = tracing.start_span("outrider.generate", kind=tracing.SpanKind.SERVER)

@@ -53,8 +53,10 @@ def summarize(runs: list[Run]) -> dict:
 
 
 def pipeline_summary(runs: list[Run]) -> dict:
-    """Served runs only: the best pipelined config's hit rate, overlap and per-round
-    time breakdown, and what pipelining gained over drafting serially."""
+    """Served runs only: the best pipelined config's hit rates, overlap and per-round
+    time breakdown, and what pipelining gained over drafting serially. pipeline_hit_rate:
+    rounds whose next block the verifier already held; cache_hit_rate: rounds whose
+    outcome the worker had drafted the next block for (held, or sent at once)."""
     piped = [r for r in runs if r.stats.pipeline_rounds]
     if not piped:
         return {}
@@ -63,10 +65,16 @@ def pipeline_summary(runs: list[Run]) -> dict:
     out = {
         "pipelined_best_config": best.label,
         "pipeline_hit_rate": s.pipeline_hit_rate,
+        "cache_hit_rate": s.cache_hit_rate,
+        "cache_hits_partial_share": s.cache_hits_partial / s.cache_hits if s.cache_hits else 0.0,
+        "branches_per_round": s.branches_drafted / s.pipeline_rounds,
         "overlap": s.overlap,
         "round_breakdown_ms": round_breakdown_ms(best),
     }
     serial = [r for r in runs if r.method == best.method + "-serial" and r.gamma == best.gamma]
+    one_guess = [r for r in runs if r.method == best.method and r.gamma == best.gamma and r.fanout == 1]
+    if one_guess and best.fanout != 1:
+        out["cache_speedup_vs_one_guess"] = best.tokens_per_s / one_guess[0].tokens_per_s
     if serial:
         out["pipelining_speedup"] = best.tokens_per_s / serial[0].tokens_per_s
     return out

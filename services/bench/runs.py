@@ -18,6 +18,7 @@ class Run:
     method: str  # target-only | outrider-draft | outrider-ngram | hf-assisted | hf-target-only
     gamma: int | None  # None for target-only; 0 marks the adaptive schedule
     tree: str = ""  # a tree drafter's shape (ChoiceTree.label), instead of gamma
+    fanout: int | None = None  # served, pipelined: the speculation cache's branches a round (None: the server's)
     tokens: int = 0
     seconds: float = 0.0
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -29,7 +30,8 @@ class Run:
             return self.method
         if self.tree:
             return f"{self.method} {self.tree}"
-        return f"{self.method} gamma={'adaptive' if self.gamma == 0 else self.gamma}"
+        fanout = "" if self.fanout is None else f" fanout={self.fanout}"
+        return f"{self.method} gamma={'adaptive' if self.gamma == 0 else self.gamma}{fanout}"
 
     @property
     def drafter(self) -> str:
@@ -107,18 +109,19 @@ def leviathan_speedup(run: Run, ar_seconds_per_token: float) -> float:
 
 
 def run_server(client, method: str, gamma: int | None, pipeline: bool, prompts: list[str], max_new: int,
-               tree: str = "") -> Run:
+               tree: str = "", fanout: int | None = None) -> Run:
     """The same pass through a running server's public gRPC API (greedy). Seconds are
     the client's wall time per request, so every hop and queue is included. ``tree``:
-    a tree method's shape (paths of candidate ranks; "" = the server's)."""
+    a tree method's shape (paths of candidate ranks; "" = the server's). ``fanout``:
+    the speculation cache's (None: the server's default)."""
     from ..gateway.client import make_request
     from ..rpc.convert import stats_from_proto
 
     label = "target-only" if method == "none" else f"outrider-{method}" + ("" if pipeline else "-serial")
-    run = Run(method=label, gamma=None if method == "none" else gamma)
+    run = Run(method=label, gamma=None if method == "none" else gamma, fanout=fanout)
     for prompt in prompts:
         request = make_request(prompt, max_new, method=method, gamma=gamma or 0, adaptive=gamma == 0, pipeline=pipeline,
-                               tree=tree)
+                               tree=tree, fanout=fanout)
         start = time.perf_counter()
         ids, stats = [], None
         for chunk in client.generate(request):

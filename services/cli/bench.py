@@ -37,6 +37,8 @@ def add_parser(sub, name: str) -> None:
                         help=f"comma-separated proposers to measure, of {', '.join(BENCH_DRAFTERS)} (medusa, mtp "
                              "and eagle run their whole tree once: --tree / --eagle-tree, or the heads' own)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
+    parser.add_argument("--fanouts", default="",
+                        help="--server: comma-separated speculation-cache fan-outs to compare (default: the server's)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="passes over all configs; reports the median pass (by speedup over target-only)")
     add_server_options(parser, None, "measure a running server through its gRPC API (target-only through the "
@@ -228,9 +230,11 @@ def local_configs(args, drafters, gammas, texts, pair):
 
 
 def server_configs(args, drafters, gammas, texts, pair):
-    """Target-only and every drafter x gamma (pipelined, and serial for comparison)
-    through the server; HF assisted in this process as the single-process anchor."""
+    """Target-only and every drafter x gamma (pipelined at each fan-out, and serial for
+    comparison) through the server; HF assisted in this process as the single-process
+    anchor."""
     client = server_client(args)
+    fanouts = parse_ints(args.fanouts, "fanouts") if args.fanouts else [None]
     prompts = None  # token ids for the in-process anchor, tokenized once
     if pair is not None:
         prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
@@ -243,16 +247,21 @@ def server_configs(args, drafters, gammas, texts, pair):
         raise UsageError(f"server {args.server}: {err.code().name}: {err.details()}") from None
     if pair is not None:
         run_hf(pair, 2, prompts[:1], 8)
-    configs = [("server", "none", None, True)]
-    configs += [("server", d, g, p) for d in drafters for g in drafter_gammas(d, gammas)
-                for p in ((True, False) if d not in TREE_DRAFTERS else (True,))]  # heads have no draft hop to pipeline
+    configs = [("server", "none", None, True, None)]
+    for d in drafters:
+        for g in drafter_gammas(d, gammas):
+            if d in TREE_DRAFTERS:  # heads have no draft hop to pipeline
+                configs.append(("server", d, g, True, None))
+                continue
+            configs += [("server", d, g, True, f) for f in fanouts] + [("server", d, g, False, None)]
     if pair is not None:
-        configs += [("hf", None, g, None) for g in gammas if g > 0]
+        configs += [("hf", None, g, None, None) for g in gammas if g > 0]
 
     def measure(config):
-        kind, drafter, gamma, pipeline = config
+        kind, drafter, gamma, pipeline, fanout = config
         if kind == "server":
-            return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens, tree_option(args, drafter) or "")
+            return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens, tree_option(args, drafter) or "",
+                              fanout)
         return run_hf(pair, gamma, prompts, args.max_new_tokens)
 
     return measure, configs

@@ -47,6 +47,8 @@ def add_parser(sub, name: str) -> None:
                         help="also decode with the target alone and report the speedup")
     add_server_options(parser, None, "generate through a running server's gRPC API instead of in-process")
     parser.add_argument("--no-pipeline", action="store_true", help="with --server: draft only after each verify")
+    parser.add_argument("--fanout", type=int, default=None,
+                        help="with --server: the speculation cache's branches a round (1: one guess; default: the server's)")
     add_model_options(parser)
 
 
@@ -129,7 +131,7 @@ def run_remote(args, base: SamplingParams) -> int:
                                args.adaptive_gamma, pipeline=not args.no_pipeline,
                                tree=(tree_option(args, method) or "") if method in HEAD_KINDS else "",
                                stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id), min_tokens=args.min_tokens,
-                               ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+                               ignore_eos=args.ignore_eos, logprobs=args.logprobs, fanout=args.fanout)
         ids, text, final, lps, tops = [], "", None, [], []
         for chunk in client.generate(request):
             ids.extend(chunk.token_ids)

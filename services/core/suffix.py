@@ -20,6 +20,7 @@ import heapq
 import itertools
 import math
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -36,25 +37,13 @@ from .tree import tree_shape
 _RECHECK = 64
 
 
-class _Node:
-    # out: occurrences followed by a token (the sum of the children's counts), the
-    # denominator of a continuation's probability: an occurrence at a sequence's end
-    # (the session's own context, always) says nothing about what follows.
-    __slots__ = ("children", "count", "out", "parent", "token", "depth")
-
-    def __init__(self, parent: "_Node | None", token: int, depth: int):
-        self.children: dict[int, _Node] | None = None
-        self.count = self.out = 0
-        self.parent, self.token, self.depth = parent, token, depth
-
-
 class _Seq:
     __slots__ = ("tokens", "start", "active")
 
     def __init__(self):
-        self.tokens: list[int] = []
+        self.tokens = array("l")
         self.start = 0  # occurrences starting before this were evicted (the front trimmed)
-        self.active: list[_Node] = []  # the nodes of its suffixes, shortest first
+        self.active: list[int] = []  # the nodes of its last suffixes, shortest first: node i has depth i+1
 
 
 @dataclass(frozen=True)
@@ -74,7 +63,10 @@ class SuffixIndex:
 
     At most ``max_nodes`` trie nodes and ``max_tokens`` stored tokens: appending past
     either evicts the least recently appended sequences whole (a sequence alone over the
-    cap loses its oldest tokens). Thread-safe."""
+    cap loses its oldest tokens). Thread-safe.
+
+    Nodes are rows of flat arrays and edges one dict of ints, not objects: a million
+    nodes cost ~130 bytes each and nothing for the garbage collector to traverse."""
 
     def __init__(self, max_depth: int = 32, max_nodes: int = 1 << 20, max_tokens: int | None = None):
         max_tokens = max_nodes if max_tokens is None else max_tokens
@@ -82,9 +74,16 @@ class SuffixIndex:
         if max_depth < 2 or max_nodes < max_depth * (max_depth + 3) // 2 or max_tokens <= max_depth:
             raise ValueError("need max_depth >= 2, max_nodes >= D(D+3)/2 and max_tokens > D")
         self.max_depth, self.max_nodes, self.max_tokens = max_depth, max_nodes, max_tokens
-        self._root = _Node(None, -1, 0)
+        self._edges: dict[int, int] = {}  # token << 32 | parent -> child (the node in the low bits: hashed apart)
+        # Per node (0 the root): occurrences; out, the occurrences followed by a token (the
+        # children's counts summed), the denominator of a continuation's probability: an
+        # occurrence at a sequence's end (a session's own context, always) says nothing of
+        # what follows; and the children as a doubly linked list, to walk and unlink.
+        self._count, self._out, self._parent, self._token = (array("l", [0]) for _ in range(4))
+        self._first, self._next, self._prev = (array("l", [-1]) for _ in range(3))
+        self._free = array("l")
         self._seqs: OrderedDict[int, _Seq] = OrderedDict()  # least recently appended first
-        self._next = 0
+        self._next_seq = 0
         self._nodes = self._tokens = 0
         self._lock = threading.Lock()
 
@@ -102,22 +101,46 @@ class SuffixIndex:
 
     def new_sequence(self) -> int:
         with self._lock:
-            self._next += 1
-            return self._next
+            self._next_seq += 1
+            return self._next_seq
 
     def append(self, seq: int, tokens) -> None:
         """Extend sequence ``seq`` (started afresh if unknown or evicted)."""
         if not len(tokens):
             return
+        depth = self.max_depth
         with self._lock:
             s = self._seqs.pop(seq, None) or _Seq()
             self._seqs[seq] = s  # now the most recently used
             for t in tokens:
-                self._make_room(seq, s, 1 + sum(a.depth < self.max_depth for a in s.active))
-                nodes = [self._root] + s.active
-                s.active = [self._inc(a, int(t)) for a in nodes if a.depth < self.max_depth]
-                s.tokens.append(int(t))
+                t = int(t)
+                self._make_room(seq, s, min(len(s.active) + 1, depth))
+                s.active = self._extend([0] + s.active[: depth - 1], t)
+                s.tokens.append(t)
                 self._tokens += 1
+
+    def _extend(self, nodes: list[int], t: int) -> list[int]:
+        """Each node's child by ``t``, its count up by one (the hot loop: all locals)."""
+        edges, count, out, first, nxt, prev = self._edges, self._count, self._out, self._first, self._next, self._prev
+        children = []
+        for node in nodes:
+            key = t << 32 | node
+            child = edges.get(key)
+            if child is None:
+                if not self._free:
+                    self._grow()
+                child = edges[key] = self._free.pop()
+                count[child] = out[child] = 0
+                self._parent[child], self._token[child], first[child] = node, t, -1
+                head = first[node]
+                nxt[child], prev[child], first[node] = head, -1, child
+                if head >= 0:
+                    prev[head] = child
+                self._nodes += 1
+            count[child] += 1
+            out[node] += 1
+            children.append(child)
+        return children
 
     def pop(self, seq: int, n: int) -> None:
         """Drop the last ``n`` tokens of ``seq`` (refuted guesses)."""
@@ -126,11 +149,12 @@ class SuffixIndex:
             for _ in range(n if s else 0):
                 if len(s.tokens) <= s.start:
                     break
+                parents = [self._parent[a] for a in s.active[1:]]
                 for a in s.active:
                     self._dec(a)
                 s.tokens.pop()
                 self._tokens -= 1
-                s.active = [a.parent for a in s.active if a.depth > 1]
+                s.active = parents
                 j = len(s.tokens) - self.max_depth  # the suffix that fits again
                 if j >= s.start:
                     s.active.append(self._find(s.tokens[j:]))
@@ -143,15 +167,15 @@ class SuffixIndex:
     def tail(self, seq: int, n: int) -> list[int]:
         with self._lock:
             s = self._seqs.get(seq)
-            return s.tokens[max(s.start, len(s.tokens) - n):] if s and n > 0 else []
+            return s.tokens[max(s.start, len(s.tokens) - n):].tolist() if s and n > 0 else []
 
     def count(self, tokens) -> int:
         """Occurrences of ``tokens`` (0 if longer than max_depth)."""
         with self._lock:
             node = self._find(tokens)
-            return node.count if node is not None else 0
+            return self._count[node] if node is not None else 0
 
-    def match(self, context, max_len: int | None = None) -> tuple[_Node | None, int]:
+    def match(self, context, max_len: int | None = None) -> tuple[int | None, int]:
         """The node of the longest suffix of ``context`` (at most ``max_len`` tokens)
         seen followed by a token, and its length; (None, 0) if none."""
         with self._lock:
@@ -177,67 +201,75 @@ class SuffixIndex:
             self._push(heap, order, node, 1.0, -1, 1, min_prob)
             while heap and len(tokens) < size:
                 negp, _, child, parent, depth = heapq.heappop(heap)
-                tokens.append(child.token)
+                tokens.append(self._token[child])
                 parents.append(parent)
                 probs.append(-negp)
-                if depth < gamma and child.out:
+                if depth < gamma and self._out[child]:
                     self._push(heap, order, child, -negp, len(tokens) - 1, depth + 1, min_prob)
         return Draft(tokens, parents, probs, length) if tokens else None
 
-    def _push(self, heap: list, order, node: _Node, prob: float, parent: int, depth: int, min_prob: float) -> None:
+    def _push(self, heap: list, order, node: int, prob: float, parent: int, depth: int, min_prob: float) -> None:
         # Path probabilities only shrink downwards: a child under min_prob is never taken.
-        for child in node.children.values():
-            p = prob * child.count / node.out
+        scale = prob / self._out[node]
+        child = self._first[node]
+        while child >= 0:
+            p = scale * self._count[child]
             if p >= min_prob:
                 heapq.heappush(heap, (-p, next(order), child, parent, depth))
+            child = self._next[child]
 
-    def _match(self, context, max_len: int | None) -> tuple[_Node | None, int]:
+    def _match(self, context, max_len: int | None) -> tuple[int | None, int]:
         hi = min(self.max_depth - 1, len(context), self.max_depth if max_len is None else max_len)
         # Monotone in the length: if s is followed by x, so is every suffix of s.
         lo, best = 0, None
         while lo < hi:
             mid = (lo + hi + 1) // 2
             node = self._find(context[len(context) - mid:])
-            if node is not None and node.out:
+            if node is not None and self._out[node]:
                 lo, best = mid, node
             else:
                 hi = mid - 1
         return best, lo
 
-    def _find(self, tokens) -> _Node | None:
+    def _find(self, tokens) -> int | None:
         if len(tokens) > self.max_depth:
             return None
-        node = self._root
+        node, edges = 0, self._edges
         for t in tokens:
-            node = node.children.get(int(t)) if node.children else None
+            node = edges.get(int(t) << 32 | node)
             if node is None:
                 return None
         return node
 
-    def _inc(self, node: _Node, token: int) -> _Node:
-        if node.children is None:
-            node.children = {}
-        child = node.children.get(token)
-        if child is None:
-            child = node.children[token] = _Node(node, token, node.depth + 1)
-            self._nodes += 1
-        child.count += 1
-        node.out += 1
-        return child
+    def _grow(self) -> None:
+        grow = max(1024, len(self._count))
+        for a in (self._count, self._out, self._parent, self._token, self._first, self._next, self._prev):
+            a.frombytes(bytes(grow * a.itemsize))
+        self._free = array("l", range(len(self._count) - 1, len(self._count) - grow - 1, -1))
 
-    def _dec(self, node: _Node) -> None:
-        node.count -= 1
-        node.parent.out -= 1
-        if node.count == 0:  # no children left either: each counts within its parent's count
-            del node.parent.children[node.token]
+    def _dec(self, node: int) -> None:
+        self._count[node] -= 1
+        parent = self._parent[node]
+        self._out[parent] -= 1
+        if self._count[node] == 0:  # no children left either: each counts within its parent's count
+            del self._edges[self._token[node] << 32 | parent]
+            before, after = self._prev[node], self._next[node]
+            if before >= 0:
+                self._next[before] = after
+            else:
+                self._first[parent] = after
+            if after >= 0:
+                self._prev[after] = before
+            self._free.append(node)
             self._nodes -= 1
 
     def _trim_front(self, s: _Seq) -> None:
         """Forget the occurrences starting at the sequence's oldest position."""
-        node = self._root
+        node = 0
         for t in s.tokens[s.start:s.start + self.max_depth]:
-            node = node.children[t]
-            self._dec(node)  # a detached node's children stay reachable for the rest of the walk
+            # A freed node's child edges stay until this walk frees the children too.
+            node = self._edges[t << 32 | node]
+            self._dec(node)
         s.start += 1
         self._tokens -= 1
         if s.start > 1024 and 2 * s.start > len(s.tokens):  # amortised: keep only what is indexed
@@ -252,10 +284,12 @@ class SuffixIndex:
     def _make_room(self, seq: int, s: _Seq, new_nodes: int) -> None:
         while self._nodes + new_nodes > self.max_nodes or self._tokens >= self.max_tokens:
             oldest = next(iter(self._seqs))
-            if False:
+            if oldest != seq:
                 self._evict(oldest)
-            else:  # alone over the cap: the caps' minimums keep the trim off its active suffixes
+            elif s.start + self.max_depth < len(s.tokens):  # alone over the cap; active suffixes kept
                 self._trim_front(s)
+            else:  # unreachable: the caps' minimums leave room for a sequence's active suffixes
+                raise RuntimeError("suffix index caps too small")
 
 
 @dataclass

@@ -29,6 +29,7 @@ def make_request(
     ignore_eos: bool = False,
     logprobs: int | None = None,
     n: int = 0,
+    fanout: int | None = None,
 ) -> outrider_pb2.GenerateRequest:
     """A GenerateRequest; ``params`` carries sampling and penalties (its stop rule and
     prompt length are the server's to resolve: the stop arguments say what to stop at)."""
@@ -36,6 +37,8 @@ def make_request(
                                            tree=tree)
     if pipeline is not None:
         speculation.pipeline = pipeline
+    if fanout is not None:
+        speculation.fanout = fanout
     req = outrider_pb2.GenerateRequest(
         request_id=request_id, max_new_tokens=max_new_tokens, sampling=sampling_to_proto(params),
         speculation=speculation, n=n,

@@ -93,7 +93,13 @@ class SpecDecodeMetrics:
                                        "Draft compute seconds, hidden under verification or not.", "method")
         self.pipeline_rounds = c("outrider_pipeline_rounds_total",
                                  "Rounds with an early (pipelined) draft in flight for the next round.", "method")
-        self.pipeline_hits = c("outrider_pipeline_hits_total", "Pipelined early drafts that were used.", "method")
+        self.pipeline_hits = c("outrider_pipeline_hits_total",
+                               "Rounds whose next block the verifier already held (a branch for the outcome).", "method")
+        self.cache_hits = c("outrider_speculation_cache_hits_total",
+                            "Rounds whose outcome a draft worker had pre-drafted the next block for, by the outcome "
+                            "(full: every draft accepted; partial: a draft rejected).", "method", "outcome")
+        self.branches_drafted = c("outrider_speculation_cache_branches_total",
+                                  "Blocks draft workers pre-drafted for likely outcomes, used or not.", "method")
         self.draft_bytes = c("outrider_draft_bytes_total",
                              "Draft block bytes the verifiers received from draft workers (q' included).", "method")
 
@@ -161,6 +167,9 @@ class SpecDecodeMetrics:
         _inc(self.draft_compute_seconds, stats.draft_s, tags)
         _inc(self.pipeline_rounds, stats.pipeline_rounds, tags)
         _inc(self.pipeline_hits, stats.pipeline_hits, tags)
+        _inc(self.cache_hits, stats.cache_hits_full, {**tags, "outcome": "full"})
+        _inc(self.cache_hits, stats.cache_hits_partial, {**tags, "outcome": "partial"})
+        _inc(self.branches_drafted, stats.branches_drafted, tags)
         _inc(self.draft_bytes, stats.draft_bytes, tags)
         if stats.drafted:
             self.acceptance_length.observe(stats.mean_acceptance_length, tags)

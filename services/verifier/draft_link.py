@@ -47,10 +47,12 @@ class DraftLink:
         self.stalled: set[str] = set()  # workers that missed a deadline: never reused by this session
         self.off = False  # no worker to draft with: the session decodes alone
         self.waits: deque[float] = deque(maxlen=16)  # recent block waits, for the deadline
-        self.reading: asyncio.Future | None = None  # the stream's one outstanding read
+        self.reader: asyncio.Future | None = None  # reads the stream into inbox
+        self.inbox: asyncio.Queue | None = None  # messages, EOF, or the error that ended the stream
         # The speculation cache's branches received: (round, accepted, guess) -> block.
         self.branches: dict[tuple[int, int, int], DraftBlock] = {}
         self.branched_round = -1
+        self.fresh: dict[int, DraftBlock] = {}  # fresh blocks the inbox held when branches were looked for
         # (traceparent, tracestate) of the round the worker drafts for next: sent with
         # every outcome and with a reopened stream's `open`.
         self.trace: tuple[str, str] = ("", "")
@@ -95,13 +97,18 @@ class DraftLink:
 
     def _drain(self) -> None:
         """Take every message already received, without waiting."""
-        while self.reading is not None and self.reading.done():
-            msg = self.reading.result()
-            self.reading = None
-            if msg is grpc.aio.EOF:
-                raise ConnectionError("the draft worker closed the session")
-            self._arrived(msg)
-            self.reading = asyncio.ensure_future(self.call.read())
+        self._listen()
+        while self.inbox is not None and not self.inbox.empty():
+            block = self._arrived(_message(self.inbox.get_nowait()))
+            if block is not None:  # a fresh block, early: kept for receive
+                self.fresh[block.round] = block
+
+    def _listen(self) -> None:
+        """Read the stream continuously into ``inbox``, so that branches that arrive
+        while the verifier is busy are there when it looks, without waiting."""
+        if self.reader is None and self.call is not None:
+            self.inbox = asyncio.Queue()
+            self.reader = asyncio.ensure_future(_read_into(self.call, self.inbox))
 
     def _arrived(self, msg) -> DraftBlock | None:
         """Account a received block; keep a branch, return a fresh block."""
@@ -120,33 +127,32 @@ class DraftLink:
     async def _read(self, round: int) -> DraftBlock:
         if self.call is None:
             raise ConnectionError("the stream was dropped")
+        self._listen()
         stats = self.seq.stats
         t0 = time.perf_counter()
         deadline = t0 + self.deadline()
-        while True:
-            if self.reading is None:
-                self.reading = asyncio.ensure_future(self.call.read())
+        block = self.fresh.pop(round, None)
+        self.fresh.clear()  # blocks for earlier rounds are no longer wanted
+        while block is None:
+            get = asyncio.ensure_future(self.inbox.get())
             try:
-                done, _ = await asyncio.wait({self.reading}, timeout=max(0.0, deadline - time.perf_counter()))
+                done, _ = await asyncio.wait({get}, timeout=max(0.0, deadline - time.perf_counter()))
                 if not done:
                     # If this process was the one frozen (its node stopped, then resumed),
                     # the deadline passed with the block already in the socket: give the
-                    # read a moment more before blaming the worker. (The read is not
-                    # cancelled in between: cancelling a read cancels the whole gRPC call.)
-                    done, _ = await asyncio.wait({self.reading}, timeout=THAW_S)
+                    # reader a moment more before blaming the worker.
+                    done, _ = await asyncio.wait({get}, timeout=THAW_S)
             except BaseException:  # this session was cancelled meanwhile
+                get.cancel()
                 self._drop_call()
                 raise
             if not done:
+                get.cancel()
                 self._drop_call()
                 raise DraftStalled(f"draft worker {self.address} sent nothing for {self.deadline():.1f} s")
-            msg = self.reading.result()
-            self.reading = None
-            if msg is grpc.aio.EOF:
-                raise ConnectionError("the draft worker closed the session")
-            block = self._arrived(msg)
-            if block is not None and block.round == round:
-                break
+            block = self._arrived(_message(get.result()))
+            if block is not None and block.round != round:
+                block = None
         waited = time.perf_counter() - t0
         self.waits.append(waited)
         exposed = min(waited, block.draft_s)
@@ -157,12 +163,12 @@ class DraftLink:
     def _drop_call(self) -> None:
         """Cancel the stream (cancelling a read cancels the whole call anyway); the
         next receive reopens it on another worker."""
-        if self.reading is not None:
-            self.reading.cancel()
+        if self.reader is not None:
+            self.reader.cancel()
         if self.call is not None:
             self.call.cancel()
-        self.call = self.reading = None
-        self.branches = {}  # a new worker's session knows nothing of them
+        self.call = self.reader = self.inbox = None
+        self.branches, self.fresh = {}, {}  # a new worker's session knows nothing of them
 
     async def _reconnect(self, round: int, error: Exception) -> None:
         self._drop_call()
@@ -202,6 +208,28 @@ class DraftLink:
 
     def close(self) -> None:
         self._drop_call()
+
+
+async def _read_into(call, inbox: asyncio.Queue) -> None:
+    try:
+        while True:
+            msg = await call.read()
+            inbox.put_nowait(msg)
+            if msg is grpc.aio.EOF:
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:  # the stream failed: the next look at the inbox raises it
+        inbox.put_nowait(error)
+
+
+def _message(item):
+    """An inbox item as a message; the end of the stream raises."""
+    if isinstance(item, Exception):
+        raise item
+    if item is grpc.aio.EOF:
+        raise ConnectionError("the draft worker closed the session")
+    return item
 
 
 class NoOtherWorker(ConnectionError):

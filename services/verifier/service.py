@@ -40,7 +40,8 @@ def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit
         "outrider.gamma": drafted, "outrider.accepted": result.num_accepted,
         "outrider.bonus_kept": drafted > 0 and result.num_accepted == drafted,  # every draft accepted
         "outrider.pipeline_hit": hit,  # the next round runs on the early block (RoundOutcome.pipeline_hit)
-        "outrider.early_block": block.speculative,  # this round's block was drafted early
+        # This round's block was drafted early, as a branch for the outcome of the round before.
+        "outrider.early_block": block.speculative or block.from_cache,
         "outrider.committed": len(result.tokens),
     })
     if not pipelined:

@@ -74,7 +74,7 @@ def test_counts_and_longest_match_equal_brute_force():
         assert n == brute_match(list(seqs.values()), context, 5, max_len)
         assert (node is None) == (n == 0)
         if n:
-            assert node.count == occurrences(seqs.values(), context[len(context) - n:])
+            assert index.count(context[len(context) - n:]) == occurrences(seqs.values(), context[len(context) - n:])
 
 
 def test_pop_and_eviction_stay_exact():
@@ -175,6 +175,15 @@ def test_candidate_trees(seed):
                         assert up * c / sum(follow.values()) <= min(draft.probs) + 1e-12
         grown += len(draft.tokens) > 1 and not shape.is_chain
     assert grown > 0  # some drafts were real trees
+
+
+def test_unlikely_continuations_are_not_drafted():
+    index = SuffixIndex(max_depth=4, max_nodes=10**4)
+    for k in range(20):  # after 9, each of 20 tokens once: 5% each
+        index.append(index.new_sequence(), [9, 100 + k])
+    assert index.speculate([9], 3, 30, alpha=30, min_prob=0.1) is None
+    draft = index.speculate([9], 3, 30, alpha=30, min_prob=0.05)
+    assert sorted(draft.tokens) == list(range(100, 120)) and draft.parents == [-1] * 20
 
 
 def test_proposals_respect_gamma_and_the_round_budget():
