@@ -73,7 +73,7 @@ class AppArgs(BaseModel):
     trust_remote_code: bool = False
 
     # Request defaults and limits.
-    default_method: Literal["draft", "ngram", "none"] = "draft"
+    default_method: Literal["draft", "ngram", "suffix", "none"] = "draft"
     default_gamma: int = Field(8, ge=1, le=16)
     # The speculation cache: while a round verifies, each draft worker session drafts the
     # next block for up to this many likely outcomes of it (1: plain pipelining's one).

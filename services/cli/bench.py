@@ -16,14 +16,16 @@ from ..bench.concurrent import run_server as run_concurrent_server
 from ..bench.concurrent import summarize_concurrency
 from ..bench.report import format_table, run_rows, summarize, write_json, write_plot
 from ..bench.runs import run_hf, run_outrider, run_server
+from ..bench.workloads import repetitive_prompts
 from ..core.gamma import MAX_GAMMA
 from ..models.loading import BUNDLED_DIR
 from ..models.pair import load_pair
+from ..rpc.convert import ON_VERIFIER
 from .common import (UsageError, add_model_options, add_server_options, apply_threads, model_paths, server_client,
                      tree_option, validate_device)
 
 DEFAULT_PROMPTS = BUNDLED_DIR / "heldout_prompts.jsonl"
-BENCH_DRAFTERS = ("draft", "ngram", "medusa", "mtp", "eagle")
+BENCH_DRAFTERS = ("draft", "ngram", "suffix", "medusa", "mtp", "eagle")
 TREE_DRAFTERS = ("medusa", "mtp", "eagle")  # heads on the verifier: each runs its whole tree once
 
 
@@ -37,6 +39,9 @@ def add_parser(sub, name: str) -> None:
                         help=f"comma-separated proposers to measure, of {', '.join(BENCH_DRAFTERS)} (medusa, mtp "
                              "and eagle run their whole tree once: --tree / --eagle-tree, or the heads' own)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
+    parser.add_argument("--workload", choices=("heldout", "repetitive"), default="heldout",
+                        help="repetitive: an editor's, one file edited and resubmitted --requests times (suffix decoding's)")
+    parser.add_argument("--requests", type=int, default=8, help="--workload repetitive: requests per editor session")
     parser.add_argument("--fanouts", default="",
                         help="--server: comma-separated speculation-cache fan-outs to compare (default: the server's)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -110,6 +115,8 @@ def run(args) -> int:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.repeat < 1:
         raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.requests < 1:
+        raise UsageError(f"--requests must be >= 1, got {args.requests}")
     if args.concurrency < 0:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.kill_replica or args.shared_prefix or args.cancels:
@@ -139,12 +146,21 @@ def run(args) -> int:
                          heads=tuple(d for d in drafters if d in TREE_DRAFTERS) if args.server is None else ())
     summarize_pass, speedup_key = summarize, "speedup_vs_ar"
     if args.concurrency:
-        measure, configs = concurrency_configs(args, drafters, gammas, texts, pair)
+        build = concurrency_configs
         summarize_pass, speedup_key = summarize_concurrency, None
     elif args.server:
-        measure, configs = server_configs(args, drafters, gammas, texts, pair)
+        build = server_configs
     else:
-        measure, configs = local_configs(args, drafters, gammas, texts, pair)
+        build = local_configs
+    if args.workload == "repetitive":
+        if args.concurrency:
+            raise UsageError("--workload repetitive runs one stream")
+        files = texts
+        # Each pass an editor session over another file: a pass never finds its own
+        # completions from an earlier pass in a server's suffix index.
+        workloads = [repetitive_prompts(files, args.requests, n) for n in range(args.repeat)]
+    else:
+        workloads = [texts] * args.repeat
 
     # Every pass measures every config, interleaved, so that drift in machine load hits
     # all configs of a pass alike. Ratios are taken within a pass (these machines are
@@ -153,6 +169,7 @@ def run(args) -> int:
     passes: list[list] = []
     for n in range(args.repeat):
         runs = []
+        measure, configs = build(args, drafters, gammas, workloads[n], pair)
         for config in configs:
             measured = measure(config)
             runs.append(measured)
@@ -171,7 +188,7 @@ def run(args) -> int:
     if pair is not None and any(d in TREE_DRAFTERS for d in drafters):
         summary["verify_cost"] = tree_verify_cost(pair)
     meta = {"server": args.server, "target": pair.paths.target if pair else None,
-            "draft": pair.paths.draft if pair else None, "prompts": len(texts),
+            "draft": pair.paths.draft if pair else None, "prompts": len(workloads[0]), "workload": args.workload,
             "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "concurrency": args.concurrency, "threads": torch.get_num_threads(),
             "device": args.device, "torch": torch.__version__, "machine": platform.machine()}
     print(format_table(rows))
@@ -242,7 +259,8 @@ def server_configs(args, drafters, gammas, texts, pair):
     try:
         run_server(client, "none", None, True, texts[:1], 8)  # warm-up
         for d in drafters:
-            run_server(client, d, 2, True, texts[:1], 8, tree_option(args, d) or "")
+            if d != "suffix":  # its index would learn the first prompt's completion
+                run_server(client, d, 2, True, texts[:1], 8, tree_option(args, d) or "")
     except grpc.RpcError as err:
         raise UsageError(f"server {args.server}: {err.code().name}: {err.details()}") from None
     if pair is not None:
@@ -250,7 +268,7 @@ def server_configs(args, drafters, gammas, texts, pair):
     configs = [("server", "none", None, True, None)]
     for d in drafters:
         for g in drafter_gammas(d, gammas):
-            if d in TREE_DRAFTERS:  # heads have no draft hop to pipeline
+            if d in ON_VERIFIER:  # heads and lookups run on the verifier: no draft hop to pipeline
                 configs.append(("server", d, g, True, None))
                 continue
             configs += [("server", d, g, True, f) for f in fanouts] + [("server", d, g, False, None)]

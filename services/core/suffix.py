@@ -41,7 +41,7 @@ class _Seq:
     __slots__ = ("tokens", "start", "active")
 
     def __init__(self):
-        self.tokens = array("l")
+        self.tokens = array("i")
         self.start = 0  # occurrences starting before this were evicted (the front trimmed)
         self.active: list[int] = []  # the nodes of its last suffixes, shortest first: node i has depth i+1
 
@@ -66,7 +66,7 @@ class SuffixIndex:
     cap loses its oldest tokens). Thread-safe.
 
     Nodes are rows of flat arrays and edges one dict of ints, not objects: a million
-    nodes cost ~130 bytes each and nothing for the garbage collector to traverse."""
+    nodes cost ~140 bytes each and nothing for the garbage collector to traverse."""
 
     def __init__(self, max_depth: int = 32, max_nodes: int = 1 << 20, max_tokens: int | None = None):
         max_tokens = max_nodes if max_tokens is None else max_tokens
@@ -79,21 +79,13 @@ class SuffixIndex:
         # children's counts summed), the denominator of a continuation's probability: an
         # occurrence at a sequence's end (a session's own context, always) says nothing of
         # what follows; and the children as a doubly linked list, to walk and unlink.
-        self._count, self._out, self._parent, self._token = (array("l", [0]) for _ in range(4))
-        self._first, self._next, self._prev = (array("l", [-1]) for _ in range(3))
-        self._free = array("l")
+        self._count, self._out, self._parent, self._token = (array("i", [0]) for _ in range(4))
+        self._first, self._next, self._prev = (array("i", [-1]) for _ in range(3))
+        self._free = array("i")
         self._seqs: OrderedDict[int, _Seq] = OrderedDict()  # least recently appended first
         self._next_seq = 0
-        self._nodes = self._tokens = 0
+        self.num_nodes = self.num_tokens = 0  # trie nodes (the root aside), tokens stored
         self._lock = threading.Lock()
-
-    @property
-    def num_nodes(self) -> int:
-        return self._nodes
-
-    @property
-    def num_tokens(self) -> int:
-        return self._tokens
 
     def sequences(self) -> list[int]:
         with self._lock:
@@ -117,7 +109,7 @@ class SuffixIndex:
                 self._make_room(seq, s, min(len(s.active) + 1, depth))
                 s.active = self._extend([0] + s.active[: depth - 1], t)
                 s.tokens.append(t)
-                self._tokens += 1
+                self.num_tokens += 1
 
     def _extend(self, nodes: list[int], t: int) -> list[int]:
         """Each node's child by ``t``, its count up by one (the hot loop: all locals)."""
@@ -136,7 +128,7 @@ class SuffixIndex:
                 nxt[child], prev[child], first[node] = head, -1, child
                 if head >= 0:
                     prev[head] = child
-                self._nodes += 1
+                self.num_nodes += 1
             count[child] += 1
             out[node] += 1
             children.append(child)
@@ -153,7 +145,7 @@ class SuffixIndex:
                 for a in s.active:
                     self._dec(a)
                 s.tokens.pop()
-                self._tokens -= 1
+                self.num_tokens -= 1
                 s.active = parents
                 j = len(s.tokens) - self.max_depth  # the suffix that fits again
                 if j >= s.start:
@@ -245,7 +237,7 @@ class SuffixIndex:
         grow = max(1024, len(self._count))
         for a in (self._count, self._out, self._parent, self._token, self._first, self._next, self._prev):
             a.frombytes(bytes(grow * a.itemsize))
-        self._free = array("l", range(len(self._count) - 1, len(self._count) - grow - 1, -1))
+        self._free = array("i", range(len(self._count) - 1, len(self._count) - grow - 1, -1))
 
     def _dec(self, node: int) -> None:
         self._count[node] -= 1
@@ -261,7 +253,7 @@ class SuffixIndex:
             if after >= 0:
                 self._prev[after] = before
             self._free.append(node)
-            self._nodes -= 1
+            self.num_nodes -= 1
 
     def _trim_front(self, s: _Seq) -> None:
         """Forget the occurrences starting at the sequence's oldest position."""
@@ -271,7 +263,7 @@ class SuffixIndex:
             node = self._edges[t << 32 | node]
             self._dec(node)
         s.start += 1
-        self._tokens -= 1
+        self.num_tokens -= 1
         if s.start > 1024 and 2 * s.start > len(s.tokens):  # amortised: keep only what is indexed
             del s.tokens[:s.start]
             s.start = 0
@@ -282,7 +274,7 @@ class SuffixIndex:
             self._trim_front(s)
 
     def _make_room(self, seq: int, s: _Seq, new_nodes: int) -> None:
-        while self._nodes + new_nodes > self.max_nodes or self._tokens >= self.max_tokens:
+        while self.num_nodes + new_nodes > self.max_nodes or self.num_tokens >= self.max_tokens:
             oldest = next(iter(self._seqs))
             if oldest != seq:
                 self._evict(oldest)

@@ -23,7 +23,7 @@ import grpc
 
 from ..core.errors import InvalidRequest
 from ..core.pipeline import DraftSession
-from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
+from ..core.proposers import DraftModelProposer, Proposer
 from ..core.speculation_cache import MAX_FANOUT, fanout_for_load
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHODS, BlockTooLarge, block_to_proto, sampling_from_proto
@@ -57,13 +57,10 @@ async def _drafted(span, future: asyncio.Future, discarded: bool = False):
 
 
 def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16) -> dict[str, Proposer]:
-    """A worker's proposers: the draft model, its steps batched across sessions, and
-    n-gram lookup."""
+    """A worker's proposers: the draft model, its steps batched across sessions.
+    (Lookups, n-gram and suffix, run on the verifier: they need no model.)"""
     steps = StepBatcher(draft, max_batch_size)
-    return {
-        "draft": DraftModelProposer(draft, confidence_stop, step=steps.step),
-        "ngram": NgramProposer(device=draft.device),
-    }
+    return {"draft": DraftModelProposer(draft, confidence_stop, step=steps.step)}
 
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):

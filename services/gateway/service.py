@@ -24,7 +24,7 @@ from ..models.detokenizer import MAX_STOP_CHARS, MAX_STOPS, StopScanner
 from ..rpc import internal_pb2, outrider_pb2
 from ..core.eagle_proposer import EagleTree
 from ..core.tree import choice_tree, parse_choices
-from ..rpc.convert import METHOD_IDS, METHODS, ON_VERIFIER, method_name, sampling_from_proto, sampling_to_proto
+from ..rpc.convert import HEAD_METHODS, METHOD_IDS, METHODS, method_name, sampling_from_proto, sampling_to_proto
 from ..telemetry import tracing
 from .samples import merged, sample_request
 
@@ -101,11 +101,11 @@ class GatewayService:
         if params.seed is None:  # resolved here so draft worker and verifier share it
             params = replace(params, seed=random.SystemRandom().randrange(2**63))
         method = method_name(req.speculation.method, limits.default_method)
-        if limits.head_methods.get(method):  # draft, ngram and none are served by every app
+        if limits.head_methods.get(method):  # draft, ngram, suffix and none are served by every app
             raise InvalidRequest(f"speculation method {method.upper()} is not served here: {limits.head_methods[method]}")
         tree = req.speculation.tree
         if tree:
-            if method not in ON_VERIFIER:
+            if method not in HEAD_METHODS:
                 raise InvalidRequest(f"a tree is for MEDUSA, MTP or EAGLE, not {method.upper()}")
             try:
                 EagleTree.parse(tree) if method == "eagle" else choice_tree(parse_choices(tree))

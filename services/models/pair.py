@@ -13,6 +13,7 @@ from ..core.head_proposers import MedusaProposer
 from ..core.eagle_proposer import EagleProposer, EagleTree
 from ..core.mtp_proposer import MtpProposer
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
+from ..core.suffix import SuffixProposer
 from ..core.tree import choice_tree, parse_choices
 from ..core.verifier import TargetVerifier
 from ..core.target import TargetRunner
@@ -20,7 +21,7 @@ from .heads import load_heads
 from .loading import ModelPaths, check_pair, load_model, load_tokenizer, max_context
 
 HEAD_KINDS = ("medusa", "mtp", "eagle")  # drafters that run on the verifier, from the target's hidden states
-DRAFTERS = ("draft", "ngram", *HEAD_KINDS, "none")
+DRAFTERS = ("draft", "ngram", "suffix", *HEAD_KINDS, "none")
 MAX_HEAD_DEPTH = 8
 
 
@@ -87,6 +88,8 @@ def make_proposer(pair: ModelPair, drafter: str, confidence_stop: float = 0.0, t
         return DraftModelProposer(pair.draft, confidence_stop=confidence_stop)
     if drafter == "ngram":
         return NgramProposer(device=pair.target.device)
+    if drafter == "suffix":
+        return SuffixProposer(device=pair.target.device)
     if drafter in HEAD_KINDS:
         if drafter not in pair.heads:
             raise InvalidRequest(f"the {drafter} drafter needs its heads (load_pair(..., heads=({drafter!r},)))")

@@ -25,8 +25,11 @@ METHODS = {
     outrider_pb2.SPECULATION_METHOD_MEDUSA: "medusa",
     outrider_pb2.SPECULATION_METHOD_MTP: "mtp",
     outrider_pb2.SPECULATION_METHOD_EAGLE: "eagle",
+    outrider_pb2.SPECULATION_METHOD_SUFFIX: "suffix",
 }
-ON_VERIFIER = ("medusa", "mtp", "eagle")  # methods whose drafting heads run on the verifier
+HEAD_METHODS = ("medusa", "mtp", "eagle")  # drafting heads on the verifier, from the target's hidden states
+MODEL_FREE = ("ngram", "suffix")  # lookups: on the verifier too, where they cost microseconds and no hop
+ON_VERIFIER = MODEL_FREE + HEAD_METHODS
 METHOD_IDS = {name: value for value, name in METHODS.items()}
 
 
@@ -77,7 +80,7 @@ def method_name(value: int, default: str) -> str:
     if value == outrider_pb2.SPECULATION_METHOD_UNSPECIFIED:
         return default
     if value not in METHODS:
-        raise InvalidRequest(f"unknown speculation method {value}; use DRAFT, NGRAM, MEDUSA, MTP, EAGLE or NONE")
+        raise InvalidRequest(f"unknown speculation method {value}; use DRAFT, NGRAM, SUFFIX, MEDUSA, MTP, EAGLE or NONE")
     return METHODS[value]
 
 

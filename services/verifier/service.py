@@ -20,12 +20,13 @@ from ..core.gamma import GammaSchedule, LoadAwareGamma
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.errors import InvalidRequest
 from ..core.proposals import Proposal
-from ..core.proposers import Proposer
+from ..core.proposers import NgramProposer, Proposer
+from ..core.suffix import SuffixProposer
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.auth import auth_metadata
 from ..rpc.channels import CHANNEL_OPTIONS
 from ..models.detokenizer import StopScanner
-from ..rpc.convert import METHOD_IDS, METHODS, ON_VERIFIER, sampling_from_proto, stats_to_proto, stop_to_proto, top_logprobs_to_proto
+from ..rpc.convert import METHOD_IDS, METHODS, MODEL_FREE, ON_VERIFIER, sampling_from_proto, stats_to_proto, stop_to_proto, top_logprobs_to_proto
 from ..state.client import PrefixSharing, ShardedPrefixSharing
 from ..telemetry import tracing
 from .batcher import RoundBatcher
@@ -61,6 +62,12 @@ class VerifierService:
         ``tokenizer``: the target's, for requests with stop strings."""
         self.engine = engine
         self.tokenizer = tokenizer
+        # Lookups need no model: drafted here, in microseconds, with no hop. One suffix
+        # index per replica, over the outputs of all its sessions.
+        self.model_free: dict[str, Proposer] = {
+            "ngram": NgramProposer(device=engine.verifier.device),
+            "suffix": SuffixProposer(device=engine.verifier.device),
+        }
         self.head_proposer = head_proposer
         self.find_drafter = find_drafter
         self.device = engine.verifier.device
@@ -80,7 +87,9 @@ class VerifierService:
         spec = req.speculation
         method = METHODS[spec.method]
         proposer = None
-        if method in ON_VERIFIER:
+        if method in MODEL_FREE:
+            proposer = self.model_free[method]
+        elif method in ON_VERIFIER:
             if self.head_proposer is None:
                 raise InvalidRequest(f"this verifier has no heads for {method.upper()}")
             proposer = self.head_proposer(method, spec.tree)
@@ -151,8 +160,9 @@ class VerifierService:
             span.end()
 
     async def _local_rounds(self, seq: SequenceState, req, trace_ctx) -> AsyncIterator[RoundResult]:
-        """Rounds with no draft hop: target-only, or drafted here by heads from the
-        hidden states of the pass before (the first round's from the prefill's)."""
+        """Rounds with no draft hop: target-only, drafted here by a lookup (n-gram,
+        suffix), or by heads from the hidden states of the pass before (the first
+        round's from the prefill's)."""
         await self._prefill(seq, trace_ctx)
         round = req.first_round
         while not seq.finished:

@@ -59,14 +59,27 @@ def test_health_check_serves(server):
     assert server.healthy()
 
 
-@pytest.mark.parametrize("method,pipeline", [("draft", True), ("draft", False), ("ngram", True), ("none", True)])
+@pytest.mark.parametrize("method,pipeline", [("draft", True), ("draft", False), ("ngram", True), ("suffix", True),
+                                             ("none", True)])
 def test_greedy_over_grpc_is_target_only_decoding(server, pair, method, pipeline):
     for prompt in PROMPTS[:2]:
         tokens, chunks = stream(server, make_request(prompt, 40, method=method, gamma=6, pipeline=pipeline))
         assert tokens == target_only(pair, prompt, 40)
         stats = chunks[-1].stats
         assert stats.emitted == 40 and stats.finish_reason == "length"
-        assert (stats.pipeline_rounds > 0) == (pipeline and method != "none")
+        assert (stats.pipeline_rounds > 0) == (pipeline and method == "draft")  # lookups run on the verifier
+
+
+def test_suffix_decoding_learns_from_earlier_requests(server, pair):
+    """The replica's suffix index holds earlier sessions' outputs: the same prompt again
+    is drafted from the first completion, and takes fewer rounds."""
+    prompt = "def count_words(text):"  # no other test's suffix session saw it
+    rounds = []
+    for _ in range(2):
+        tokens, chunks = stream(server, make_request(prompt, 48, method="suffix", gamma=12))
+        assert tokens == target_only(pair, prompt, 48)
+        rounds.append(chunks[-1].stats.rounds)
+    assert rounds[1] < rounds[0] and rounds[1] <= 48 // 4
 
 
 def test_stream_is_ordered_and_complete(server, pair):

@@ -223,6 +223,14 @@ def test_a_sessions_output_drafts_for_another_session():
     assert proposer.index.count(prompt_a[-1:]) == 0 and a.local.count(prompt_a) == 1
 
 
+def test_without_a_prompt_length_the_first_context_is_the_prompt():
+    proposer = SuffixProposer()
+    state = proposer.restore_state([])
+    proposer.propose(state, [1, 2, 3], 2, SamplingParams())
+    proposer.propose(state, [1, 2, 3, 4, 5], 2, SamplingParams())
+    assert proposer.index.tail(state.handle, 10) == [4, 5] and state.local.tail(0, 10) == [1, 2, 3, 4, 5]
+
+
 def test_refuted_guesses_are_taken_back():
     """A pipelined draft worker proposes after guessed tokens the verifier then refutes."""
     proposer = SuffixProposer()
