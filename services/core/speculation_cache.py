@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from .proposals import DraftAlternatives, Proposal
 
 PRIOR_ROUNDS = 4.0  # pseudo-observations of the draft's own confidence per depth, before history outweighs it
-MAX_FANOUT = 8  # branches a session may ask for a round
-MIN_BRANCH_PROB = 0.02  # a branch this unlikely is not worth a row of the worker's batch
+MAX_FANOUT = 16  # branches a session may ask for a round
+MIN_BRANCH_PROB = 0.002  # a branch this unlikely is not worth a row of the worker's batch
 
 
 @dataclass(frozen=True)
