@@ -118,17 +118,30 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                 if pipeline and session.gamma > 0:
                     early_span = self._draft_span(round_ctx, session_id, session.in_flight.round + 1, True)
                     fanout = fanout_for_load(session.fanout, self.active_sessions, self.rows)
-                    drafting = self._run(session.draft_branches, fanout, stop.is_set)
-                    await asyncio.wait({drafting, next_command}, return_when=asyncio.FIRST_COMPLETED)
-                    # The outcome came first: only its branch, if one is drafting, goes on
-                    # (and is sent below as the fresh block); the rest stop.
-                    reported = next_command.done()
-                    if reported and next_command.result() is not None:
-                        session.report(list(next_command.result().outcome.committed))
-                    branches = await _drafted(early_span, drafting, discarded=reported)
-                    if not reported:
-                        for branch in branches:
-                            yield block_to_proto(branch, len(branches))
+                    ready: asyncio.Queue = asyncio.Queue()  # branches as they are done, sent at once
+                    loop = asyncio.get_running_loop()
+                    drafting = self._run(session.draft_branches, fanout, stop.is_set,
+                                         lambda blocks: loop.call_soon_threadsafe(ready.put_nowait, blocks))
+                    reported = False
+                    while not drafting.done():
+                        got = asyncio.ensure_future(ready.get())
+                        await asyncio.wait({got, drafting, next_command}, return_when=asyncio.FIRST_COMPLETED)
+                        if got.done():
+                            for branch in got.result():
+                                yield block_to_proto(branch, session.planned)
+                            continue
+                        got.cancel()
+                        if next_command.done():
+                            # The outcome came first: only its branch, if one is drafting,
+                            # goes on (and is sent below as the fresh block); the rest stop.
+                            reported = True
+                            if next_command.result() is not None:
+                                session.report(list(next_command.result().outcome.committed))
+                            break
+                    await _drafted(early_span, drafting, discarded=reported)
+                    while not reported and not ready.empty():  # done with the last wave
+                        for branch in ready.get_nowait():
+                            yield block_to_proto(branch, session.planned)
                 command = await next_command
                 if command is None or command.outcome.finished:
                     return
@@ -140,7 +153,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                 if not outcome.pipeline_hit and session.gamma > 0:
                     round = outcome.round + 1
                     if cached is not None:  # drafted for this outcome already: sent at once
-                        yield block_to_proto(cached)
+                        yield block_to_proto(cached, session.planned)
                     else:
                         yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
                                                             self._run(session.draft, round)))

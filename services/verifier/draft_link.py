@@ -115,11 +115,11 @@ class DraftLink:
         stats = self.seq.stats
         stats.draft_bytes += msg.ByteSize()
         block = block_from_proto(msg, self.device)
+        if msg.branches and block.round > self.branched_round:  # a round's first branch says how many there are
+            self.branched_round = block.round
+            stats.branches_drafted += msg.branches
         if block.speculative:
             self.branches[(block.round, block.accepted, block.guess)] = block
-            if block.round > self.branched_round:  # the first branch of its round says how many there are
-                self.branched_round = block.round
-                stats.branches_drafted += msg.branches
             return None
         stats.draft_time_s += block.draft_s
         return block
