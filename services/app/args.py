@@ -77,7 +77,9 @@ class AppArgs(BaseModel):
     default_gamma: int = Field(8, ge=1, le=16)
     # The speculation cache: while a round verifies, each draft worker session drafts the
     # next block for up to this many likely outcomes of it (1: plain pipelining's one).
-    default_fanout: int = Field(4, ge=1, le=MAX_FANOUT)
+    # Workers draft fewer where their measured steps say extra rows are not nearly free
+    # (a CPU that runs the verifier too) and under load.
+    default_fanout: int = Field(8, ge=1, le=MAX_FANOUT)
     # Draft workers end a draft early when the draft model's probability of its own
     # token falls below this (0 = never): shorter blocks that are more often accepted
     # whole, which is what lets a pipelined early block be used.

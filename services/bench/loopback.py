@@ -24,8 +24,11 @@ from ..verifier.service import VerifierService
 
 class Loopback:
     def __init__(self, target, draft, eos_token_id=None, max_context=256, max_batch_size=16,
-                 kv_cache_bytes=DEFAULT_KV_CACHE_BYTES):
-        self.drafter = DrafterService(make_proposers(draft, max_batch_size=max_batch_size), rows=max_batch_size)
+                 kv_cache_bytes=DEFAULT_KV_CACHE_BYTES, measured_fanout=True):
+        """``measured_fanout`` False: the worker drafts the branches a request asks for,
+        whatever its steps cost (a test of the cache, not of its policy)."""
+        proposers, steps = make_proposers(draft, max_batch_size=max_batch_size)
+        self.drafter = DrafterService(proposers, steps=steps if measured_fanout else None)
         engine = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes)), None, eos_token_id, max_context)
         self.verifier = VerifierService(engine, self._address, max_batch_size)
         self.server = None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from .gamma import draft_budget
 from .kv import KVState, common_prefix_len
@@ -106,17 +105,14 @@ class DraftSession:
         self.branches = {}
         return self.in_flight
 
-    def draft_branches(self, fanout: int | None = None, stop: StopCheck | None = None,
-                       on_ready: Callable[[list[DraftBlock]], None] | None = None) -> list[DraftBlock]:
-        """The branches for the round after ``in_flight``, likeliest outcome first. The
-        likeliest (plain pipelining's guess) is drafted alone and handed to
-        ``on_ready`` the moment it is done, so that fanning out never delays it; the
-        others follow together, one batched forward a step. Empty: no room, no guess,
-        or a stopped draft. Once the verifier's outcome is reported (``report``), only
-        its branch goes on drafting."""
+    def draft_branches(self, fanout: int | None = None, stop: StopCheck | None = None) -> list[DraftBlock]:
+        """The branches for the round after ``in_flight``, likeliest outcome first (the
+        first is plain pipelining's guess), drafted together: one batched forward a
+        step. Empty: no room, no guess, or a stopped draft. Once the verifier's outcome
+        is reported (``report``), only its branch goes on drafting."""
         assert self.in_flight is not None, "draft a block before drafting ahead"
-        block = self.in_flight.proposal
-        base = self.committed + block.tokens.tolist()
+        drafts = self.in_flight.proposal.tokens.tolist()
+        base = self.committed + drafts
         round = self.in_flight.round + 1
         self.branches, self.planned = {}, 0
         if self.budget(len(base) + 1) == 0:  # no room after a fully accepted block and its bonus
@@ -126,24 +122,9 @@ class DraftSession:
         after = self.proposer.propose(self.state, base, 1, self.params, stop)
         if not len(after):  # no n-gram match, or stopped
             return []
-        outcomes = likely_outcomes(block, after.alternatives, int(after.tokens[0]), self.history,
+        outcomes = likely_outcomes(self.in_flight.proposal, after.alternatives, int(after.tokens[0]), self.history,
                                    self.fanout if fanout is None else fanout)
         self.planned = len(outcomes)
-        blocks = []
-        for wave in (outcomes[:1], outcomes[1:]):
-            if not wave:
-                continue
-            drafted = self._draft_wave(round, base, wave, stop, t0)
-            t0 = time.perf_counter()
-            if drafted and on_ready is not None:
-                on_ready(drafted)
-            blocks += drafted
-        return blocks
-
-    def _draft_wave(self, round: int, base: list[int], outcomes: list, stop: StopCheck | None,
-                    t0: float) -> list[DraftBlock]:
-        """Branches for ``outcomes``, drafted together; their draft time counts from ``t0``."""
-        drafts = base[len(self.committed) :]
         prefixes = [self.committed + drafts[: o.accepted] + [o.token] for o in outcomes]
         states = [self._fork(len(p) - 1) for p in prefixes]
         budgets = [self.budget(len(p)) for p in prefixes]

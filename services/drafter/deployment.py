@@ -39,10 +39,9 @@ class DraftWorker:
         prefixes = None
         if state is not None:
             prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"draft|{paths.draft}|{cfg.dtype}|{draft.dtype}")
-        self.service = DrafterService(
-            make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size),
-            state=state, chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes, rows=cfg.max_batch_size,
-        )
+        proposers, steps = make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size)
+        self.service = DrafterService(proposers, state=state, chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes,
+                                      steps=steps)
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None
         self.starting = asyncio.Lock()

@@ -56,20 +56,21 @@ async def _drafted(span, future: asyncio.Future, discarded: bool = False):
         span.end()
 
 
-def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16) -> dict[str, Proposer]:
-    """A worker's proposers: the draft model, its steps batched across sessions.
-    (Lookups, n-gram and suffix, run on the verifier: they need no model.)"""
+def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16) -> tuple[dict[str, Proposer], StepBatcher]:
+    """A worker's proposers, the draft model's steps batched across sessions (and the
+    batcher, whose measured step costs set the speculation cache's fan-out). Lookups,
+    n-gram and suffix, run on the verifier: they need no model."""
     steps = StepBatcher(draft, max_batch_size)
-    return {"draft": DraftModelProposer(draft, confidence_stop, step=steps.step)}
+    return {"draft": DraftModelProposer(draft, confidence_stop, step=steps.step)}, steps
 
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):
     def __init__(self, proposers: dict[str, Proposer], max_sessions: int = 256, state: StateClient | None = None,
-                 chunk_tokens: int = 32, prefixes: PrefixSharing | None = None, rows: int = 16):
-        """``rows``: the draft model's batched step size (StepBatcher's): the
-        speculation cache's branches of all sessions share it."""
+                 chunk_tokens: int = 32, prefixes: PrefixSharing | None = None, steps: StepBatcher | None = None):
+        """``steps``: the draft model's step batcher; the speculation cache's branches
+        of all sessions share the rows its measured costs say are nearly free."""
         self.proposers = proposers
-        self.rows = rows
+        self.steps = steps
         self.state = state
         self.prefixes = prefixes  # the draft model's prompt KV, shared like the target's
         self.chunk_tokens = chunk_tokens
@@ -117,30 +118,17 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                 next_command = asyncio.ensure_future(anext(commands, None))
                 if pipeline and session.gamma > 0:
                     early_span = self._draft_span(round_ctx, session_id, session.in_flight.round + 1, True)
-                    fanout = fanout_for_load(session.fanout, self.active_sessions, self.rows)
-                    ready: asyncio.Queue = asyncio.Queue()  # branches as they are done, sent at once
-                    loop = asyncio.get_running_loop()
-                    drafting = self._run(session.draft_branches, fanout, stop.is_set,
-                                         lambda blocks: loop.call_soon_threadsafe(ready.put_nowait, blocks))
-                    reported = False
-                    while not drafting.done():
-                        got = asyncio.ensure_future(ready.get())
-                        await asyncio.wait({got, drafting, next_command}, return_when=asyncio.FIRST_COMPLETED)
-                        if got.done():
-                            for branch in got.result():
-                                yield block_to_proto(branch, session.planned)
-                            continue
-                        got.cancel()
-                        if next_command.done():
-                            # The outcome came first: only its branch, if one is drafting,
-                            # goes on (and is sent below as the fresh block); the rest stop.
-                            reported = True
-                            if next_command.result() is not None:
-                                session.report(list(next_command.result().outcome.committed))
-                            break
-                    await _drafted(early_span, drafting, discarded=reported)
-                    while not reported and not ready.empty():  # done with the last wave
-                        for branch in ready.get_nowait():
+                    fanout = fanout_for_load(session.fanout, self.active_sessions, self._free_rows())
+                    drafting = self._run(session.draft_branches, fanout, stop.is_set)
+                    await asyncio.wait({drafting, next_command}, return_when=asyncio.FIRST_COMPLETED)
+                    # The outcome came first: only its branch, if one is drafting, goes on
+                    # (and is sent below as the fresh block); the rest stop.
+                    reported = next_command.done()
+                    if reported and next_command.result() is not None:
+                        session.report(list(next_command.result().outcome.committed))
+                    branches = await _drafted(early_span, drafting, discarded=reported)
+                    if not reported:
+                        for branch in branches:
                             yield block_to_proto(branch, session.planned)
                 command = await next_command
                 if command is None or command.outcome.finished:
@@ -247,6 +235,11 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             return saved
         self.state.save_chunk(session_id, chunk)
         return chunk.end
+
+    def _free_rows(self) -> int:
+        if self.steps is None:  # no measured costs: every session drafts what it asks for
+            return MAX_FANOUT * max(1, self.active_sessions)
+        return self.steps.costs.free_rows(self.steps.max_batch_size)
 
     def _run(self, fn, *args) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)

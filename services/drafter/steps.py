@@ -12,11 +12,14 @@ than pad a whole batch to its length.
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from ..core.kv import KVState, extend, extend_batch
+from ..core.speculation_cache import StepCosts
 
 LONG_FEED = 16  # tokens; longer feeds run alone
 
@@ -36,7 +39,8 @@ class StepBatcher:
         self.max_batch_size = max_batch_size
         self.pending: list[_Step] = []
         self.wakeup = threading.Condition()
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=4096)  # the latest steps' sizes
+        self.costs = StepCosts()  # what a step of each size takes here: the speculation cache's fan-out
         threading.Thread(target=self._loop, name="outrider-draft-steps", daemon=True).start()
 
     def step(self, kvs: list[KVState], feeds: list[list[int]]) -> list[torch.Tensor]:
@@ -71,7 +75,12 @@ class StepBatcher:
             batch = self._take()
             self.batch_sizes.append(len(batch))
             try:
+                t0 = time.perf_counter()
                 logits = extend_batch(self.model, [s.kv for s in batch], [s.tokens for s in batch], [1] * len(batch))
+                if all(len(s.tokens) == 1 for s in batch):  # decode steps only: a prefill says nothing of rows
+                    if logits[0].is_cuda:
+                        torch.cuda.synchronize(logits[0].device)  # the step's time, not its launch's
+                    self.costs.observe(len(batch), time.perf_counter() - t0)
                 for s, out in zip(batch, logits):
                     s.logits = out[-1]
             except Exception:

@@ -50,7 +50,7 @@ class Limits:
     max_prompt_tokens: int = 0  # 0: as many as the context leaves room for
     max_sessions_per_client: int = 0  # concurrent sessions of one client (peer address) per replica; 0: no limit
     max_samples: int = 8  # n per request (each sample is a session)
-    default_fanout: int = 4  # the speculation cache's branches a round (Speculation.fanout)
+    default_fanout: int = 8  # the speculation cache's branches a round (Speculation.fanout)
     # Methods whose heads the verifiers loaded, with why each other one is not served.
     head_methods: dict[str, str | None] = field(default_factory=lambda: {"medusa": "no Medusa heads", "mtp": "no MTP modules", "eagle": "no EAGLE-3 drafter"})
 

@@ -6,7 +6,7 @@ import torch
 
 from services.core.proposals import DraftAlternatives, Proposal
 from services.core.speculation_cache import (
-    AcceptanceHistory, MIN_BRANCH_PROB, Outcome, fanout_for_load, likely_outcomes,
+    AcceptanceHistory, MIN_BRANCH_PROB, Outcome, StepCosts, fanout_for_load, likely_outcomes,
 )
 
 
@@ -77,3 +77,29 @@ def test_fanout_shrinks_to_one_guess_under_load():
     assert fanout_for_load(4, sessions=6, rows=16) == 2
     assert fanout_for_load(4, sessions=40, rows=16) == 1
     assert fanout_for_load(1, sessions=1, rows=16) == 1
+
+
+def test_rows_are_free_where_measured_steps_say_so():
+    gpu_like, cpu_like = StepCosts(), StepCosts()
+    for rows, seconds in {1: 1.0, 2: 1.02, 4: 1.1, 8: 1.23, 16: 1.6}.items():
+        gpu_like.observe(rows, seconds)
+    for rows, seconds in {1: 2.5, 2: 3.5, 4: 5.6, 8: 7.3}.items():
+        cpu_like.observe(rows, seconds)
+    assert cpu_like.free_rows(16) == 1  # a second row costs 40%: one guess only
+    # Unmeasured sizes between measured ones count as free until measured; the first
+    # measured size over the tolerance ends the search.
+    assert gpu_like.free_rows(2) == 2 and gpu_like.free_rows(3) == 3
+    for rows in range(3, 16):
+        gpu_like.observe(rows, 1.0 + 0.03 * rows)
+    assert gpu_like.free_rows(16) == 10  # 1.30x at 10 rows, 1.33x at 11
+    assert StepCosts().free_rows(8) == 8  # nothing measured yet: try, and measure
+
+
+def test_step_costs_follow_the_machine():
+    costs = StepCosts(decay=0.5)
+    costs.observe(1, 1.0)
+    costs.observe(2, 2.0)
+    assert costs.free_rows(4) == 1
+    for _ in range(10):
+        costs.observe(2, 1.1)  # the machine got less busy
+    assert costs.free_rows(2) == 2

@@ -32,7 +32,7 @@ def store():
 
 
 async def start_worker(draft, state, prefixes=None):
-    service = DrafterService(make_proposers(draft), state=state, chunk_tokens=4, prefixes=prefixes)
+    service = DrafterService(make_proposers(draft)[0], state=state, chunk_tokens=4, prefixes=prefixes)
     server = grpc.aio.server()
     internal_pb2_grpc.add_DrafterServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -160,8 +160,8 @@ def test_pipelined_sampling_reproduces_the_target_distribution():
     prompt = [2, 3, 4]
 
     async def go():
-        # Room for 4 branches each of the 25 concurrent sessions (a worker's fan-out shrinks under load).
-        async with Loopback(target, draft, max_batch_size=100) as loop:
+        # Every session drafts the 4 branches it asks for, whatever the load and the steps' cost.
+        async with Loopback(target, draft, measured_fanout=False) as loop:
             outs, hits = [], 0
             for start in range(0, N, 25):
                 batch = await asyncio.gather(*[
@@ -239,7 +239,7 @@ def test_a_frozen_draft_worker_costs_one_read_deadline_then_decoding_goes_on(pai
 
     async def go():
         loop = Loopback(target, draft)
-        loop.drafter = FreezingDrafter(make_proposers(draft), blocks_before_freeze=4)
+        loop.drafter = FreezingDrafter(make_proposers(draft)[0], blocks_before_freeze=4)
         async with loop:
             started = time.perf_counter()
             tokens, stats = await loop.generate(PROMPT, 40, gamma=3)
@@ -379,7 +379,7 @@ def test_a_refused_session_fails_with_the_reason_and_is_not_retried(pair):
 
     async def go():
         loop = Loopback(target, draft)
-        loop.drafter = RefusingDrafter(make_proposers(draft))
+        loop.drafter = RefusingDrafter(make_proposers(draft)[0])
         async with loop:
             with pytest.raises(InvalidRequest, match="over the limit"):
                 await loop.generate(PROMPT, 10, gamma=3)
