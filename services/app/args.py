@@ -80,6 +80,9 @@ class AppArgs(BaseModel):
     # Workers draft fewer where their measured steps say extra rows are not nearly free
     # (a CPU that runs the verifier too) and under load.
     default_fanout: int = Field(8, ge=1, le=MAX_FANOUT)
+    # "requested": every session drafts the branches it asks for (to measure the cache
+    # itself; where drafting is not free, that costs the verifier).
+    fanout_policy: Literal["measured", "requested"] = "measured"
     # Draft workers end a draft early when the draft model's probability of its own
     # token falls below this (0 = never): shorter blocks that are more often accepted
     # whole, which is what lets a pipelined early block be used.

@@ -33,6 +33,9 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--replicas", type=int, default=1,
                         help="draft and verifier replicas (each on its role's node); 2+ lets a stream survive "
                              "a replica's death on a survivor (`outrider bench --kill-replica`)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an app argument (YAML value; dotted keys reach nested ones), "
+                             "e.g. --set fanout_policy=requested --set drafter.num_replicas=2")
     parser.add_argument("--prompt", default=FIRST_PROMPT, help="first request sent once the app is up")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
@@ -65,7 +68,11 @@ def run(args) -> int:
         raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
     if local_cluster.running():
         raise UsageError("a local Outrider cluster is already running; `outrider stop` it first")
-    config = with_replicas(args.config, args.replicas)
+    overrides = parse_sets(args.set)
+    if args.replicas > 1:
+        for role in ("drafter", "verifier"):
+            overrides[f"{role}.num_replicas"] = args.replicas
+    config = with_overrides(args.config, overrides)
     demand = node_demand(config)
     started = time.perf_counter()
     sizes = ", ".join(f"{role} node {need['CPU']:g} CPU" + (f" {need['GPU']:g} GPU" if need["GPU"] else "")
@@ -96,17 +103,41 @@ def run(args) -> int:
         print("stopped")
 
 
-def with_replicas(config: Path, replicas: int) -> Path:
-    """``config`` itself, or a copy whose draft and verifier deployments have
-    ``replicas`` replicas each (under the cluster's temp dir)."""
-    if replicas == 1:
+def parse_sets(items: list[str]) -> dict[str, object]:
+    """``--set KEY=VALUE`` items as {dotted key: YAML value}."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UsageError(f"--set {key}: not a YAML value: {err}") from None
+    return overrides
+
+
+def with_overrides(config: Path, overrides: dict[str, object]) -> Path:
+    """``config`` itself, or a copy (under the cluster's temp dir) whose applications'
+    args carry ``overrides`` (dotted keys: nested). AppArgs validates them at deploy."""
+    if not overrides:
         return config
     data = yaml.safe_load(config.read_text())
     for app in data.get("applications", []):
-        for role in ("drafter", "verifier"):
-            app.setdefault("args", {}).setdefault(role, {})["num_replicas"] = replicas
+        for key, value in overrides.items():
+            node = app.setdefault("args", {})
+            *path, leaf = key.split(".")
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise UsageError(f"--set {key}: {part} is not a mapping in {config}")
+            node[leaf] = value
+        try:  # a misspelt key or a bad value fails here, not inside a Serve replica
+            AppArgs.model_validate(app["args"])
+        except ValidationError as err:
+            raise UsageError(f"--set: {err}") from None
     local_cluster.TEMP_DIR.mkdir(parents=True, exist_ok=True)
-    copy = local_cluster.TEMP_DIR / f"serve_config.replicas{replicas}.yaml"
+    copy = local_cluster.TEMP_DIR / "serve_config.overrides.yaml"
     copy.write_text(yaml.safe_dump(data, sort_keys=False))
     return copy
 
@@ -156,4 +187,4 @@ def first_request(client: OutriderClient, prompt: str, max_new_tokens: int) -> N
             stats = chunk.stats
     print(f"\n\n[{stats.emitted} tokens in {stats.total_s:.2f} s; mean acceptance length "
           f"{stats.mean_acceptance_length:.2f}; pipeline hit rate {stats.pipeline_hit_rate:.2f}; "
-          f"overlap {stats.overlap:.2f}]", flush=True)
+          f"speculation-cache hit rate {stats.cache_hit_rate:.2f}; overlap {stats.overlap:.2f}]", flush=True)

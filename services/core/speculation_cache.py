@@ -127,9 +127,13 @@ class StepCosts:
     def __init__(self, tolerance: float = 0.3, decay: float = 0.9, probe_every: int = 256):
         self.tolerance, self.decay, self.probe_every = tolerance, decay, probe_every
         self.seconds: dict[int, float] = {}  # batch size -> mean step seconds (exponentially weighted)
+        self.warm: set[int] = set()  # sizes whose first step (kernel selection, allocation) was seen
         self.asked = 0
 
     def observe(self, rows: int, seconds: float) -> None:
+        if rows not in self.warm:  # a size's first step pays one-time costs (35 ms for 1.4 on an H200)
+            self.warm.add(rows)
+            return
         old = self.seconds.get(rows)
         self.seconds[rows] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 

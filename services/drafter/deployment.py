@@ -41,7 +41,7 @@ class DraftWorker:
             prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"draft|{paths.draft}|{cfg.dtype}|{draft.dtype}")
         proposers, steps = make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size)
         self.service = DrafterService(proposers, state=state, chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes,
-                                      steps=steps)
+                                      steps=steps if cfg.fanout_policy == "measured" else None)
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None
         self.starting = asyncio.Lock()

@@ -253,6 +253,9 @@ class VerifierService:
                     block = await link.receive(round)
                     if block.from_cache:
                         seq.stats.record_cache_hit(full)
+                        if span.is_recording():  # drafted for the outcome while it verified; sent once reported
+                            span.add_event("draft.cache_hit", {"outrider.round": round,
+                                                               "outrider.outcome": "full" if full else "partial"})
                 else:  # no drafting at this load: a plain decoding step, no hop
                     block = DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
         except Exception as error:

@@ -131,3 +131,24 @@ def test_a_config_this_machine_cannot_place_fails_fast_naming_what_is_missing(tm
     result = outrider_command("nogpu", CUDA_VISIBLE_DEVICES="")("serve", "--config", str(path), timeout=120)
     assert result.returncode == 2
     assert "cannot be placed here" in result.stderr and "2 on the verifier node" in result.stderr
+
+
+def test_set_overrides_app_args_and_refuses_bad_ones(tmp_path, monkeypatch):
+    from services.cli import local_cluster
+    from services.cli.common import UsageError
+    from services.cli.serve import parse_sets, with_overrides
+
+    monkeypatch.setattr(local_cluster, "TEMP_DIR", tmp_path)
+    path, _ = local_config(tmp_path)
+    assert with_overrides(path, {}) == path
+    copy = with_overrides(path, parse_sets(["fanout_policy=requested", "drafter.num_replicas=2", "default_fanout=4"]))
+    args = yaml.safe_load(copy.read_text())["applications"][0]["args"]
+    assert args["fanout_policy"] == "requested" and args["default_fanout"] == 4
+    assert args["drafter"]["num_replicas"] == 2 and args["drafter"]["resources"]  # the rest of drafter kept
+    for bad in (["fanout_policy=sometimes"], ["no_such_arg=1"], ["default_fanout"]):
+        try:
+            with_overrides(path, parse_sets(bad))
+        except UsageError as err:
+            assert "--set" in str(err)
+        else:
+            raise AssertionError(f"{bad} was accepted")

@@ -79,26 +79,33 @@ def test_fanout_shrinks_to_one_guess_under_load():
     assert fanout_for_load(1, sessions=1, rows=16) == 1
 
 
+def measured(costs: StepCosts, rows: int, seconds: float) -> None:
+    if rows not in costs.warm:
+        costs.observe(rows, 100.0)  # a size's first step is warm-up, not measured
+        assert rows not in costs.seconds
+    costs.observe(rows, seconds)
+
+
 def test_rows_are_free_where_measured_steps_say_so():
     gpu_like, cpu_like = StepCosts(), StepCosts()
     for rows, seconds in {1: 1.0, 2: 1.02, 4: 1.1, 8: 1.23, 16: 1.6}.items():
-        gpu_like.observe(rows, seconds)
+        measured(gpu_like, rows, seconds)
     for rows, seconds in {1: 2.5, 2: 3.5, 4: 5.6, 8: 7.3}.items():
-        cpu_like.observe(rows, seconds)
+        measured(cpu_like, rows, seconds)
     assert cpu_like.free_rows(16) == 1  # a second row costs 40%: one guess only
     # Unmeasured sizes between measured ones count as free until measured; the first
     # measured size over the tolerance ends the search.
     assert gpu_like.free_rows(2) == 2 and gpu_like.free_rows(3) == 3
     for rows in range(3, 16):
-        gpu_like.observe(rows, 1.0 + 0.03 * rows)
+        measured(gpu_like, rows, 1.0 + 0.03 * rows)
     assert gpu_like.free_rows(16) == 10  # 1.30x at 10 rows, 1.33x at 11
     assert StepCosts().free_rows(8) == 8  # nothing measured yet: try, and measure
 
 
 def test_step_costs_follow_the_machine():
     costs = StepCosts(decay=0.5)
-    costs.observe(1, 1.0)
-    costs.observe(2, 2.0)
+    measured(costs, 1, 1.0)
+    measured(costs, 2, 2.0)
     assert costs.free_rows(4) == 1
     for _ in range(10):
         costs.observe(2, 1.1)  # the machine got less busy

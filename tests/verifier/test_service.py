@@ -130,6 +130,24 @@ def test_sessions_are_freed_after_completion_and_cancellation(pair):
     assert cancelled == (0, 0)
 
 
+def test_the_speculation_cache_changes_no_token():
+    """Six streams at once, greedy and seeded-sampled: the same tokens with the cache
+    drafting up to 8 branches a round, with one guess, and with no pipelining; and the
+    8-branch runs did use blocks drafted for rejected-draft outcomes."""
+    target = tiny("llama", seed=5)
+    draft = noisy_copy(target, seed=6, scale=0.4)
+    params = [SamplingParams(seed=0)] * 2 + [SamplingParams(temperature=0.8, top_p=0.95, seed=s) for s in range(4)]
+
+    async def go(**speculation):
+        async with Loopback(target, draft, measured_fanout=False) as loop:
+            return await asyncio.gather(*[loop.generate(PROMPT, 40, p, gamma=4, **speculation) for p in params])
+
+    cached, one_guess, serial = run(go(fanout=8)), run(go(fanout=1)), run(go(pipeline=False))
+    assert [t for t, _ in cached] == [t for t, _ in one_guess] == [t for t, _ in serial]
+    assert sum(s.cache_hits_partial for _, s in cached) > 0 and sum(s.cache_hits_partial for _, s in one_guess) == 0
+    assert sum(s.branches_drafted for _, s in cached) > sum(s.branches_drafted for _, s in one_guess)
+
+
 # --- Exactness of pipelined sampling --------------------------------------------------
 
 V = 5
