@@ -21,7 +21,7 @@ import torch
 from ..core.gamma import GammaSchedule
 from ..core.sampling import SamplingParams
 from ..models.build.heads import verify_cost
-from ..models.loading import BUNDLED_DIR, bundled_paths
+from ..models.loading import BUNDLED_DIR, bundled_paths, configure_cuda
 from ..models.pair import load_pair, make_engine
 from ..models.shapes import random_model
 from .runs import run_outrider
@@ -90,6 +90,7 @@ def tree_costs(target, device: str = "cuda") -> dict:
 def main(path: str) -> None:
     torch.set_num_threads(8)  # the lent machine has 16 cores; the GPU does the work
     torch.backends.cuda.matmul.allow_tf32 = True
+    configure_cuda()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "verify_pass": []}
 
     def record(key: str, row) -> None:

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..core.sampling import SamplingParams
 from ..core.verifier import TargetVerifier
-from ..models.loading import bundled_paths
+from ..models.loading import bundled_paths, configure_cuda
 from ..models.pair import load_pair, make_engine
 from ..core.gamma import GammaSchedule
 from ..models.shapes import random_model
@@ -78,6 +78,7 @@ def decode_profile(dtype: str, prompts: int = 4, new: int = 64) -> dict:
 
 def main(path: str) -> None:
     torch.set_num_threads(8)  # the lent machine has 16 cores; the GPU does the work
+    configure_cuda()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
     def record(key: str, row: dict) -> None:

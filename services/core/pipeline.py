@@ -91,6 +91,7 @@ class DraftSession:
         self.in_flight: DraftBlock | None = None  # the last block sent, not yet verified
         self.branches: dict[tuple[int, int], _Branch] = {}  # (accepted, token) -> drafted for in_flight.round + 1
         self.planned = 0  # how many branches the last draft_branches set out to draft
+        self.window: float | None = None  # seconds a round's verification takes, as this worker sees it
         self._reported: tuple[int, int] | None = None  # the outcome the verifier reported while branches draft
         self._lock = threading.Lock()
 
@@ -147,6 +148,11 @@ class DraftSession:
             self.branches[(outcome.accepted, outcome.token)] = _Branch(branch, state)
             blocks.append(branch)
         return blocks
+
+    def observe_window(self, seconds: float) -> None:
+        """A round's verification took ``seconds`` (from its block reaching the verifier
+        to its outcome reaching this worker): the time the next round's branches have."""
+        self.window = seconds if self.window is None else 0.8 * self.window + 0.2 * seconds
 
     def report(self, committed: list[int]) -> None:
         """The verifier's outcome for ``in_flight``, told to branches still drafting:

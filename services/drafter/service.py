@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -34,6 +35,12 @@ from ..telemetry import tracing
 from .steps import StepBatcher
 
 log = logging.getLogger(__name__)
+
+
+async def _timed(commands) -> tuple[object, float]:
+    """The next command and when it arrived."""
+    command = await anext(commands, None)
+    return command, time.perf_counter()
 
 
 async def _drafted(span, future: asyncio.Future, discarded: bool = False):
@@ -112,28 +119,32 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             round = first.open.first_round
             yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
                                                 self._run(session.draft, round)))
+            verifying_since = time.perf_counter()  # the block in flight: when its verification began, about
             if shared is not None:
                 self._publish_prefix(session, *shared)
             while True:
-                next_command = asyncio.ensure_future(anext(commands, None))
+                next_command = asyncio.ensure_future(_timed(commands))
                 if pipeline and session.gamma > 0:
                     early_span = self._draft_span(round_ctx, session_id, session.in_flight.round + 1, True)
-                    fanout = fanout_for_load(session.fanout, self.active_sessions, self._free_rows())
+                    fanout = fanout_for_load(session.fanout, self.active_sessions, self._rows_within(session))
                     drafting = self._run(session.draft_branches, fanout, stop.is_set)
                     await asyncio.wait({drafting, next_command}, return_when=asyncio.FIRST_COMPLETED)
                     # The outcome came first: only its branch, if one is drafting, goes on
                     # (and is sent below as the fresh block); the rest stop.
                     reported = next_command.done()
-                    if reported and next_command.result() is not None:
-                        session.report(list(next_command.result().outcome.committed))
+                    if reported and next_command.result()[0] is not None:
+                        session.report(list(next_command.result()[0].outcome.committed))
                     branches = await _drafted(early_span, drafting, discarded=reported)
                     if not reported:
                         for branch in branches:
                             yield block_to_proto(branch, session.planned)
-                command = await next_command
+                command, arrived = await next_command
                 if command is None or command.outcome.finished:
                     return
                 outcome = command.outcome
+                if session.in_flight is not None and len(session.in_flight.proposal):
+                    session.observe_window(arrived - verifying_since)
+                verifying_since = arrived  # a branch the verifier took is verified from now
                 round_ctx = tracing.extract(outcome.traceparent, outcome.tracestate) or round_ctx
                 cached = session.resolve(list(outcome.committed), outcome.pipeline_hit, outcome.next_gamma)
                 saved = self._checkpoint(session_id, session, saved)
@@ -145,6 +156,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                     else:
                         yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
                                                             self._run(session.draft, round)))
+                    verifying_since = time.perf_counter()
         except BlockTooLarge as error:  # the verifier fails the request with this reason
             tracing.record_error(span, error)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
@@ -236,10 +248,12 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         self.state.save_chunk(session_id, chunk)
         return chunk.end
 
-    def _free_rows(self) -> int:
+    def _rows_within(self, session: DraftSession) -> int:
+        """The rows a round's branches can take and be done before the verifier is."""
         if self.steps is None:  # no measured costs: every session drafts what it asks for
             return MAX_FANOUT * max(1, self.active_sessions)
-        return self.steps.costs.free_rows(self.steps.max_batch_size)
+        # The bonus guess, then a block: gamma + 1 steps.
+        return self.steps.costs.rows_within(self.steps.max_batch_size, session.gamma + 1, session.window)
 
     def _run(self, fn, *args) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)

@@ -52,11 +52,23 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+def configure_cuda() -> None:
+    """Attention without per-shape plans. Speculative decoding runs attention at a new
+    sequence length every step, and PyTorch's cuDNN SDPA backend (chosen for bf16 on
+    Hopper) builds and caches an execution plan per shape. Measured on an H200 (torch
+    2.11, cuDNN 9.19), bf16 at lengths not seen before: a draft step 68.3 ms with it,
+    2.1 ms without; a 9-token target forward 56.6 ms against 7.7 ms. The flash and
+    memory-efficient kernels that take over need no plan."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", trust_remote_code: bool = False,
                tensor_parallel: bool = False):
     """``tensor_parallel``: load this rank's shard with transformers' own TP plan
     (``tp_plan="auto"``) inside an initialised torch.distributed group."""
     hf_logging.disable_progress_bar()  # a bar per load clutters CLI output and logs
+    if device.startswith("cuda"):
+        configure_cuda()
     torch_dtype = default_dtype(device) if dtype == "default" else DTYPES[dtype]
     extra = {"tp_plan": "auto"} if tensor_parallel else {}
     new_cache(load_config(name_or_path, trust_remote_code))  # refuses, with the reason, what cannot roll back

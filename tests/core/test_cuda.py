@@ -201,3 +201,14 @@ def test_suffix_decoding_on_cuda_matches_target_only():
                                GammaSchedule(6))
     result = engine.generate(prompt, 40)
     assert result.token_ids == plain and result.stats.accepted > 0
+
+
+def test_loading_on_cuda_turns_off_per_shape_attention_plans(tmp_path):
+    """bf16 attention at a new length every step must not build a cuDNN plan each time
+    (services/models/loading.py configure_cuda)."""
+    from services.models.loading import load_model
+
+    tiny("llama", seed=0).save_pretrained(tmp_path)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    model = load_model(str(tmp_path), "cuda", "bfloat16")
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and model.dtype == torch.bfloat16

@@ -86,27 +86,35 @@ def measured(costs: StepCosts, rows: int, seconds: float) -> None:
     costs.observe(rows, seconds)
 
 
-def test_rows_are_free_where_measured_steps_say_so():
-    gpu_like, cpu_like = StepCosts(), StepCosts()
-    for rows, seconds in {1: 1.0, 2: 1.02, 4: 1.1, 8: 1.23, 16: 1.6}.items():
-        measured(gpu_like, rows, seconds)
-    for rows, seconds in {1: 2.5, 2: 3.5, 4: 5.6, 8: 7.3}.items():
-        measured(cpu_like, rows, seconds)
-    assert cpu_like.free_rows(16) == 1  # a second row costs 40%: one guess only
-    # Unmeasured sizes between measured ones count as free until measured; the first
-    # measured size over the tolerance ends the search.
-    assert gpu_like.free_rows(2) == 2 and gpu_like.free_rows(3) == 3
-    for rows in range(3, 16):
-        measured(gpu_like, rows, 1.0 + 0.03 * rows)
-    assert gpu_like.free_rows(16) == 10  # 1.30x at 10 rows, 1.33x at 11
-    assert StepCosts().free_rows(8) == 8  # nothing measured yet: try, and measure
+def test_rows_are_those_whose_steps_fit_in_the_verification():
+    # This repo's CPU host: 9 steps of one row fit a 41 ms verification, of two do not.
+    cpu = StepCosts()
+    for rows, seconds in {1: 0.0037, 2: 0.005, 4: 0.0064, 8: 0.0081}.items():
+        measured(cpu, rows, seconds)
+    assert cpu.rows_within(16, steps=9, window_s=0.041) == 1
+    # A GPU draft (host-bound steps) under a slower target's verification: eight fit.
+    gpu = StepCosts()
+    for rows in range(1, 17):
+        measured(gpu, rows, 0.0024 + 0.0002 * rows)
+    assert gpu.rows_within(16, steps=9, window_s=0.044) == 12  # 9 x 4.8 ms <= 44 ms < 9 x 5.0 ms
+    assert gpu.rows_within(8, steps=9, window_s=0.045) == 8
+    assert gpu.rows_within(16, steps=9, window_s=0.02) == 1  # a fast verifier: one guess
+    # Nothing measured yet: one guess; a size not measured yet is tried once.
+    assert StepCosts().rows_within(8, 9, 0.04) == 1 and gpu.rows_within(16, 9, None) == 1
+    partial = StepCosts()
+    measured(partial, 1, 0.001)
+    assert partial.rows_within(8, 9, 0.04) == 2
 
 
 def test_step_costs_follow_the_machine():
     costs = StepCosts(decay=0.5)
-    measured(costs, 1, 1.0)
-    measured(costs, 2, 2.0)
-    assert costs.free_rows(4) == 1
+    measured(costs, 1, 0.001)
+    measured(costs, 2, 0.01)
+    assert costs.rows_within(4, 9, 0.03) == 1
     for _ in range(10):
-        costs.observe(2, 1.1)  # the machine got less busy
-    assert costs.free_rows(2) == 2
+        costs.observe(2, 0.002)  # the machine got less busy
+    assert costs.rows_within(2, 9, 0.03) == 2
+    probing = StepCosts(probe_every=3)
+    measured(probing, 1, 0.001)
+    measured(probing, 2, 0.1)
+    assert [probing.rows_within(4, 9, 0.03) for _ in range(6)] == [1, 1, 2, 1, 1, 2]  # now and then, one more
