@@ -96,7 +96,7 @@ def test_a_miss_with_a_branch_for_the_outcome_sends_that_branch(draft):
 
 def test_a_miss_with_no_branch_for_the_outcome_drafts_afresh(draft):
     s = session(draft)
-    block = s.draft(0)
+    s.draft(0)
     branches = s.draft_branches()
     guesses = {b.guess for b in branches}
     other = next(t for t in range(50, 90) if t not in guesses)
