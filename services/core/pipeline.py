@@ -20,7 +20,6 @@ or cache hits was.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -92,8 +91,9 @@ class DraftSession:
         self.branches: dict[tuple[int, int], _Branch] = {}  # (accepted, token) -> drafted for in_flight.round + 1
         self.planned = 0  # how many branches the last draft_branches set out to draft
         self.window: float | None = None  # seconds a round's verification takes, as this worker sees it
-        self._reported: tuple[int, int] | None = None  # the outcome the verifier reported while branches draft
-        self._lock = threading.Lock()
+        # The outcome the verifier reported while branches draft (set from the event
+        # loop, read between steps by the drafting thread: one reference, no lock needed).
+        self._reported: tuple[int, int] | None = None
 
     def budget(self, committed_len: int) -> int:
         return draft_budget(self.gamma, self.limit - committed_len)
