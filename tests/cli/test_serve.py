@@ -117,7 +117,7 @@ def test_serve_sizes_its_nodes_for_a_tensor_parallel_config(tmp_path):
     outrider = outrider_command("tp")
     try:
         served = outrider("serve", "--detach", "--config", str(path), "--ray-port", str(free_port()),
-                          "--dashboard-port", str(free_port()), "--max-new-tokens", "8", "--timeout", "300")
+                          "--dashboard-port", str(free_port()), "--max-new-tokens", "8", "--timeout", "500")
         assert served.returncode == 0, served.stdout + served.stderr
         assert "verifier node 3 CPU" in served.stdout and "[8 tokens" in served.stdout
     finally:
