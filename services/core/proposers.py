@@ -147,13 +147,19 @@ class DraftModelProposer:
                 tops[i].append((top.indices, top.values))
                 tokens[i].append(token)
                 pending[i] = [token]
-                confident = self.confidence_stop <= 0 or float(row.float().softmax(-1)[token]) >= self.confidence_stop
+                confident = self.confidence_stop <= 0 or self._confidence(row, probs, token, params) >= self.confidence_stop
                 if confident and len(tokens[i]) < budgets[i]:
                     still.append(i)
             live = still
         # The last drafted token is not fed to the draft here; if it is accepted it is
         # fed next round as part of ``pending``, so no work is wasted on a rejection.
         return [self._proposal(t, q, top) for t, q, top in zip(tokens, qs, tops)]
+
+    @staticmethod
+    def _confidence(row: torch.Tensor, probs: torch.Tensor, token: int, params: SamplingParams) -> float:
+        """The draft's own probability of ``token`` at temperature 1 (a greedy draft's
+        ``probs`` already are that; a sampled one's are adjusted)."""
+        return float((probs if params.greedy else row.float().softmax(-1))[token])
 
     def _proposal(self, tokens: list[int], qs: list[SparseQ], tops: list) -> Proposal:
         alternatives = None

@@ -305,13 +305,15 @@ def test_branches_are_taken_by_outcome_without_waiting():
                 block_to_proto(DraftBlock(3, Proposal(torch.tensor([8]), None), False, None, 0.01, from_cache=True))]
 
     class Call:
+        cancelled = False
+
         async def read(self):
             if messages:
                 return messages.pop(0)
             await asyncio.sleep(3600)
 
         def cancel(self):
-            pass
+            self.cancelled = True
 
     class Seq:
         stats = GenerationStats()
@@ -326,7 +328,9 @@ def test_branches_are_taken_by_outcome_without_waiting():
         assert link.take_branch(3, 2, 9) is None  # taken for round 3 already: the rest went
         fresh = await link.receive(3)
         assert fresh.from_cache and fresh.proposal.tokens.tolist() == [8]
+        call = link.call
         link.close()
+        assert call.cancelled and link.call is None and link.reader is None  # the stream and its reader end
 
     run(go())
     assert Seq.stats.branches_drafted == 3 and Seq.stats.draft_time_s == pytest.approx(0.03)
