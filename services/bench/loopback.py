@@ -6,6 +6,7 @@ Ray Serve deployments wrap exactly these services."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
@@ -28,11 +29,12 @@ class Loopback:
         """``measured_fanout`` False: the worker drafts the branches a request asks for,
         whatever its steps cost (a test of the cache, not of its policy)."""
         proposers, steps = make_proposers(draft, max_batch_size=max_batch_size)
-        self.drafter = DrafterService(proposers, steps=steps if measured_fanout else None)
+        self.drafter = DrafterService(proposers, steps=steps, measured_fanout=measured_fanout)
         engine = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes)), None, eos_token_id, max_context)
         self.verifier = VerifierService(engine, self._address, max_batch_size)
         self.server = None
         self.port = None
+        self.ttfts: list[float] = []  # each session's seconds from its start to its first tokens
 
     async def _address(self) -> str:
         return f"127.0.0.1:{self.port}"
@@ -62,6 +64,7 @@ class Loopback:
         span = tracing.start_span("outrider.generate", kind=tracing.SpanKind.SERVER)
         req.traceparent, req.tracestate = tracing.inject(span)
         tokens, stats = [], None
+        start = time.perf_counter()
         try:
             async for chunk in self.verifier.verify(req):
                 assert stats is None, "nothing may follow the stats chunk"
@@ -69,6 +72,8 @@ class Loopback:
                     stats = chunk.stats
                 else:
                     assert len(chunk.token_ids) >= 1
+                    if not tokens:
+                        self.ttfts.append(time.perf_counter() - start)
                     tokens.extend(chunk.token_ids)
         finally:
             span.end()

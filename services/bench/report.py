@@ -150,3 +150,27 @@ def write_plot(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_concurrency_plot(path: Path, by_concurrency: dict) -> None:
+    """Speculative over target-only tokens/s against concurrent streams."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted(by_concurrency, key=int)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([int(n) for n in levels], [by_concurrency[n]["speculative_vs_target_only"] for n in levels], marker="o",
+            label=by_concurrency[levels[0]]["config"].split(" x")[0] if levels else "speculative")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="target-only")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(n) for n in levels], labels=levels)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("speculative / target-only (tokens/s)")
+    ax.set_title("Speculative decoding under load (greedy, same service)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

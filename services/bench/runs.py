@@ -23,6 +23,8 @@ class Run:
     seconds: float = 0.0
     stats: GenerationStats = field(default_factory=GenerationStats)
     outputs: list[list[int]] = field(default_factory=list)
+    concurrency: int | None = None  # streams at once (concurrency scenarios)
+    ttfts: list[float] = field(default_factory=list)  # per stream: seconds to its first tokens (concurrency scenarios)
 
     @property
     def label(self) -> str:

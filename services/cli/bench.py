@@ -13,8 +13,8 @@ import torch
 
 from ..bench.concurrent import run_local as run_concurrent_local
 from ..bench.concurrent import run_server as run_concurrent_server
-from ..bench.concurrent import summarize_concurrency
-from ..bench.report import format_table, run_rows, summarize, write_json, write_plot
+from ..bench.concurrent import combine_passes, summarize_concurrency
+from ..bench.report import format_table, run_rows, summarize, write_concurrency_plot, write_json, write_plot
 from ..bench.runs import run_hf, run_outrider, run_server
 from ..bench.workloads import repetitive_prompts
 from ..core.gamma import MAX_GAMMA
@@ -48,9 +48,10 @@ def add_parser(sub, name: str) -> None:
                         help="passes over all configs; reports the median pass (by speedup over target-only)")
     add_server_options(parser, None, "measure a running server through its gRPC API (target-only through the "
                                      "same service, each drafter pipelined and serial); HF assisted stays in-process")
-    parser.add_argument("--concurrency", type=int, default=0, metavar="N",
-                        help="N streams at once, aggregate tokens/s: target-only and each drafter; in-process "
-                             "(no --server) each with batched and with per-session verification")
+    parser.add_argument("--concurrency", default="", metavar="N[,N...]",
+                        help="N streams at once (a comma list: one level after another), aggregate tokens/s and "
+                             "time to first token: target-only and each drafter; in-process (no --server) each "
+                             "with batched and with per-session verification")
     parser.add_argument("--kill-replica", type=int, default=0, metavar="N",
                         help="with --server: N streams, each losing a replica (drafter and verifier in turn) "
                              "mid-stream; checks every stream against an undisturbed run")
@@ -117,8 +118,9 @@ def run(args) -> int:
         raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
     if args.requests < 1:
         raise UsageError(f"--requests must be >= 1, got {args.requests}")
-    if args.concurrency < 0:
-        raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
+    args.levels = parse_ints(args.concurrency, "concurrency") if args.concurrency else []
+    if 0 in args.levels:
+        raise UsageError(f"--concurrency levels must be >= 1, got {args.concurrency!r}")
     if args.kill_replica or args.shared_prefix or args.cancels:
         return run_resilience(args)
     if args.tracing:
@@ -132,12 +134,11 @@ def run(args) -> int:
     for d in drafters:
         if d not in BENCH_DRAFTERS:
             raise UsageError(f"unknown drafter {d!r} for bench; choose from {', '.join(BENCH_DRAFTERS)}")
-    if any(d in TREE_DRAFTERS for d in drafters) and args.concurrency:
+    if any(d in TREE_DRAFTERS for d in drafters) and args.levels:
         raise UsageError("--concurrency measures draft and ngram; measure medusa, mtp and eagle at one stream")
     texts = load_prompts(args.prompts, args.limit)
-    if args.concurrency:
+    if args.levels:
         args.no_hf = True  # the single-stream anchor means nothing next to N streams
-        texts = [texts[i % len(texts)] for i in range(max(len(texts), args.concurrency))]
     need_pair = args.server is None or not args.no_hf
     pair = None
     if need_pair:
@@ -145,7 +146,7 @@ def run(args) -> int:
                          with_draft="draft" in drafters or not args.no_hf, trust_remote_code=args.trust_remote_code,
                          heads=tuple(d for d in drafters if d in TREE_DRAFTERS) if args.server is None else ())
     summarize_pass, speedup_key = summarize, "speedup_vs_ar"
-    if args.concurrency:
+    if args.levels:
         build = concurrency_configs
         summarize_pass, speedup_key = summarize_concurrency, None
     elif args.server:
@@ -153,7 +154,7 @@ def run(args) -> int:
     else:
         build = local_configs
     if args.workload == "repetitive":
-        if args.concurrency:
+        if args.levels:
             raise UsageError("--workload repetitive runs one stream")
         files = texts
         # Each pass an editor session over another file: a pass never finds its own
@@ -182,20 +183,22 @@ def run(args) -> int:
         per_pass = {"speedup_vs_ar_per_pass": [s["speedup_vs_ar"] for s in summaries],
                     "speedup_vs_hf_per_pass": [s["speedup_vs_hf"] for s in summaries]}
     else:
-        median, per_pass = len(passes) - 1, {"per_pass": summaries}
+        median, per_pass = len(passes) - 1, {"per_pass": summaries, "by_concurrency": combine_passes(summaries)}
     rows = run_rows(passes[median])
     summary = {**summaries[median], "passes": len(passes), "reported_pass": median + 1, **per_pass}
     if pair is not None and any(d in TREE_DRAFTERS for d in drafters):
         summary["verify_cost"] = tree_verify_cost(pair)
     meta = {"server": args.server, "target": pair.paths.target if pair else None,
             "draft": pair.paths.draft if pair else None, "prompts": len(workloads[0]), "workload": args.workload,
-            "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "concurrency": args.concurrency, "threads": torch.get_num_threads(),
+            "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "concurrency": args.levels, "threads": torch.get_num_threads(),
             "device": args.device, "torch": torch.__version__, "machine": platform.machine()}
     print(format_table(rows))
     print(json.dumps(summary, indent=2))
     write_json(args.json, summary, rows, meta)
-    if args.concurrency:  # the plot is speedup against gamma at one stream
-        print(f"wrote {args.json}")
+    if args.levels:  # the plot is speculative over target-only against concurrency
+        plot = args.plot or args.json.with_suffix(".png")
+        write_concurrency_plot(plot, summary["by_concurrency"])
+        print(f"wrote {args.json} and {plot}")
         return 0
     plot = args.plot or args.json.with_suffix(".png")
     write_plot(plot, rows)
@@ -286,24 +289,31 @@ def server_configs(args, drafters, gammas, texts, pair):
 
 
 def concurrency_configs(args, drafters, gammas, texts, pair):
-    """Target-only and each drafter x gamma at ``--concurrency`` streams; in-process,
-    each with batched and with per-session verification (interleaved)."""
-    n = args.concurrency
+    """Target-only and each drafter x gamma at each ``--concurrency`` level (a level's
+    configs interleaved, levels in order); in-process, each with batched and with
+    per-session verification. A level of N streams runs max(N, prompts) requests,
+    the prompts cycled."""
     methods = [("none", None)] + [(d, g) for d in drafters for g in gammas if g > 0]
+
+    def cycled(items, n):
+        return [items[i % len(items)] for i in range(max(len(items), n))]
+
     if args.server:
         client = server_client(args)
+        top = max(args.levels)
         for method, gamma in methods:  # warm-up
-            run_concurrent_server(client, method, gamma, texts[:n], 8, n)
-        return (lambda c: run_concurrent_server(client, *c, texts, args.max_new_tokens, n)), methods
+            run_concurrent_server(client, method, gamma, cycled(texts, top)[:top], 8, top)
+        configs = [(m, g, n) for n in args.levels for m, g in methods]
+        return (lambda c: run_concurrent_server(client, c[0], c[1], cycled(texts, c[2]), args.max_new_tokens, c[2])), configs
     prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
     check_fits(pair, prompts, args.max_new_tokens)
-    configs = [(m, g, batched) for m, g in methods for batched in (True, False)]
-    for method, gamma, batched in configs:  # warm-up
-        run_concurrent_local(pair, method, gamma, prompts[:n], 8, n, batched)
+    configs = [(m, g, n, batched) for n in args.levels for m, g in methods for batched in (True, False)]
+    for method, gamma, n, batched in configs:  # warm-up
+        run_concurrent_local(pair, method, gamma, cycled(prompts, n)[:n], 8, n, batched)
 
     def measure(config):
-        method, gamma, batched = config
-        return run_concurrent_local(pair, method, gamma, prompts, args.max_new_tokens, n, batched)
+        method, gamma, n, batched = config
+        return run_concurrent_local(pair, method, gamma, cycled(prompts, n), args.max_new_tokens, n, batched)
 
     return measure, configs
 
@@ -367,7 +377,7 @@ def run_tracing(args) -> int:
     """--tracing: what OpenTelemetry tracing costs, in-process (services/bench/tracing.py)."""
     from ..bench.tracing import run_tracing_overhead
 
-    if args.server or args.concurrency:
+    if args.server or args.levels:
         raise UsageError("--tracing measures in-process; drop --server and --concurrency")
     drafter = args.drafters.split(",")[0].strip()
     if drafter not in ("draft", "ngram"):
@@ -401,7 +411,7 @@ def run_scale_bench(args) -> int:
     """--scale: the data path at real vocabularies and contexts (services/bench/scale.py)."""
     from ..bench.scale import run_scale
 
-    if args.server or args.concurrency:
+    if args.server or args.levels:
         raise UsageError("--scale measures in-process (its served figures use loopback gRPC); drop --server and --concurrency")
     pair = load_pair(model_paths(args), args.device, args.dtype, with_draft=True,
                      trust_remote_code=args.trust_remote_code)

@@ -37,7 +37,7 @@ class SequenceState:
     draft_state: object
     round: int = 0  # the next round's number; a resumed stream numbers on
     finished: bool = False
-    gamma_cap: int | None = None  # a server's limit under load (LoadAwareGamma)
+    gamma_cap: int | None = None  # a server's plan for its goodput (core/goodput.py); None: no limit
     stats: GenerationStats = field(default_factory=GenerationStats)
     logprobs: int | None = None  # None: none; N: each token's and its top N alternatives' (core/shaping.py)
     stopped_by: int | None = None  # the stop token id the sequence ended on

@@ -36,6 +36,10 @@ from .steps import StepBatcher
 
 log = logging.getLogger(__name__)
 
+# Trailing metadata of a stream refused because the worker is full (RESOURCE_EXHAUSTED):
+# the verifier tries another worker, or decodes without drafts (verifier/draft_link.py).
+CAPACITY_REFUSAL = ("outrider-refused", "capacity")
+
 
 async def _timed(commands) -> tuple[object, float]:
     """The next command and when it arrived."""
@@ -73,17 +77,24 @@ def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):
     def __init__(self, proposers: dict[str, Proposer], max_sessions: int = 256, state: StateClient | None = None,
-                 chunk_tokens: int = 32, prefixes: PrefixSharing | None = None, steps: StepBatcher | None = None):
-        """``steps``: the draft model's step batcher; the speculation cache's branches
-        of all sessions share the rows its measured costs say are nearly free."""
+                 chunk_tokens: int = 32, prefixes: PrefixSharing | None = None, steps: StepBatcher | None = None,
+                 measured_fanout: bool = True):
+        """``max_sessions``: admission; a stream opened beyond it is refused at once
+        (``CAPACITY_REFUSAL``) and its verifier drafts elsewhere or decodes alone, so no
+        session queues here. ``steps``: the draft model's step batcher, whose queue and
+        step times are the worker's load report; with ``measured_fanout``, the
+        speculation cache's branches of all sessions share the rows its measured costs
+        say are nearly free."""
         self.proposers = proposers
         self.steps = steps
+        self.measured_fanout = measured_fanout and steps is not None
+        self.max_sessions = max_sessions
         self.state = state
         self.prefixes = prefixes  # the draft model's prompt KV, shared like the target's
         self.chunk_tokens = chunk_tokens
         # A thread per drafting session: each drafts autoregressively, and the draft
         # model's steps from all of them meet in one batched forward (StepBatcher).
-        self.compute = ThreadPoolExecutor(max_sessions, thread_name_prefix="outrider-draft")
+        self.compute = ThreadPoolExecutor(max(1, max_sessions), thread_name_prefix="outrider-draft")
         self.active_sessions = 0
 
     async def Draft(self, request_iterator, context):
@@ -91,6 +102,10 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         first = await anext(commands, None)
         if first is None or first.WhichOneof("command") != "open":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Draft stream starts with `open`")
+        if self.active_sessions >= self.max_sessions:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"draft worker at capacity ({self.max_sessions} sessions)",
+                                trailing_metadata=(CAPACITY_REFUSAL,))
         try:
             session, pipeline = self._open(first.open)
         except InvalidRequest as error:
@@ -248,9 +263,17 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         self.state.save_chunk(session_id, chunk)
         return chunk.end
 
+    def load(self) -> dict[str, float]:
+        """The worker's load, as Serve's request router and autoscaler read it
+        (drafter/deployment.py): sessions open, its capacity, draft steps waiting, and
+        the mean seconds of its latest steps."""
+        return {"sessions": float(self.active_sessions), "capacity": float(self.max_sessions),
+                "queued_steps": float(self.steps.queued if self.steps else 0),
+                "step_s": self.steps.recent_step_s() if self.steps else 0.0}
+
     def _rows_within(self, session: DraftSession) -> int:
         """The rows a round's branches can take and be done before the verifier is."""
-        if self.steps is None:  # no measured costs: every session drafts what it asks for
+        if not self.measured_fanout:  # every session drafts what it asks for
             return MAX_FANOUT * max(1, self.active_sessions)
         # The bonus guess, then a block: gamma + 1 steps.
         return self.steps.costs.rows_within(self.steps.max_batch_size, session.gamma + 1, session.window)

@@ -41,6 +41,7 @@ class StepBatcher:
         self.wakeup = threading.Condition()
         self.batch_sizes: deque[int] = deque(maxlen=4096)  # the latest steps' sizes
         self.costs = StepCosts()  # what a step of each size takes here: the speculation cache's fan-out
+        self.step_s: deque[float] = deque(maxlen=64)  # the latest decode steps' seconds: the worker's load report
         threading.Thread(target=self._loop, name="outrider-draft-steps", daemon=True).start()
 
     def step(self, kvs: list[KVState], feeds: list[list[int]]) -> list[torch.Tensor]:
@@ -56,6 +57,15 @@ class StepBatcher:
             if request.error is not None:
                 raise request.error
         return [request.logits for request in requests]
+
+    @property
+    def queued(self) -> int:
+        """Steps waiting for the next forward pass."""
+        return len(self.pending)
+
+    def recent_step_s(self) -> float:
+        """Mean seconds of the latest decode steps (0 before any)."""
+        return sum(self.step_s) / len(self.step_s) if self.step_s else 0.0
 
     def _take(self) -> list[_Step]:
         with self.wakeup:
@@ -81,6 +91,7 @@ class StepBatcher:
                     if logits[0].is_cuda:
                         torch.cuda.synchronize(logits[0].device)  # the step's time, not its launch's
                     self.costs.observe(len(batch), time.perf_counter() - t0)
+                    self.step_s.append(time.perf_counter() - t0)
                 for s, out in zip(batch, logits):
                     s.logits = out[-1]
             except Exception:

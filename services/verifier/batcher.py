@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
-from ..core.gamma import LoadAwareGamma
+from ..core.goodput import GoodputController
 from ..core.proposals import Proposal
 from ..telemetry import tracing
 
@@ -37,11 +37,11 @@ class _Job:
 
 
 class RoundBatcher:
-    def __init__(self, engine: SpeculativeEngine, max_batch_size: int, cost: LoadAwareGamma | None = None,
+    def __init__(self, engine: SpeculativeEngine, max_batch_size: int, cost: GoodputController | None = None,
                  sessions: Callable[[], int] = lambda: 0, linger: float = 0.5):
         self.engine = engine
         self.max_batch_size = max_batch_size
-        self.cost = cost  # fed every pass's size and time
+        self.cost = cost  # fed every pass's size, time and committed tokens
         # Sessions get out of step (each waits on its own draft worker), so when fewer
         # rounds are waiting than sessions are running, the batch lingers for the rest,
         # up to `linger` x the last pass's duration: a fuller pass costs little more.
@@ -142,7 +142,8 @@ class RoundBatcher:
             if traced:
                 _verify_spans(live, started_ns, time.time_ns(), value if ok else None)
             if ok and self.cost is not None:
-                self.cost.observe_pass(sum(len(p) + 1 for p in proposals), self.last_pass_s)
+                self.cost.observe_pass(sum(len(p) + 1 for p in proposals), self.last_pass_s,
+                                       sum(len(result.tokens) for result in value))
             if ok:
                 outcomes = {id(job): (True, result) for job, result in zip(live, value)}
             elif len(live) == 1:

@@ -7,6 +7,8 @@ away (a frozen process, a partitioned node: the kernel keeps the connection open
 caught by a deadline on every read, derived from the measured block times; the stream
 then moves to another worker, or, if Serve offers no other, the session goes on
 without drafting. Either way a round never waits more than ``MAX_READ_S`` for a draft.
+A worker at capacity refuses the stream at once; the session tries one other worker,
+then decodes without drafts: it never queues for a draft worker.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..core.engine import SequenceState
 from ..core.errors import InvalidRequest
 from ..core.pipeline import DraftBlock
 from ..core.proposals import Proposal
+from ..drafter.service import CAPACITY_REFUSAL
 from ..rpc import internal_pb2
 from ..rpc.convert import block_from_proto
 
@@ -45,6 +48,7 @@ class DraftLink:
         self.call = None
         self.address = ""
         self.stalled: set[str] = set()  # workers that missed a deadline: never reused by this session
+        self.full: set[str] = set()  # workers that refused the session at capacity
         self.off = False  # no worker to draft with: the session decodes alone
         self.waits: deque[float] = deque(maxlen=16)  # recent block waits, for the deadline
         self.reader: asyncio.Future | None = None  # reads the stream into inbox
@@ -74,6 +78,9 @@ class DraftLink:
             try:
                 return await self._read(round)
             except (grpc.aio.AioRpcError, ConnectionError) as error:
+                if at_capacity(error):
+                    await self._elsewhere(round)
+                    continue
                 if not worker_lost(error):  # another worker would refuse it too
                     raise InvalidRequest(f"the draft worker refused the session: {error.details()}") from error
                 if isinstance(error, DraftStalled):
@@ -191,6 +198,20 @@ class DraftLink:
             return
         raise ConnectionError(f"no draft worker could continue the session: {error}") from error
 
+    async def _elsewhere(self, round: int) -> None:
+        """The worker was full: one other worker, or none. A session never waits for a
+        draft worker to have room; it decodes without drafts instead."""
+        self.full.add(self.address)
+        self._drop_call()
+        if len(self.full) < 2:
+            try:
+                self.address, self.call = await asyncio.wait_for(
+                    self.open_stream(round, self.stalled | self.full), OPEN_S)
+                return
+            except Exception:  # no other worker (NoOtherWorker), or none answered in time
+                pass
+        self.off = True
+
     async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int) -> None:
         """Tell the worker what round ``round`` committed; it drafts the next round with
         ``next_gamma`` (0: it drafts nothing until told otherwise). A worker that is
@@ -234,6 +255,12 @@ def _message(item):
 
 class NoOtherWorker(ConnectionError):
     """Serve offers only workers this session has seen stall."""
+
+
+def at_capacity(error: Exception) -> bool:
+    """The worker refused the session because it is full (drafter/service.py)."""
+    return (isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and CAPACITY_REFUSAL in tuple(error.trailing_metadata() or ()))
 
 
 def worker_lost(error: Exception) -> bool:

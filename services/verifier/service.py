@@ -16,7 +16,8 @@ from typing import AsyncIterator, Awaitable, Callable
 import grpc
 
 from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
-from ..core.gamma import GammaSchedule, LoadAwareGamma
+from ..core.gamma import GammaSchedule
+from ..core.goodput import GoodputController, SessionControl
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.errors import InvalidRequest
 from ..core.proposals import Proposal
@@ -74,11 +75,11 @@ class VerifierService:
         self.max_batch_size = max_batch_size
         self.prefixes = prefixes
         self.name = name  # reported in each request's stats
-        # Under load, drafts get shorter (down to none) when verifying them costs more
-        # than they save; measured online from this replica's own passes.
-        self.gamma_policy = LoadAwareGamma() if load_aware_gamma else None
+        # Each session's gamma, down to none, chosen for the replica's goodput from its
+        # own measured passes and the session's acceptance (core/goodput.py).
+        self.controller = GoodputController(max_batch_size) if load_aware_gamma else None
         # Concurrent sessions' rounds are verified together in one forward pass.
-        self.batcher = RoundBatcher(engine, max_batch_size, self.gamma_policy, sessions=lambda: self.active_sessions)
+        self.batcher = RoundBatcher(engine, max_batch_size, self.controller, sessions=lambda: self.active_sessions)
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.active_sessions = 0
 
@@ -105,10 +106,11 @@ class VerifierService:
         # The request's span context crossed the Serve handle hop in the request; every
         # span of this session is in its trace.
         trace_ctx = tracing.extract(req.traceparent, req.tracestate)
+        control = self._join(seq, method, req.pinned_gamma)
         self.active_sessions += 1
         try:
-            rounds = (self._local_rounds(seq, req, trace_ctx) if method == "none" or method in ON_VERIFIER
-                      else self._speculative(seq, req, method, trace_ctx))
+            rounds = (self._local_rounds(seq, req, control, trace_ctx) if method == "none" or method in ON_VERIFIER
+                      else self._speculative(seq, req, method, control, trace_ctx))
             # Closed explicitly, so a cancelled session cancels its draft stream at once.
             async with aclosing(rounds) as results:
                 async for result in results:
@@ -129,6 +131,22 @@ class VerifierService:
         finally:
             self.batcher.release(seq)
             self.active_sessions -= 1
+            if control is not None:
+                self.controller.leave(control)
+
+    def _join(self, seq: SequenceState, method: str, pinned: bool) -> SessionControl | None:
+        """The session's place in the goodput plan. A chain's gamma is the plan's (the
+        request's is its ceiling); a seeded sampled request keeps its schedule, because
+        its tokens depend on it (VerifyRequest.pinned_gamma); a tree keeps its shape
+        (counted in the plan at its node count)."""
+        if self.controller is None:
+            return None
+        tree = getattr(seq.proposer, "tree", None)
+        if tree is not None:
+            return self.controller.join(len(tree), fixed=True)
+        control = self.controller.join(seq.gamma, fixed=pinned)
+        seq.gamma_cap = self.controller.gamma(control)
+        return control
 
     async def _prefill(self, seq: SequenceState, trace_ctx=None) -> None:
         """The prompt's target KV, from shared prefix blocks as far as they reach; the
@@ -159,7 +177,7 @@ class VerifierService:
         finally:
             span.end()
 
-    async def _local_rounds(self, seq: SequenceState, req, trace_ctx) -> AsyncIterator[RoundResult]:
+    async def _local_rounds(self, seq: SequenceState, req, control, trace_ctx) -> AsyncIterator[RoundResult]:
         """Rounds with no draft hop: target-only, drafted here by a lookup (n-gram,
         suffix), or by heads from the hidden states of the pass before (the first
         round's from the prefill's)."""
@@ -170,8 +188,10 @@ class VerifierService:
             try:
                 t0 = time.perf_counter()
                 proposal = await self.batcher.run(seq, self.engine.propose, seq) if seq.proposer else Proposal.empty(self.device)
-                seq.stats.draft_time_s += time.perf_counter() - t0
+                drafted_s = time.perf_counter() - t0  # on the compute thread: all of it exposed
+                seq.stats.draft_time_s += drafted_s
                 result = await self.batcher.verify(seq, proposal, span)
+                self._control(seq, control, proposal.depth, result.num_accepted, drafted_s, 0.0)
                 if span.is_recording():
                     span.set_attributes({"outrider.gamma": proposal.depth, "outrider.tree_nodes": len(proposal),
                                          "outrider.accepted": result.num_accepted, "outrider.committed": len(result.tokens)})
@@ -187,7 +207,7 @@ class VerifierService:
         return tracing.start_span("outrider.round", trace_ctx, attributes={
             "outrider.session_id": req.session_id, "outrider.request_id": req.request_id, "outrider.round": round})
 
-    async def _speculative(self, seq: SequenceState, req, method: str, trace_ctx=None) -> AsyncIterator[RoundResult]:
+    async def _speculative(self, seq: SequenceState, req, method: str, control, trace_ctx=None) -> AsyncIterator[RoundResult]:
         pipeline = req.speculation.pipeline
         round = req.first_round  # a resumed stream numbers its rounds on
         link = DraftLink(lambda first, avoid: self._open_stream(seq, req, method, first, avoid, link.trace),
@@ -207,15 +227,15 @@ class VerifierService:
             raise
         try:
             await prefill
-            exposed = seq.stats.exposed_draft_time_s
+            exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
             unreported: list[int] = []  # committed tokens the worker has not been told yet
             block = await link.receive(round)
             while True:
                 result = await self.batcher.verify(seq, block.proposal, span)
-                if not req.pinned_gamma:
-                    self._limit_gamma(seq, block, result.num_accepted, seq.stats.exposed_draft_time_s - exposed)
-                exposed = seq.stats.exposed_draft_time_s
+                self._control(seq, control, len(block.proposal), result.num_accepted,
+                              seq.stats.exposed_draft_time_s - exposed, seq.stats.transport_time_s - transport)
+                exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
                 early = None
                 full = result.num_accepted == len(block.proposal)
                 # The worker drafts branches for this round's outcomes whenever it drafts
@@ -265,15 +285,16 @@ class VerifierService:
             span.end()  # a round left open by a cancelled or failed session
             link.close()
 
-    def _limit_gamma(self, seq: SequenceState, block: DraftBlock, accepted: int, exposed_s: float) -> None:
-        if self.gamma_policy is None:
+    def _control(self, seq: SequenceState, control: SessionControl | None, drafted: int, accepted: int,
+                 exposed_s: float, transport_s: float) -> None:
+        """Feed the round to the controller; the next round drafts what it plans, never
+        more than the request's gamma schedule asks for."""
+        if control is None:
             return
-        if len(block.proposal):
-            self.gamma_policy.observe_round(len(block.proposal), accepted, exposed_s)
-        batch = min(self.active_sessions, self.max_batch_size)
-        # A lone session drafts what its request asked for; the cap protects throughput
-        # under load only.
-        seq.gamma_cap = self.gamma_policy.cap(batch) if batch > 1 else None
+        self.controller.observe_round(control, drafted, accepted, exposed_s, transport_s)
+        if not control.fixed:
+            control.ceiling = seq.gamma
+        seq.gamma_cap = self.controller.gamma(control)
 
     async def _open_stream(self, seq: SequenceState, req, method: str, first_round: int, avoid: set[str],
                            trace=("", "")) -> tuple[str, object]:

@@ -161,6 +161,28 @@ def test_bench_measures_tree_drafters_once_each_and_reports_the_best_per_drafter
     assert result["verify_cost"]["tree16_vs_chain5"] > 0
 
 
+def test_bench_concurrency_list_reports_each_level_with_ttft_percentiles_and_a_plot(tmp_path, pair_args):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def add(a, b):", "print(add("]))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "6", "--gammas", "3", "--drafters", "draft",
+                 "--concurrency", "1,3", "--repeat", "2", "--json", str(out)] + pair_args) == 0
+    result = json.loads(out.read_text())
+    assert set(result["by_concurrency"]) == {"1", "3"}
+    for level in result["by_concurrency"].values():
+        assert level["speculative_vs_target_only"] > 0 and len(level["per_pass"]) == 2
+        assert level["speculative_vs_target_only"] in level["per_pass"]
+        assert 0 < level["ttft_p50_s"] <= level["ttft_p99_s"]
+        assert level["config"].startswith("outrider-draft x")
+    # A level runs max(streams, prompts) requests: 3 streams, 3 requests, one TTFT each.
+    runs = {r["config"]: r for r in result["runs"]}
+    assert result["outputs_identical"] is True and "target-only x3 batched" in runs
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--prompts", str(prompts), "--concurrency", "1,0"] + pair_args)
+    assert exc.value.code == 2
+
+
 @pytest.mark.parametrize("content,message", [("", "no prompts"), ("{\"text\": 1}\n", "prompt"),
                                              ("not json\n", "prompt")])
 def test_bench_bad_prompts_exit_2(tmp_path, pair_args, capsys, content, message):

@@ -15,6 +15,7 @@ from services.bench.loopback import Loopback, run
 from services.drafter.service import DrafterService, make_proposers
 from services.verifier.draft_link import FIRST_READ_S, MAX_READ_S, MIN_READ_S, OPEN_S, READ_SLACK, DraftLink
 from services.core.draft_q import MAX_SUPPORT
+from services.core.goodput import GoodputController
 from services.core.pipeline import DraftBlock
 from services.core.proposals import Proposal
 from services.core.stats import GenerationStats
@@ -201,31 +202,24 @@ def test_pipelined_sampling_reproduces_the_target_distribution():
         assert p > ALPHA, f"position {k}: p = {p:.2e}, counts {counts}, expected {expected[k] * N}"
 
 
-class ScriptedCap:
-    """A gamma policy that turns drafting off for a stretch of rounds, then back on."""
+class ScriptedController(GoodputController):
+    """A controller that turns drafting off for a stretch of rounds, then back on."""
 
     def __init__(self, caps):
+        super().__init__(max_batch=16)
         self.caps = list(caps)
 
-    def observe_round(self, *args):
-        """Measurements do not move a scripted cap."""
-
-    def observe_pass(self, *args):
-        """Measurements do not move a scripted cap."""
-
-    def cap(self, batch):
+    def gamma(self, control):
         return self.caps.pop(0) if self.caps else 4
 
 
-def test_drafting_switched_off_under_load_and_back_on_keeps_the_output(pair, monkeypatch):
+def test_drafting_switched_off_under_load_and_back_on_keeps_the_output(pair):
     target, draft = pair
     prompt = PROMPT
 
     async def go():
         async with Loopback(target, draft) as loop:
-            loop.verifier.gamma_policy = ScriptedCap([4, 0, 0, 0, 0, 0, 3, 0, 4])
-            monkeypatch.setattr(loop.verifier, "max_batch_size", 16)
-            loop.verifier.active_sessions = 1  # plus the session itself: the cap applies (batch > 1)
+            loop.verifier.controller = ScriptedController([4, 4, 0, 0, 0, 0, 0, 3, 0, 4])
             return await loop.generate(prompt, 40, gamma=4)
 
     tokens, stats = run(go())

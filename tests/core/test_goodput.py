@@ -1,0 +1,145 @@
+"""The goodput controller: the plan is the argmax of the modelled goodput, each
+session's gamma follows its own acceptance, and a stopped session is re-probed."""
+
+import itertools
+
+import pytest
+
+from services.core.goodput import PROBE_EVERY, PROBE_GAMMA, GoodputController, PassCost, expected_tokens
+
+
+def passes(controller, a, b, sizes=(2, 9, 17, 40, 72), each=4):
+    for n in sizes:
+        for _ in range(each):
+            controller.observe_pass(n, a + b * n, committed=1)
+
+
+def rounds(controller, control, gamma, accepted, times=20, exposed=0.0, transport=0.0):
+    for _ in range(times):
+        controller.observe_round(control, gamma, accepted, exposed, transport)
+
+
+def test_nothing_is_limited_before_two_pass_sizes_are_measured():
+    controller = GoodputController(max_batch=16)
+    control = controller.join(8)
+    assert controller.gamma(control) == 8
+    for _ in range(10):
+        controller.observe_pass(9, 0.04, committed=5)  # one size: no slope
+    rounds(controller, control, 8, 0)
+    assert controller.gamma(control) == 8
+    cost = PassCost()
+    for n in (1, 9):
+        cost.observe(n, 0.02)  # two sizes, one pass each: too few
+    assert cost.fit() is None
+
+
+def test_the_fit_recovers_a_linear_pass_cost():
+    controller = GoodputController(max_batch=16)
+    passes(controller, 0.020, 0.002)
+    assert controller.cost.fit() == pytest.approx((0.020, 0.002))
+
+
+def modelled(alphas, a, b, gammas):
+    pass_s = a + b * sum(g + 1 for g in gammas)
+    return sum(expected_tokens(al, g) / pass_s for al, g in zip(alphas, gammas))
+
+
+def brute_force(alphas, ceilings, a, b):
+    """The goodput-maximising gammas over every combination."""
+    return max(itertools.product(*[range(c + 1) for c in ceilings]), key=lambda gs: modelled(alphas, a, b, gs))
+
+
+@pytest.mark.parametrize("a, b", [(0.020, 0.0002), (0.020, 0.002), (0.005, 0.004)])
+def test_the_plan_maximises_modelled_goodput(a, b):
+    controller = GoodputController(max_batch=16)
+    passes(controller, a, b)
+    accepted = [(20, 18), (20, 10), (20, 2)]  # per round: drafted, accepted; from highly to barely predictable
+    controls = [controller.join(6) for _ in accepted]
+    for control, (g, acc) in zip(controls, accepted):
+        for _ in range(30):
+            controller.observe_round(control, g, acc, 0.0, 0.0)
+    planned = tuple(controller.gamma(c) for c in controls)
+    alphas = [controller.alpha(c) for c in controls]
+    best = brute_force(alphas, [6, 6, 6], a, b)
+    # Coordinate ascent: the exhaustive optimum's goodput, to within 0.5%.
+    assert modelled(alphas, a, b, planned) == pytest.approx(modelled(alphas, a, b, best), rel=0.005)
+    assert planned[0] >= planned[1] >= planned[2]  # the more predictable, the longer its drafts
+    assert controller.predicted == pytest.approx(modelled(alphas, a, b, planned))
+
+
+def test_a_session_whose_acceptance_collapses_stops_while_another_keeps_drafting():
+    controller = GoodputController(max_batch=16)
+    passes(controller, 0.020, 0.001)
+    good, bad = controller.join(8), controller.join(8)
+    rounds(controller, good, 8, 8)  # every draft accepted
+    rounds(controller, bad, 8, 0, exposed=0.008, transport=0.003)  # every first draft rejected, and drafting costs
+    assert controller.gamma(good) > 0
+    assert controller.gamma(bad) == 0
+    assert controller.not_speculating == 1
+
+
+def test_a_stopped_session_is_reprobed_and_comes_back_when_its_acceptance_does():
+    controller = GoodputController(max_batch=16)
+    passes(controller, 0.020, 0.001)
+    control = controller.join(8)
+    rounds(controller, control, 8, 0, exposed=0.008, transport=0.003)
+    seen = [controller.gamma(control) for _ in range(PROBE_EVERY)]
+    assert seen[:-1] == [0] * (PROBE_EVERY - 1) and seen[-1] == PROBE_GAMMA  # a probe, after PROBE_EVERY rounds
+    controller.observe_round(control, PROBE_GAMMA, PROBE_GAMMA, 0.0, 0.0)
+    # The text turned predictable: probes accept everything, and drafting resumes.
+    for _ in range(3 * PROBE_EVERY):
+        g = controller.gamma(control)
+        controller.observe_round(control, g, g, 0.0, 0.0)  # a round with no drafts tells nothing
+    assert controller.gamma(control) > 0
+    # Probes back off while acceptance stays collapsed.
+    stopped = controller.join(8)
+    rounds(controller, stopped, 8, 0, exposed=0.008, transport=0.003)
+    probes = [n for n in range(200) if controller.gamma(stopped) > 0]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]
+
+
+def test_the_client_gamma_is_a_ceiling_and_a_fixed_session_keeps_its_own():
+    controller = GoodputController(max_batch=16)
+    passes(controller, 0.020, 0.0)  # passes cost the same whatever their size: draft as much as allowed
+    low, fixed = controller.join(3), controller.join(5, fixed=True)
+    rounds(controller, low, 3, 3)
+    assert controller.gamma(low) == 3
+    assert controller.gamma(fixed) == 5
+    collapsed = controller.join(5, fixed=True)
+    rounds(controller, collapsed, 5, 0, exposed=0.01, transport=0.01)
+    assert controller.gamma(collapsed) == 5  # a pinned schedule is never changed
+
+
+def test_under_load_gammas_fall_as_passes_turn_compute_bound():
+    def planned(sessions):
+        controller = GoodputController(max_batch=16)
+        passes(controller, 0.020, 0.002)
+        controls = [controller.join(8) for _ in range(sessions)]
+        for c in controls:
+            rounds(controller, c, 8, 6)
+        return [controller.gamma(c) for c in controls]
+
+    alone, loaded = planned(1), planned(16)
+    assert max(loaded) < alone[0]
+
+
+def test_more_sessions_than_a_batch_share_the_passes():
+    controller = GoodputController(max_batch=4)
+    passes(controller, 0.020, 0.002)
+    controls = [controller.join(8) for _ in range(8)]
+    for c in controls:
+        rounds(controller, c, 8, 6)
+    for c in controls:
+        controller.gamma(c)
+    assert controller.predicted > 0
+    for c in controls:
+        controller.leave(c)
+    assert controller.sessions == [] and controller.not_speculating == 0
+
+
+def test_measured_goodput_is_committed_tokens_over_the_passes_span():
+    controller = GoodputController(max_batch=4)
+    controller.observe_pass(5, 0.5, committed=10, end=1.0)
+    controller.observe_pass(5, 0.5, committed=10, end=2.0)
+    assert controller.measured_goodput() == pytest.approx(20 / 1.5)
