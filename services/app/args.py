@@ -18,10 +18,34 @@ VERIFIER_RESOURCE = "outrider_verifier"
 ROLE_RESOURCES = (GATEWAY_RESOURCE, DRAFTER_RESOURCE, VERIFIER_RESOURCE)
 
 
+class Autoscaling(BaseModel):
+    """Serve autoscaling of one deployment (its ``autoscaling_config``); each scales on
+    its own load (app/autoscaling.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    # Load per replica to hold: sessions for every deployment (a gateway's or verifier's
+    # ongoing streams, a draft worker's open draft streams). None: the deployment's
+    # default, where its throughput stops growing with sessions (AppArgs.serve_options).
+    target: float | None = Field(None, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"autoscaling max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        return self
+
+
 class Placement(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1)  # fixed; ignored with autoscaling
+    autoscaling: Autoscaling | None = None
     num_cpus: float = Field(0.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
@@ -100,6 +124,17 @@ class AppArgs(BaseModel):
     # Rounds of concurrent sessions verified together in one forward pass, at most
     # this many (1 = each session verified on its own).
     max_batch_size: int = Field(16, ge=1)
+    # Sessions a verifier replica runs at once (Serve's max_ongoing_requests for it);
+    # more wait in a short queue at the gateway, and beyond that are refused with
+    # RESOURCE_EXHAUSTED. 0: four full batches, 4 x max_batch_size; each pass takes
+    # max_batch_size rounds, so a session among four batches' worth waits three passes
+    # a round, and more would only stretch every session's time per token.
+    verifier_max_sessions: int = Field(0, ge=0)
+    # Draft streams a draft worker admits; a stream beyond it is refused at once and its
+    # session drafts on another worker or decodes alone. 0: 2 x max_batch_size; one
+    # batched draft step serves max_batch_size sessions, and at twice that every
+    # session waits a step per token, so drafting no longer hides under verification.
+    drafter_max_sessions: int = Field(0, ge=0)
     # Each verifier replica (each tensor-parallel rank: its shard) preallocates this
     # much for the target's KV (core/kv_pool.py); a session holds prompt + max_new_tokens
     # + 17 positions of it from admission to its end, and one that does not fit is
@@ -159,10 +194,52 @@ class AppArgs(BaseModel):
             per_replica = bundles or [{"CPU": placement.num_cpus, "GPU": placement.num_gpus}]
             need = demand.setdefault(role, {"CPU": 0.0, "GPU": 0.0})
             for bundle in per_replica:
+                replicas = placement.autoscaling.max_replicas if placement.autoscaling else placement.num_replicas
                 for resource, amount in bundle.items():
                     if resource in ("CPU", "GPU"):
-                        need[resource] += amount * placement.num_replicas
+                        need[resource] += amount * replicas
         return demand
+
+    def session_limits(self) -> dict[str, int]:
+        """Sessions each replica admits: {"gateway", "verifier", "drafter"}."""
+        return {"gateway": self.max_sessions,
+                "verifier": self.verifier_max_sessions or 4 * self.max_batch_size,
+                "drafter": self.drafter_max_sessions or 2 * self.max_batch_size}
+
+    def serve_options(self, role: str) -> dict:
+        """Serve deployment options of ``role`` (gateway, verifier, drafter): replicas,
+        fixed or autoscaled, and its admission limits."""
+        from .autoscaling import POLICY
+
+        placement = {"gateway": self.gateway, "verifier": self.verifier, "drafter": self.drafter}[role]
+        limit = self.session_limits()[role]
+        options: dict = {"ray_actor_options": placement.actor_options()}
+        if role == "gateway":
+            # Twice its session limit, so that requests reach its own admission check (a
+            # reason and a retry hint) rather than queue; a bounded queue past that.
+            options.update(max_ongoing_requests=2 * limit, max_queued_requests=limit)
+        elif role == "verifier":
+            # A short queue (one batch) at each gateway, then RESOURCE_EXHAUSTED.
+            options.update(max_ongoing_requests=limit, max_queued_requests=self.max_batch_size)
+        else:
+            options.update(max_ongoing_requests=16)  # endpoint() calls: instant; streams are admitted on gRPC
+        scaling = placement.autoscaling
+        if scaling is None:
+            options["num_replicas"] = placement.num_replicas
+            return options
+        # The default target: where a replica's throughput stops growing with sessions.
+        # Gateway: half its session limit, to add a replica before it refuses requests.
+        # Verifier: one full batch; more sessions wait whole passes. Draft worker: one
+        # full batched draft step.
+        default = {"gateway": limit / 2, "verifier": self.max_batch_size, "drafter": self.max_batch_size}[role]
+        config = {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+                  "target_ongoing_requests": scaling.target or default,
+                  "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+                  "look_back_period_s": scaling.look_back_period_s}
+        if role == "drafter":
+            config["policy"] = {"policy_function": POLICY}
+        options["autoscaling_config"] = config
+        return options
 
     @property
     def paths(self) -> ModelPaths:

@@ -181,6 +181,11 @@ class GoodputController:
     def not_speculating(self) -> int:
         return sum(c.planned == 0 and c.ceiling > 0 for c in self.sessions)
 
+    def mean_planned_gamma(self) -> float:
+        planned = [c.ceiling if c.planned is None else min(c.planned, c.ceiling)
+                   for c in self.sessions if c.ceiling > 0 and not c.fixed]
+        return sum(planned) / len(planned) if planned else 0.0
+
     def measured_goodput(self) -> float:
         """Committed tokens per second over the recent passes' wall-clock span."""
         if len(self.committed) < 2:

@@ -5,25 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import ray
 import torch
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from ..app.args import AppArgs
+from ..app.autoscaling import DRAFT_SESSIONS
 from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
 from ..rpc.auth import TOKEN_ENV, TokenInterceptor, internal_token
 from ..rpc.channels import SERVER_OPTIONS
 from ..state.client import PrefixSharing, replica_state_client
 from ..telemetry import tracing
+from .routing import STATS_PERIOD_S, LeastLoadedDrafter
 from .service import DrafterService, make_proposers
 
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(name="drafter", max_ongoing_requests=1000)
+@serve.deployment(name="drafter", request_router_config=RequestRouterConfig(
+    # Serve sees no load here (sessions live on the side stream): route on the load
+    # each worker reports (drafter/routing.py).
+    request_router_class=LeastLoadedDrafter, request_routing_stats_period_s=STATS_PERIOD_S))
 class DraftWorker:
     def __init__(self, args: dict):
         cfg = AppArgs.model_validate(args)
@@ -40,8 +47,9 @@ class DraftWorker:
         if state is not None:
             prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"draft|{paths.draft}|{cfg.dtype}|{draft.dtype}")
         proposers, steps = make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size)
-        self.service = DrafterService(proposers, state=state, chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes,
-                                      steps=steps if cfg.fanout_policy == "measured" else None)
+        self.service = DrafterService(proposers, max_sessions=cfg.session_limits()["drafter"], state=state,
+                                      chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes, steps=steps,
+                                      measured_fanout=cfg.fanout_policy == "measured")
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None
         self.starting = asyncio.Lock()
@@ -78,6 +86,15 @@ class DraftWorker:
 
     def active_sessions(self) -> int:
         return self.service.active_sessions
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """What LeastLoadedDrafter ranks workers by, polled by Serve's controller; with
+        when it was measured, so a router adds the sessions it sent since."""
+        return {**self.service.load(), "reported_at": time.time()}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Draft sessions open here: what the drafter deployment scales on (app/autoscaling.py)."""
+        return {DRAFT_SESSIONS: float(self.service.active_sessions)}
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -14,6 +14,7 @@ import torch
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -55,6 +56,8 @@ def _code(error: Exception) -> grpc.StatusCode:
 
 def _set_status(grpc_context, error: Exception) -> str:
     code = _code(error)
+    if isinstance(error, Overloaded):  # gRPC's server pushback: a retry policy waits this long
+        grpc_context.set_trailing_metadata([("grpc-retry-pushback-ms", str(round(error.retry_after_s * 1000)))])
     if isinstance(error, ReplicaLost):
         error = f"the stream lost its verifier replica and could not continue elsewhere: {error}"
     grpc_context.set_code(code)
@@ -65,7 +68,7 @@ def _set_status(grpc_context, error: Exception) -> str:
 api = FastAPI(title="Outrider", description="OpenAI-compatible API over Outrider's speculative decoding")
 
 
-@serve.deployment(name="gateway", max_ongoing_requests=1000)
+@serve.deployment(name="gateway")
 @serve.ingress(api)
 class Gateway:
     metrics: SpecDecodeMetrics | None = None  # a shim built without __init__ (tests) records none
@@ -106,6 +109,8 @@ class Gateway:
         try:
             async for chunk in stream:
                 yield internal_pb2.VerifyChunk.FromString(chunk)
+        except BackPressureError as error:  # every verifier replica at max_ongoing_requests, its queue full
+            raise Overloaded("every verifier replica is at its session limit", self.service.retry_after_s()) from error
         except (RayActorError, ActorUnavailableError) as error:
             raise ReplicaLost(str(error)) from error
         except RayTaskError as error:
@@ -114,7 +119,7 @@ class Gateway:
             if isinstance(error.cause, InvalidRequest):  # a reason for the client, not a traceback
                 raise error.cause from error
             if isinstance(error.cause, PoolExhausted):  # the verifier's KV pool is full: retry later
-                raise Overloaded(str(error.cause)) from error
+                raise Overloaded(str(error.cause), self.service.retry_after_s()) from error
             raise
         finally:
             # A client that went away frees the verifier's session too: Serve cancels the

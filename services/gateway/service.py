@@ -30,7 +30,13 @@ from .samples import merged, sample_request
 
 
 class Overloaded(Exception):
-    """The gateway is at its session limit (RESOURCE_EXHAUSTED)."""
+    """No room for the request now (RESOURCE_EXHAUSTED): the gateway at its session
+    limit, every verifier replica at its own, or the KV pool full. ``retry_after_s``:
+    when a retry has a fair chance (sent as gRPC's ``grpc-retry-pushback-ms``)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(f"{message}; retry in about {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
 
 
 class ReplicaLost(Exception):
@@ -71,6 +77,14 @@ class GatewayService:
         self.max_resumes = max_resumes
         self.active_sessions = 0
         self.client_sessions: dict[str, int] = {}  # client -> its sessions open here
+        self.session_s = 0.0  # EWMA of how long a request holds its sessions: the retry hint
+
+    def retry_after_s(self) -> float:
+        """When a session has likely ended: sessions end one every mean duration /
+        sessions open, about (1 s before any has been timed)."""
+        if not self.session_s:
+            return 1.0
+        return min(30.0, max(0.1, self.session_s / max(1, self.active_sessions)))
 
     def prepare(self, req: outrider_pb2.GenerateRequest, received_at: float) -> internal_pb2.VerifyRequest:
         """Validate a request and resolve every default; raises InvalidRequest."""
@@ -217,11 +231,11 @@ class GatewayService:
             })
         # A request's samples are admitted together or not at all.
         if self.active_sessions + n > self.limits.max_sessions:
-            raise Overloaded(f"at the limit of {self.limits.max_sessions} concurrent sessions; retry later")
+            raise Overloaded(f"at the limit of {self.limits.max_sessions} concurrent sessions", self.retry_after_s())
         per_client = self.limits.max_sessions_per_client
         if per_client and self.client_sessions.get(client, 0) + n > per_client:
             raise Overloaded(f"this client already has {self.client_sessions.get(client, 0)} concurrent sessions here, "
-                             f"and its limit is {per_client}; retry later")
+                             f"and its limit is {per_client}", self.retry_after_s())
         self.active_sessions += n
         self.client_sessions[client] = self.client_sessions.get(client, 0) + n
         try:
@@ -231,6 +245,8 @@ class GatewayService:
                 async for chunk in chunks:
                     yield chunk
         finally:
+            held = time.perf_counter() - start
+            self.session_s = held if not self.session_s else 0.8 * self.session_s + 0.2 * held
             self.active_sessions -= n
             self.client_sessions[client] -= n
             if not self.client_sessions[client]:

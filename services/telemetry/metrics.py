@@ -338,31 +338,54 @@ def set_session_store_bytes(n: int, application: str = "") -> None:
     _store_bytes.set(n, {"application": application})
 
 
-def watch_kv_pool(read: Callable[[], tuple[int, int]], application: str, replica: str,
-                  interval_s: float = 1.0) -> threading.Event:
-    """Sample ``read() -> (used, capacity)`` positions of a verifier replica's KV pool
-    into ``outrider_kv_pool_used_positions`` / ``outrider_kv_pool_capacity_positions``
-    every ``interval_s`` on a daemon thread (set again each time: Ray drops a gauge
-    value not set within two report intervals). Returns the event that stops it."""
+def watch_gauges(gauges: dict[str, tuple[str, Callable[[], float]]], application: str, replica: str,
+                 interval_s: float = 1.0) -> threading.Event:
+    """Sample each ``{name: (description, read)}`` of a replica into its gauge every
+    ``interval_s`` on a daemon thread (set again each time: Ray drops a gauge value not
+    set within two report intervals). Returns the event that stops it."""
     from ray.util.metrics import Gauge
 
     tags = {"application": application, "replica": replica}
-    used = Gauge("outrider_kv_pool_used_positions", "Target KV pool positions held by sessions (their budgets).",
-                 tag_keys=tuple(tags))
-    capacity = Gauge("outrider_kv_pool_capacity_positions", "Target KV pool positions in all (kv_cache_bytes).",
-                     tag_keys=tuple(tags))
+    metrics = {name: (Gauge(name, description, tag_keys=tuple(tags)), read) for name, (description, read) in gauges.items()}
     stop = threading.Event()
 
     def loop():
         while True:
-            try:
-                held, total = read()
-                used.set(held, tags)
-                capacity.set(total, tags)
-            except Exception:  # never let a metric take the replica down
-                logger.exception("sampling the KV pool failed")
+            for name, (gauge, read) in metrics.items():
+                try:
+                    gauge.set(read(), tags)
+                except Exception:  # never let a metric take the replica down
+                    logger.exception("sampling %s failed", name)
             if stop.wait(interval_s):
                 return
 
-    threading.Thread(target=loop, name="outrider-kv-pool", daemon=True).start()
+    threading.Thread(target=loop, name="outrider-gauges", daemon=True).start()
     return stop
+
+
+def watch_kv_pool(read: Callable[[], tuple[int, int]], application: str, replica: str,
+                  interval_s: float = 1.0) -> threading.Event:
+    """A verifier replica's KV pool: ``read() -> (used, capacity)`` positions, as
+    ``outrider_kv_pool_used_positions`` / ``outrider_kv_pool_capacity_positions``."""
+    return watch_gauges({
+        "outrider_kv_pool_used_positions": ("Target KV pool positions held by sessions (their budgets).",
+                                            lambda: read()[0]),
+        "outrider_kv_pool_capacity_positions": ("Target KV pool positions in all (kv_cache_bytes).", lambda: read()[1]),
+    }, application, replica, interval_s)
+
+
+def watch_goodput(controller, application: str, replica: str, interval_s: float = 1.0) -> threading.Event:
+    """A verifier replica's goodput controller (core/goodput.py): what it plans and what
+    it gets."""
+    return watch_gauges({
+        "outrider_goodput_predicted_tokens_per_second": (
+            "Committed tokens/s the goodput controller's current plan expects on this verifier replica.",
+            lambda: controller.predicted),
+        "outrider_goodput_measured_tokens_per_second": (
+            "Committed tokens/s over this verifier replica's recent passes.", controller.measured_goodput),
+        "outrider_sessions_not_speculating": (
+            "Sessions the goodput controller has stopped drafting for (re-probed now and then).",
+            lambda: controller.not_speculating),
+        "outrider_planned_gamma": ("Mean gamma the goodput controller plans for this replica's drafting sessions.",
+                                   controller.mean_planned_gamma),
+    }, application, replica, interval_s)

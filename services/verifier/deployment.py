@@ -23,12 +23,12 @@ from ..models.pair import head_proposer, load_pair_heads
 from ..rpc import internal_pb2
 from ..state.client import AttemptWatch, PrefixSharing, ShardedPrefixSharing, replica_state_client
 from ..telemetry import tracing
-from ..telemetry.metrics import watch_kv_pool
+from ..telemetry.metrics import watch_goodput, watch_kv_pool
 from .service import VerifierService
 from .tensor_parallel import TensorParallelTarget
 
 
-@serve.deployment(name="verifier", max_ongoing_requests=1000, health_check_period_s=5)
+@serve.deployment(name="verifier", health_check_period_s=5)
 class Verifier:
     def __init__(self, drafter: DeploymentHandle, args: dict):
         cfg = AppArgs.model_validate(args)
@@ -66,6 +66,8 @@ class Verifier:
         head_proposer = _heads_proposer(heads) if heads else None
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica,
                                        head_proposer=head_proposer, tokenizer=tokenizer)
+        if self.service.controller is not None:
+            watch_goodput(self.service.controller, context.app_name, replica)
         if isinstance(runner, TargetRunner):  # a tensor-parallel group's pools live on its ranks
             pool = runner.pool
             watch_kv_pool(lambda: (pool.used_blocks * BLOCK_TOKENS, pool.capacity_tokens), context.app_name, replica)

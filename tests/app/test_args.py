@@ -68,3 +68,33 @@ def test_head_methods_say_which_heads_are_served_and_why_not(tmp_path):
     with pytest.raises(ValidationError, match="placement"):
         AppArgs.model_validate({"eagle": {"placement": "drafter"}})
     assert AppArgs.model_validate({"target": str(tmp_path / "plain"), "mtp": "org/mtp"}).head_methods()["mtp"] is None
+
+
+def test_admission_limits_follow_the_batch_size_unless_set():
+    cfg = AppArgs.model_validate({"max_batch_size": 8, "max_sessions": 40})
+    assert cfg.session_limits() == {"gateway": 40, "verifier": 32, "drafter": 16}
+    verifier, gateway = cfg.serve_options("verifier"), cfg.serve_options("gateway")
+    assert verifier["max_ongoing_requests"] == 32 and verifier["max_queued_requests"] == 8
+    assert gateway["max_ongoing_requests"] == 80 and gateway["max_queued_requests"] == 40
+    assert verifier["num_replicas"] == 1 and "autoscaling_config" not in verifier
+    assert AppArgs.model_validate({"verifier_max_sessions": 5}).session_limits()["verifier"] == 5
+
+
+def test_autoscaled_deployments_scale_on_their_own_load():
+    scaling = {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 2, "downscale_delay_s": 5}
+    cfg = AppArgs.model_validate({
+        "max_batch_size": 4,
+        "drafter": {"num_cpus": 1, "resources": {DRAFTER_RESOURCE: 1}, "autoscaling": scaling},
+        "verifier": {"num_cpus": 1, "resources": {VERIFIER_RESOURCE: 1}, "autoscaling": {**scaling, "target": 2}},
+    })
+    drafter, verifier = cfg.serve_options("drafter"), cfg.serve_options("verifier")
+    assert "num_replicas" not in drafter and "num_replicas" not in verifier
+    # Draft workers on the sessions they report (Serve sees only instant endpoint calls).
+    assert drafter["autoscaling_config"]["policy"] == {"policy_function": "services.app.autoscaling:draft_sessions_policy"}
+    assert drafter["autoscaling_config"]["target_ongoing_requests"] == 4  # one full batched draft step
+    assert verifier["autoscaling_config"]["target_ongoing_requests"] == 2 and "policy" not in verifier["autoscaling_config"]
+    assert verifier["autoscaling_config"]["max_replicas"] == 3
+    # Nodes are sized for the most replicas autoscaling may start.
+    assert cfg.node_demand()[DRAFTER_RESOURCE]["CPU"] == 3
+    with pytest.raises(ValidationError, match="max_replicas"):
+        AppArgs.model_validate({"drafter": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})

@@ -23,7 +23,9 @@ ROLE_RESOURCE = {"head": GATEWAY_RESOURCE, "drafter": DRAFTER_RESOURCE, "verifie
 GPU_OVERLAYS = ["gpu", "gpu-pvc", "production"]
 RAY_HEALTH = ("local_raylet_healthz", "gcs_healthz")
 # What the GPU overlays may change in the app's args, relative to cluster/serve_config.yaml.
-GPU_DIFFERENCES = {"target", "draft", "device", "dtype", "tensor_parallel_size", "drafter.num_gpus", "verifier.num_gpus"}
+GPU_DIFFERENCES = {"target", "draft", "device", "dtype", "tensor_parallel_size", "drafter.num_gpus", "verifier.num_gpus",
+                   *(f"{role}.autoscaling.{key}" for role in ("drafter", "verifier")
+                     for key in ("min_replicas", "max_replicas", "upscale_delay_s", "downscale_delay_s"))}
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -125,6 +127,26 @@ def test_gpu_pods_ask_for_their_gpus_and_tolerate_gpu_nodes(overlay):
         assert resources["requests"][GPU] == resources["limits"][GPU]  # extended resources: equal
         tolerations = all_groups[name]["template"]["spec"]["tolerations"]
         assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in tolerations
+
+
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gpu_clusters_autoscale_replicas_and_the_pods_follow(overlay):
+    docs = rendered(overlay)
+    cluster = rayservice(docs)["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["securityContext"]["runAsNonRoot"] is True
+    args = AppArgs.model_validate(app_args(docs))
+    all_groups = groups(docs)
+    for role, placement in (("drafter", args.drafter), ("verifier", args.verifier)):
+        scaling = placement.autoscaling
+        assert scaling is not None and scaling.max_replicas > scaling.min_replicas >= 1, role
+        group = all_groups[role]
+        # One replica per pod (a GPU each; a verifier's whole tensor-parallel group): a
+        # pod for every replica Serve may start, none kept beyond the minimum.
+        assert group["minReplicas"] == scaling.min_replicas and group["maxReplicas"] == scaling.max_replicas, role
+        options = args.serve_options(role)
+        assert options["autoscaling_config"]["max_replicas"] == scaling.max_replicas
+    ServeDeploySchema.model_validate(serve_config(docs))  # autoscaling configs Serve accepts
 
 
 def test_the_cpu_variant_asks_for_no_gpu_and_little():

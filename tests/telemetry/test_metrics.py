@@ -155,7 +155,9 @@ def test_docs_and_dashboard_name_only_defined_metrics_and_document_them_all():
     m = fake_metrics()
     defined = {v.name: v for v in vars(m).values() if isinstance(v, FakeMetric)}
     histograms = {name for name, v in defined.items() if v.boundaries}
-    pool = {"ray_outrider_kv_pool_used_positions", "ray_outrider_kv_pool_capacity_positions"}  # verifier replicas
+    pool = {"ray_outrider_kv_pool_used_positions", "ray_outrider_kv_pool_capacity_positions",  # verifier replicas
+            "ray_outrider_goodput_predicted_tokens_per_second", "ray_outrider_goodput_measured_tokens_per_second",
+            "ray_outrider_sessions_not_speculating", "ray_outrider_planned_gamma"}
     exported = {"ray_" + name for name in defined} | {"ray_outrider_session_store_bytes"} | pool
     exported |= {f"ray_{name}{suffix}" for name in histograms for suffix in ("_bucket", "_sum", "_count")}
     docs = (root / "cluster" / "metrics.md").read_text()
@@ -306,6 +308,9 @@ def test_counters_and_histograms_match_the_requests_own_stats(served):
     # returned (the cancelled one's once its cancellation reached the verifier).
     assert total(pool, "ray_outrider_kv_pool_capacity_positions", application=APP) > 0
     assert total(pool, "ray_outrider_kv_pool_used_positions", application=APP) == 0
+    # The goodput controller's view of the replica: what its recent passes committed.
+    assert total(pool, "ray_outrider_goodput_measured_tokens_per_second", application=APP) > 0
+    assert total(pool, "ray_outrider_sessions_not_speculating", application=APP) == 0  # every session ended
 
     all_stats = [s for _, s in finished]
     gateway_tags = {"application": APP, "deployment": "gateway"}
