@@ -76,6 +76,16 @@ def serving_cluster(args: dict | None = None, verifier_cpus: int = 1, drafter_cp
                 os.environ[key] = value
 
 
+def replicas(deployment: str) -> list:
+    """The live replica actors of ``deployment`` (ray.util.state ActorState)."""
+    from ray.util.state import list_actors
+
+    # The address is explicit: left out, the state API may find another cluster on this machine.
+    return [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                   filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name == f"ServeReplica:{APP}:{deployment}"]
+
+
 def active_sessions() -> dict[str, int]:
     return {name: serve.get_deployment_handle(name, app_name=APP).active_sessions.remote().result()
             for name in ("gateway", "verifier", "drafter")}

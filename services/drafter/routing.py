@@ -21,22 +21,21 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 STATS_PERIOD_S = 1.0  # how often Serve polls each worker's load (its default is 10 s)
 
 
-def expected_delay(stats: dict, routed_since: int, typical_step_s: float) -> tuple[float, float, float]:
-    """A worker's rank key, lowest first: (full, its sessions x its step time, queued
-    steps). Sessions share one batched draft step, so a worker with slower steps (a
-    smaller GPU, a loaded CPU) takes fewer sessions for the same delay. A worker that
-    has not reported yet (new) counts as empty, at the typical step time."""
+def load_key(stats: dict, routed_since: int) -> tuple[float, float, float, float]:
+    """A worker's rank key, lowest first: full or not, the share of its capacity its
+    sessions take, then draft steps waiting, then its recent step time. Sessions come
+    first because they are what a new session will share the worker's steps with for
+    its whole life; queue and step time are instants (they swing with every batch), so
+    they only break ties. A worker that has not reported yet (new) counts as empty."""
     sessions = stats.get("sessions", 0.0) + routed_since
-    capacity = stats.get("capacity", float("inf"))
-    step_s = stats.get("step_s") or typical_step_s
-    return (float(sessions >= capacity), (sessions + 1) * step_s, stats.get("queued_steps", 0.0))
+    capacity = stats.get("capacity") or float("inf")
+    return (float(sessions >= capacity), sessions / capacity if capacity != float("inf") else sessions,
+            stats.get("queued_steps", 0.0), stats.get("step_s", 0.0))
 
 
 def rank_by_load(stats: list[dict], routed_since: list[int]) -> list[int]:
     """Worker indices, least loaded first; ties in random order."""
-    known = sorted(s["step_s"] for s in stats if s.get("step_s"))
-    typical = known[len(known) // 2] if known else 1.0
-    keys = [(expected_delay(s, n, typical), random.random()) for s, n in zip(stats, routed_since)]
+    keys = [(load_key(s, n), random.random()) for s, n in zip(stats, routed_since)]
     return sorted(range(len(stats)), key=lambda i: keys[i])
 
 

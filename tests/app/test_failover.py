@@ -18,7 +18,7 @@ from ray import serve
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 from ray.util.state import list_actors
 
-from serving_cluster import APP, serving_cluster
+from serving_cluster import APP, replicas, serving_cluster
 from services.app.args import DRAFTER_RESOURCE, VERIFIER_RESOURCE
 from services.core.gamma import GammaSchedule
 from services.core.sampling import SamplingParams
@@ -51,13 +51,6 @@ def target_only():
         return engine.generate(prompt_ids, n, SamplingParams()).token_ids
 
     return pair.tokenizer, expected
-
-
-def replicas(deployment: str) -> list:
-    # The address is explicit: left out, the state API may find another cluster on this machine.
-    return [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                   filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name == f"ServeReplica:{APP}:{deployment}"]
 
 
 def wait_for_replicas(count: int = 2, timeout: float = 180) -> None:

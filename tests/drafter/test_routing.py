@@ -21,9 +21,12 @@ def test_sessions_sent_since_a_report_count_so_a_burst_spreads():
     assert routed == [4, 4]
 
 
-def test_a_faster_worker_takes_more_sessions_for_the_same_delay():
-    # 6 sessions at 10 ms a step wait longer than 10 sessions at 4 ms.
-    assert rank_by_load([stats(6, step_s=0.010), stats(10, step_s=0.004)], [0, 0]) == [1, 0]
+def test_sessions_weigh_by_capacity_and_step_times_break_ties():
+    # A worker twice the size takes twice the sessions before it counts as busier.
+    assert rank_by_load([stats(6, capacity=16), stats(10, capacity=32)], [0, 0]) == [1, 0]
+    # Equal sessions: fewer queued steps, then faster steps, first.
+    assert rank_by_load([stats(4, queued=3), stats(4, queued=0)], [0, 0]) == [1, 0]
+    assert rank_by_load([stats(4, step_s=0.010), stats(4, step_s=0.004)], [0, 0]) == [1, 0]
 
 
 def test_a_full_worker_comes_last_and_a_new_one_counts_as_empty():
