@@ -125,7 +125,7 @@ class AppArgs(BaseModel):
     # this many (1 = each session verified on its own).
     max_batch_size: int = Field(16, ge=1)
     # Sessions a verifier replica runs at once (Serve's max_ongoing_requests for it);
-    # more wait in a short queue at the gateway, and beyond that are refused with
+    # as many more wait in a queue at each gateway, and beyond that are refused with
     # RESOURCE_EXHAUSTED. 0: four full batches, 4 x max_batch_size; each pass takes
     # max_batch_size rounds, so a session among four batches' worth waits three passes
     # a round, and more would only stretch every session's time per token.
@@ -219,8 +219,11 @@ class AppArgs(BaseModel):
             # reason and a retry hint) rather than queue; a bounded queue past that.
             options.update(max_ongoing_requests=2 * limit, max_queued_requests=limit)
         elif role == "verifier":
-            # A short queue (one batch) at each gateway, then RESOURCE_EXHAUSTED.
-            options.update(max_ongoing_requests=limit, max_queued_requests=self.max_batch_size)
+            # A bounded queue at each gateway, then RESOURCE_EXHAUSTED. Serve counts a
+            # request as queued while it is being routed, so a burst of new sessions
+            # queues for a moment: a queue shorter than a replica's limit refuses bursts
+            # that would fit.
+            options.update(max_ongoing_requests=limit, max_queued_requests=limit)
         else:
             options.update(max_ongoing_requests=16)  # endpoint() calls: instant; streams are admitted on gRPC
         scaling = placement.autoscaling

@@ -11,22 +11,18 @@ from pathlib import Path
 import grpc
 import torch
 
-from ..bench.concurrent import run_local as run_concurrent_local
-from ..bench.concurrent import run_server as run_concurrent_server
 from ..bench.concurrent import combine_passes, summarize_concurrency
 from ..bench.report import format_table, run_rows, summarize, write_concurrency_plot, write_json, write_plot
-from ..bench.runs import run_hf, run_outrider, run_server
 from ..bench.workloads import repetitive_prompts
-from ..core.gamma import MAX_GAMMA
 from ..models.loading import BUNDLED_DIR
 from ..models.pair import load_pair
-from ..rpc.convert import ON_VERIFIER
+from .bench_configs import (TREE_DRAFTERS, check_fits, concurrency_configs, local_configs, parse_ints,
+                            server_configs)
 from .common import (UsageError, add_model_options, add_server_options, apply_threads, model_paths, server_client,
-                     tree_option, validate_device)
+                     validate_device)
 
 DEFAULT_PROMPTS = BUNDLED_DIR / "heldout_prompts.jsonl"
 BENCH_DRAFTERS = ("draft", "ngram", "suffix", "medusa", "mtp", "eagle")
-TREE_DRAFTERS = ("medusa", "mtp", "eagle")  # heads on the verifier: each runs its whole tree once
 
 
 def add_parser(sub, name: str) -> None:
@@ -75,6 +71,9 @@ def add_parser(sub, name: str) -> None:
                         help="in-process, random-init models of real shapes: verify pass vs transformers' bare "
                              "forward at batch 8 and contexts 256/1024/4096, bytes per round at V=151,936, what "
                              "truncating q costs in acceptance (default JSON: bench-out/scale.json)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="OUT",
+                        help="in-process: measure what `outrider capacity` plans from (verify pass by batch and "
+                             "gamma, draft step by rows, prefill, acceptance, bytes and transport a round) into OUT")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     add_model_options(parser)
@@ -99,16 +98,6 @@ def load_prompts(path: Path, limit: int) -> list[str]:
     return prompts[:limit]
 
 
-def parse_ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise UsageError(f"--{name} needs non-negative integers, got {text!r}")
-    return values
-
-
 def run(args) -> int:
     apply_threads(args)
     validate_device(args.device)
@@ -129,6 +118,8 @@ def run(args) -> int:
         return run_scale_bench(args)
     if args.features:
         return run_features_bench(args)
+    if args.profile:
+        return run_profile_bench(args)
     gammas = parse_ints(args.gammas, "gammas")
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     for d in drafters:
@@ -216,106 +207,19 @@ def tree_verify_cost(pair) -> dict:
             "vs_one_token": {str(n): float(cost[n]) for n in (5, 8, 16, 32, 64)}}
 
 
-def drafter_gammas(drafter: str, gammas: list[int]) -> list[int]:
-    """A tree drafter runs once, with its whole tree (gamma caps only its depth)."""
-    return [MAX_GAMMA] if drafter in TREE_DRAFTERS else gammas
+def run_profile_bench(args) -> int:
+    from ..bench.profile import run_profile
 
-
-def check_fits(pair, prompts: list[list[int]], max_new: int) -> None:
-    for ids in prompts:
-        if not ids or len(ids) + max_new > pair.max_context:
-            raise UsageError(f"a prompt of {len(ids)} tokens does not fit max_new_tokens in the context")
-
-
-def local_configs(args, drafters, gammas, texts, pair):
-    prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
+    if args.server or args.levels:
+        raise UsageError("--profile measures in-process; drop --server and --concurrency")
+    pair = load_pair(model_paths(args), args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    prompts = [pair.tokenizer(t)["input_ids"] for t in load_prompts(args.prompts, args.limit)]
     check_fits(pair, prompts, args.max_new_tokens)
-    # Warm up every code path once (allocator, kernels) so no method pays first-call costs.
-    run_outrider(pair, "none", None, prompts[:1], 8)
-    for d in drafters:
-        run_outrider(pair, d, 2, prompts[:1], 8, tree_option(args, d))
-    if not args.no_hf:
-        run_hf(pair, 2, prompts[:1], 8)
-    configs = [("outrider", "none", None)] + [("outrider", d, g) for d in drafters for g in drafter_gammas(d, gammas)]
-    if not args.no_hf:
-        configs += [("hf", None, None)] + [("hf", None, g) for g in gammas if g > 0]
-
-    def measure(config):
-        kind, drafter, gamma = config
-        if kind == "outrider":
-            return run_outrider(pair, drafter, gamma, prompts, args.max_new_tokens, tree_option(args, drafter))
-        return run_hf(pair, gamma, prompts, args.max_new_tokens)
-
-    return measure, configs
-
-
-def server_configs(args, drafters, gammas, texts, pair):
-    """Target-only and every drafter x gamma (pipelined at each fan-out, and serial for
-    comparison) through the server; HF assisted in this process as the single-process
-    anchor."""
-    client = server_client(args)
-    fanouts = parse_ints(args.fanouts, "fanouts") if args.fanouts else [None]
-    prompts = None  # token ids for the in-process anchor, tokenized once
-    if pair is not None:
-        prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
-        check_fits(pair, prompts, args.max_new_tokens)
-    try:
-        run_server(client, "none", None, True, texts[:1], 8)  # warm-up
-        for d in drafters:
-            if d != "suffix":  # its index would learn the first prompt's completion
-                run_server(client, d, 2, True, texts[:1], 8, tree_option(args, d) or "")
-    except grpc.RpcError as err:
-        raise UsageError(f"server {args.server}: {err.code().name}: {err.details()}") from None
-    if pair is not None:
-        run_hf(pair, 2, prompts[:1], 8)
-    configs = [("server", "none", None, True, None)]
-    for d in drafters:
-        for g in drafter_gammas(d, gammas):
-            if d in ON_VERIFIER:  # heads and lookups run on the verifier: no draft hop to pipeline
-                configs.append(("server", d, g, True, None))
-                continue
-            configs += [("server", d, g, True, f) for f in fanouts] + [("server", d, g, False, None)]
-    if pair is not None:
-        configs += [("hf", None, g, None, None) for g in gammas if g > 0]
-
-    def measure(config):
-        kind, drafter, gamma, pipeline, fanout = config
-        if kind == "server":
-            return run_server(client, drafter, gamma, pipeline, texts, args.max_new_tokens, tree_option(args, drafter) or "",
-                              fanout)
-        return run_hf(pair, gamma, prompts, args.max_new_tokens)
-
-    return measure, configs
-
-
-def concurrency_configs(args, drafters, gammas, texts, pair):
-    """Target-only and each drafter x gamma at each ``--concurrency`` level (a level's
-    configs interleaved, levels in order); in-process, each with batched and with
-    per-session verification. A level of N streams runs max(N, prompts) requests,
-    the prompts cycled."""
-    methods = [("none", None)] + [(d, g) for d in drafters for g in gammas if g > 0]
-
-    def cycled(items, n):
-        return [items[i % len(items)] for i in range(max(len(items), n))]
-
-    if args.server:
-        client = server_client(args)
-        top = max(args.levels)
-        for method, gamma in methods:  # warm-up
-            run_concurrent_server(client, method, gamma, cycled(texts, top)[:top], 8, top)
-        configs = [(m, g, n) for n in args.levels for m, g in methods]
-        return (lambda c: run_concurrent_server(client, c[0], c[1], cycled(texts, c[2]), args.max_new_tokens, c[2])), configs
-    prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
-    check_fits(pair, prompts, args.max_new_tokens)
-    configs = [(m, g, n, batched) for n in args.levels for m, g in methods for batched in (True, False)]
-    for method, gamma, n, batched in configs:  # warm-up
-        run_concurrent_local(pair, method, gamma, cycled(prompts, n)[:n], 8, n, batched)
-
-    def measure(config):
-        method, gamma, n, batched = config
-        return run_concurrent_local(pair, method, gamma, cycled(prompts, n), args.max_new_tokens, n, batched)
-
-    return measure, configs
+    profile = run_profile(pair, prompts, max(3, args.repeat), args.max_new_tokens)
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    args.profile.write_text(json.dumps(profile, indent=2) + "\n")
+    print(f"wrote {args.profile}")
+    return 0
 
 
 def run_resilience(args) -> int:

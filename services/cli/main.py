@@ -1,15 +1,15 @@
-"""``outrider``: models, generate, bench, build-models, build-heads, serve, stop, fuzz, soak."""
+"""``outrider``: models, generate, bench, capacity, build-models, build-heads, serve, stop, fuzz, soak."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import bench, build, build_heads, fuzz, generate, models, serve, soak
+from . import bench, build, build_heads, capacity, fuzz, generate, models, serve, soak
 from ..core.errors import InvalidRequest
 from .common import UsageError, fail
 
-COMMANDS = {"models": models, "generate": generate, "bench": bench, "build-models": build,
+COMMANDS = {"models": models, "generate": generate, "bench": bench, "capacity": capacity, "build-models": build,
             "build-heads": build_heads, "serve": serve,
             "stop": serve, "fuzz": fuzz, "soak": soak}
 

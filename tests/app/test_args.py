@@ -74,7 +74,7 @@ def test_admission_limits_follow_the_batch_size_unless_set():
     cfg = AppArgs.model_validate({"max_batch_size": 8, "max_sessions": 40})
     assert cfg.session_limits() == {"gateway": 40, "verifier": 32, "drafter": 16}
     verifier, gateway = cfg.serve_options("verifier"), cfg.serve_options("gateway")
-    assert verifier["max_ongoing_requests"] == 32 and verifier["max_queued_requests"] == 8
+    assert verifier["max_ongoing_requests"] == 32 and verifier["max_queued_requests"] == 32
     assert gateway["max_ongoing_requests"] == 80 and gateway["max_queued_requests"] == 40
     assert verifier["num_replicas"] == 1 and "autoscaling_config" not in verifier
     assert AppArgs.model_validate({"verifier_max_sessions": 5}).session_limits()["verifier"] == 5

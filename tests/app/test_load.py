@@ -31,7 +31,8 @@ def server():
     role = lambda resource, lo, hi, target: {  # noqa: E731
         "num_cpus": 1, "resources": {resource: 1},
         "autoscaling": {"min_replicas": lo, "max_replicas": hi, "target": target, **SCALING}}
-    args = {"max_sessions": STREAMS, "max_batch_size": 4,
+    # The gateway's session limit binds first: one verifier replica runs them all.
+    args = {"max_sessions": STREAMS, "verifier_max_sessions": STREAMS, "max_batch_size": 4,
             "drafter": role(DRAFTER_RESOURCE, 2, 3, 2), "verifier": role(VERIFIER_RESOURCE, 1, 2, 2)}
     # Serve's autoscaling metrics every second instead of ten, so the test sees a scale-up.
     env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
@@ -109,7 +110,9 @@ def test_a_load_step_scales_out_refuses_what_is_over_capacity_and_scales_back(se
     refused = None
     with ThreadPoolExecutor(STREAMS) as pool:
         while time.monotonic() < deadline and peak != {"drafter": 3, "verifier": 2}:
-            wave = [pool.submit(generate, server, PROMPTS[i % len(PROMPTS)], 96) for i in range(STREAMS)]
+            # The first wave long enough that none ends before the extra request is sent.
+            n = 96 if refused is not None else 320
+            wave = [pool.submit(generate, server, PROMPTS[i % len(PROMPTS)], n) for i in range(STREAMS)]
             if refused is None:
                 # Every gateway session taken: one more is refused at once, with a retry hint.
                 wait_for(lambda: active_sessions()["gateway"] == STREAMS, 60, "the load step never filled the gateway")
@@ -119,13 +122,13 @@ def test_a_load_step_scales_out_refuses_what_is_over_capacity_and_scales_back(se
             while not all(f.done() for f in wave):
                 peak = {k: max(v, running()[k]) for k, v in peak.items()}
                 time.sleep(0.5)
-            outputs += [(PROMPTS[i % len(PROMPTS)], f.result()) for i, f in enumerate(wave)]
+            outputs += [(PROMPTS[i % len(PROMPTS)], n, f.result()) for i, f in enumerate(wave)]
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry in about" in refused.details()
     pushback = dict(refused.trailing_metadata())["grpc-retry-pushback-ms"]
     assert int(pushback) > 0
     assert peak == {"drafter": 3, "verifier": 2}, "the load step did not scale both deployments out"
-    for prompt, (tokens, stats) in outputs:  # every admitted request finished, exactly
-        assert tokens == expected(prompt, 96)
+    for prompt, n, (tokens, stats) in outputs:  # every admitted request finished, exactly
+        assert tokens == expected(prompt, n)
         assert stats.finish_reason in ("length", "stop")
     # Load over: back to the minimum, nothing left open.
     wait_for(lambda: running() == {"drafter": 2, "verifier": 1}, 120, "the replicas did not scale back down")

@@ -1,0 +1,142 @@
+"""``outrider bench --profile OUT``: what the capacity planner (``outrider capacity``)
+needs, measured on this machine with the pair it serves:
+
+- the target's verify pass over ``batch`` sessions drafting ``gamma`` each, at the
+  prompt length (seconds; ``TargetVerifier.verify``, the pass a replica runs);
+- the draft model's batched step over ``rows`` sessions (seconds; the step the draft
+  workers batch, ``extend_batch``);
+- the prefill of a prompt (seconds per prompt);
+- per-draft acceptance of the pair on the prompts, and what a round costs on the wire
+  (draft block bytes, transport time), served over loopback gRPC.
+
+Each timing is the median of ``repeat`` runs, interleaved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import torch
+
+from ..core.kv import KVState, extend, extend_batch
+from ..core.proposals import Proposal
+from ..core.sampling import SamplingParams
+from ..core.target import TargetRunner
+from ..core.verifier import TargetVerifier, VerifyRequest
+
+BATCHES = (1, 2, 4, 8, 16)
+GAMMAS = (0, 2, 4, 8)
+ROWS = (1, 2, 4, 8, 16)
+
+
+def _median_time(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def verify_costs(target, prompts: list[list[int]], repeat: int) -> list[dict]:
+    """Seconds of a verify pass by (batch, gamma); greedy, drafts the target rejects at
+    the first position (the pass costs the same whatever is accepted)."""
+    verifier = TargetVerifier(TargetRunner(target))
+    rows = []
+    for batch in BATCHES:
+        reqs = []
+        for b in range(batch):
+            kv, committed = verifier.new_state(), prompts[b % len(prompts)]
+            verifier.prefill(kv, committed[:-1], reserve=len(committed) + max(GAMMAS) + 1)
+            reqs.append((kv, committed))
+        for gamma in GAMMAS:
+            drafts = torch.full((gamma,), 2, dtype=torch.long, device=target.device)
+
+            def one():
+                for kv, committed in reqs:  # forget the last pass's drafts: the same tokens again
+                    kv.tokens = committed[:-1]
+                verifier.verify([VerifyRequest(kv, committed, Proposal(drafts), SamplingParams(), 0) for kv, committed in reqs])
+
+            rows.append({"batch": batch, "gamma": gamma, "positions": batch * (gamma + 1), "seconds": _median_time(one, repeat)})
+        verifier.release([kv for kv, _ in reqs])
+    return rows
+
+
+@torch.inference_mode()
+def draft_step_costs(draft, prompts: list[list[int]], repeat: int) -> list[dict]:
+    """Seconds of one batched draft step over ``rows`` sessions at the prompt length."""
+    out = []
+    for rows in ROWS:
+        kvs = []
+        for r in range(rows):
+            kv = KVState.empty(draft)
+            extend(draft, kv, prompts[r % len(prompts)], logits_to_keep=1)
+            kvs.append(kv)
+        lengths = [len(kv) for kv in kvs]
+
+        def one():
+            extend_batch(draft, kvs, [[2]] * rows, [1] * rows)
+            for kv, n in zip(kvs, lengths):
+                kv.truncate(n)
+
+        out.append({"rows": rows, "seconds": _median_time(one, repeat)})
+    return out
+
+
+@torch.inference_mode()
+def prefill_seconds(target, prompts: list[list[int]], repeat: int) -> float:
+    verifier = TargetVerifier(TargetRunner(target))
+
+    def one():
+        kv = verifier.new_state()
+        verifier.prefill(kv, prompts[0][:-1], reserve=len(prompts[0]) + 1)
+        verifier.release([kv])
+
+    return _median_time(one, repeat)
+
+
+def served_rounds(pair, prompts: list[list[int]], gamma: int, max_new: int) -> dict:
+    """Greedy sessions through the verifier and a draft worker over loopback gRPC: the
+    pair's per-draft acceptance (maximum likelihood: accepted / (accepted + rounds that
+    ended on a rejection)), bytes and transport seconds per drafting round."""
+    from .loopback import Loopback
+
+    async def go():
+        async with Loopback(pair.target, pair.draft, pair.eos_token_id, pair.max_context) as loop:
+            return [await loop.generate(ids, max_new, SamplingParams(), gamma=gamma) for ids in prompts]
+
+    runs = [stats for _, stats in asyncio.run(go())]
+    accepted, rejections = sum(s.accepted for s in runs), sum(s.rejections for s in runs)
+    drafting = sum(s.drafted_per_position[0] for s in runs if s.drafted_per_position) or 1
+    return {"gamma": gamma, "alpha": accepted / max(1, accepted + rejections),
+            "bytes_per_round": sum(s.draft_bytes for s in runs) / drafting,
+            "transport_s_per_round": sum(s.transport_s for s in runs) / drafting}
+
+
+def kv_bytes_per_token(model) -> int:
+    """Keys and values of one position, every layer."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+
+
+def run_profile(pair, prompts: list[list[int]], repeat: int, max_new: int, on_row=print) -> dict:
+    verify = verify_costs(pair.target, prompts, repeat)
+    on_row(f"  verify pass: {len(verify)} (batch, gamma) points, batch 16 gamma 8: "
+           f"{verify[-1]['seconds'] * 1e3:.1f} ms")
+    steps = draft_step_costs(pair.draft, prompts, repeat)
+    on_row(f"  draft step: rows 1 {steps[0]['seconds'] * 1e3:.1f} ms, rows 16 {steps[-1]['seconds'] * 1e3:.1f} ms")
+    rounds = served_rounds(pair, prompts, 8, max_new)
+    on_row(f"  served rounds: alpha {rounds['alpha']:.3f}, {rounds['bytes_per_round']:.0f} B and "
+           f"{rounds['transport_s_per_round'] * 1e3:.2f} ms transport a round")
+    return {
+        "prompt_tokens": round(statistics.fmean(len(p) for p in prompts)),
+        "verify_pass": verify, "draft_step": steps, "prefill_s": prefill_seconds(pair.target, prompts, repeat),
+        **rounds, "draft_kv_bytes_per_token": kv_bytes_per_token(pair.draft),
+        "threads": torch.get_num_threads(), "device": str(pair.target.device),
+    }

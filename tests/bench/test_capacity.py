@@ -1,0 +1,89 @@
+"""The capacity planner: its arithmetic on a synthetic profile, which resource binds,
+and the CLI's contract."""
+
+import json
+import math
+
+import pytest
+
+from services.bench.capacity import Model, fit_line, plan
+from services.cli.main import main
+
+
+def profile(a=0.020, b=0.0005, c=0.002, e=0.0002, alpha=0.8, hop=0.001, bytes_per_round=300.0, kv=4096.0):
+    """What `outrider bench --profile` writes, from exact lines."""
+    return {
+        "prompt_tokens": 64, "prefill_s": 0.030, "alpha": alpha, "bytes_per_round": bytes_per_round,
+        "transport_s_per_round": hop, "draft_kv_bytes_per_token": kv,
+        "verify_pass": [{"batch": bt, "gamma": g, "positions": bt * (g + 1), "seconds": a + b * bt * (g + 1)}
+                        for bt in (1, 2, 4, 8, 16) for g in (0, 2, 4, 8)],
+        "draft_step": [{"rows": r, "seconds": c + e * r} for r in (1, 2, 4, 8, 16)],
+    }
+
+
+def test_the_fits_recover_the_profile_lines():
+    model = Model.from_profile(profile())
+    assert model.verify == pytest.approx((0.020, 0.0005)) and model.step == pytest.approx((0.002, 0.0002))
+    assert fit_line([1, 1], [3, 5]) == (4, 0)  # one x: no slope
+
+
+def test_the_plan_meets_the_tpot_and_counts_replicas_from_throughput():
+    model = Model.from_profile(profile())
+    out = plan(model, rps=4.0, tpot_s=0.015, prompt_tokens=64, output_tokens=128)
+    assert out["expected_tpot_s"] <= 0.015
+    batch, gamma = out["batch_per_verifier"], out["gamma"]
+    rate = batch * model.tokens_per_round(gamma) / model.round_s(batch, gamma)
+    assert out["tokens_per_s_per_verifier"] == pytest.approx(rate)
+    assert out["verifier_replicas"] == math.ceil(4.0 * 128 / rate + 4.0 * 0.030)
+    assert gamma == model.best_gamma(batch) > 0
+    # A looser TPOT packs more sessions on a replica: never more replicas.
+    loose = plan(model, rps=4.0, tpot_s=0.05, prompt_tokens=64, output_tokens=128)
+    assert loose["batch_per_verifier"] >= batch and loose["verifier_replicas"] <= out["verifier_replicas"]
+    with pytest.raises(ValueError, match="out of reach"):
+        plan(model, rps=1.0, tpot_s=0.001, prompt_tokens=64, output_tokens=128)
+
+
+@pytest.mark.parametrize("changes, binds", [
+    ({}, "target compute"),
+    ({"link_bytes_s": 1e3}, "network"),
+    ({"object_store_bytes": 1e5}, "object store"),
+])
+def test_which_resource_binds_first(changes, binds):
+    out = plan(Model.from_profile(profile()), 4.0, 0.05, 64, 128, **changes)
+    assert out["binds_first"] == binds
+
+
+def test_slow_draft_steps_make_the_drafter_bind():
+    # The planned fleet saturates first where its utilization is highest.
+    out = plan(Model.from_profile(profile(c=0.003, e=0.001)), 7.0, 0.05, 64, 128)
+    assert out["binds_first"] == "drafter compute" and out["draft_replicas"] >= 1
+    assert out["utilization"]["drafter compute"] > out["utilization"]["target compute"]
+    # Draft steps too slow to hide under a pass: no drafting, so no draft replicas.
+    assert plan(Model.from_profile(profile(c=0.004, e=0.004)), 4.0, 0.05, 64, 128)["draft_replicas"] == 0
+
+
+def test_speculation_pays_alone_and_stops_when_verification_is_compute_bound():
+    model = Model.from_profile(profile())
+    assert model.streams_tokens_per_s(1) > 1.5 * model.streams_tokens_per_s(1, speculative=False)
+    heavy = Model.from_profile(profile(a=0.001, b=0.004))  # every position costs: no draft pays at batch 16
+    assert heavy.best_gamma(16) == 0
+    assert heavy.streams_tokens_per_s(16) == pytest.approx(heavy.streams_tokens_per_s(16, speculative=False))
+
+
+def test_cli_plans_from_a_profile_and_refuses_a_bad_one(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile()))
+    out = tmp_path / "plan.json"
+    assert main(["capacity", "--profile", str(path), "--rps", "4", "--tpot-ms", "20", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["verifier_replicas"] >= 1 and result["binds_first"] in result["utilization"]
+    assert "binds first" in capsys.readouterr().out
+    assert main(["capacity", "--profile", str(path), "--streams", "1,4,16", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["by_concurrency"]) == {"1", "4", "16"}
+    path.write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        main(["capacity", "--profile", str(path)])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["capacity", "--profile", str(tmp_path / "missing.json")])
+    assert exc.value.code == 2
