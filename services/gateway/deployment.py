@@ -56,8 +56,6 @@ def _code(error: Exception) -> grpc.StatusCode:
 
 def _set_status(grpc_context, error: Exception) -> str:
     code = _code(error)
-    if isinstance(error, Overloaded):  # gRPC's server pushback: a retry policy waits this long
-        grpc_context.set_trailing_metadata([("grpc-retry-pushback-ms", str(round(error.retry_after_s * 1000)))])
     if isinstance(error, ReplicaLost):
         error = f"the stream lost its verifier replica and could not continue elsewhere: {error}"
     grpc_context.set_code(code)

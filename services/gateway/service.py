@@ -32,7 +32,8 @@ from .samples import merged, sample_request
 class Overloaded(Exception):
     """No room for the request now (RESOURCE_EXHAUSTED): the gateway at its session
     limit, every verifier replica at its own, or the KV pool full. ``retry_after_s``:
-    when a retry has a fair chance (sent as gRPC's ``grpc-retry-pushback-ms``)."""
+    when a retry has a fair chance, said in the status details ("retry in about N s";
+    Serve's proxy passes a failed call's code and details on, not trailing metadata)."""
 
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(f"{message}; retry in about {retry_after_s:.1f} s")

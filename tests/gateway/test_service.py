@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 
 import grpc
+from ray.serve.exceptions import BackPressureError
 import pytest
 from ray.exceptions import RayTaskError
 
@@ -89,6 +90,8 @@ class FailingVerifyHandle:
                 return self
 
             async def __anext__(self):
+                if isinstance(handle.cause, BackPressureError):  # raised by the gateway's own router
+                    raise handle.cause
                 raise RayTaskError("Verify", "traceback", handle.cause)
 
             def cancel(self):
@@ -110,6 +113,8 @@ class Context:
 @pytest.mark.parametrize("cause,code", [
     (PoolExhausted("the KV pool has 0 free positions of 1024"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidRequest("the draft worker refused the session: too large"), grpc.StatusCode.INVALID_ARGUMENT),
+    # Every verifier replica at max_ongoing_requests, and the queue for them full.
+    (BackPressureError(num_queued_requests=16, max_queued_requests=16), grpc.StatusCode.RESOURCE_EXHAUSTED),
 ])
 def test_verifier_refusals_reach_the_client_as_a_status_with_the_reason(tokenizer, cause, code):
     gateway = object.__new__(Gateway.func_or_class)  # the shim, without loading models
@@ -118,13 +123,17 @@ def test_verifier_refusals_reach_the_client_as_a_status_with_the_reason(tokenize
     gateway.metrics = None
     context = Context()
 
+    reason = "every verifier replica is at its session limit" if isinstance(cause, BackPressureError) else str(cause)
+
     async def go():
-        with pytest.raises((Overloaded, InvalidRequest), match=str(cause)):
+        with pytest.raises((Overloaded, InvalidRequest), match=reason):
             [chunk async for chunk in gateway.Generate(make_request("def f():", 8), context)]
         return gateway.service.active_sessions
 
     assert asyncio.run(go()) == 0
-    assert context.code == code and str(cause) in context.details
+    assert context.code == code and reason in context.details
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        assert "retry in about 1.0 s" in context.details  # no request timed yet: the default hint
 
 
 @pytest.mark.parametrize("request_args,reason", [
