@@ -38,6 +38,11 @@ PROBE_EVERY, PROBE_MAX = 16, 256  # rounds between probes of a stopped session, 
 DECAY = 0.9  # per observed round: a session's acceptance follows its text within ~10 rounds
 PRIOR_WEIGHT = 2.0  # pseudo-drafts of the replica's pooled acceptance in a session's estimate
 MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many passes each
+# Measured, not modelled, where the model is least sure: while the plan's predicted gain
+# over plain decoding is below CHECK_BELOW, every CHECK_EVERY passes the replica runs
+# CHECK_PASSES passes of the arm not in use (plain decoding, or the plan), the first
+# SETTLE of them uncounted (drafters catching up), and keeps the faster arm.
+CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, SETTLE = 1.5, 48, 12, 3
 
 
 class PassCost:
@@ -97,6 +102,53 @@ def expected_tokens(alpha: np.ndarray | float, gamma: np.ndarray | int):
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
+class ArmCheck:
+    """The plan against plain decoding, by measurement. The model sees the pass cost,
+    acceptance and exposed draft time; it does not see what drafting costs the target
+    where both share hardware (a CPU node's cores, a GPU's memory bandwidth), nor any
+    other cost it leaves out. Where its predicted gain is small, the replica measures
+    both arms now and then and keeps the faster: committed tokens per second over the
+    same number of passes."""
+
+    def __init__(self):
+        self.plain = False  # the arm in use: True = every session at gamma 0
+        self.passes = 0  # since the last check
+        self.window: list | None = None  # [arm, passes, tokens, first start, last end] while checking
+        self.baseline = 0.0  # the arm in use's rate just before the check
+        self.checks = 0
+
+    @property
+    def plain_now(self) -> bool:
+        return self.window[0] if self.window is not None else self.plain
+
+    def observe(self, start: float, end: float, committed: int, recent_rate: float, needed: bool) -> bool:
+        """One pass; ``recent_rate``: committed tokens/s over the latest passes; ``needed``:
+        the model is unsure. Returns whether the arm changed (the plan is stale)."""
+        if self.window is None:
+            self.passes += 1
+            if not needed:
+                changed, self.plain, self.passes = self.plain, False, 0  # the model is sure: the plan
+                return changed
+            if self.passes >= CHECK_EVERY:
+                self.window, self.baseline = [not self.plain, 0, 0, None, None], recent_rate
+                return True
+            return False
+        window = self.window
+        window[1] += 1
+        if window[1] > SETTLE:
+            window[2] += committed
+            window[3] = start if window[3] is None else window[3]
+            window[4] = end
+        if window[1] < CHECK_PASSES:
+            return False
+        rate = window[2] / (window[4] - window[3]) if window[4] and window[4] > window[3] else 0.0
+        if rate > self.baseline:
+            self.plain = window[0]
+        self.window, self.passes = None, 0
+        self.checks += 1
+        return True
+
+
 class GoodputController:
     def __init__(self, max_batch: int, window: int = 256):
         self.max_batch = max(1, max_batch)
@@ -105,6 +157,8 @@ class GoodputController:
         self.pooled = [0.0, 0.0]  # decayed successes, failures over every session
         self._stale = True
         self.predicted = 0.0  # tokens/s the current plan expects
+        self.gain = math.inf  # ... over plain decoding (every session at gamma 0)
+        self.check = ArmCheck()
         self.committed: deque[tuple[float, float, int]] = deque(maxlen=window)  # (start, end, tokens) per pass
 
     # -- what the verifier tells it ------------------------------------------------
@@ -125,6 +179,10 @@ class GoodputController:
         self.cost.observe(positions, seconds)
         self.committed.append((end - seconds, end, committed))
         self._stale = True
+        if self.check.observe(end - seconds, end, committed, self.measured_goodput(CHECK_PASSES - SETTLE),
+                              self.gain < CHECK_BELOW):
+            for c in self.sessions:  # drafting resumes, or stops, for every session at once
+                c.off_rounds = 0
 
     def observe_round(self, control: SessionControl, drafted: int, accepted: int, exposed_draft_s: float,
                       transport_s: float) -> None:
@@ -157,6 +215,8 @@ class GoodputController:
             return control.ceiling
         if self._stale:
             self._plan()
+        if self.check.plain_now:  # measured faster than the plan here (ArmCheck), or being measured
+            return 0
         planned = control.ceiling if control.planned is None else min(control.planned, control.ceiling)
         if planned > 0 or control.ceiling == 0:
             control.off_rounds, control.probing = 0, False
@@ -179,19 +239,22 @@ class GoodputController:
 
     @property
     def not_speculating(self) -> int:
-        return sum(c.planned == 0 and c.ceiling > 0 for c in self.sessions)
+        plain = self.check.plain_now
+        return sum((plain or c.planned == 0) and c.ceiling > 0 and not c.fixed for c in self.sessions)
 
     def mean_planned_gamma(self) -> float:
         planned = [c.ceiling if c.planned is None else min(c.planned, c.ceiling)
                    for c in self.sessions if c.ceiling > 0 and not c.fixed]
         return sum(planned) / len(planned) if planned else 0.0
 
-    def measured_goodput(self) -> float:
-        """Committed tokens per second over the recent passes' wall-clock span."""
-        if len(self.committed) < 2:
+    def measured_goodput(self, passes: int | None = None) -> float:
+        """Committed tokens per second over the latest ``passes`` passes' wall-clock span
+        (all those kept: None)."""
+        recent = list(self.committed)[-passes:] if passes else list(self.committed)
+        if len(recent) < 2:
             return 0.0
-        span = self.committed[-1][1] - self.committed[0][0]
-        return sum(tokens for _, _, tokens in self.committed) / span if span > 0 else 0.0
+        span = recent[-1][1] - recent[0][0]
+        return sum(tokens for _, _, tokens in recent) / span if span > 0 else 0.0
 
     def _plan(self) -> None:
         self._stale = False
@@ -200,7 +263,7 @@ class GoodputController:
         if fit is None or not live:
             for c in self.sessions:
                 c.planned = None
-            self.predicted = 0.0
+            self.predicted, self.gain = 0.0, math.inf
             return
         a, b = fit
         alpha = np.array([self.alpha(c) for c in live])
@@ -237,3 +300,5 @@ class GoodputController:
         for c, g in zip(live, gammas):
             c.planned = int(g)
         self.predicted = float(goodput_if(0)[gammas[0]])
+        plain = len(self.sessions) / (passes * (a + b * share * len(self.sessions)))  # every session at gamma 0
+        self.gain = self.predicted / plain

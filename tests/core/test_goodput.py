@@ -5,7 +5,8 @@ import itertools
 
 import pytest
 
-from services.core.goodput import PROBE_EVERY, PROBE_GAMMA, GoodputController, PassCost, expected_tokens
+from services.core.goodput import (CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, PROBE_EVERY, PROBE_GAMMA, GoodputController,
+                                   PassCost, expected_tokens)
 
 
 def passes(controller, a, b, sizes=(2, 9, 17, 40, 72), each=4):
@@ -143,3 +144,47 @@ def test_measured_goodput_is_committed_tokens_over_the_passes_span():
     controller.observe_pass(5, 0.5, committed=10, end=1.0)
     controller.observe_pass(5, 0.5, committed=10, end=2.0)
     assert controller.measured_goodput() == pytest.approx(20 / 1.5)
+
+
+def drive(controller, controls, passes_n, spec_tokens, t=100.0):
+    """Passes on the fitted line (20 ms + 2 ms a position); speculative passes commit
+    ``spec_tokens``, plain ones a token per session."""
+    for _ in range(passes_n):
+        gammas = [controller.gamma(c) for c in controls]
+        positions = sum(g + 1 for g in gammas)
+        seconds = 0.020 + 0.002 * positions
+        t += seconds
+        controller.observe_pass(positions, seconds, spec_tokens if any(gammas) else len(controls), end=t)
+    return t
+
+
+@pytest.mark.parametrize("spec_tokens, plain_wins", [(8, True), (40, False)])
+def test_where_the_model_is_unsure_the_replica_measures_plain_decoding_and_keeps_the_faster(spec_tokens, plain_wins):
+    controller = GoodputController(max_batch=16)
+    passes(controller, 0.020, 0.002)
+    controls = [controller.join(4) for _ in range(8)]
+    for c in controls:
+        rounds(controller, c, 4, 2)
+    assert controller.gamma(controls[0]) > 0 and 1 < controller.gain < CHECK_BELOW  # drafting pays, a little
+    t = drive(controller, controls, CHECK_EVERY - 1, spec_tokens)
+    assert not controller.check.plain_now and controller.check.checks == 0
+    # The check: CHECK_PASSES passes of plain decoding, every session at gamma 0.
+    t = drive(controller, controls, 1, spec_tokens, t)
+    assert controller.check.plain_now and controller.not_speculating == len(controls)
+    drive(controller, controls, CHECK_PASSES, spec_tokens, t)
+    assert controller.check.checks == 1
+    # 8 tokens a speculative pass: fewer than the model expects (drafting costs what it
+    # cannot see): plain decoding measured faster, kept. 40: the plan measured faster.
+    assert controller.check.plain is plain_wins
+    assert all(controller.gamma(c) == 0 for c in controls) is plain_wins
+
+
+def test_where_the_model_is_sure_there_is_no_check():
+    controller = GoodputController(max_batch=16)
+    passes(controller, 0.020, 0.0001)  # nearly free positions: long drafts pay a lot
+    control = controller.join(8)
+    rounds(controller, control, 8, 8)
+    controller.gamma(control)
+    assert controller.gain > CHECK_BELOW
+    drive(controller, [control], 3 * CHECK_EVERY, 9)
+    assert controller.check.checks == 0 and controller.gamma(control) > 0
