@@ -107,7 +107,7 @@ def served_rounds(pair, prompts: list[list[int]], gamma: int, max_new: int) -> d
 
     async def go():
         async with Loopback(pair.target, pair.draft, pair.eos_token_id, pair.max_context) as loop:
-            return [await loop.generate(ids, max_new, SamplingParams(), gamma=gamma) for ids in prompts]
+            return [await loop.generate(ids, max_new, SamplingParams(seed=0), gamma=gamma) for ids in prompts]
 
     runs = [stats for _, stats in asyncio.run(go())]
     accepted, rejections = sum(s.accepted for s in runs), sum(s.rejections for s in runs)

@@ -131,46 +131,45 @@ def write_json(path: Path, summary: dict, rows: list[dict], meta: dict) -> None:
     path.write_text(json.dumps({**summary, "runs": rows, "meta": meta}, indent=2) + "\n")
 
 
-def write_plot(path: Path, rows: list[dict]) -> None:
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, draw) -> None:
+    """A 6x4 PNG at ``path``: ``draw(ax)`` plots the lines, then a target-only line at 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in rows if r["gamma"]}):
-        points = sorted((r["gamma"], r["speedup_vs_ar"]) for r in rows if r["method"] == method and r["gamma"])
-        ax.plot([g for g, _ in points], [s for _, s in points], marker="o", label=method)
+    draw(ax)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="target-only")
-    ax.set_xlabel("gamma (tokens drafted per round)")
-    ax.set_ylabel("speedup over target-only (tokens/s)")
-    ax.set_title("Speedup against gamma (greedy, batch 1)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_plot(path: Path, rows: list[dict]) -> None:
+    def draw(ax):
+        for method in sorted({r["method"] for r in rows if r["gamma"]}):
+            points = sorted((r["gamma"], r["speedup_vs_ar"]) for r in rows if r["method"] == method and r["gamma"])
+            ax.plot([g for g, _ in points], [s for _, s in points], marker="o", label=method)
+
+    _plot(path, "Speedup against gamma (greedy, batch 1)", "gamma (tokens drafted per round)",
+          "speedup over target-only (tokens/s)", draw)
 
 
 def write_concurrency_plot(path: Path, by_concurrency: dict) -> None:
     """Speculative over target-only tokens/s against concurrent streams."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     levels = sorted(by_concurrency, key=int)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([int(n) for n in levels], [by_concurrency[n]["speculative_vs_target_only"] for n in levels], marker="o",
-            label=by_concurrency[levels[0]]["config"].split(" x")[0] if levels else "speculative")
-    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="target-only")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([int(n) for n in levels], labels=levels)
-    ax.set_xlabel("concurrent streams")
-    ax.set_ylabel("speculative / target-only (tokens/s)")
-    ax.set_title("Speculative decoding under load (greedy, same service)")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    def draw(ax):
+        ax.plot([int(n) for n in levels], [by_concurrency[n]["speculative_vs_target_only"] for n in levels],
+                marker="o", label=by_concurrency[levels[0]]["config"].split(" x")[0] if levels else "speculative")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([int(n) for n in levels], labels=levels)
+
+    _plot(path, "Speculative decoding under load (greedy, same service)", "concurrent streams",
+          "speculative / target-only (tokens/s)", draw)

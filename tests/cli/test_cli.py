@@ -183,6 +183,20 @@ def test_bench_concurrency_list_reports_each_level_with_ttft_percentiles_and_a_p
     assert exc.value.code == 2
 
 
+def test_bench_profile_feeds_the_capacity_planner(tmp_path, pair_args):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def add(a, b):", "print(add("]))
+    profile = tmp_path / "profile.json"
+    assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "8", "--profile", str(profile)] + pair_args) == 0
+    measured = json.loads(profile.read_text())
+    assert {(r["batch"], r["gamma"]) for r in measured["verify_pass"]} >= {(1, 0), (16, 8)}
+    assert all(r["seconds"] > 0 for r in measured["verify_pass"] + measured["draft_step"])
+    assert 0 <= measured["alpha"] <= 1 and measured["bytes_per_round"] > 0 and measured["draft_kv_bytes_per_token"] > 0
+    plan = tmp_path / "plan.json"
+    assert main(["capacity", "--profile", str(profile), "--rps", "1", "--tpot-ms", "1000", "--json", str(plan)]) == 0
+    assert json.loads(plan.read_text())["verifier_replicas"] >= 1
+
+
 @pytest.mark.parametrize("content,message", [("", "no prompts"), ("{\"text\": 1}\n", "prompt"),
                                              ("not json\n", "prompt")])
 def test_bench_bad_prompts_exit_2(tmp_path, pair_args, capsys, content, message):
