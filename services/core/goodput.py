@@ -36,7 +36,10 @@ import numpy as np
 PROBE_GAMMA = 2  # drafts of a probe round: enough to re-measure acceptance, cheap if rejected
 PROBE_EVERY, PROBE_MAX = 16, 256  # rounds between probes of a stopped session, doubling up to the max
 DECAY = 0.9  # per observed round: a session's acceptance follows its text within ~10 rounds
-PRIOR_WEIGHT = 2.0  # pseudo-drafts of the replica's pooled acceptance in a session's estimate
+# Estimates start from PRIOR_ALPHA and shrink towards it by PRIOR_WEIGHT pseudo-drafts:
+# the replica's pooled acceptance towards PRIOR_ALPHA, a session's towards the pooled.
+# One rejected first draft must not stop a session (nor the replica) from drafting.
+PRIOR_ALPHA, PRIOR_WEIGHT = 0.7, 2.0
 MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many passes each
 # Measured, not modelled, where the model is least sure: while the plan's predicted gain
 # over plain decoding is below CHECK_BELOW, every CHECK_EVERY passes the replica runs
@@ -88,7 +91,6 @@ class SessionControl:
     measured: bool = False  # one drafting round observed
     planned: int | None = None  # None: not planned yet (no limit)
     off_rounds: int = 0  # rounds at gamma 0 since the last probe
-    unobserved: int = 0  # rounds since its last drafting round: old counts decay by them too
     probe_every: int = PROBE_EVERY
     probing: bool = False
 
@@ -179,8 +181,9 @@ class GoodputController:
         self.cost.observe(positions, seconds)
         self.committed.append((end - seconds, end, committed))
         self._stale = True
+        # A plan that drafts nothing (gain 1) has nothing to check: its probes go on.
         if self.check.observe(end - seconds, end, committed, self.measured_goodput(CHECK_PASSES - SETTLE),
-                              self.gain < CHECK_BELOW):
+                              1.0 < self.gain < CHECK_BELOW):
             for c in self.sessions:  # drafting resumes, or stops, for every session at once
                 c.off_rounds = 0
 
@@ -194,10 +197,8 @@ class GoodputController:
         # successes, then one failure unless a == g (the maximum-likelihood alpha is
         # successes / (successes + failures); accepted / drafted is biased low).
         failed = float(accepted < drafted)
-        decay = DECAY ** (1 + control.unobserved)  # a probe after a long stop outweighs what came before
-        control.unobserved = 0
-        control.successes = decay * control.successes + accepted
-        control.failures = decay * control.failures + failed
+        control.successes = DECAY * control.successes + accepted
+        control.failures = DECAY * control.failures + failed
         self.pooled = [DECAY * self.pooled[0] + accepted, DECAY * self.pooled[1] + failed]
         weight = 0.5 if control.measured else 1.0  # EWMA; the first round sets it
         control.hop_s += weight * (transport_s - control.hop_s)
@@ -206,6 +207,8 @@ class GoodputController:
         if control.probing:
             control.probing = False
             self._stale = True  # re-plan with what the probe measured
+            if accepted == drafted:  # acceptance may be back: the next probe soon
+                control.probe_every = PROBE_EVERY
 
     # -- what it answers -----------------------------------------------------------
 
@@ -224,7 +227,6 @@ class GoodputController:
                 control.probe_every = PROBE_EVERY
             return planned
         control.off_rounds += 1
-        control.unobserved += 1
         if control.off_rounds < control.probe_every:
             return 0
         # Stopped long enough: draft a little, to see whether acceptance came back.
@@ -234,7 +236,7 @@ class GoodputController:
 
     def alpha(self, control: SessionControl) -> float:
         """The session's per-draft acceptance, shrunk towards the replica's pooled one."""
-        pooled = self.pooled[0] / (self.pooled[0] + self.pooled[1]) if sum(self.pooled) else 0.5
+        pooled = (self.pooled[0] + PRIOR_WEIGHT * PRIOR_ALPHA) / (sum(self.pooled) + PRIOR_WEIGHT)
         return control.alpha(pooled)
 
     @property

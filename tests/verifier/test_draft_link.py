@@ -7,9 +7,10 @@ import uuid
 
 import grpc
 import pytest
-from tiny_models import hf_greedy, noisy_copy, tiny
+from tiny_models import VOCAB, hf_greedy, noisy_copy, tiny
 
 from services.core.engine import SpeculativeEngine
+from services.core.goodput import PassCost
 from services.core.sampling import SamplingParams
 from services.core.target import TargetRunner
 from services.core.verifier import TargetVerifier
@@ -92,3 +93,87 @@ def test_with_every_worker_full_the_session_decodes_without_drafts(pair):
     assert tokens == hf_greedy(target, PROMPT, 40, eos=None)
     assert opened == [0, 0, 0]
     assert stats.drafted == 0 and stats.undrafted_rounds == stats.rounds == 40
+
+
+class FixedCost(PassCost):
+    def __init__(self, a, b):
+        super().__init__()
+        self.line = (a, b)
+
+    def fit(self):
+        return self.line
+
+
+class SabotagingDrafter(DrafterService):
+    """A draft worker whose drafts for one session are always wrong (every token shifted
+    by one): that session's acceptance collapses, the others' does not."""
+
+    def __init__(self, proposers, steps, bad_session: str):
+        super().__init__(proposers, steps=steps)
+        self.bad_session = bad_session
+
+    async def Draft(self, request_iterator, context):
+        commands = request_iterator.__aiter__()
+        first = await anext(commands)
+        bad = first.open.session_id == self.bad_session
+
+        async def replay():
+            yield first
+            async for command in commands:
+                yield command
+
+        async for block in super().Draft(replay(), context):
+            if bad:
+                shifted = [(t + 1) % VOCAB for t in block.tokens]
+                del block.tokens[:]
+                block.tokens.extend(shifted)
+            yield block
+
+
+def test_a_session_whose_drafts_are_rejected_stops_drafting_while_another_in_its_batch_keeps_on(pair):
+    target, draft = pair
+    bad, good = uuid.uuid4().hex, uuid.uuid4().hex
+
+    async def go():
+        proposers, steps = make_proposers(draft)
+        service = SabotagingDrafter(proposers, steps, bad)
+        server = grpc.aio.server()
+        internal_pb2_grpc.add_DrafterServicer_to_server(service, server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+
+        async def find_drafter():
+            return address
+
+        verifier = VerifierService(SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 512), find_drafter)
+        # Passes priced as a real target's (20 ms + 4 ms a position), not as this tiny
+        # one's, whose pass costs less than the draft hop: at that price no draft pays.
+        verifier.controller.cost = FixedCost(0.020, 0.004)
+
+        async def session(session_id):
+            req = internal_pb2.VerifyRequest(
+                request_id=session_id, session_id=session_id, prompt_ids=PROMPT, max_new_tokens=200,
+                sampling=sampling_to_proto(SamplingParams(seed=0)),
+                speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=4, pipeline=True))
+            tokens, stats = [], None
+            async for chunk in verifier.verify(req):
+                if chunk.HasField("stats"):
+                    stats = chunk.stats
+                tokens += chunk.token_ids
+            return tokens, stats
+
+        results = await asyncio.gather(session(bad), session(good))  # verified together, in one batch
+        for channel in verifier.channels.values():
+            await channel.close()
+        await server.stop(None)
+        return results
+
+    (bad_tokens, bad_stats), (good_tokens, good_stats) = asyncio.run(go())
+    want = hf_greedy(target, PROMPT, 200, eos=None)
+    assert bad_tokens == want and good_tokens == want
+    drafting = lambda stats: stats.drafted_per_position[0] / stats.rounds  # noqa: E731  rounds that drafted
+    # The bad session stopped drafting, re-probed now and then; the good one drafts, and
+    # most of its tokens are accepted drafts (both may stop at first: one rejected
+    # first round says little, until a probe accepts).
+    assert bad_stats.accepted == 0 and drafting(bad_stats) < 0.25
+    assert good_stats.accepted > 0.5 * good_stats.emitted and drafting(good_stats) > 2 * drafting(bad_stats)
