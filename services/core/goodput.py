@@ -17,11 +17,13 @@ replica (SmartSpec's objective), from measurements only:
 where k passes serve a round of every session and ``share`` of them is in each pass
 (more sessions than ``max_batch``). The plan maximises goodput by coordinate ascent
 (each session's best gamma with the others fixed, sweeps until none changes), recomputed
-once per pass; it lands within a fraction of a percent of the exhaustive optimum. A client's gamma is the ceiling of the search, never an order.
+once per pass; it lands within a fraction of a percent of the exhaustive optimum. A
+client's gamma is the ceiling of the search, never an order.
 
 A session the plan stops (gamma 0) is re-probed now and then with a short draft, at
 exponentially growing intervals, so that a request whose text turned predictable again
-comes back. Without two pass sizes to fit T, nothing is limited.
+comes back. Without two pass sizes to fit T, nothing is limited. Where the plan's gain
+is small, it is also checked against plain decoding by measurement (``ArmCheck``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ PROBE_EVERY, PROBE_MAX = 16, 256  # rounds between probes of a stopped session, 
 DECAY = 0.9  # per observed round: a session's acceptance follows its text within ~10 rounds
 # Estimates start from PRIOR_ALPHA and shrink towards it by PRIOR_WEIGHT pseudo-drafts:
 # the replica's pooled acceptance towards PRIOR_ALPHA, a session's towards the pooled.
-# One rejected first draft must not stop a session (nor the replica) from drafting.
+# A first rejected round moves an estimate part of the way, not to 0.
 PRIOR_ALPHA, PRIOR_WEIGHT = 0.7, 2.0
 MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many passes each
 # Measured, not modelled, where the model is least sure: while the plan's predicted gain

@@ -141,9 +141,8 @@ class VerifierService:
         (counted in the plan at its node count)."""
         if self.controller is None:
             return None
-        tree = getattr(seq.proposer, "tree", None)
-        if tree is not None:
-            return self.controller.join(len(tree), fixed=True)
+        if getattr(seq.proposer, "tree", None) is not None:  # heads: a fixed shape of max_nodes nodes
+            return self.controller.join(seq.proposer.max_nodes, fixed=True)
         control = self.controller.join(seq.gamma, fixed=pinned)
         seq.gamma_cap = self.controller.gamma(control)
         return control
