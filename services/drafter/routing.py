@@ -16,7 +16,7 @@ import random
 import time
 from collections import defaultdict, deque
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 STATS_PERIOD_S = 1.0  # how often Serve polls each worker's load (its default is 10 s)
 
@@ -39,9 +39,12 @@ def rank_by_load(stats: list[dict], routed_since: list[int]) -> list[int]:
     return sorted(range(len(stats)), key=lambda i: keys[i])
 
 
-class LeastLoadedDrafter(RequestRouter):
+class LeastLoadedDrafter(FIFOMixin, RequestRouter):
     """Ranks draft workers by ``rank_by_load``; one instance per caller process (each
-    verifier replica routes its own sessions)."""
+    verifier replica routes its own sessions). FIFO: the choice does not depend on the
+    request (every ``endpoint()`` call is alike), so a worker found goes to the oldest
+    call waiting. Without it, a call routed while others were in flight waited forever
+    now and then (Serve matched found workers to calls by id)."""
 
     def initialize_state(self, **kwargs) -> None:
         # Per worker: when this router sent it a session (endpoint calls), recent first out.
