@@ -5,7 +5,7 @@ call is an instant ``endpoint()``, so Serve's default router (the power of two c
 on queue length) sees every worker idle and picks at random. Each worker reports its
 load instead (``DraftWorker.record_routing_stats``: sessions open, its capacity, draft
 steps waiting, recent step time), Serve's controller polls it into every router, and
-this router ranks workers by expected drafting delay. Sessions this router sent since a
+this router ranks workers by the share of their capacity in use. Sessions it sent since a
 worker's last report are counted on top of it, so a burst of new sessions spreads
 instead of piling onto the worker that looked idlest a second ago.
 """
