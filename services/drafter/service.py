@@ -94,7 +94,9 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         self.chunk_tokens = chunk_tokens
         # A thread per drafting session: each drafts autoregressively, and the draft
         # model's steps from all of them meet in one batched forward (StepBatcher).
-        self.compute = ThreadPoolExecutor(max(1, max_sessions), thread_name_prefix="outrider-draft")
+        # Twice the sessions admitted: an ended session's last draft may still be
+        # stopping while the session admitted in its place starts.
+        self.compute = ThreadPoolExecutor(max(2, 2 * max_sessions), thread_name_prefix="outrider-draft")
         self.active_sessions = 0
 
     async def Draft(self, request_iterator, context):
