@@ -17,17 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..core.gamma import MAX_GAMMA
+from ..core.goodput import expected_tokens, fit_line
+
 LINK_BYTES_S = 10e9 / 8  # a 10 Gbit/s link between draft and verifier nodes
 OBJECT_STORE_BYTES = 8 * 2**30  # Ray's object store on the head node
-MAX_GAMMA = 16
-
-
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """(intercept, slope >= 0) of the least-squares line."""
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
-    return max(0.0, my - slope * mx), slope
 
 
 @dataclass(frozen=True)
@@ -53,7 +47,7 @@ class Model:
         return self.verify[0] + self.verify[1] * positions
 
     def tokens_per_round(self, gamma: int) -> float:
-        return (1 - self.alpha ** (gamma + 1)) / (1 - self.alpha)
+        return expected_tokens(self.alpha, gamma)
 
     def round_s(self, batch: int, gamma: int) -> float:
         verify = self.pass_s(batch * (gamma + 1))

@@ -32,6 +32,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -74,10 +75,15 @@ class PassCost:
             sizes[n] = sizes.get(n, 0) + 1
         if sum(count >= MIN_PASSES_PER_SIZE for count in sizes.values()) < 2:
             return None  # one size (or too few): a slope would be noise
-        n = np.array([p for p, _ in self.passes], dtype=np.float64)
-        t = np.array([s for _, s in self.passes], dtype=np.float64)
-        b = max(float(np.cov(n, t, bias=True)[0, 1] / n.var()), 0.0)
-        return max(float(t.mean() - b * n.mean()), 0.0), b
+        return fit_line([n for n, _ in self.passes], [t for _, t in self.passes])
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept >= 0, slope >= 0) of the least-squares line; no slope for one x."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
+    return max(0.0, my - slope * mx), slope
 
 
 @dataclass(eq=False)
@@ -125,8 +131,9 @@ class ArmCheck:
     def plain_now(self) -> bool:
         return self.window[0] if self.window is not None else self.plain
 
-    def observe(self, start: float, end: float, committed: int, recent_rate: float, needed: bool) -> bool:
-        """One pass; ``recent_rate``: committed tokens/s over the latest passes; ``needed``:
+    def observe(self, start: float, end: float, committed: int, recent_rate: Callable[[], float],
+                needed: bool) -> bool:
+        """One pass; ``recent_rate()``: committed tokens/s over the latest passes; ``needed``:
         the model is unsure. Returns whether the arm changed (the plan is stale)."""
         if self.window is None:
             self.passes += 1
@@ -134,7 +141,7 @@ class ArmCheck:
                 changed, self.plain, self.passes = self.plain, False, 0  # the model is sure: the plan
                 return changed
             if self.passes >= CHECK_EVERY:
-                self.window, self.baseline = [not self.plain, 0, 0, None, None], recent_rate
+                self.window, self.baseline = [not self.plain, 0, 0, None, None], recent_rate()
                 return True
             return False
         window = self.window
@@ -184,7 +191,7 @@ class GoodputController:
         self.committed.append((end - seconds, end, committed))
         self._stale = True
         # A plan that drafts nothing (gain 1) has nothing to check: its probes go on.
-        if self.check.observe(end - seconds, end, committed, self.measured_goodput(CHECK_PASSES - SETTLE),
+        if self.check.observe(end - seconds, end, committed, lambda: self.measured_goodput(CHECK_PASSES - SETTLE),
                               1.0 < self.gain < CHECK_BELOW):
             for c in self.sessions:  # drafting resumes, or stops, for every session at once
                 c.off_rounds = 0

@@ -203,14 +203,13 @@ class DraftLink:
         draft worker to have room; it decodes without drafts instead."""
         self.full.add(self.address)
         self._drop_call()
-        if len(self.full) < 2:
-            try:
-                self.address, self.call = await asyncio.wait_for(
-                    self.open_stream(round, self.stalled | self.full), OPEN_S)
-                return
-            except Exception:  # no other worker (NoOtherWorker), or none answered in time
-                pass
-        self.off = True
+        if len(self.full) >= 2:
+            self.off = True
+            return
+        try:
+            self.address, self.call = await asyncio.wait_for(self.open_stream(round, self.stalled | self.full), OPEN_S)
+        except Exception:  # no other worker (NoOtherWorker), or none answered in time
+            self.off = True
 
     async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int) -> None:
         """Tell the worker what round ``round`` committed; it drafts the next round with

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from services.bench.capacity import Model, fit_line, plan
+from services.bench.capacity import Model, plan
+from services.core.goodput import fit_line
 from services.cli.main import main
 
 

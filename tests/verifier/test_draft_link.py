@@ -28,9 +28,8 @@ def pair():
     return target, noisy_copy(target, seed=2, scale=0.3)
 
 
-async def start_worker(draft, max_sessions):
-    proposers, steps = make_proposers(draft)
-    service = DrafterService(proposers, max_sessions=max_sessions, steps=steps)
+async def start_worker(service):
+    """``service`` on a loopback gRPC server: (service, server, address)."""
     server = grpc.aio.server()
     internal_pb2_grpc.add_DrafterServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -38,12 +37,38 @@ async def start_worker(draft, max_sessions):
     return service, server, f"127.0.0.1:{port}"
 
 
+def worker(draft, max_sessions: int = 256) -> DrafterService:
+    proposers, steps = make_proposers(draft)
+    return DrafterService(proposers, max_sessions=max_sessions, steps=steps)
+
+
+async def generate(verifier, session_id: str, max_new: int, gamma: int):
+    """One greedy session through ``verifier``: (tokens, final stats)."""
+    req = internal_pb2.VerifyRequest(
+        request_id=session_id, session_id=session_id, prompt_ids=PROMPT, max_new_tokens=max_new,
+        sampling=sampling_to_proto(SamplingParams(seed=0)),
+        speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=gamma, pipeline=True))
+    tokens, stats = [], None
+    async for chunk in verifier.verify(req):
+        if chunk.HasField("stats"):
+            stats = chunk.stats
+        tokens += chunk.token_ids
+    return tokens, stats
+
+
+async def close(verifier, servers) -> None:
+    for channel in verifier.channels.values():
+        await channel.close()
+    for server in servers:
+        await server.stop(None)
+
+
 def serve(target, draft, capacities):
     """One greedy session against workers with these capacities, offered in turn by the
     routing; (tokens, stats, each worker's sessions opened)."""
 
     async def go():
-        workers = [await start_worker(draft, c) for c in capacities]
+        workers = [await start_worker(worker(draft, c)) for c in capacities]
         opened = [0] * len(workers)
         asked = [0]
 
@@ -60,20 +85,8 @@ def serve(target, draft, capacities):
                 return original(msg)
             service._open = counting
         verifier = VerifierService(SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256), find_drafter)
-        req = internal_pb2.VerifyRequest(
-            request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=PROMPT, max_new_tokens=40,
-            sampling=sampling_to_proto(SamplingParams(seed=0)),
-            speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=3, pipeline=True),
-        )
-        tokens, stats = [], None
-        async for chunk in verifier.verify(req):
-            if chunk.HasField("stats"):
-                stats = chunk.stats
-            tokens += chunk.token_ids
-        for channel in verifier.channels.values():
-            await channel.close()
-        for _, server, _ in workers:
-            await server.stop(None)
+        tokens, stats = await generate(verifier, uuid.uuid4().hex, 40, 3)
+        await close(verifier, [server for _, server, _ in workers])
         return tokens, stats, opened
 
     return asyncio.run(go())
@@ -135,12 +148,7 @@ def test_a_session_whose_drafts_are_rejected_stops_drafting_while_another_in_its
     bad, good = uuid.uuid4().hex, uuid.uuid4().hex
 
     async def go():
-        proposers, steps = make_proposers(draft)
-        service = SabotagingDrafter(proposers, steps, bad)
-        server = grpc.aio.server()
-        internal_pb2_grpc.add_DrafterServicer_to_server(service, server)
-        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-        await server.start()
+        _, server, address = await start_worker(SabotagingDrafter(*make_proposers(draft), bad))
 
         async def find_drafter():
             return address
@@ -150,22 +158,9 @@ def test_a_session_whose_drafts_are_rejected_stops_drafting_while_another_in_its
         # one's, whose pass costs less than the draft hop: at that price no draft pays.
         verifier.controller.cost = FixedCost(0.020, 0.004)
 
-        async def session(session_id):
-            req = internal_pb2.VerifyRequest(
-                request_id=session_id, session_id=session_id, prompt_ids=PROMPT, max_new_tokens=200,
-                sampling=sampling_to_proto(SamplingParams(seed=0)),
-                speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=4, pipeline=True))
-            tokens, stats = [], None
-            async for chunk in verifier.verify(req):
-                if chunk.HasField("stats"):
-                    stats = chunk.stats
-                tokens += chunk.token_ids
-            return tokens, stats
-
-        results = await asyncio.gather(session(bad), session(good))  # verified together, in one batch
-        for channel in verifier.channels.values():
-            await channel.close()
-        await server.stop(None)
+        # Verified together, in one batch.
+        results = await asyncio.gather(generate(verifier, bad, 200, 4), generate(verifier, good, 200, 4))
+        await close(verifier, [server])
         return results
 
     (bad_tokens, bad_stats), (good_tokens, good_stats) = asyncio.run(go())
