@@ -15,6 +15,13 @@ committed cache, the rows of its ancestors and itself (a 4-D mask), as the draft
 was trained (training-time test, models/eagle.py ``forward_train``). The rows are
 cropped from the cache after the round.
 
+Drafting past the features: on a draft worker (placement "drafter") the early block
+for round k+1 is drafted while round k verifies, after tokens the target has not
+given features for yet (round k's drafts and the guessed bonus). Those positions take
+the drafter's own output as their feature, one row each, exactly as a chain's deeper
+rows do: drafting after them equals continuing the chain. They are cropped with the
+tree's rows; the target's features replace them when the round's outcome comes.
+
 EAGLE-2's tree: every row proposes its top_k children, scored by cumulative draft
 log-probability; the top_k children of the whole depth are expanded next. After the
 last depth all scored nodes are reranked and the best ``nodes`` kept. A node's score
@@ -83,10 +90,12 @@ class EagleModel(Protocol):
 class EagleState:
     base: int = -1  # the first position the cache holds (-1: nothing seen yet)
     done: int = 0  # positions [base, done) are cached, built on committed tokens
-    pending: torch.Tensor | None = None  # [n, 3H] the target's features at done.. not yet run
+    pending: torch.Tensor | None = None  # [n, H] the target's fused features at done.. not yet run
     cache: object = None
+    last: torch.Tensor | None = None  # [H] the layer's output at done - 1: where drafting starts
     length: int = 0  # len(committed) the features reach: a stale state drafts nothing
-    drafted: tuple[int, torch.Tensor, tuple[int, ...]] | None = None  # (length, tokens, parents): reused until a verify
+    # (committed tokens past the features, tokens, parents): reused until new features come
+    drafted: tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]] | None = None
 
 
 class EagleProposer:
@@ -106,40 +115,68 @@ class EagleProposer:
     def restore_state(self, chunks: list[KVChunk]) -> EagleState:
         return EagleState()  # rebuilt from the target's next features (a shorter context at first)
 
+    @torch.inference_mode()
     def observe(self, state: EagleState, start: int, hidden: torch.Tensor) -> None:
-        """``hidden`` [n, 3H]: the target's features at positions start.. (row i chose
-        token start+i+1). Contiguous rows extend the state; a gap (a failover, a prefix
-        served from cache) starts it afresh at ``start``."""
+        """``hidden`` [n, 3H]: the target's layer states at positions start.. (row i
+        chose token start+i+1), fused here."""
+        self.observe_fused(state, start, self.model.fuse(hidden))
+
+    def with_tree(self, tree: EagleTree) -> "EagleProposer":
+        return EagleProposer(self.model, tree, self.device)
+
+    @staticmethod
+    def observe_fused(state: EagleState, start: int, features: torch.Tensor) -> None:
+        """``features`` [n, H]: fused features at positions start.. (what a verifier
+        sends a draft worker). Contiguous rows extend the state; a gap (a failover, a
+        prefix served from cache, a window) starts it afresh at ``start``."""
         if state.base < 0 or start != state.done + _rows(state.pending):
-            state.base, state.done, state.pending, state.cache = start, start, None, self.model.new_cache()
-        state.pending = hidden if state.pending is None else torch.cat([state.pending, hidden])
+            state.base, state.done, state.pending, state.cache, state.last = start, start, None, None, None
+        state.pending = features if state.pending is None else torch.cat([state.pending, features])
         state.drafted = None
-        state.length = start + len(hidden) + 1
+        state.length = start + len(features) + 1
 
     @torch.inference_mode()
     def propose(self, state: EagleState, committed: list[int], gamma: int, params: SamplingParams,
                 stop=None) -> Proposal:
-        """A tree no deeper than ``gamma`` (the round's budget) after ``committed``."""
-        if state.base < 0 or state.length != len(committed) or gamma <= 0:
+        """A tree no deeper than ``gamma`` (the round's budget) after ``committed``,
+        which may run past the features (the tokens after them drafted from the
+        drafter's own features)."""
+        if state.base < 0 or state.length > len(committed) or gamma <= 0:
             return Proposal.empty(self.device)
-        if state.drafted is None or state.drafted[0] != len(committed):
-            state.drafted = (len(committed), *self._draft(state, committed))
+        ahead = tuple(committed[state.length :])
+        if state.drafted is None or state.drafted[0] != ahead:
+            state.drafted = (ahead, *self._draft(state, committed))
         _, tokens, parents = state.drafted
         shape, kept = tree_shape(parents).prune(gamma)
         return Proposal(tokens=tokens[list(kept)].to(self.device), tree=shape)
 
-    def _draft(self, state: EagleState, committed: list[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
-        model, k = self.model, self.tree.top_k
-        P = len(committed) - 1
-        F = P - 1
-        rows = state.pending  # [n, 3H] at positions done..F
-        n = len(rows)
-        tokens = torch.tensor(committed[state.done + 1 : P + 1], device=rows.device)  # x_{j+1}
-        past = state.done - state.base
-        g = model.step(model.fuse(rows)[None], tokens[None], torch.arange(state.done, F + 1, device=rows.device)[None],
+    def _catch_up(self, state: EagleState, committed: list[int]) -> None:
+        """Run the layer over the positions with new features (true features, true
+        tokens: cached for good); ``state.last`` is the output at the last of them."""
+        model = self.model
+        if state.cache is None:
+            state.cache = model.new_cache()
+        if state.pending is None:
+            return
+        rows = state.pending  # [n, H] at positions done..done+n-1
+        n, past = len(rows), state.done - state.base
+        tokens = torch.tensor(committed[state.done + 1 : state.done + n + 1], device=rows.device)  # x_{j+1}
+        g = model.step(rows[None], tokens[None], torch.arange(state.done, state.done + n, device=rows.device)[None],
                        _mask(torch.ones(n, past, dtype=torch.bool, device=rows.device),
                              torch.ones(n, n, dtype=torch.bool, device=rows.device).tril(), model), state.cache)[0]
-        state.done, state.pending = F + 1, None
+        state.done, state.pending, state.last = state.done + n, None, g[-1]
+
+    def _draft(self, state: EagleState, committed: list[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        model, k = self.model, self.tree.top_k
+        self._catch_up(state, committed)
+        true_keys = state.done - state.base
+        last = state.last
+        # Past the features: one row a position, fed the row before's output (cropped below).
+        for j in range(state.done, len(committed) - 1):
+            token = torch.tensor([[committed[j + 1]]], device=last.device)
+            last = model.step(last[None, None], token, torch.tensor([[j]], device=last.device), None, state.cache)[0, 0]
+        F = len(committed) - 2
+        g = last[None]
         committed_keys = F + 1 - state.base
         vocab = model.draft_vocab
 
@@ -176,7 +213,7 @@ class EagleProposer:
             best = scores.topk(k).indices
             beam, beam_scores = first + best, scores[best]
             beam_features, beam_rows = out[best // k], R + best // k
-        model.truncate(state.cache, committed_keys)
+        model.truncate(state.cache, true_keys)
         scores = torch.cat(pool_scores)
         order = torch.sort(scores, descending=True, stable=True).indices[: self.tree.nodes]
         chosen = torch.sort(order).values.tolist()  # pool order: parents before children

@@ -187,3 +187,47 @@ def test_tree_options_are_checked():
     for bad in ("5,2", "a,b,c", "0,2,8", "5,2,500"):
         with pytest.raises(ValueError, match="EAGLE tree"):
             EagleTree.parse(bad)
+
+
+def lively_eagle(target):
+    """A random drafter whose chains do not settle on one token at once (its layer's
+    weights scaled up), so that equal chains mean something."""
+    drafter = random_eagle(target, 4)
+    with torch.no_grad():
+        for weight in drafter.midlayer.parameters():
+            weight.mul_(3.0)
+    return drafter
+
+
+@pytest.mark.parametrize("tree", [EagleTree(depth=4, top_k=1, nodes=4), EagleTree(depth=3, top_k=3, nodes=8)],
+                         ids=["chain", "tree"])
+def test_drafting_past_the_features_continues_the_chain(tree):
+    """A draft worker drafts round k+1 before round k's features come: after a chain's
+    tokens and its next token, from the drafter's own features. That is the chain
+    drafted further, so the early block equals what the longer chain drafts there."""
+    target = tiny("llama", seed=0, layers=4)
+    drafter = lively_eagle(target)
+    chain = EagleProposer(drafter, EagleTree(depth=12, top_k=1, nodes=12))
+    eng = engine(target, chain)
+    seq = eng.start(PROMPTS[2], 40, SamplingParams())
+    eng.prefill(seq)
+    eng.step(seq)  # a round in: the features came from a verify pass, not only the prefill
+    long_chain = chain.propose(seq.draft_state, seq.committed, 12, SamplingParams()).tokens.tolist()
+    assert len(long_chain) == 12 and len(set(long_chain)) > 3
+    ahead = long_chain[:5]  # a round of 4 drafts, all accepted, and its bonus guessed right
+    proposer = EagleProposer(drafter, tree)
+    early = proposer.propose(seq.draft_state, seq.committed + ahead, 4, SamplingParams())
+    if tree.top_k == 1:
+        assert early.tokens.tolist() == long_chain[5:9]
+    else:  # each node's first child is its top-1: first children from the root are the chain
+        parents, path, node = early.tree.parents, [], -1
+        while node in parents:
+            node = parents.index(node)
+            path.append(int(early.tokens[node]))
+        assert len(path) >= 2 and path == long_chain[5:5 + len(path)]
+    # The rows past the features were cropped: the state drafts as before for the committed text.
+    assert chain.propose(seq.draft_state, seq.committed, 12, SamplingParams()).tokens.tolist() == long_chain
+    eng.verify_and_commit(seq, eng.propose(seq))
+    while not seq.finished:
+        eng.step(seq)
+    assert seq.generated == hf_greedy(target, PROMPTS[2], 40, eos=None)
