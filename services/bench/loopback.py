@@ -11,11 +11,13 @@ import uuid
 
 import grpc
 
+from ..core.eagle_relay import DEFAULT_WINDOW
 from ..core.engine import SpeculativeEngine
 from ..core.sampling import SamplingParams
 from ..core.target import DEFAULT_KV_CACHE_BYTES, TargetRunner
 from ..core.verifier import TargetVerifier
 from ..drafter.service import DrafterService, make_proposers
+from ..models.pair import eagle_relay
 from ..rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
 from ..rpc.channels import SERVER_OPTIONS
 from ..rpc.convert import METHOD_IDS, sampling_to_proto
@@ -25,13 +27,18 @@ from ..verifier.service import VerifierService
 
 class Loopback:
     def __init__(self, target, draft, eos_token_id=None, max_context=256, max_batch_size=16,
-                 kv_cache_bytes=DEFAULT_KV_CACHE_BYTES, measured_fanout=True):
+                 kv_cache_bytes=DEFAULT_KV_CACHE_BYTES, measured_fanout=True, eagle=None,
+                 feature_dtype="bfloat16", feature_window=DEFAULT_WINDOW):
         """``measured_fanout`` False: the worker drafts the branches a request asks for,
-        whatever its steps cost (a test of the cache, not of its policy)."""
-        proposers, steps = make_proposers(draft, max_batch_size=max_batch_size)
+        whatever its steps cost (a test of the cache, not of its policy). ``eagle``: an
+        EAGLE-3 drafter on the draft worker (placement "drafter"), fed the features the
+        verifier sends in ``feature_dtype``."""
+        proposers, steps = make_proposers(draft, max_batch_size=max_batch_size, eagle=eagle)
         self.drafter = DrafterService(proposers, steps=steps, measured_fanout=measured_fanout)
         engine = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes)), None, eos_token_id, max_context)
-        self.verifier = VerifierService(engine, self._address, max_batch_size)
+        relay = eagle_relay(eagle, feature_window) if eagle is not None else None
+        self.verifier = VerifierService(engine, self._address, max_batch_size, eagle_relay=relay,
+                                        feature_dtype=feature_dtype)
         self.server = None
         self.port = None
         self.ttfts: list[float] = []  # each session's seconds from its start to its first tokens
@@ -52,13 +59,13 @@ class Loopback:
         await self.server.stop(None)
 
     async def generate(self, prompt, max_new, params=SamplingParams(seed=0), method="draft", gamma=4,
-                       pipeline=True, adaptive=False, fanout=4):
+                       pipeline=True, adaptive=False, fanout=4, tree=""):
         """(tokens, final stats) of one session; also checks chunk framing."""
         req = internal_pb2.VerifyRequest(
             request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=max_new, sampling=sampling_to_proto(params),
             pinned_gamma=not params.greedy,
             speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=gamma, adaptive=adaptive,
-                                                 pipeline=pipeline, fanout=fanout),
+                                                 pipeline=pipeline, fanout=fanout, tree=tree),
         )
         # With tracing on, a request span stands in for the gateway's.
         span = tracing.start_span("outrider.generate", kind=tracing.SpanKind.SERVER)

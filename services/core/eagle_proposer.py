@@ -32,7 +32,7 @@ the tree acceptor: sampling stays lossless.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -56,6 +56,16 @@ class EagleTree:
     @property
     def label(self) -> str:
         return f"eagle{self.nodes}:d{self.depth}k{self.top_k}"
+
+    @property
+    def spec(self) -> str:
+        """What ``parse`` reads."""
+        return f"{self.depth},{self.top_k},{self.nodes}"
+
+    @property
+    def is_chain(self) -> bool:
+        """One child a node: a chain as deep as the round's gamma allows (up to depth)."""
+        return self.top_k == 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +103,10 @@ class EagleState:
     pending: torch.Tensor | None = None  # [n, H] the target's fused features at done.. not yet run
     cache: object = None
     last: torch.Tensor | None = None  # [H] the layer's output at done - 1: where drafting starts
+    # Rows cached past the features, a path from done on: (token fed, output [H]). A
+    # chain's rows stay for the next draft along the same tokens (the early block after
+    # a chain reuses all but one of them); a tree's are cropped.
+    tail: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     length: int = 0  # len(committed) the features reach: a stale state drafts nothing
     # (committed tokens past the features, tokens, parents): reused until new features come
     drafted: tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]] | None = None
@@ -131,6 +145,7 @@ class EagleProposer:
         prefix served from cache, a window) starts it afresh at ``start``."""
         if state.base < 0 or start != state.done + _rows(state.pending):
             state.base, state.done, state.pending, state.cache, state.last = start, start, None, None, None
+            state.tail = []
         state.pending = features if state.pending is None else torch.cat([state.pending, features])
         state.drafted = None
         state.length = start + len(features) + 1
@@ -158,6 +173,7 @@ class EagleProposer:
             state.cache = model.new_cache()
         if state.pending is None:
             return
+        self._crop(state, 0)  # rows drafted past the old features go: these positions now have true ones
         rows = state.pending  # [n, H] at positions done..done+n-1
         n, past = len(rows), state.done - state.base
         tokens = torch.tensor(committed[state.done + 1 : state.done + n + 1], device=rows.device)  # x_{j+1}
@@ -166,54 +182,89 @@ class EagleProposer:
                              torch.ones(n, n, dtype=torch.bool, device=rows.device).tril(), model), state.cache)[0]
         state.done, state.pending, state.last = state.done + n, None, g[-1]
 
+    def _crop(self, state: EagleState, keep: int) -> None:
+        """Keep the first ``keep`` tail rows, in the cache too."""
+        if len(state.tail) > keep:
+            state.tail = state.tail[:keep]
+            self.model.truncate(state.cache, state.done - state.base + keep)
+
+    def _row(self, state: EagleState, i: int, token: int, feature: torch.Tensor) -> torch.Tensor:
+        """Tail row ``i`` (position done + i) fed ``token`` and ``feature`` [H]: reused
+        when the tail has it for that token (the same inputs), else computed, and
+        every row after it dropped."""
+        if i < len(state.tail) and state.tail[i][0] == token:
+            return state.tail[i][1]
+        self._crop(state, i)
+        position = torch.tensor([[state.done + i]], device=feature.device)
+        token_ids = torch.tensor([[token]], device=feature.device)
+        g = self.model.step(feature[None, None], token_ids, position, None, state.cache)[0, 0]
+        state.tail.append((token, g))
+        return g
+
+    def _top(self, g: torch.Tensor, k: int):
+        """The draft's top ``k`` (log-probabilities, token ids) after output(s) ``g``."""
+        top = torch.log_softmax(self.model.logits(g).float(), -1).topk(k)
+        vocab = self.model.draft_vocab
+        return top.values, top.indices if vocab is None else vocab[top.indices]
+
     def _draft(self, state: EagleState, committed: list[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
-        model, k = self.model, self.tree.top_k
         self._catch_up(state, committed)
-        true_keys = state.done - state.base
+        # Past the features: one row a position, fed the row before's output.
         last = state.last
-        # Past the features: one row a position, fed the row before's output (cropped below).
-        for j in range(state.done, len(committed) - 1):
-            token = torch.tensor([[committed[j + 1]]], device=last.device)
-            last = model.step(last[None, None], token, torch.tensor([[j]], device=last.device), None, state.cache)[0, 0]
-        F = len(committed) - 2
-        g = last[None]
+        ahead = committed[state.done + 1 :]
+        for i, token in enumerate(ahead):
+            last = self._row(state, i, token, last)
+        if self.tree.is_chain:
+            return self._chain(state, last, len(ahead))
+        self._crop(state, len(ahead))
+        tokens, parents = self._tree(state, last, len(committed) - 2)
+        self.model.truncate(state.cache, state.done - state.base + len(ahead))  # the tree's rows go
+        return tokens, parents
+
+    def _chain(self, state: EagleState, last: torch.Tensor, base: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The top-1 chain, its rows kept in the tail after the ``base`` rows ahead."""
+        tokens = []
+        for d in range(min(self.tree.depth, self.tree.nodes)):
+            tokens.append(int(self._top(last, 1)[1]))
+            if d < min(self.tree.depth, self.tree.nodes) - 1:
+                last = self._row(state, base + d, tokens[-1], last)
+        return torch.tensor(tokens), tuple(range(-1, len(tokens) - 1))
+
+    def _tree(self, state: EagleState, last: torch.Tensor, F: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """EAGLE-2's tree after the output ``last`` at position F (rows appended to the cache)."""
+        model, k = self.model, self.tree.top_k
         committed_keys = F + 1 - state.base
-        vocab = model.draft_vocab
-
-        def ids(draft_ids):  # draft-vocabulary ids -> token ids
-            return draft_ids if vocab is None else vocab[draft_ids]
-
-        top = torch.log_softmax(model.logits(g[-1]).float(), -1).topk(k)
-        pool_tokens, pool_scores = [ids(top.indices)], [top.values]
-        pool_parents = [torch.full((k,), -1, dtype=torch.long, device=g.device)]
-        beam = torch.arange(k, device=g.device)  # pool indices expanded next
-        beam_scores, beam_features = top.values, g[-1].expand(k, -1)
-        beam_rows = torch.full((k,), -1, dtype=torch.long, device=g.device)  # the row that drafted each
-        ancestors = torch.zeros(0, 0, dtype=torch.bool, device=g.device)  # [R, R] row -> its ancestor rows and itself
+        device = last.device
+        top_scores, top_ids = self._top(last, k)
+        pool_tokens, pool_scores = [top_ids], [top_scores]
+        pool_parents = [torch.full((k,), -1, dtype=torch.long, device=device)]
+        beam = torch.arange(k, device=device)  # pool indices expanded next
+        beam_scores, beam_features = top_scores, last.expand(k, -1)
+        beam_rows = torch.full((k,), -1, dtype=torch.long, device=device)  # the row that drafted each
+        ancestors = torch.zeros(0, 0, dtype=torch.bool, device=device)  # [R, R] row -> its ancestor rows and itself
         for d in range(1, self.tree.depth):
             R = len(ancestors)
             # Each new row sees its drafting row's ancestors (and that row), and itself.
-            parent_anc = torch.zeros(k, R, dtype=torch.bool, device=g.device)
+            parent_anc = torch.zeros(k, R, dtype=torch.bool, device=device)
             has = beam_rows >= 0
             if R:
                 parent_anc[has] = ancestors[beam_rows[has]]
-            ancestors = torch.cat([torch.cat([ancestors, torch.zeros(R, k, dtype=torch.bool, device=g.device)], 1),
-                                   torch.cat([parent_anc, torch.eye(k, dtype=torch.bool, device=g.device)], 1)])
+            ancestors = torch.cat([torch.cat([ancestors, torch.zeros(R, k, dtype=torch.bool, device=device)], 1),
+                                   torch.cat([parent_anc, torch.eye(k, dtype=torch.bool, device=device)], 1)])
             visible = ancestors[R:]  # [k, R + k]
-            positions = torch.full((1, k), F + d, device=g.device)
+            positions = torch.full((1, k), F + d, device=device)
             out = model.step(beam_features[None], torch.cat(pool_tokens)[beam][None], positions,
-                             _mask(torch.ones(k, committed_keys, dtype=torch.bool, device=g.device), visible, model),
+                             _mask(torch.ones(k, committed_keys, dtype=torch.bool, device=device), visible, model),
                              state.cache)[0]  # [k, H]
-            child = torch.log_softmax(model.logits(out).float(), -1).topk(k)  # [k, k]
-            scores = (beam_scores[:, None] + child.values).flatten()
+            child_scores, child_ids = self._top(out, k)  # [k, k]
+            scores = (beam_scores[:, None] + child_scores).flatten()
             first = sum(len(t) for t in pool_tokens)
-            pool_tokens.append(ids(child.indices.flatten()))
+            pool_tokens.append(child_ids.flatten())
             pool_scores.append(scores)
             pool_parents.append(beam.repeat_interleave(k))
             best = scores.topk(k).indices
             beam, beam_scores = first + best, scores[best]
             beam_features, beam_rows = out[best // k], R + best // k
-        model.truncate(state.cache, true_keys)
         scores = torch.cat(pool_scores)
         order = torch.sort(scores, descending=True, stable=True).indices[: self.tree.nodes]
         chosen = torch.sort(order).values.tolist()  # pool order: parents before children

@@ -112,10 +112,12 @@ class DraftSession:
         step. Empty: no room, no guess, or a stopped draft. Once the verifier's outcome
         is reported (``report``), only its branch goes on drafting."""
         assert self.in_flight is not None, "draft a block before drafting ahead"
+        self.branches, self.planned = {}, 0
+        if not self.in_flight.proposal.is_chain:  # a tree's outcome is a path: its next round is drafted fresh
+            return []
         drafts = self.in_flight.proposal.tokens.tolist()
         base = self.committed + drafts
         round = self.in_flight.round + 1
-        self.branches, self.planned = {}, 0
         if self.budget(len(base) + 1) == 0:  # no room after a fully accepted block and its bonus
             return []
         t0 = time.perf_counter()
@@ -149,6 +151,11 @@ class DraftSession:
             blocks.append(branch)
         return blocks
 
+    def observe_features(self, start: int, features) -> None:
+        """The target's fused features at positions start.. (EAGLE on a draft worker:
+        core/eagle_relay.py); call before ``resolve`` of the round that committed them."""
+        self.proposer.observe_fused(self.state, start, features)
+
     def observe_window(self, seconds: float) -> None:
         """A round's verification took ``seconds`` (from its block reaching the verifier
         to its outcome reaching this worker): the time the next round's branches have."""
@@ -177,7 +184,7 @@ class DraftSession:
             self.gamma = next_gamma
             return None
         drafts = self.in_flight.proposal.tokens.tolist()
-        self.history.observe(len(drafts), len(committed) - 1)
+        self.history.observe(self.in_flight.proposal.depth, len(committed) - 1)
         branch = self.branches.get((len(committed) - 1, committed[-1])) if committed else None
         if branch is not None and committed != drafts[: branch.block.accepted] + [branch.block.guess]:
             branch = None  # cannot be: keyed by the outcome; never hand out another outcome's block

@@ -38,6 +38,7 @@ class GenerationStats:
     # stream stays exactly target-distributed, but is then a different draw.
     undrafted_rounds: int = 0
     draft_bytes: int = 0  # draft block bytes received on the wire
+    feature_bytes: int = 0  # fused target features sent to an EAGLE drafter on a draft worker
     draft_shape: str = ""  # a tree drafter's tree (ChoiceTree.label, e.g. "tree10:4-3-2-1"); "" for chains
 
     def record_round(self, drafted: int, accepted: int, emitted: int, depth: int | None = None,
@@ -160,6 +161,7 @@ class GenerationStats:
             "cache_hits_partial": self.cache_hits_partial,
             "branches_drafted": self.branches_drafted,
             "draft_bytes": self.draft_bytes,
+            "feature_bytes": self.feature_bytes,
             "draft_shape": self.draft_shape,
             "overlap": self.overlap,
         }
@@ -168,6 +170,6 @@ class GenerationStats:
 _SUMMED = (
     "rounds", "drafted", "accepted", "rejections", "emitted", "draft_time_s", "verify_time_s", "total_time_s",
     "transport_time_s", "queue_time_s", "exposed_draft_time_s", "pipeline_rounds", "pipeline_hits",
-    "cached_prefix_tokens", "draft_reconnects", "undrafted_rounds", "draft_bytes", "cache_hits_full",
+    "cached_prefix_tokens", "draft_reconnects", "undrafted_rounds", "draft_bytes", "feature_bytes", "cache_hits_full",
     "cache_hits_partial", "branches_drafted",
 )

@@ -23,11 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from ..core.errors import InvalidRequest
+from ..core.eagle_proposer import EagleProposer, EagleTree
 from ..core.pipeline import DraftSession
 from ..core.proposers import DraftModelProposer, Proposer
 from ..core.speculation_cache import MAX_FANOUT, fanout_for_load
 from ..rpc import internal_pb2, internal_pb2_grpc
-from ..rpc.convert import METHODS, BlockTooLarge, block_to_proto, sampling_from_proto
+from ..rpc.convert import METHODS, BlockTooLarge, block_to_proto, features_from_proto, sampling_from_proto
 from ..core.kv import KVState
 from ..core.kv_chunks import export_chunk, exportable
 from ..state.client import PrefixSharing, StateClient
@@ -41,10 +42,15 @@ log = logging.getLogger(__name__)
 CAPACITY_REFUSAL = ("outrider-refused", "capacity")
 
 
-async def _timed(commands) -> tuple[object, float]:
-    """The next command and when it arrived."""
+async def _timed(commands) -> tuple[object, float, list]:
+    """The next outcome (or None at the end), when it arrived, and the feature pieces
+    that came before it (EAGLE's, observed once no draft is running on the state)."""
+    features = []
     command = await anext(commands, None)
-    return command, time.perf_counter()
+    while command is not None and command.WhichOneof("command") == "features":
+        features.append(command.features)
+        command = await anext(commands, None)
+    return command, time.perf_counter(), features
 
 
 async def _drafted(span, future: asyncio.Future, discarded: bool = False):
@@ -67,12 +73,17 @@ async def _drafted(span, future: asyncio.Future, discarded: bool = False):
         span.end()
 
 
-def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16) -> tuple[dict[str, Proposer], StepBatcher]:
+def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16,
+                   eagle=None) -> tuple[dict[str, Proposer], StepBatcher]:
     """A worker's proposers, the draft model's steps batched across sessions (and the
     batcher, whose measured step costs set the speculation cache's fan-out). Lookups,
-    n-gram and suffix, run on the verifier: they need no model."""
+    n-gram and suffix, run on the verifier: they need no model. ``eagle``: an EAGLE-3
+    drafter (models/eagle.py), drafting from the features its verifier sends."""
     steps = StepBatcher(draft, max_batch_size)
-    return {"draft": DraftModelProposer(draft, confidence_stop, step=steps.step)}, steps
+    proposers: dict[str, Proposer] = {"draft": DraftModelProposer(draft, confidence_stop, step=steps.step)}
+    if eagle is not None:
+        proposers["eagle"] = EagleProposer(eagle, eagle.tree, eagle.fc.weight.device)
+    return proposers, steps
 
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):
@@ -133,6 +144,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                     # session (a concurrent restore on this worker may add to it).
                     "outrider.object_store_bytes": (self.state.fetched_bytes - fetched) if self.state else 0,
                 })
+            await self._first_features(commands, session, first.open.feature_rows)
             round = first.open.first_round
             yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
                                                 self._run(session.draft, round)))
@@ -155,10 +167,13 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                     if not reported:
                         for branch in branches:
                             yield block_to_proto(branch, session.planned)
-                command, arrived = await next_command
+                command, arrived, features = await next_command
                 if command is None or command.outcome.finished:
                     return
                 outcome = command.outcome
+                if outcome.HasField("features"):
+                    features.append(outcome.features)
+                self._observe(session, features)
                 if session.in_flight is not None and len(session.in_flight.proposal):
                     session.observe_window(arrived - verifying_since)
                 verifying_since = arrived  # a branch the verifier took is verified from now
@@ -177,6 +192,9 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         except BlockTooLarge as error:  # the verifier fails the request with this reason
             tracing.record_error(span, error)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except InvalidRequest as error:  # malformed features: any worker would refuse them
+            tracing.record_error(span, error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except Exception as error:
             tracing.record_error(span, error)
             raise
@@ -203,16 +221,47 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             span.add_event("draft.early_started")
         return span
 
+    async def _first_features(self, commands, session: DraftSession, rows: int) -> None:
+        """The committed text's features, sent in pieces after the open (EAGLE)."""
+        while rows > 0:
+            command = await anext(commands, None)
+            if command is None or command.WhichOneof("command") != "features":
+                raise InvalidRequest(f"the open announced {rows} more feature rows than came")
+            self._observe(session, [command.features])
+            rows -= command.features.rows
+
+    @staticmethod
+    def _observe(session: DraftSession, pieces: list) -> None:
+        if not pieces:
+            return
+        if not hasattr(session.proposer, "observe_fused"):
+            raise InvalidRequest("features sent to a proposer that does not read them")
+        model = session.proposer.model
+        for piece in pieces:
+            try:
+                start, rows = features_from_proto(piece, session.proposer.device, model.dtype)
+            except ValueError as error:
+                raise InvalidRequest(str(error)) from None
+            session.observe_features(start, rows)
+
     def _open(self, msg: internal_pb2.DraftOpen) -> tuple[DraftSession, bool]:
         method = METHODS.get(msg.method)
         if method not in self.proposers:
             raise InvalidRequest(f"this draft worker has no {method or msg.method!r} proposer")
+        proposer = self.proposers[method]
+        if msg.tree:
+            if not hasattr(proposer, "with_tree"):
+                raise InvalidRequest(f"a tree was asked of the {method} proposer")
+            try:
+                proposer = proposer.with_tree(EagleTree.parse(msg.tree))
+            except ValueError as error:
+                raise InvalidRequest(str(error)) from None
         # Drafts are shaped as the target is (penalties, min_tokens): accepted more often.
         params = sampling_from_proto(msg.sampling, msg.stop if msg.HasField("stop") else None, msg.prompt_len)
         if params.seed is None:
             raise InvalidRequest("the verifier must resolve the seed before opening a draft stream")
         session = DraftSession(
-            self.proposers[method], list(msg.prompt_ids), msg.max_new_tokens, params, msg.gamma,
+            proposer, list(msg.prompt_ids), msg.max_new_tokens, params, msg.gamma,
             fanout=min(max(1, msg.fanout), MAX_FANOUT),
         )
         return session, msg.pipeline

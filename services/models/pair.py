@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -11,6 +12,7 @@ from ..core.errors import InvalidRequest
 from ..core.gamma import GammaSchedule
 from ..core.head_proposers import MedusaProposer
 from ..core.eagle_proposer import EagleProposer, EagleTree
+from ..core.eagle_relay import DEFAULT_WINDOW, EagleFeatureRelay
 from ..core.mtp_proposer import MtpProposer
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..core.suffix import SuffixProposer
@@ -120,6 +122,22 @@ def head_proposer(heads, tree: str | None = None) -> MedusaProposer | MtpPropose
     if shape.shape.max_depth > heads.config.num_heads:
         raise InvalidRequest(f"tree depth {shape.shape.max_depth} exceeds the {heads.config.num_heads} Medusa heads")
     return MedusaProposer(heads, shape, device)
+
+
+def eagle_relay(eagle, window: int = DEFAULT_WINDOW) -> Callable[[str], EagleFeatureRelay]:
+    """For a verifier whose EAGLE drafts on the draft workers: a relay per request, for
+    the tree it asks for ("" = the drafter's saved one). It keeps only ``eagle``'s fc."""
+    fuse, hidden, saved, width = eagle.fuse, eagle.target_hidden, eagle.tree, eagle.config.hidden_size
+    device = eagle.fc.weight.device
+
+    def relay(tree: str) -> EagleFeatureRelay:
+        try:
+            shape = EagleTree.parse(tree) if tree else saved
+        except ValueError as err:
+            raise InvalidRequest(str(err)) from None
+        return EagleFeatureRelay(fuse, hidden, shape, width, window, device)
+
+    return relay
 
 
 def make_engine(

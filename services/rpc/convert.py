@@ -15,6 +15,7 @@ from ..core.pipeline import DraftBlock
 from ..core.proposals import Proposal
 from ..core.sampling import Penalties, SamplingParams, StopRule
 from ..core.stats import GenerationStats
+from ..core.tree import tree_shape
 from . import internal_pb2, outrider_pb2
 from .channels import MAX_BLOCK_BYTES
 
@@ -96,6 +97,8 @@ def block_to_proto(block: DraftBlock, branches: int = 0) -> internal_pb2.DraftBl
         from_cache=block.from_cache,
         branches=branches,
     )
+    if not block.proposal.is_chain:
+        msg.parents.extend(block.proposal.tree.parents)
     q = block.proposal.draft_q
     if q is not None:
         # Exactly what the drafter sampled from: the verifier derives the same q'.
@@ -139,9 +142,14 @@ def block_from_proto(msg: internal_pb2.DraftBlock, device: torch.device | str) -
             raise ValueError("malformed draft block: a q' id is outside the vocabulary")
         q = SparseQ.of(torch.from_numpy(ids_out).to(device), torch.from_numpy(levels_out).to(device),
                        torch.tensor(list(msg.q_tail), dtype=torch.int64, device=device), msg.vocab_size)
+    tree = None
+    if msg.parents:
+        if q is not None or len(msg.parents) != len(tokens):
+            raise ValueError("malformed draft block: its tree does not match its tokens")
+        tree = tree_shape(tuple(msg.parents))  # checks that parents come before children
     return DraftBlock(
         round=msg.round,
-        proposal=Proposal(tokens=tokens.to(device), draft_q=q),
+        proposal=Proposal(tokens=tokens.to(device), draft_q=q, tree=tree),
         speculative=msg.speculative,
         guess=None if msg.guess < 0 else msg.guess,
         draft_s=msg.draft_s,
@@ -217,6 +225,7 @@ def stats_to_proto(stats: GenerationStats, finish_reason: str = "") -> outrider_
         draft_reconnects=stats.draft_reconnects,
         undrafted_rounds=stats.undrafted_rounds,
         draft_bytes=stats.draft_bytes,
+        feature_bytes=stats.feature_bytes,
         cache_hits=stats.cache_hits,
         cache_hit_rate=stats.cache_hit_rate,
         cache_hits_full=stats.cache_hits_full,
@@ -248,9 +257,44 @@ def stats_from_proto(msg: outrider_pb2.GenerationStats) -> GenerationStats:
         draft_reconnects=msg.draft_reconnects,
         undrafted_rounds=msg.undrafted_rounds,
         draft_bytes=msg.draft_bytes,
+        feature_bytes=msg.feature_bytes,
         cache_hits_full=msg.cache_hits_full,
         cache_hits_partial=msg.cache_hits_partial,
         branches_drafted=msg.branches_drafted,
         accepted_per_rank=list(msg.accepted_per_rank),
         draft_shape=msg.draft_shape,
     )
+
+
+FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+FEATURE_PIECE_BYTES = 4 << 20  # a committed text's features go in pieces this size, under the message limit
+
+
+def features_to_proto(start: int, features: torch.Tensor, dtype: str) -> internal_pb2.Features:
+    """Rows [n, H] of fused features at positions start.., as ``dtype`` ("bfloat16" or
+    "float32"). bf16 goes as its raw 2 bytes (numpy has no bf16)."""
+    rows = features.detach().to("cpu", FEATURE_DTYPES[dtype]).contiguous()
+    raw = rows.view(torch.int16) if dtype == "bfloat16" else rows
+    return internal_pb2.Features(start=start, rows=rows.shape[0], width=rows.shape[1], dtype=dtype,
+                                 data=raw.numpy().tobytes())
+
+
+def feature_pieces(start: int, features: torch.Tensor, dtype: str) -> list[internal_pb2.Features]:
+    """``features_to_proto`` split into messages of at most FEATURE_PIECE_BYTES."""
+    if not len(features):
+        return []
+    per_row = features.shape[1] * FEATURE_DTYPES[dtype].itemsize
+    step = max(1, FEATURE_PIECE_BYTES // per_row)
+    return [features_to_proto(start + i, features[i : i + step], dtype) for i in range(0, len(features), step)]
+
+
+def features_from_proto(msg: internal_pb2.Features, device, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """(start, rows [n, H] on ``device`` in ``dtype``); a malformed message raises ValueError."""
+    if msg.dtype not in FEATURE_DTYPES:
+        raise ValueError(f"features in {msg.dtype!r}; expected one of {', '.join(FEATURE_DTYPES)}")
+    wire = FEATURE_DTYPES[msg.dtype]
+    if msg.rows == 0 or msg.width == 0 or len(msg.data) != msg.rows * msg.width * wire.itemsize:
+        raise ValueError(f"malformed features: {len(msg.data)} bytes for {msg.rows} x {msg.width} {msg.dtype}")
+    raw = np.frombuffer(msg.data, dtype=np.int16 if msg.dtype == "bfloat16" else np.float32)
+    rows = torch.from_numpy(raw.copy()).view(wire).reshape(msg.rows, msg.width)
+    return msg.start, rows.to(device=device, dtype=dtype)

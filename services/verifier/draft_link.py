@@ -211,17 +211,25 @@ class DraftLink:
         except Exception:  # no other worker (NoOtherWorker), or none answered in time
             self.off = True
 
-    async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int) -> None:
+    async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int,
+                     features: list[internal_pb2.Features] = ()) -> None:
         """Tell the worker what round ``round`` committed; it drafts the next round with
-        ``next_gamma`` (0: it drafts nothing until told otherwise). A worker that is
-        gone is found out, and replaced, by the next ``receive``."""
+        ``next_gamma`` (0: it drafts nothing until told otherwise). ``features``: the
+        committed positions' (EAGLE on the worker), with the outcome when they fit one
+        piece, else in pieces before it. A worker that is gone is found out, and
+        replaced, by the next ``receive``."""
         if self.off or self.call is None:
             return
         outcome = internal_pb2.RoundOutcome(
             round=round, committed=committed, pipeline_hit=hit, next_gamma=next_gamma, finished=self.seq.finished,
             traceparent=self.trace[0], tracestate=self.trace[1],
         )
+        if len(features) == 1:
+            outcome.features.CopyFrom(features[0])
+        self.seq.stats.feature_bytes += sum(piece.ByteSize() for piece in features)
         try:
+            for piece in features if len(features) > 1 else ():
+                await self.call.write(internal_pb2.DraftCommand(features=piece))
             await self.call.write(internal_pb2.DraftCommand(outcome=outcome))
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError):
             pass  # "RPC already finished": the worker is gone

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from ..core.eagle_relay import EagleFeatureRelay
 from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
 from ..core.gamma import GammaSchedule
 from ..core.goodput import GoodputController, SessionControl
@@ -27,7 +28,7 @@ from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.auth import auth_metadata
 from ..rpc.channels import CHANNEL_OPTIONS
 from ..models.detokenizer import StopScanner
-from ..rpc.convert import METHOD_IDS, METHODS, MODEL_FREE, ON_VERIFIER, sampling_from_proto, stats_to_proto, stop_to_proto, top_logprobs_to_proto
+from ..rpc.convert import METHOD_IDS, METHODS, MODEL_FREE, ON_VERIFIER, feature_pieces, sampling_from_proto, stats_to_proto, stop_to_proto, top_logprobs_to_proto
 from ..state.client import PrefixSharing, ShardedPrefixSharing
 from ..telemetry import tracing
 from .batcher import RoundBatcher
@@ -57,10 +58,13 @@ def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit
 class VerifierService:
     def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]],
                  max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | ShardedPrefixSharing | None = None,
-                 name: str = "", head_proposer: Callable[[str, str], Proposer] | None = None, tokenizer=None):
+                 name: str = "", head_proposer: Callable[[str, str], Proposer] | None = None, tokenizer=None,
+                 eagle_relay: Callable[[str], EagleFeatureRelay] | None = None, feature_dtype: str = "bfloat16"):
         """``head_proposer(method, tree)``: a proposer for a request drafted by heads on
         this replica (MEDUSA, MTP), raising InvalidRequest for one it cannot serve.
-        ``tokenizer``: the target's, for requests with stop strings."""
+        ``tokenizer``: the target's, for requests with stop strings. ``eagle_relay(tree)``:
+        EAGLE is drafted on the draft workers from the features this replica fuses and
+        sends them in ``feature_dtype`` (core/eagle_relay.py); None: on this replica."""
         self.engine = engine
         self.tokenizer = tokenizer
         # Lookups need no model: drafted here, in microseconds, with no hop. One suffix
@@ -70,6 +74,7 @@ class VerifierService:
             "suffix": SuffixProposer(device=engine.verifier.device),
         }
         self.head_proposer = head_proposer
+        self.eagle_relay, self.feature_dtype = eagle_relay, feature_dtype
         self.find_drafter = find_drafter
         self.device = engine.verifier.device
         self.max_batch_size = max_batch_size
@@ -88,8 +93,11 @@ class VerifierService:
         spec = req.speculation
         method = METHODS[spec.method]
         proposer = None
+        relayed = method == "eagle" and self.eagle_relay is not None  # drafted on a draft worker
         if method in MODEL_FREE:
             proposer = self.model_free[method]
+        elif relayed:
+            proposer = self.eagle_relay(spec.tree)
         elif method in ON_VERIFIER:
             if self.head_proposer is None:
                 raise InvalidRequest(f"this verifier has no heads for {method.upper()}")
@@ -109,7 +117,8 @@ class VerifierService:
         control = self._join(seq, method, req.pinned_gamma)
         self.active_sessions += 1
         try:
-            rounds = (self._local_rounds(seq, req, control, trace_ctx) if method == "none" or method in ON_VERIFIER
+            local = method == "none" or method in ON_VERIFIER and not relayed
+            rounds = (self._local_rounds(seq, req, control, trace_ctx) if local
                       else self._speculative(seq, req, method, control, trace_ctx))
             # Closed explicitly, so a cancelled session cancels its draft stream at once.
             async with aclosing(rounds) as results:
@@ -141,7 +150,8 @@ class VerifierService:
         (counted in the plan at its node count)."""
         if self.controller is None:
             return None
-        if getattr(seq.proposer, "tree", None) is not None:  # heads: a fixed shape of max_nodes nodes
+        tree = getattr(seq.proposer, "tree", None)
+        if tree is not None and not getattr(tree, "is_chain", False):  # heads: a fixed shape of max_nodes nodes
             return self.controller.join(seq.proposer.max_nodes, fixed=True)
         control = self.controller.join(seq.gamma, fixed=pinned)
         seq.gamma_cap = self.controller.gamma(control)
@@ -216,9 +226,13 @@ class VerifierService:
         # its children: the worker gets its context with the open and each outcome.
         span = self._round_span(req, round, trace_ctx)
         link.trace = tracing.inject(span)
-        # The target's prefill overlaps finding a draft replica and drafting the first round.
+        # The target's prefill overlaps finding a draft replica and drafting the first
+        # round; an EAGLE drafter there needs the prompt's features from it first.
         prefill = asyncio.ensure_future(self._prefill(seq, trace_ctx))
+        relayed = getattr(seq.proposer, "relays_features", False)
         try:
+            if relayed:
+                await prefill
             await link.start(round)
         except BaseException:
             prefill.cancel()
@@ -258,7 +272,7 @@ class VerifierService:
                 # message); it hears every token at once when drafting resumes.
                 if told > 0 or seq.effective_gamma > 0:
                     told = seq.effective_gamma
-                    await link.report(round, unreported, hit, told)
+                    await link.report(round, unreported, hit, told, self._unsent_features(seq) if relayed else ())
                     unreported = []
                 yield result
                 if seq.finished:
@@ -295,6 +309,10 @@ class VerifierService:
             control.ceiling = seq.gamma
         seq.gamma_cap = self.controller.gamma(control)
 
+    def _unsent_features(self, seq: SequenceState) -> list:
+        unsent = seq.draft_state.take_unsent()
+        return [] if unsent is None else feature_pieces(*unsent, self.feature_dtype)
+
     async def _open_stream(self, seq: SequenceState, req, method: str, first_round: int, avoid: set[str],
                            trace=("", "")) -> tuple[str, object]:
         """A Draft stream on a worker Serve picks (not one in ``avoid``), opened at
@@ -321,8 +339,17 @@ class VerifierService:
             stop=stop_to_proto(seq.params.stop),
             prompt_len=seq.params.prompt_len,
         )
+        features = []
+        if getattr(seq.proposer, "relays_features", False):  # EAGLE: the committed text's features follow
+            opened.tree = seq.proposer.tree.spec  # the budget the verifier planned for
+            kept = seq.draft_state.snapshot()
+            features = [] if kept is None else feature_pieces(*kept, self.feature_dtype)
+            opened.feature_rows = sum(piece.rows for piece in features)
+            seq.stats.feature_bytes += sum(piece.ByteSize() for piece in features)
         try:
             await call.write(internal_pb2.DraftCommand(open=opened))
+            for piece in features:
+                await call.write(internal_pb2.DraftCommand(features=piece))
         except BaseException:
             call.cancel()
             raise
