@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..core.eagle_relay import DEFAULT_WINDOW
 from ..core.speculation_cache import MAX_FANOUT
 from ..models.loading import ModelPaths, resolve_paths
 
@@ -63,8 +64,16 @@ class EagleArgs(BaseModel):
     # Folder or hub id; unset = the one beside the target (<target>-eagle), if there.
     path: str | None = None
     # "verifier": drafted in the verifier process from the features of the pass just run.
-    # (Disaggregated drafting on the draft workers is not built yet.)
-    placement: Literal["verifier"] = "verifier"
+    # "drafter": on the draft workers; the verifier fuses the target's features and sends
+    # each round's with its outcome (core/eagle_relay.py), and the worker drafts the next
+    # round while this one verifies.
+    placement: Literal["verifier", "drafter"] = "verifier"
+    # Placement "drafter": the features' type on the wire (bfloat16: half the bytes;
+    # float32: what the verifier placement drafts from, bit for bit, on a float32 target),
+    # and how many positions' a verifier keeps per session, for a stream reopened on
+    # another worker (a longer text is drafted from its last window).
+    feature_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    feature_window: int = Field(DEFAULT_WINDOW, ge=16)
 
 
 class RankPlacement(BaseModel):

@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 
 from ..app.args import AppArgs
 from ..app.autoscaling import DRAFT_SESSIONS
+from ..models.eagle_away import load_eagle_away
 from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
 from ..rpc.auth import TOKEN_ENV, TokenInterceptor, internal_token
@@ -46,7 +47,11 @@ class DraftWorker:
         prefixes = None
         if state is not None:
             prefixes = PrefixSharing(state, cfg.prefix_block_tokens, f"draft|{paths.draft}|{cfg.dtype}|{draft.dtype}")
-        proposers, steps = make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size)
+        eagle = None
+        if cfg.eagle.placement == "drafter" and cfg.head_methods()["eagle"] is None:
+            # EAGLE drafts here, from the features its verifier sends (core/eagle_relay.py).
+            eagle = load_eagle_away(paths.eagle, paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        proposers, steps = make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size, eagle)
         self.service = DrafterService(proposers, max_sessions=cfg.session_limits()["drafter"], state=state,
                                       chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes, steps=steps,
                                       measured_fanout=cfg.fanout_policy == "measured")

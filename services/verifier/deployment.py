@@ -19,7 +19,7 @@ from ..core.verifier import TargetVerifier
 from ..core.kv_pool import BLOCK_TOKENS
 from ..core.target import TargetRunner
 from ..models.loading import context_length, load_config, load_model, load_tokenizer
-from ..models.pair import head_proposer, load_pair_heads
+from ..models.pair import eagle_relay, head_proposer, load_pair_heads
 from ..rpc import internal_pb2
 from ..state.client import AttemptWatch, PrefixSharing, ShardedPrefixSharing, replica_state_client
 from ..telemetry import tracing
@@ -63,9 +63,13 @@ class Verifier:
         replica = context.replica_id.unique_id
         heads = {kind: load_pair_heads(paths, kind, runner.model) for kind, why in cfg.head_methods().items()
                  if why is None}
+        relay = None
+        if "eagle" in heads and cfg.eagle.placement == "drafter":  # drafted on the draft workers: keep only fc
+            relay = eagle_relay(heads.pop("eagle"), cfg.eagle.feature_window)
         head_proposer = _heads_proposer(heads) if heads else None
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica,
-                                       head_proposer=head_proposer, tokenizer=tokenizer)
+                                       head_proposer=head_proposer, tokenizer=tokenizer, eagle_relay=relay,
+                                       feature_dtype=cfg.eagle.feature_dtype)
         if self.service.controller is not None:
             watch_goodput(self.service.controller, context.app_name, replica)
         if isinstance(runner, TargetRunner):  # a tensor-parallel group's pools live on its ranks
