@@ -65,8 +65,11 @@ def test_head_methods_say_which_heads_are_served_and_why_not(tmp_path):
     assert "build-heads --kind medusa" in why["medusa"] and "build-heads --kind mtp" in why["mtp"]
     assert "set eagle.path" in why["eagle"] and "build-heads --kind eagle" in why["eagle"]
     assert AppArgs.model_validate({"target": str(tmp_path / "plain"), "eagle": {"path": "org/e"}}).head_methods()["eagle"] is None
+    assert AppArgs.model_validate({"eagle": {"placement": "drafter"}}).head_methods()["eagle"] is None
     with pytest.raises(ValidationError, match="placement"):
-        AppArgs.model_validate({"eagle": {"placement": "drafter"}})
+        AppArgs.model_validate({"eagle": {"placement": "gateway"}})
+    with pytest.raises(ValidationError, match="feature_dtype"):
+        AppArgs.model_validate({"eagle": {"placement": "drafter", "feature_dtype": "int8"}})
     assert AppArgs.model_validate({"target": str(tmp_path / "plain"), "mtp": "org/mtp"}).head_methods()["mtp"] is None
 
 
