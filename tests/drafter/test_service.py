@@ -8,14 +8,15 @@ import uuid
 import grpc
 import pytest
 import ray
-from tiny_models import hf_greedy, noisy_copy, tiny
+import torch
+from tiny_models import hf_greedy, noisy_copy, random_eagle, tiny
 
 from services.core.engine import SpeculativeEngine
 from services.core.target import TargetRunner
 from services.core.verifier import TargetVerifier
 from services.drafter.service import DrafterService, make_proposers
 from services.rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
-from services.rpc.convert import METHOD_IDS, sampling_to_proto
+from services.rpc.convert import METHOD_IDS, features_to_proto, sampling_to_proto
 from services.core.sampling import SamplingParams
 from services.state.client import PrefixSharing, StateClient
 from services.state.store import SessionStore
@@ -115,3 +116,47 @@ def test_a_prompt_prefix_drafted_on_one_worker_is_reused_on_another(store):
     (first, second), fetched, blocks = asyncio.run(go())
     assert first == second == hf_greedy(target, prompt, 20, eos=None)
     assert blocks >= 4 and fetched > 0  # the second worker started from the first one's blocks
+
+
+@pytest.mark.parametrize("case", ["malformed", "missing", "not-eagle", "bad-tree"])
+def test_bad_features_or_trees_are_refused_with_the_reason(case):
+    """EAGLE's features come from the verifier; a stream that sends them wrong is
+    refused INVALID_ARGUMENT (another worker would refuse it too), never UNKNOWN."""
+    target = tiny("llama", seed=1)
+    eagle = random_eagle(target, 1)
+    width = eagle.config.hidden_size
+    reasons = {"malformed": "malformed features", "missing": "more feature rows", "not-eagle": "does not read them",
+               "bad-tree": "EAGLE tree"}
+
+    async def go():
+        service = DrafterService(make_proposers(target, eagle=eagle)[0])
+        server = grpc.aio.server()
+        internal_pb2_grpc.add_DrafterServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            return await refused(port)
+        finally:
+            await server.stop(None)
+
+    async def refused(port):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = internal_pb2_grpc.DrafterStub(channel).Draft()
+            opened = internal_pb2.DraftOpen(
+                session_id="s", prompt_ids=PROMPT, max_new_tokens=8, sampling=sampling_to_proto(SamplingParams(seed=0)),
+                method=METHOD_IDS["draft" if case == "not-eagle" else "eagle"], gamma=3, feature_rows=4,
+                tree="0,2,8" if case == "bad-tree" else "")
+            await call.write(internal_pb2.DraftCommand(open=opened))
+            features = features_to_proto(0, torch.randn(4, width), "float32")
+            if case == "malformed":
+                features.data = features.data[:-4]
+            if case == "missing":
+                await call.write(internal_pb2.DraftCommand(outcome=internal_pb2.RoundOutcome(round=0, committed=[3])))
+            else:
+                await call.write(internal_pb2.DraftCommand(features=features))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            return err.value
+
+    error = asyncio.run(go())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and reasons[case] in error.details()

@@ -14,8 +14,10 @@ from services.core.sampling import SamplingParams
 from services.core.stats import GenerationStats
 from services.rpc import outrider_pb2
 from services.rpc.channels import MAX_BLOCK_BYTES
-from services.rpc.convert import (block_from_proto, block_to_proto, decode_varints, encode_varints, method_name,
-                                  sampling_from_proto, sampling_to_proto, stats_from_proto, stats_to_proto)
+from services.core.tree import tree_shape
+from services.rpc.convert import (FEATURE_PIECE_BYTES, block_from_proto, block_to_proto, decode_varints, encode_varints,
+                                   feature_pieces, features_from_proto, features_to_proto, method_name,
+                                   sampling_from_proto, sampling_to_proto, stats_from_proto, stats_to_proto)
 
 
 def test_draft_block_round_trip_is_bit_exact():
@@ -85,3 +87,41 @@ def test_stats_round_trip():
     assert back.keys() == want.keys()
     for key, value in want.items():
         assert back[key] == pytest.approx(value), key
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_features_round_trip_in_their_wire_type(dtype):
+    rows = torch.randn(7, 48)
+    start, back = features_from_proto(features_to_proto(12, rows, dtype), "cpu", torch.float32)
+    assert start == 12 and back.shape == rows.shape
+    assert torch.equal(back, rows.to(torch.bfloat16).float() if dtype == "bfloat16" else rows)  # exact, as sent
+
+
+def test_features_go_in_pieces_under_the_limit_and_a_malformed_one_is_refused():
+    rows = torch.randn(3000, 1024)  # 6 MB in bf16: two pieces
+    pieces = feature_pieces(5, rows, "bfloat16")
+    assert [p.start for p in pieces] == [5, 5 + pieces[0].rows] and sum(p.rows for p in pieces) == 3000
+    assert all(p.ByteSize() <= FEATURE_PIECE_BYTES + 64 for p in pieces)
+    assert torch.equal(torch.cat([features_from_proto(p, "cpu", torch.bfloat16)[1] for p in pieces]),
+                       rows.to(torch.bfloat16))
+    bad = features_to_proto(0, torch.randn(2, 4), "float32")
+    bad.rows = 3
+    with pytest.raises(ValueError, match="malformed features"):
+        features_from_proto(bad, "cpu", torch.float32)
+    bad.rows, bad.dtype = 2, "int8"
+    with pytest.raises(ValueError, match="int8"):
+        features_from_proto(bad, "cpu", torch.float32)
+
+
+def test_a_tree_block_carries_its_parents_and_a_bad_tree_is_refused():
+    block = DraftBlock(2, Proposal(torch.tensor([4, 5, 6, 7]), tree=tree_shape((-1, -1, 0, 2))), False, None, 0.0)
+    msg = block_to_proto(block)
+    assert list(msg.parents) == [-1, -1, 0, 2]
+    assert block_from_proto(msg, "cpu").proposal.tree.parents == (-1, -1, 0, 2)
+    assert not block_to_proto(DraftBlock(2, Proposal(torch.tensor([4, 5])), False, None, 0.0)).parents  # a chain
+    msg.parents[1] = 3  # a child before its parent
+    with pytest.raises(ValueError):
+        block_from_proto(msg, "cpu")
+    del msg.parents[-1]
+    with pytest.raises(ValueError, match="tree does not match"):
+        block_from_proto(msg, "cpu")
