@@ -15,13 +15,21 @@ def _target_only(runs: list[Run]) -> tuple[Run, float]:
 
 
 def best_by_drafter(runs: list[Run], ar: Run) -> dict:
-    """{drafter: its fastest config's speedup, mean accepted length and gamma or tree}."""
+    """{drafter: its fastest config's speedup, mean accepted length, gamma or tree, and
+    (served) its overlap and the bytes a round moved each way: drafts to the verifier,
+    features (EAGLE on the draft workers) to the worker}."""
     best: dict[str, Run] = {}
     for r in runs:
         if r.drafter not in best or r.tokens_per_s > best[r.drafter].tokens_per_s:
             best[r.drafter] = r
-    return {name: {"speedup_vs_ar": r.tokens_per_s / ar.tokens_per_s, "mean_accepted_length": r.stats.mean_acceptance_length,
-                   "gamma_or_tree": r.gamma_or_tree, "config": r.label} for name, r in best.items()}
+
+    def entry(r: Run) -> dict:
+        s, rounds = r.stats, max(1, r.stats.rounds)
+        return {"speedup_vs_ar": r.tokens_per_s / ar.tokens_per_s, "mean_accepted_length": s.mean_acceptance_length,
+                "gamma_or_tree": r.gamma_or_tree, "config": r.label, "overlap": s.overlap,
+                "draft_bytes_per_round": s.draft_bytes / rounds, "feature_bytes_per_round": s.feature_bytes / rounds}
+
+    return {name: entry(r) for name, r in best.items()}
 
 
 def summarize(runs: list[Run]) -> dict:

@@ -38,7 +38,8 @@ from typing import Protocol
 import torch
 
 from .kv_chunks import KVChunk
-from .proposals import Proposal
+from .proposals import DraftAlternatives, Proposal
+from .proposers import ALTERNATIVES
 from .sampling import SamplingParams
 from .tree import tree_shape
 
@@ -108,8 +109,8 @@ class EagleState:
     # a chain reuses all but one of them); a tree's are cropped.
     tail: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     length: int = 0  # len(committed) the features reach: a stale state drafts nothing
-    # (committed tokens past the features, tokens, parents): reused until new features come
-    drafted: tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]] | None = None
+    # (committed tokens past the features, tokens, parents, a chain's alternatives): reused until new features come
+    drafted: tuple | None = None
 
 
 class EagleProposer:
@@ -161,9 +162,11 @@ class EagleProposer:
         ahead = tuple(committed[state.length :])
         if state.drafted is None or state.drafted[0] != ahead:
             state.drafted = (ahead, *self._draft(state, committed))
-        _, tokens, parents = state.drafted
+        _, tokens, parents, alternatives = state.drafted
         shape, kept = tree_shape(parents).prune(gamma)
-        return Proposal(tokens=tokens[list(kept)].to(self.device), tree=shape)
+        if alternatives is not None:  # a chain: pruning keeps its first nodes
+            alternatives = DraftAlternatives(alternatives.ids[: len(kept)], alternatives.probs[: len(kept)])
+        return Proposal(tokens=tokens[list(kept)].to(self.device), tree=shape, alternatives=alternatives)
 
     def _catch_up(self, state: EagleState, committed: list[int]) -> None:
         """Run the layer over the positions with new features (true features, true
@@ -219,16 +222,22 @@ class EagleProposer:
         self._crop(state, len(ahead))
         tokens, parents = self._tree(state, last, len(committed) - 2)
         self.model.truncate(state.cache, state.done - state.base + len(ahead))  # the tree's rows go
-        return tokens, parents
+        return tokens, parents, None
 
-    def _chain(self, state: EagleState, last: torch.Tensor, base: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """The top-1 chain, its rows kept in the tail after the ``base`` rows ahead."""
-        tokens = []
-        for d in range(min(self.tree.depth, self.tree.nodes)):
-            tokens.append(int(self._top(last, 1)[1]))
-            if d < min(self.tree.depth, self.tree.nodes) - 1:
+    def _chain(self, state: EagleState, last: torch.Tensor, base: int):
+        """The top-1 chain, its rows kept in the tail after the ``base`` rows ahead, and
+        the draft's likeliest tokens at each position (the speculation cache's guesses)."""
+        tokens, top_ids, top_probs = [], [], []
+        length = min(self.tree.depth, self.tree.nodes)
+        for d in range(length):
+            log_probs, ids = self._top(last, ALTERNATIVES)
+            tokens.append(int(ids[0]))
+            top_ids.append(ids)
+            top_probs.append(log_probs.exp())
+            if d < length - 1:
                 last = self._row(state, base + d, tokens[-1], last)
-        return torch.tensor(tokens), tuple(range(-1, len(tokens) - 1))
+        alternatives = DraftAlternatives(torch.stack(top_ids).cpu(), torch.stack(top_probs).cpu())
+        return torch.tensor(tokens), tuple(range(-1, len(tokens) - 1)), alternatives
 
     def _tree(self, state: EagleState, last: torch.Tensor, F: int) -> tuple[torch.Tensor, tuple[int, ...]]:
         """EAGLE-2's tree after the output ``last`` at position F (rows appended to the cache)."""

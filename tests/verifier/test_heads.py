@@ -1,5 +1,6 @@
 """Heads on the verifier through VerifierService (in-process): MEDUSA, MTP and EAGLE
-sessions take their place in the goodput plan with their tree's node count, and greedy
+tree sessions take their place in the goodput plan with their tree's node count, an
+EAGLE chain as a chain (its depth planned like a draft model's gamma), and greedy
 output is target-only decoding."""
 
 import asyncio
@@ -26,8 +27,9 @@ def pair():
     return load_pair(bundled_paths(), with_draft=False)
 
 
-@pytest.mark.parametrize("method", ["medusa", "mtp", "eagle"])
-def test_head_sessions_are_planned_at_their_node_count_and_stay_exact(pair, method):
+@pytest.mark.parametrize("method,tree", [("medusa", ""), ("mtp", ""), ("eagle", "3,2,6"), ("eagle", "")],
+                         ids=["medusa", "mtp", "eagle-tree", "eagle-chain"])
+def test_head_sessions_are_planned_at_their_node_count_and_stay_exact(pair, method, tree):
     heads = load_pair_heads(pair.paths, method, pair.target)
     engine = SpeculativeEngine(TargetVerifier(TargetRunner(pair.target)), None, pair.eos_token_id, pair.max_context)
 
@@ -44,11 +46,14 @@ def test_head_sessions_are_planned_at_their_node_count_and_stay_exact(pair, meth
         req = internal_pb2.VerifyRequest(
             request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=ids, max_new_tokens=32,
             sampling=sampling_to_proto(SamplingParams(seed=0)),
-            speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=8))
+            speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=8, tree=tree))
         return [t async for chunk in service.verify(req) for t in chunk.token_ids]
 
     tokens = asyncio.run(go())
     want = make_engine(pair, "none", GammaSchedule(initial=0)).generate(ids, 32, SamplingParams()).token_ids
     assert tokens == want
-    assert len(joined) == 1 and joined[0][1] is True and joined[0][0] == head_proposer(heads, "").max_nodes
+    if method == "eagle" and not tree:  # the bundled drafter's saved chain: planned as a chain, gamma the ceiling
+        assert head_proposer(heads, "").tree.is_chain and joined == [(8, False)]
+    else:
+        assert len(joined) == 1 and joined[0][1] is True and joined[0][0] == head_proposer(heads, tree).max_nodes
     assert service.controller.sessions == []  # left at the end
