@@ -141,3 +141,27 @@ def test_a_reopened_stream_starts_from_the_verifiers_window(bundled):
     # round feeds); the reopened one the last `window` positions.
     assert opened == [min(window, len(prompt) - 1), window]
     assert stats.mean_acceptance_length > 2.0
+
+
+def test_concurrent_sessions_are_batched_and_each_is_target_only(bundled):
+    """Chains and trees from one draft worker, verified together in shared passes."""
+    pair, _, _ = bundled
+    prompts = ["def parse_args(argv):", "class Stack:\n    def push(self, item):", "import os\n\nfor name in"]
+    ids = [pair.tokenizer(p)["input_ids"] for p in prompts]
+    wants = [hf_greedy(pair.target, i, 32, eos=pair.tokenizer.eos_token_id) for i in ids]
+
+    async def go():
+        import asyncio
+
+        async with Loopback(pair.target, pair.draft, pair.tokenizer.eos_token_id, 1024,
+                            eagle=pair.heads["eagle"]) as loop:
+            passes = []
+            verify = loop.verifier.engine.verify_and_commit_batch
+            loop.verifier.engine.verify_and_commit_batch = lambda seqs, props: passes.append(len(seqs)) or verify(seqs, props)
+            results = await asyncio.gather(*(loop.generate(i, 32, GREEDY, method="eagle", gamma=4, tree=tree)
+                                             for i, tree in zip(ids, ["4,1,4", "4,2,8", ""])))
+            return results, passes
+
+    results, passes = run(go())
+    assert [tokens for tokens, _ in results] == wants
+    assert max(passes) > 1  # some passes verified several sessions at once
