@@ -55,6 +55,13 @@ def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit
         span.add_event("draft.early_discarded", {"outrider.round": block.round + 1, "outrider.reason": "no_branch"})
 
 
+def _ceiling(seq: SequenceState) -> int:
+    """The most a chain session may draft next round: its schedule's gamma, and no deeper
+    than an EAGLE chain goes (planning past it would price drafts that never come)."""
+    tree = getattr(seq.proposer, "tree", None)
+    return min(seq.gamma, tree.depth) if tree is not None else seq.gamma
+
+
 class VerifierService:
     def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]],
                  max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | ShardedPrefixSharing | None = None,
@@ -147,13 +154,14 @@ class VerifierService:
         """The session's place in the goodput plan. A chain's gamma is the plan's (the
         request's is its ceiling); a seeded sampled request keeps its schedule, because
         its tokens depend on it (VerifyRequest.pinned_gamma); a tree keeps its shape
-        (counted in the plan at its node count)."""
+        (counted in the plan at its node count). An EAGLE chain is a chain: its depth is
+        planned as a draft model's gamma is."""
         if self.controller is None:
             return None
         tree = getattr(seq.proposer, "tree", None)
-        if tree is not None and not getattr(tree, "is_chain", False):  # heads: a fixed shape of max_nodes nodes
+        if tree is not None and not getattr(tree, "is_chain", False):  # a fixed shape of max_nodes nodes
             return self.controller.join(seq.proposer.max_nodes, fixed=True)
-        control = self.controller.join(seq.gamma, fixed=pinned)
+        control = self.controller.join(_ceiling(seq), fixed=pinned)
         seq.gamma_cap = self.controller.gamma(control)
         return control
 
@@ -306,7 +314,7 @@ class VerifierService:
             return
         self.controller.observe_round(control, drafted, accepted, exposed_s, transport_s)
         if not control.fixed:
-            control.ceiling = seq.gamma
+            control.ceiling = _ceiling(seq)
         seq.gamma_cap = self.controller.gamma(control)
 
     def _unsent_features(self, seq: SequenceState) -> list:

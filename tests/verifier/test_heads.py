@@ -52,8 +52,8 @@ def test_head_sessions_are_planned_at_their_node_count_and_stay_exact(pair, meth
     tokens = asyncio.run(go())
     want = make_engine(pair, "none", GammaSchedule(initial=0)).generate(ids, 32, SamplingParams()).token_ids
     assert tokens == want
-    if method == "eagle" and not tree:  # the bundled drafter's saved chain: planned as a chain, gamma the ceiling
-        assert head_proposer(heads, "").tree.is_chain and joined == [(8, False)]
+    if method == "eagle" and not tree:  # the bundled saved chain (depth 4): planned as a chain under gamma 8
+        assert head_proposer(heads, "").tree.is_chain and joined == [(4, False)]  # no deeper than the chain
     else:
         assert len(joined) == 1 and joined[0][1] is True and joined[0][0] == head_proposer(heads, tree).max_nodes
     assert service.controller.sessions == []  # left at the end
