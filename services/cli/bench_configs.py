@@ -80,9 +80,11 @@ def server_configs(args, drafters, gammas, texts, pair):
     configs = [("server", "none", None, True, None)]
     for d in drafters:
         for g in drafter_gammas(d, gammas):
-            if d in ON_VERIFIER:  # heads and lookups run on the verifier: no draft hop to pipeline
+            if d in ON_VERIFIER and d != "eagle":  # heads and lookups run on the verifier: no draft hop to pipeline
                 configs.append(("server", d, g, True, None))
                 continue
+            # (EAGLE drafts on the draft workers where the server says eagle.placement:
+            # drafter; on the verifier, its serial row is the same as the other.)
             configs += [("server", d, g, True, f) for f in fanouts] + [("server", d, g, False, None)]
     if pair is not None:
         configs += [("hf", None, g, None, None) for g in gammas if g > 0]

@@ -196,10 +196,13 @@ class GoodputController:
             for c in self.sessions:  # drafting resumes, or stops, for every session at once
                 c.off_rounds = 0
 
-    def observe_round(self, control: SessionControl, drafted: int, accepted: int, exposed_draft_s: float,
-                      transport_s: float) -> None:
+    def observe_round(self, control: SessionControl, drafted: int, accepted: int, exposed_draft_s: float | None,
+                      transport_s: float | None) -> None:
         """A round of ``control``'s session: ``accepted`` of ``drafted`` drafts, and the
-        time its draft added to the round (exposed draft compute and the hop)."""
+        time its draft added to the round (exposed draft compute and the hop). None for
+        the times of a session's first round: its draft also read the whole prompt (the
+        draft model's prefill, or EAGLE's pass over the prompt's features), a cost paid
+        once that would price every later draft far too high."""
         if drafted == 0:
             return
         # Acceptance as a geometric run: a round accepting a of g drafts saw a
@@ -209,10 +212,11 @@ class GoodputController:
         control.successes = DECAY * control.successes + accepted
         control.failures = DECAY * control.failures + failed
         self.pooled = [DECAY * self.pooled[0] + accepted, DECAY * self.pooled[1] + failed]
-        weight = 0.5 if control.measured else 1.0  # EWMA; the first round sets it
-        control.hop_s += weight * (transport_s - control.hop_s)
-        control.draft_s += weight * (exposed_draft_s / drafted - control.draft_s)
-        control.measured = True
+        if exposed_draft_s is not None:
+            weight = 0.5 if control.measured else 1.0  # EWMA; the first round measured sets it
+            control.hop_s += weight * (transport_s - control.hop_s)
+            control.draft_s += weight * (exposed_draft_s / drafted - control.draft_s)
+            control.measured = True
         if control.probing:
             control.probing = False
             self._stale = True  # re-plan with what the probe measured

@@ -208,7 +208,9 @@ class VerifierService:
                 drafted_s = time.perf_counter() - t0  # on the compute thread: all of it exposed
                 seq.stats.draft_time_s += drafted_s
                 result = await self.batcher.verify(seq, proposal, span)
-                self._control(seq, control, proposal.depth, result.num_accepted, drafted_s, 0.0)
+                first = round == req.first_round  # its draft read the prompt too: not a draft's price
+                self._control(seq, control, proposal.depth, result.num_accepted, None if first else drafted_s,
+                              None if first else 0.0)
                 if span.is_recording():
                     span.set_attributes({"outrider.gamma": proposal.depth, "outrider.tree_nodes": len(proposal),
                                          "outrider.accepted": result.num_accepted, "outrider.committed": len(result.tokens)})
@@ -254,8 +256,10 @@ class VerifierService:
             block = await link.receive(round)
             while True:
                 result = await self.batcher.verify(seq, block.proposal, span)
+                first = round == req.first_round  # its block read the prompt too: not a draft's price
                 self._control(seq, control, len(block.proposal), result.num_accepted,
-                              seq.stats.exposed_draft_time_s - exposed, seq.stats.transport_time_s - transport)
+                              None if first else seq.stats.exposed_draft_time_s - exposed,
+                              None if first else seq.stats.transport_time_s - transport)
                 exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
                 early = None
                 full = result.num_accepted == len(block.proposal)
@@ -307,7 +311,7 @@ class VerifierService:
             link.close()
 
     def _control(self, seq: SequenceState, control: SessionControl | None, drafted: int, accepted: int,
-                 exposed_s: float, transport_s: float) -> None:
+                 exposed_s: float | None, transport_s: float | None) -> None:
         """Feed the round to the controller; the next round drafts what it plans, never
         more than the request's gamma schedule asks for."""
         if control is None:

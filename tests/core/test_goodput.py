@@ -188,3 +188,14 @@ def test_where_the_model_is_sure_there_is_no_check():
     assert controller.gain > CHECK_BELOW
     drive(controller, [control], 3 * CHECK_EVERY, 9)
     assert controller.check.checks == 0 and controller.gamma(control) > 0
+
+
+def test_a_first_round_that_read_the_prompt_counts_for_acceptance_not_for_the_draft_price():
+    """A session's first block also read its prompt (the draft model's prefill, EAGLE's
+    pass over the prompt's features): its wait says nothing of a draft's cost."""
+    controller = GoodputController(4)
+    control = controller.join(4)
+    controller.observe_round(control, 4, 4, None, None)
+    assert control.successes == 4 and not control.measured and control.draft_s == 0.0
+    controller.observe_round(control, 4, 2, 0.008, 0.001)
+    assert control.measured and control.draft_s == pytest.approx(0.002) and control.hop_s == pytest.approx(0.001)
