@@ -115,6 +115,7 @@ class EagleState:
 
 class EagleProposer:
     uses_target_hidden = True
+    reads_every_position = True  # its layer attends over every committed position's features
 
     def __init__(self, model: EagleModel, tree: EagleTree, device: torch.device | str = "cpu"):
         self.model, self.tree, self.device = model, tree, device

@@ -79,6 +79,7 @@ class EagleFeatureRelay:
 
     uses_target_hidden = True
     relays_features = True
+    reads_every_position = True  # the worker's drafter attends over every position's features
 
     def __init__(self, fuse: Callable[[torch.Tensor], torch.Tensor], target_hidden: str, tree: EagleTree,
                  width: int, window: int = DEFAULT_WINDOW, device: torch.device | str = "cpu"):

@@ -167,12 +167,18 @@ class VerifierService:
 
     async def _prefill(self, seq: SequenceState, trace_ctx=None) -> None:
         """The prompt's target KV, from shared prefix blocks as far as they reach; the
-        blocks computed here are published for every other replica."""
+        blocks computed here are published for every other replica. An EAGLE session
+        computes its whole prompt: its drafter reads the target's features at every
+        position, which cached KV does not hold (started from the uncached tail alone,
+        it drafted so poorly that its drafting was switched off)."""
         span = tracing.start_span("outrider.prefill", trace_ctx)
         try:
-            names, cached = [], []
+            names, cached, found = [], [], 0
             if self.prefixes is not None:
                 names, cached = await self.prefixes.lookup(seq.committed[:-1])
+                found = len(cached)
+                if getattr(seq.proposer, "reads_every_position", False):
+                    cached = []
             seq.stats.cached_prefix_tokens = sum(len(chunk.tokens) for chunk in cached)
             if span.is_recording():
                 span.set_attributes({
@@ -182,10 +188,10 @@ class VerifierService:
                     "outrider.object_store_bytes": sum(chunk.nbytes for chunk in cached),
                 })
             await self.batcher.run(seq, self.engine.prefill, seq, cached)
-            if len(cached) < len(names):
+            if found < len(names):
                 runner, session = self.engine.verifier.runner, seq.target_kv.session
-                new = await self.batcher.run(None, self.prefixes.export, runner, session, names, len(cached))
-                self.prefixes.publish(names, len(cached), new)
+                new = await self.batcher.run(None, self.prefixes.export, runner, session, names, found)
+                self.prefixes.publish(names, found, new)
                 if span.is_recording():
                     span.set_attribute("outrider.published_blocks", len(new))
         except Exception as error:

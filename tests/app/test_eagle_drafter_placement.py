@@ -41,3 +41,17 @@ def test_eagle_drafted_on_the_draft_worker_is_target_only_decoding(server, pair,
         assert stats.pipeline_rounds > 0
         if not tree:  # the saved chain: early blocks drafted from the drafter's own features
             assert stats.branches_drafted > 0
+
+
+def test_a_prompt_whose_prefix_is_cached_still_sends_every_positions_features(server, pair):
+    """The second time, the prompt's KV blocks are in the shared prefix cache; EAGLE's
+    drafter reads every position's features, which they do not hold, so the verifier
+    computes the prompt again and the second request drafts exactly as the first."""
+    prompt = "def merge_sorted(left, right):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n" * 6
+    assert len(pair.tokenizer(prompt, add_special_tokens=False)["input_ids"]) > 2 * 64  # two prefix blocks and more
+    runs = [list(server.generate(make_request(prompt, 32, method="eagle", pipeline=False), timeout=120))
+            for _ in range(2)]
+    first, second = (chunks[-1].stats for chunks in runs)
+    assert [t for c in runs[1] for t in c.token_ids] == [t for c in runs[0] for t in c.token_ids]
+    assert second.feature_bytes == first.feature_bytes and second.cached_prefix_tokens == 0
+    assert list(second.accepted_per_position) == list(first.accepted_per_position)
