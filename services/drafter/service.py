@@ -156,6 +156,10 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                 if pipeline and session.gamma > 0:
                     early_span = self._draft_span(round_ctx, session_id, session.in_flight.round + 1, True)
                     fanout = fanout_for_load(session.fanout, self.active_sessions, self._rows_within(session))
+                    if not hasattr(session.proposer, "propose_branches"):
+                        # Its branches are drafted one after another (EAGLE) and sent together:
+                        # more than the likeliest would hold it back until all were done.
+                        fanout = 1
                     drafting = self._run(session.draft_branches, fanout, stop.is_set)
                     await asyncio.wait({drafting, next_command}, return_when=asyncio.FIRST_COMPLETED)
                     # The outcome came first: only its branch, if one is drafting, goes on
