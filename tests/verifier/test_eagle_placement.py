@@ -165,3 +165,20 @@ def test_concurrent_sessions_are_batched_and_each_is_target_only(bundled):
     results, passes = run(go())
     assert [tokens for tokens, _ in results] == wants
     assert max(passes) > 1  # some passes verified several sessions at once
+
+
+@pytest.mark.parametrize("tree,joined", [("4,1,4", (4, False)), ("4,2,8", (8, True))], ids=["chain", "tree"])
+def test_a_chain_is_planned_as_a_chain_no_deeper_than_its_depth(bundled, tree, joined):
+    """Drafted on a worker, an EAGLE chain is planned as the draft model's is (gamma 8
+    asked: no deeper than its 4); a tree keeps its shape, at its node count."""
+    pair, prompt, want = bundled
+    calls = []
+
+    async def go():
+        async with Loopback(pair.target, pair.draft, pair.tokenizer.eos_token_id, 1024, eagle=pair.heads["eagle"]) as loop:
+            join = loop.verifier.controller.join
+            loop.verifier.controller.join = lambda ceiling, fixed=False: calls.append((ceiling, fixed)) or join(ceiling, fixed)
+            return await loop.generate(prompt, 48, GREEDY, method="eagle", gamma=8, tree=tree)
+
+    tokens, _ = run(go())
+    assert tokens == want and calls == [joined]

@@ -1,7 +1,6 @@
 """Heads on the verifier through VerifierService (in-process): MEDUSA, MTP and EAGLE
-tree sessions take their place in the goodput plan with their tree's node count, an
-EAGLE chain as a chain (its depth planned like a draft model's gamma), and greedy
-output is target-only decoding."""
+sessions (trees and chains) take their place in the goodput plan with their node
+count, and greedy output is target-only decoding."""
 
 import asyncio
 import uuid
@@ -28,7 +27,7 @@ def pair():
 
 
 @pytest.mark.parametrize("method,tree", [("medusa", ""), ("mtp", ""), ("eagle", "3,2,6"), ("eagle", "")],
-                         ids=["medusa", "mtp", "eagle-tree", "eagle-chain"])
+                         ids=["medusa", "mtp", "eagle-tree", "eagle-saved-chain"])
 def test_head_sessions_are_planned_at_their_node_count_and_stay_exact(pair, method, tree):
     heads = load_pair_heads(pair.paths, method, pair.target)
     engine = SpeculativeEngine(TargetVerifier(TargetRunner(pair.target)), None, pair.eos_token_id, pair.max_context)
@@ -52,8 +51,5 @@ def test_head_sessions_are_planned_at_their_node_count_and_stay_exact(pair, meth
     tokens = asyncio.run(go())
     want = make_engine(pair, "none", GammaSchedule(initial=0)).generate(ids, 32, SamplingParams()).token_ids
     assert tokens == want
-    if method == "eagle" and not tree:  # the bundled saved chain (depth 4): planned as a chain under gamma 8
-        assert head_proposer(heads, "").tree.is_chain and joined == [(4, False)]  # no deeper than the chain
-    else:
-        assert len(joined) == 1 and joined[0][1] is True and joined[0][0] == head_proposer(heads, tree).max_nodes
+    assert len(joined) == 1 and joined[0][1] is True and joined[0][0] == head_proposer(heads, tree).max_nodes
     assert service.controller.sessions == []  # left at the end
