@@ -16,6 +16,9 @@ from services.app import build_app
 from services.app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE
 from services.gateway.client import OutriderClient
 from services.gateway.deployment import GRPC_SERVICER_FUNCTIONS
+from services.core.gamma import GammaSchedule
+from services.core.sampling import SamplingParams
+from services.models.pair import make_engine
 
 APP = "outrider"
 STORE = 128 * 2**20
@@ -89,3 +92,9 @@ def replicas(deployment: str) -> list:
 def active_sessions() -> dict[str, int]:
     return {name: serve.get_deployment_handle(name, app_name=APP).active_sessions.remote().result()
             for name in ("gateway", "verifier", "drafter")}
+
+
+def target_only(pair, prompt: str, n: int) -> list[int]:
+    """In-process target-only greedy decoding: the reference for every served config."""
+    ids = pair.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return make_engine(pair, "none", GammaSchedule(initial=0)).generate(ids, n, SamplingParams()).token_ids

@@ -3,12 +3,10 @@ the verifier sends the target's fused features over the draft stream and the wor
 drafts, pipelined; greedy output over the public gRPC API is target-only decoding."""
 
 import pytest
-from serving_cluster import serving_cluster
-from services.core.gamma import GammaSchedule
-from services.core.sampling import SamplingParams
+from serving_cluster import serving_cluster, target_only
 from services.gateway.client import make_request
 from services.models.loading import bundled_paths
-from services.models.pair import load_pair, make_engine
+from services.models.pair import load_pair
 
 PROMPTS = ["def parse_args(argv):", "class Stack:\n    def push(self, item):"]
 
@@ -22,11 +20,6 @@ def server():
 @pytest.fixture(scope="module")
 def pair():
     return load_pair(bundled_paths(), with_draft=False)
-
-
-def target_only(pair, prompt: str, n: int) -> list[int]:
-    ids = pair.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return make_engine(pair, "none", GammaSchedule(initial=0)).generate(ids, n, SamplingParams()).token_ids
 
 
 @pytest.mark.parametrize("tree", ["", "3,2,6"], ids=["saved-chain", "tree"])

@@ -9,13 +9,12 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from serving_cluster import active_sessions, serving_cluster
+from serving_cluster import active_sessions, serving_cluster, target_only
 from services.app.args import DRAFTER_RESOURCE, VERIFIER_RESOURCE
-from services.core.gamma import GammaSchedule
 from services.core.sampling import SamplingParams
 from services.gateway.client import make_request
 from services.models.loading import bundled_paths
-from services.models.pair import load_pair, make_engine
+from services.models.pair import load_pair
 
 PROMPTS = ["def parse_args(argv):", "class Stack:\n    def push(self, item):", "import os\n\nfor name in"]
 MAX_SESSIONS = 16
@@ -32,12 +31,6 @@ def server():
 @pytest.fixture(scope="module")
 def pair():
     return load_pair(bundled_paths(), with_draft=False)
-
-
-def target_only(pair, prompt: str, n: int) -> list[int]:
-    """In-process target-only greedy decoding: the reference for every served config."""
-    ids = pair.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return make_engine(pair, "none", GammaSchedule(initial=0)).generate(ids, n, SamplingParams()).token_ids
 
 
 def stream(client, request, timeout=120):
