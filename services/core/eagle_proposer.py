@@ -19,8 +19,9 @@ Drafting past the features: on a draft worker (placement "drafter") the early bl
 for round k+1 is drafted while round k verifies, after tokens the target has not
 given features for yet (round k's drafts and the guessed bonus). Those positions take
 the drafter's own output as their feature, one row each, exactly as a chain's deeper
-rows do: drafting after them equals continuing the chain. They are cropped with the
-tree's rows; the target's features replace them when the round's outcome comes.
+rows do: drafting after them equals continuing the chain. A chain's rows stay cached
+as a tail that the next draft along the same tokens reuses; a tree's are cropped. The
+target's features replace them all when the round's outcome comes.
 
 EAGLE-2's tree: every row proposes its top_k children, scored by cumulative draft
 log-probability; the top_k children of the whole depth are expanded next. After the
@@ -211,7 +212,8 @@ class EagleProposer:
         vocab = self.model.draft_vocab
         return top.values, top.indices if vocab is None else vocab[top.indices]
 
-    def _draft(self, state: EagleState, committed: list[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def _draft(self, state: EagleState, committed: list[int]) -> tuple:
+        """(tokens, parents, a chain's alternatives or None) after ``committed``."""
         self._catch_up(state, committed)
         # Past the features: one row a position, fed the row before's output.
         last = state.last

@@ -82,12 +82,12 @@ class EagleFeatureRelay:
     reads_every_position = True  # the worker's drafter attends over every position's features
 
     def __init__(self, fuse: Callable[[torch.Tensor], torch.Tensor], target_hidden: str, tree: EagleTree,
-                 width: int, window: int = DEFAULT_WINDOW, device: torch.device | str = "cpu"):
-        """``fuse``: EAGLE-3's fc, [n, 3H] -> [n, width]; ``target_hidden``: the layer
+                 window: int = DEFAULT_WINDOW, device: torch.device | str = "cpu"):
+        """``fuse``: EAGLE-3's fc, [n, 3H] -> [n, H]; ``target_hidden``: the layer
         states it reads (core/target.py "layers:..."); ``tree``: the budget the worker
         drafts, told in the open."""
         self.fuse, self.target_hidden, self.tree = fuse, target_hidden, tree
-        self.width, self.window, self.device = width, window, device
+        self.window, self.device = window, device
 
     @property
     def max_nodes(self) -> int:

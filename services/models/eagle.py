@@ -66,6 +66,12 @@ def eagle_config(target, draft_vocab_size: int, layers=None, tree: EagleTree | N
     return config
 
 
+def fused(fc: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    """EAGLE-3's fusion of the target's layer states [..., 3H] -> [..., H]; a function of
+    fc alone, so that a verifier relaying features holds fc and not the whole drafter."""
+    return fc(features.to(fc.weight.dtype))
+
+
 class EagleLayer(nn.Module):
     """The midlayer: a Llama decoder layer whose q/k/v read [embedding; feature]."""
 
@@ -127,7 +133,7 @@ class Eagle3Drafter(OwnKV, nn.Module):
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """The target's concatenated layer states [..., 3H] -> features [..., H]."""
-        return self.fc(features.to(self.dtype))
+        return fused(self.fc, features)
 
     def step(self, feature: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, mask=None,
              cache=None) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -19,6 +20,7 @@ from ..core.suffix import SuffixProposer
 from ..core.tree import choice_tree, parse_choices
 from ..core.verifier import TargetVerifier
 from ..core.target import TargetRunner
+from .eagle import fused
 from .heads import load_heads
 from .loading import ModelPaths, check_pair, load_model, load_tokenizer, max_context
 
@@ -127,15 +129,14 @@ def head_proposer(heads, tree: str | None = None) -> MedusaProposer | MtpPropose
 def eagle_relay(eagle, window: int = DEFAULT_WINDOW) -> Callable[[str], EagleFeatureRelay]:
     """For a verifier whose EAGLE drafts on the draft workers: a relay per request, for
     the tree it asks for ("" = the drafter's saved one). It keeps only ``eagle``'s fc."""
-    fuse, hidden, saved, width = eagle.fuse, eagle.target_hidden, eagle.tree, eagle.config.hidden_size
-    device = eagle.fc.weight.device
+    fuse, hidden, saved, device = partial(fused, eagle.fc), eagle.target_hidden, eagle.tree, eagle.fc.weight.device
 
     def relay(tree: str) -> EagleFeatureRelay:
         try:
             shape = EagleTree.parse(tree) if tree else saved
         except ValueError as err:
             raise InvalidRequest(str(err)) from None
-        return EagleFeatureRelay(fuse, hidden, shape, width, window, device)
+        return EagleFeatureRelay(fuse, hidden, shape, window, device)
 
     return relay
 

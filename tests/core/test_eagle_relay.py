@@ -38,7 +38,7 @@ def test_a_gap_starts_the_log_afresh():
 
 def test_the_relay_fuses_and_drafts_nothing():
     fc = torch.nn.Linear(6, 2, bias=False)
-    relay = EagleFeatureRelay(fc, "layers:0,1,2", EagleTree(4, 1, 4), width=2)
+    relay = EagleFeatureRelay(fc, "layers:0,1,2", EagleTree(4, 1, 4))
     state = relay.new_state()
     hidden = torch.randn(3, 6)
     relay.observe(state, 7, hidden)
