@@ -1,22 +1,31 @@
-"""Draft-worker admission: a worker at capacity refuses a session at once; the verifier
-drafts on another worker, or decodes without drafts when none has room. The output is
-exactly target-only decoding either way (real gRPC on loopback)."""
+"""The verifier's end of a draft stream (verifier/draft_link.py): read deadlines that
+follow the measured block times and never blame a worker for the verifier's own
+freeze; branches taken by outcome without waiting. Draft-worker admission: a worker at
+capacity refuses a session at once; the verifier drafts on another worker, or decodes
+without drafts when none has room. The output is exactly target-only decoding either
+way (real gRPC on loopback)."""
 
 import asyncio
 import uuid
 
 import grpc
 import pytest
+import torch
 from tiny_models import VOCAB, hf_greedy, noisy_copy, tiny
 
+from services.bench.loopback import run
 from services.core.engine import SpeculativeEngine
 from services.core.goodput import PassCost
+from services.core.pipeline import DraftBlock
+from services.core.proposals import Proposal
 from services.core.sampling import SamplingParams
+from services.core.stats import GenerationStats
 from services.core.target import TargetRunner
 from services.core.verifier import TargetVerifier
 from services.drafter.service import DrafterService, make_proposers
 from services.rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
-from services.rpc.convert import METHOD_IDS, sampling_to_proto
+from services.rpc.convert import METHOD_IDS, block_to_proto, sampling_to_proto
+from services.verifier.draft_link import FIRST_READ_S, MAX_READ_S, MIN_READ_S, READ_SLACK, DraftLink
 from services.verifier.service import VerifierService
 
 PROMPT = [5, 17, 33, 2, 9]
@@ -172,3 +181,79 @@ def test_a_session_whose_drafts_are_rejected_stops_drafting_while_another_in_its
     # first round says little, until a probe accepts).
     assert bad_stats.accepted == 0 and drafting(bad_stats) < 0.25
     assert good_stats.accepted > 0.5 * good_stats.emitted and drafting(good_stats) > 2 * drafting(bad_stats)
+
+
+def test_a_block_that_came_while_the_verifier_itself_was_frozen_is_not_a_stall():
+    """When the verifier's own node is stopped and resumed, every read deadline has passed
+    with the worker's block already in the socket: that worker did not stall."""
+    class ThawedCall:
+        def __init__(self):
+            self.reads = 0
+
+        async def read(self):
+            self.reads += 1
+            await asyncio.sleep(MIN_READ_S + 0.05)  # just past its deadline, as across a SIGSTOP
+            return block_to_proto(DraftBlock(5, Proposal(torch.tensor([7, 8]), None), False, None, 0.01))
+
+    class Seq:
+        stats = GenerationStats()
+
+    link = DraftLink(None, Seq(), "cpu")
+    link.call, link.address = ThawedCall(), "worker:1"
+    link.waits.append(0.01)  # a deadline of MIN_READ_S
+    block = run(link.receive(5))
+    assert block.round == 5 and block.proposal.tokens.tolist() == [7, 8]
+    assert link.stalled == set() and not link.off and Seq.stats.undrafted_rounds == 0 and link.address == "worker:1"
+
+
+def test_branches_are_taken_by_outcome_without_waiting():
+    """Branches that arrived are kept by (round, accepted, guess); taking one never
+    waits, a fresh block is what receive returns, and older rounds' branches go."""
+    def branch(round, accepted, guess, tokens):
+        return DraftBlock(round, Proposal(torch.tensor(tokens), None), True, guess, 0.02, accepted)
+
+    messages = [block_to_proto(branch(3, 2, 9, [1, 2]), 3), block_to_proto(branch(3, 0, 4, [5]), 3),
+                block_to_proto(branch(3, 1, 6, [7, 7]), 3),
+                block_to_proto(DraftBlock(3, Proposal(torch.tensor([8]), None), False, None, 0.01, from_cache=True))]
+
+    class Call:
+        cancelled = False
+
+        async def read(self):
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+
+        def cancel(self):
+            self.cancelled = True
+
+    class Seq:
+        stats = GenerationStats()
+
+    async def go():
+        link = DraftLink(None, Seq(), "cpu")
+        link.call, link.address = Call(), "worker:1"
+        assert link.take_branch(3, 0, 4) is None  # nothing read yet: no wait either
+        await asyncio.sleep(0.01)
+        taken = link.take_branch(3, 0, 4)
+        assert taken.proposal.tokens.tolist() == [5] and taken.accepted == 0 and taken.guess == 4
+        assert link.take_branch(3, 2, 9) is None  # taken for round 3 already: the rest went
+        fresh = await link.receive(3)
+        assert fresh.from_cache and fresh.proposal.tokens.tolist() == [8]
+        call = link.call
+        link.close()
+        assert call.cancelled and link.call is None and link.reader is None  # the stream and its reader end
+
+    run(go())
+    assert Seq.stats.branches_drafted == 3 and Seq.stats.draft_time_s == pytest.approx(0.03)
+
+
+def test_read_deadline_follows_the_measured_block_times():
+    link = DraftLink(None, None, "cpu")
+    assert link.deadline() == FIRST_READ_S  # the first block waits on the worker's prefill
+    link.waits.extend([0.01, 0.02])
+    assert link.deadline() == MIN_READ_S
+    link.waits.append(0.3)
+    assert link.deadline() == pytest.approx(READ_SLACK * 0.3)
+    link.waits.append(2.0)
+    assert link.deadline() == MAX_READ_S
