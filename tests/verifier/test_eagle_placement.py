@@ -182,3 +182,34 @@ def test_a_chain_is_planned_as_a_chain_no_deeper_than_its_depth(bundled, tree, j
 
     tokens, _ = run(go())
     assert tokens == want and calls == [joined]
+
+
+@pytest.mark.parametrize("tree", ["4,1,4", "4,3,10"], ids=["chain", "tree"])
+def test_a_real_vocabulary_and_a_long_prompt_sampled_match_the_verifier_placement(tree):
+    """At real shapes: a Qwen2-shaped target with 151,936 tokens (GQA), a 3,000-token
+    prompt in a 4k context, a 32k draft vocabulary, sampled. The prompt's features go in
+    pieces with the open; with float32 features the seeded output is the verifier
+    placement's, token for token."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    target = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                                          max_position_embeddings=4096, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        target.get_output_embeddings().weight.mul_(8.0)
+    eagle = random_eagle(target, 1, torch.randperm(151_936)[:32_768])
+    prompt = torch.randint(0, 151_936, (3000,)).tolist()
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+    engine = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes=2**26)),
+                               head_proposer(eagle, tree), None, 4096, GammaSchedule(4))
+    expected = engine.generate(prompt, 24, params).token_ids
+
+    async def go():
+        async with Loopback(target, target, max_context=4096, kv_cache_bytes=2**26, eagle=eagle,
+                            feature_dtype="float32", feature_window=4096) as loop:
+            return await loop.generate(prompt, 24, params, method="eagle", gamma=4, pipeline=False, tree=tree)
+
+    tokens, stats = run(go())
+    assert tokens == expected and stats.drafted > 0
+    assert stats.feature_bytes >= 4 * 64 * (3000 - 1)  # the whole prompt's features, fp32
