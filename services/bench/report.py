@@ -32,6 +32,18 @@ def best_by_drafter(runs: list[Run], ar: Run) -> dict:
     return {name: entry(r) for name, r in best.items()}
 
 
+def tree_summary(runs: list[Run]) -> dict:
+    """The tree drafter's mean accepted length over the best single drafter's at the
+    same gamma (pipelined and serial runs alike), per gamma; empty without tree runs."""
+    ratios = {}
+    for t in (r for r in runs if r.drafter == "tree"):
+        singles = [r.stats.mean_acceptance_length for r in runs
+                   if r.drafter not in ("tree", "none") and r.gamma == t.gamma and r.method == t.method.replace("tree", r.drafter)]
+        if singles and max(singles) > 0:
+            ratios[t.label] = t.stats.mean_acceptance_length / max(singles)
+    return {"tree_mal_vs_best_single": ratios} if ratios else {}
+
+
 def summarize(runs: list[Run]) -> dict:
     ar, ar_spt = _target_only(runs)
     outrider = [r for r in runs if r.method.startswith("outrider-")]
@@ -54,6 +66,7 @@ def summarize(runs: list[Run]) -> dict:
         "theoretical_speedup": theoretical,
         "measured_over_theoretical": speedup / theoretical,
         "best_by_drafter": best_by_drafter(outrider, ar),
+        **tree_summary(outrider),
         # Greedy decoding: every method must produce exactly the target-only tokens.
         "outputs_identical": all(r.outputs == ar.outputs for r in runs),
         **pipeline_summary(runs),

@@ -22,7 +22,7 @@ from .common import (UsageError, add_model_options, add_server_options, apply_th
                      validate_device)
 
 DEFAULT_PROMPTS = BUNDLED_DIR / "heldout_prompts.jsonl"
-BENCH_DRAFTERS = ("draft", "ngram", "suffix", "medusa", "mtp", "eagle")
+BENCH_DRAFTERS = ("draft", "ngram", "suffix", "medusa", "mtp", "eagle", "tree")
 
 
 def add_parser(sub, name: str) -> None:
@@ -134,7 +134,7 @@ def run(args) -> int:
     pair = None
     if need_pair:
         pair = load_pair(model_paths(args), args.device, args.dtype,
-                         with_draft="draft" in drafters or not args.no_hf, trust_remote_code=args.trust_remote_code,
+                         with_draft=bool({"draft", "tree"} & set(drafters)) or not args.no_hf, trust_remote_code=args.trust_remote_code,
                          heads=tuple(d for d in drafters if d in TREE_DRAFTERS) if args.server is None else ())
     summarize_pass, speedup_key = summarize, "speedup_vs_ar"
     if args.levels:

@@ -71,7 +71,7 @@ def server_configs(args, drafters, gammas, texts, pair):
     try:
         run_server(client, "none", None, True, texts[:1], 8)  # warm-up
         for d in drafters:
-            if d != "suffix":  # its index would learn the first prompt's completion
+            if d not in ("suffix", "tree"):  # a suffix index would learn the first prompt's completion
                 run_server(client, d, 2, True, texts[:1], 8, tree_option(args, d) or "")
     except grpc.RpcError as err:
         raise UsageError(f"server {args.server}: {err.code().name}: {err.details()}") from None

@@ -33,6 +33,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                                       "(default: the tree tuned when the heads were built)")
     group.add_argument("--eagle-tree", help="EAGLE's dynamic tree as depth,top_k,nodes, e.g. 5,2,8 "
                                             "(default: the one saved with the drafter)")
+    group.add_argument("--tree-drafters", help="the drafters the tree drafter merges, in order, of draft, suffix, "
+                                               "ngram (default: draft,suffix)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     group.add_argument("--dtype", default="default", choices=["default", "auto", "float32", "bfloat16", "float16"],
                        help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
@@ -47,8 +49,10 @@ def model_paths(args: argparse.Namespace):
 
 
 def tree_option(args: argparse.Namespace, drafter: str) -> str | None:
-    """The tree a head drafter is asked for: --eagle-tree for EAGLE, --tree for Medusa and MTP."""
-    return getattr(args, "eagle_tree", None) if drafter == "eagle" else getattr(args, "tree", None)
+    """The tree a drafter is asked for: --eagle-tree for EAGLE, --tree for Medusa and MTP,
+    --tree-drafters for the tree drafter."""
+    option = {"eagle": "eagle_tree", "tree": "tree_drafters"}.get(drafter, "tree")
+    return getattr(args, option, None)
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -86,7 +86,7 @@ def run(args) -> int:
         return run_remote(args, base)
 
     pair = load_pair(model_paths(args), args.device, args.dtype,
-                     with_draft=args.drafter == "draft", trust_remote_code=args.trust_remote_code,
+                     with_draft=args.drafter in ("draft", "tree"), trust_remote_code=args.trust_remote_code,
                      heads=(args.drafter,) if args.drafter in HEAD_KINDS else ())
     engine = make_engine(pair, args.drafter, schedule, args.confidence_stop, tree_option(args, args.drafter))
     prompt_ids = pair.tokenizer(args.prompt)["input_ids"]
@@ -129,7 +129,7 @@ def run_remote(args, base: SamplingParams) -> int:
     def one(seed, method, on_text=None) -> tuple[dict, list[int]]:
         request = make_request(args.prompt, args.max_new_tokens, replace(base, seed=seed), method, args.gamma or 0,
                                args.adaptive_gamma, pipeline=not args.no_pipeline,
-                               tree=(tree_option(args, method) or "") if method in HEAD_KINDS else "",
+                               tree=(tree_option(args, method) or "") if method in (*HEAD_KINDS, "tree") else "",
                                stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id), min_tokens=args.min_tokens,
                                ignore_eos=args.ignore_eos, logprobs=args.logprobs, fanout=args.fanout)
         ids, text, final, lps, tops = [], "", None, [], []

@@ -13,6 +13,7 @@ from typing import Callable
 
 from .errors import InvalidRequest
 from .gamma import MAX_GAMMA, GammaSchedule, draft_budget
+from .multi_draft import TreeProposer, lookup_budget
 from .proposals import Proposal
 from .proposers import Proposer
 from .sampling import SamplingParams, StopRule
@@ -176,6 +177,9 @@ class SpeculativeEngine:
         gamma = seq.draft_budget
         if seq.proposer is None or gamma == 0:
             return Proposal.empty(self.verifier.device)
+        if isinstance(seq.proposer, TreeProposer):  # its lookups look further than its chain
+            return seq.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params,
+                                        lookup_gamma=lookup_budget(seq.effective_gamma, seq.remaining))
         return seq.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params)
 
     def prefill(self, seq: SequenceState, cached: list = ()) -> None:

@@ -23,6 +23,7 @@ from ..core.speculation_cache import MAX_FANOUT
 from ..models.detokenizer import MAX_STOP_CHARS, MAX_STOPS, StopScanner
 from ..rpc import internal_pb2, outrider_pb2
 from ..core.eagle_proposer import EagleTree
+from ..core.multi_draft import tree_members
 from ..core.tree import choice_tree, parse_choices
 from ..rpc.convert import HEAD_METHODS, METHOD_IDS, METHODS, method_name, sampling_from_proto, sampling_to_proto
 from ..telemetry import tracing
@@ -120,10 +121,13 @@ class GatewayService:
             raise InvalidRequest(f"speculation method {method.upper()} is not served here: {limits.head_methods[method]}")
         tree = req.speculation.tree
         if tree:
-            if method not in HEAD_METHODS:
-                raise InvalidRequest(f"a tree is for MEDUSA, MTP or EAGLE, not {method.upper()}")
+            if method not in HEAD_METHODS + ("tree",):
+                raise InvalidRequest(f"a tree is for MEDUSA, MTP, EAGLE or TREE, not {method.upper()}")
             try:
-                EagleTree.parse(tree) if method == "eagle" else choice_tree(parse_choices(tree))
+                if method == "tree":
+                    tree_members(tree)
+                else:
+                    EagleTree.parse(tree) if method == "eagle" else choice_tree(parse_choices(tree))
             except ValueError as err:
                 raise InvalidRequest(str(err)) from None
         gamma = req.speculation.gamma or limits.default_gamma

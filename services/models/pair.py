@@ -15,6 +15,7 @@ from ..core.head_proposers import MedusaProposer
 from ..core.eagle_proposer import EagleProposer, EagleTree
 from ..core.eagle_relay import DEFAULT_WINDOW, EagleFeatureRelay
 from ..core.mtp_proposer import MtpProposer
+from ..core.multi_draft import TreeProposer, tree_members
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..core.suffix import SuffixProposer
 from ..core.tree import choice_tree, parse_choices
@@ -25,7 +26,7 @@ from .heads import load_heads
 from .loading import ModelPaths, check_pair, load_model, load_tokenizer, max_context
 
 HEAD_KINDS = ("medusa", "mtp", "eagle")  # drafters that run on the verifier, from the target's hidden states
-DRAFTERS = ("draft", "ngram", "suffix", *HEAD_KINDS, "none")
+DRAFTERS = ("draft", "ngram", "suffix", *HEAD_KINDS, "tree", "none")
 MAX_HEAD_DEPTH = 8
 
 
@@ -85,7 +86,8 @@ def load_pair_heads(paths: ModelPaths, kind: str, target) -> torch.nn.Module:
 
 
 def make_proposer(pair: ModelPair, drafter: str, confidence_stop: float = 0.0, tree: str | None = None) -> Proposer | None:
-    """``tree``: the Medusa tree as paths of candidate ranks (default: the heads' tuned one)."""
+    """``tree``: the Medusa tree as paths of candidate ranks (default: the heads' tuned
+    one); for ``tree``, the drafters it merges (tree_members)."""
     if drafter == "draft":
         if pair.draft is None:
             raise InvalidRequest("the draft drafter needs a draft model")
@@ -94,6 +96,8 @@ def make_proposer(pair: ModelPair, drafter: str, confidence_stop: float = 0.0, t
         return NgramProposer(device=pair.target.device)
     if drafter == "suffix":
         return SuffixProposer(device=pair.target.device)
+    if drafter == "tree":
+        return TreeProposer([make_proposer(pair, m, confidence_stop) for m in tree_members(tree)], device=pair.target.device)
     if drafter in HEAD_KINDS:
         if drafter not in pair.heads:
             raise InvalidRequest(f"the {drafter} drafter needs its heads (load_pair(..., heads=({drafter!r},)))")

@@ -27,6 +27,7 @@ METHODS = {
     outrider_pb2.SPECULATION_METHOD_MTP: "mtp",
     outrider_pb2.SPECULATION_METHOD_EAGLE: "eagle",
     outrider_pb2.SPECULATION_METHOD_SUFFIX: "suffix",
+    outrider_pb2.SPECULATION_METHOD_TREE: "tree",
 }
 HEAD_METHODS = ("medusa", "mtp", "eagle")  # drafting heads on the verifier, from the target's hidden states
 MODEL_FREE = ("ngram", "suffix")  # lookups: on the verifier too, where they cost microseconds and no hop
@@ -81,7 +82,7 @@ def method_name(value: int, default: str) -> str:
     if value == outrider_pb2.SPECULATION_METHOD_UNSPECIFIED:
         return default
     if value not in METHODS:
-        raise InvalidRequest(f"unknown speculation method {value}; use DRAFT, NGRAM, SUFFIX, MEDUSA, MTP, EAGLE or NONE")
+        raise InvalidRequest(f"unknown speculation method {value}; use DRAFT, NGRAM, SUFFIX, MEDUSA, MTP, EAGLE, TREE or NONE")
     return METHODS[value]
 
 

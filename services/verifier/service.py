@@ -19,6 +19,7 @@ from ..core.eagle_relay import EagleFeatureRelay
 from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
 from ..core.gamma import GammaSchedule
 from ..core.goodput import GoodputController, SessionControl
+from ..core.multi_draft import TreeProposer, lookup_budget, tree_members
 from ..core.pipeline import DraftBlock, pipeline_hit
 from ..core.errors import InvalidRequest
 from ..core.proposals import Proposal
@@ -103,6 +104,10 @@ class VerifierService:
         relayed = method == "eagle" and self.eagle_relay is not None  # drafted on a draft worker
         if method in MODEL_FREE:
             proposer = self.model_free[method]
+        elif method == "tree":  # the worker's draft chain (if a member) merged with lookups drafted here
+            members = tree_members(spec.tree)
+            proposer = TreeProposer([self.model_free[m] for m in members if m != "draft"], device=self.device,
+                                    drafted_elsewhere="draft" in members)
         elif relayed:
             proposer = self.eagle_relay(spec.tree)
         elif method in ON_VERIFIER:
@@ -124,7 +129,8 @@ class VerifierService:
         control = self._join(seq, method, req.pinned_gamma)
         self.active_sessions += 1
         try:
-            local = method == "none" or method in ON_VERIFIER and not relayed
+            local = (method == "none" or method in ON_VERIFIER and not relayed
+                     or method == "tree" and not proposer.drafted_elsewhere)
             rounds = (self._local_rounds(seq, req, control, trace_ctx) if local
                       else self._speculative(seq, req, method, control, trace_ctx))
             # Closed explicitly, so a cancelled session cancels its draft stream at once.
@@ -264,9 +270,14 @@ class VerifierService:
             unreported: list[int] = []  # committed tokens the worker has not been told yet
             block = await link.receive(round)
             while True:
-                result = await self.batcher.verify(seq, block.proposal, span)
+                proposal = await self._with_lookups(seq, block.proposal)
+                result = await self.batcher.verify(seq, proposal, span)
+                # Did the round commit the worker's own drafts (a TREE's path may leave them)?
+                chain = block.proposal.tokens[: result.num_accepted].tolist()
+                followed = result.num_accepted <= len(block.proposal) and result.tokens[: len(chain)] == chain
                 first = round == req.first_round  # its block read the prompt too: not a draft's price
-                self._control(seq, control, len(block.proposal), result.num_accepted,
+                # The controller plans the worker's chain: a tree's lookups ride along, free to draft.
+                self._control(seq, control, len(block.proposal), min(result.num_accepted, len(block.proposal)),
                               None if first else seq.stats.exposed_draft_time_s - exposed,
                               None if first else seq.stats.transport_time_s - transport)
                 exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
@@ -277,7 +288,8 @@ class VerifierService:
                 pipelined = pipeline and told > 0 and not seq.finished
                 if pipelined:
                     seq.stats.pipeline_rounds += 1
-                    early = link.take_branch(round + 1, result.num_accepted, result.tokens[-1])
+                    if followed:  # (else no branch drafted after the worker's drafts can be for what was committed)
+                        early = link.take_branch(round + 1, result.num_accepted, result.tokens[-1])
                 hit = pipelined and pipeline_hit(block.proposal, result.num_accepted, result.tokens[-1], early)
                 if hit:
                     seq.stats.record_cache_hit(full)
@@ -319,6 +331,17 @@ class VerifierService:
             span.end()  # a round left open by a cancelled or failed session
             link.close()
 
+    async def _with_lookups(self, seq: SequenceState, drafted: Proposal) -> Proposal:
+        """TREE: the worker's chain, first at every node, merged with this replica's
+        lookups (drafted on the compute thread, in turn with the passes)."""
+        if not isinstance(seq.proposer, TreeProposer):
+            return drafted
+        t0 = time.perf_counter()
+        merged = await self.batcher.run(seq, seq.proposer.propose, seq.draft_state, seq.committed, len(drafted),
+                                        seq.params, None, drafted, lookup_budget(seq.effective_gamma, seq.remaining))
+        seq.stats.draft_time_s += time.perf_counter() - t0
+        return merged
+
     def _control(self, seq: SequenceState, control: SessionControl | None, drafted: int, accepted: int,
                  exposed_s: float | None, transport_s: float | None) -> None:
         """Feed the round to the controller; the next round drafts what it plans, never
@@ -350,7 +373,7 @@ class VerifierService:
             prompt_ids=seq.committed,
             max_new_tokens=seq.remaining,
             sampling=req.sampling,
-            method=METHOD_IDS[method],
+            method=METHOD_IDS["draft" if method == "tree" else method],  # a tree's worker drafts its chain
             gamma=seq.effective_gamma,
             pipeline=req.speculation.pipeline,
             fanout=req.speculation.fanout,

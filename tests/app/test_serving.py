@@ -63,6 +63,19 @@ def test_greedy_over_grpc_is_target_only_decoding(server, pair, method, pipeline
         assert (stats.pipeline_rounds > 0) == (pipeline and method == "draft")  # lookups run on the verifier
 
 
+@pytest.mark.parametrize("tree,pipeline", [("", True), ("", False), ("draft,suffix,ngram", True), ("suffix,ngram", True)])
+def test_greedy_tree_over_grpc_is_target_only_decoding(server, pair, tree, pipeline):
+    """TREE: the worker's draft chain merged on the verifier with its lookups (or the
+    lookups alone, with no hop), one pass a round, the same tokens."""
+    for prompt in PROMPTS[:2]:
+        tokens, chunks = stream(server, make_request(prompt, 40, method="tree", tree=tree, gamma=4, pipeline=pipeline))
+        assert tokens == target_only(pair, prompt, 40)
+        stats = chunks[-1].stats
+        assert stats.emitted == 40 and stats.drafted > 0
+        on_worker = not tree.startswith("suffix")
+        assert (stats.draft_bytes > 0) == on_worker and (stats.pipeline_rounds > 0) == (on_worker and pipeline)
+
+
 def test_suffix_decoding_learns_from_earlier_requests(server, pair):
     """The replica's suffix index holds earlier sessions' outputs: the same prompt again
     is drafted from the first completion, and takes fewer rounds."""
@@ -245,6 +258,8 @@ def test_heads_over_grpc_are_target_only_decoding(server, pair, method, tree):
     (dict(method="medusa", tree="0;0.0;0.0.0;0.0.0.0;0.0.0.0.0"), "exceeds the 4 Medusa heads"),
     (dict(method="mtp", tree=";".join(".".join(["0"] * d) for d in range(1, 10))), "exceeds 8 MTP depths"),
     (dict(method="eagle", tree="0;0.0"), "depth,top_k,nodes"),
+    (dict(method="tree", tree="suffix,draft"), "the draft model first"),
+    (dict(method="draft", tree="draft,suffix"), "a tree is for MEDUSA, MTP, EAGLE or TREE"),
 ])
 def test_tree_methods_the_server_cannot_draft_are_refused(server, request_args, reason):
     with pytest.raises(grpc.RpcError) as err:
