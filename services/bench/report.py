@@ -67,6 +67,7 @@ def summarize(runs: list[Run]) -> dict:
         "measured_over_theoretical": speedup / theoretical,
         "best_by_drafter": best_by_drafter(outrider, ar),
         **tree_summary(outrider),
+        **({"tree_plans": {r.label: r.plan for r in outrider if r.plan}} if any(r.plan for r in outrider) else {}),
         # Greedy decoding: every method must produce exactly the target-only tokens.
         "outputs_identical": all(r.outputs == ar.outputs for r in runs),
         **pipeline_summary(runs),

@@ -10,6 +10,7 @@ import torch
 from ..core.gamma import GammaSchedule
 from ..core.sampling import SamplingParams
 from ..core.stats import GenerationStats
+from ..core.tree import format_choices
 from ..models.pair import ModelPair, make_engine
 
 
@@ -25,6 +26,8 @@ class Run:
     outputs: list[list[int]] = field(default_factory=list)
     concurrency: int | None = None  # streams at once (concurrency scenarios)
     ttfts: list[float] = field(default_factory=list)  # per stream: seconds to its first tokens (concurrency scenarios)
+    # A planned head tree (core/tree_planner.py): its last plan and its prediction against what its rounds did.
+    plan: dict | None = None
 
     @property
     def label(self) -> str:
@@ -67,6 +70,12 @@ def run_outrider(pair: ModelPair, drafter: str, gamma: int | None, prompts: list
         run.outputs.append(result.token_ids)
         run.tokens += len(result.token_ids)
         run.seconds += result.stats.total_time_s
+    planner = getattr(engine.proposer, "planner", None)
+    if planner is not None:
+        run.tree = f"planned {planner.tree.label if planner.tree else 'nothing'}"
+        run.plan = {"choices": format_choices(planner.tree.choices) if planner.tree else "",
+                    "predicted_tokens_per_round": planner.predicted,
+                    "measured_over_predicted": planner.measured_over_predicted, "rounds": planner.rounds}
     return run
 
 

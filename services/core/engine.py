@@ -224,6 +224,8 @@ class SpeculativeEngine:
             ranks = None if proposal.tree is None else proposal.tree.sibling_rank[list(outcome.path)].tolist()
             seq.stats.record_round(len(proposal), outcome.num_accepted, len(new), proposal.depth, ranks)
             seq.gamma = seq.schedule.next(seq.gamma, proposal.depth, outcome.num_accepted)
+            if getattr(seq.proposer, "planner", None) is not None:  # a head tree planned from measurement
+                seq.proposer.observe_path(seq.draft_state, outcome.path)
             if reads_hidden(seq.proposer) and not seq.finished:
                 seq.proposer.observe(seq.draft_state, start, outcome.hidden)
             cut = slice(0, len(new))

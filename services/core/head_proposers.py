@@ -20,6 +20,7 @@ from .kv_chunks import KVChunk
 from .proposals import Proposal
 from .sampling import SamplingParams
 from .tree import ChoiceTree
+from .tree_planner import TreePlanner
 
 # hidden [H] -> logits [K, V]: what each head predicts at offsets 2..K+1.
 Heads = Callable[[torch.Tensor], torch.Tensor]
@@ -29,17 +30,40 @@ Heads = Callable[[torch.Tensor], torch.Tensor]
 class HeadState:
     hidden: torch.Tensor | None = None  # [H] where the target chose committed[-1]
     length: int = 0  # len(committed) when it was taken: a stale state drafts nothing
+    drafted: ChoiceTree | None = None  # the tree the last round drafted (what its path indexes)
 
 
-class MedusaProposer:
-    uses_target_hidden = True
+class PlannedTree:
+    """A head proposer's tree: fixed, or the plan of a replica's ``TreePlanner``
+    (core/tree_planner.py), which learns from every round's accepted path."""
 
-    def __init__(self, heads: Heads, tree: ChoiceTree, device: torch.device | str = "cpu"):
-        self.heads, self.tree, self.device = heads, tree, device
+    tree: ChoiceTree
+    planner: TreePlanner | None = None
 
     @property
     def max_nodes(self) -> int:
-        return len(self.tree.shape)
+        return len(self.tree.shape) if self.planner is None else max(len(self.tree.shape), self.planner.max_nodes)
+
+    def round_tree(self, state, gamma: int) -> ChoiceTree | None:
+        """This round's tree, no deeper than ``gamma``; None: draft nothing."""
+        tree = self.tree if self.planner is None else self.planner.tree
+        if tree is not None and gamma < tree.shape.max_depth:
+            tree = tree.prune(gamma)
+        state.drafted = tree
+        return tree
+
+    def observe_path(self, state, path: tuple[int, ...]) -> None:
+        """The round's accepted nodes (indices into the tree it drafted), for the planner."""
+        if self.planner is not None and state.drafted is not None:
+            self.planner.observe(state.drafted, state.drafted.choices[path[-1]] if path else ())
+
+
+class MedusaProposer(PlannedTree):
+    uses_target_hidden = True
+
+    def __init__(self, heads: Heads, tree: ChoiceTree, device: torch.device | str = "cpu",
+                 planner: TreePlanner | None = None):
+        self.heads, self.tree, self.device, self.planner = heads, tree, device, planner
 
     def new_state(self) -> HeadState:
         return HeadState()
@@ -58,7 +82,9 @@ class MedusaProposer:
         """A tree no deeper than ``gamma`` (the round's draft budget) after ``committed``."""
         if state.hidden is None or state.length != len(committed) or gamma <= 0:
             return Proposal.empty(self.device)
-        tree = self.tree if gamma >= self.tree.shape.max_depth else self.tree.prune(gamma)
+        tree = self.round_tree(state, gamma)
+        if tree is None:
+            return Proposal.empty(self.device)
         # heads: [K, V'] over their draft vocabulary, if they have one
         return tree_of_candidates(tree, self.heads(state.hidden), self.device, getattr(self.heads, "draft_vocab", None))
 

@@ -30,7 +30,8 @@ from typing import Protocol
 
 import torch
 
-from .head_proposers import tree_of_candidates
+from .head_proposers import PlannedTree, tree_of_candidates
+from .tree_planner import TreePlanner
 from .kv_chunks import KVChunk
 from .proposals import Proposal
 from .sampling import SamplingParams
@@ -65,21 +66,20 @@ class MtpState:
     length: int = 0  # len(committed) the target's states reach: a stale state drafts nothing
     # The last drafting's per-depth logits [D, V] and the length they were drafted at: the
     # pass consumes the pending states, so proposing again before a verify reuses them.
-    drafted: tuple[int, torch.Tensor] | None = None
+    drafted_logits: tuple[int, torch.Tensor] | None = None
+    drafted: ChoiceTree | None = None  # the tree the last round drafted (what its path indexes)
 
 
-class MtpProposer:
+class MtpProposer(PlannedTree):
     uses_target_hidden = True
 
-    def __init__(self, modules: MtpModules, tree: ChoiceTree, device: torch.device | str = "cpu"):
-        self.modules, self.tree, self.device = modules, tree, device
+    def __init__(self, modules: MtpModules, tree: ChoiceTree, device: torch.device | str = "cpu",
+                 planner: TreePlanner | None = None):
+        """A ``planner`` plans trees no deeper than ``tree``: each depth is a module run."""
+        self.modules, self.tree, self.device, self.planner = modules, tree, device, planner
         self.depths = tree.shape.max_depth
         self.target_hidden = getattr(modules, "target_hidden", FINAL)
         self.vocab = getattr(modules, "draft_vocab", None)  # [V'] token ids of the logits, or None
-
-    @property
-    def max_nodes(self) -> int:
-        return len(self.tree.shape)
 
     def new_state(self) -> MtpState:
         return MtpState()
@@ -97,7 +97,7 @@ class MtpProposer:
             state.pending = [None] * self.depths
             state.caches = [self.modules.new_cache() for _ in range(self.depths)]
         state.pending[0] = _cat(state.pending[0], hidden)
-        state.drafted = None
+        state.drafted_logits = None
         state.length = start + len(hidden) + 1
 
     @torch.inference_mode()
@@ -106,9 +106,11 @@ class MtpProposer:
         """A tree no deeper than ``gamma`` after ``committed``: each depth runs once."""
         if state.base < 0 or state.length != len(committed) or gamma <= 0:
             return Proposal.empty(self.device)
-        tree = self.tree if gamma >= self.depths else self.tree.prune(gamma)
-        if state.drafted is not None and state.drafted[0] == len(committed):
-            return tree_of_candidates(tree, state.drafted[1], self.device, self.vocab)
+        tree = self.round_tree(state, gamma)
+        if tree is None:
+            return Proposal.empty(self.device)
+        if state.drafted_logits is not None and state.drafted_logits[0] == len(committed):
+            return tree_of_candidates(tree, state.drafted_logits[1], self.device, self.vocab)
         P = len(committed) - 1
         F = P - 1  # the drafting position: h^0_F chose x_P
         lo = min(state.done)  # no depth reads a token before lo + 1: convert only the tail
@@ -132,8 +134,8 @@ class MtpProposer:
                 carry = out[commit:]
             top = logits[-1].argmax(-1, keepdim=True)
             ext = torch.cat([ext, (top if self.vocab is None else self.vocab[top]).cpu()])  # d_{k+1}: the top-1 path
-        state.drafted = (len(committed), torch.stack(logits))
-        return tree_of_candidates(tree, state.drafted[1], self.device, self.vocab)
+        state.drafted_logits = (len(committed), torch.stack(logits))
+        return tree_of_candidates(tree, state.drafted_logits[1], self.device, self.vocab)
 
 
 def _rows(x: torch.Tensor | None) -> int:

@@ -24,6 +24,7 @@ from ..models.detokenizer import MAX_STOP_CHARS, MAX_STOPS, StopScanner
 from ..rpc import internal_pb2, outrider_pb2
 from ..core.eagle_proposer import EagleTree
 from ..core.multi_draft import tree_members
+from ..core.tree_planner import AUTO_TREE
 from ..core.tree import choice_tree, parse_choices
 from ..rpc.convert import HEAD_METHODS, METHOD_IDS, METHODS, method_name, sampling_from_proto, sampling_to_proto
 from ..telemetry import tracing
@@ -126,7 +127,7 @@ class GatewayService:
             try:
                 if method == "tree":
                     tree_members(tree)
-                else:
+                elif tree != AUTO_TREE or method == "eagle":
                     EagleTree.parse(tree) if method == "eagle" else choice_tree(parse_choices(tree))
             except ValueError as err:
                 raise InvalidRequest(str(err)) from None

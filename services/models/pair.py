@@ -19,6 +19,7 @@ from ..core.multi_draft import TreeProposer, tree_members
 from ..core.proposers import DraftModelProposer, NgramProposer, Proposer
 from ..core.suffix import SuffixProposer
 from ..core.tree import choice_tree, parse_choices
+from ..core.tree_planner import AUTO_TREE, TreePlanner
 from ..core.verifier import TargetVerifier
 from ..core.target import TargetRunner
 from .eagle import fused
@@ -28,6 +29,7 @@ from .loading import ModelPaths, check_pair, load_model, load_tokenizer, max_con
 HEAD_KINDS = ("medusa", "mtp", "eagle")  # drafters that run on the verifier, from the target's hidden states
 DRAFTERS = ("draft", "ngram", "suffix", *HEAD_KINDS, "tree", "none")
 MAX_HEAD_DEPTH = 8
+PLANNED_NODES = 32  # the largest tree a planner may plan
 
 
 @dataclass
@@ -101,21 +103,28 @@ def make_proposer(pair: ModelPair, drafter: str, confidence_stop: float = 0.0, t
     if drafter in HEAD_KINDS:
         if drafter not in pair.heads:
             raise InvalidRequest(f"the {drafter} drafter needs its heads (load_pair(..., heads=({drafter!r},)))")
-        return head_proposer(pair.heads[drafter], tree)
+        return head_proposer(pair.heads[drafter], tree, Planners(pair.target)(pair.heads[drafter]))
     if drafter == "none":
         return None
     raise InvalidRequest(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
 
 
-def head_proposer(heads, tree: str | None = None) -> MedusaProposer | MtpProposer | EagleProposer:
+def head_proposer(heads, tree: str | None = None, planner: Callable[[], TreePlanner] | None = None
+                  ) -> MedusaProposer | MtpProposer | EagleProposer:
     """Drafts ``tree`` (paths of candidate ranks, or EAGLE's "depth,top_k,nodes"; None or
-    "" = the heads' tuned tree) with Medusa heads, MTP modules or an EAGLE-3 drafter."""
+    "" = the heads' tuned tree; "auto" = planned from measurement by ``planner()``, the
+    replica's planner for these heads) with Medusa heads, MTP modules or an EAGLE-3 drafter."""
     if getattr(heads, "kind", "") == "eagle":
         try:
             shape = EagleTree.parse(tree) if tree else heads.tree
         except ValueError as err:
             raise InvalidRequest(str(err)) from None
         return EagleProposer(heads, shape, heads.fc.weight.device)
+    planned = None
+    if tree == AUTO_TREE:
+        if planner is None:
+            raise InvalidRequest("this verifier cannot plan trees (tensor parallel); name a tree or leave it empty")
+        planned, tree = planner(), ""
     try:
         shape = choice_tree(parse_choices(tree)) if tree else heads.config.tree()
     except ValueError as err:
@@ -124,10 +133,38 @@ def head_proposer(heads, tree: str | None = None) -> MedusaProposer | MtpPropose
     if heads.config.kind == "mtp":
         if shape.shape.max_depth > MAX_HEAD_DEPTH:
             raise InvalidRequest(f"tree depth {shape.shape.max_depth} exceeds {MAX_HEAD_DEPTH} MTP depths")
-        return MtpProposer(heads, shape, device)
+        return MtpProposer(heads, shape, device, planned)
     if shape.shape.max_depth > heads.config.num_heads:
         raise InvalidRequest(f"tree depth {shape.shape.max_depth} exceeds the {heads.config.num_heads} Medusa heads")
-    return MedusaProposer(heads, shape, device)
+    return MedusaProposer(heads, shape, device, planned)
+
+
+def tree_planner(target, heads) -> TreePlanner:
+    """A planner for Medusa heads' or MTP modules' trees, starting from their tuned tree,
+    with T(n) measured on ``target``'s device (a few seconds on a CPU)."""
+    from .build.heads import verify_cost  # (build imports this module)
+
+    if getattr(heads, "kind", "") == "eagle":
+        raise InvalidRequest("EAGLE grows its own tree each round: 'auto' plans Medusa and MTP trees")
+    initial = heads.config.tree()
+    depth = initial.shape.max_depth if heads.config.kind == "mtp" else heads.config.num_heads
+    cost = verify_cost(target, PLANNED_NODES, str(next(target.parameters()).device), repeats=5)
+    return TreePlanner(initial, cost, depth)
+
+
+class Planners:
+    """A replica's tree planners, one per head kind, made on first use."""
+
+    def __init__(self, target):
+        self.target, self.made = target, {}
+
+    def __call__(self, heads) -> Callable[[], TreePlanner]:
+        def get() -> TreePlanner:
+            kind = heads.config.kind
+            if kind not in self.made:
+                self.made[kind] = tree_planner(self.target, heads)
+            return self.made[kind]
+        return get
 
 
 def eagle_relay(eagle, window: int = DEFAULT_WINDOW) -> Callable[[str], EagleFeatureRelay]:

@@ -19,7 +19,7 @@ from ..core.verifier import TargetVerifier
 from ..core.kv_pool import BLOCK_TOKENS
 from ..core.target import TargetRunner
 from ..models.loading import context_length, load_config, load_model, load_tokenizer
-from ..models.pair import eagle_relay, head_proposer, load_pair_heads
+from ..models.pair import Planners, eagle_relay, head_proposer, load_pair_heads
 from ..rpc import internal_pb2
 from ..state.client import AttemptWatch, PrefixSharing, ShardedPrefixSharing, replica_state_client
 from ..telemetry import tracing
@@ -66,7 +66,8 @@ class Verifier:
         relay = None
         if "eagle" in heads and cfg.eagle.placement == "drafter":  # drafted on the draft workers: keep only fc
             relay = eagle_relay(heads.pop("eagle"), cfg.eagle.feature_window)
-        head_proposer = _heads_proposer(heads) if heads else None
+        planners = Planners(runner.model) if isinstance(runner, TargetRunner) else None
+        head_proposer = _heads_proposer(heads, planners) if heads else None
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica,
                                        head_proposer=head_proposer, tokenizer=tokenizer, eagle_relay=relay,
                                        feature_dtype=cfg.eagle.feature_dtype)
@@ -108,12 +109,13 @@ class Verifier:
         return ray.get_runtime_context().get_node_id()
 
 
-def _heads_proposer(heads: dict):
-    """The verifier's head proposer: one per request, for the method and tree it asks for."""
+def _heads_proposer(heads: dict, planners: Planners | None):
+    """The verifier's head proposer: one per request, for the method and tree it asks
+    for; a tree planned from measurement ("auto") shares the replica's planner."""
 
     def proposer(method: str, tree: str):
         if method not in heads:
             raise InvalidRequest(f"this verifier serves {', '.join(k.upper() for k in heads)}, not {method.upper()}")
-        return head_proposer(heads[method], tree)
+        return head_proposer(heads[method], tree, None if planners is None else planners(heads[method]))
 
     return proposer
