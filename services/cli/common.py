@@ -29,8 +29,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                                      "the target, else the target's own checkpoint if it ships them)")
     group.add_argument("--eagle", help="an EAGLE-3 drafter for the target, in the published layout: folder or hub "
                                        "id (default: <target>-eagle beside the target, if there)")
-    group.add_argument("--tree", help="Medusa's or MTP's token tree as paths of candidate ranks, e.g. '0;1;0.0' "
-                                      "(default: the tree tuned when the heads were built)")
+    group.add_argument("--tree", help="Medusa's or MTP's token tree as paths of candidate ranks, e.g. '0;1;0.0', "
+                                      "or 'auto': planned from measurement as it decodes (default: the tree tuned "
+                                      "when the heads were built)")
     group.add_argument("--eagle-tree", help="EAGLE's dynamic tree as depth,top_k,nodes, e.g. 5,2,8 "
                                             "(default: the one saved with the drafter)")
     group.add_argument("--tree-drafters", help="the drafters the tree drafter merges, in order, of draft, suffix, "

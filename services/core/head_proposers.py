@@ -54,7 +54,11 @@ class PlannedTree:
 
     def observe_path(self, state, path: tuple[int, ...]) -> None:
         """The round's accepted nodes (indices into the tree it drafted), for the planner."""
-        if self.planner is not None and state.drafted is not None:
+        if self.planner is None:
+            return
+        if state.drafted is None:
+            self.planner.idle()
+        else:
             self.planner.observe(state.drafted, state.drafted.choices[path[-1]] if path else ())
 
 
@@ -81,6 +85,7 @@ class MedusaProposer(PlannedTree):
                 stop=None) -> Proposal:
         """A tree no deeper than ``gamma`` (the round's draft budget) after ``committed``."""
         if state.hidden is None or state.length != len(committed) or gamma <= 0:
+            state.drafted = None
             return Proposal.empty(self.device)
         tree = self.round_tree(state, gamma)
         if tree is None:

@@ -105,6 +105,7 @@ class MtpProposer(PlannedTree):
                 stop=None) -> Proposal:
         """A tree no deeper than ``gamma`` after ``committed``: each depth runs once."""
         if state.base < 0 or state.length != len(committed) or gamma <= 0:
+            state.drafted = None
             return Proposal.empty(self.device)
         tree = self.round_tree(state, gamma)
         if tree is None:

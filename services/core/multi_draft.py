@@ -131,10 +131,9 @@ def merge_proposals(proposals: list[Proposal], device: torch.device | str = "cpu
 
 
 def with_branches(proposal: Proposal, branches: int) -> Proposal:
-    """A draft chain with, at each depth, its next ``branches - 1`` likeliest tokens
-    (its alternatives) as point-mass leaves beside the drafted one: the draft model's
-    top-k branches, at no extra draft step. (A leaf equal to the drafted token merges
-    into it.)"""
+    """A draft chain with its ``branches`` likeliest tokens at each depth (its
+    alternatives) as point-mass leaves beside the drafted one: the draft model's top-k
+    branches, at no extra draft step. The leaf equal to the drafted token merges into it."""
     alts = proposal.alternatives
     if branches <= 1 or alts is None or not proposal.is_chain or not len(proposal):
         return proposal

@@ -39,6 +39,7 @@ SHRINK = 4.0  # M: pseudo-tries a path's own count is shrunk towards its positio
 # accepted 0.76x what it predicted over 600 rounds.)
 PRIOR_HITS, PRIOR_TRIES = 0.5, 5.0
 REPLAN_EVERY = 32  # rounds between plans
+PROBE_EVERY = 4  # plans' worth of rounds without drafting between probes
 
 
 class TreePlanner:
@@ -50,6 +51,7 @@ class TreePlanner:
         the largest tree it may plan); ``initial``: the tree until it has measured."""
         self.cost = np.asarray(cost, dtype=np.float64)
         self.max_depth, self.max_rank, self.replan_every = max_depth, max_rank, replan_every
+        self.initial = initial
         self.tree: ChoiceTree | None = initial  # None: drafting does not pay
         self.planned = False  # ``tree`` is still ``initial``, not a plan
         self.predicted = 0.0  # the plan's expected tokens a round (1 + E)
@@ -73,6 +75,14 @@ class TreePlanner:
         self.rounds += 1
         if self.rounds % self.replan_every == 0:
             self.plan()
+
+    def idle(self) -> None:
+        """A round drafted nothing because the plan said so. Now and then the tuned tree
+        comes back for a plan's worth of rounds, so that a text turned predictable again
+        is measured again; the next plan decides anew."""
+        self.rounds += 1
+        if self.tree is None and self.rounds % (PROBE_EVERY * self.replan_every) == 0:
+            self.tree, self.planned = self.initial, False
 
     def plan(self) -> ChoiceTree | None:
         """Re-plan from everything measured; sets and returns ``tree``."""

@@ -54,7 +54,7 @@ def error_for(error: Exception) -> OpenAIError:
 
 class SpeculationBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["draft", "ngram", "suffix", "none", "medusa", "mtp", "eagle"] | None = None  # None: the server's
+    method: Literal["draft", "ngram", "suffix", "none", "medusa", "mtp", "eagle", "tree"] | None = None  # None: the server's
     gamma: int = Field(0, ge=0)
     adaptive: bool = False
     pipeline: bool | None = None

@@ -3,9 +3,15 @@ plans the tree that maximises tokens per unit of verify time, predicts what its 
 accept, and plans nothing when drafting cannot pay."""
 
 import numpy as np
+from tiny_models import hf_greedy, random_heads, tiny
 
+from services.core.engine import SpeculativeEngine
+from services.core.gamma import GammaSchedule
+from services.core.head_proposers import MedusaProposer
+from services.core.target import TargetRunner
 from services.core.tree import choice_tree, parse_choices
 from services.core.tree_planner import TreePlanner
+from services.core.verifier import TargetVerifier
 
 INITIAL = choice_tree(parse_choices("0;1;0.0"))
 
@@ -62,3 +68,23 @@ def test_it_plans_nothing_when_drafting_cannot_pay():
     planner = TreePlanner(INITIAL, cost=1.0 + 2.0 * np.arange(33), max_depth=4, replan_every=10)
     _simulate(planner, lambda rng: (3,), 200, np.random.default_rng(2))  # rank 3: never in the tree
     assert planner.tree is None and planner.predicted == 1.0
+
+
+def test_a_stopped_plan_probes_the_tuned_tree_again():
+    planner = TreePlanner(INITIAL, cost=1.0 + 2.0 * np.arange(33), max_depth=4, replan_every=10)
+    _simulate(planner, lambda rng: (3,), 100, np.random.default_rng(2))
+    assert planner.tree is None
+    for _ in range(4 * 10):
+        planner.idle()
+    assert planner.tree is INITIAL and not planner.planned
+
+
+def test_planned_medusa_decoding_is_target_only_decoding():
+    """The engine feeds every round's path to the replica's planner; trees change, tokens do not."""
+    target = tiny("llama", seed=0)
+    planner = TreePlanner(INITIAL, cost=1.0 + 0.02 * np.arange(17), max_depth=3, replan_every=4)
+    proposer = MedusaProposer(random_heads(target, seed=1, num_heads=3), INITIAL, planner=planner)
+    engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), proposer, None, 256, GammaSchedule(8))
+    for prompt in ([5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 11, 12, 11, 12, 40, 41]):
+        assert engine.generate(prompt, 40).token_ids == hf_greedy(target, prompt, 40, eos=None)
+    assert planner.rounds >= 8 and planner.planned and sum(planner.tries.values()) > 0
