@@ -4,6 +4,7 @@ Serve's gRPC proxy on loopback, for tests."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from contextlib import contextmanager
@@ -25,9 +26,19 @@ STORE = 128 * 2**20
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral
+    range (32768 up). An ephemeral port, free when asked, was now and then taken by a
+    Ray process starting before Serve's proxy bound it ("Address already in use")."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def _start_head(head_node_args: dict) -> Cluster:
