@@ -15,11 +15,11 @@ from ..bench.concurrent import combine_passes, summarize_concurrency
 from ..bench.report import format_table, run_rows, summarize, write_concurrency_plot, write_json, write_plot
 from ..bench.workloads import repetitive_prompts
 from ..models.loading import BUNDLED_DIR
-from ..models.pair import load_pair
+from ..models.pair import drafter_heads, load_pair
 from .bench_configs import (TREE_DRAFTERS, check_fits, concurrency_configs, local_configs, parse_ints,
                             server_configs)
 from .common import (UsageError, add_model_options, add_server_options, apply_threads, model_paths, server_client,
-                     validate_device)
+                     tree_option, validate_device)
 
 DEFAULT_PROMPTS = BUNDLED_DIR / "heldout_prompts.jsonl"
 BENCH_DRAFTERS = ("draft", "ngram", "suffix", "medusa", "mtp", "eagle", "tree")
@@ -135,7 +135,8 @@ def run(args) -> int:
     if need_pair:
         pair = load_pair(model_paths(args), args.device, args.dtype,
                          with_draft=bool({"draft", "tree"} & set(drafters)) or not args.no_hf, trust_remote_code=args.trust_remote_code,
-                         heads=tuple(d for d in drafters if d in TREE_DRAFTERS) if args.server is None else ())
+                         heads=tuple(dict.fromkeys(h for d in drafters for h in drafter_heads(d, tree_option(args, d))))
+                         if args.server is None else ())
     summarize_pass, speedup_key = summarize, "speedup_vs_ar"
     if args.levels:
         build = concurrency_configs

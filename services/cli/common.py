@@ -35,7 +35,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eagle-tree", help="EAGLE's dynamic tree as depth,top_k,nodes, e.g. 5,2,8 "
                                             "(default: the one saved with the drafter)")
     group.add_argument("--tree-drafters", help="the drafters the tree drafter merges, in order, of draft, suffix, "
-                                               "ngram (default: draft,suffix)")
+                                               "ngram and one of medusa, mtp, eagle (default: draft,suffix)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     group.add_argument("--dtype", default="default", choices=["default", "auto", "float32", "bfloat16", "float16"],
                        help="weights dtype (default: bf16 on GPU, fp32 on CPU)")

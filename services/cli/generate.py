@@ -11,7 +11,7 @@ from ..core.errors import InvalidRequest
 from ..core.sampling import MAX_LOGPROBS, Penalties, SamplingParams, StopRule
 from ..core.stats import GenerationStats
 from ..models.detokenizer import MAX_STOPS, StopScanner
-from ..models.pair import DRAFTERS, HEAD_KINDS, load_pair, make_engine
+from ..models.pair import DRAFTERS, HEAD_KINDS, drafter_heads, load_pair, make_engine
 from .common import (UsageError, add_model_options, add_server_options, apply_threads, model_paths, server_client,
                      tree_option, validate_device)
 
@@ -87,7 +87,7 @@ def run(args) -> int:
 
     pair = load_pair(model_paths(args), args.device, args.dtype,
                      with_draft=args.drafter in ("draft", "tree"), trust_remote_code=args.trust_remote_code,
-                     heads=(args.drafter,) if args.drafter in HEAD_KINDS else ())
+                     heads=drafter_heads(args.drafter, tree_option(args, args.drafter)))
     engine = make_engine(pair, args.drafter, schedule, args.confidence_stop, tree_option(args, args.drafter))
     prompt_ids = pair.tokenizer(args.prompt)["input_ids"]
     engine.validate(prompt_ids, args.max_new_tokens)

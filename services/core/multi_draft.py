@@ -37,11 +37,15 @@ from .errors import InvalidRequest
 from .gamma import MAX_GAMMA, draft_budget
 from .kv_chunks import KVChunk
 from .proposals import Proposal
-from .proposers import DraftModelProposer, Proposer, StopCheck
+from .proposers import NgramProposer, Proposer, StopCheck
 from .sampling import SamplingParams
+from .suffix import SuffixProposer
+from .target import FINAL
 from .tree import tree_shape
 
-MEMBERS = ("draft", "suffix", "ngram")  # the drafters a tree may merge (heads on the verifier: not yet)
+LOOKUPS = ("suffix", "ngram")
+HEADS = ("medusa", "mtp", "eagle")  # drafting heads on the verifier: at most one per tree
+MEMBERS = ("draft", *LOOKUPS, *HEADS)  # the drafters a tree may merge
 DEFAULT_MEMBERS = "draft,suffix"
 DEFAULT_BRANCHES = 2  # a draft chain's likeliest tokens tried at each depth: the drafted one and the runner-up
 # A tree's lookups may match this many times deeper than its draft chain: they cost
@@ -62,9 +66,9 @@ def tree_members(spec: str | None) -> list[str]:
     The draft model, when there, goes first: it may be sampled (see above)."""
     members = [m.strip() for m in (spec or DEFAULT_MEMBERS).split(",") if m.strip()]
     if (not members or any(m not in MEMBERS for m in members) or len(set(members)) != len(members)
-            or "draft" in members[1:]):
-        raise InvalidRequest(f"a tree merges distinct drafters of {', '.join(MEMBERS)}, the draft model first "
-                             f"(e.g. {DEFAULT_MEMBERS!r}); got {spec!r}")
+            or "draft" in members[1:] or sum(m in HEADS for m in members) > 1):
+        raise InvalidRequest(f"a tree merges distinct drafters of {', '.join(MEMBERS)}, the draft model first and "
+                             f"one kind of heads at most (e.g. {DEFAULT_MEMBERS!r}); got {spec!r}")
     return members
 
 
@@ -161,19 +165,31 @@ class TreeProposer:
     its chain arrives with the round and goes first (``drafted_elsewhere``), ahead of
     the members here (the lookups).
 
-    Per-sequence state is the tuple of the members' states. Members that read the
-    target's hidden states (heads on the verifier) are not members yet."""
+    Per-sequence state is the tuple of the members' states. One member may read the
+    target's hidden states (heads on the verifier): the tree then reads them as that
+    member does, and passes them on (``observe``)."""
 
     def __init__(self, members: list[Proposer], branches: int = DEFAULT_BRANCHES, device: torch.device | str = "cpu",
                  drafted_elsewhere: bool = False):
         self.members, self.branches, self.device = list(members), branches, device
         self.drafted_elsewhere = drafted_elsewhere
+        readers = [i for i, m in enumerate(self.members) if getattr(m, "uses_target_hidden", False)]
+        if len(readers) > 1:
+            raise ValueError("a tree takes one kind of heads at most: each reads its own hidden states")
+        self.reader = readers[0] if readers else None
+        self.uses_target_hidden = self.reader is not None
+        if self.reader is not None:
+            self.target_hidden = getattr(self.members[self.reader], "target_hidden", FINAL)
         # Pool room a round's tree may take: a chain, with its alternatives, at most 1 + branches nodes a depth.
         chain = MAX_GAMMA * (1 + max(branches, 0))
         self.max_nodes = sum(getattr(m, "max_nodes", chain) for m in self.members) + (chain if drafted_elsewhere else 0)
 
     def new_state(self) -> tuple:
         return tuple(m.new_state() for m in self.members)
+
+    def observe(self, state: tuple, start: int, hidden) -> None:
+        """The target's hidden states, for the member that drafts from them."""
+        self.members[self.reader].observe(state[self.reader], start, hidden)
 
     def restore_state(self, chunks: list[KVChunk]) -> tuple:
         return tuple(m.restore_state(chunks) for m in self.members)
@@ -184,7 +200,7 @@ class TreeProposer:
         ``lookup_gamma``: how deep the lookups may go (None: ``gamma``; the engine passes
         LOOKUP_REACH x gamma within the request's token budget)."""
         deep = gamma if lookup_gamma is None else lookup_gamma
-        proposals = [m.propose(s, committed, gamma if isinstance(m, DraftModelProposer) else deep, params, stop)
+        proposals = [m.propose(s, committed, deep if isinstance(m, (SuffixProposer, NgramProposer)) else gamma, params, stop)
                      for m, s in zip(self.members, state)]
         if drafted is not None:
             proposals.insert(0, drafted)

@@ -109,6 +109,13 @@ def make_proposer(pair: ModelPair, drafter: str, confidence_stop: float = 0.0, t
     raise InvalidRequest(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
 
 
+def drafter_heads(drafter: str, tree: str | None = None) -> tuple[str, ...]:
+    """The heads ``drafter`` needs loaded: its own, or a tree's members' (``tree``)."""
+    if drafter == "tree":
+        return tuple(m for m in tree_members(tree) if m in HEAD_KINDS)
+    return (drafter,) if drafter in HEAD_KINDS else ()
+
+
 def head_proposer(heads, tree: str | None = None, planner: Callable[[], TreePlanner] | None = None
                   ) -> MedusaProposer | MtpProposer | EagleProposer:
     """Drafts ``tree`` (paths of candidate ranks, or EAGLE's "depth,top_k,nodes"; None or

@@ -98,9 +98,8 @@ class VerifierService:
         if method in MODEL_FREE:
             proposer = self.model_free[method]
         elif method == "tree":  # the worker's draft chain (if a member) merged with lookups drafted here
-            members = tree_members(spec.tree)
-            proposer = TreeProposer([self.model_free[m] for m in members if m != "draft"], device=self.device,
-                                    drafted_elsewhere="draft" in members)
+            proposer = TreeProposer([self._tree_member(m) for m in tree_members(spec.tree) if m != "draft"],
+                                    device=self.device, drafted_elsewhere=tree_members(spec.tree)[0] == "draft")
         elif relayed:
             proposer = self.eagle_relay(spec.tree)
         elif method in ON_VERIFIER:
@@ -323,9 +322,17 @@ class VerifierService:
             span.end()  # a round left open by a cancelled or failed session
             link.close()
 
+    def _tree_member(self, name: str) -> Proposer:
+        """A TREE member drafted on this replica: a lookup, or heads it holds."""
+        if name in self.model_free:
+            return self.model_free[name]
+        if self.head_proposer is None:
+            raise InvalidRequest(f"this verifier has no heads for a tree with {name.upper()}")
+        return self.head_proposer(name, "")
+
     async def _with_lookups(self, seq: SequenceState, drafted: Proposal) -> Proposal:
-        """TREE: the worker's chain, first at every node, merged with this replica's
-        lookups (drafted on the compute thread, in turn with the passes)."""
+        """TREE: the worker's chain, first at every node, merged with what this replica
+        drafts (lookups, heads; on the compute thread, in turn with the passes)."""
         if not isinstance(seq.proposer, TreeProposer):
             return drafted
         t0 = time.perf_counter()

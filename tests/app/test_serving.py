@@ -63,16 +63,17 @@ def test_greedy_over_grpc_is_target_only_decoding(server, pair, method, pipeline
         assert (stats.pipeline_rounds > 0) == (pipeline and method == "draft")  # lookups run on the verifier
 
 
-@pytest.mark.parametrize("tree,pipeline", [("", True), ("", False), ("draft,suffix,ngram", True), ("suffix,ngram", True)])
+@pytest.mark.parametrize("tree,pipeline", [("", True), ("", False), ("draft,suffix,ngram", True), ("suffix,ngram", True),
+                                           ("draft,medusa,suffix", True), ("mtp,suffix", True)])
 def test_greedy_tree_over_grpc_is_target_only_decoding(server, pair, tree, pipeline):
-    """TREE: the worker's draft chain merged on the verifier with its lookups (or the
-    lookups alone, with no hop), one pass a round, the same tokens."""
+    """TREE: the worker's draft chain merged on the verifier with its lookups and heads
+    (or those alone, with no hop), one pass a round, the same tokens."""
     for prompt in PROMPTS[:2]:
         tokens, chunks = stream(server, make_request(prompt, 40, method="tree", tree=tree, gamma=4, pipeline=pipeline))
         assert tokens == target_only(pair, prompt, 40)
         stats = chunks[-1].stats
         assert stats.emitted == 40 and stats.drafted > 0
-        on_worker = not tree.startswith("suffix")
+        on_worker = tree == "" or tree.startswith("draft")
         assert (stats.draft_bytes > 0) == on_worker and (stats.pipeline_rounds > 0) == (on_worker and pipeline)
 
 

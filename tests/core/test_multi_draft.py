@@ -12,22 +12,23 @@ import numpy as np
 import pytest
 import torch
 from distribution import ALPHA, chi2_pvalue, has_power
-from tiny_models import hf_greedy, noisy_copy, tiny
+from tiny_models import hf_greedy, noisy_copy, random_heads, tiny
 
 from services.core.draft_q import compact
 from services.core.engine import SpeculativeEngine
 from services.core.errors import InvalidRequest
 from services.core.gamma import GammaSchedule
+from services.core.head_proposers import MedusaProposer
 from services.core.multi_draft import (TreeProposer, lookup_budget, merge_proposals, merge_trees, one_hot, point_masses,
                                        tree_members, with_branches)
 from services.core.proposers import DraftModelProposer, NgramProposer
 from services.core.suffix import SuffixProposer
-from services.core.target import TargetRunner
+from services.core.target import FINAL, TargetRunner
+from services.core.tree import choice_tree, parse_choices, tree_shape
 from services.core.verifier import TargetVerifier
 from services.core.proposals import DraftAlternatives, Proposal
 from services.core.rejection import DraftBatch, Randomness
 from services.core.sampling import SamplingParams, SamplingRows, adjusted_probs
-from services.core.tree import tree_shape
 from services.core.tree_accept import TreeBatch, accept_tree_batch
 
 V = 8
@@ -179,6 +180,20 @@ def test_greedy_tree_decoding_is_transformers_greedy(models, members, gamma):
         assert branched > 0  # paths through another drafter's node or a runner-up leaf
 
 
+def test_a_tree_with_heads_on_the_verifier_passes_them_the_hidden_states(models):
+    """draft + Medusa heads + suffix: the tree reads the target's hidden states as its
+    head member does, and greedy output is unchanged."""
+    target, draft = models
+    heads = MedusaProposer(random_heads(target, seed=1, num_heads=3), choice_tree(parse_choices("0;1;0.0;0.0.0")))
+    tree = TreeProposer([DraftModelProposer(draft), heads, SuffixProposer()])
+    assert tree.uses_target_hidden and tree.target_hidden == FINAL
+    eng = _engine(target, tree, 4)
+    for prompt in PROMPTS:
+        assert eng.generate(prompt, 40).token_ids == hf_greedy(target, prompt, 40, eos=None)
+    with pytest.raises(ValueError, match="one kind of heads"):
+        TreeProposer([heads, heads])
+
+
 def test_lookups_reach_past_the_chain_within_the_budget(models):
     target, _ = models
     prompt = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3  # the target continues it; a lookup matches far
@@ -208,6 +223,7 @@ def test_sampled_tree_decoding_runs_with_draft_q_and_point_masses(models):
 
 def test_a_tree_names_distinct_drafters_with_the_draft_model_first():
     assert tree_members(None) == ["draft", "suffix"] and tree_members("draft, ngram,suffix") == ["draft", "ngram", "suffix"]
-    for bad in ("suffix,draft", "draft,draft", "draft,medusa", ","):
+    assert tree_members("draft,mtp,suffix") == ["draft", "mtp", "suffix"]
+    for bad in ("suffix,draft", "draft,draft", "draft,medusa,eagle", "draft,beam", ","):
         with pytest.raises(InvalidRequest, match="draft model first"):
             tree_members(bad)
