@@ -141,7 +141,7 @@ def test_verifier_refusals_reach_the_client_as_a_status_with_the_reason(tokenize
     (dict(method="mtp"), "MTP is not served here"),
     (dict(method="eagle"), "EAGLE is not served here: no EAGLE-3 drafter"),
     (dict(method="draft", tree="0;1"), "a tree is for MEDUSA, MTP, EAGLE or TREE, not DRAFT"),
-    (dict(method="tree", tree="draft,medusa"), "the draft model first"),
+    (dict(method="tree", tree="draft,medusa,mtp"), "one kind of heads at most"),
 ])
 def test_methods_without_heads_and_misplaced_trees_are_refused(tokenizer, request_args, reason):
     service = GatewayService(tokenizer, LIMITS, FakeVerifier())
