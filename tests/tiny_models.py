@@ -149,3 +149,21 @@ def save_tiny_pair(root, family: str = "llama", vocab: int = 300):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     return root / "target", root / "draft"
+
+
+QWEN2_VOCAB = 151_936
+
+
+def qwen2_real_shape(layers: int = 4):
+    """A Qwen2-shaped target at real scale where it matters (151,936 tokens, GQA 8:2, a
+    4k context), narrow elsewhere, its LM head scaled so that distributions are peaked
+    as a trained model's are. Seeds torch's global generator (0) first."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    target = Qwen2ForCausalLM(Qwen2Config(vocab_size=QWEN2_VOCAB, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
+                                          max_position_embeddings=4096, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        target.get_output_embeddings().weight.mul_(8.0)
+    return target

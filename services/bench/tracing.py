@@ -67,7 +67,7 @@ def round_tracing_cost_s(provider: TracerProvider | None, repeat: int = 2000) ->
     from ..drafter.service import DrafterService, _drafted
     from ..rpc import internal_pb2
     from ..verifier import batcher
-    from ..verifier.service import VerifierService, _record_round
+    from ..verifier.round_spans import record_round, round_span
 
     req = internal_pb2.VerifyRequest(request_id="0" * 32, session_id="1" * 32)
     block = DraftBlock(0, Proposal(tokens=torch.arange(4)), False, None, 0.004)
@@ -80,16 +80,16 @@ def round_tracing_cost_s(provider: TracerProvider | None, repeat: int = 2000) ->
         root = tracing.start_span("outrider.generate")
         request_ctx = tracing.extract(*tracing.inject(root))
         t0 = time.process_time()
-        span = VerifierService._round_span(req, 0, request_ctx)
+        span = round_span(req, 0, request_ctx)
         for k in range(n):
             # verifier: the pass's verify span, the round's outcome, the next round's span
             job = batcher._Job(None, done, proposal=block.proposal, span=span if span.is_recording() else None)
             if job.span is not None:
                 batcher._verify_spans([job], time.time_ns(), time.time_ns(), [result])
             if span.is_recording():
-                _record_round(span, block, result, early, True, True)
+                record_round(span, block, result, early, True, True)
             span.end()
-            span = VerifierService._round_span(req, k + 1, request_ctx)
+            span = round_span(req, k + 1, request_ctx)
             traceparent, tracestate = tracing.inject(span)
             # draft worker: the outcome's context, the fresh and the early block's spans
             round_ctx = tracing.extract(traceparent, tracestate)

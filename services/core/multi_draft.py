@@ -138,6 +138,12 @@ def with_branches(proposal: Proposal, branches: int) -> Proposal:
     """A draft chain with its ``branches`` likeliest tokens at each depth (its
     alternatives) as point-mass leaves beside the drafted one: the draft model's top-k
     branches, at no extra draft step. The leaf equal to the drafted token merges into it."""
+    return merge_proposals([_with_leaves(proposal, branches)], proposal.tokens.device)
+
+
+def _with_leaves(proposal: Proposal, branches: int) -> Proposal:
+    """``with_branches`` before the merge: the leaves appended, duplicates and all (the
+    tree's one merge dedups them with everything else)."""
     alts = proposal.alternatives
     if branches <= 1 or alts is None or not proposal.is_chain or not len(proposal):
         return proposal
@@ -147,9 +153,8 @@ def with_branches(proposal: Proposal, branches: int) -> Proposal:
     q = proposal.draft_q
     if q is not None:
         q = SparseQ.stack([_row(q, i, 0, q.vocab) for i in range(n)] + [one_hot(int(t), q.vocab) for t in leaves])
-    both = Proposal(tokens=torch.cat([proposal.tokens, leaves.to(proposal.tokens.device)]), draft_q=q,
+    return Proposal(tokens=torch.cat([proposal.tokens, leaves.to(proposal.tokens.device)]), draft_q=q,
                     tree=tree_shape(tuple(range(-1, n - 1)) + tuple(leaf_parents.tolist())))
-    return merge_proposals([both], proposal.tokens.device)
 
 
 def _row(q: SparseQ | None, i: int, token: int, vocab: int) -> SparseQ:
@@ -204,4 +209,4 @@ class TreeProposer:
                      for m, s in zip(self.members, state)]
         if drafted is not None:
             proposals.insert(0, drafted)
-        return merge_proposals([with_branches(p, self.branches) for p in proposals], self.device)
+        return merge_proposals([_with_leaves(p, self.branches) for p in proposals], self.device)

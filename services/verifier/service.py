@@ -34,26 +34,7 @@ from ..state.client import PrefixSharing, ShardedPrefixSharing
 from ..telemetry import tracing
 from .batcher import RoundBatcher
 from .draft_link import OPEN_S, DraftLink, NoOtherWorker
-
-
-def _record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit: bool, pipelined: bool) -> None:
-    """A round's outcome on its span; with pipelining, what became of the early block
-    drafted for the next round while this one verified."""
-    drafted = len(block.proposal)
-    span.set_attributes({
-        "outrider.gamma": drafted, "outrider.accepted": result.num_accepted,
-        "outrider.bonus_kept": drafted > 0 and result.num_accepted == drafted,  # every draft accepted
-        "outrider.pipeline_hit": hit,  # the next round runs on the early block (RoundOutcome.pipeline_hit)
-        # This round's block was drafted early, as a branch for the outcome of the round before.
-        "outrider.early_block": block.speculative or block.from_cache,
-        "outrider.committed": len(result.tokens),
-    })
-    if not pipelined:
-        return
-    if hit:
-        span.add_event("draft.early_kept", {"outrider.round": block.round + 1, "outrider.assumed_accepted": early.accepted})
-    else:  # no branch for this outcome had arrived (the worker may still send one drafted for it)
-        span.add_event("draft.early_discarded", {"outrider.round": block.round + 1, "outrider.reason": "no_branch"})
+from .round_spans import record_round, round_span
 
 
 class VerifierService:
@@ -98,8 +79,9 @@ class VerifierService:
         if method in MODEL_FREE:
             proposer = self.model_free[method]
         elif method == "tree":  # the worker's draft chain (if a member) merged with lookups drafted here
-            proposer = TreeProposer([self._tree_member(m) for m in tree_members(spec.tree) if m != "draft"],
-                                    device=self.device, drafted_elsewhere=tree_members(spec.tree)[0] == "draft")
+            members = tree_members(spec.tree)
+            proposer = TreeProposer([self._tree_member(m) for m in members if m != "draft"], device=self.device,
+                                    drafted_elsewhere=members[0] == "draft")
         elif relayed:
             proposer = self.eagle_relay(spec.tree)
         elif method in ON_VERIFIER:
@@ -207,7 +189,7 @@ class VerifierService:
         await self._prefill(seq, trace_ctx)
         round = req.first_round
         while not seq.finished:
-            span = self._round_span(req, round, trace_ctx)
+            span = round_span(req, round, trace_ctx)
             try:
                 t0 = time.perf_counter()
                 proposal = await self.batcher.run(seq, self.engine.propose, seq) if seq.proposer else Proposal.empty(self.device)
@@ -225,13 +207,6 @@ class VerifierService:
             yield result
             round += 1
 
-    @staticmethod
-    def _round_span(req, round: int, trace_ctx):
-        if not tracing.enabled():
-            return tracing.INVALID_SPAN
-        return tracing.start_span("outrider.round", trace_ctx, attributes={
-            "outrider.session_id": req.session_id, "outrider.request_id": req.request_id, "outrider.round": round})
-
     async def _speculative(self, seq: SequenceState, req, method: str, control, trace_ctx=None) -> AsyncIterator[RoundResult]:
         pipeline = req.speculation.pipeline
         round = req.first_round  # a resumed stream numbers its rounds on
@@ -240,7 +215,7 @@ class VerifierService:
         # A round's span starts as the previous one ends (at the previous outcome), so
         # the blocks drafted for it, and the early block drafted while it verifies, are
         # its children: the worker gets its context with the open and each outcome.
-        span = self._round_span(req, round, trace_ctx)
+        span = round_span(req, round, trace_ctx)
         link.trace = tracing.inject(span)
         # The target's prefill overlaps finding a draft replica and drafting the first
         # round; an EAGLE drafter there needs the prompt's features from it first.
@@ -264,8 +239,9 @@ class VerifierService:
                 proposal = await self._with_lookups(seq, block.proposal)
                 result = await self.batcher.verify(seq, proposal, span)
                 # Did the round commit the worker's own drafts (a TREE's path may leave them)?
-                chain = block.proposal.tokens[: result.num_accepted].tolist()
-                followed = result.num_accepted <= len(block.proposal) and result.tokens[: len(chain)] == chain
+                followed = proposal is block.proposal or (
+                    result.num_accepted <= len(block.proposal)
+                    and result.tokens[: result.num_accepted] == block.proposal.tokens[: result.num_accepted].tolist())
                 first = round == req.first_round  # its block read the prompt too: not a draft's price
                 # The controller plans the worker's chain: a tree's lookups ride along, free to draft.
                 self._control(seq, control, len(block.proposal), min(result.num_accepted, len(block.proposal)),
@@ -287,9 +263,9 @@ class VerifierService:
                 seq.stats.pipeline_hits += hit
                 unreported += result.tokens
                 if span.is_recording():
-                    _record_round(span, block, result, early, hit, pipelined)
+                    record_round(span, block, result, early, hit, pipelined)
                 span.end()
-                span = tracing.INVALID_SPAN if seq.finished else self._round_span(req, round + 1, trace_ctx)
+                span = tracing.INVALID_SPAN if seq.finished else round_span(req, round + 1, trace_ctx)
                 link.trace = tracing.inject(span)
                 # A worker told gamma 0 drafts nothing and waits: while drafting stays
                 # off, the verifier decodes alone and tells it nothing (no per-round

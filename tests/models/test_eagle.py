@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tiny_models import hf_greedy, random_eagle, tiny
+from tiny_models import hf_greedy, qwen2_real_shape, random_eagle, tiny
 
 from services.core.eagle_proposer import EagleProposer, EagleTree
 from services.core.engine import SpeculativeEngine
@@ -146,14 +146,7 @@ def test_layer_features_are_the_states_entering_those_layers():
 def test_real_vocabulary_long_prompt_gqa_greedy_exact():
     """A Qwen2-shaped target with 151,936 tokens and a 1,500-token prompt; a drafter
     over a 32k draft vocabulary drafting EAGLE-2 trees."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    target = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                          max_position_embeddings=4096, tie_word_embeddings=True)).eval()
-    with torch.no_grad():
-        target.get_output_embeddings().weight.mul_(8.0)
+    target = qwen2_real_shape()
     drafter = random_eagle(target, 1, torch.randperm(151_936)[:32_768])
     prompt = torch.randint(0, 151_936, (1500,)).tolist()
     eng = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes=2**26)),

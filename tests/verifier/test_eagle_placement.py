@@ -19,7 +19,7 @@ from services.core.verifier import TargetVerifier
 from services.drafter.service import DrafterService, make_proposers
 from services.models.loading import bundled_paths
 from services.models.pair import head_proposer, load_pair
-from tiny_models import hf_greedy, random_eagle, tiny
+from tiny_models import hf_greedy, qwen2_real_shape, random_eagle, tiny
 
 PROMPT = list(range(20, 60))
 GREEDY = SamplingParams(seed=0)
@@ -191,14 +191,7 @@ def test_a_real_vocabulary_and_a_long_prompt_sampled_match_the_verifier_placemen
     prompt in a 4k context, a 32k draft vocabulary, sampled. The prompt's features go in
     pieces with the open; with float32 features the seeded output is the verifier
     placement's, token for token."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    target = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                          max_position_embeddings=4096, tie_word_embeddings=True)).eval()
-    with torch.no_grad():
-        target.get_output_embeddings().weight.mul_(8.0)
+    target = qwen2_real_shape()
     eagle = random_eagle(target, 1, torch.randperm(151_936)[:32_768])
     prompt = torch.randint(0, 151_936, (3000,)).tolist()
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
