@@ -3,18 +3,28 @@ resource for a load, from a profile ``outrider bench --profile`` measured on the
 replicas' own hardware (services/bench/profile.py).
 
 The model is the goodput controller's (core/goodput.py), fitted to the profile:
-  T(n) = a + b*n                 verify pass over n positions (batch x (gamma+1))
+  T(B, g) = a + m*B + b*B(g+1)   verify pass over B sessions of g drafts: each session
+                                 costs on its own (its KV, its acceptance), and each position
   s(r) = c + e*r                 one batched draft step over r sessions
-  E(g) = (1 - alpha^(g+1)) / (1 - alpha)   tokens a round commits
-  round(B, g) = T(B(g+1)) + max(0, g*s(B) - T(B(g+1))) + hop
-The draft of round k+1 runs while round k verifies (pipelining): only what it takes
-beyond the pass is exposed; gamma 0 has no draft and no hop. A verifier replica running
-B sessions commits B*E(g)/round(B, g) tokens/s, each session at TPOT round(B, g)/E(g).
+  o(B) = u + v*B                 what serving adds to a round of B sessions (gateway,
+                                 Serve's proxy, streaming), measured through the API
+  E(g) = 1 + sum_k<=g P(a >= k)  tokens a round commits; P(a >= k) the measured share of
+                                 rounds that accepted draft k, alpha^k past the deepest
+  round(B, g) = T(B(g+1)) + o(B) + exposed draft + hop
+The draft of round k+1 runs while round k verifies (pipelining): on separate nodes only
+what it takes beyond the pass is exposed, max(0, g*s(B) - T); where the draft workers
+share the verifier's cores (one machine) it is not hidden at all, g*s(B). Gamma 0 has
+no draft and no hop. A verifier replica running B sessions commits B*E(g)/round(B, g)
+tokens/s, each session at TPOT round(B, g)/E(g). A request of O tokens takes
+TTFT(B) + (O-1)/E(g) * round(B, g): its first chunk waits for the first round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+
+import numpy as np
 from dataclasses import dataclass
 
 from ..core.gamma import MAX_GAMMA
@@ -24,9 +34,24 @@ LINK_BYTES_S = 10e9 / 8  # a 10 Gbit/s link between draft and verifier nodes
 OBJECT_STORE_BYTES = 8 * 2**30  # Ray's object store on the head node
 
 
+def fit_pass(rows: list[dict]) -> tuple[float, float, float]:
+    """Least squares (a, m, b) of T(B, g) = a + m*B + b*B(g+1) over the profile's passes,
+    no coefficient below 0: a term that fits negative is dropped and the rest refitted."""
+    X = np.array([[1.0, r["batch"], r["positions"]] for r in rows])
+    y = np.array([r["seconds"] for r in rows])
+    keep = [0, 1, 2]
+    while True:
+        coef = np.zeros(3)
+        coef[keep] = np.linalg.lstsq(X[:, keep], y, rcond=None)[0]
+        negative = [k for k in keep if coef[k] < 0]
+        if not negative:
+            return tuple(float(c) for c in coef)
+        keep.remove(min(negative, key=lambda k: coef[k]))
+
+
 @dataclass(frozen=True)
 class Model:
-    verify: tuple[float, float]  # (a, b): T(n) seconds
+    verify: tuple[float, float, float]  # (a, m, b): T(B, g) seconds
     step: tuple[float, float]  # (c, e): s(r) seconds
     prefill_s_per_token: float
     alpha: float
@@ -34,39 +59,82 @@ class Model:
     bytes_per_round: float
     draft_kv_bytes_per_token: float = 0.0  # a session's saved draft KV chunks (object store)
     max_batch: int = 16
+    prompt_tokens: int = 1
+    accept: tuple[float, ...] = ()  # P(a >= k) for k = 1, 2, ...: drafts accepted at each depth
+    service: tuple[float, float] = (0.0, 0.0)  # (u, v): o(B) seconds a round; zero without a served profile
+    ttft: tuple[float, float] | None = None  # served target-only time to first token, p + q*B seconds
+    max_gamma: int = MAX_GAMMA  # the clients' ceiling (Speculation.gamma)
+    exposed: float = 0.0  # share of the draft steps not hidden under the pass they overlap (0 on separate nodes)
 
     @classmethod
-    def from_profile(cls, profile: dict, max_batch: int = 16) -> "Model":
-        verify = fit_line([r["positions"] for r in profile["verify_pass"]], [r["seconds"] for r in profile["verify_pass"]])
+    def from_profile(cls, profile: dict, max_batch: int = 16, shared: bool = False, max_gamma: int = MAX_GAMMA) -> "Model":
+        """``shared``: draft workers run on the verifiers' hardware, which slows both by
+        the profile's measured ``colocated_overlap`` (all of it, 1.0, where unmeasured)."""
+        verify = fit_pass(profile["verify_pass"])
         step = fit_line([r["rows"] for r in profile["draft_step"]], [r["seconds"] for r in profile["draft_step"]])
-        return cls(verify, step, profile["prefill_s"] / profile["prompt_tokens"], min(profile["alpha"], 0.999),
-                   profile["transport_s_per_round"], profile["bytes_per_round"],
-                   profile.get("draft_kv_bytes_per_token", 0.0), max_batch)
+        model = cls(verify, step, profile["prefill_s"] / profile["prompt_tokens"], min(profile["alpha"], 0.999),
+                    profile["transport_s_per_round"], profile["bytes_per_round"],
+                    profile.get("draft_kv_bytes_per_token", 0.0), max_batch, profile["prompt_tokens"],
+                    tuple(min(p, 0.999) for p in profile.get("acceptance_per_position", ())),
+                    max_gamma=max_gamma, exposed=profile.get("colocated_overlap", 1.0) if shared else 0.0)
+        served = profile.get("served")
+        if not served:
+            return model
+        # o(B): the served target-only round (one token) less the pass the profile timed.
+        batches = [min(r["streams"], max_batch) for r in served]
+        rounds = [r["token_s"] / math.ceil(r["streams"] / max_batch) for r in served]
+        # Not clamped: where the fitted pass is above a level's served round, o there is
+        # negative, and the served target-only round is still what was measured.
+        extra = [t - model.pass_s(b, 0) for b, t in zip(batches, rounds)]
+        overhead = tuple(float(c) for c in np.polyfit(batches, extra, 1)[::-1]) if len(set(batches)) > 1 \
+            else (float(np.mean(extra)), 0.0)
+        ttft = fit_line([r["streams"] for r in served], [r["ttft_s"] for r in served])
+        return dataclasses.replace(model, service=overhead, ttft=ttft)
 
-    def pass_s(self, positions: float) -> float:
-        return self.verify[0] + self.verify[1] * positions
+    def pass_s(self, batch: float, gamma: int) -> float:
+        return self.verify[0] + self.verify[1] * batch + self.verify[2] * batch * (gamma + 1)
 
     def tokens_per_round(self, gamma: int) -> float:
-        return expected_tokens(self.alpha, gamma)
+        if not self.accept:
+            return expected_tokens(self.alpha, gamma)
+        total, reach = 1.0, 1.0  # reach: P(a >= k), never rising with k
+        for k in range(gamma):
+            reach = min(reach, self.accept[k]) if k < len(self.accept) else reach * self.alpha
+            total += reach
+        return total
 
     def round_s(self, batch: int, gamma: int) -> float:
-        verify = self.pass_s(batch * (gamma + 1))
+        verify = self.pass_s(batch, gamma)
+        served = max(1e-6, verify + self.service[0] + self.service[1] * batch)
         if gamma == 0:
-            return verify
+            return served
         draft = gamma * (self.step[0] + self.step[1] * batch)
-        return verify + max(0.0, draft - verify) + self.hop_s
+        # Overlapped, the longer of the two sets the round; sharing hardware, a share of
+        # the shorter adds to it.
+        return served + max(0.0, draft - verify) + self.exposed * min(draft, verify) + self.hop_s
+
+    def first_token_s(self, streams: int) -> float:
+        """Target-only time to first token with ``streams`` arriving at once: served as
+        measured, else the prefills of a batch one after another."""
+        if self.ttft is not None:
+            return self.ttft[0] + self.ttft[1] * streams
+        return self.prefill_s_per_token * self.prompt_tokens * min(streams, self.max_batch)
 
     def best_gamma(self, batch: int) -> int:
         """The goodput controller's choice at this batch."""
-        return max(range(MAX_GAMMA + 1), key=lambda g: self.tokens_per_round(g) / self.round_s(batch, g))
+        return max(range(self.max_gamma + 1), key=lambda g: self.tokens_per_round(g) / self.round_s(batch, g))
 
-    def streams_tokens_per_s(self, streams: int, speculative: bool = True) -> float:
+    def streams_tokens_per_s(self, streams: int, speculative: bool = True, output_tokens: int | None = None) -> float:
         """Tokens/s of ``streams`` concurrent sessions on one verifier and one draft
-        worker: ceil(streams / max_batch) passes make a round of every session."""
+        worker: ceil(streams / max_batch) passes make a round of every session. With
+        ``output_tokens``, requests of that length back to back, first tokens included."""
         batch = min(streams, self.max_batch)
         passes = math.ceil(streams / self.max_batch)
         gamma = self.best_gamma(batch) if speculative else 0
-        return streams * self.tokens_per_round(gamma) / (passes * self.round_s(batch, gamma))
+        round_s, per_round = passes * self.round_s(batch, gamma), self.tokens_per_round(gamma)
+        if output_tokens is None:
+            return streams * per_round / round_s
+        return streams * output_tokens / (self.first_token_s(streams) + (output_tokens - 1) / per_round * round_s)
 
 
 def plan(model: Model, rps: float, tpot_s: float, prompt_tokens: int, output_tokens: int,
@@ -80,19 +148,22 @@ def plan(model: Model, rps: float, tpot_s: float, prompt_tokens: int, output_tok
         if tpot <= tpot_s:
             options.append((batch * model.tokens_per_round(gamma) / model.round_s(batch, gamma), batch, gamma, tpot))
     if not options:
-        fastest = min(model.round_s(1, g) / model.tokens_per_round(g) for g in range(MAX_GAMMA + 1))
+        fastest = min(model.round_s(1, g) / model.tokens_per_round(g) for g in range(model.max_gamma + 1))
         raise ValueError(f"a TPOT of {tpot_s * 1e3:.1f} ms is out of reach here: one session alone gets "
                          f"{fastest * 1e3:.1f} ms at best")
     per_replica, batch, gamma, tpot = max(options)
     prefill_s = model.prefill_s_per_token * prompt_tokens
-    ttft = prefill_s + model.round_s(batch, gamma)
+    if model.ttft is not None:  # served target-only, measured; a speculative first chunk waits a round
+        ttft = model.first_token_s(batch) + (model.round_s(batch, gamma) if gamma else 0.0)
+    else:
+        ttft = prefill_s + model.round_s(batch, gamma)
     decode_tokens_s = rps * output_tokens
     # Replica-seconds per second: decoding at the chosen batch, plus every prefill.
     verifiers = math.ceil(decode_tokens_s / per_replica + rps * prefill_s)
     sessions = rps * (ttft + output_tokens * tpot)  # Little's law: sessions open at once
     # A draft worker keeps a session's draft hidden while gamma steps over all its
     # sessions take no longer than the pass they overlap.
-    window = model.pass_s(batch * (gamma + 1))
+    window = model.pass_s(batch, gamma)
     rows = max((r for r in range(1, 257) if gamma * (model.step[0] + model.step[1] * r) <= window), default=1)
     drafters = math.ceil(sessions / rows) if gamma else 0
     rounds_s = decode_tokens_s / model.tokens_per_round(gamma)

@@ -6,8 +6,13 @@ needs, measured on this machine with the pair it serves:
 - the draft model's batched step over ``rows`` sessions (seconds; the step the draft
   workers batch, ``extend_batch``);
 - the prefill of a prompt (seconds per prompt);
-- per-draft acceptance of the pair on the prompts, and what a round costs on the wire
-  (draft block bytes, transport time), served over loopback gRPC.
+- per-draft acceptance of the pair on the prompts, overall and by draft position, and
+  what a round costs on the wire (draft block bytes, transport time), served over
+  loopback gRPC;
+- with a server (``--server``): what serving adds around the passes, measured through
+  the public API target-only (``served_decoding``): each level's time to first token
+  and seconds per token. On a small model the gateway, Serve's proxy and the stream
+  cost as much as the pass; the planner subtracts its own pass costs to get that.
 
 Each timing is the median of ``repeat`` runs, interleaved.
 """
@@ -23,6 +28,8 @@ import torch
 from ..core.kv import KVState, extend, extend_batch
 from ..core.proposals import Proposal
 from ..core.sampling import SamplingParams
+from ..core.stats import GenerationStats
+from ..rpc.convert import stats_from_proto
 from ..core.target import TargetRunner
 from ..core.verifier import TargetVerifier, VerifyRequest
 
@@ -87,6 +94,52 @@ def draft_step_costs(draft, prompts: list[list[int]], repeat: int) -> list[dict]
     return out
 
 
+def colocated_overlap(pair, prompts: list[list[int]], repeat: int, batch: int = 4, gamma: int = 8) -> float:
+    """How much of drafting stays exposed when a draft worker shares the verifier's
+    hardware (one machine's cores, one GPU): a pass over ``batch`` sessions of ``gamma``
+    drafts and the gamma + 1 draft steps that hide under it, timed alone and at once in
+    two threads. 0: they overlap fully, as on separate nodes; 1: one waits for the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with torch.inference_mode():
+        verifier = TargetVerifier(TargetRunner(pair.target))
+        reqs = []
+        for b in range(batch):
+            kv, committed = verifier.new_state(), prompts[b % len(prompts)]
+            verifier.prefill(kv, committed[:-1], reserve=len(committed) + gamma + 1)
+            reqs.append((kv, committed))
+        kvs = []
+        for r in range(batch):
+            kv = KVState.empty(pair.draft)
+            extend(pair.draft, kv, prompts[r % len(prompts)], logits_to_keep=1)
+            kvs.append(kv)
+        lengths = [len(kv) for kv in kvs]
+    drafts = torch.full((gamma,), 2, dtype=torch.long, device=pair.target.device)
+
+    @torch.inference_mode()
+    def verify():
+        for kv, committed in reqs:
+            kv.tokens = committed[:-1]
+        verifier.verify([VerifyRequest(kv, committed, Proposal(drafts), SamplingParams(), 0) for kv, committed in reqs])
+
+    @torch.inference_mode()
+    def draft():
+        for _ in range(gamma + 1):
+            extend_batch(pair.draft, kvs, [[2]] * batch, [1] * batch)
+        for kv, n in zip(kvs, lengths):
+            kv.truncate(n)
+
+    with ThreadPoolExecutor(2) as pool:
+        def both():
+            for future in [pool.submit(verify), pool.submit(draft)]:
+                future.result()
+
+        alone_v, alone_d, together = (_median_time(fn, repeat) for fn in (verify, draft, both))
+    with torch.inference_mode():
+        verifier.release([kv for kv, _ in reqs])
+    return min(1.0, max(0.0, (together - max(alone_v, alone_d)) / min(alone_v, alone_d)))
+
+
 @torch.inference_mode()
 def prefill_seconds(target, prompts: list[list[int]], repeat: int) -> float:
     verifier = TargetVerifier(TargetRunner(target))
@@ -112,9 +165,38 @@ def served_rounds(pair, prompts: list[list[int]], gamma: int, max_new: int) -> d
     runs = [stats for _, stats in asyncio.run(go())]
     accepted, rejections = sum(s.accepted for s in runs), sum(s.rejections for s in runs)
     drafting = sum(s.drafted_per_position[0] for s in runs if s.drafted_per_position) or 1
+    total = GenerationStats()
+    for s in runs:
+        total += stats_from_proto(s)
     return {"gamma": gamma, "alpha": accepted / max(1, accepted + rejections),
+            # P(a >= k): the share of rounds that accepted draft k (a run is not geometric)
+            "acceptance_per_position": [a / d for a, d in zip(total.accepted_per_position, total.drafted_per_position) if d],
             "bytes_per_round": sum(s.draft_bytes for s in runs) / drafting,
             "transport_s_per_round": sum(s.transport_s for s in runs) / drafting}
+
+
+def served_decoding(client, texts: list[str], max_new: int, levels: list[int]) -> list[dict]:
+    """Target-only through a server at each level of concurrent streams: the median time
+    to first token, and the median seconds per token after it (one token a round)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..gateway.client import make_request
+
+    def one(text):
+        start, times = time.perf_counter(), []
+        for chunk in client.generate(make_request(text, max_new, method="none")):
+            times.extend([time.perf_counter() - start] * len(chunk.token_ids))
+        return times[0], (times[-1] - times[0]) / max(1, len(times) - 1)
+
+    out = []
+    for streams in levels:
+        batch = [texts[i % len(texts)] for i in range(max(streams, len(texts)))]
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(one, batch[:streams]))  # warm-up: this level's batch shapes
+            timed = list(pool.map(one, batch))
+        out.append({"streams": streams, "ttft_s": statistics.median(t for t, _ in timed),
+                    "token_s": statistics.median(r for _, r in timed)})
+    return out
 
 
 def kv_bytes_per_token(model) -> int:
@@ -125,7 +207,8 @@ def kv_bytes_per_token(model) -> int:
     return 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
 
 
-def run_profile(pair, prompts: list[list[int]], repeat: int, max_new: int, on_row=print) -> dict:
+def run_profile(pair, prompts: list[list[int]], repeat: int, max_new: int, on_row=print,
+                client=None, texts: list[str] = (), levels: list[int] = ()) -> dict:
     verify = verify_costs(pair.target, prompts, repeat)
     on_row(f"  verify pass: {len(verify)} (batch, gamma) points, batch 16 gamma 8: "
            f"{verify[-1]['seconds'] * 1e3:.1f} ms")
@@ -134,9 +217,15 @@ def run_profile(pair, prompts: list[list[int]], repeat: int, max_new: int, on_ro
     rounds = served_rounds(pair, prompts, 8, max_new)
     on_row(f"  served rounds: alpha {rounds['alpha']:.3f}, {rounds['bytes_per_round']:.0f} B and "
            f"{rounds['transport_s_per_round'] * 1e3:.2f} ms transport a round")
+    served = {}
+    if client is not None:
+        served["served"] = served_decoding(client, list(texts), max_new, list(levels))
+        on_row("  served target-only: " + ", ".join(
+            f"{r['streams']} streams {r['token_s'] * 1e3:.1f} ms/token (TTFT {r['ttft_s'] * 1e3:.0f} ms)" for r in served["served"]))
     return {
-        "prompt_tokens": round(statistics.fmean(len(p) for p in prompts)),
+        "prompt_tokens": round(statistics.fmean(len(p) for p in prompts)), **served,
         "verify_pass": verify, "draft_step": steps, "prefill_s": prefill_seconds(pair.target, prompts, repeat),
         **rounds, "draft_kv_bytes_per_token": kv_bytes_per_token(pair.draft),
+        "colocated_overlap": colocated_overlap(pair, prompts, repeat),
         "threads": torch.get_num_threads(), "device": str(pair.target.device),
     }

@@ -72,8 +72,9 @@ def add_parser(sub, name: str) -> None:
                              "forward at batch 8 and contexts 256/1024/4096, bytes per round at V=151,936, what "
                              "truncating q costs in acceptance (default JSON: bench-out/scale.json)")
     parser.add_argument("--profile", type=Path, default=None, metavar="OUT",
-                        help="in-process: measure what `outrider capacity` plans from (verify pass by batch and "
-                             "gamma, draft step by rows, prefill, acceptance, bytes and transport a round) into OUT")
+                        help="measure what `outrider capacity` plans from into OUT: in-process, the verify pass by "
+                             "batch and gamma, draft step by rows, prefill, acceptance, bytes and transport a round; "
+                             "with --server, also serving's own cost, target-only at --concurrency (default 1,16)")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     add_model_options(parser)
@@ -211,12 +212,17 @@ def tree_verify_cost(pair) -> dict:
 def run_profile_bench(args) -> int:
     from ..bench.profile import run_profile
 
-    if args.server or args.levels:
-        raise UsageError("--profile measures in-process; drop --server and --concurrency")
+    if args.levels and not args.server:
+        raise UsageError("--profile --concurrency sets the served levels: give --server HOST:PORT too")
     pair = load_pair(model_paths(args), args.device, args.dtype, trust_remote_code=args.trust_remote_code)
-    prompts = [pair.tokenizer(t)["input_ids"] for t in load_prompts(args.prompts, args.limit)]
+    texts = load_prompts(args.prompts, args.limit)
+    prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
     check_fits(pair, prompts, args.max_new_tokens)
-    profile = run_profile(pair, prompts, max(3, args.repeat), args.max_new_tokens)
+    # With a server, serving's own cost is measured through it, target-only, at one
+    # stream and at a full batch (the app's default max_batch_size).
+    client = server_client(args) if args.server else None
+    profile = run_profile(pair, prompts, max(3, args.repeat), args.max_new_tokens,
+                          client=client, texts=texts, levels=args.levels or [1, 16])
     args.profile.parent.mkdir(parents=True, exist_ok=True)
     args.profile.write_text(json.dumps(profile, indent=2) + "\n")
     print(f"wrote {args.profile}")

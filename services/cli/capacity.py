@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..bench.capacity import LINK_BYTES_S, OBJECT_STORE_BYTES, Model, plan
+from ..core.gamma import MAX_GAMMA
 from .common import UsageError
 
 
@@ -26,13 +27,20 @@ def add_parser(sub, name: str) -> None:
                         help="instead: predicted tokens/s of N concurrent streams on one verifier and one draft "
                              "worker, speculative and target-only (to check against `outrider bench --server "
                              "--concurrency N`)")
+    parser.add_argument("--gamma", type=int, default=MAX_GAMMA, help="the clients' gamma ceiling")
+    parser.add_argument("--drafter-placement", choices=("separate", "shared"), default="separate",
+                        help="draft workers on their own nodes (as the k8s overlays place them), or on the "
+                             "verifiers' hardware (one machine, `outrider serve`): draft steps and passes then slow "
+                             "each other as much as the profile measured (`colocated_overlap`)")
     parser.add_argument("--json", type=Path, default=None, help="also write the plan here")
 
 
 def run(args) -> int:
     try:
         profile = json.loads(args.profile.read_text())
-        model = Model.from_profile(profile, args.max_batch_size)
+        if not 0 <= args.gamma <= MAX_GAMMA:
+            raise UsageError(f"--gamma must be within 0..{MAX_GAMMA}, got {args.gamma}")
+        model = Model.from_profile(profile, args.max_batch_size, args.drafter_placement == "shared", args.gamma)
     except FileNotFoundError:
         raise UsageError(f"profile not found: {args.profile}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError) as error:
@@ -44,11 +52,20 @@ def run(args) -> int:
             raise UsageError(f"--streams must be comma-separated integers, got {args.streams!r}") from None
         if not levels or min(levels) < 1:
             raise UsageError(f"--streams needs positive integers, got {args.streams!r}")
-        result = {"by_concurrency": {str(n): {
-            "tokens_per_s": model.streams_tokens_per_s(n), "target_only_tokens_per_s": model.streams_tokens_per_s(n, False),
-            "gamma": model.best_gamma(min(n, model.max_batch))} for n in levels}}
+        out = args.output_tokens
+        result = {"output_tokens": out, "served_overhead": model.ttft is not None, "by_concurrency": {str(n): {
+            "tokens_per_s": model.streams_tokens_per_s(n, output_tokens=out),
+            "target_only_tokens_per_s": model.streams_tokens_per_s(n, False, output_tokens=out),
+            "gamma": model.best_gamma(min(n, model.max_batch)),
+            "tokens_per_round": model.tokens_per_round(model.best_gamma(min(n, model.max_batch))),
+            "round_s": model.round_s(min(n, model.max_batch), model.best_gamma(min(n, model.max_batch)))}
+            for n in levels}}
+        if model.ttft is None:
+            print("the profile has no served measurement (`outrider bench --profile OUT --server ADDR`): "
+                  "serving's own cost per round is left out")
         for n, row in result["by_concurrency"].items():
-            print(f"{n:>4} streams: {row['tokens_per_s']:7.1f} tok/s speculative (gamma {row['gamma']}), "
+            print(f"{n:>4} streams: {row['tokens_per_s']:7.1f} tok/s speculative (gamma {row['gamma']}, "
+                  f"{row['tokens_per_round']:.2f} tokens a {row['round_s'] * 1e3:.1f} ms round), "
                   f"{row['target_only_tokens_per_s']:7.1f} target-only")
     else:
         if args.rps <= 0 or args.tpot_ms <= 0 or args.output_tokens < 1 or args.link_gbps <= 0 or args.object_store_gib <= 0:

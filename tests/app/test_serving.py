@@ -52,6 +52,14 @@ def test_health_check_serves(server):
     assert server.healthy()
 
 
+def test_the_profile_times_served_target_only_decoding(server):
+    from services.bench.profile import served_decoding
+
+    levels = served_decoding(server, PROMPTS, 6, [1, 2])
+    assert [r["streams"] for r in levels] == [1, 2]
+    assert all(0 < r["token_s"] < 1 and 0 < r["ttft_s"] < 10 for r in levels)
+
+
 @pytest.mark.parametrize("method,pipeline", [("draft", True), ("draft", False), ("ngram", True), ("suffix", True),
                                              ("none", True)])
 def test_greedy_over_grpc_is_target_only_decoding(server, pair, method, pipeline):

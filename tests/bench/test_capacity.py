@@ -1,22 +1,23 @@
 """The capacity planner: its arithmetic on a synthetic profile, which resource binds,
 and the CLI's contract."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 
-from services.bench.capacity import Model, plan
+from services.bench.capacity import Model, fit_pass, plan
 from services.core.goodput import fit_line
 from services.cli.main import main
 
 
-def profile(a=0.020, b=0.0005, c=0.002, e=0.0002, alpha=0.8, hop=0.001, bytes_per_round=300.0, kv=4096.0):
+def profile(a=0.020, b=0.0005, c=0.002, e=0.0002, alpha=0.8, hop=0.001, bytes_per_round=300.0, kv=4096.0, m=0.0):
     """What `outrider bench --profile` writes, from exact lines."""
     return {
         "prompt_tokens": 64, "prefill_s": 0.030, "alpha": alpha, "bytes_per_round": bytes_per_round,
         "transport_s_per_round": hop, "draft_kv_bytes_per_token": kv,
-        "verify_pass": [{"batch": bt, "gamma": g, "positions": bt * (g + 1), "seconds": a + b * bt * (g + 1)}
+        "verify_pass": [{"batch": bt, "gamma": g, "positions": bt * (g + 1), "seconds": a + m * bt + b * bt * (g + 1)}
                         for bt in (1, 2, 4, 8, 16) for g in (0, 2, 4, 8)],
         "draft_step": [{"rows": r, "seconds": c + e * r} for r in (1, 2, 4, 8, 16)],
     }
@@ -24,8 +25,60 @@ def profile(a=0.020, b=0.0005, c=0.002, e=0.0002, alpha=0.8, hop=0.001, bytes_pe
 
 def test_the_fits_recover_the_profile_lines():
     model = Model.from_profile(profile())
-    assert model.verify == pytest.approx((0.020, 0.0005)) and model.step == pytest.approx((0.002, 0.0002))
+    assert model.verify == pytest.approx((0.020, 0.0, 0.0005)) and model.step == pytest.approx((0.002, 0.0002))
     assert fit_line([1, 1], [3, 5]) == (4, 0)  # one x: no slope
+    # A cost per session on top of the cost per position is told apart from it.
+    assert Model.from_profile(profile(m=0.001)).verify == pytest.approx((0.020, 0.001, 0.0005))
+
+
+def test_a_term_that_fits_negative_is_dropped_not_kept():
+    rows = [{"batch": bt, "positions": bt * (g + 1), "seconds": 0.001 * bt * (g + 1) - 0.0001 * bt}
+            for bt in (1, 4, 16) for g in (0, 8)]
+    a, m, b = fit_pass(rows)
+    assert m == 0 and a >= 0 and b > 0
+
+
+def served_profile(levels=((1, 0.030, 0.100), (16, 0.090, 0.600)), **kw):
+    """A profile with served target-only levels: (streams, seconds a token, TTFT)."""
+    return {**profile(**kw), "served": [{"streams": n, "token_s": t, "ttft_s": f} for n, t, f in levels]}
+
+
+def test_a_served_profile_prices_what_serving_adds_to_each_round():
+    model = Model.from_profile(served_profile())
+    # At the levels it measured, a target-only round is what was measured...
+    assert model.round_s(1, 0) == pytest.approx(0.030) and model.round_s(16, 0) == pytest.approx(0.090)
+    assert model.first_token_s(1) == pytest.approx(0.100) and model.first_token_s(16) == pytest.approx(0.600)
+    # ...and requests of O tokens take TTFT + (O - 1) rounds of one token.
+    assert model.streams_tokens_per_s(16, False, output_tokens=128) == pytest.approx(16 * 128 / (0.600 + 127 * 0.090))
+    # Serving's cost is added to speculative rounds too: every round pays it once.
+    plain = Model.from_profile(profile())
+    extra = model.round_s(4, 0) - plain.round_s(4, 0)
+    assert extra > 0 and model.round_s(4, 6) - plain.round_s(4, 6) == pytest.approx(extra)
+    # Without a served measurement nothing is added.
+    assert plain.service == (0.0, 0.0) and plain.ttft is None
+
+
+def test_tokens_a_round_follow_the_measured_depths_not_a_geometric_run():
+    model = dataclasses.replace(Model.from_profile(profile(alpha=0.5)), accept=(0.9, 0.6, 0.7))
+    assert model.tokens_per_round(0) == 1
+    assert model.tokens_per_round(1) == pytest.approx(1.9)
+    assert model.tokens_per_round(3) == pytest.approx(1 + 0.9 + 0.6 + 0.6)  # a share never rises with depth
+    assert model.tokens_per_round(4) == pytest.approx(1 + 0.9 + 0.6 + 0.6 + 0.3)  # alpha past the deepest
+
+
+def test_shared_hardware_exposes_the_measured_share_of_drafting():
+    base = {**profile(c=0.002, e=0.0), "colocated_overlap": 0.5}
+    apart, shared = Model.from_profile(base), Model.from_profile(base, shared=True)
+    verify, draft = apart.pass_s(1, 4), 4 * 0.002  # the draft hides under the pass on separate nodes
+    assert apart.round_s(1, 4) == pytest.approx(verify + 0.001)
+    assert shared.round_s(1, 4) == pytest.approx(verify + 0.001 + 0.5 * draft)
+    unmeasured = Model.from_profile(profile(c=0.002, e=0.0), shared=True)
+    assert unmeasured.round_s(1, 4) == pytest.approx(verify + 0.001 + draft)
+
+
+def test_the_clients_gamma_ceiling_bounds_the_plan():
+    model = Model.from_profile(profile(), max_gamma=2)
+    assert model.best_gamma(1) <= 2 < Model.from_profile(profile()).best_gamma(1)
 
 
 def test_the_plan_meets_the_tpot_and_counts_replicas_from_throughput():
@@ -81,6 +134,16 @@ def test_cli_plans_from_a_profile_and_refuses_a_bad_one(tmp_path, capsys):
     assert "binds first" in capsys.readouterr().out
     assert main(["capacity", "--profile", str(path), "--streams", "1,4,16", "--json", str(out)]) == 0
     assert set(json.loads(out.read_text())["by_concurrency"]) == {"1", "4", "16"}
+    assert "serving's own cost per round is left out" in capsys.readouterr().out
+    path.write_text(json.dumps(served_profile()))
+    assert main(["capacity", "--profile", str(path), "--streams", "16", "--gamma", "4", "--drafter-placement",
+                 "shared", "--output-tokens", "64", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["by_concurrency"]["16"]
+    assert row["gamma"] <= 4 and row["target_only_tokens_per_s"] == pytest.approx(16 * 64 / (0.600 + 63 * 0.090))
+    for bad in (["--gamma", "-1"], ["--drafter-placement", "nowhere"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["capacity", "--profile", str(path), "--streams", "4"] + bad)
+        assert exc.value.code == 2
     path.write_text("{}")
     with pytest.raises(SystemExit) as exc:
         main(["capacity", "--profile", str(path)])

@@ -192,6 +192,9 @@ def test_bench_profile_feeds_the_capacity_planner(tmp_path, pair_args):
     assert {(r["batch"], r["gamma"]) for r in measured["verify_pass"]} >= {(1, 0), (16, 8)}
     assert all(r["seconds"] > 0 for r in measured["verify_pass"] + measured["draft_step"])
     assert 0 <= measured["alpha"] <= 1 and measured["bytes_per_round"] > 0 and measured["draft_kv_bytes_per_token"] > 0
+    depths = measured["acceptance_per_position"]
+    assert depths and all(0 <= p <= 1 for p in depths) and 0 <= measured["colocated_overlap"] <= 1
+    assert "served" not in measured  # no --server: nothing served was measured
     plan = tmp_path / "plan.json"
     assert main(["capacity", "--profile", str(profile), "--rps", "1", "--tpot-ms", "1000", "--json", str(plan)]) == 0
     assert json.loads(plan.read_text())["verifier_replicas"] >= 1
