@@ -16,7 +16,7 @@ from .kv import KVState, extend_batch
 from .kv_chunks import KVChunk, restore_kv
 from .proposals import DraftAlternatives, Proposal
 from .sampling import SamplingParams, adjusted_probs
-from .shaping import ContextCounts, ShapeRow, shape_logits, shapes
+from .shaping import StepShaper, shapes
 
 
 # Polled between drafted tokens; True abandons the rest of the draft (a pipelined
@@ -121,7 +121,9 @@ class DraftModelProposer:
         tokens: list[list[int]] = [[] for _ in range(n)]
         qs: list[list[SparseQ]] = [[] for _ in range(n)]
         tops: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
-        counts = [ContextCounts() for _ in range(n)]  # each branch's context, counted once, then a token a step
+        # The same penalties the verifier applies to the target, each branch's context
+        # counted once, then a token a step.
+        shapers = [StepShaper(params, base, self.device) if shapes(params) else None for base in bases]
         live = [i for i in range(n) if budgets[i] > 0]
         while live:
             keep = wanted() if wanted is not None else None
@@ -132,8 +134,8 @@ class DraftModelProposer:
             logits = self.step([states[i] for i in live], [pending[i] for i in live])
             still = []
             for i, row in zip(live, logits):  # row: [V]
-                if shapes(params):  # the same penalties the verifier applies to the target, at this position
-                    row = shape_logits(row[None, None], [ShapeRow(params, bases[i] + tokens[i], [], counts=counts[i])])[0, 0]
+                if shapers[i] is not None:
+                    row = shapers[i].apply(row)
                 if params.greedy:
                     probs = row.float().softmax(-1)
                     token = int(row.argmax())
@@ -146,6 +148,8 @@ class DraftModelProposer:
                 top = probs.topk(min(ALTERNATIVES, probs.shape[-1]))
                 tops[i].append((top.indices, top.values))
                 tokens[i].append(token)
+                if shapers[i] is not None:
+                    shapers[i].append(token)
                 pending[i] = [token]
                 confident = self.confidence_stop <= 0 or self._confidence(row, probs, token, params) >= self.confidence_stop
                 if confident and len(tokens[i]) < budgets[i]:

@@ -18,7 +18,7 @@ from services.core.head_proposers import MedusaProposer
 from services.core.proposals import Proposal
 from services.core.proposers import DraftModelProposer, NgramProposer
 from services.core.sampling import Penalties, SamplingParams, StopRule, adjusted_probs
-from services.core.shaping import ContextCounts, ShapeRow, shape_logits
+from services.core.shaping import ContextCounts, ShapeRow, StepShaper, shape_logits
 from services.core.target import TargetRunner
 from services.core.tree import choice_tree, parse_choices, tree_shape
 from services.core.verifier import TargetVerifier, VerifyRequest
@@ -86,6 +86,29 @@ def test_real_vocabulary_and_context_with_counts_kept_across_rounds():
         for t in (0, 4, len(drafts)):
             want = reference_shape(logits[0, t], context[:end] + drafts[:t], 3000, params)
             assert torch.allclose(shaped[t], want, atol=1e-5), (end, t)
+
+
+@pytest.mark.parametrize("V, prompt_len, params", [
+    (12, 3, PARAMS),  # every rule, min_tokens binding for the first slots
+    (151_936, 3000, SamplingParams(penalties=Penalties(1.2, 0.5, 0.3, ((7, 1.0),)), prompt_len=3000)),
+    (151_936, 3000, SamplingParams(penalties=Penalties(1.1), prompt_len=3000)),  # repetition alone
+], ids=["all-rules", "real-shape", "repetition"])
+def test_a_drafters_step_shaper_equals_shape_logits_slot_by_slot(V, prompt_len, params):
+    """The drafter's per-step shaper gives each slot exactly what shape_logits gives
+    it, through tokens it has seen and new ones, at the bundled and a real vocabulary."""
+    gen = torch.Generator().manual_seed(2)
+    context = torch.randint(0, V, (prompt_len + 2 if V > 100 else 5,), generator=gen).tolist()
+    if V > 100:
+        context = context[:prompt_len] + context[:2]  # an output that repeats the prompt
+    shaper = StepShaper(params, context, "cpu")
+    drafted = []
+    for step in range(8):
+        logits = torch.randn(V, generator=gen) * 3
+        want = shape_logits(logits[None, None].clone(), [ShapeRow(params, context + drafted, [])])[0, 0]
+        assert torch.equal(shaper.apply(logits.clone()), want), f"step {step}"
+        token = context[step % len(context)] if step % 2 else int(torch.randint(0, V, (1,), generator=gen))
+        drafted.append(token)
+        shaper.append(token)
 
 
 def test_rows_without_rules_are_not_copied():
