@@ -9,15 +9,19 @@ import numpy as np
 import pytest
 import torch
 from distribution import ALPHA, check_power, chi2_pvalue
-from tiny_models import noisy_copy, random_heads, tiny
+from tiny_models import noisy_copy, random_eagle, random_heads, random_mtp, tiny
 
 from services.core.draft_q import SparseQ, compact
+from services.core.eagle_proposer import EagleProposer, EagleTree
 from services.core.engine import SpeculativeEngine
 from services.core.gamma import GammaSchedule
 from services.core.head_proposers import MedusaProposer
+from services.core.mtp_proposer import MtpProposer
+from services.core.multi_draft import TreeProposer
 from services.core.proposals import Proposal
 from services.core.proposers import DraftModelProposer, NgramProposer
 from services.core.sampling import Penalties, SamplingParams, StopRule, adjusted_probs
+from services.core.suffix import SuffixProposer
 from services.core.shaping import ContextCounts, ShapeRow, StepShaper, shape_logits
 from services.core.target import TargetRunner
 from services.core.tree import choice_tree, parse_choices, tree_shape
@@ -171,12 +175,30 @@ def test_stop_token_inside_a_block_ends_the_output_there(target):
     assert seq.generated == plain[: plain.index(stop) + 1] and seq.stopped_by == stop
 
 
-@pytest.mark.parametrize("method", ["draft", "medusa"])
+@pytest.fixture(scope="module")
+def target4():
+    return tiny("llama", seed=0, layers=4)  # EAGLE-3 fuses a low, a middle and a high layer
+
+
+PROPOSERS = {
+    "draft": lambda t: DraftModelProposer(noisy_copy(t, 1, 0.6)),
+    "ngram": lambda t: NgramProposer(),
+    "suffix": lambda t: SuffixProposer(),
+    "medusa": lambda t: MedusaProposer(random_heads(t, 3), TREE),
+    "mtp": lambda t: MtpProposer(random_mtp(t, 3), choice_tree(parse_choices("0;1;0.0;0.1;0.0.0"))),
+    "eagle": lambda t: EagleProposer(random_eagle(t, 1), EagleTree(depth=4, top_k=3, nodes=10)),
+    "tree": lambda t: TreeProposer([DraftModelProposer(noisy_copy(t, 1, 0.6)), SuffixProposer()]),
+}
+
+
+@pytest.mark.parametrize("method", list(PROPOSERS))
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_logprobs_equal_target_only(target, method, sampled):
+def test_logprobs_equal_target_only(target, target4, method, sampled):
     params = SamplingParams(temperature=0.8, top_k=20, seed=3) if sampled else SamplingParams()
     params = replace(params, penalties=Penalties(repetition=1.2, frequency=0.4))
-    proposer = DraftModelProposer(noisy_copy(target, 1, 0.6)) if method == "draft" else MedusaProposer(random_heads(target, 3), TREE)
+    if method == "eagle":
+        target = target4
+    proposer = PROPOSERS[method](target)
 
     def run(eng):
         seq = eng.start(PROMPTS[0], 24, params, logprobs=3)
@@ -186,10 +208,11 @@ def test_logprobs_equal_target_only(target, method, sampled):
             result = eng.verify_and_commit(seq, eng.propose(seq))
             lps += result.logprobs
             tops += result.top_logprobs
-        return seq.generated, lps, tops
+        return seq.generated, lps, tops, seq.stats
 
-    tokens, lps, tops = run(engine(target, proposer))
-    ref_tokens, ref_lps, ref_tops = run(engine(target, None))
+    tokens, lps, tops, stats = run(engine(target, proposer))
+    ref_tokens, ref_lps, ref_tops, _ = run(engine(target, None))
+    assert stats.drafted > 0  # the logprobs below came through speculative rounds
     if sampled:  # a different draft makes a different sample; score the same tokens target-only instead
         ref_lps, ref_tops = scored(target, PROMPTS[0], tokens, params)
     else:
