@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from ..core.gamma import GammaSchedule
 from ..core.errors import InvalidRequest
-from ..core.sampling import MAX_LOGPROBS, Penalties, SamplingParams, StopRule
+from ..core.sampling import MAX_LOGPROBS, Penalties, SamplingParams, StopRule, sample_seed
 from ..core.stats import GenerationStats
 from ..models.detokenizer import MAX_STOPS, StopScanner
 from ..models.pair import DRAFTERS, HEAD_KINDS, drafter_heads, load_pair, make_engine
@@ -53,8 +53,8 @@ def add_parser(sub, name: str) -> None:
 
 
 def sample_seeds(seed: int | None, n: int) -> list[int | None]:
-    """Sample i uses seed + i: reproducible as a set, independent across samples."""
-    return [None if seed is None else seed + i for i in range(n)]
+    """Each sample's seed, as the server derives them for a request's n (sample_seed)."""
+    return [None if seed is None else sample_seed(seed, i) for i in range(n)]
 
 
 def run(args) -> int:

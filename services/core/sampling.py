@@ -89,6 +89,13 @@ def derive_seed(seed: int, role: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a request's n: the first keeps the request's seed,
+    each other gets its own stream keyed by (seed, index). The gateway and the CLI both
+    use it, so a seed gives the same n samples in-process and served."""
+    return seed if index == 0 else derive_seed(seed, f"sample:{index}")
+
+
 def keyed_generator(seed: int, role: str, device: torch.device | str = "cpu") -> torch.Generator:
     """The random stream for one (seed, role) key, e.g. ``verify:17`` or ``draft@512``."""
     if seed is None:  # every unseeded request would share one stream

@@ -7,7 +7,7 @@ import secrets
 from contextlib import aclosing
 from typing import AsyncIterator
 
-from ..core.sampling import derive_seed
+from ..core.sampling import sample_seed
 from ..rpc import internal_pb2
 
 
@@ -16,7 +16,7 @@ def sample_request(req: internal_pb2.VerifyRequest, index: int) -> internal_pb2.
     sample = internal_pb2.VerifyRequest()
     sample.CopyFrom(req)
     sample.session_id = secrets.token_hex(16)
-    sample.sampling.seed = derive_seed(req.sampling.seed, f"sample:{index}")
+    sample.sampling.seed = sample_seed(req.sampling.seed, index)
     return sample
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from serving_cluster import serving_cluster
 from services.core.gamma import GammaSchedule
-from services.core.sampling import Penalties, SamplingParams, StopRule
+from services.core.sampling import sample_seed, Penalties, SamplingParams, StopRule
 from services.gateway.client import make_request
 from services.models.loading import bundled_paths
 from services.models.pair import load_pair, make_engine
@@ -104,6 +104,10 @@ def test_n_samples_are_independent_and_reproducible(server):
     _, chunks = stream(server, request)
     streamed = {i: "".join(c.text for c in chunks if c.index == i) for i in range(3)}
     assert list(streamed.values()) == texts
+    # Sample i is the request alone with sample i's seed: what `outrider generate --n` sends.
+    for i in (1, 2):
+        alone = make_request(PROMPT, 16, SamplingParams(temperature=1.0, seed=sample_seed(11, i)), gamma=4)
+        assert server.generate_unary(alone, timeout=120).text == texts[i]
     # The others start from the lead's prompt blocks (64 tokens each) in the prefix cache.
     long = make_request(PROMPT + " x = 1\n" * 40, 8, SamplingParams(temperature=1.0, seed=3), gamma=4, n=3)
     cached = [s.stats.cached_prefix_tokens for s in server.generate_unary(long, timeout=120).samples]

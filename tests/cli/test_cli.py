@@ -8,6 +8,7 @@ import pytest
 from tiny_models import random_eagle, random_heads, random_mtp, save_tiny_pair
 
 from services.cli.main import main
+from services.core.sampling import sample_seed
 from services.models.loading import bundled_paths, load_model
 
 
@@ -59,6 +60,10 @@ def test_generate_n_samples_are_seeded(capsys, pair_args):
         {**s, "stats": t["stats"]} for s, t in zip(second["samples"], first["samples"])
     ]
     assert len({tuple(s["token_ids"]) for s in first["samples"]}) > 1
+    # Sample i is the run alone with sample i's seed, as the server derives it for n.
+    alone = run_json(capsys, argv[:3] + ["--temperature", "1.0", "--seed", str(sample_seed(5, 2)),
+                                         "--max-new-tokens", "12"] + pair_args)
+    assert alone["samples"][0]["token_ids"] == first["samples"][2]["token_ids"]
 
 
 def test_generate_stops_logprobs_and_penalties_exactly_as_target_only(capsys, pair_args):
