@@ -349,6 +349,24 @@ def test_production_ends_tls_at_an_ingress_in_front_of_the_grpc_service():
     assert not [d for d in rendered("gpu") if d["kind"] == "Ingress"]  # an opt-in component
 
 
+def test_production_ends_tls_for_the_openai_api_on_the_same_host():
+    docs = rendered("production")
+    grpc, http = find(docs, "Ingress", "outrider-grpc"), find(docs, "Ingress", "outrider-http")
+    notes = http["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTP"
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # server-sent events stream
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+    assert http["spec"]["tls"] == grpc["spec"]["tls"]  # one host, one certificate
+    (rule,) = http["spec"]["rules"]
+    assert rule["host"] == grpc["spec"]["rules"][0]["host"]
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/v1" and path["pathType"] == "Prefix"
+    backend = path["backend"]["service"]
+    service = find(docs, "Service", backend["name"])
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == backend["port"]["name"]]
+    assert port["port"] == 8000 and port["appProtocol"] == "http"
+
+
 def test_production_leaves_ray_only_its_scratch_paths_writable():
     docs = rendered("production")
     for name, group in groups(docs).items():
