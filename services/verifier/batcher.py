@@ -53,7 +53,7 @@ class RoundBatcher:
         self.queue: deque[_Job] = deque()
         self.ready = asyncio.Event()
         self.worker: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []  # every verify pass's batch size, for stats
+        self.batch_sizes: deque[int] = deque(maxlen=4096)  # the latest passes' batch sizes, for stats
 
     async def verify(self, seq: SequenceState, proposal: Proposal, span=None) -> RoundResult:
         """``span``: the round's span (recording: the pass gets an ``outrider.verify``
