@@ -21,7 +21,7 @@ class DraftAlternatives:
     """The draft's likeliest tokens at each drafted position, from the distribution it
     drafted from (after shaping; a greedy draft's at temperature 1). What the
     speculation cache guesses the target's next token from (core/speculation_cache.py).
-    Stays on the draft worker."""
+    A TREE's chain sends its ids to the verifier (DraftOpen.alternatives) as leaves."""
 
     ids: torch.Tensor  # [N, K] int64 token ids, likeliest first
     probs: torch.Tensor  # [N, K] float32 their probabilities

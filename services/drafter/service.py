@@ -25,7 +25,7 @@ import grpc
 from ..core.errors import InvalidRequest
 from ..core.eagle_proposer import EagleProposer, EagleTree
 from ..core.pipeline import DraftSession
-from ..core.proposers import DraftModelProposer, Proposer
+from ..core.proposers import ALTERNATIVES, DraftModelProposer, Proposer
 from ..core.speculation_cache import MAX_FANOUT, fanout_for_load
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHODS, BlockTooLarge, block_to_proto, features_from_proto, sampling_from_proto
@@ -124,6 +124,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         session_id = first.open.session_id
+        alternatives = min(first.open.alternatives, ALTERNATIVES)  # a TREE's leaves, sent with each block
         self.active_sessions += 1
         stop = threading.Event()
         # Tracing: the stream is a span under the request's context (the call's gRPC
@@ -147,7 +148,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             await self._first_features(commands, session, first.open.feature_rows)
             round = first.open.first_round
             yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
-                                                self._run(session.draft, round)))
+                                                self._run(session.draft, round)), alternatives=alternatives)
             verifying_since = time.perf_counter()  # the block in flight: when its verification began, about
             if shared is not None:
                 self._publish_prefix(session, *shared)
@@ -170,7 +171,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                     branches = await _drafted(early_span, drafting, discarded=reported)
                     if not reported:
                         for branch in branches:
-                            yield block_to_proto(branch, session.planned)
+                            yield block_to_proto(branch, session.planned, alternatives)
                 command, arrived, features = await next_command
                 if command is None or command.outcome.finished:
                     return
@@ -188,10 +189,10 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                 if not outcome.pipeline_hit and session.gamma > 0:
                     round = outcome.round + 1
                     if cached is not None:  # drafted for this outcome already: sent at once
-                        yield block_to_proto(cached, session.planned)
+                        yield block_to_proto(cached, session.planned, alternatives)
                     else:
                         yield block_to_proto(await _drafted(self._draft_span(round_ctx, session_id, round, False),
-                                                            self._run(session.draft, round)))
+                                                            self._run(session.draft, round)), alternatives=alternatives)
                     verifying_since = time.perf_counter()
         except BlockTooLarge as error:  # the verifier fails the request with this reason
             tracing.record_error(span, error)

@@ -12,7 +12,7 @@ import torch
 from ..core.draft_q import SparseQ
 from ..core.errors import InvalidRequest
 from ..core.pipeline import DraftBlock
-from ..core.proposals import Proposal
+from ..core.proposals import DraftAlternatives, Proposal
 from ..core.sampling import Penalties, SamplingParams, StopRule
 from ..core.stats import GenerationStats
 from ..core.tree import tree_shape
@@ -86,8 +86,9 @@ def method_name(value: int, default: str) -> str:
     return METHODS[value]
 
 
-def block_to_proto(block: DraftBlock, branches: int = 0) -> internal_pb2.DraftBlock:
-    """``branches``: a speculative block's, how many were drafted for its round."""
+def block_to_proto(block: DraftBlock, branches: int = 0, alternatives: int = 0) -> internal_pb2.DraftBlock:
+    """``branches``: a speculative block's, how many were drafted for its round.
+    ``alternatives``: the draft's likeliest tokens to send per position (a TREE's)."""
     msg = internal_pb2.DraftBlock(
         round=block.round,
         speculative=block.speculative,
@@ -100,6 +101,9 @@ def block_to_proto(block: DraftBlock, branches: int = 0) -> internal_pb2.DraftBl
     )
     if not block.proposal.is_chain:
         msg.parents.extend(block.proposal.tree.parents)
+    alts = block.proposal.alternatives
+    if alternatives and alts is not None and block.proposal.is_chain:
+        msg.alternative_ids.extend(alts.ids[: len(block.proposal), :alternatives].reshape(-1).tolist())
     q = block.proposal.draft_q
     if q is not None:
         # Exactly what the drafter sampled from: the verifier derives the same q'.
@@ -148,9 +152,18 @@ def block_from_proto(msg: internal_pb2.DraftBlock, device: torch.device | str) -
         if q is not None or len(msg.parents) != len(tokens):
             raise ValueError("malformed draft block: its tree does not match its tokens")
         tree = tree_shape(tuple(msg.parents))  # checks that parents come before children
+    alternatives = None
+    if msg.alternative_ids:
+        ids = torch.tensor(list(msg.alternative_ids), dtype=torch.long)
+        if tree is not None or not len(tokens) or len(ids) % len(tokens) or (ids < 0).any():
+            raise ValueError("malformed draft block: its alternatives do not match its tokens")
+        if msg.vocab_size and (ids >= msg.vocab_size).any():
+            raise ValueError("malformed draft block: an alternative is outside the vocabulary")
+        ids = ids.view(len(tokens), -1)
+        alternatives = DraftAlternatives(ids=ids, probs=torch.zeros(ids.shape))  # probabilities stay on the worker
     return DraftBlock(
         round=msg.round,
-        proposal=Proposal(tokens=tokens.to(device), draft_q=q, tree=tree),
+        proposal=Proposal(tokens=tokens.to(device), draft_q=q, tree=tree, alternatives=alternatives),
         speculative=msg.speculative,
         guess=None if msg.guess < 0 else msg.guess,
         draft_s=msg.draft_s,

@@ -357,6 +357,8 @@ class VerifierService:
             tracestate=trace[1],
             stop=stop_to_proto(seq.params.stop),
             prompt_len=seq.params.prompt_len,
+            # A TREE adds the chain's likeliest tokens at each depth as leaves.
+            alternatives=seq.proposer.branches if isinstance(seq.proposer, TreeProposer) else 0,
         )
         features = []
         if getattr(seq.proposer, "relays_features", False):  # EAGLE: the committed text's features follow

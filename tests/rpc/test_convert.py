@@ -9,7 +9,7 @@ import torch
 from services.core.draft_q import MAX_SUPPORT, SparseQ, compact
 from services.core.errors import InvalidRequest
 from services.core.pipeline import DraftBlock
-from services.core.proposals import Proposal
+from services.core.proposals import DraftAlternatives, Proposal
 from services.core.sampling import SamplingParams
 from services.core.stats import GenerationStats
 from services.rpc import outrider_pb2
@@ -53,6 +53,18 @@ def test_a_malformed_block_is_refused():
     q = compact(torch.rand(11).softmax(-1))
     msg = block_to_proto(DraftBlock(0, Proposal(torch.tensor([1]), q), False, None, 0.0))
     msg.q_sizes[0] += 1
+    with pytest.raises(ValueError, match="malformed"):
+        block_from_proto(msg, "cpu")
+
+
+def test_a_chains_alternatives_go_only_when_asked_and_a_bad_set_is_refused():
+    alts = DraftAlternatives(ids=torch.tensor([[4, 9, 1], [5, 2, 3]]), probs=torch.rand(2, 3))
+    block = DraftBlock(1, Proposal(torch.tensor([4, 5]), alternatives=alts), False, None, 0.0)
+    assert not block_to_proto(block).alternative_ids  # not asked for: not sent
+    msg = block_to_proto(block, alternatives=2)
+    back = block_from_proto(msg, "cpu").proposal.alternatives
+    assert back.ids.tolist() == [[4, 9], [5, 2]]
+    del msg.alternative_ids[-1]  # 3 ids for 2 tokens
     with pytest.raises(ValueError, match="malformed"):
         block_from_proto(msg, "cpu")
 

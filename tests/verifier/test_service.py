@@ -48,6 +48,20 @@ def test_greedy_is_target_only_decoding(pair, method, gamma, pipeline):
         assert stats.pipeline_rounds == 0 and stats.pipeline_hits == 0
 
 
+def test_a_tree_adds_the_workers_runner_up_tokens_as_leaves(pair):
+    """The worker's chain comes with its likeliest tokens at each depth (DraftOpen.alternatives):
+    a runner-up leaf is accepted now and then, and the output is still target-only's."""
+    target, draft = pair
+
+    async def go():
+        async with Loopback(target, draft) as loop:
+            return await loop.generate(PROMPT, 40, method="tree", tree="draft", gamma=4)
+
+    tokens, stats = run(go())
+    assert tokens == hf_greedy(target, PROMPT, 40, eos=None)
+    assert len(stats.accepted_per_rank) > 1 and stats.accepted_per_rank[1] > 0
+
+
 def test_a_perfect_draft_makes_every_early_block_usable():
     target = tiny("llama", seed=3)
 
