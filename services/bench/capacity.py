@@ -10,11 +10,11 @@ The model is the goodput controller's (core/goodput.py), fitted to the profile:
                                  Serve's proxy, streaming), measured through the API
   E(g) = 1 + sum_k<=g P(a >= k)  tokens a round commits; P(a >= k) the measured share of
                                  rounds that accepted draft k, alpha^k past the deepest
-  round(B, g) = T(B(g+1)) + o(B) + exposed draft + hop
+  round(B, g) = T(B, g) + o(B) + exposed draft + hop
 The draft of round k+1 runs while round k verifies (pipelining): on separate nodes only
 what it takes beyond the pass is exposed, max(0, g*s(B) - T); where the draft workers
-share the verifier's cores (one machine) it is not hidden at all, g*s(B). Gamma 0 has
-no draft and no hop. A verifier replica running B sessions commits B*E(g)/round(B, g)
+share the verifier's hardware (one machine), the profile's measured share x of the
+shorter of the two is exposed too, + x*min(g*s(B), T). Gamma 0 has no draft and no hop. A verifier replica running B sessions commits B*E(g)/round(B, g)
 tokens/s, each session at TPOT round(B, g)/E(g). A request of O tokens takes
 TTFT(B) + (O-1)/E(g) * round(B, g): its first chunk waits for the first round.
 """
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
-from dataclasses import dataclass
 
 from ..core.gamma import MAX_GAMMA
 from ..core.goodput import expected_tokens, fit_line
