@@ -53,13 +53,14 @@ def run(args) -> int:
         if not levels or min(levels) < 1:
             raise UsageError(f"--streams needs positive integers, got {args.streams!r}")
         out = args.output_tokens
-        result = {"output_tokens": out, "served_overhead": model.ttft is not None, "by_concurrency": {str(n): {
-            "tokens_per_s": model.streams_tokens_per_s(n, output_tokens=out),
-            "target_only_tokens_per_s": model.streams_tokens_per_s(n, False, output_tokens=out),
-            "gamma": model.best_gamma(min(n, model.max_batch)),
-            "tokens_per_round": model.tokens_per_round(model.best_gamma(min(n, model.max_batch))),
-            "round_s": model.round_s(min(n, model.max_batch), model.best_gamma(min(n, model.max_batch)))}
-            for n in levels}}
+        result = {"output_tokens": out, "served_overhead": model.ttft is not None, "by_concurrency": {}}
+        for n in levels:
+            batch = min(n, model.max_batch)
+            gamma = model.best_gamma(batch)
+            result["by_concurrency"][str(n)] = {
+                "tokens_per_s": model.streams_tokens_per_s(n, output_tokens=out),
+                "target_only_tokens_per_s": model.streams_tokens_per_s(n, False, output_tokens=out),
+                "gamma": gamma, "tokens_per_round": model.tokens_per_round(gamma), "round_s": model.round_s(batch, gamma)}
         if model.ttft is None:
             print("the profile has no served measurement (`outrider bench --profile OUT --server ADDR`): "
                   "serving's own cost per round is left out")

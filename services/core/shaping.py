@@ -191,11 +191,13 @@ class StepShaper:
         z = row if row.dtype == torch.float32 else row.float()
         if len(self.bias_ids):
             z[self.bias_ids] = z[self.bias_ids] + self.bias
-        if self.repetition != 1.0 and len(self.seen):
+        if self.penalizes and len(self.seen):  # one gather and one scatter for both penalties
             v = z[self.seen]
-            z[self.seen] = torch.where(v > 0, v / self.repetition, v * self.repetition)
-        if self.sub is not None and len(self.seen):
-            z[self.seen] = z[self.seen] - self.sub
+            if self.repetition != 1.0:
+                v = torch.where(v > 0, v / self.repetition, v * self.repetition)
+            if self.sub is not None:
+                v = v - self.sub
+            z[self.seen] = v
         if self.produced < self.min_tokens:
             z[self.stop_ids] = float("-inf")
         return z
