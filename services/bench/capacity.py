@@ -11,12 +11,16 @@ The model is the goodput controller's (core/goodput.py), fitted to the profile:
   E(g) = 1 + sum_k<=g P(a >= k)  tokens a round commits; P(a >= k) the measured share of
                                  rounds that accepted draft k, alpha^k past the deepest
   round(B, g) = T(B, g) + o(B) + exposed draft + hop
-The draft of round k+1 runs while round k verifies (pipelining): on separate nodes only
-what it takes beyond the pass is exposed, max(0, g*s(B) - T); where the draft workers
-share the verifier's hardware (one machine), the profile's measured share x of the
-shorter of the two is exposed too, + x*min(g*s(B), T). Gamma 0 has no draft and no hop. A verifier replica running B sessions commits B*E(g)/round(B, g)
-tokens/s, each session at TPOT round(B, g)/E(g). A request of O tokens takes
-TTFT(B) + (O-1)/E(g) * round(B, g): its first chunk waits for the first round.
+The draft of round k+1 runs while round k verifies (pipelining), but only a block
+drafted for the outcome that happened can be used: in the measured share h of rounds
+(the pipeline hit rate) only what drafting takes beyond the pass is exposed,
+max(0, D - T) with D = g*s(B); in the others the worker drafts again once it hears the
+outcome, and all of D is exposed. Where the draft workers share the verifier's hardware
+(one machine), they draft during every pass, and the profile's measured share x of the
+shorter of the two is exposed too, + x*min(D, T). Gamma 0 has no draft and no hop. A
+verifier replica running B sessions commits B*E(g)/round(B, g) tokens/s, each session
+at TPOT round(B, g)/E(g). A request of O tokens takes TTFT(B) + (O-1)/E(g) * round(B, g):
+its first chunk waits for the first round.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class Model:
     ttft: tuple[float, float] | None = None  # served target-only time to first token, p + q*B seconds
     max_gamma: int = MAX_GAMMA  # the clients' ceiling (Speculation.gamma)
     exposed: float = 0.0  # share of the draft steps not hidden under the pass they overlap (0 on separate nodes)
+    hit_rate: float = 1.0  # rounds whose next block was drafted early for their outcome (1 where unmeasured)
 
     @classmethod
     def from_profile(cls, profile: dict, max_batch: int = 16, shared: bool = False, max_gamma: int = MAX_GAMMA) -> "Model":
@@ -76,7 +81,8 @@ class Model:
                     profile["transport_s_per_round"], profile["bytes_per_round"],
                     profile.get("draft_kv_bytes_per_token", 0.0), max_batch, profile["prompt_tokens"],
                     tuple(min(p, 0.999) for p in profile.get("acceptance_per_position", ())),
-                    max_gamma=max_gamma, exposed=profile.get("colocated_overlap", 1.0) if shared else 0.0)
+                    max_gamma=max_gamma, exposed=profile.get("colocated_overlap", 1.0) if shared else 0.0,
+                    hit_rate=profile.get("pipeline_hit_rate", 1.0))
         served = profile.get("served")
         if not served:
             return model
@@ -109,9 +115,10 @@ class Model:
         if gamma == 0:
             return served
         draft = gamma * (self.step[0] + self.step[1] * batch)
-        # Overlapped, the longer of the two sets the round; sharing hardware, a share of
-        # the shorter adds to it.
-        return served + max(0.0, draft - verify) + self.exposed * min(draft, verify) + self.hop_s
+        # A hit hides the draft under the pass (the longer of the two sets the round); a
+        # miss drafts again after it. Sharing hardware, a share of the shorter adds to both.
+        exposed = self.hit_rate * max(0.0, draft - verify) + (1 - self.hit_rate) * draft
+        return served + exposed + self.exposed * min(draft, verify) + self.hop_s
 
     def first_token_s(self, streams: int) -> float:
         """Target-only time to first token with ``streams`` arriving at once: served as

@@ -155,7 +155,8 @@ def prefill_seconds(target, prompts: list[list[int]], repeat: int) -> float:
 def served_rounds(pair, prompts: list[list[int]], gamma: int, max_new: int) -> dict:
     """Greedy sessions through the verifier and a draft worker over loopback gRPC: the
     pair's per-draft acceptance (maximum likelihood: accepted / (accepted + rounds that
-    ended on a rejection)), bytes and transport seconds per drafting round."""
+    ended on a rejection)), the pipeline hit rate, bytes and transport seconds per
+    drafting round."""
     from .loopback import Loopback
 
     async def go():
@@ -171,6 +172,9 @@ def served_rounds(pair, prompts: list[list[int]], gamma: int, max_new: int) -> d
     return {"gamma": gamma, "alpha": accepted / max(1, accepted + rejections),
             # P(a >= k): the share of rounds that accepted draft k (a run is not geometric)
             "acceptance_per_position": [a / d for a, d in zip(total.accepted_per_position, total.drafted_per_position) if d],
+            # Rounds whose next block the worker had drafted early for the outcome: the
+            # others wait for a fresh draft.
+            "pipeline_hit_rate": total.pipeline_hit_rate,
             "bytes_per_round": sum(s.draft_bytes for s in runs) / drafting,
             "transport_s_per_round": sum(s.transport_s for s in runs) / drafting}
 
@@ -215,7 +219,8 @@ def run_profile(pair, prompts: list[list[int]], repeat: int, max_new: int, on_ro
     steps = draft_step_costs(pair.draft, prompts, repeat)
     on_row(f"  draft step: rows 1 {steps[0]['seconds'] * 1e3:.1f} ms, rows 16 {steps[-1]['seconds'] * 1e3:.1f} ms")
     rounds = served_rounds(pair, prompts, 8, max_new)
-    on_row(f"  served rounds: alpha {rounds['alpha']:.3f}, {rounds['bytes_per_round']:.0f} B and "
+    on_row(f"  served rounds: alpha {rounds['alpha']:.3f}, pipeline hits {rounds['pipeline_hit_rate']:.2f}, "
+           f"{rounds['bytes_per_round']:.0f} B and "
            f"{rounds['transport_s_per_round'] * 1e3:.2f} ms transport a round")
     served = {}
     if client is not None:

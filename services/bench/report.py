@@ -123,6 +123,8 @@ def run_rows(runs: list[Run]) -> list[dict]:
     ar, ar_spt = _target_only(runs)
     rows = []
     for r in runs:
+        # Outputs compare with target-only at the same concurrency (a level runs its own prompts).
+        same = next((b for b in runs if b.concurrency == r.concurrency and b.method.startswith("target-only")), ar)
         row = {}
         if r.method.startswith("outrider-") and r.stats.rounds:
             row.update(r.stats.to_dict())
@@ -131,7 +133,7 @@ def run_rows(runs: list[Run]) -> list[dict]:
         # the client's side of the hops).
         row.update({"config": r.label, "method": r.method, "gamma": r.gamma, "tokens": r.tokens,
                     "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
-                    "speedup_vs_ar": r.tokens_per_s / ar.tokens_per_s, "identical_to_target_only": r.outputs == ar.outputs})
+                    "speedup_vs_ar": r.tokens_per_s / ar.tokens_per_s, "identical_to_target_only": r.outputs == same.outputs})
         rows.append(row)
     return rows
 

@@ -76,6 +76,18 @@ def test_shared_hardware_exposes_the_measured_share_of_drafting():
     assert unmeasured.round_s(1, 4) == pytest.approx(verify + 0.001 + draft)
 
 
+def test_a_pipeline_miss_waits_for_a_fresh_draft():
+    base = {**profile(c=0.002, e=0.0), "pipeline_hit_rate": 0.25, "colocated_overlap": 0.5}
+    apart, shared = Model.from_profile(base), Model.from_profile(base, shared=True)
+    verify, draft = apart.pass_s(1, 4), 4 * 0.002  # shorter than the pass: a hit hides all of it
+    assert apart.round_s(1, 4) == pytest.approx(verify + 0.001 + 0.75 * draft)
+    # Sharing hardware, the worker drafts during every pass, hit or miss.
+    assert shared.round_s(1, 4) == pytest.approx(verify + 0.001 + 0.75 * draft + 0.5 * draft)
+    # Misses make deep drafts dearer, so the plan drafts less.
+    assert Model.from_profile({**profile(c=0.004, e=0.0), "pipeline_hit_rate": 0.0}).best_gamma(1) \
+        < Model.from_profile(profile(c=0.004, e=0.0)).best_gamma(1)
+
+
 def test_the_clients_gamma_ceiling_bounds_the_plan():
     model = Model.from_profile(profile(), max_gamma=2)
     assert model.best_gamma(1) <= 2 < Model.from_profile(profile()).best_gamma(1)

@@ -61,3 +61,15 @@ def test_served_runs_get_a_pipeline_summary_and_round_breakdown():
     b = summary["round_breakdown_ms"]
     assert b["total"] == pytest.approx(100.0) and b["verify"] == pytest.approx(75.0)
     assert b["draft_exposed"] + b["transport"] + b["queue"] + b["verify"] + b["other"] == pytest.approx(b["total"])
+
+
+def test_rows_compare_outputs_with_target_only_at_the_same_concurrency():
+    # Each level runs its own prompts: 16 streams' outputs are not the single stream's.
+    runs = [make_run("target-only x1", None, 10, 1.0, out=[[1]]), make_run("outrider-draft x1", 8, 10, 0.5, out=[[1]]),
+            make_run("target-only x16", None, 20, 1.0, out=[[1], [2]]),
+            make_run("outrider-draft x16", 8, 20, 0.5, out=[[1], [2]])]
+    for run, n in zip(runs, (1, 1, 16, 16)):
+        run.concurrency = n
+    assert [row["identical_to_target_only"] for row in run_rows(runs)] == [True] * 4
+    runs[3].outputs = [[1], [3]]
+    assert [row["identical_to_target_only"] for row in run_rows(runs)] == [True, True, True, False]
