@@ -10,7 +10,12 @@ The model is the goodput controller's (core/goodput.py), fitted to the profile:
                                  Serve's proxy, streaming), measured through the API
   E(g) = 1 + sum_k<=g P(a >= k)  tokens a round commits; P(a >= k) the measured share of
                                  rounds that accepted draft k, alpha^k past the deepest
-  round(B, g) = T(B, g) + o(B) + exposed draft + hop
+  round(B, g) = T(B, g) + o(B) + exposed draft + hop + r(B)
+  r(B) = u' + v'*B               what a drafting round costs served beyond all of the
+                                 above: a served speculative round (measured through the
+                                 API at two or more levels) less the model's at the drafts
+                                 it tested. On one machine, sessions fall out of step (more,
+                                 smaller passes) and the processes share the cores.
 The draft of round k+1 runs while round k verifies (pipelining), but only a block
 drafted for the outcome that happened can be used: in the measured share h of rounds
 (the pipeline hit rate) only what drafting takes beyond the pass is exposed,
@@ -70,6 +75,8 @@ class Model:
     max_gamma: int = MAX_GAMMA  # the clients' ceiling (Speculation.gamma)
     exposed: float = 0.0  # share of the draft steps not hidden under the pass they overlap (0 on separate nodes)
     hit_rate: float = 1.0  # rounds whose next block was drafted early for their outcome (1 where unmeasured)
+    # (u', v'): r(B) seconds a drafting round takes beyond the model's, measured served; zero unmeasured
+    speculative_service: tuple[float, float] = (0.0, 0.0)
 
     @classmethod
     def from_profile(cls, profile: dict, max_batch: int = 16, shared: bool = False, max_gamma: int = MAX_GAMMA) -> "Model":
@@ -95,7 +102,18 @@ class Model:
         overhead = tuple(float(c) for c in np.polyfit(batches, extra, 1)[::-1]) if len(set(batches)) > 1 \
             else (float(np.mean(extra)), 0.0)
         ttft = fit_line([r["streams"] for r in served], [r["ttft_s"] for r in served])
-        return dataclasses.replace(model, service=overhead, ttft=ttft)
+        model = dataclasses.replace(model, service=overhead, ttft=ttft)
+        spec = profile.get("served_speculative")
+        if not spec:
+            return model
+        # r(B): a served speculative round (a session's seconds a token x the tokens a
+        # round committed) less the model's round at the drafts it tested.
+        batches = [min(r["streams"], max_batch) for r in spec]
+        extra = [r["token_s"] * r["tokens_per_round"] / math.ceil(r["streams"] / max_batch)
+                 - model.round_s(b, r["drafted_per_round"]) for b, r in zip(batches, spec)]
+        missed = tuple(float(c) for c in np.polyfit(batches, extra, 1)[::-1]) if len(set(batches)) > 1 \
+            else (float(np.mean(extra)), 0.0)
+        return dataclasses.replace(model, speculative_service=missed)
 
     def pass_s(self, batch: float, gamma: int) -> float:
         return self.verify[0] + self.verify[1] * batch + self.verify[2] * batch * (gamma + 1)
@@ -118,7 +136,8 @@ class Model:
         # A hit hides the draft under the pass (the longer of the two sets the round); a
         # miss drafts again after it. Sharing hardware, a share of the shorter adds to both.
         exposed = self.hit_rate * max(0.0, draft - verify) + (1 - self.hit_rate) * draft
-        return served + exposed + self.exposed * min(draft, verify) + self.hop_s
+        missed = self.speculative_service[0] + self.speculative_service[1] * batch
+        return served + exposed + self.exposed * min(draft, verify) + self.hop_s + missed
 
     def first_token_s(self, streams: int) -> float:
         """Target-only time to first token with ``streams`` arriving at once: served as

@@ -12,7 +12,9 @@ needs, measured on this machine with the pair it serves:
 - with a server (``--server``): what serving adds around the passes, measured through
   the public API target-only (``served_decoding``): each level's time to first token
   and seconds per token. On a small model the gateway, Serve's proxy and the stream
-  cost as much as the pass; the planner subtracts its own pass costs to get that.
+  cost as much as the pass; the planner subtracts its own pass costs to get that. The
+  same levels speculative (the draft model), with the tokens each round committed: the
+  planner prices what its model of a speculative round misses from the difference.
 
 Each timing is the median of ``repeat`` runs, interleaved.
 """
@@ -179,18 +181,23 @@ def served_rounds(pair, prompts: list[list[int]], gamma: int, max_new: int) -> d
             "transport_s_per_round": sum(s.transport_s for s in runs) / drafting}
 
 
-def served_decoding(client, texts: list[str], max_new: int, levels: list[int]) -> list[dict]:
-    """Target-only through a server at each level of concurrent streams: the median time
-    to first token, and the median seconds per token after it (one token a round)."""
+def served_decoding(client, texts: list[str], max_new: int, levels: list[int], method: str = "none",
+                    gamma: int = 0) -> list[dict]:
+    """Requests through a server at each level of concurrent streams: the median time to
+    first token, and the median seconds per token after it. Speculative (``method`` not
+    "none", ``gamma`` the clients' ceiling), also the tokens a round committed and the
+    drafts a round tested, over all the level's requests, from their final stats."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..gateway.client import make_request
 
     def one(text):
-        start, times = time.perf_counter(), []
-        for chunk in client.generate(make_request(text, max_new, method="none")):
+        start, times, stats = time.perf_counter(), [], None
+        for chunk in client.generate(make_request(text, max_new, method=method, gamma=gamma)):
             times.extend([time.perf_counter() - start] * len(chunk.token_ids))
-        return times[0], (times[-1] - times[0]) / max(1, len(times) - 1)
+            if chunk.HasField("stats"):
+                stats = chunk.stats
+        return times[0], (times[-1] - times[0]) / max(1, len(times) - 1), stats
 
     out = []
     for streams in levels:
@@ -198,8 +205,13 @@ def served_decoding(client, texts: list[str], max_new: int, levels: list[int]) -
         with ThreadPoolExecutor(streams) as pool:
             list(pool.map(one, batch[:streams]))  # warm-up: this level's batch shapes
             timed = list(pool.map(one, batch))
-        out.append({"streams": streams, "ttft_s": statistics.median(t for t, _ in timed),
-                    "token_s": statistics.median(r for _, r in timed)})
+        level = {"streams": streams, "ttft_s": statistics.median(t for t, _, _ in timed),
+                 "token_s": statistics.median(r for _, r, _ in timed)}
+        if method != "none":
+            rounds = sum(s.rounds for _, _, s in timed) or 1
+            level["tokens_per_round"] = sum(s.emitted for _, _, s in timed) / rounds
+            level["drafted_per_round"] = sum(s.drafted for _, _, s in timed) / rounds
+        out.append(level)
     return out
 
 
@@ -227,6 +239,13 @@ def run_profile(pair, prompts: list[list[int]], repeat: int, max_new: int, on_ro
         served["served"] = served_decoding(client, list(texts), max_new, list(levels))
         on_row("  served target-only: " + ", ".join(
             f"{r['streams']} streams {r['token_s'] * 1e3:.1f} ms/token (TTFT {r['ttft_s'] * 1e3:.0f} ms)" for r in served["served"]))
+        # Speculative too, the draft model at the profile's gamma as the clients' ceiling:
+        # what the model of a round cannot see (sessions out of step, drafting beside the
+        # pass on shared hardware, the controller's choices) shows up here.
+        served["served_speculative"] = served_decoding(client, list(texts), max_new, list(levels), "draft", rounds["gamma"])
+        on_row("  served speculative: " + ", ".join(
+            f"{r['streams']} streams {r['token_s'] * 1e3:.1f} ms/token, {r['tokens_per_round']:.2f} tokens a round"
+            for r in served["served_speculative"]))
     return {
         "prompt_tokens": round(statistics.fmean(len(p) for p in prompts)), **served,
         "verify_pass": verify, "draft_step": steps, "prefill_s": prefill_seconds(pair.target, prompts, repeat),

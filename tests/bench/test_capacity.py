@@ -58,6 +58,22 @@ def test_a_served_profile_prices_what_serving_adds_to_each_round():
     assert plain.service == (0.0, 0.0) and plain.ttft is None
 
 
+def test_a_served_speculative_profile_prices_what_the_round_model_misses():
+    base = served_profile(c=0.002, e=0.0)
+    model = Model.from_profile(base)
+    # Served at 2 and 8 streams, each round took 10 ms + 1 ms a session more than the model says.
+    spec = [{"streams": n, "tokens_per_round": 3.0, "drafted_per_round": 4.0,
+             "token_s": (model.round_s(n, 4) + 0.010 + 0.001 * n) / 3.0, "ttft_s": 0.1} for n in (2, 8)]
+    calibrated = Model.from_profile({**base, "served_speculative": spec})
+    assert calibrated.speculative_service == pytest.approx((0.010, 0.001))
+    for n in (1, 4, 16):  # a drafting round carries it at every batch; a round without drafts does not
+        assert calibrated.round_s(n, 4) - model.round_s(n, 4) == pytest.approx(0.010 + 0.001 * n)
+        assert calibrated.round_s(n, 0) == pytest.approx(model.round_s(n, 0))
+    # Where drafting rounds cost that much more than plain ones, the plan stops drafting.
+    assert model.best_gamma(16) > 0 and dataclasses.replace(calibrated, speculative_service=(1.0, 0.0)).best_gamma(16) == 0
+    assert model.speculative_service == (0.0, 0.0)
+
+
 def test_tokens_a_round_follow_the_measured_depths_not_a_geometric_run():
     model = dataclasses.replace(Model.from_profile(profile(alpha=0.5)), accept=(0.9, 0.6, 0.7))
     assert model.tokens_per_round(0) == 1
