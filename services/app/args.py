@@ -163,6 +163,9 @@ class AppArgs(BaseModel):
     draft_chunk_tokens: int = Field(32, ge=1)  # a drafter saves a chunk once this many committed positions are new
     prefix_block_tokens: int = Field(64, ge=1)  # shared prefixes are matched in blocks of this many tokens
     prefix_cache_bytes: int = Field(64 * 2**20, ge=0)  # shared prefix KV kept on the head (least recently used first out)
+    # KV chunks each replica keeps of what it saved or fetched (least recently used first
+    # out): a replica's memory grows by this much under load before it levels off.
+    replica_cache_bytes: int = Field(64 * 2**20, ge=0)
     session_idle_s: float = Field(600.0, gt=0)  # a session's state is dropped after this long unused
     # A stream whose verifier or draft replica dies continues on another one from its
     # committed tokens, at most this many times.

@@ -53,7 +53,8 @@ def run(args) -> int:
         if not levels or min(levels) < 1:
             raise UsageError(f"--streams needs positive integers, got {args.streams!r}")
         out = args.output_tokens
-        result = {"output_tokens": out, "served_overhead": model.ttft is not None, "by_concurrency": {}}
+        result = {"output_tokens": out, "served_overhead": model.ttft is not None,
+                  "served_speculative": "served_speculative" in profile, "by_concurrency": {}}
         for n in levels:
             batch = min(n, model.max_batch)
             gamma = model.best_gamma(batch)

@@ -166,7 +166,7 @@ class StateClient:
             return
         self.cache[key] = chunk
         self.cached_bytes += chunk.nbytes
-        while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
+        while self.cached_bytes > self.cache_bytes and self.cache:
             _, old = self.cache.popitem(last=False)
             self.cached_bytes -= old.nbytes
 
@@ -243,4 +243,5 @@ def replica_state_client(cfg) -> StateClient | None:
     from ray import serve
 
     app = serve.get_replica_context().app_name
-    return StateClient(session_store(app, cfg.gateway.resources, cfg.prefix_cache_bytes, cfg.session_idle_s))
+    return StateClient(session_store(app, cfg.gateway.resources, cfg.prefix_cache_bytes, cfg.session_idle_s),
+                       cfg.replica_cache_bytes)

@@ -112,6 +112,26 @@ def test_the_client_fetches_a_chunk_once(local_ray, kv):
     assert again[0].tokens == fetched[0].tokens
 
 
+def test_a_replicas_chunk_cache_keeps_within_its_bytes(local_ray, kv):
+    store = new_store()
+    chunks = [export_chunk(kv, i, i + 6) for i in range(0, 30, 6)]
+    budget = 2 * chunks[0].nbytes
+
+    async def go():
+        client, none = StateClient(store, budget), StateClient(store, 0)
+        for chunk in chunks:  # one session's, in order: the store keeps them
+            client.save_chunk("s", chunk)
+            none.save_chunk("t", chunk)
+            await client.flush()
+            await none.flush()
+        return client, none
+
+    client, none = asyncio.run(go())
+    assert client.cached_bytes <= budget and len(client.cache) == 2  # the two saved last
+    assert [c.start for c in client.cache.values()] == [18, 24]
+    assert none.cached_bytes == 0 and not none.cache
+
+
 def test_ended_attempts_are_relayed_to_a_long_poll(local_ray):
     store = new_store()
     ray.get(store.end_attempt.remote("early"))
