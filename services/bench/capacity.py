@@ -11,11 +11,15 @@ The model is the goodput controller's (core/goodput.py), fitted to the profile:
   E(g) = 1 + sum_k<=g P(a >= k)  tokens a round commits; P(a >= k) the measured share of
                                  rounds that accepted draft k, alpha^k past the deepest
   round(B, g) = T(B, g) + o(B) + exposed draft + hop + r(B)
-  r(B) = u' + v'*B               what a drafting round costs served beyond all of the
-                                 above: a served speculative round (measured through the
-                                 API at two or more levels) less the model's at the drafts
-                                 it tested. On one machine, sessions fall out of step (more,
-                                 smaller passes) and the processes share the cores.
+  r(B) = u' + v'*B, B > 1        what a drafting round of several sessions costs served
+                                 beyond all of the above: a served speculative round
+                                 (measured through the API at two or more levels of two
+                                 streams or more) less the model's at the drafts it tested.
+                                 Sessions fall out of step (more, smaller passes), and on one
+                                 machine the processes share the cores. r(1) = 0: a lone
+                                 session has no one to fall out of step with.
+Where served speculative was measured, the drafts and tokens a round are the ones the
+replicas' goodput controller chose there (interpolated in B), not the model's best gamma.
 The draft of round k+1 runs while round k verifies (pipelining), but only a block
 drafted for the outcome that happened can be used: in the measured share h of rounds
 (the pipeline hit rate) only what drafting takes beyond the pass is exposed,
@@ -77,6 +81,9 @@ class Model:
     hit_rate: float = 1.0  # rounds whose next block was drafted early for their outcome (1 where unmeasured)
     # (u', v'): r(B) seconds a drafting round takes beyond the model's, measured served; zero unmeasured
     speculative_service: tuple[float, float] = (0.0, 0.0)
+    # (batch, drafts a round, tokens a round) where served speculative was measured: what
+    # the replicas' goodput controller chose there, in place of the model's best gamma
+    served_points: tuple[tuple[float, float, float], ...] = ()
 
     @classmethod
     def from_profile(cls, profile: dict, max_batch: int = 16, shared: bool = False, max_gamma: int = MAX_GAMMA) -> "Model":
@@ -93,27 +100,48 @@ class Model:
         served = profile.get("served")
         if not served:
             return model
-        # o(B): the served target-only round (one token) less the pass the profile timed.
+        # o(B): the served target-only round (one token) less the pass the profile timed,
+        # the round solved from the level's tokens/s as for speculative levels below
+        # (older profiles: its median seconds a token).
+        ttft = fit_line([r["streams"] for r in served], [r["ttft_s"] for r in served])
+        model = dataclasses.replace(model, ttft=ttft)
         batches = [min(r["streams"], max_batch) for r in served]
-        rounds = [r["token_s"] / math.ceil(r["streams"] / max_batch) for r in served]
+        rounds = [model.served_round_s({**r, "tokens_per_round": 1.0}) if "tokens_per_s" in r
+                  else r["token_s"] / math.ceil(r["streams"] / max_batch) for r in served]
         # Not clamped: where the fitted pass is above a level's served round, o there is
         # negative, and the served target-only round is still what was measured.
         extra = [t - model.pass_s(b, 0) for b, t in zip(batches, rounds)]
         overhead = tuple(float(c) for c in np.polyfit(batches, extra, 1)[::-1]) if len(set(batches)) > 1 \
             else (float(np.mean(extra)), 0.0)
-        ttft = fit_line([r["streams"] for r in served], [r["ttft_s"] for r in served])
-        model = dataclasses.replace(model, service=overhead, ttft=ttft)
+        model = dataclasses.replace(model, service=overhead)
         spec = profile.get("served_speculative")
         if not spec:
             return model
-        # r(B): a served speculative round (a session's seconds a token x the tokens a
-        # round committed) less the model's round at the drafts it tested.
+        # r(B): the served speculative round, less the model's round at the drafts it
+        # tested. The round is solved from the level's tokens/s by the planner's own
+        # formula for whole requests (streams_tokens_per_s), so that the model gives back
+        # what was measured there: sessions that finish early (speculative requests run
+        # unevenly) and the longer first token are in it.
         batches = [min(r["streams"], max_batch) for r in spec]
-        extra = [r["token_s"] * r["tokens_per_round"] / math.ceil(r["streams"] / max_batch)
-                 - model.round_s(b, r["drafted_per_round"]) for b, r in zip(batches, spec)]
-        missed = tuple(float(c) for c in np.polyfit(batches, extra, 1)[::-1]) if len(set(batches)) > 1 \
+        points = tuple(sorted((b, r["drafted_per_round"], r["tokens_per_round"]) for b, r in zip(batches, spec)))
+        # A lone session cannot fall out of step with others: r(1) = 0, and levels of
+        # one stream say nothing of r.
+        several = [(b, r) for b, r in zip(batches, spec) if b > 1]
+        if not several:
+            return dataclasses.replace(model, served_points=points)
+        xs = [b for b, _ in several]
+        extra = [model.served_round_s(r) - model.round_s(b, r["drafted_per_round"]) for b, r in several]
+        missed = tuple(float(c) for c in np.polyfit(xs, extra, 1)[::-1]) if len(set(xs)) > 1 \
             else (float(np.mean(extra)), 0.0)
-        return dataclasses.replace(model, speculative_service=missed)
+        return dataclasses.replace(model, speculative_service=missed, served_points=points)
+
+    def served_round_s(self, level: dict) -> float:
+        """The round of a served level that makes ``streams_tokens_per_s`` give its
+        measured tokens/s, at its measured tokens a round."""
+        n, out, per_round = level["streams"], level["output_tokens"], level["tokens_per_round"]
+        request_s = n * out / level["tokens_per_s"]
+        passes = math.ceil(n / self.max_batch)
+        return (request_s - self.first_token_s(n)) * per_round / max(1.0, out - 1) / passes
 
     def pass_s(self, batch: float, gamma: int) -> float:
         return self.verify[0] + self.verify[1] * batch + self.verify[2] * batch * (gamma + 1)
@@ -136,7 +164,7 @@ class Model:
         # A hit hides the draft under the pass (the longer of the two sets the round); a
         # miss drafts again after it. Sharing hardware, a share of the shorter adds to both.
         exposed = self.hit_rate * max(0.0, draft - verify) + (1 - self.hit_rate) * draft
-        missed = self.speculative_service[0] + self.speculative_service[1] * batch
+        missed = self.speculative_service[0] + self.speculative_service[1] * batch if batch > 1 else 0.0
         return served + exposed + self.exposed * min(draft, verify) + self.hop_s + missed
 
     def first_token_s(self, streams: int) -> float:
@@ -147,8 +175,19 @@ class Model:
         return self.prefill_s_per_token * self.prompt_tokens * min(streams, self.max_batch)
 
     def best_gamma(self, batch: int) -> int:
-        """The goodput controller's choice at this batch."""
+        """The goodput controller's choice at this batch, by the model."""
         return max(range(self.max_gamma + 1), key=lambda g: self.tokens_per_round(g) / self.round_s(batch, g))
+
+    def operating_point(self, batch: int) -> tuple[float, float]:
+        """(drafts a round, tokens a round) of B speculative sessions: where served
+        speculative was measured, what the controller chose there (interpolated in B,
+        held past the ends; it plans from its own measurements, which the model only
+        approximates), else the model's best gamma."""
+        if self.served_points:
+            b, g, e = zip(*self.served_points)
+            return float(np.interp(batch, b, g)), float(np.interp(batch, b, e))
+        gamma = self.best_gamma(batch)
+        return gamma, self.tokens_per_round(gamma)
 
     def streams_tokens_per_s(self, streams: int, speculative: bool = True, output_tokens: int | None = None) -> float:
         """Tokens/s of ``streams`` concurrent sessions on one verifier and one draft
@@ -156,8 +195,8 @@ class Model:
         ``output_tokens``, requests of that length back to back, first tokens included."""
         batch = min(streams, self.max_batch)
         passes = math.ceil(streams / self.max_batch)
-        gamma = self.best_gamma(batch) if speculative else 0
-        round_s, per_round = passes * self.round_s(batch, gamma), self.tokens_per_round(gamma)
+        gamma, per_round = self.operating_point(batch) if speculative else (0, 1.0)
+        round_s = passes * self.round_s(batch, gamma)
         if output_tokens is None:
             return streams * per_round / round_s
         return streams * output_tokens / (self.first_token_s(streams) + (output_tokens - 1) / per_round * round_s)
@@ -169,10 +208,10 @@ def plan(model: Model, rps: float, tpot_s: float, prompt_tokens: int, output_tok
     each token at most ``tpot_s`` apart on average."""
     options = []
     for batch in range(1, model.max_batch + 1):
-        gamma = model.best_gamma(batch)
-        tpot = model.round_s(batch, gamma) / model.tokens_per_round(gamma)
+        gamma, per_round = model.operating_point(batch)
+        tpot = model.round_s(batch, gamma) / per_round
         if tpot <= tpot_s:
-            options.append((batch * model.tokens_per_round(gamma) / model.round_s(batch, gamma), batch, gamma, tpot))
+            options.append((batch * per_round / model.round_s(batch, gamma), batch, gamma, tpot))
     if not options:
         fastest = min(model.round_s(1, g) / model.tokens_per_round(g) for g in range(model.max_gamma + 1))
         raise ValueError(f"a TPOT of {tpot_s * 1e3:.1f} ms is out of reach here: one session alone gets "
@@ -192,7 +231,7 @@ def plan(model: Model, rps: float, tpot_s: float, prompt_tokens: int, output_tok
     window = model.pass_s(batch, gamma)
     rows = max((r for r in range(1, 257) if gamma * (model.step[0] + model.step[1] * r) <= window), default=1)
     drafters = math.ceil(sessions / rows) if gamma else 0
-    rounds_s = decode_tokens_s / model.tokens_per_round(gamma)
+    rounds_s = decode_tokens_s / model.operating_point(batch)[1]
     network = rounds_s * model.bytes_per_round if gamma else 0.0
     stored = sessions * (prompt_tokens + output_tokens) * model.draft_kv_bytes_per_token if gamma else 0.0
     use = {"target compute": (decode_tokens_s / per_replica + rps * prefill_s) / verifiers,

@@ -197,20 +197,25 @@ def served_decoding(client, texts: list[str], max_new: int, levels: list[int], m
             times.extend([time.perf_counter() - start] * len(chunk.token_ids))
             if chunk.HasField("stats"):
                 stats = chunk.stats
-        return times[0], (times[-1] - times[0]) / max(1, len(times) - 1), stats
+        return times[0], (times[-1] - times[0]) / max(1, len(times) - 1), stats, len(times)
 
     out = []
     for streams in levels:
         batch = [texts[i % len(texts)] for i in range(max(streams, len(texts)))]
         with ThreadPoolExecutor(streams) as pool:
             list(pool.map(one, batch[:streams]))  # warm-up: this level's batch shapes
+            start = time.perf_counter()
             timed = list(pool.map(one, batch))
-        level = {"streams": streams, "ttft_s": statistics.median(t for t, _, _ in timed),
-                 "token_s": statistics.median(r for _, r, _ in timed)}
+            wall = time.perf_counter() - start
+        tokens = sum(n for *_, n in timed)
+        level = {"streams": streams, "ttft_s": statistics.median(t for t, *_ in timed),
+                 "token_s": statistics.median(r for _, r, *_ in timed),
+                 # As `outrider bench --concurrency` counts: every token over the level's wall time.
+                 "tokens_per_s": tokens / wall, "output_tokens": tokens / len(timed)}
         if method != "none":
-            rounds = sum(s.rounds for _, _, s in timed) or 1
-            level["tokens_per_round"] = sum(s.emitted for _, _, s in timed) / rounds
-            level["drafted_per_round"] = sum(s.drafted for _, _, s in timed) / rounds
+            rounds = sum(s.rounds for _, _, s, _ in timed) or 1
+            level["tokens_per_round"] = sum(s.emitted for _, _, s, _ in timed) / rounds
+            level["drafted_per_round"] = sum(s.drafted for _, _, s, _ in timed) / rounds
         out.append(level)
     return out
 

@@ -74,7 +74,8 @@ def add_parser(sub, name: str) -> None:
     parser.add_argument("--profile", type=Path, default=None, metavar="OUT",
                         help="measure what `outrider capacity` plans from into OUT: in-process, the verify pass by "
                              "batch and gamma, draft step by rows, prefill, acceptance, bytes and transport a round; "
-                             "with --server, also serving's own cost, target-only at --concurrency (default 1,16)")
+                             "with --server, also serving's own cost, target-only and speculative at --concurrency "
+                             "(default 1,2,8)")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"), help="JSON output path")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     add_model_options(parser)
@@ -218,11 +219,12 @@ def run_profile_bench(args) -> int:
     texts = load_prompts(args.prompts, args.limit)
     prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
     check_fits(pair, prompts, args.max_new_tokens)
-    # With a server, serving's own cost is measured through it, target-only, at one
-    # stream and at a full batch (the app's default max_batch_size).
+    # With a server, serving's own cost is measured through it, target-only and
+    # speculative: one stream, and two levels of several (what the model of a round
+    # misses grows with the sessions that share it).
     client = server_client(args) if args.server else None
     profile = run_profile(pair, prompts, max(3, args.repeat), args.max_new_tokens,
-                          client=client, texts=texts, levels=args.levels or [1, 16])
+                          client=client, texts=texts, levels=args.levels or [1, 2, 8])
     args.profile.parent.mkdir(parents=True, exist_ok=True)
     args.profile.write_text(json.dumps(profile, indent=2) + "\n")
     print(f"wrote {args.profile}")

@@ -57,16 +57,16 @@ def run(args) -> int:
                   "served_speculative": "served_speculative" in profile, "by_concurrency": {}}
         for n in levels:
             batch = min(n, model.max_batch)
-            gamma = model.best_gamma(batch)
+            gamma, per_round = model.operating_point(batch)
             result["by_concurrency"][str(n)] = {
                 "tokens_per_s": model.streams_tokens_per_s(n, output_tokens=out),
                 "target_only_tokens_per_s": model.streams_tokens_per_s(n, False, output_tokens=out),
-                "gamma": gamma, "tokens_per_round": model.tokens_per_round(gamma), "round_s": model.round_s(batch, gamma)}
+                "gamma": gamma, "tokens_per_round": per_round, "round_s": model.round_s(batch, gamma)}
         if model.ttft is None:
             print("the profile has no served measurement (`outrider bench --profile OUT --server ADDR`): "
                   "serving's own cost per round is left out")
         for n, row in result["by_concurrency"].items():
-            print(f"{n:>4} streams: {row['tokens_per_s']:7.1f} tok/s speculative (gamma {row['gamma']}, "
+            print(f"{n:>4} streams: {row['tokens_per_s']:7.1f} tok/s speculative (gamma {row['gamma']:.1f}, "
                   f"{row['tokens_per_round']:.2f} tokens a {row['round_s'] * 1e3:.1f} ms round), "
                   f"{row['target_only_tokens_per_s']:7.1f} target-only")
     else:

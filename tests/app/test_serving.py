@@ -52,12 +52,16 @@ def test_health_check_serves(server):
     assert server.healthy()
 
 
-def test_the_profile_times_served_target_only_decoding(server):
+def test_the_profile_times_served_decoding(server):
     from services.bench.profile import served_decoding
 
     levels = served_decoding(server, PROMPTS, 6, [1, 2])
     assert [r["streams"] for r in levels] == [1, 2]
-    assert all(0 < r["token_s"] < 1 and 0 < r["ttft_s"] < 10 for r in levels)
+    assert all(0 < r["token_s"] < 1 and 0 < r["ttft_s"] < 10 and r["output_tokens"] == 6 for r in levels)
+    assert all(r["tokens_per_s"] > 0 and "tokens_per_round" not in r for r in levels)
+    # Speculative: the tokens and drafts a round, from the requests' own stats.
+    spec = served_decoding(server, PROMPTS, 6, [2], "draft", 4)
+    assert 1 <= spec[0]["tokens_per_round"] <= 5 and 0 <= spec[0]["drafted_per_round"] <= 4
 
 
 @pytest.mark.parametrize("method,pipeline", [("draft", True), ("draft", False), ("ngram", True), ("suffix", True),

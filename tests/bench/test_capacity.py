@@ -61,17 +61,36 @@ def test_a_served_profile_prices_what_serving_adds_to_each_round():
 def test_a_served_speculative_profile_prices_what_the_round_model_misses():
     base = served_profile(c=0.002, e=0.0)
     model = Model.from_profile(base)
-    # Served at 2 and 8 streams, each round took 10 ms + 1 ms a session more than the model says.
-    spec = [{"streams": n, "tokens_per_round": 3.0, "drafted_per_round": 4.0,
-             "token_s": (model.round_s(n, 4) + 0.010 + 0.001 * n) / 3.0, "ttft_s": 0.1} for n in (2, 8)]
+    out = 100
+
+    def level(n, drafts, per_round, extra):
+        # Served at n streams, each round took ``extra`` more than the model says.
+        round_s = model.round_s(n, drafts) + extra
+        return {"streams": n, "drafted_per_round": drafts, "tokens_per_round": per_round, "output_tokens": out,
+                "tokens_per_s": n * out / (model.first_token_s(n) + (out - 1) / per_round * round_s)}
+
+    spec = [level(2, 6.0, 4.0, 0.012), level(8, 3.0, 2.5, 0.018)]  # 10 ms + 1 ms a session
     calibrated = Model.from_profile({**base, "served_speculative": spec})
     assert calibrated.speculative_service == pytest.approx((0.010, 0.001))
-    for n in (1, 4, 16):  # a drafting round carries it at every batch; a round without drafts does not
+    # It gives back what was measured where it was measured...
+    for n, measured in zip((2, 8), spec):
+        assert calibrated.streams_tokens_per_s(n, output_tokens=out) == pytest.approx(measured["tokens_per_s"])
+    # ...drafts what the controller drafted, in between and past the ends...
+    assert calibrated.operating_point(5) == pytest.approx((4.5, 3.25))
+    assert calibrated.operating_point(16) == pytest.approx((3.0, 2.5)) and calibrated.operating_point(1)[0] == 6.0
+    # ...and a drafting round of several sessions carries r(B); a round without drafts does not.
+    for n in (2, 4, 16):
         assert calibrated.round_s(n, 4) - model.round_s(n, 4) == pytest.approx(0.010 + 0.001 * n)
         assert calibrated.round_s(n, 0) == pytest.approx(model.round_s(n, 0))
-    # Where drafting rounds cost that much more than plain ones, the plan stops drafting.
+    assert calibrated.round_s(1, 4) == pytest.approx(model.round_s(1, 4))  # a lone session is never out of step
+    # A level of one stream gives its operating point, not r.
+    lone = {**level(1, 7.0, 5.0, 0.5), "streams": 1}
+    assert Model.from_profile({**base, "served_speculative": [lone, *spec]}).speculative_service \
+        == pytest.approx((0.010, 0.001))
+    assert model.speculative_service == (0.0, 0.0) and model.operating_point(4) == (model.best_gamma(4),
+                                                                                    model.tokens_per_round(model.best_gamma(4)))
+    # Where drafting rounds cost that much more than plain ones, the model stops drafting.
     assert model.best_gamma(16) > 0 and dataclasses.replace(calibrated, speculative_service=(1.0, 0.0)).best_gamma(16) == 0
-    assert model.speculative_service == (0.0, 0.0)
 
 
 def test_tokens_a_round_follow_the_measured_depths_not_a_geometric_run():
