@@ -123,7 +123,9 @@ class Model:
         # what was measured there: sessions that finish early (speculative requests run
         # unevenly) and the longer first token are in it.
         batches = [min(r["streams"], max_batch) for r in spec]
-        points = tuple(sorted((b, r["drafted_per_round"], r["tokens_per_round"]) for b, r in zip(batches, spec)))
+        # The controller's choices hold for the clients' ceiling they were measured under.
+        points = tuple(sorted((b, r["drafted_per_round"], r["tokens_per_round"]) for b, r in zip(batches, spec))) \
+            if max_gamma == profile.get("gamma") else ()
         # A lone session cannot fall out of step with others: r(1) = 0, and levels of
         # one stream say nothing of r.
         several = [(b, r) for b, r in zip(batches, spec) if b > 1]

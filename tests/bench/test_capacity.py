@@ -70,7 +70,9 @@ def test_a_served_speculative_profile_prices_what_the_round_model_misses():
                 "tokens_per_s": n * out / (model.first_token_s(n) + (out - 1) / per_round * round_s)}
 
     spec = [level(2, 6.0, 4.0, 0.012), level(8, 3.0, 2.5, 0.018)]  # 10 ms + 1 ms a session
-    calibrated = Model.from_profile({**base, "served_speculative": spec})
+    calibrated = Model.from_profile({**base, "gamma": 8, "served_speculative": spec}, max_gamma=8)
+    # Measured under a ceiling of 8: under another, the model chooses the gamma.
+    assert not Model.from_profile({**base, "gamma": 8, "served_speculative": spec}, max_gamma=4).served_points
     assert calibrated.speculative_service == pytest.approx((0.010, 0.001))
     # It gives back what was measured where it was measured...
     for n, measured in zip((2, 8), spec):
@@ -85,7 +87,7 @@ def test_a_served_speculative_profile_prices_what_the_round_model_misses():
     assert calibrated.round_s(1, 4) == pytest.approx(model.round_s(1, 4))  # a lone session is never out of step
     # A level of one stream gives its operating point, not r.
     lone = {**level(1, 7.0, 5.0, 0.5), "streams": 1}
-    assert Model.from_profile({**base, "served_speculative": [lone, *spec]}).speculative_service \
+    assert Model.from_profile({**base, "gamma": 8, "served_speculative": [lone, *spec]}, max_gamma=8).speculative_service \
         == pytest.approx((0.010, 0.001))
     assert model.speculative_service == (0.0, 0.0) and model.operating_point(4) == (model.best_gamma(4),
                                                                                     model.tokens_per_round(model.best_gamma(4)))
