@@ -46,6 +46,9 @@ def new_cache(config) -> DynamicCache:
 class KVState:
     cache: DynamicCache
     tokens: list[int] = field(default_factory=list)  # token ids whose KV is cached
+    # A drafter's counts of its last context for penalties (core/shaping.py
+    # CountedContext): forks share it, and whoever drafts next counts only what it adds.
+    counted: object = None
 
     @classmethod
     def empty(cls, model) -> "KVState":
@@ -71,7 +74,7 @@ class KVState:
             raise ValueError("only a cache of plain DynamicLayers can be forked")
         cache = DynamicCache()
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        fork = KVState(cache, list(self.tokens))
+        fork = KVState(cache, list(self.tokens), self.counted)
         fork.truncate(len(self) if length is None else length)
         return fork
 

@@ -16,7 +16,7 @@ from .kv import KVState, extend_batch
 from .kv_chunks import KVChunk, restore_kv
 from .proposals import DraftAlternatives, Proposal
 from .sampling import SamplingParams, adjusted_probs
-from .shaping import StepShaper, shapes
+from .shaping import CountedContext, StepShaper, shapes
 
 
 # Polled between drafted tokens; True abandons the rest of the draft (a pipelined
@@ -122,8 +122,8 @@ class DraftModelProposer:
         qs: list[list[SparseQ]] = [[] for _ in range(n)]
         tops: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
         # The same penalties the verifier applies to the target, each branch's context
-        # counted once, then a token a step.
-        shapers = [StepShaper(params, base, self.device) if shapes(params) else None for base in bases]
+        # counted from the state's last count (only what a round adds), then a token a step.
+        shapers = [self._shaper(params, state, base) if shapes(params) else None for state, base in zip(states, bases)]
         live = [i for i in range(n) if budgets[i] > 0]
         while live:
             keep = wanted() if wanted is not None else None
@@ -158,6 +158,12 @@ class DraftModelProposer:
         # The last drafted token is not fed to the draft here; if it is accepted it is
         # fed next round as part of ``pending``, so no work is wasted on a rejection.
         return [self._proposal(t, q, top) for t, q, top in zip(tokens, qs, tops)]
+
+    def _shaper(self, params: SamplingParams, state: KVState, base: list[int]) -> StepShaper:
+        if params.penalties.repetition == 1.0 and not params.penalties.presence and not params.penalties.frequency:
+            return StepShaper(params, base, self.device)  # nothing to count
+        state.counted = counted = CountedContext.of(state.counted, base, params.prompt_len)
+        return StepShaper(params, base, self.device, counted.counts)
 
     @staticmethod
     def _confidence(row: torch.Tensor, probs: torch.Tensor, token: int, params: SamplingParams) -> float:

@@ -20,6 +20,7 @@ The rules, in transformers' order (and vLLM's: bias before penalties):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,38 @@ class ContextCounts:
             np.add.at(output, np.searchsorted(cols, new[max(prompt_len - self.upto, 0) :]), 1.0)
             self.cols, self.output, self.upto = cols, output, len(committed)
         return self
+
+
+@dataclass
+class CountedContext:
+    """A drafter's counts of one context, kept on its proposer state between rounds: the
+    next round's context (the committed text grown, or a branch after it) counts only
+    what it adds. Sorting a 4,096-token context afresh took 1.3 ms a branch and round."""
+
+    tokens: list[int]  # the context counted (a copy)
+    prompt_len: int
+    counts: ContextCounts
+    # The count this one grew from: a draft after guessed tokens (the bonus guesses)
+    # leaves the committed text's count one step back, for the round after a rejection.
+    previous: "CountedContext | None" = None
+
+    def prefixes(self, context: list[int], prompt_len: int) -> bool:
+        n = len(self.tokens)
+        return self.prompt_len == prompt_len and 0 < n <= len(context) and context[n - 1] == self.tokens[-1] \
+            and context[:n] == self.tokens
+
+    @staticmethod
+    def of(cached: "CountedContext | None", context: list[int], prompt_len: int) -> "CountedContext":
+        """``context`` counted, from ``cached`` (or the count it grew from) where that
+        counted a prefix of it."""
+        start = next((c for c in (cached, cached and cached.previous) if c is not None and c.prefixes(context, prompt_len)),
+                     None)
+        # update replaces a ContextCounts' arrays, never writes them: the cached ones stay.
+        counts = copy.copy(start.counts) if start is not None else ContextCounts()
+        if start is not None and len(start.tokens) == len(context):
+            return start
+        start = start and CountedContext(start.tokens, start.prompt_len, start.counts)  # one step back, no further
+        return CountedContext(list(context), prompt_len, counts.update(context, prompt_len), start)
 
 
 def merged(cols: np.ndarray, extra: np.ndarray) -> np.ndarray:
@@ -159,14 +192,22 @@ class StepShaper:
     a draft step, a sixth of the step, and it made drafting with a repetition penalty
     27% slower per round (measured in-process, `--repetition-penalty 1.1`)."""
 
-    def __init__(self, params: SamplingParams, committed: list[int], device: torch.device | str):
+    def __init__(self, params: SamplingParams, committed: list[int], device: torch.device | str,
+                 counts: ContextCounts | None = None):
+        """``counts``: ``committed`` counted already (read, never changed)."""
         pen, stop = params.penalties, params.stop
         self.params, self.device = params, device
         self.repetition = pen.repetition
         self.subtracts = bool(pen.presence) or bool(pen.frequency)
         penalizes = pen.repetition != 1.0 or self.subtracts
-        counts = ContextCounts().update(committed, params.prompt_len) if penalizes else ContextCounts()
-        self.position = {int(t): i for i, t in enumerate(counts.cols)}  # token -> its index in seen
+        if not penalizes:
+            counts = ContextCounts()
+        elif counts is None:
+            counts = ContextCounts().update(committed, params.prompt_len)
+        # A token's index in ``seen``: by bisection in the counted (ascending) tokens, and
+        # through ``added`` for those the draft adds (a dict of all M took 0.4 ms at 4k).
+        self.counted = counts.cols
+        self.added: dict[int, int] = {}
         self.seen = torch.from_numpy(counts.cols).to(device)  # [M] every token of prompt + output
         self.output = counts.output.copy()  # [M] host counts, for the subtrahends
         self.sub = self._subtrahends() if self.subtracts else None  # [M] device
@@ -207,9 +248,11 @@ class StepShaper:
         self.produced += 1
         if not self.penalizes:
             return
-        at = self.position.get(token)
+        at = int(np.searchsorted(self.counted, token))
+        if at == len(self.counted) or self.counted[at] != token:
+            at = self.added.get(token)
         if at is None:
-            self.position[token] = at = len(self.output)
+            self.added[token] = at = len(self.output)
             self.seen = torch.cat([self.seen, torch.tensor([token], dtype=torch.long, device=self.device)])
             self.output = np.append(self.output, np.float32(0))
             if self.sub is not None:

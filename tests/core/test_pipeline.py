@@ -11,7 +11,7 @@ import torch
 from services.core.pipeline import DraftSession, pipeline_hit
 from services.core.proposals import DraftAlternatives, Proposal
 from services.core.proposers import DraftModelProposer, NgramProposer
-from services.core.sampling import SamplingParams
+from services.core.sampling import Penalties, SamplingParams
 from tiny_models import noisy_copy, tiny
 
 PROMPT = [4, 8, 15, 16, 23]
@@ -35,8 +35,12 @@ def fresh_after(draft, block, branch, params, kind="draft"):
     return s.draft(branch.round)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(seed=0), SamplingParams(temperature=1.0, seed=3)],
-                         ids=["greedy", "sampled"])
+PENALIZED = dict(penalties=Penalties(repetition=1.3, presence=0.4, frequency=0.2), prompt_len=len(PROMPT))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(seed=0), SamplingParams(temperature=1.0, seed=3),
+                                    SamplingParams(seed=0, **PENALIZED), SamplingParams(temperature=1.0, seed=3, **PENALIZED)],
+                         ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized"])
 def test_every_branch_equals_a_fresh_draft_after_its_outcome(draft, params):
     s = session(draft, params=params)
     block = s.draft(0)
@@ -92,6 +96,28 @@ def test_a_miss_with_a_branch_for_the_outcome_sends_that_branch(draft):
     cached = s.resolve(committed, hit=False, next_gamma=3)
     assert cached is not None and cached.from_cache and not cached.speculative and cached.round == 1
     assert cached.proposal.tokens.tolist() == branch.proposal.tokens.tolist() and s.in_flight is cached
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_penalized_rounds_after_hits_and_misses_equal_fresh_drafts(draft, sampled):
+    """The draft's penalties count each round's context from the last round's count
+    (core/shaping.py CountedContext): rounds that take a branch, miss every branch, or
+    reject drafts each give exactly a fresh session's block after the same text."""
+    params = SamplingParams(temperature=1.0 if sampled else 0.0, seed=3, **PENALIZED)
+    s = session(draft, params=params, max_new=200)
+    block = s.draft(0)
+    for round in range(1, 7):
+        branches = s.draft_branches()
+        drafts = block.proposal.tokens.tolist()
+        if round % 3 == 0 and branches:  # the outcome of a branch
+            committed = drafts[: branches[-1].accepted] + [branches[-1].guess]
+        else:  # a rejection nobody guessed
+            committed = drafts[: round % 2] + [next(t for t in range(40, 90) if t not in {b.guess for b in branches})]
+        block = s.resolve(committed, hit=False, next_gamma=3) or s.draft(round)
+        fresh = DraftSession(DraftModelProposer(draft), list(s.committed), 200, params, 3).draft(round)
+        assert block.proposal.tokens.tolist() == fresh.proposal.tokens.tolist(), round
+        if sampled:
+            assert torch.equal(block.proposal.draft_q.levels, fresh.proposal.draft_q.levels)
 
 
 def test_a_miss_with_no_branch_for_the_outcome_drafts_afresh(draft):

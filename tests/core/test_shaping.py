@@ -22,7 +22,7 @@ from services.core.proposals import Proposal
 from services.core.proposers import DraftModelProposer, NgramProposer
 from services.core.sampling import Penalties, SamplingParams, StopRule, adjusted_probs
 from services.core.suffix import SuffixProposer
-from services.core.shaping import ContextCounts, ShapeRow, StepShaper, shape_logits
+from services.core.shaping import ContextCounts, CountedContext, ShapeRow, StepShaper, shape_logits
 from services.core.target import TargetRunner
 from services.core.tree import choice_tree, parse_choices, tree_shape
 from services.core.verifier import TargetVerifier, VerifyRequest
@@ -113,6 +113,37 @@ def test_a_drafters_step_shaper_equals_shape_logits_slot_by_slot(V, prompt_len, 
         token = context[step % len(context)] if step % 2 else int(torch.randint(0, V, (1,), generator=gen))
         drafted.append(token)
         shaper.append(token)
+
+
+def test_a_drafters_counted_context_grows_like_a_fresh_count():
+    """Rounds of a pipelined session at a real vocabulary: a fresh draft after the
+    committed text, the bonus guesses after its drafts, a branch for an outcome, then
+    the committed text after a rejection. Each count equals a fresh one and leaves the
+    counts it grew from as they were."""
+    gen = torch.Generator().manual_seed(5)
+    V, prompt_len = 151_936, 3000
+    text = torch.randint(0, V, (prompt_len + 40,), generator=gen).tolist()
+    text[prompt_len + 5: prompt_len + 9] = text[10:14]  # an output that repeats the prompt
+    committed = text[: prompt_len + 3]
+    cached, grown_from = None, []
+    for drafts, accepted, token in [(text[prompt_len + 3: prompt_len + 9], 6, 77), (text[20:26], 2, text[30]),
+                                    (text[prompt_len + 20: prompt_len + 26], 0, 5)]:
+        for context in (committed, committed + drafts, committed + drafts[:accepted] + [token]):
+            snapshot = None if cached is None else (cached.counts.cols.copy(), cached.counts.output.copy())
+            counted = CountedContext.of(cached, context, prompt_len)
+            fresh = ContextCounts().update(context, prompt_len)
+            assert np.array_equal(counted.counts.cols, fresh.cols) and np.array_equal(counted.counts.output, fresh.output)
+            if snapshot is not None:
+                assert np.array_equal(cached.counts.cols, snapshot[0]) and np.array_equal(cached.counts.output, snapshot[1])
+            grown_from.append(counted.previous is not None or counted is cached)
+            if context is not committed + drafts[:accepted] + [token]:  # a branch lives on its fork
+                cached = counted
+        committed = committed + drafts[:accepted] + [token]
+    # Every count after the first grew from an earlier one, the rejection's too (one step back).
+    assert grown_from[0] is False and all(grown_from[1:])
+    # Another session's context, or another prompt length, is counted afresh.
+    assert CountedContext.of(cached, text[:50], prompt_len).previous is None
+    assert CountedContext.of(cached, committed, prompt_len - 1).previous is None
 
 
 def test_rows_without_rules_are_not_copied():
