@@ -160,7 +160,7 @@ class DraftModelProposer:
         return [self._proposal(t, q, top) for t, q, top in zip(tokens, qs, tops)]
 
     def _shaper(self, params: SamplingParams, state: KVState, base: list[int]) -> StepShaper:
-        if params.penalties.repetition == 1.0 and not params.penalties.presence and not params.penalties.frequency:
+        if not params.penalties.counts_context:
             return StepShaper(params, base, self.device)  # nothing to count
         state.counted = counted = CountedContext.of(state.counted, base, params.prompt_len)
         return StepShaper(params, base, self.device, counted.counts)

@@ -42,8 +42,13 @@ class Penalties:
                 raise InvalidRequest(f"logit_bias of token {token} must be in [-100, 100], got {bias}")
 
     @property
+    def counts_context(self) -> bool:
+        """Some rule reads the context's token counts (repetition, presence, frequency)."""
+        return self.repetition != 1.0 or bool(self.presence) or bool(self.frequency)
+
+    @property
     def active(self) -> bool:
-        return self.repetition != 1.0 or bool(self.presence) or bool(self.frequency) or bool(self.logit_bias)
+        return self.counts_context or bool(self.logit_bias)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .kv import common_prefix_len
 from .sampling import SamplingParams, SamplingRows, adjusted_probs_rows
 from .tree import TreeShape
 
@@ -69,8 +70,7 @@ class CountedContext:
 
     def prefixes(self, context: list[int], prompt_len: int) -> bool:
         n = len(self.tokens)
-        return self.prompt_len == prompt_len and 0 < n <= len(context) and context[n - 1] == self.tokens[-1] \
-            and context[:n] == self.tokens
+        return self.prompt_len == prompt_len and 0 < n <= len(context) and common_prefix_len(self.tokens, context) == n
 
     @staticmethod
     def of(cached: "CountedContext | None", context: list[int], prompt_len: int) -> "CountedContext":
@@ -148,7 +148,7 @@ def _row_entries(b: int, row: ShapeRow, N1: int, V: int) -> tuple[np.ndarray, np
     subtract, 1 to mask out)."""
     T = len(row.drafts) + 1
     pen, stop = row.params.penalties, row.params.stop
-    penalizes = pen.repetition != 1.0 or bool(pen.presence) or bool(pen.frequency)
+    penalizes = pen.counts_context
     masks = stop is not None and stop.min_tokens > 0 and bool(stop.token_ids)
     seen = (row.counts or ContextCounts()).update(row.committed, row.params.prompt_len) if penalizes else ContextCounts()
     drafts = np.asarray(row.drafts if penalizes else (), dtype=np.int64)
@@ -199,7 +199,7 @@ class StepShaper:
         self.params, self.device = params, device
         self.repetition = pen.repetition
         self.subtracts = bool(pen.presence) or bool(pen.frequency)
-        penalizes = pen.repetition != 1.0 or self.subtracts
+        penalizes = pen.counts_context
         if not penalizes:
             counts = ContextCounts()
         elif counts is None:
