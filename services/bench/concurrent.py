@@ -12,6 +12,7 @@ import asyncio
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from ..core.sampling import SamplingParams
 from ..rpc.convert import stats_from_proto
@@ -26,23 +27,26 @@ def _label(method: str, concurrency: int, batched: bool | None) -> str:
 
 
 def run_local(pair, method: str, gamma: int | None, prompts: list[list[int]], max_new: int,
-              concurrency: int, batched: bool) -> Run:
+              concurrency: int, batched: bool, params: SamplingParams = SamplingParams(seed=0),
+              drafter_address: str | None = None) -> Run:
+    """``drafter_address``: a draft worker in another process (``loopback.serve_drafter``).
+    Sampled ``params``: prompt i is seeded ``params.seed + i``."""
     run = Run(method=_label(method, concurrency, batched), gamma=gamma, concurrency=concurrency)
     # Fresh services per run: nothing (caches, channels) carries over between configs.
     loop = Loopback(pair.target, pair.draft, pair.eos_token_id, pair.max_context,
-                    max_batch_size=16 if batched else 1)
+                    max_batch_size=16 if batched else 1, drafter_address=drafter_address)
 
     async def go():
         async with loop:
             gate = asyncio.Semaphore(concurrency)
 
-            async def one(ids):
+            async def one(i, ids):
                 async with gate:
-                    return await loop.generate(ids, max_new, SamplingParams(seed=0), method=method,
+                    return await loop.generate(ids, max_new, replace(params, seed=params.seed + i), method=method,
                                                gamma=gamma or 1, pipeline=True)
 
             start = time.perf_counter()
-            results = await asyncio.gather(*[one(ids) for ids in prompts])
+            results = await asyncio.gather(*[one(i, ids) for i, ids in enumerate(prompts)])
             return results, time.perf_counter() - start
 
     results, run.seconds = asyncio.run(go())

@@ -28,13 +28,18 @@ from ..verifier.service import VerifierService
 class Loopback:
     def __init__(self, target, draft, eos_token_id=None, max_context=256, max_batch_size=16,
                  kv_cache_bytes=DEFAULT_KV_CACHE_BYTES, measured_fanout=True, eagle=None,
-                 feature_dtype="bfloat16", feature_window=DEFAULT_WINDOW):
+                 feature_dtype="bfloat16", feature_window=DEFAULT_WINDOW, drafter_address=None):
         """``measured_fanout`` False: the worker drafts the branches a request asks for,
         whatever its steps cost (a test of the cache, not of its policy). ``eagle``: an
         EAGLE-3 drafter on the draft worker (placement "drafter"), fed the features the
-        verifier sends in ``feature_dtype``."""
-        proposers, steps = make_proposers(draft, max_batch_size=max_batch_size, eagle=eagle)
-        self.drafter = DrafterService(proposers, steps=steps, measured_fanout=measured_fanout)
+        verifier sends in ``feature_dtype``. ``drafter_address``: a draft worker served
+        by another process (``serve_drafter``) instead of one in this process (``draft``
+        unused)."""
+        self.drafter_address = drafter_address
+        self.drafter = None
+        if drafter_address is None:
+            proposers, steps = make_proposers(draft, max_batch_size=max_batch_size, eagle=eagle)
+            self.drafter = DrafterService(proposers, steps=steps, measured_fanout=measured_fanout)
         engine = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes)), None, eos_token_id, max_context)
         relay = eagle_relay(eagle, feature_window) if eagle is not None else None
         self.verifier = VerifierService(engine, self._address, max_batch_size, eagle_relay=relay,
@@ -44,19 +49,18 @@ class Loopback:
         self.ttfts: list[float] = []  # each session's seconds from its start to its first tokens
 
     async def _address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.drafter_address or f"127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> "Loopback":
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        internal_pb2_grpc.add_DrafterServicer_to_server(self.drafter, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
+        if self.drafter is not None:
+            self.server, self.port = await start_drafter_server(self.drafter)
         return self
 
     async def __aexit__(self, *exc) -> None:
         for channel in self.verifier.channels.values():
             await channel.close()
-        await self.server.stop(None)
+        if self.server is not None:
+            await self.server.stop(None)
 
     async def generate(self, prompt, max_new, params=SamplingParams(seed=0), method="draft", gamma=4,
                        pipeline=True, adaptive=False, fanout=4, tree=""):
@@ -86,6 +90,33 @@ class Loopback:
             span.end()
         assert stats is not None and stats.emitted == len(tokens)
         return tokens, stats
+
+
+async def start_drafter_server(drafter: DrafterService) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    internal_pb2_grpc.add_DrafterServicer_to_server(drafter, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+def serve_drafter(draft_path: str, device: str, dtype: str, threads: int, ports, max_batch_size: int = 16) -> None:
+    """A draft worker in a process of its own (a ``multiprocessing`` target): loads the
+    draft model, serves the Drafter service on a loopback port, puts the port on
+    ``ports`` (a queue) and serves until the process is terminated."""
+    import torch
+
+    from ..models.loading import load_model
+
+    torch.set_num_threads(threads)
+    proposers, steps = make_proposers(load_model(draft_path, device, dtype), max_batch_size=max_batch_size)
+
+    async def main() -> None:
+        server, port = await start_drafter_server(DrafterService(proposers, steps=steps))
+        ports.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
 
 
 def run(coro):

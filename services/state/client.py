@@ -12,10 +12,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import ray
-
 from ..core.kv_chunks import KVChunk, block_names
-from .store import SessionStore
 
 log = logging.getLogger(__name__)
 NAMESPACE = "outrider"
@@ -24,6 +21,10 @@ NAMESPACE = "outrider"
 def session_store(app: str, resources: dict[str, float], prefix_bytes: int, idle_s: float):
     """The app's store actor, created by whichever replica asks first. It goes where
     the gateways go (the head node), takes no CPU, and restarts (empty) if it dies."""
+    import ray  # here, not at the top: the loopback services (and a GPU box without Ray) import this module
+
+    from .store import SessionStore
+
     return (
         ray.remote(SessionStore)
         .options(
