@@ -5,9 +5,11 @@ The lent GPU machines have no Ray, so this is the served path without Serve: the
 verifier service (batching, pipelined rounds, the acceptance sampler) in this process,
 the draft worker's service in a spawned one, talking the internal gRPC protocol over
 loopback TCP, both on the same GPU in bf16. The bundled pair, the held-out prompts,
-greedy and sampled, one stream and several. Every level's configs run interleaved in
-each pass, so the ratios are taken on the same machine minutes apart; greedy outputs
-must equal target-only's.
+greedy, seeded sampled (coupled) and unseeded sampled (rejection sampling; prompt i
+takes seed i as the gateway would draw one), one stream and several. Every level's
+configs run interleaved in each pass, so the ratios are taken on the same machine
+minutes apart; greedy and seeded outputs must equal target-only's (in bf16, near-tied
+argmaxes may flip between a pass of 1 position and one of several).
 
 ``--device cpu`` runs the same code on a CPU (a check of the script, not a figure).
 """
@@ -48,8 +50,10 @@ def measure(device: str, dtype: str, levels: list[int], passes: int, prompts: in
     ids = heldout_ids(pair, prompts)
     drafter, address = start_drafter(device, dtype, threads)
     try:
-        for params in (SamplingParams(seed=0), SamplingParams(temperature=1.0, seed=0)):
-            mode = "greedy" if params.greedy else f"T={params.temperature}"
+        # Seeded sampling is coupled (core/coupling.py); unseeded keeps rejection sampling.
+        modes = {"greedy": SamplingParams(seed=0), "T=1.0 seeded": SamplingParams(temperature=1.0, seed=0),
+                 "T=1.0 unseeded": SamplingParams(temperature=1.0, seed=0, coupled=False)}
+        for mode, params in modes.items():
             # Warm-up: kernels, allocator, the drafter's first sessions.
             for method, gamma in CONFIGS:
                 run_local(pair, method, gamma, ids[:2], 16, 2, True, params, address)
@@ -65,7 +69,8 @@ def measure(device: str, dtype: str, levels: list[int], passes: int, prompts: in
                         "rows": [{"config": label, "tokens_per_s": run.tokens_per_s,
                                   "vs_target_only": run.tokens_per_s / base.tokens_per_s,
                                   "tokens_per_round": run.stats.mean_acceptance_length,
-                                  "identical_to_target_only": run.outputs == base.outputs if params.greedy else None}
+                                  "identical_to_target_only": run.outputs == base.outputs
+                                  if params.greedy or params.resolve_seed().coupled else None}
                                  for label, run in runs.items() if run is not base],
                     })
     finally:

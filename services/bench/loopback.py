@@ -67,7 +67,7 @@ class Loopback:
         """(tokens, final stats) of one session; also checks chunk framing."""
         req = internal_pb2.VerifyRequest(
             request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=max_new, sampling=sampling_to_proto(params),
-            pinned_gamma=not params.greedy,
+            coupled=params.resolve_seed().coupled,  # as the gateway decides it
             speculation=outrider_pb2.Speculation(method=METHOD_IDS[method], gamma=gamma, adaptive=adaptive,
                                                  pipeline=pipeline, fanout=fanout, tree=tree),
         )

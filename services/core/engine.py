@@ -6,7 +6,6 @@ stateless with respect to requests, so one engine serves many sequences.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -158,8 +157,7 @@ class SpeculativeEngine:
     def resolve(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         """``params`` with every default made concrete: a fresh seed, the stop rule
         (EOS), the prompt's length."""
-        if params.seed is None:
-            params = replace(params, seed=random.SystemRandom().randrange(2**63))
+        params = params.resolve_seed()
         if params.stop is None:
             params = replace(params, stop=StopRule(() if self.eos_token_id is None else (self.eos_token_id,)))
         if params.prompt_len is None:

@@ -11,6 +11,7 @@ from typing import Callable, Collection, Protocol
 import numpy as np
 import torch
 
+from .coupling import coupled_choice
 from .draft_q import SparseQ, compact
 from .kv import KVState, extend_batch
 from .kv_chunks import KVChunk, restore_kv
@@ -139,6 +140,10 @@ class DraftModelProposer:
                 if params.greedy:
                     probs = row.float().softmax(-1)
                     token = int(row.argmax())
+                elif params.coupled:  # the argmax under the position's shared noise: no q to send
+                    probs = adjusted_probs(row, params)
+                    at = torch.tensor([len(bases[i]) + len(tokens[i])], device=probs.device)
+                    token = int(coupled_choice(probs.log()[None], params.seed, at).argmax())
                 else:
                     probs = adjusted_probs(row, params)
                     # Sample from the compact q that is sent, never from the full one.

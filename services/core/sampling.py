@@ -12,7 +12,8 @@ a token already committed.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -75,6 +76,10 @@ class SamplingParams:
     # tokens, also on a stream resumed with the output so far as its prompt. None: the
     # engine resolves it to the prompt it starts from.
     prompt_len: int | None = None
+    # Sampled by Gumbel-max coupling (core/coupling.py): the output depends on the seed
+    # alone, equal to target-only decoding's, whatever the drafter or gamma. None: decided
+    # where the seed is resolved (``resolve_seed``): coupled when the caller chose it.
+    coupled: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0 or self.temperature == float("inf"):  # also rejects NaN
@@ -87,6 +92,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def resolve_seed(self) -> "SamplingParams":
+        """A seed for every request (drafter and verifier must share it). Unless already
+        decided, a sampled request whose caller chose the seed is coupled, so that it
+        reproduces; one given a fresh seed is not."""
+        coupled = self.seed is not None and not self.greedy if self.coupled is None else self.coupled
+        seed = random.SystemRandom().randrange(2**63) if self.seed is None else self.seed
+        return replace(self, seed=seed, coupled=coupled)
 
 
 def derive_seed(seed: int, role: str) -> int:

@@ -10,8 +10,9 @@ import torch
 
 from .kv import common_prefix_len
 from .proposals import Proposal, VerifyOutcome
+from .coupling import coupled_choice
 from .rejection import DraftBatch, Randomness, accept_batch
-from .sampling import SamplingParams, SamplingRows
+from .sampling import SamplingParams, SamplingRows, adjusted_probs_rows
 from .shaping import ContextCounts, ShapeRow, shape_logits, shapes, slot_logprobs
 from .target import Feed, TargetRunner
 from .tree_accept import TreeBatch, accept_tree_batch
@@ -144,16 +145,18 @@ class TargetVerifier:
             if shapes(req.params) else None for req in batch])
         B, N1, V = logits.shape
         drafts = DraftBatch.of([(req.proposal.tokens, req.proposal.draft_q) for req in batch], V, device)
-        rows = SamplingRows.of([req.params for req in batch], V, device)
-        keys = [None if req.params.greedy else (req.params.seed, req.round) for req in batch]
+        # Coupled rows are accepted as greedy ones, over their Gumbel-max scores.
+        scores, params = coupled_scores(logits, batch)
+        rows = SamplingRows.of(params, V, device)
+        keys = [None if p.greedy else (p.seed, req.round) for p, req in zip(params, batch)]
         rand = Randomness.draw(keys, [len(req.proposal) for req in batch], N1 - 1, device)
         if all(req.proposal.is_chain for req in batch):
             # The one host sync: [n, token, drafts...] per row.
-            result = torch.cat([accept_batch(logits, drafts, rows, rand), drafts.tokens], -1).tolist()
+            result = torch.cat([accept_batch(scores, drafts, rows, rand), drafts.tokens], -1).tolist()
             outcomes = [VerifyOutcome(row[0], row[2 : 2 + row[0]] + [row[1]], tuple(range(row[0]))) for row in result]
             return self._with_logprobs(batch, logits, outcomes)
         trees = TreeBatch.of([req.proposal.tree for req in batch], [len(req.proposal) for req in batch], device)
-        result = torch.cat([accept_tree_batch(logits, drafts, trees, rows, rand), drafts.tokens], -1).tolist()
+        result = torch.cat([accept_tree_batch(scores, drafts, trees, rows, rand), drafts.tokens], -1).tolist()
         outcomes = []
         for row in result:
             n, token, path, tokens = row[0], row[1], row[2 : 2 + trees.max_depth], row[2 + trees.max_depth :]
@@ -172,6 +175,33 @@ class TargetVerifier:
             chosen, top = slot_logprobs(logits[b, slots], req.params, outcome.tokens, req.logprobs)
             outcomes[b] = replace(outcome, logprobs=chosen, top_logprobs=top)
         return outcomes
+
+
+def coupled_scores(logits: torch.Tensor, batch: list[VerifyRequest]) -> tuple[torch.Tensor, list[SamplingParams]]:
+    """logits [B, N+1, V] (shaped) -> the scores acceptance reads, and the parameters it
+    reads them with: a coupled row's scores are its adjusted log-probabilities plus the
+    Gumbel noise of the position each slot chooses (core/coupling.py), read as a greedy
+    row's; every other row is as it came."""
+    coupled = [b for b, req in enumerate(batch) if req.params.coupled and not req.params.greedy]
+    params = [req.params for req in batch]
+    if not coupled:
+        return logits, params
+    scores = logits.float().clone()
+    B, N1, V = logits.shape
+    adjusted = adjusted_probs_rows(logits[coupled], SamplingRows.of([params[b] for b in coupled], V, logits.device))
+    for i, b in enumerate(coupled):
+        req = batch[b]
+        # Slot 0 chooses the token after the committed ones; a chain's slot s the one s
+        # later; a tree's slot 1 + node the one after that node, at its depth.
+        after = torch.arange(N1) if req.proposal.is_chain else torch.cat(
+            [torch.zeros(1, dtype=torch.long), req.proposal.tree.depth.cpu(),
+             torch.zeros(N1 - 1 - len(req.proposal), dtype=torch.long)])
+        scores[b] = coupled_choice(adjusted[i].log(), req.params.seed, len(req.committed) + after)
+        params[b] = GREEDY
+    return scores, params
+
+
+GREEDY = SamplingParams()
 
 
 def as_batch(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -262,7 +262,8 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             except ValueError as error:
                 raise InvalidRequest(str(error)) from None
         # Drafts are shaped as the target is (penalties, min_tokens): accepted more often.
-        params = sampling_from_proto(msg.sampling, msg.stop if msg.HasField("stop") else None, msg.prompt_len)
+        params = sampling_from_proto(msg.sampling, msg.stop if msg.HasField("stop") else None, msg.prompt_len,
+                                     msg.coupled)
         if params.seed is None:
             raise InvalidRequest("the verifier must resolve the seed before opening a draft stream")
         session = DraftSession(

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import secrets
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from ..core.errors import InvalidRequest
@@ -114,9 +113,7 @@ class GatewayService:
             raise InvalidRequest(f"logprobs must be at most {MAX_LOGPROBS}, got {req.logprobs}")
         if req.n > limits.max_samples:
             raise InvalidRequest(f"n must be at most {limits.max_samples} here, got {req.n}")
-        pinned_gamma = params.seed is not None and not params.greedy
-        if params.seed is None:  # resolved here so draft worker and verifier share it
-            params = replace(params, seed=random.SystemRandom().randrange(2**63))
+        params = params.resolve_seed()  # here, so that draft worker and verifier share it
         method = method_name(req.speculation.method, limits.default_method)
         if limits.head_methods.get(method):  # draft, ngram, suffix and none are served by every app
             raise InvalidRequest(f"speculation method {method.upper()} is not served here: {limits.head_methods[method]}")
@@ -150,10 +147,10 @@ class GatewayService:
                 adaptive=req.speculation.adaptive, pipeline=pipeline, tree=tree, fanout=fanout,
             ),
             received_at=received_at,
-            pinned_gamma=pinned_gamma,
             stop=stop,
             logprobs=req.logprobs if req.HasField("logprobs") else None,
             prompt_len=len(prompt_ids),
+            coupled=params.coupled,
         )
 
     def _check_token(self, token: int, where: str) -> None:

@@ -36,9 +36,11 @@ METHOD_IDS = {name: value for value, name in METHODS.items()}
 
 
 def sampling_from_proto(msg: outrider_pb2.SamplingParams, stop: outrider_pb2.StopOptions | None = None,
-                        prompt_len: int | None = None) -> SamplingParams:
+                        prompt_len: int | None = None, coupled: bool | None = None) -> SamplingParams:
     """The core's sampling parameters. ``stop``: a resolved stop (internal messages:
-    its token ids include EOS where it stops the output); None leaves the engine's."""
+    its token ids include EOS where it stops the output); None leaves the engine's.
+    ``coupled``: the internal messages' flag (the gateway decides it with the seed);
+    None for a client's request, decided where its seed is resolved."""
     return SamplingParams(
         temperature=msg.temperature,
         top_k=msg.top_k,
@@ -52,6 +54,7 @@ def sampling_from_proto(msg: outrider_pb2.SamplingParams, stop: outrider_pb2.Sto
         ),
         stop=None if stop is None else StopRule(tuple(stop.token_ids), stop.min_tokens),
         prompt_len=prompt_len or None,
+        coupled=coupled,
     )
 
 

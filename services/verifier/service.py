@@ -71,7 +71,8 @@ class VerifierService:
         self.active_sessions = 0
 
     async def verify(self, req: internal_pb2.VerifyRequest) -> AsyncIterator[internal_pb2.VerifyChunk]:
-        params = sampling_from_proto(req.sampling, req.stop if req.HasField("stop") else None, req.prompt_len)
+        params = sampling_from_proto(req.sampling, req.stop if req.HasField("stop") else None, req.prompt_len,
+                                     req.coupled)
         spec = req.speculation
         method = METHODS[spec.method]
         proposer = None
@@ -100,7 +101,7 @@ class VerifierService:
         # The request's span context crossed the Serve handle hop in the request; every
         # span of this session is in its trace.
         trace_ctx = tracing.extract(req.traceparent, req.tracestate)
-        control = self._join(seq, method, req.pinned_gamma)
+        control = self._join(seq, method)
         self.active_sessions += 1
         try:
             local = (method == "none" or method in ON_VERIFIER and not relayed
@@ -130,10 +131,10 @@ class VerifierService:
             if control is not None:
                 self.controller.leave(control)
 
-    def _join(self, seq: SequenceState, method: str, pinned: bool) -> SessionControl | None:
+    def _join(self, seq: SequenceState, method: str) -> SessionControl | None:
         """The session's place in the goodput plan. A chain's gamma is the plan's (the
-        request's is its ceiling); a seeded sampled request keeps its schedule, because
-        its tokens depend on it (VerifyRequest.pinned_gamma); a tree keeps its shape
+        request's is its ceiling; a seeded sampled request's too: it is coupled, so its
+        tokens do not depend on gamma, VerifyRequest.coupled); a tree keeps its shape
         (counted in the plan at its node count), at both EAGLE placements too: planned,
         EAGLE's drafting was often cut or switched off (on the verifier 1.37-1.45x
         target-only served against 1.74x fixed; on the draft workers 1.60-1.66x, 3.34
@@ -143,7 +144,7 @@ class VerifierService:
             return None
         if getattr(seq.proposer, "tree", None) is not None:  # a fixed shape of max_nodes nodes
             return self.controller.join(seq.proposer.max_nodes, fixed=True)
-        control = self.controller.join(seq.gamma, fixed=pinned)
+        control = self.controller.join(seq.gamma)
         seq.gamma_cap = self.controller.gamma(control)
         return control
 
@@ -357,6 +358,7 @@ class VerifierService:
             tracestate=trace[1],
             stop=stop_to_proto(seq.params.stop),
             prompt_len=seq.params.prompt_len,
+            coupled=seq.params.coupled,
             # A TREE adds the chain's likeliest tokens at each depth as leaves.
             alternatives=seq.proposer.branches if isinstance(seq.proposer, TreeProposer) else 0,
         )

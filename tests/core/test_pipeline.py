@@ -39,8 +39,9 @@ PENALIZED = dict(penalties=Penalties(repetition=1.3, presence=0.4, frequency=0.2
 
 
 @pytest.mark.parametrize("params", [SamplingParams(seed=0), SamplingParams(temperature=1.0, seed=3),
-                                    SamplingParams(seed=0, **PENALIZED), SamplingParams(temperature=1.0, seed=3, **PENALIZED)],
-                         ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized"])
+                                    SamplingParams(seed=0, **PENALIZED), SamplingParams(temperature=1.0, seed=3, **PENALIZED),
+                                    SamplingParams(temperature=1.0, seed=3, coupled=True, **PENALIZED)],
+                         ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "coupled-penalized"])
 def test_every_branch_equals_a_fresh_draft_after_its_outcome(draft, params):
     s = session(draft, params=params)
     block = s.draft(0)
@@ -50,8 +51,10 @@ def test_every_branch_equals_a_fresh_draft_after_its_outcome(draft, params):
         assert branch.speculative and branch.round == 1 and len(branch.proposal) > 0
         fresh = fresh_after(draft, block, branch, params)
         assert branch.proposal.tokens.tolist() == fresh.proposal.tokens.tolist()
-        if not params.greedy:
+        if not params.greedy and not params.coupled:
             assert torch.equal(branch.proposal.draft_q.levels, fresh.proposal.draft_q.levels)
+        else:  # an argmax, under the position's noise when coupled: no q
+            assert branch.proposal.draft_q is None
 
 
 def test_the_first_branch_is_plain_pipelinings_guess(draft):

@@ -56,13 +56,16 @@ def test_two_tokens_across_a_resume_follow_the_target_jointly():
     assert chisquare([counts[c] for c in cells], expected).pvalue > 1e-4
 
 
+@pytest.mark.parametrize("coupled", [None, False], ids=["coupled", "rejection"])
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_a_resumed_seeded_stream_reproduces_the_undisturbed_one(adaptive):
+def test_a_resumed_seeded_stream_reproduces_the_undisturbed_one(adaptive, coupled):
+    """A seed the caller chose couples the stream (None: decided with the seed); with
+    rejection sampling, the (seed, round) keys reproduce it under the same schedule."""
     target = tiny("llama", seed=1)
     draft = noisy_copy(target, 2, 0.3)
     engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), DraftModelProposer(draft), None, 256,
                                GammaSchedule(3, adaptive))
-    params = SamplingParams(temperature=0.9, top_p=0.95, seed=77)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=77, coupled=coupled)
     undisturbed = engine.generate(PROMPT, 40, params).token_ids
     for resume_after in (1, 2, 5):
         seq = engine.start(PROMPT, 40, params)

@@ -32,8 +32,8 @@ def verdict(client, kind=NORMAL, reference=(1, 2), case=CASE):
 def test_each_stream_gets_the_verdict_the_contract_gives_it():
     assert verdict(FakeClient(chunks=chunks("r", [1, 2]))) == "identical"
     assert verdict(FakeClient(chunks=chunks("r", [1, 3]))) == "corrupted"
-    # Rounds without drafts: a seeded sampled stream is a new exact draw; greedy must not change.
-    assert verdict(FakeClient(chunks=chunks("r", [1, 3], undrafted=2)), case=SAMPLED) == "redrawn"
+    # Rounds without drafts change neither a greedy nor a seeded (coupled) sampled stream.
+    assert verdict(FakeClient(chunks=chunks("r", [1, 3], undrafted=2)), case=SAMPLED) == "corrupted"
     assert verdict(FakeClient(chunks=chunks("r", [1, 3], undrafted=2))) == "corrupted"
     assert verdict(FakeClient(chunks=chunks("r", [1, 3])), case=SAMPLED) == "corrupted"
     assert verdict(FakeClient(chunks=chunks("r", [1, 2], stats=False))) == "lost"

@@ -194,7 +194,9 @@ def test_pipelined_sampling_reproduces_the_target_distribution():
             outs, hits = [], 0
             for start in range(0, N, 25):
                 batch = await asyncio.gather(*[
-                    loop.generate(prompt, NEW, SamplingParams(temperature=1.0, seed=seed), gamma=2, fanout=4)
+                    # Rejection sampling (not coupled): the draws the cache's branches must not bias.
+                    loop.generate(prompt, NEW, SamplingParams(temperature=1.0, seed=seed, coupled=False), gamma=2,
+                                  fanout=4)
                     for seed in range(start, start + 25)
                 ])
                 outs += [tokens for tokens, _ in batch]
@@ -296,7 +298,8 @@ def test_sampled_requests_at_real_vocabularies_succeed_at_every_gamma(real_vocab
         async with Loopback(target, draft, max_context=1024) as loop:
             out = {}
             for gamma in range(1, 17):  # T = 1.0 at odd gammas, top-k 50 at even ones
-                params = SamplingParams(temperature=1.0, top_k=50 * (gamma % 2 == 0), seed=gamma)
+                # Not coupled: a coupled draft sends no q.
+                params = SamplingParams(temperature=1.0, top_k=50 * (gamma % 2 == 0), seed=gamma, coupled=False)
                 out[gamma, params.top_k] = await loop.generate(prompt, 18, params, gamma=gamma)  # room for 16 drafts
             return out
 
