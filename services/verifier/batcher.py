@@ -143,7 +143,7 @@ class RoundBatcher:
                 _verify_spans(live, started_ns, time.time_ns(), value if ok else None)
             if ok and self.cost is not None:
                 self.cost.observe_pass(sum(len(p) + 1 for p in proposals), self.last_pass_s,
-                                       sum(len(result.tokens) for result in value))
+                                       sum(len(result.tokens) for result in value), rows=len(proposals))
             if ok:
                 outcomes = {id(job): (True, result) for job, result in zip(live, value)}
             elif len(live) == 1:
