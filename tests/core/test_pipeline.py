@@ -68,6 +68,15 @@ def test_the_first_branch_is_plain_pipelinings_guess(draft):
         one.committed += block.proposal.tokens.tolist()
         argmax = one.proposer.propose(one.state, one.committed, 1, SamplingParams(seed=0)).tokens.tolist()
         assert (first.accepted, [first.guess]) == (len(block.proposal), argmax)
+    # Coupled: the draft's own token there, drawn under the noise the target's bonus will be.
+    coupled = SamplingParams(temperature=1.0, seed=3, coupled=True)
+    s = session(draft, params=coupled)
+    block = s.draft(0)
+    first = s.draft_branches()[0]
+    one = session(draft, params=coupled, fanout=1)
+    one.committed += block.proposal.tokens.tolist()
+    own = one.proposer.propose(one.state, one.committed, 1, coupled).tokens.tolist()
+    assert (first.accepted, [first.guess]) == (len(block.proposal), own)
 
 
 def test_ngram_branches_follow_the_lookup():
