@@ -14,6 +14,7 @@ round) is not a Serve call.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
 from ..core.goodput import GoodputController
 from ..core.proposals import Proposal
 from ..telemetry import tracing
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,8 +145,11 @@ class RoundBatcher:
             if traced:
                 _verify_spans(live, started_ns, time.time_ns(), value if ok else None)
             if ok and self.cost is not None:
-                self.cost.observe_pass(sum(len(p) + 1 for p in proposals), self.last_pass_s,
-                                       sum(len(result.tokens) for result in value), rows=len(proposals))
+                try:
+                    self.cost.observe_pass(sum(len(p) + 1 for p in proposals), self.last_pass_s,
+                                           sum(len(result.tokens) for result in value), rows=len(proposals))
+                except Exception:  # a planning bug must not leave the pass's sessions waiting forever
+                    log.exception("the goodput controller failed to observe a pass; its sessions go on")
             if ok:
                 outcomes = {id(job): (True, result) for job, result in zip(live, value)}
             elif len(live) == 1:

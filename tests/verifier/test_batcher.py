@@ -73,3 +73,18 @@ def test_a_session_that_fails_does_not_fail_its_batch(pair):
     assert isinstance(results[1], IndexError)
     for i in (0, 2, 3):
         assert results[i].tokens == hf_greedy(target, PROMPTS[i], 1, eos=None)
+
+
+def test_a_controller_that_fails_to_observe_a_pass_hangs_no_session(pair, monkeypatch):
+    target, draft = pair
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a planning bug")
+
+    async def go():
+        async with Loopback(target, draft) as loop:
+            monkeypatch.setattr(loop.verifier.controller, "observe_pass", broken)
+            return await asyncio.wait_for(asyncio.gather(*[loop.generate(p, 12, gamma=3) for p in PROMPTS[:3]]), 120)
+
+    for prompt, (tokens, _) in zip(PROMPTS[:3], run(go())):
+        assert tokens == hf_greedy(target, prompt, 12, eos=None)
