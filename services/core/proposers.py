@@ -143,7 +143,7 @@ class DraftModelProposer:
                 elif params.coupled:  # the argmax under the position's shared noise: no q to send
                     probs = adjusted_probs(row, params)
                     at = torch.tensor([len(bases[i]) + len(tokens[i])], device=probs.device)
-                    token = int(coupled_choice(probs.log()[None], params.seed, at).argmax())
+                    token = int(coupled_choice(probs.log()[None], params.seed, at, params.top_k).argmax())
                 else:
                     probs = adjusted_probs(row, params)
                     # Sample from the compact q that is sent, never from the full one.

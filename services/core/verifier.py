@@ -196,7 +196,7 @@ def coupled_scores(logits: torch.Tensor, batch: list[VerifyRequest]) -> tuple[to
         after = torch.arange(N1) if req.proposal.is_chain else torch.cat(
             [torch.zeros(1, dtype=torch.long), req.proposal.tree.depth.cpu(),
              torch.zeros(N1 - 1 - len(req.proposal), dtype=torch.long)])
-        scores[b] = coupled_choice(adjusted[i].log(), req.params.seed, len(req.committed) + after)
+        scores[b] = coupled_choice(adjusted[i].log(), req.params.seed, len(req.committed) + after, req.params.top_k)
         params[b] = GREEDY
     return scores, params
 

@@ -9,7 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from distribution import ALPHA, check_power, chi2_pvalue
-from services.core.coupling import gumbel
+from services.core.coupling import coupled_choice, gumbel
 from services.core.engine import SpeculativeEngine
 from services.core.gamma import GammaSchedule
 from services.core.head_proposers import MedusaProposer
@@ -31,6 +31,14 @@ def test_the_noise_is_standard_gumbel_keyed_by_seed_position_and_token():
     ids = torch.tensor([[3, 99_999, 12], [0, 1, 2], [5, 5, 5], [7, 8, 9]])
     assert torch.equal(gumbel(7, torch.arange(4), ids), g.gather(1, ids))
     assert not torch.equal(g[0], g[1]) and not torch.equal(g, gumbel(8, torch.arange(4), 100_000))
+
+
+def test_noise_on_a_top_k_support_gives_the_same_choice_as_the_whole_vocabulary():
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    logp = adjusted_probs(logits, SamplingParams(temperature=0.9, top_k=40)).log()
+    full, support = coupled_choice(logp, 5, torch.arange(6)), coupled_choice(logp, 5, torch.arange(6), top_k=40)
+    assert torch.equal(full.argmax(-1), support.argmax(-1))
+    assert torch.isfinite(support).sum() == 6 * 40
 
 
 def test_gumbel_max_draws_follow_the_distribution():
