@@ -71,6 +71,9 @@ def add_parser(sub, name: str) -> None:
                         help="in-process, random-init models of real shapes: verify pass vs transformers' bare "
                              "forward at batch 8 and contexts 256/1024/4096, bytes per round at V=151,936, what "
                              "truncating q costs in acceptance (default JSON: bench-out/scale.json)")
+    parser.add_argument("--tp", action="store_true",
+                        help="a TP=2 verifier group (gloo, a local Ray cluster) against TP=1 in-process: the "
+                             "group's overhead a pass, batch 8 decode passes (default JSON: bench-out/tp.json)")
     parser.add_argument("--profile", type=Path, default=None, metavar="OUT",
                         help="measure what `outrider capacity` plans from into OUT: in-process, the verify pass by "
                              "batch and gamma, draft step by rows, prefill, acceptance, bytes and transport a round; "
@@ -118,6 +121,8 @@ def run(args) -> int:
         return run_tracing(args)
     if args.scale:
         return run_scale_bench(args)
+    if args.tp:
+        return run_tp_bench(args)
     if args.features:
         return run_features_bench(args)
     if args.profile:
@@ -338,6 +343,20 @@ def run_scale_bench(args) -> int:
     print(f"verify pass / bare forward at batch 8, context 4096: {summary['verify_pass_vs_bare_b8_c4096']:.2f}x; "
           f"bytes per round at V=151,936 gamma 8: top-k 50 {summary['bytes_per_round_v151936_g8_topk50']:.0f}, "
           f"T=1.0 {summary['bytes_per_round_v151936_g8_t1']:.0f}")
+    print(f"wrote {path}")
+    return 0
+
+
+def run_tp_bench(args) -> int:
+    """--tp: the tensor-parallel group's overhead a pass (services/bench/tensor_parallel.py)."""
+    from ..bench.tensor_parallel import run_tp_overhead
+
+    if args.server or args.levels:
+        raise UsageError("--tp measures in-process against a local Ray cluster; drop --server and --concurrency")
+    summary = run_tp_overhead(passes=100 * args.repeat, on_row=lambda line: print(line, flush=True))
+    path = Path("bench-out/tp.json") if args.json == Path("bench-out/bench.json") else args.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
 

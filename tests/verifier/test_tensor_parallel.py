@@ -15,6 +15,8 @@ from tiny_models import hf_greedy, noisy_copy, tiny
 from services.core.engine import SpeculativeEngine
 from services.core.gamma import GammaSchedule
 from services.core.proposers import DraftModelProposer
+from services.core.errors import PoolExhausted
+from services.core.kv_pool import BLOCK_TOKENS, kv_bytes_per_token
 from services.core.target import Feed, TargetRunner
 from services.core.verifier import TargetVerifier
 from services.state.client import ShardedPrefixSharing, StateClient
@@ -40,11 +42,11 @@ def target(tmp_path_factory):
 
 
 @contextmanager
-def tp_group(path):
+def tp_group(path, **kwargs):
     """A TP=2 target in its own placement group, torn down afterwards."""
     group = placement_group([{"CPU": 0.1}] + [{"CPU": 1}] * 2, strategy="STRICT_PACK")
     ray.get(group.ready())
-    tp = TensorParallelTarget(2, path, "cpu", "float32", False, rank_cpus=1, threads=1, group=group)
+    tp = TensorParallelTarget(2, path, "cpu", "float32", False, rank_cpus=1, threads=1, group=group, **kwargs)
     try:
         yield tp
     finally:
@@ -83,6 +85,19 @@ def test_tp2_speculative_greedy_is_tp2_target_only(cluster, target):
             assert expected == hf_greedy(model, prompt, 30, eos=None)  # and TP=1 agrees
             assert result.stats.rounds < 30  # drafts were accepted: it really speculated
         assert tp.cached_positions() == 0  # generate() releases its sessions
+
+
+def test_a_pass_the_pool_cannot_hold_is_refused_and_the_group_serves_on(cluster, target):
+    """Every rank refuses it alike (rank 0 leads, the others follow): RESOURCE_EXHAUSTED
+    for that pass, and the next pass runs on every rank, the same as TP=1."""
+    model, path = target
+    per_token = kv_bytes_per_token(model.config, torch.float32, tp_size=2)
+    with tp_group(path, kv_cache_bytes=per_token * BLOCK_TOKENS * 4) as tp:  # 3 usable blocks
+        with pytest.raises(PoolExhausted):
+            tp.forward([Feed("big", 0, list(range(2, 2 + 4 * BLOCK_TOKENS)), 1)])
+        feeds = [Feed("a", 0, [5, 6, 7, 8, 9], 2)]
+        torch.testing.assert_close(tp.forward(feeds)[0], TargetRunner(model).forward(feeds)[0], rtol=1e-5, atol=1e-5)
+        tp.check()
 
 
 def test_a_dead_rank_fails_the_group_instead_of_hanging(cluster, target):
