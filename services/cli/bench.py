@@ -353,7 +353,8 @@ def run_tp_bench(args) -> int:
 
     if args.server or args.levels:
         raise UsageError("--tp measures in-process against a local Ray cluster; drop --server and --concurrency")
-    summary = run_tp_overhead(passes=100 * args.repeat, on_row=lambda line: print(line, flush=True))
+    summary = {f"vocab_{v}": run_tp_overhead(passes=100 * args.repeat, vocab=v, on_row=lambda line: print(line, flush=True))
+               for v in (1024, 128_256)}
     path = Path("bench-out/tp.json") if args.json == Path("bench-out/bench.json") else args.json
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")

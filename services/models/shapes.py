@@ -12,7 +12,7 @@ not always.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,8 +41,10 @@ _CLASSES = {
 }
 
 
-def random_model(shape: str, layers: int = 2, hidden: int = 256, seed: int = 0, sharpen: float = 20.0):
-    spec = SHAPES[shape]
+def random_model(shape: str, layers: int = 2, hidden: int = 256, seed: int = 0, sharpen: float = 20.0,
+                 vocab: int | None = None):
+    """``vocab``: another vocabulary size than the shape's."""
+    spec = SHAPES[shape] if vocab is None else replace(SHAPES[shape], vocab=vocab)
     config_cls, model_cls = _CLASSES[spec.family]
     extra = {"rope_theta": 500_000.0} if shape == "llama3" else {}
     if spec.sliding_window:

@@ -204,6 +204,11 @@ class TensorParallelTarget:
     def cached_positions(self) -> int:
         return self._gather([self.ranks[0].cached_positions.remote()])[0]
 
+    def control_round_trip(self) -> None:
+        """A command through every rank that computes nothing: the group's control path
+        alone (the call to rank 0 and its broadcast), what a pass costs beyond the model."""
+        self._lead("ping")
+
     def _lead(self, op: str, *args):
         return self._gather([self.ranks[0].lead.remote(op, *args)])[0]
 
