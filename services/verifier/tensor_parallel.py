@@ -48,9 +48,6 @@ from ..core.target import DEFAULT_KV_CACHE_BYTES, Feed, TargetRunner
 GROUP_TIMEOUT = datetime.timedelta(seconds=120)  # a collective never waits longer than this
 
 
-STOP = "stop"
-
-
 class TargetRank:
     """One rank: a shard of the target and its share of every session's KV."""
 
@@ -90,22 +87,17 @@ class TargetRank:
 
     @ray.method(concurrency_group="follow")
     def follow(self) -> None:
-        """Ranks 1..N-1, for the group's life: run every command rank 0 leads, in its
-        order. In a concurrency group of its own, so that ``ping`` and ``stage`` still
-        answer while it waits."""
+        """Ranks 1..N-1, for the group's life (until the group is killed): run every
+        command rank 0 leads, in its order. In a concurrency group of its own, so that
+        ``ping`` and ``stage`` still answer while it waits."""
         while True:
             box = [None, None]
             torch.distributed.broadcast_object_list(box, src=0, group=self.commands)
             op, args = box
-            if op == STOP:
-                return
             try:
                 getattr(self, op)(*args)
             except PoolExhausted:  # every rank refuses a pass alike, before any collective
                 pass
-
-    def stop(self) -> None:
-        """Rank 0's own part of STOP: nothing."""
 
     def stage(self, key: int, args: tuple) -> None:
         """This rank's own arguments of command ``key`` (Ray objects stay Ray's)."""
