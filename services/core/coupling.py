@@ -20,8 +20,10 @@ controller) holds for seeded sampling, and a seeded request needs no pinned gamm
 
 The price is acceptance: two argmaxes under shared noise agree less often than
 rejection sampling accepts (sum_v min(p, q)). On the bundled pair, over held-out text,
-0.740 against 0.792 a token at T = 1.0 and 0.776 against 0.815 at T = 0.7 (Daliri et
-al., 2024, bound it below by (1 - TV) / (1 + TV)). Unseeded requests keep rejection
+0.740 against 0.792 a token at T = 1.0 and 0.776 against 0.815 at T = 0.7. This is
+Daliri, Musco and Suresh's "drafter-invariant speculative decoding" (2024), who bound
+the agreement below by (1 - TV) / (1 + TV), the best any protocol without
+communication can guarantee. Unseeded requests keep rejection
 sampling (core/rejection.py), whose acceptance is the highest possible.
 
 The noise is a counter-based hash (splitmix64's finalizer) in int64 tensor arithmetic,
