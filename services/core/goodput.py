@@ -15,16 +15,10 @@ replica (SmartSpec's objective), from measurements only:
   goodput(g) = sum_i E_i(g_i) / (k*T(N) + o_i(g_i)),  N = share * sum_i (g_i + 1)
 
 where k passes serve a round of every session and ``share`` of them is in each pass
-(more sessions than ``max_batch``). Sessions that draft also fall out of step: each
-waits on its own draft, so a pass holds only the rounds that are ready, and a round of
-every session takes more passes than plain decoding's one (sessions in a pass: 2.4 of
-4 in a measured run on 2 cores, sampled). So while sessions draft, the controller
-measures how many sessions a pass holds, and k is at least live sessions / that; plain
-decoding keeps its k (its rounds take one pass each, all in step). A plan whose
-goodput is below plain decoding's drafts nothing. The plan maximises goodput by
-coordinate ascent (each session's best gamma with the others fixed, sweeps until none
-changes), recomputed once per pass; it lands within a fraction of a percent of the
-exhaustive optimum. A client's gamma is the ceiling of the search, never an order.
+(more sessions than ``max_batch``). The plan maximises goodput by coordinate ascent
+(each session's best gamma with the others fixed, sweeps until none changes), recomputed
+once per pass; it lands within a fraction of a percent of the exhaustive optimum. A
+client's gamma is the ceiling of the search, never an order.
 
 A session the plan stops (gamma 0) is re-probed now and then with a short draft, at
 exponentially growing intervals, so that a request whose text turned predictable again
@@ -55,8 +49,6 @@ MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many pas
 # CHECK_PASSES passes of the arm not in use (plain decoding, or the plan), the first
 # SETTLE of them uncounted (drafters catching up), and keeps the faster arm.
 CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, SETTLE = 1.5, 48, 12, 3
-CHECK_FIRST = 16  # passes before a replica's first check: a short burst of load gets one too
-ROWS_DECAY = 0.9  # per drafting pass: the sessions-per-pass average follows the load within ~10 passes
 
 
 class PassCost:
@@ -148,7 +140,7 @@ class ArmCheck:
             if not needed:
                 changed, self.plain, self.passes = self.plain, False, 0  # the model is sure: the plan
                 return changed
-            if self.passes >= (CHECK_EVERY if self.checks else CHECK_FIRST):
+            if self.passes >= CHECK_EVERY:
                 self.window, self.baseline = [not self.plain, 0, 0, None, None], recent_rate()
                 return True
             return False
@@ -179,7 +171,6 @@ class GoodputController:
         self.gain = math.inf  # ... over plain decoding (every session at gamma 0)
         self.check = ArmCheck()
         self.committed: deque[tuple[float, float, int]] = deque(maxlen=window)  # (start, end, tokens) per pass
-        self.rows_per_pass = 0.0  # decayed mean sessions in a pass that drafted (0: none seen)
 
     # -- what the verifier tells it ------------------------------------------------
 
@@ -194,13 +185,8 @@ class GoodputController:
             self.sessions.remove(control)
             self._stale = True
 
-    def observe_pass(self, positions: int, seconds: float, committed: int, end: float | None = None,
-                     rows: int | None = None) -> None:
-        """One verify pass: ``positions`` scored for ``rows`` sessions."""
+    def observe_pass(self, positions: int, seconds: float, committed: int, end: float | None = None) -> None:
         end = time.perf_counter() if end is None else end
-        if rows and positions > rows:  # some session drafted: how many rounds were ready together
-            weight = ROWS_DECAY if self.rows_per_pass else 0.0
-            self.rows_per_pass = weight * self.rows_per_pass + (1 - weight) * rows
         self.cost.observe(positions, seconds)
         self.committed.append((end - seconds, end, committed))
         self._stale = True
@@ -298,9 +284,8 @@ class GoodputController:
         alpha = np.array([self.alpha(c) for c in live])
         hop = np.array([c.hop_s for c in live])
         draft = np.array([c.draft_s for c in live])
-        in_step = math.ceil(len(self.sessions) / self.max_batch)
-        passes = max(in_step, len(self.sessions) / self.rows_per_pass) if self.rows_per_pass else in_step
-        share = min(1.0, 1.0 / passes) if passes > in_step else min(1.0, self.max_batch / len(self.sessions))
+        passes = math.ceil(len(self.sessions) / self.max_batch)
+        share = min(1.0, self.max_batch / len(self.sessions))
         idle = len(self.sessions) - len(live)  # sessions that never draft: one position, one token a round
         top = max(c.ceiling for c in live)
         candidates = np.arange(top + 1)  # [G]
@@ -327,11 +312,8 @@ class GoodputController:
                 gammas[i] = int(np.argmax(scores))
             if np.array_equal(before, gammas):
                 break
-        predicted = float(goodput_if(0)[gammas[0]])
-        # Every session at gamma 0: one pass a round, all in step.
-        plain = len(self.sessions) / (in_step * (a + b * min(1.0, self.max_batch / len(self.sessions)) * len(self.sessions)))
-        if predicted < plain and not fixed.any():  # drafting does not pay at all here
-            gammas[:], predicted = 0, plain
         for c, g in zip(live, gammas):
             c.planned = int(g)
-        self.predicted, self.gain = predicted, predicted / plain
+        self.predicted = float(goodput_if(0)[gammas[0]])
+        plain = len(self.sessions) / (passes * (a + b * share * len(self.sessions)))  # every session at gamma 0
+        self.gain = self.predicted / plain
