@@ -103,7 +103,11 @@ class RoundBatcher:
                     outcomes = [await self._outcome(loop, jobs[0].call)]
                 else:
                     self.batch_sizes.append(len(jobs))
-                    outcomes = await self._verify_batch(loop, jobs)
+                    try:
+                        outcomes = await self._verify_batch(loop, jobs)
+                    except Exception as error:  # a bug here must fail these rounds, not leave them waiting forever
+                        log.exception("a verify batch failed outside the pass")
+                        outcomes = [(False, error)] * len(jobs)
                 for job, (ok, value) in zip(jobs, outcomes):
                     if job.future.done():  # the session was cancelled meanwhile
                         continue

@@ -31,6 +31,7 @@ tokens (the gateway retries them).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import os
@@ -94,10 +95,8 @@ class TargetRank:
             box = [None, None]
             torch.distributed.broadcast_object_list(box, src=0, group=self.commands)
             op, args = box
-            try:
+            with contextlib.suppress(PoolExhausted):  # every rank refuses a pass alike, before any collective
                 getattr(self, op)(*args)
-            except PoolExhausted:  # every rank refuses a pass alike, before any collective
-                pass
 
     def stage(self, key: int, args: tuple) -> None:
         """This rank's own arguments of command ``key`` (Ray objects stay Ray's)."""

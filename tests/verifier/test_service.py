@@ -311,6 +311,32 @@ def test_sampled_requests_at_real_vocabularies_succeed_at_every_gamma(real_vocab
             assert per_round < gamma * 50 * 4 + 1024, (gamma, per_round)
 
 
+@pytest.mark.parametrize("shape", ["llama3", "qwen2"])
+def test_seeded_requests_at_real_vocabularies_are_target_only_decoding(real_vocab_pairs, shape):
+    """Coupled sampling at V = 128,256 and 151,936 over real gRPC, after a 600-token
+    prompt: a seeded request drafted at gamma 4 and 8, at T = 1.0 and with top-k 50
+    (noise on the support only), commits target-only decoding's tokens."""
+    target, draft = real_vocab_pairs[shape]
+    prompt = [(7 * i) % 5000 + 100 for i in range(600)]
+
+    async def one(params, **speculation):
+        # A fresh verifier a request: the goodput controller's measurements carry over none.
+        async with Loopback(target, draft, max_context=1024) as loop:
+            return await loop.generate(prompt, 16, params, **speculation)
+
+    async def go():
+        out = []
+        for params in (SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.8, top_k=50, seed=4)):
+            plain, _ = await one(params, method="none")
+            out.append((plain, [await one(params, gamma=gamma) for gamma in (4, 8)]))
+        return out
+
+    for plain, drafted in run(go()):
+        assert len(plain) == 16
+        for tokens, stats in drafted:
+            assert tokens == plain and stats.drafted > 0
+
+
 class RefusingDrafter(DrafterService):
     """A worker that refuses a session the way an oversized block is refused."""
 
