@@ -73,7 +73,8 @@ def add_parser(sub, name: str) -> None:
                              "truncating q costs in acceptance (default JSON: bench-out/scale.json)")
     parser.add_argument("--tp", action="store_true",
                         help="a TP=2 verifier group (gloo, a local Ray cluster) against TP=1 in-process: the "
-                             "group's overhead a pass, batch 8 decode passes (default JSON: bench-out/tp.json)")
+                             "group's overhead a verify round, batch 8, gamma 8, acceptance on rank 0 and with the "
+                             "logits back (default JSON: bench-out/tp.json)")
     parser.add_argument("--profile", type=Path, default=None, metavar="OUT",
                         help="measure what `outrider capacity` plans from into OUT: in-process, the verify pass by "
                              "batch and gamma, draft step by rows, prefill, acceptance, bytes and transport a round; "

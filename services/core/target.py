@@ -75,8 +75,10 @@ class TargetRunner:
         verifier read (Medusa the last, MTP all of them). {kind: [per feed]}."""
         if len({f.session for f in feeds}) != len(feeds):
             raise ValueError("a session appears twice in one batch")
-        if min(f.logits_to_keep for f in feeds) < 1 or min(len(f.tokens) for f in feeds) < 1:
-            raise ValueError("a feed needs at least one token and one logit")
+        if any(not 1 <= f.logits_to_keep <= len(f.tokens) for f in feeds):
+            # (more logits than fed tokens would read a padded position's: the root's
+            # logits need the last committed token fed, not cached)
+            raise ValueError("a feed needs at least one token, and a logit for at most every token it feeds")
         seqs = [self.sessions.get(f.session) for f in feeds]
         seqs = [PagedSeq() if seq is None else seq for seq in seqs]  # (an empty PagedSeq is falsy)
         for feed, seq in zip(feeds, seqs):

@@ -101,14 +101,19 @@ class TargetVerifier:
             tree = None if req.proposal.is_chain else req.proposal.tree.parents
             # The last g+1 logits are p at the root (the last committed token) and after each node.
             feeds.append(self._feed(req.kv, req.committed + req.proposal.tokens.tolist(), len(req.proposal), tree))
+        rows = [AcceptRow.of(req) for req in batch]
+        outcomes, hidden = None, None
         try:
             kinds = tuple(sorted({req.hidden for req in batch if req.hidden}))
             if kinds:
                 if not hasattr(self.runner, "forward_with_hidden"):
                     raise ValueError("drafting heads need the target's hidden states: a tensor-parallel target has none yet")
                 all_logits, hidden = self.runner.forward_with_hidden(feeds, kinds)
+            elif hasattr(self.runner, "verify"):
+                # A tensor-parallel target accepts on rank 0, where the logits are.
+                outcomes = self.runner.verify(feeds, rows)
             else:
-                all_logits, hidden = self.runner.forward(feeds), None
+                all_logits = self.runner.forward(feeds)
         except BaseException:
             # The runner may have dropped positions before failing; forget what it
             # caches, so the next feed recomputes from scratch rather than trust it.
@@ -119,7 +124,8 @@ class TargetVerifier:
             # The runner now caches committed + every draft; the next feed keeps the
             # accepted ones (the correction/bonus token is fed next round).
             req.kv.tokens = req.committed[: feed.keep] + feed.tokens
-        outcomes = self.accept(batch, all_logits)
+        if outcomes is None:
+            outcomes = accept(rows, all_logits)
         for b, (req, outcome) in enumerate(zip(batch, outcomes)):
             if not req.proposal.is_chain:
                 # Keep the accepted path's KV, compacted into place by the next feed.
@@ -134,69 +140,96 @@ class TargetVerifier:
                 outcomes[b] = replace(outcome, hidden=hidden[req.hidden][b][slots])
         return outcomes
 
-    def accept(self, batch: list[VerifyRequest], all_logits: list[torch.Tensor]) -> list[VerifyOutcome]:
-        """Every row's acceptance in one batched pass on the target's device, and one
-        host sync for the result. Chains take the chain rule's single pass; a batch with
-        a tree walks the trees (core/tree_accept.py), chains included."""
-        device = all_logits[0].device
-        logits = shape_logits(as_batch(all_logits), [  # [B, N+1, V]
-            ShapeRow(req.params, req.committed, req.proposal.tokens.tolist(),
-                     None if req.proposal.is_chain else req.proposal.tree, req.counts)
-            if shapes(req.params) else None for req in batch])
-        B, N1, V = logits.shape
-        drafts = DraftBatch.of([(req.proposal.tokens, req.proposal.draft_q) for req in batch], V, device)
-        # Coupled rows are accepted as greedy ones, over their Gumbel-max scores.
-        scores, params = coupled_scores(logits, batch)
-        rows = SamplingRows.of(params, V, device)
-        keys = [None if p.greedy else (p.seed, req.round) for p, req in zip(params, batch)]
-        rand = Randomness.draw(keys, [len(req.proposal) for req in batch], N1 - 1, device)
-        if all(req.proposal.is_chain for req in batch):
-            # The one host sync: [n, token, drafts...] per row.
-            result = torch.cat([accept_batch(scores, drafts, rows, rand), drafts.tokens], -1).tolist()
-            outcomes = [VerifyOutcome(row[0], row[2 : 2 + row[0]] + [row[1]], tuple(range(row[0]))) for row in result]
-            return self._with_logprobs(batch, logits, outcomes)
-        trees = TreeBatch.of([req.proposal.tree for req in batch], [len(req.proposal) for req in batch], device)
-        result = torch.cat([accept_tree_batch(scores, drafts, trees, rows, rand), drafts.tokens], -1).tolist()
-        outcomes = []
-        for row in result:
-            n, token, path, tokens = row[0], row[1], row[2 : 2 + trees.max_depth], row[2 + trees.max_depth :]
-            outcomes.append(VerifyOutcome(n, [tokens[node] for node in path[:n]] + [token], tuple(path[:n])))
-        return self._with_logprobs(batch, logits, outcomes)
+
+@dataclass
+class AcceptRow:
+    """What acceptance reads of one request, and no more. A tensor-parallel target runs
+    acceptance on rank 0, where the logits are: these rows travel there, and only the
+    outcomes come back, instead of the logits (B x (G+1) x V floats: 37 MB a pass at
+    batch 8, gamma 8, V = 128k)."""
+
+    proposal: Proposal  # drafts, their q and tree (the alternatives are not read)
+    params: SamplingParams  # seed resolved
+    round: int
+    position: int  # len(committed): the position slot 0 chooses (coupled noise is keyed by it)
+    committed: list[int] | None  # prompt + output where the sampling map reads it (shapes()), else None
+    counts: ContextCounts | None  # the sequence's counts, up to date
+    logprobs: int | None
 
     @staticmethod
-    def _with_logprobs(batch: list[VerifyRequest], logits: torch.Tensor, outcomes: list[VerifyOutcome]) -> list[VerifyOutcome]:
-        """The committed tokens' log-probabilities, for the rows that asked, from the
-        logits the round drew them from: slot 0 (the root), then after each accepted node."""
-        for b, req in enumerate(batch):
-            if req.logprobs is None:
-                continue
-            outcome = outcomes[b]
-            slots = [0] + [1 + node for node in outcome.path]
-            chosen, top = slot_logprobs(logits[b, slots], req.params, outcome.tokens, req.logprobs)
-            outcomes[b] = replace(outcome, logprobs=chosen, top_logprobs=top)
-        return outcomes
+    def of(req: VerifyRequest) -> "AcceptRow":
+        reads = shapes(req.params)
+        if reads and req.counts is not None and req.params.penalties.counts_context:
+            # Counted here, so a copy shipped to rank 0 is current and counts nothing again.
+            req.counts.update(req.committed, req.params.prompt_len)
+        proposal = replace(req.proposal, alternatives=None)
+        return AcceptRow(proposal, req.params, req.round, len(req.committed),
+                         req.committed if reads else None, req.counts, req.logprobs)
 
 
-def coupled_scores(logits: torch.Tensor, batch: list[VerifyRequest]) -> tuple[torch.Tensor, list[SamplingParams]]:
+def accept(rows: list[AcceptRow], all_logits: list[torch.Tensor]) -> list[VerifyOutcome]:
+    """Every row's acceptance in one batched pass on the logits' device, and one host
+    sync for the result. Chains take the chain rule's single pass; a batch with a tree
+    walks the trees (core/tree_accept.py), chains included."""
+    device = all_logits[0].device
+    logits = shape_logits(as_batch(all_logits), [  # [B, N+1, V]
+        ShapeRow(row.params, row.committed, row.proposal.tokens.tolist(),
+                 None if row.proposal.is_chain else row.proposal.tree, row.counts)
+        if row.committed is not None else None for row in rows])
+    B, N1, V = logits.shape
+    drafts = DraftBatch.of([(row.proposal.tokens, row.proposal.draft_q) for row in rows], V, device)
+    # Coupled rows are accepted as greedy ones, over their Gumbel-max scores.
+    scores, params = coupled_scores(logits, rows)
+    sampling = SamplingRows.of(params, V, device)
+    keys = [None if p.greedy else (p.seed, row.round) for p, row in zip(params, rows)]
+    rand = Randomness.draw(keys, [len(row.proposal) for row in rows], N1 - 1, device)
+    if all(row.proposal.is_chain for row in rows):
+        # The one host sync: [n, token, drafts...] per row.
+        result = torch.cat([accept_batch(scores, drafts, sampling, rand), drafts.tokens], -1).tolist()
+        outcomes = [VerifyOutcome(r[0], r[2 : 2 + r[0]] + [r[1]], tuple(range(r[0]))) for r in result]
+        return with_logprobs(rows, logits, outcomes)
+    trees = TreeBatch.of([row.proposal.tree for row in rows], [len(row.proposal) for row in rows], device)
+    result = torch.cat([accept_tree_batch(scores, drafts, trees, sampling, rand), drafts.tokens], -1).tolist()
+    outcomes = []
+    for r in result:
+        n, token, path, tokens = r[0], r[1], r[2 : 2 + trees.max_depth], r[2 + trees.max_depth :]
+        outcomes.append(VerifyOutcome(n, [tokens[node] for node in path[:n]] + [token], tuple(path[:n])))
+    return with_logprobs(rows, logits, outcomes)
+
+
+def with_logprobs(rows: list[AcceptRow], logits: torch.Tensor, outcomes: list[VerifyOutcome]) -> list[VerifyOutcome]:
+    """The committed tokens' log-probabilities, for the rows that asked, from the logits
+    the round drew them from: slot 0 (the root), then after each accepted node."""
+    for b, row in enumerate(rows):
+        if row.logprobs is None:
+            continue
+        outcome = outcomes[b]
+        slots = [0] + [1 + node for node in outcome.path]
+        chosen, top = slot_logprobs(logits[b, slots], row.params, outcome.tokens, row.logprobs)
+        outcomes[b] = replace(outcome, logprobs=chosen, top_logprobs=top)
+    return outcomes
+
+
+def coupled_scores(logits: torch.Tensor, rows: list[AcceptRow]) -> tuple[torch.Tensor, list[SamplingParams]]:
     """logits [B, N+1, V] (shaped) -> the scores acceptance reads, and the parameters it
     reads them with: a coupled row's scores are its adjusted log-probabilities plus the
     Gumbel noise of the position each slot chooses (core/coupling.py), read as a greedy
     row's; every other row is as it came."""
-    coupled = [b for b, req in enumerate(batch) if req.params.coupled and not req.params.greedy]
-    params = [req.params for req in batch]
+    coupled = [b for b, row in enumerate(rows) if row.params.coupled and not row.params.greedy]
+    params = [row.params for row in rows]
     if not coupled:
         return logits, params
     scores = logits.float().clone()
     B, N1, V = logits.shape
     adjusted = adjusted_probs_rows(logits[coupled], SamplingRows.of([params[b] for b in coupled], V, logits.device))
     for i, b in enumerate(coupled):
-        req = batch[b]
+        row = rows[b]
         # Slot 0 chooses the token after the committed ones; a chain's slot s the one s
         # later; a tree's slot 1 + node the one after that node, at its depth.
-        after = torch.arange(N1) if req.proposal.is_chain else torch.cat(
-            [torch.zeros(1, dtype=torch.long), req.proposal.tree.depth.cpu(),
-             torch.zeros(N1 - 1 - len(req.proposal), dtype=torch.long)])
-        scores[b] = coupled_choice(adjusted[i].log(), req.params.seed, len(req.committed) + after, req.params.top_k)
+        after = torch.arange(N1) if row.proposal.is_chain else torch.cat(
+            [torch.zeros(1, dtype=torch.long), row.proposal.tree.depth.cpu(),
+             torch.zeros(N1 - 1 - len(row.proposal), dtype=torch.long)])
+        scores[b] = coupled_choice(adjusted[i].log(), row.params.seed, row.position + after, row.params.top_k)
         params[b] = GREEDY
     return scores, params
 

@@ -11,7 +11,9 @@ Driven from rank 0: per pass the replica makes one Ray call, to rank 0, which
 broadcasts the feeds (token ids only) to the other ranks over the group itself (a gloo
 group: Python objects) and runs its own shard; the others wait in ``follow`` for the
 next command, for the group's life, and run each in rank 0's order. The all-reduces
-inside the layers leave rank 0 with the full logits, which come back. A Ray call per
+inside the layers leave rank 0 with the full logits; it runs the round's acceptance on
+them (core/verifier.py ``accept``), and only the outcomes come back: a few hundred
+bytes a session, not the batch x (gamma + 1) x V logits. A Ray call per
 rank per pass cost more than the pass's own collectives; ordering the ranks' work by
 one broadcast also keeps every collective in the same order on every rank. Commands
 that carry a rank's own Ray objects (a prefix's shards, the store's handle) are staged
@@ -44,7 +46,9 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..core.errors import PoolExhausted
+from ..core.proposals import VerifyOutcome
 from ..core.target import DEFAULT_KV_CACHE_BYTES, Feed, TargetRunner
+from ..core.verifier import AcceptRow, accept
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=120)  # a collective never waits longer than this
 
@@ -81,10 +85,12 @@ class TargetRank:
         # so all ranks admit or refuse (PoolExhausted) a pass alike, before any collective.
         self.runner = TargetRunner(model, kv_cache_bytes, tp_size=self.world_size)
 
-    def lead(self, op: str, *args):
-        """Rank 0: send ``op`` to every other rank (each waits in ``follow``), then run it here."""
+    def lead(self, op: str, *args, own: tuple = ()):
+        """Rank 0: send ``op`` to every other rank (each waits in ``follow``), then run it
+        here, with ``own`` (arguments only rank 0 reads, which are not broadcast) after
+        ``args``."""
         torch.distributed.broadcast_object_list([op, args], src=0, group=self.commands)
-        return getattr(self, op)(*args)
+        return getattr(self, op)(*args, *own)
 
     @ray.method(concurrency_group="follow")
     def follow(self) -> None:
@@ -105,6 +111,19 @@ class TargetRank:
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor] | None:
         logits = self.runner.forward(feeds)
         return [x.cpu() for x in logits] if self.rank == 0 else None
+
+    def verify(self, feeds: list[Feed], rows: list[AcceptRow] | None = None) -> list[VerifyOutcome] | Exception | None:
+        """The pass on every rank; on rank 0 (the one given ``rows``) acceptance too, on
+        the full logits where the last all-reduce left them: only the outcomes go back.
+        A failure of acceptance comes back as the exception: every rank has finished the
+        pass, so the group itself is sound and serves on."""
+        logits = self.runner.forward(feeds)
+        if rows is None:
+            return None
+        try:
+            return accept(rows, logits)
+        except Exception as error:
+            return error
 
     def release(self, sessions: list[str]) -> None:
         self.runner.release(sessions)
@@ -175,7 +194,15 @@ class TensorParallelTarget:
         return torch.device("cpu")  # logits arrive here on the CPU
 
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
+        """The full logits, on this (the replica's) host."""
         return self._lead("forward", feeds)
+
+    def verify(self, feeds: list[Feed], rows: list[AcceptRow]) -> list[VerifyOutcome]:
+        """The pass, and its acceptance on rank 0 (core/verifier.py ``accept``)."""
+        result = self._lead("verify", feeds, own=(rows,))
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def prefill(self, session: str, tokens: list[int], cached: list, reserve: int = 0) -> None:
         """``cached``: ShardedBlocks (a ref per rank) of a shared prefix of ``tokens``."""
@@ -200,8 +227,8 @@ class TensorParallelTarget:
         alone (the call to rank 0 and its broadcast), what a pass costs beyond the model."""
         self._lead("ping")
 
-    def _lead(self, op: str, *args):
-        return self._gather([self.ranks[0].lead.remote(op, *args)])[0]
+    def _lead(self, op: str, *args, own: tuple = ()):
+        return self._gather([self.ranks[0].lead.remote(op, *args, own=own)])[0]
 
     def _stage(self, per_rank: list[tuple]) -> int:
         """Each rank's own arguments of the next command, delivered before it."""

@@ -13,9 +13,12 @@ def test_the_tp_bench_times_a_real_group_against_tp1():
     lines = []
     summary = run_tp_overhead(passes=5, vocab=1024, on_row=lines.append)
     assert summary["vocab"] == 1024 and summary["passes"] == 5
-    for key in ("tp2_pass_ms", "tp1_pass_ms", "control_path_ms"):
+    for key in ("tp2_pass_ms", "tp2_logits_back_pass_ms", "tp1_pass_ms", "control_path_ms"):
         assert math.isfinite(summary[key]) and summary[key] > 0
     assert summary["tp2_over_tp1_ms"] == pytest.approx(summary["tp2_pass_ms"] - summary["tp1_pass_ms"])
+    assert summary["logits_bytes"] == 8 * 9 * 1024 * 4
+    # Acceptance on rank 0 commits what acceptance on the replica does, from the same logits.
+    assert summary["rank0_same_as_logits_back"] is True
     assert len(lines) == 1 and "control path" in lines[0]
 
 

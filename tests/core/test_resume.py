@@ -14,16 +14,16 @@ from services.core.proposals import Proposal
 from services.core.proposers import DraftModelProposer
 from services.core.sampling import SamplingParams, adjusted_probs
 from services.core.target import TargetRunner
-from services.core.verifier import TargetVerifier, VerifyRequest
+from services.core.verifier import AcceptRow, TargetVerifier, VerifyRequest, accept
 from tiny_models import noisy_copy, tiny
 
 PROMPT = [5, 17, 33, 2, 9]
 
 
-def _one_token_rounds(verifier, logits: list[torch.Tensor], params: list[SamplingParams], round: int) -> list[int]:
+def _one_token_rounds(logits: list[torch.Tensor], params: list[SamplingParams], round: int) -> list[int]:
     """A plain decoding round (no drafts) for each row, with the given logits [1, V]."""
     batch = [VerifyRequest(None, [], Proposal.empty(), p, round) for p in params]
-    return [outcome.tokens[0] for outcome in verifier.accept(batch, logits)]
+    return [outcome.tokens[0] for outcome in accept([AcceptRow.of(req) for req in batch], logits)]
 
 
 def test_two_tokens_across_a_resume_follow_the_target_jointly():
@@ -31,16 +31,15 @@ def test_two_tokens_across_a_resume_follow_the_target_jointly():
     Keyed by the seed alone, round 1 would replay round 0's numbers and x2 would
     follow x1 (the test below fails that way)."""
     target = tiny("llama", seed=4)
-    verifier = TargetVerifier(TargetRunner(target))
     cfg = SamplingParams(temperature=1.0, top_k=3)
     n = 20_000
     params = [SamplingParams(temperature=1.0, top_k=3, seed=s) for s in range(n)]
     with torch.no_grad():
         first_logits = target(torch.tensor([PROMPT])).logits[0, -1:]
-    x1 = _one_token_rounds(verifier, [first_logits] * n, params, round=0)
+    x1 = _one_token_rounds([first_logits] * n, params, round=0)
     with torch.no_grad():
         after = {x: target(torch.tensor([PROMPT + [x]])).logits[0, -1:] for x in set(x1)}
-    x2 = _one_token_rounds(verifier, [after[x] for x in x1], params, round=1)  # resumed: round 1
+    x2 = _one_token_rounds([after[x] for x in x1], params, round=1)  # resumed: round 1
     p1 = adjusted_probs(first_logits[0], cfg)
     cells, expected = [], []
     for a in torch.nonzero(p1).flatten().tolist():

@@ -25,7 +25,7 @@ from services.core.suffix import SuffixProposer
 from services.core.shaping import ContextCounts, CountedContext, ShapeRow, StepShaper, shape_logits
 from services.core.target import TargetRunner
 from services.core.tree import choice_tree, parse_choices, tree_shape
-from services.core.verifier import TargetVerifier, VerifyRequest
+from services.core.verifier import AcceptRow, TargetVerifier, VerifyRequest, accept
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [3], list(range(20, 60))]
 TREE = choice_tree(parse_choices("0;1;2;0.0;0.1;1.0;0.0.0;0.1.0;0.0.0.0"))
@@ -286,7 +286,7 @@ def test_sampled_output_follows_the_shaped_target_whatever_the_draft():
     drafts = torch.stack([torch.multinomial(q.dense()[0], B, replacement=True, generator=gen) for q in (q1, q2)], -1)
     qs = SparseQ.stack([q1, q2])
     batch = [VerifyRequest(None, committed, Proposal(drafts[b], qs), replace(params, seed=b), 0) for b in range(B)]
-    outcomes = TargetVerifier(runner=None).accept(batch, [logits] * B)
+    outcomes = accept([AcceptRow.of(req) for req in batch], [logits] * B)
     rng = np.random.default_rng(0)
     first = np.array([o.tokens[0] for o in outcomes])
     assert chi2_pvalue(first, p0.numpy()) > ALPHA

@@ -17,8 +17,12 @@ from services.core.gamma import GammaSchedule
 from services.core.proposers import DraftModelProposer
 from services.core.errors import PoolExhausted
 from services.core.kv_pool import BLOCK_TOKENS, kv_bytes_per_token
+from services.core.draft_q import SparseQ, compact
+from services.core.proposals import Proposal
+from services.core.sampling import Penalties, SamplingParams
+from services.core.shaping import ContextCounts
 from services.core.target import Feed, TargetRunner
-from services.core.verifier import TargetVerifier
+from services.core.verifier import TargetVerifier, VerifyRequest
 from services.state.client import ShardedPrefixSharing, StateClient
 from services.state.store import SessionStore
 from services.verifier.tensor_parallel import RankFailed, TensorParallelTarget
@@ -85,6 +89,55 @@ def test_tp2_speculative_greedy_is_tp2_target_only(cluster, target):
             assert expected == hf_greedy(model, prompt, 30, eos=None)  # and TP=1 agrees
             assert result.stats.rounds < 30  # drafts were accepted: it really speculated
         assert tp.cached_positions() == 0  # generate() releases its sessions
+
+
+def _round(verifier, sessions, committed, params, gen):
+    """One verification round of gamma 3 for each row, its outcome committed: drafts
+    sampled from a random compact q (rows with a seed), or without q (greedy rows)."""
+    V = 96  # tiny_models.VOCAB
+    batch = []
+    for kv, context, p in zip(sessions, committed, params):
+        qs = [compact(torch.softmax(torch.randn(V, generator=gen) * 2, -1)) for _ in range(3)]
+        tokens = torch.stack([torch.multinomial(q.dense()[0], 1, generator=gen)[0] for q in qs])
+        proposal = Proposal(tokens, SparseQ.stack(qs) if not p.greedy else None)
+        batch.append(VerifyRequest(kv, list(context), proposal, p, len(context), logprobs=2,
+                                   counts=ContextCounts() if p.penalties.active else None))
+    outcomes = verifier.verify(batch)
+    for context, outcome in zip(committed, outcomes):
+        context += outcome.tokens
+    return outcomes
+
+
+def test_tp2_accepts_on_rank_0_as_tp1_does(cluster, target):
+    """Rank 0 accepts on the logits its last all-reduce left it and sends back only the
+    outcomes: greedy, rejection-sampled, coupled and penalized rows with logprobs, in one
+    batch, commit what TP=1 commits. A row acceptance fails on is the caller's error,
+    and the group serves on."""
+    model, path = target
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=3, coupled=False),
+              SamplingParams(temperature=0.8, top_k=5, seed=4, coupled=True),
+              SamplingParams(temperature=1.0, seed=5, coupled=False, prompt_len=2,
+                             penalties=Penalties(1.3, 0.2, 0.1, ((7, 2.0),)))]
+    with tp_group(path) as tp:
+        remote, local = TargetVerifier(tp), TargetVerifier(TargetRunner(model))
+        assert hasattr(tp, "verify")  # the path under test: acceptance on rank 0
+        tp_sessions, local_sessions = [remote.new_state() for _ in params], [local.new_state() for _ in params]
+        tp_committed, local_committed = [list(p) for p in PROMPTS + PROMPTS[:1]], [list(p) for p in PROMPTS + PROMPTS[:1]]
+        accepted = 0
+        for round in range(4):
+            got = _round(remote, tp_sessions, tp_committed, params, torch.Generator().manual_seed(round))
+            want = _round(local, local_sessions, local_committed, params, torch.Generator().manual_seed(round))
+            assert [(o.num_accepted, o.tokens, o.path) for o in got] == [(o.num_accepted, o.tokens, o.path) for o in want]
+            for g, w in zip(got, want):
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+            accepted += sum(o.num_accepted for o in got)
+        assert accepted > 0, "some drafts were accepted"
+        with pytest.raises(ValueError, match="seed resolved"):  # an unresolved seed: a bug upstream
+            _round(remote, [remote.new_state()], [[5, 6, 7]], [SamplingParams(temperature=1.0)], torch.Generator())
+        tp.check()
+        got = _round(remote, tp_sessions, tp_committed, params, torch.Generator().manual_seed(9))
+        want = _round(local, local_sessions, local_committed, params, torch.Generator().manual_seed(9))
+        assert [o.tokens for o in got] == [o.tokens for o in want]
 
 
 def test_a_pass_the_pool_cannot_hold_is_refused_and_the_group_serves_on(cluster, target):
