@@ -110,7 +110,9 @@ class TargetRank:
 
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor] | None:
         logits = self.runner.forward(feeds)
-        return [x.cpu() for x in logits] if self.rank == 0 else None
+        # Copies: each row is a view of the whole batch's logits, and a view pickles
+        # with its whole storage (8 rows of a batch of 8 would ship the batch 8 times).
+        return [x.to("cpu", copy=True) for x in logits] if self.rank == 0 else None
 
     def verify(self, feeds: list[Feed], rows: list[AcceptRow] | None = None) -> list[VerifyOutcome] | Exception | None:
         """The pass on every rank; on rank 0 (the one given ``rows``) acceptance too, on
