@@ -126,7 +126,7 @@ class DraftSession:
         if not len(after):  # no n-gram match, or stopped
             return []
         outcomes = likely_outcomes(self.in_flight.proposal, after.alternatives, int(after.tokens[0]), self.history,
-                                   self.fanout if fanout is None else fanout, coupled=bool(self.params.coupled))
+                                   self.fanout if fanout is None else fanout)
         self.planned = len(outcomes)
         prefixes = [self.committed + drafts[: o.accepted] + [o.token] for o in outcomes]
         states = [self._fork(len(p) - 1) for p in prefixes]

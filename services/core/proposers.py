@@ -138,19 +138,26 @@ class DraftModelProposer:
                 if shapers[i] is not None:
                     row = shapers[i].apply(row)
                 if params.greedy:
-                    probs = row.float().softmax(-1)
+                    probs = ranked = row.float().softmax(-1)
                     token = int(row.argmax())
                 elif params.coupled:  # the argmax under the position's shared noise: no q to send
                     probs = adjusted_probs(row, params)
                     at = torch.tensor([len(bases[i]) + len(tokens[i])], device=probs.device)
-                    token = int(coupled_choice(probs.log()[None], params.seed, at, params.top_k).argmax())
+                    scores = coupled_choice(probs.log()[None], params.seed, at, params.top_k)[0]
+                    token = int(scores.argmax())
+                    # The alternatives rank by the same perturbed scores: the target's token
+                    # here is the argmax of its log p plus this noise, so the draft's
+                    # runners-up under it are the best guesses of it (the speculation
+                    # cache's corrections, a TREE's leaves); softmax(scores) is how likely
+                    # each is if log p - log q were Gumbel noise.
+                    ranked = scores.softmax(-1)
                 else:
-                    probs = adjusted_probs(row, params)
+                    probs = ranked = adjusted_probs(row, params)
                     # Sample from the compact q that is sent, never from the full one.
                     q = compact(probs)
                     token = q.sample(params.seed, len(bases[i]) + len(tokens[i]))
                     qs[i].append(q)
-                top = probs.topk(min(ALTERNATIVES, probs.shape[-1]))
+                top = ranked.topk(min(ALTERNATIVES, ranked.shape[-1]))
                 tops[i].append((top.indices, top.values))
                 tokens[i].append(token)
                 if shapers[i] is not None:

@@ -70,21 +70,18 @@ class AcceptanceHistory:
 
 
 def likely_outcomes(block: Proposal, bonus: DraftAlternatives | None, bonus_token: int | None,
-                    history: AcceptanceHistory, limit: int, coupled: bool = False) -> list[Outcome]:
+                    history: AcceptanceHistory, limit: int) -> list[Outcome]:
     """The ``limit`` likeliest outcomes of verifying ``block`` (a chain), likeliest
     first. ``bonus``: the draft's alternatives after the whole block ([1, K]);
     ``bonus_token``: its own next token there, the guess when it has no alternatives
     (n-gram lookup). Full acceptance with the likeliest bonus always comes first: it
-    is plain pipelining's one guess. Others need MIN_BRANCH_PROB. ``coupled``: the
-    bonus is the target's Gumbel-max draw under the noise the draft's own token was
-    drawn with (core/coupling.py), so that token leads, not the draft's argmax."""
+    is plain pipelining's one guess. Others need MIN_BRANCH_PROB. A coupled request's
+    alternatives come ranked by the draft's perturbed scores (core/proposers.py), so
+    its own token leads: the target's bonus is drawn under the same noise."""
     n = len(block)
     alts = block.alternatives
     if bonus is not None:
         bonus_guesses = list(zip(bonus.ids[0].tolist(), bonus.probs[0].tolist()))
-        if coupled and bonus_token is not None:
-            bonus_guesses = [(bonus_token, dict(bonus_guesses).get(bonus_token, 0.0))] + \
-                [g for g in bonus_guesses if g[0] != bonus_token]
     elif bonus_token is not None:
         bonus_guesses = [(bonus_token, 1.0)]
     else:

@@ -7,7 +7,8 @@ from tiny_models import tiny
 from services.core.tree import tree_shape
 from services.core.proposals import Proposal
 from services.core.proposers import DraftModelProposer, NgramProposer
-from services.core.sampling import SamplingParams
+from services.core.coupling import coupled_choice
+from services.core.sampling import SamplingParams, adjusted_probs
 
 
 def test_ngram_prefers_longest_most_recent_match():
@@ -35,6 +36,29 @@ def test_draft_proposer_records_adjusted_q_when_sampling():
     assert torch.allclose(q.sum(-1), torch.ones(4))
     assert ((q > 0).sum(-1) <= 5).all()  # top-k applied to q as to p
     assert (q[torch.arange(4), proposal.tokens] > 0).all()
+
+
+def test_a_coupled_drafts_alternatives_rank_by_its_perturbed_scores():
+    """The target's token at a coupled position is the argmax of its log p plus the
+    position's noise, so the draft's guesses of it (the speculation cache's corrections
+    and bonus, a TREE's leaves) rank by log q + the same noise: its own token first."""
+    model = tiny("llama", seed=0)
+    proposer = DraftModelProposer(model)
+    params = SamplingParams(temperature=1.0, seed=5, coupled=True)
+    context = [3, 4, 5]
+    proposal = proposer.propose(proposer.new_state(), context, 6, params)
+    alts = proposal.alternatives
+    assert proposal.draft_q is None
+    assert alts.ids[:, 0].tolist() == proposal.tokens.tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([context + proposal.tokens.tolist()])).logits[0, len(context) - 1 : -1]
+    positions = torch.arange(len(context), len(context) + 6)
+    scores = coupled_choice(adjusted_probs(logits, params).log(), 5, positions)
+    assert alts.ids.tolist() == scores.topk(alts.ids.shape[1]).indices.tolist()
+    assert (alts.probs.sum(-1) <= 1 + 1e-5).all()
+    assert (alts.probs[:, :-1] >= alts.probs[:, 1:]).all()
+    # Not q's own ranking: at T = 1 the noise reorders it somewhere in six positions.
+    assert alts.ids.tolist() != adjusted_probs(logits, params).topk(alts.ids.shape[1]).indices.tolist()
 
 
 def test_sampled_drafts_are_keyed_by_position():
