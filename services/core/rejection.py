@@ -111,9 +111,11 @@ class Randomness:
         return cls(draws[:, :G], draws[:, G])
 
 
-def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, rand: Randomness) -> torch.Tensor:
+def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, rand: Randomness,
+                 consume: bool = False) -> torch.Tensor:
     """logits [B, G+1, V]: row b's target logits p_1..p_{g_b+1} in its first g_b+1 slots.
-    Returns [B, 2] int64: (accepted drafts n_b, the token emitted after them)."""
+    Returns [B, 2] int64: (accepted drafts n_b, the token emitted after them).
+    ``consume``: the logits are the caller's to overwrite (``adjusted_probs_rows``)."""
     B, G1, V = logits.shape
     G = G1 - 1
     ar = torch.arange(B, device=logits.device)
@@ -125,7 +127,7 @@ def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, r
         accepted = drafts.tokens == best[:, :G]  # greedy: the draft is the target's argmax
     p = None
     if rows.any_sampled:
-        p = adjusted_probs_rows(logits, rows)  # [B, G+1, V]
+        p = adjusted_probs_rows(logits, rows, consume)  # [B, G+1, V]
         p_x = p[:, :G].gather(-1, drafts.tokens[..., None])[..., 0]  # [B, G] p_i(x_i)
         hit = (drafts.q_ids == drafts.tokens[..., None]) & (drafts.q_probs > 0)  # [B, G, K]
         q_x = torch.where(hit.any(-1), (drafts.q_probs * hit).sum(-1), drafts.q_tail)  # [B, G] q_i(x_i)

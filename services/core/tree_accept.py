@@ -52,10 +52,11 @@ class TreeBatch:
 
 
 def accept_tree_batch(logits: torch.Tensor, drafts: DraftBatch, trees: TreeBatch, rows: SamplingRows,
-                      rand: Randomness) -> torch.Tensor:
+                      rand: Randomness, consume: bool = False) -> torch.Tensor:
     """logits [B, N+1, V]: row b's target logits at its root (slot 0) and after each of
     its nodes (slot i+1). ``rand.uniforms[b, i]`` tests node i. Returns [B, 2 + D] int64:
-    (accepted depth n_b, the token emitted after the path, the path's nodes padded with -1)."""
+    (accepted depth n_b, the token emitted after the path, the path's nodes padded with -1).
+    ``consume``: the logits are the caller's to overwrite (``adjusted_probs_rows``)."""
     B, N1, V = logits.shape
     device = logits.device
     ar = torch.arange(B, device=device)
@@ -63,7 +64,7 @@ def accept_tree_batch(logits: torch.Tensor, drafts: DraftBatch, trees: TreeBatch
     done = torch.zeros(B, dtype=torch.bool, device=device)
     path = torch.full((B, trees.max_depth), -1, dtype=torch.long, device=device)
     best = logits.argmax(-1) if rows.greedy_rows else None  # [B, N+1]
-    p = adjusted_probs_rows(logits, rows) if rows.any_sampled else None  # [B, N+1, V]
+    p = adjusted_probs_rows(logits, rows, consume) if rows.any_sampled else None  # [B, N+1, V]
     r = p[:, 0].clone() if p is not None else None  # the residual at the current node, unnormalised
     mass = torch.ones(B, device=device)  # its total
     for level in range(trees.max_depth):

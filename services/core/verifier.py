@@ -167,15 +167,20 @@ class AcceptRow:
                          req.committed if reads else None, req.counts, req.logprobs)
 
 
+@torch.inference_mode()
 def accept(rows: list[AcceptRow], all_logits: list[torch.Tensor]) -> list[VerifyOutcome]:
     """Every row's acceptance in one batched pass on the logits' device, and one host
     sync for the result. Chains take the chain rule's single pass; a batch with a tree
-    walks the trees (core/tree_accept.py), chains included."""
+    walks the trees (core/tree_accept.py), chains included. Consumes ``all_logits``:
+    the probabilities are computed over them, in place (core/sampling.py
+    ``adjusted_probs_rows``)."""
     device = all_logits[0].device
     logits = shape_logits(as_batch(all_logits), [  # [B, N+1, V]
         ShapeRow(row.params, row.committed, row.proposal.tokens.tolist(),
                  None if row.proposal.is_chain else row.proposal.tree, row.counts)
         if row.committed is not None else None for row in rows])
+    # The rows that asked for log-probabilities read their logits after acceptance.
+    kept = {b: logits[b].clone() for b, row in enumerate(rows) if row.logprobs is not None}
     B, N1, V = logits.shape
     drafts = DraftBatch.of([(row.proposal.tokens, row.proposal.draft_q) for row in rows], V, device)
     # Coupled rows are accepted as greedy ones, over their Gumbel-max scores.
@@ -185,27 +190,28 @@ def accept(rows: list[AcceptRow], all_logits: list[torch.Tensor]) -> list[Verify
     rand = Randomness.draw(keys, [len(row.proposal) for row in rows], N1 - 1, device)
     if all(row.proposal.is_chain for row in rows):
         # The one host sync: [n, token, drafts...] per row.
-        result = torch.cat([accept_batch(scores, drafts, sampling, rand), drafts.tokens], -1).tolist()
+        result = torch.cat([accept_batch(scores, drafts, sampling, rand, consume=True), drafts.tokens], -1).tolist()
         outcomes = [VerifyOutcome(r[0], r[2 : 2 + r[0]] + [r[1]], tuple(range(r[0]))) for r in result]
-        return with_logprobs(rows, logits, outcomes)
+        return with_logprobs(rows, kept, outcomes)
     trees = TreeBatch.of([row.proposal.tree for row in rows], [len(row.proposal) for row in rows], device)
-    result = torch.cat([accept_tree_batch(scores, drafts, trees, sampling, rand), drafts.tokens], -1).tolist()
+    result = torch.cat([accept_tree_batch(scores, drafts, trees, sampling, rand, consume=True), drafts.tokens], -1).tolist()
     outcomes = []
     for r in result:
         n, token, path, tokens = r[0], r[1], r[2 : 2 + trees.max_depth], r[2 + trees.max_depth :]
         outcomes.append(VerifyOutcome(n, [tokens[node] for node in path[:n]] + [token], tuple(path[:n])))
-    return with_logprobs(rows, logits, outcomes)
+    return with_logprobs(rows, kept, outcomes)
 
 
-def with_logprobs(rows: list[AcceptRow], logits: torch.Tensor, outcomes: list[VerifyOutcome]) -> list[VerifyOutcome]:
+def with_logprobs(rows: list[AcceptRow], logits: dict[int, torch.Tensor], outcomes: list[VerifyOutcome]) -> list[VerifyOutcome]:
     """The committed tokens' log-probabilities, for the rows that asked, from the logits
-    the round drew them from: slot 0 (the root), then after each accepted node."""
+    the round drew them from (``logits[b]``: row b's [N+1, V], shaped): slot 0 (the
+    root), then after each accepted node."""
     for b, row in enumerate(rows):
         if row.logprobs is None:
             continue
         outcome = outcomes[b]
         slots = [0] + [1 + node for node in outcome.path]
-        chosen, top = slot_logprobs(logits[b, slots], row.params, outcome.tokens, row.logprobs)
+        chosen, top = slot_logprobs(logits[b][slots], row.params, outcome.tokens, row.logprobs)
         outcomes[b] = replace(outcome, logprobs=chosen, top_logprobs=top)
     return outcomes
 
@@ -214,14 +220,15 @@ def coupled_scores(logits: torch.Tensor, rows: list[AcceptRow]) -> tuple[torch.T
     """logits [B, N+1, V] (shaped) -> the scores acceptance reads, and the parameters it
     reads them with: a coupled row's scores are its adjusted log-probabilities plus the
     Gumbel noise of the position each slot chooses (core/coupling.py), read as a greedy
-    row's; every other row is as it came."""
+    row's; every other row is as it came. Written over float32 ``logits``."""
     coupled = [b for b, row in enumerate(rows) if row.params.coupled and not row.params.greedy]
     params = [row.params for row in rows]
     if not coupled:
         return logits, params
-    scores = logits.float().clone()
+    scores = logits.float()  # (itself, when float32)
     B, N1, V = logits.shape
-    adjusted = adjusted_probs_rows(logits[coupled], SamplingRows.of([params[b] for b in coupled], V, logits.device))
+    adjusted = adjusted_probs_rows(logits[coupled], SamplingRows.of([params[b] for b in coupled], V, logits.device),
+                                   consume=True)  # (a copy of those rows)
     for i, b in enumerate(coupled):
         row = rows[b]
         # Slot 0 chooses the token after the committed ones; a chain's slot s the one s

@@ -94,3 +94,26 @@ def test_rows_with_their_own_params_match_the_reference():
         for b, (t, k, p) in enumerate(configs[: len(subset)]):
             for j in range(4):
                 np.testing.assert_allclose(got[b, j], reference_probs(logits[b, j].numpy(), t, k, p), atol=1e-6)
+
+
+def test_consuming_the_logits_gives_the_same_bits_and_sparing_them_changes_nothing():
+    """Acceptance computes p over the logits in place (``consume``); anyone else gets a
+    copy. Both give the same bits, whatever the row: greedy, tiny temperature, top-k,
+    top-p, plain."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 4, 1000, generator=gen) * 4
+    params = [SamplingParams(), SamplingParams(temperature=1e-30, seed=1), SamplingParams(temperature=0.7, top_k=20, seed=2),
+              SamplingParams(temperature=1.3, top_p=0.8, seed=3), SamplingParams(temperature=1.0, seed=4)]
+    rows = SamplingRows.of(params, 1000, "cpu")
+    before = logits.clone()
+    spared = adjusted_probs_rows(logits, rows)
+    assert torch.equal(logits, before)
+    consumed = adjusted_probs_rows(logits, rows, consume=True)
+    assert consumed.data_ptr() == logits.data_ptr() and torch.equal(consumed, spared)
+    assert torch.equal(spared[0], torch.nn.functional.one_hot(before[0].argmax(-1), 1000).float())
+    assert torch.equal(spared[1], adjusted_probs(before[1], params[1]))  # the argmax's, no NaN
+    assert torch.equal(spared[1].argmax(-1), before[1].argmax(-1)) and not spared[1].isnan().any()
+    for b in range(2, 5):
+        p = params[b]
+        want = np.stack([reference_probs(row.double().numpy(), p.temperature, p.top_k, p.top_p) for row in before[b]])
+        np.testing.assert_allclose(spared[b].numpy(), want, atol=1e-6)
