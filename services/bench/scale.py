@@ -133,8 +133,11 @@ def acceptance_cost(target, draft, prompts: list[list[int]], params: SamplingPar
             "support_tokens_mean": statistics.fmean(support), "support_tokens_max": max(support), "positions": len(full)}
 
 
-def served_bytes(target, draft, params: SamplingParams, gamma: int, prompts: list[list[int]], max_new: int) -> dict:
-    """Draft block bytes per round received by the verifier over loopback gRPC."""
+def served_bytes(target, draft, params: SamplingParams, gamma: int, prompts: list[list[int]], max_new: int,
+                 coupled: bool = False) -> dict:
+    """Draft block bytes per round received by the verifier over loopback gRPC. Not
+    coupled by default: rejection sampling, whose drafts carry their q (a seeded
+    request is coupled, and its drafts carry none)."""
     from .loopback import Loopback  # gRPC and the services: not needed for the pass timings
 
     async def go():
@@ -142,7 +145,8 @@ def served_bytes(target, draft, params: SamplingParams, gamma: int, prompts: lis
             out = []
             for i, prompt in enumerate(prompts):
                 out.append(await loop.generate(prompt, max_new, SamplingParams(
-                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=i), gamma=gamma))
+                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=i, coupled=coupled),
+                    gamma=gamma))
             return out
 
     runs = asyncio.run(go())
@@ -180,9 +184,11 @@ def run_scale(repeat: int, bundled_pair=None, bundled_prompts=(), on_row=print) 
         cost = acceptance_cost(target, draft, prompts, params)
         summary[f"bytes_per_round_v151936_g8_{name}"] = wire["bytes_per_round"]
         summary[f"wire_v151936_g8_{name}"] = wire
+        summary[f"wire_v151936_g8_{name}_coupled"] = served_bytes(target, draft, params, GAMMA, prompts, 48, coupled=True)
         summary[f"truncation_v151936_{name}"] = cost
         on_row(f"  V=151,936 gamma 8 {name}: {wire['bytes_per_round'] / 1024:.1f} KiB per round on the wire "
-               f"(dense float32 q: {GAMMA * 151_936 * 4 / 2**20:.1f} MiB); per-token acceptance full q "
+               f"(dense float32 q: {GAMMA * 151_936 * 4 / 2**20:.1f} MiB; seeded, coupled, no q: "
+               f"{summary[f'wire_v151936_g8_{name}_coupled']['bytes_per_round']:.0f} bytes); per-token acceptance full q "
                f"{cost['acceptance_full_q']:.4f}, sent q {cost['acceptance_sent_q']:.4f} "
                f"(support {cost['support_tokens_mean']:.0f} tokens mean)")
         if bundled_pair is not None:

@@ -19,6 +19,9 @@ def test_scale_bench_writes_its_contract(tmp_path, capsys):
     for name in ("topk50", "t1"):
         per_round = result[f"bytes_per_round_v151936_g8_{name}"]
         assert 0 < per_round <= MAX_BLOCK_BYTES  # measured on the wire
+        # Rejection sampling's drafts carry q (at least a byte per support token); coupled ones none.
+        assert result[f"wire_v151936_g8_{name}"]["bytes_per_draft"] > 50
+        assert result[f"wire_v151936_g8_{name}_coupled"]["bytes_per_draft"] < 50
         cost = result[f"truncation_v151936_{name}"]
         assert cost["support_tokens_max"] <= MAX_SUPPORT and 0 < cost["acceptance_sent_q"] <= 1
         assert "acceptance_full_q" in result[f"truncation_bundled_{name}"]
