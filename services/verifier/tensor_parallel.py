@@ -116,7 +116,7 @@ class TargetRank:
 
     def verify(self, feeds: list[Feed], rows: list[AcceptRow] | None = None) -> list[VerifyOutcome] | Exception | None:
         """The pass on every rank; on rank 0 (the one given ``rows``) acceptance too, on
-        the full logits where the last all-reduce left them: only the outcomes go back.
+        the full logits where the last all-gather left them: only the outcomes go back.
         A failure of acceptance comes back as the exception: every rank has finished the
         pass, so the group itself is sound and serves on."""
         logits = self.runner.forward(feeds)
