@@ -194,8 +194,10 @@ def adjusted_probs_rows(logits: torch.Tensor, rows: SamplingRows, consume: bool 
     z = logits.float()
     if z is logits and not consume:
         z = z.clone()
-    greedy = torch.tensor(rows.greedy_rows, dtype=torch.long, device=z.device)
-    best = z[greedy].argmax(-1) if rows.greedy_rows else None  # [G, T], before anything changes z
+    best = None
+    if rows.greedy_rows:
+        greedy = torch.tensor(rows.greedy_rows, dtype=torch.long, device=z.device)
+        best = z[greedy].argmax(-1)  # [G, T], before anything changes z
     if rows.tiny_rows:
         # Shift first: a temperature of 1e-38 then gives -inf (probability 0), not inf - inf = NaN.
         tiny = list(rows.tiny_rows)
