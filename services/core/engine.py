@@ -180,16 +180,21 @@ class SpeculativeEngine:
                                         lookup_gamma=lookup_budget(seq.effective_gamma, seq.remaining))
         return seq.proposer.propose(seq.draft_state, seq.committed, gamma, seq.params)
 
-    def prefill(self, seq: SequenceState, cached: list = ()) -> None:
+    def prefill(self, seq: SequenceState, cached: list = (), lazy: bool = False) -> None:
         """Cache the prompt's KV except its last token, which the first round feeds with
         the drafts. Lets a server prefill the target while the first draft is made.
         ``cached``: blocks of a shared prefix of the prompt, computed elsewhere (see
-        TargetVerifier.prefill)."""
+        TargetVerifier.prefill). ``lazy``: only hold the session's budget, and let the
+        first round's pass feed the whole prompt with its drafts: one forward fewer a
+        request, which a lone sequence wants (a server prefills eagerly, so that the
+        prompt's pass overlaps the first draft and does not widen a batched pass)."""
         t0 = time.perf_counter()
         # Admission: the session holds its whole budget (prompt, new tokens, a block of
         # drafts) from the start, so it never runs out of KV pool mid-stream.
         reserve = len(seq.committed) + seq.remaining + draft_room(seq.proposer) + 1
-        if reads_hidden(seq.proposer):
+        if lazy and not cached and not reads_hidden(seq.proposer):
+            self.verifier.prefill(seq.target_kv, [], (), reserve)
+        elif reads_hidden(seq.proposer):
             # Heads on the verifier read the prompt's hidden states: the first round drafts too.
             hidden = self.verifier.prefill(seq.target_kv, seq.committed[:-1], cached, reserve,
                                            hidden=reads_hidden(seq.proposer))
@@ -270,7 +275,7 @@ class SpeculativeEngine:
         start = time.perf_counter()
         lps, tops = ([], []) if logprobs is not None else (None, None)
         try:
-            self.prefill(seq)
+            self.prefill(seq, lazy=True)
             while not seq.finished:
                 result = self.step(seq)
                 if lps is not None:

@@ -11,7 +11,7 @@ import torch
 from .kv import common_prefix_len
 from .proposals import Proposal, VerifyOutcome
 from .coupling import coupled_choice
-from .rejection import DraftBatch, Randomness, accept_batch
+from .rejection import DraftBatch, Randomness, accept_batch, accept_greedy_chains
 from .sampling import SamplingParams, SamplingRows, adjusted_probs_rows
 from .shaping import ContextCounts, ShapeRow, shape_logits, shapes, slot_logprobs
 from .target import Feed, TargetRunner
@@ -181,6 +181,10 @@ def accept(rows: list[AcceptRow], all_logits: list[torch.Tensor]) -> list[Verify
         if row.committed is not None else None for row in rows])
     # The rows that asked for log-probabilities read their logits after acceptance.
     kept = {b: logits[b].clone() for b, row in enumerate(rows) if row.logprobs is not None}
+    if all(row.params.greedy and row.proposal.is_chain for row in rows):
+        outcomes = [VerifyOutcome(n, tokens, tuple(range(n)))
+                    for n, tokens in accept_greedy_chains(logits, [row.proposal.tokens for row in rows])]
+        return with_logprobs(rows, kept, outcomes)
     B, N1, V = logits.shape
     drafts = DraftBatch.of([(row.proposal.tokens, row.proposal.draft_q) for row in rows], V, device)
     # Coupled rows are accepted as greedy ones, over their Gumbel-max scores.
@@ -251,6 +255,8 @@ def as_batch(rows: list[torch.Tensor]) -> torch.Tensor:
     B x (G+1) x V floats: 16 ms a pass at batch 8, gamma 8, V = 128k on this CPU."""
     first = rows[0]
     k, V = first.shape
+    if len(rows) == 1:
+        return first[None]
     if len(rows) > 1 and first.stride() == (V, 1) and all(r.shape == first.shape and r.stride() == (V, 1) for r in rows):
         step = rows[1].storage_offset() - first.storage_offset()
         same = first.untyped_storage().data_ptr()

@@ -9,7 +9,7 @@ from tiny_models import hf_greedy, noisy_copy, tiny
 from services.bench.loopback import Loopback, run
 from services.core.errors import PoolExhausted
 from services.core.kv import KVState, extend
-from services.core.kv_pool import BLOCK_TOKENS, kv_bytes_per_token
+from services.core.kv_pool import BLOCK_TOKENS, contiguous_run, kv_bytes_per_token
 from services.core.target import Feed, TargetRunner
 
 
@@ -41,6 +41,26 @@ def test_rollback_keeps_blocks_and_release_returns_them():
                                rtol=1e-5, atol=1e-5)
     runner.release(["a"])
     assert len(runner.pool.free) == free and runner.cached_positions() == 0
+
+
+def test_a_lone_session_reads_the_pool_in_place_or_gathers_when_its_blocks_are_apart():
+    """A pass over one session whose blocks are consecutive attends over a view of the
+    pool; one whose blocks are not gathers them. Both give a cold forward's logits."""
+    model = tiny("llama", seed=0)
+    runner = TargetRunner(model, kv_cache_bytes=2**20)
+    prompt = list(range(3, 3 + BLOCK_TOKENS - 2))
+    runner.forward([Feed("a", 0, prompt, 1)])  # a: one block
+    runner.forward([Feed("b", 0, prompt, 1)])  # b: the next block
+    runner.forward([Feed("c", 0, prompt, 1)])
+    runner.pool.reserve([runner.sessions["c"]], [3 * BLOCK_TOKENS])  # c: consecutive blocks
+    runner.forward([Feed("a", len(prompt), [40, 41, 42, 43], 2)])  # a's second block is after c's
+    a, c = runner.sessions["a"], runner.sessions["c"]
+    assert contiguous_run([a], len(a)) is None and contiguous_run([c], 2 * BLOCK_TOKENS) is not None
+    for session in ("a", "c"):
+        seq = runner.sessions[session]
+        (logits,) = runner.forward([Feed(session, len(seq), [50, 51, 52, 53, 54], 5)])
+        cold = extend(model, KVState.empty(model), seq.tokens)[-5:]
+        torch.testing.assert_close(logits, cold, rtol=1e-5, atol=1e-5)
 
 
 def test_a_session_starts_from_blocks_another_one_computed():

@@ -16,7 +16,7 @@ import torch
 from distribution import ALPHA, check_power, chi2_pvalue
 
 from services.core.draft_q import SparseQ, compact
-from services.core.rejection import DraftBatch, Randomness, accept_batch
+from services.core.rejection import DraftBatch, Randomness, accept_batch, accept_greedy_chains
 from services.core.sampling import SamplingParams, SamplingRows, adjusted_probs
 
 V = 8
@@ -127,6 +127,31 @@ def test_greedy_accepts_matching_prefix_then_corrects():
     rand = Randomness(torch.ones(len(cases), 3), torch.zeros(len(cases)))
     out = accept_batch(logits.expand(len(cases), 4, V), batch, rows, rand)
     assert out.tolist() == [list(want) for _, want in cases]
+
+
+def test_an_all_greedy_batch_takes_the_argmax_path_with_the_same_outcomes():
+    """accept_greedy_chains is accept_batch's greedy rule: ragged rows, drafts that
+    match the argmax for a while and then miss, rows that match all the way."""
+    gen = torch.Generator().manual_seed(3)
+    B, G1, vocab = 64, 6, 50
+    logits = torch.randn(B, G1, vocab, generator=gen)
+    best = logits.argmax(-1)
+    drafts = []
+    for b in range(B):
+        g = b % G1  # 0..5 drafts
+        row = best[b, :g].clone()
+        miss = int(torch.randint(0, g + 1, (1,), generator=gen))  # g: no miss
+        if miss < g:
+            row[miss] = (row[miss] + 1) % vocab
+        drafts.append(row)
+    batch = DraftBatch.of([(d, None) for d in drafts], vocab, "cpu")
+    rows = SamplingRows.of([SamplingParams()] * B, vocab, "cpu")
+    rand = Randomness(torch.ones(B, G1 - 1), torch.zeros(B))
+    expected = accept_batch(logits, batch, rows, rand).tolist()
+    got = accept_greedy_chains(logits, drafts)
+    assert [[n, tokens[-1]] for n, tokens in got] == expected
+    assert all(tokens[:-1] == d[:n].tolist() for (n, tokens), d in zip(got, drafts))
+    assert {n for n, _ in got} == set(range(G1))  # every accepted count occurs
 
 
 def test_keyed_draws_depend_on_the_row_alone():
