@@ -4,7 +4,8 @@ models with real shapes (services/models/shapes.py).
 - Verify pass at batch 8 and contexts 256 / 1,024 / 4,096: Outrider's whole pass
   (``TargetVerifier.verify``: feeds, the batched forward over each session's cache,
   batched acceptance with sampled rows, the one host sync) against transformers'
-  bare forward of the same tokens on a prebuilt batched cache, the limit. Host time
+  bare forward of the same tokens on a prebuilt batched cache, the limit, with
+  transformers' default attention and with Outrider's. Host time
   per pass is the pass less the time inside the model's forward.
 - Bytes per round at V = 151,936, gamma 8, top-k 50 and plain T = 1.0: measured on the
   wire, verifier <-> draft worker over loopback gRPC (services/bench/loopback.py).
@@ -32,6 +33,10 @@ from ..core.verifier import TargetVerifier, VerifyRequest
 from ..models.shapes import random_model, random_pair
 
 CONTEXTS = (256, 1024, 4096)
+# The limit is transformers' own forward with its default attention; the pass is also
+# timed against the same forward with Outrider's attention (models/attention.py), so
+# that what the pool and acceptance add is seen apart from what the attention saves.
+TRANSFORMERS_ATTENTION = "sdpa"
 BATCH, GAMMA = 8, 8
 
 
@@ -84,30 +89,38 @@ def verify_pass(model, context: int, repeat: int, seed: int = 0, penalties: Pena
         verifier.verify(batch)
         return time.perf_counter() - t0, timer.seconds - inside
 
-    def bare() -> float:
-        t0 = time.perf_counter()
-        out = model(input_ids=feed, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=GAMMA + 1)
-        out.logits[:, :, 0].sum().item()  # wait for the device, as the verify pass's one sync does
-        elapsed = time.perf_counter() - t0
+    own = model.config._attn_implementation  # Outrider's (models/attention.py)
+
+    def bare(attention: str = TRANSFORMERS_ATTENTION) -> float:
+        model.set_attn_implementation(attention)
+        try:
+            t0 = time.perf_counter()
+            out = model(input_ids=feed, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=GAMMA + 1)
+            out.logits[:, :, 0].sum().item()  # wait for the device, as the verify pass's one sync does
+            elapsed = time.perf_counter() - t0
+        finally:
+            model.set_attn_implementation(own)
         cache.crop(-(GAMMA + 1))
         return elapsed
 
-    outrider(), bare()  # warm-up
+    outrider(), bare(), bare(own)  # warm-up
     if penalized:
         outrider(penalized)
-    ours, limit, host, shaped = [], [], [], []
+    ours, limit, same, host, shaped = [], [], [], [], []
     for _ in range(repeat):
         total, inside = outrider()
         ours.append(total)
         host.append(total - inside)
         limit.append(bare())
+        same.append(bare(own))
         if penalized:
             shaped.append(outrider(penalized)[0])
     verifier.release([req.kv for req in reqs])
     timer.close()
-    o, b = statistics.median(ours), statistics.median(limit)
+    o, b, s = statistics.median(ours), statistics.median(limit), statistics.median(same)
     row = {"context": context, "batch": BATCH, "gamma": GAMMA, "verify_pass_s": o, "bare_forward_s": b,
-           "verify_over_bare": o / b, "host_s_per_pass": statistics.median(host)}
+           "verify_over_bare": o / b, "bare_same_attention_s": s, "verify_over_bare_same_attention": o / s,
+           "host_s_per_pass": statistics.median(host)}
     if shaped:
         row["penalized_pass_s"] = statistics.median(shaped)
         row["penalized_over_plain"] = row["penalized_pass_s"] / o
@@ -165,10 +178,13 @@ def run_scale(repeat: int, bundled_pair=None, bundled_prompts=(), on_row=print) 
         # At the longest context, also with penalties on every row (repetition, presence, frequency, a bias).
         row = verify_pass(llama, context, repeat, penalties=Penalties(1.1, 0.2, 0.2, ((5, 1.0),)) if context == 4096 else None)
         on_row(f"  verify pass, batch {BATCH}, context {context}: {row['verify_pass_s'] * 1e3:.1f} ms vs bare "
-               f"{row['bare_forward_s'] * 1e3:.1f} ms ({row['verify_over_bare']:.2f}x), host {row['host_s_per_pass'] * 1e3:.1f} ms")
+               f"{row['bare_forward_s'] * 1e3:.1f} ms ({row['verify_over_bare']:.2f}x; with Outrider's attention "
+               f"{row['bare_same_attention_s'] * 1e3:.1f} ms, {row['verify_over_bare_same_attention']:.2f}x), "
+               f"host {row['host_s_per_pass'] * 1e3:.1f} ms")
         summary["verify_pass"].append(row)
     by_context = {row["context"]: row for row in summary["verify_pass"]}
     summary["verify_pass_vs_bare_b8_c4096"] = by_context[4096]["verify_over_bare"]
+    summary["verify_pass_vs_bare_same_attention_b8_c4096"] = by_context[4096]["verify_over_bare_same_attention"]
     summary["pass_growth_256_to_4096"] = by_context[4096]["verify_pass_s"] / by_context[256]["verify_pass_s"]
     summary["bare_growth_256_to_4096"] = by_context[4096]["bare_forward_s"] / by_context[256]["bare_forward_s"]
     summary["penalized_over_plain_pass_b8_c4096"] = by_context[4096]["penalized_over_plain"]

@@ -341,7 +341,8 @@ def run_scale_bench(args) -> int:
     meta = {"threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
             "machine": platform.machine()}
     path.write_text(json.dumps({**summary, "meta": meta}, indent=2) + "\n")
-    print(f"verify pass / bare forward at batch 8, context 4096: {summary['verify_pass_vs_bare_b8_c4096']:.2f}x; "
+    print(f"verify pass / bare forward at batch 8, context 4096: {summary['verify_pass_vs_bare_b8_c4096']:.2f}x "
+          f"(with Outrider's attention on both: {summary['verify_pass_vs_bare_same_attention_b8_c4096']:.2f}x); "
           f"bytes per round at V=151,936 gamma 8: top-k 50 {summary['bytes_per_round_v151936_g8_topk50']:.0f}, "
           f"T=1.0 {summary['bytes_per_round_v151936_g8_t1']:.0f}")
     print(f"wrote {path}")

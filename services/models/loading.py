@@ -13,6 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from ..core.errors import InvalidRequest
 from ..core.kv import new_cache
+from .attention import use_outrider_attention
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,7 +76,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", t
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
     )
-    return (model if tensor_parallel else model.to(device)).eval()
+    return use_outrider_attention(model if tensor_parallel else model.to(device)).eval()
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from .attention import use_outrider_attention
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -58,7 +60,7 @@ def random_model(shape: str, layers: int = 2, hidden: int = 256, seed: int = 0, 
     model = model_cls(config)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(sharpen)
-    return model.eval()
+    return use_outrider_attention(model).eval()
 
 
 def noisy_draft(target, seed: int = 1, scale: float = 0.3):

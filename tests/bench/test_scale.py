@@ -13,7 +13,7 @@ def test_scale_bench_writes_its_contract(tmp_path, capsys):
     out = tmp_path / "scale.json"
     assert main(["bench", "--scale", "--repeat", "1", "--limit", "2", "--threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["verify_pass_vs_bare_b8_c4096"] > 0
+    assert result["verify_pass_vs_bare_b8_c4096"] > 0 and result["verify_pass_vs_bare_same_attention_b8_c4096"] > 0
     assert [row["context"] for row in result["verify_pass"]] == [256, 1024, 4096]
     assert result["penalized_over_plain_pass_b8_c4096"] > 0 and "penalized_pass_s" in result["verify_pass"][-1]
     for name in ("topk50", "t1"):
