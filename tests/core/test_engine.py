@@ -124,6 +124,21 @@ def test_target_only_drafts_nothing(models):
     assert result.stats.drafted == 0 and result.stats.rounds == 20
 
 
+def test_generate_feeds_the_prompt_in_the_first_round(models):
+    """A lone sequence runs no separate prefill: N tokens take N forwards, as transformers'
+    generate does, the first one over the whole prompt."""
+    target = models["target"]
+    fed = []
+    hook = target.register_forward_pre_hook(lambda m, args, kwargs: fed.append(kwargs["input_ids"].shape[-1]),
+                                            with_kwargs=True)
+    try:
+        result = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256).generate(PROMPTS[3], 12)
+    finally:
+        hook.remove()
+    assert result.token_ids == hf_greedy(target, PROMPTS[3], 12, eos=None)
+    assert fed == [len(PROMPTS[3])] + [1] * 11
+
+
 @pytest.mark.parametrize("drafter", ["noisy", "ngram"])
 def test_seeded_sampling_is_reproducible(models, drafter):
     target = models["target"]
