@@ -56,10 +56,13 @@ class ForwardTimer:
 
 
 @torch.inference_mode()
-def verify_pass(model, context: int, repeat: int, seed: int = 0, penalties: Penalties | None = None) -> dict:
+def verify_pass(model, context: int, repeat: int, seed: int = 0, penalties: Penalties | None = None,
+                coupled: bool = False) -> dict:
     """Outrider's verify pass and transformers' bare forward, batch 8, interleaved.
     With ``penalties``, also the pass with them on every row (the second half of each
-    context counted as output), interleaved with the others."""
+    context counted as output); with ``coupled``, also the pass with every row seeded,
+    so coupled (core/coupling.py: Gumbel noise over the vocabulary at every slot);
+    each interleaved with the others."""
     V, device = model.config.vocab_size, model.device
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(2, V, (BATCH, context), generator=gen)
@@ -76,6 +79,7 @@ def verify_pass(model, context: int, repeat: int, seed: int = 0, penalties: Pena
         reqs.append(VerifyRequest(kv, committed, proposal, SamplingParams(temperature=1.0, seed=b), 0))
     penalized = [replace(req, params=replace(req.params, penalties=penalties, stop=StopRule(()), prompt_len=context // 2),
                          counts=ContextCounts()) for req in reqs] if penalties is not None else []
+    seeded = [replace(req, params=replace(req.params, coupled=True)) for req in reqs] if coupled else []
     # The limit: the same 9 tokens a row, on a cache that already holds the prompts.
     cache = DynamicCache(config=model.config)
     model(input_ids=prompts[:, :-1].to(device), cache=cache, use_cache=True, logits_to_keep=1)
@@ -104,9 +108,10 @@ def verify_pass(model, context: int, repeat: int, seed: int = 0, penalties: Pena
         return elapsed
 
     outrider(), bare(), bare(own)  # warm-up
-    if penalized:
-        outrider(penalized)
-    ours, limit, same, host, shaped = [], [], [], [], []
+    for extra in (penalized, seeded):
+        if extra:
+            outrider(extra)
+    ours, limit, same, host, shaped, noised = [], [], [], [], [], []
     for _ in range(repeat):
         total, inside = outrider()
         ours.append(total)
@@ -115,6 +120,8 @@ def verify_pass(model, context: int, repeat: int, seed: int = 0, penalties: Pena
         same.append(bare(own))
         if penalized:
             shaped.append(outrider(penalized)[0])
+        if seeded:
+            noised.append(outrider(seeded)[0])
     verifier.release([req.kv for req in reqs])
     timer.close()
     o, b, s = statistics.median(ours), statistics.median(limit), statistics.median(same)
@@ -124,6 +131,9 @@ def verify_pass(model, context: int, repeat: int, seed: int = 0, penalties: Pena
     if shaped:
         row["penalized_pass_s"] = statistics.median(shaped)
         row["penalized_over_plain"] = row["penalized_pass_s"] / o
+    if noised:
+        row["coupled_pass_s"] = statistics.median(noised)
+        row["coupled_over_plain"] = row["coupled_pass_s"] / o
     return row
 
 
@@ -175,8 +185,11 @@ def run_scale(repeat: int, bundled_pair=None, bundled_prompts=(), on_row=print) 
     summary: dict = {"verify_pass": []}
     llama = random_model("llama3")
     for context in CONTEXTS:
-        # At the longest context, also with penalties on every row (repetition, presence, frequency, a bias).
-        row = verify_pass(llama, context, repeat, penalties=Penalties(1.1, 0.2, 0.2, ((5, 1.0),)) if context == 4096 else None)
+        # At the longest context, also with penalties on every row (repetition, presence, frequency, a bias), and
+        # with every row seeded (coupled).
+        longest = context == CONTEXTS[-1]
+        row = verify_pass(llama, context, repeat, penalties=Penalties(1.1, 0.2, 0.2, ((5, 1.0),)) if longest else None,
+                          coupled=longest)
         on_row(f"  verify pass, batch {BATCH}, context {context}: {row['verify_pass_s'] * 1e3:.1f} ms vs bare "
                f"{row['bare_forward_s'] * 1e3:.1f} ms ({row['verify_over_bare']:.2f}x; with Outrider's attention "
                f"{row['bare_same_attention_s'] * 1e3:.1f} ms, {row['verify_over_bare_same_attention']:.2f}x), "
@@ -190,6 +203,9 @@ def run_scale(repeat: int, bundled_pair=None, bundled_prompts=(), on_row=print) 
     summary["penalized_over_plain_pass_b8_c4096"] = by_context[4096]["penalized_over_plain"]
     on_row(f"  verify pass with penalties, batch {BATCH}, context 4096: {by_context[4096]['penalized_pass_s'] * 1e3:.1f} ms "
            f"({summary['penalized_over_plain_pass_b8_c4096']:.3f}x the pass without, interleaved)")
+    summary["coupled_over_plain_pass_b8_c4096"] = by_context[4096]["coupled_over_plain"]
+    on_row(f"  verify pass with every row seeded (coupled), batch {BATCH}, context 4096: "
+           f"{by_context[4096]['coupled_pass_s'] * 1e3:.1f} ms ({summary['coupled_over_plain_pass_b8_c4096']:.3f}x)")
     del llama
 
     target, draft = random_pair("qwen2")

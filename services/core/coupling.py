@@ -66,6 +66,19 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """``_mix`` in place, with one scratch tensor: over a [R, V] block at V = 128k, a
+    fresh int64 tensor per step cost more in allocation and page faults than the
+    arithmetic."""
+    tmp = torch.empty_like(z)
+    for bits, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(z, bits, out=tmp)
+        z.bitwise_xor_(tmp.bitwise_and_((1 << (64 - bits)) - 1))
+        if multiplier is not None:
+            z.mul_(multiplier)
+    return z
+
+
 def gumbel(seed: int, positions: torch.Tensor, ids: torch.Tensor | int) -> torch.Tensor:
     """Standard Gumbel noise G_j(v) for each position j in ``positions`` [R] (int64) and
     each token id v: of ``ids`` [R, K] (int64), or of the whole vocabulary when ``ids``
@@ -73,10 +86,13 @@ def gumbel(seed: int, positions: torch.Tensor, ids: torch.Tensor | int) -> torch
     device = positions.device
     key = _signed(derive_seed(seed, "gumbel"))
     row = _mix(positions.long()[:, None] * _GOLDEN + key)  # [R, 1]
-    cols = torch.arange(ids, device=device)[None, :] if isinstance(ids, int) else ids.long()
-    bits = _mix(row ^ (cols * _TOKEN))  # [R, K]
-    u = (_shr(bits, 11).double() + 0.5) * 2.0**-53  # in (0, 1), 53 bits
-    return (-torch.log(-torch.log(u))).float()
+    if isinstance(ids, int):
+        bits = (torch.arange(ids, device=device) * _TOKEN)[None, :].repeat(row.shape[0], 1)  # [R, V]
+    else:
+        bits = ids.long() * _TOKEN  # [R, K]
+    _mix_(bits.bitwise_xor_(row))
+    u = bits.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1).double().add_(0.5).mul_(2.0**-53)  # in (0, 1), 53 bits
+    return u.log_().neg_().log_().neg_().float()
 
 
 def coupled_choice(logprobs: torch.Tensor, seed: int, positions: torch.Tensor, top_k: int = 0) -> torch.Tensor:

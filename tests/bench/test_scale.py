@@ -16,6 +16,7 @@ def test_scale_bench_writes_its_contract(tmp_path, capsys):
     assert result["verify_pass_vs_bare_b8_c4096"] > 0 and result["verify_pass_vs_bare_same_attention_b8_c4096"] > 0
     assert [row["context"] for row in result["verify_pass"]] == [256, 1024, 4096]
     assert result["penalized_over_plain_pass_b8_c4096"] > 0 and "penalized_pass_s" in result["verify_pass"][-1]
+    assert result["coupled_over_plain_pass_b8_c4096"] > 0 and "coupled_pass_s" in result["verify_pass"][-1]
     for name in ("topk50", "t1"):
         per_round = result[f"bytes_per_round_v151936_g8_{name}"]
         assert 0 < per_round <= MAX_BLOCK_BYTES  # measured on the wire
