@@ -154,6 +154,28 @@ def test_an_all_greedy_batch_takes_the_argmax_path_with_the_same_outcomes():
     assert {n for n, _ in got} == set(range(G1))  # every accepted count occurs
 
 
+def test_the_sparse_residual_equals_the_dense_one():
+    """DraftBatch.residual_ (the tail off every token, then the K support entries) is
+    max(0, p - q') with q' dense, for rejected rows, and p for the rest; rows padded to
+    the widest support, with token 0 both a real support token and the padding id."""
+    gen = torch.Generator().manual_seed(5)
+    vocab, G = 50, 3
+    rows = [(torch.tensor([0, 0, 0]), None), (torch.tensor([4], dtype=torch.long), None)]
+    for width in (2, 5, 9):
+        logits = torch.randn(G, vocab, generator=gen) * 3
+        logits[:, 0] += 6  # token 0 in every support
+        q = SparseQ.stack([compact(logits[j].softmax(-1), max_support=width) for j in range(G)])
+        rows.append((torch.randint(0, vocab, (G,), generator=gen), q))
+    drafts = DraftBatch.of(rows, vocab, "cpu")
+    B = len(rows)
+    for _ in range(20):
+        at = torch.randint(0, G, (B,), generator=gen).clamp(max=drafts.num_drafts - 1)
+        rejected = torch.rand(B, generator=gen) < 0.7
+        p = torch.rand(B, vocab, generator=gen)
+        expected = (p - drafts.dense_q(at, vocab) * rejected[:, None]).clamp_min(0)
+        torch.testing.assert_close(drafts.residual_(p.clone(), at, rejected), expected, rtol=0, atol=1e-7)
+
+
 def test_keyed_draws_depend_on_the_row_alone():
     """A row's draws are the same whatever batch it is in, and differ by round."""
     alone = Randomness.draw([(7, 3)], [2], 2, "cpu")
