@@ -74,30 +74,28 @@ class DraftBatch:
         return cls(tokens=tokens.to(device), num_drafts=torch.tensor(lens, dtype=torch.long).to(device),
                    q_ids=q_ids.to(device), q_probs=q_probs.to(device), q_tail=q_tail.to(device))
 
-    def residual_(self, p: torch.Tensor, at: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-        """max(0, p - q'), q' of draft at[b] of every row b, for the ``rejected`` rows; p
-        for the others. In place over p [B, V]. q' is its tail but on its K support
-        tokens, so this is one pass over the vocabulary and a scatter of K entries: a
-        dense q' costs four passes more, and on a CPU each pass over [B, V] (4 MB at
-        batch 8, V = 128k) is memory-bound, about 1 ms."""
+    def residual_(self, p: torch.Tensor, at: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """max(0, p - scale * q'), q' of draft at[b] of every row b, in place over p [B, V]
+        (non-negative; a row with scale 0 keeps its p). q' is its tail but on its K
+        support tokens, so this is one pass over the vocabulary and a scatter of K
+        entries: a dense q' costs four passes more, and on a CPU each pass over [B, V]
+        (4 MB at batch 8, V = 128k) is memory-bound, about 1 ms."""
         ar = torch.arange(at.shape[0], device=at.device)
-        keep = rejected[:, None].to(p.dtype)
+        scale = scale.to(p.dtype)[:, None]  # [B, 1]
         ids, probs = self.q_ids[ar, at], self.q_probs[ar, at]  # [B, K]
-        tail = self.q_tail[ar, at][:, None] * keep  # [B, 1]
-        q = torch.where(probs > 0, probs, tail) * keep  # [B, K]
+        tail = self.q_tail[ar, at][:, None] * scale  # [B, 1]
+        q = torch.where(probs > 0, probs * scale, tail)  # [B, K]
         # Padding entries repeat the row's first one, so that duplicate ids write one value.
         pad = probs <= 0
         ids, q = torch.where(pad, ids[:, :1], ids), torch.where(pad, q[:, :1], q)
         support = (p.gather(-1, ids) - q).clamp_min_(0)
         return p.sub_(tail).clamp_min_(0).scatter_(-1, ids, support)
 
-    def dense_q(self, at: torch.Tensor, V: int) -> torch.Tensor:
-        """q' of draft at[b] of every row b, over the whole vocabulary: [B, V]."""
+    def q_at(self, at: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """q' of draft at[b] at tokens[b], for every row b: [B]."""
         ar = torch.arange(at.shape[0], device=at.device)
-        support = self.q_probs[ar, at] > 0  # [B, K]
-        tail = self.q_tail[ar, at]  # [B]
-        return tail[:, None].expand(-1, V).clone().scatter_add_(
-            -1, self.q_ids[ar, at], torch.where(support, self.q_probs[ar, at] - tail[:, None], 0.0))
+        hit = (self.q_ids[ar, at] == tokens[:, None]) & (self.q_probs[ar, at] > 0)  # [B, K]
+        return torch.where(hit.any(-1), (self.q_probs[ar, at] * hit).sum(-1), self.q_tail[ar, at])
 
 
 @dataclass(frozen=True)
@@ -157,7 +155,7 @@ def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, r
     p_n = p[ar, n]  # [B, V] (a copy)
     rejected = n < drafts.num_drafts  # [B]: the token at n is a correction, not a bonus
     if G:
-        residual = drafts.residual_(p_n, n.clamp(max=G - 1), rejected)  # max(0, p - q); a bonus row keeps p
+        residual = drafts.residual_(p_n, n.clamp(max=G - 1), rejected)  # max(0, p - q'); a bonus row keeps p
         # residual is nonzero whenever a rejection can happen; guard float round-off
         # (the check is free on a CPU, a sync on a GPU, where the fallback costs little).
         usable = residual.sum(-1) > 0

@@ -80,14 +80,14 @@ def accept_tree_batch(logits: torch.Tensor, drafts: DraftBatch, trees: TreeBatch
             if best is not None:
                 ok = x == best[ar, cur + 1]
             if p is not None:
-                q = drafts.dense_q(node, V)  # [B, V]
-                q_x = q[ar, x]
+                q_x = drafts.q_at(node, x)  # [B]
                 # min(1, (r(x)/mass) / q(x)) > u  <=>  u * q(x) * mass < r(x)
                 sampled_ok = rand.uniforms[ar, node] * q_x * mass < r[ar, x]
                 ok = torch.where(rows.greedy, ok, sampled_ok)
                 rejected = live & ~ok
-                # r <- max(0, r - q) in normalised terms: r - mass * q unnormalised.
-                r = torch.where(rejected[:, None], (r - mass[:, None] * q).clamp_min(0), r)
+                # r <- max(0, r - q) in normalised terms: r - mass * q unnormalised (r is
+                # this walk's own tensor: updated in place, the rows not rejected unchanged).
+                r = drafts.residual_(r, node, mass * rejected)
                 mass = torch.where(rejected, r.sum(-1), mass)
             ok = ok & live
             cur = torch.where(ok, child, cur)

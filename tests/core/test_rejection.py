@@ -154,10 +154,22 @@ def test_an_all_greedy_batch_takes_the_argmax_path_with_the_same_outcomes():
     assert {n for n, _ in got} == set(range(G1))  # every accepted count occurs
 
 
+def _dense_q(drafts: DraftBatch, at: torch.Tensor, vocab: int) -> torch.Tensor:
+    """q' of draft at[b] of every row b over the whole vocabulary, [B, V]: the tail
+    everywhere, the support's own values on it."""
+    ar = torch.arange(at.shape[0])
+    dense = drafts.q_tail[ar, at][:, None].expand(-1, vocab).clone()
+    support = drafts.q_probs[ar, at] > 0
+    for b in range(at.shape[0]):
+        dense[b, drafts.q_ids[b, at[b]][support[b]]] = drafts.q_probs[b, at[b]][support[b]]
+    return dense
+
+
 def test_the_sparse_residual_equals_the_dense_one():
     """DraftBatch.residual_ (the tail off every token, then the K support entries) is
-    max(0, p - q') with q' dense, for rejected rows, and p for the rest; rows padded to
-    the widest support, with token 0 both a real support token and the padding id."""
+    max(0, p - s q') with q' dense, and p where s = 0; DraftBatch.q_at is q' at a token.
+    Rows are padded to the widest support, with token 0 both a real support token and
+    the padding id."""
     gen = torch.Generator().manual_seed(5)
     vocab, G = 50, 3
     rows = [(torch.tensor([0, 0, 0]), None), (torch.tensor([4], dtype=torch.long), None)]
@@ -172,8 +184,12 @@ def test_the_sparse_residual_equals_the_dense_one():
         at = torch.randint(0, G, (B,), generator=gen).clamp(max=drafts.num_drafts - 1)
         rejected = torch.rand(B, generator=gen) < 0.7
         p = torch.rand(B, vocab, generator=gen)
-        expected = (p - drafts.dense_q(at, vocab) * rejected[:, None]).clamp_min(0)
-        torch.testing.assert_close(drafts.residual_(p.clone(), at, rejected), expected, rtol=0, atol=1e-7)
+        scale = rejected * torch.rand(B, generator=gen) * 2  # the tree walk scales q' by the residual's mass
+        dense = _dense_q(drafts, at, vocab)
+        expected = (p - dense * scale[:, None]).clamp_min(0)
+        torch.testing.assert_close(drafts.residual_(p.clone(), at, scale), expected, rtol=0, atol=1e-6)
+        tokens = torch.randint(0, vocab, (B,), generator=gen)
+        torch.testing.assert_close(drafts.q_at(at, tokens), dense[torch.arange(B), tokens])
 
 
 def test_keyed_draws_depend_on_the_row_alone():
