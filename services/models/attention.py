@@ -26,8 +26,8 @@ def outrider_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
                   is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, H, N, D], key and value [B, H_kv, L, D], a mask [B, 1, N, L] or None."""
     if (query.device.type == "cpu" and attention_mask is not None and getattr(module, "num_key_value_groups", 1) > 1
-            and query.shape[2] > 1 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-            and not kwargs.get("output_attentions", False)):
+            and query.shape[2] > 1 and key.shape[-1] == value.shape[-1] and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)):
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
