@@ -170,10 +170,11 @@ def accept_batch(logits: torch.Tensor, drafts: DraftBatch, rows: SamplingRows, r
 
 def accept_greedy_chains(logits: torch.Tensor, drafts: list[torch.Tensor]) -> list[tuple[int, list[int]]]:
     """``accept_batch`` for a batch whose rows are all greedy chains: logits [B, G+1, V],
-    drafts[b] [g_b] int64. Returns (accepted drafts n_b, the tokens the row commits: those
-    drafts and the target's token after them) per row. Greedy acceptance needs only the argmax: one reduction and one host sync,
-    instead of the sampler's few dozen small ops (about 0.3 ms a round on a CPU, 3% of
-    a bundled target step when decoding one stream)."""
+    drafts[b] [g_b] int64. Returns, per row, (accepted drafts n_b, the tokens the row
+    commits: those drafts and the target's token after them). Greedy acceptance needs
+    only the argmax: one reduction and one host sync, instead of the sampler's few
+    dozen small ops (about 0.3 ms a round on a CPU, 3% of a bundled target step when
+    decoding one stream)."""
     B, G1, _ = logits.shape
     flat = torch.cat([logits.argmax(-1).flatten()] + [d.to(logits.device) for d in drafts]).tolist()
     out, at = [], B * G1
