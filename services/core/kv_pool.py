@@ -130,12 +130,12 @@ def block_rows(seqs: list[PagedSeq]) -> list[list[int]]:
 class PagedLayer(CacheLayerMixin):
     """One layer of one pass: writes the new positions, returns every row's K/V
     [B, H, past + N, D]: gathered from its blocks, or a view of the pool where a lone
-    row's positions are one run of slots (``write`` and ``read`` are then slices)."""
+    row's positions are one run of slots (``write`` a slice, ``read`` (None, a slice))."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, pool: KVPool, index: int, write: torch.Tensor | slice, read: torch.Tensor | slice, past: int):
+    def __init__(self, pool: KVPool, index: int, write: torch.Tensor | slice, read: torch.Tensor | tuple, past: int):
         super().__init__()
         self.pool, self.index, self.write_slots, self.read_slots, self.past = pool, index, write, read, past
         self.is_initialized = True
@@ -148,8 +148,6 @@ class PagedLayer(CacheLayerMixin):
         B, H, N, D = key_states.shape
         k_pool[self.write_slots] = key_states.transpose(1, 2).reshape(B * N, H, D)
         v_pool[self.write_slots] = value_states.transpose(1, 2).reshape(B * N, H, D)
-        if isinstance(self.read_slots, slice):  # [L, H, D] -> [1, H, L, D], no copy
-            return k_pool[self.read_slots][None].transpose(1, 2), v_pool[self.read_slots][None].transpose(1, 2)
         return k_pool[self.read_slots].transpose(1, 2), v_pool[self.read_slots].transpose(1, 2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -167,13 +165,13 @@ def pass_cache(pool: KVPool, seqs: list[PagedSeq], past: list[int], new: list[in
     Row i's layout is [left pad | its past | its new positions | right pad], P + N long,
     as the model's padded-batch attention expects. Returns (cache, P, N)."""
     P, N = max(past), max(new)
-    run = contiguous_run(seqs, P + N) if len(seqs) == 1 else None
+    run = contiguous_run(seqs[0], P + N) if len(seqs) == 1 else None
     if run is not None:
         # One session whose positions sit in consecutive blocks (a session reserves its
         # budget at admission, and the free stack hands out ascending blocks): attention
         # reads the pool in place. Batch-1 decoding is where a gather per layer costs most
         # next to the model's own work, about 1 ms a token for the bundled target.
-        write, read = slice(run + P, run + P + N), slice(run, run + P + N)
+        write, read = slice(run + P, run + P + N), (None, slice(run, run + P + N))  # read: a [1, L, H, D] view
         return Cache(layers=[PagedLayer(pool, index, write, read, P) for index in range(pool.num_layers)]), P, N
     device = pool.device
     # Lengths and block tables cross to the device in one copy: [B, 2 + blocks].
@@ -189,13 +187,10 @@ def pass_cache(pool: KVPool, seqs: list[PagedSeq], past: list[int], new: list[in
     return Cache(layers=layers), P, N
 
 
-def contiguous_run(seqs: list[PagedSeq], length: int) -> int | None:
-    """The first pool slot of a lone session's positions [0, length) when they are one
-    run of slots (its blocks consecutive), else None."""
-    (seq,) = seqs
+def contiguous_run(seq: PagedSeq, length: int) -> int | None:
+    """The first pool slot of a session's positions [0, length) when they are one run
+    of slots (its blocks consecutive), else None."""
     blocks = seq.blocks[: -(-length // BLOCK_TOKENS)]
-    if not blocks or blocks[-1] - blocks[0] != len(blocks) - 1 or len(blocks) * BLOCK_TOKENS < length:
-        return None
-    if any(b - a != 1 for a, b in zip(blocks, blocks[1:])):
+    if not blocks or len(blocks) * BLOCK_TOKENS < length or any(b - a != 1 for a, b in zip(blocks, blocks[1:])):
         return None
     return blocks[0] * BLOCK_TOKENS

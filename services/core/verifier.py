@@ -257,7 +257,7 @@ def as_batch(rows: list[torch.Tensor]) -> torch.Tensor:
     k, V = first.shape
     if len(rows) == 1:
         return first[None]
-    if len(rows) > 1 and first.stride() == (V, 1) and all(r.shape == first.shape and r.stride() == (V, 1) for r in rows):
+    if first.stride() == (V, 1) and all(r.shape == first.shape and r.stride() == (V, 1) for r in rows):
         step = rows[1].storage_offset() - first.storage_offset()
         same = first.untyped_storage().data_ptr()
         if step >= k * V and all(r.untyped_storage().data_ptr() == same and

@@ -55,7 +55,7 @@ def test_a_lone_session_reads_the_pool_in_place_or_gathers_when_its_blocks_are_a
     runner.pool.reserve([runner.sessions["c"]], [3 * BLOCK_TOKENS])  # c: consecutive blocks
     runner.forward([Feed("a", len(prompt), [40, 41, 42, 43], 2)])  # a's second block is after c's
     a, c = runner.sessions["a"], runner.sessions["c"]
-    assert contiguous_run([a], len(a)) is None and contiguous_run([c], 2 * BLOCK_TOKENS) is not None
+    assert contiguous_run(a, len(a)) is None and contiguous_run(c, 2 * BLOCK_TOKENS) is not None
     for session in ("a", "c"):
         seq = runner.sessions[session]
         (logits,) = runner.forward([Feed(session, len(seq), [50, 51, 52, 53, 54], 5)])
