@@ -113,9 +113,25 @@ def extend(model, kv: KVState, new_tokens: list[int], logits_to_keep: int = 0) -
     Returns logits [len(new_tokens) or logits_to_keep, V] for the last positions.
     """
     ids = torch.tensor([new_tokens], dtype=torch.long, device=model.device)
-    out = model(input_ids=ids, cache=kv.cache, use_cache=True, logits_to_keep=logits_to_keep)
+    logits = forward_logits(model, ids, kv.cache, logits_to_keep)
     kv.tokens.extend(new_tokens)
-    return out.logits[0]
+    return logits[0]
+
+
+def forward_logits(model, ids: torch.Tensor, cache, logits_to_keep: int, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, logits_to_keep or N, V] of ``ids`` [B, N] fed on top of ``cache``;
+    ``attention_mask`` [B, P + N] on the host. A draft model loaded with a lean decoder
+    (models/lean.py) runs it, for the same logits and cache at a fraction of the host
+    time; any other model runs its transformers forward."""
+    lean = getattr(model, "lean_decoder", None)
+    if lean is not None:
+        return lean(ids, cache, logits_to_keep, attention_mask, position_ids)
+    device = ids.device
+    return model(
+        input_ids=ids, attention_mask=None if attention_mask is None else attention_mask.to(device),
+        position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
+    ).logits
 
 
 def batchable(kv: KVState) -> bool:
@@ -159,14 +175,11 @@ def extend_batch(model, kvs: list[KVState], feeds: list[list[int]], logits_to_ke
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
     window = max(N - len(f) + k for f, k in zip(feeds, logits_to_keep))
-    out = model(
-        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-        cache=batched, use_cache=True, logits_to_keep=window,
-    )
+    out = forward_logits(model, ids.to(device), batched, window, mask, positions.to(device))
     logits = []
     for i, (kv, p, feed, k) in enumerate(zip(kvs, past, feeds, logits_to_keep)):
         end = window - (N - len(feed))
-        logits.append(out.logits[i, end - k : end])
+        logits.append(out[i, end - k : end])
         for own, layer in zip(kv.cache.layers, batched.layers):
             if not own.is_initialized:
                 own.lazy_initialization(layer.keys, layer.values)

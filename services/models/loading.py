@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 from ..core.errors import InvalidRequest
 from ..core.kv import new_cache
 from .attention import use_outrider_attention
+from .lean import use_lean_decoding
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,6 +78,12 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", t
         name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
     )
     return use_outrider_attention(model if tensor_parallel else model.to(device)).eval()
+
+
+def load_draft(name_or_path: str, device: str = "cpu", dtype: str = "default", trust_remote_code: bool = False):
+    """``load_model`` for a draft model: its steps run the lean decoder where the family
+    has one (models/lean.py)."""
+    return use_lean_decoding(load_model(name_or_path, device, dtype, trust_remote_code))
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -1,0 +1,116 @@
+"""The lean decoder (services/models/lean.py) is a draft's forward without transformers'
+per-module machinery: through core/kv.py's ``extend`` and ``extend_batch`` it must give
+transformers' logits and leave the same cache, on the families it covers, with
+padding, feeds of several tokens and sliding windows; everything else keeps
+transformers' forward."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from services.core.kv import KVState, extend, extend_batch
+from services.models.lean import lean_decoder, use_lean_decoding
+from services.models.loading import load_draft, resolve_paths
+from services.models.shapes import random_model
+
+
+def _model(shape: str, window: int | None = None):
+    model = random_model(shape, layers=2, hidden=128, vocab=4096)
+    if window is not None:  # a model built with this window (its layers read it at init)
+        config = model.config
+        config.sliding_window = window
+        if shape == "qwen2":  # a sliding first layer, a full second one
+            config.use_sliding_window, config.layer_types = True, ["sliding_attention", "full_attention"]
+        windowed = type(model)(config)
+        windowed.load_state_dict(model.state_dict())
+        model = windowed.eval()
+    return use_lean_decoding(model)
+
+
+def _both(model, run):
+    """``run(model)`` with the lean decoder, then with transformers' forward."""
+    lean = run(model)
+    decoder, model.lean_decoder = model.lean_decoder, None
+    try:
+        return lean, run(model)
+    finally:
+        model.lean_decoder = decoder
+
+
+def _single(model):
+    g = torch.Generator().manual_seed(1)
+    kv = KVState.empty(model)
+    out = [extend(model, kv, torch.randint(2, 4096, (37,), generator=g).tolist(), logits_to_keep=2)]
+    for token in (5, 9, 700):  # decode steps
+        out.append(extend(model, kv, [token], logits_to_keep=1))
+    out.append(extend(model, kv, [11, 12, 13]))  # a fed-back block: all its logits
+    kv.truncate(30)  # a rollback, then the cache grows again from there
+    out.append(extend(model, kv, [14, 15], logits_to_keep=1))
+    return out, kv
+
+
+def _batch(model):
+    g = torch.Generator().manual_seed(2)
+    kvs = [KVState.empty(model) for _ in range(3)]
+    for kv, length in zip(kvs, (12, 29, 0)):  # ragged caches, one empty: left padding
+        if length:
+            extend(model, kv, torch.randint(2, 4096, (length,), generator=g).tolist(), logits_to_keep=1)
+    out = extend_batch(model, kvs, [[3, 4, 5], [6], [7, 8]], [2, 1, 2])  # ragged feeds: right padding
+    out += extend_batch(model, kvs, [[9], [10], [11]], [1, 1, 1])
+    return out, kvs
+
+
+def _assert_same(lean, theirs):
+    (lean_logits, lean_kv), (logits, kv) = lean, theirs
+    for a, b in zip(lean_logits, logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    lean_kvs, kvs = (lean_kv, kv) if isinstance(kv, list) else ([lean_kv], [kv])
+    for mine, ref in zip(lean_kvs, kvs):
+        assert mine.tokens == ref.tokens
+        for a, b in zip(mine.cache.layers, ref.cache.layers):
+            torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", None), ("qwen2", 8), ("mistral", 8)])
+def test_the_logits_and_cache_of_transformers_forward(shape, window):
+    model = _model(shape, window)
+    assert model.lean_decoder is not None
+    _assert_same(*_both(model, _single))
+    _assert_same(*_both(model, _batch))
+
+
+def test_a_sliding_window_is_applied_not_ignored():
+    """The window of 8 must change what a 37-token context gives, or the case above
+    would pass with a decoder that attends everywhere."""
+    windowed, full = _model("mistral", 8), _model("mistral", 4096)
+    full.load_state_dict(windowed.state_dict())
+    assert not torch.allclose(_single(windowed)[0][-1], _single(full)[0][-1], atol=1e-3)
+
+
+def test_the_bundled_draft_runs_it_bit_for_bit():
+    draft = load_draft(resolve_paths(None, None, None, None, None).draft)
+    assert draft.lean_decoder is not None
+    lean, theirs = _both(draft, _single)
+    assert all(torch.equal(a, b) for a, b in zip(lean[0], theirs[0]))
+
+
+def test_fusing_leaves_the_models_own_forward_as_it_was():
+    model = random_model("qwen2", layers=1, hidden=64, vocab=512)
+    ids = torch.arange(2, 20)[None]
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        use_lean_decoding(model)
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_other_families_keep_transformers_forward():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).eval()
+    assert lean_decoder(gpt2) is None
+    gelu = random_model("llama3", layers=1, hidden=64, vocab=512)
+    gelu.config.hidden_act = "gelu"
+    assert lean_decoder(gelu) is None
+    # and such a model still runs through core/kv.py, on transformers' forward
+    kv = KVState.empty(use_lean_decoding(gpt2))
+    assert extend(gpt2, kv, [1, 2, 3], logits_to_keep=1).shape == (1, 300)
