@@ -49,6 +49,11 @@ class LeanDecoder:
         """ids [B, N]; attention_mask [B, P + N] (1 = a real token, P = the cache's
         length) or None; position_ids [B, N] or None (then they follow the cache).
         Returns logits [B, logits_to_keep or N, V]."""
+        first = self.layers[0].qkv_weight
+        if first.device != self.embed.device or first.dtype != self.embed.dtype:
+            # The fused projections are tensors of their own, which ``model.to`` does not move.
+            raise RuntimeError("the model was moved or cast after its lean decoder was made: "
+                               "call use_lean_decoding again")
         B, N = ids.shape
         past = cache.get_seq_length()
         if position_ids is None:
@@ -181,6 +186,7 @@ def lean_decoder(model) -> LeanDecoder | None:
 
 def use_lean_decoding(model):
     """Give ``model`` a ``lean_decoder`` where one applies (core/kv.py runs it in place
-    of the model's forward). Returns the model."""
+    of the model's forward), once the model is on its device and in its dtype. Returns
+    the model."""
     model.lean_decoder = lean_decoder(model)
     return model

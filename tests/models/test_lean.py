@@ -14,7 +14,7 @@ from services.models.loading import load_draft, resolve_paths
 from services.models.shapes import random_model
 
 
-def _model(shape: str, window: int | None = None):
+def _model(shape: str, window: int | None = None, device: str = "cpu", dtype=torch.float32):
     model = random_model(shape, layers=2, hidden=128, vocab=4096)
     if window is not None:  # a model built with this window (its layers read it at init)
         config = model.config
@@ -24,7 +24,7 @@ def _model(shape: str, window: int | None = None):
         windowed = type(model)(config)
         windowed.load_state_dict(model.state_dict())
         model = windowed.eval()
-    return use_lean_decoding(model)
+    return use_lean_decoding(model.to(device, dtype))
 
 
 def _both(model, run):
@@ -105,6 +105,12 @@ def test_fusing_leaves_the_models_own_forward_as_it_was():
     assert torch.equal(before, after)
 
 
+def test_a_model_moved_after_its_decoder_was_made_is_refused_not_run_stale():
+    model = _model("llama3").to(torch.float64)
+    with pytest.raises(RuntimeError, match="use_lean_decoding again"):
+        extend(model, KVState.empty(model), [1, 2, 3])
+
+
 def test_other_families_keep_transformers_forward():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).eval()
     assert lean_decoder(gpt2) is None
@@ -114,3 +120,15 @@ def test_other_families_keep_transformers_forward():
     # and such a model still runs through core/kv.py, on transformers' forward
     kv = KVState.empty(use_lean_decoding(gpt2))
     assert extend(gpt2, kv, [1, 2, 3], logits_to_keep=1).shape == (1, 300)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", ["qwen2", "mistral"])
+def test_bf16_on_a_gpu_matches_transformers(shape):
+    """On CUDA a masked grouped-query pass repeats K/V for SDPA's fused kernels; bf16
+    logits agree with transformers' to bf16's precision."""
+    model = _model(shape, 8 if shape == "mistral" else None, "cuda", torch.bfloat16)
+    lean, theirs = _both(model, _batch)
+    for a, b in zip(lean[0], theirs[0]):
+        assert a.dtype == torch.bfloat16 and a.is_cuda
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)
