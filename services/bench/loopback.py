@@ -106,10 +106,10 @@ def serve_drafter(draft_path: str, device: str, dtype: str, threads: int, ports,
     ``ports`` (a queue) and serves until the process is terminated."""
     import torch
 
-    from ..models.loading import load_draft
+    from ..models.loading import load_model
 
     torch.set_num_threads(threads)
-    proposers, steps = make_proposers(load_draft(draft_path, device, dtype), max_batch_size=max_batch_size)
+    proposers, steps = make_proposers(load_model(draft_path, device, dtype, lean=True), max_batch_size=max_batch_size)
 
     async def main() -> None:
         server, port = await start_drafter_server(DrafterService(proposers, steps=steps))

@@ -30,6 +30,7 @@ from ..core.sampling import Penalties, SamplingParams, StopRule, adjusted_probs
 from ..core.shaping import ContextCounts
 from ..core.target import TargetRunner
 from ..core.verifier import TargetVerifier, VerifyRequest
+from ..models.lean import use_lean_decoding
 from ..models.shapes import random_model, random_pair
 
 CONTEXTS = (256, 1024, 4096)
@@ -41,10 +42,20 @@ BATCH, GAMMA = 8, 8
 
 
 class ForwardTimer:
-    """Seconds spent inside ``model``'s forward (hooks on the top module, until ``close``)."""
+    """Seconds spent inside ``model``'s forward, or its lean decoder's where it has one
+    (models/lean.py), until ``close``."""
 
     def __init__(self, model):
         self.seconds, self._t0 = 0.0, 0.0
+        self.model, self.lean = model, getattr(model, "lean_decoder", None)
+        if self.lean is not None:
+            def timed(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return self.lean(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+            model.lean_decoder = timed
         self.hooks = [
             model.register_forward_pre_hook(lambda *_: setattr(self, "_t0", time.perf_counter())),
             model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._t0)),
@@ -53,6 +64,8 @@ class ForwardTimer:
     def close(self) -> None:
         for hook in self.hooks:
             hook.remove()
+        if self.lean is not None:
+            self.model.lean_decoder = self.lean
 
 
 @torch.inference_mode()
@@ -183,7 +196,7 @@ def served_bytes(target, draft, params: SamplingParams, gamma: int, prompts: lis
 
 def run_scale(repeat: int, bundled_pair=None, bundled_prompts=(), on_row=print) -> dict:
     summary: dict = {"verify_pass": []}
-    llama = random_model("llama3")
+    llama = use_lean_decoding(random_model("llama3"))  # as load_model serves a target
     for context in CONTEXTS:
         # At the longest context, also with penalties on every row (repetition, presence, frequency, a bias), and
         # with every row seeded (coupled).

@@ -118,19 +118,22 @@ def extend(model, kv: KVState, new_tokens: list[int], logits_to_keep: int = 0) -
     return logits[0]
 
 
-def forward_logits(model, ids: torch.Tensor, cache, logits_to_keep: int, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, logits_to_keep or N, V] of ``ids`` [B, N] fed on top of ``cache``;
-    ``attention_mask`` [B, P + N] on the host. A draft model loaded with a lean decoder
-    (models/lean.py) runs it, for the same logits and cache at a fraction of the host
-    time; any other model runs its transformers forward."""
-    lean = getattr(model, "lean_decoder", None)
-    if lean is not None:
-        return lean(ids, cache, logits_to_keep, attention_mask, position_ids)
-    device = ids.device
+def forward_logits(model, ids: torch.Tensor, cache, logits_to_keep: int, attention_mask=None,
+                   position_ids: torch.Tensor | None = None, lean: bool = True) -> torch.Tensor:
+    """logits [B, logits_to_keep or N, V] of ``ids`` [B, N] fed on top of ``cache``.
+    ``attention_mask``: [B, P + N] on the host, or the 4-D mask (or a dict of them per
+    layer type) of a tree pass. A model loaded with a lean decoder (models/lean.py)
+    runs it, for the same logits and cache at a fraction of the host time; any other
+    model, or ``lean=False`` (hooks on the model's modules must fire), runs its
+    transformers forward."""
+    decoder = getattr(model, "lean_decoder", None) if lean else None
+    if decoder is not None:
+        return decoder(ids, cache, logits_to_keep, attention_mask, position_ids)
+    if isinstance(attention_mask, torch.Tensor):
+        attention_mask = attention_mask.to(ids.device)
     return model(
-        input_ids=ids, attention_mask=None if attention_mask is None else attention_mask.to(device),
-        position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
+        input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True,
+        logits_to_keep=logits_to_keep,
     ).logits
 
 

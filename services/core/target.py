@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv import forward_logits
 from .kv_chunks import KVChunk
 from .kv_pool import KVPool, PagedSeq, pass_cache
 from .tree import tree_shape
@@ -106,7 +107,7 @@ class TargetRunner:
             for i, (p, n) in enumerate(zip(past, new)):
                 mask[i, P - p : P + n] = 1
             positions = torch.tensor(past)[:, None] + torch.arange(N)[None, :]
-            extra = dict(attention_mask=mask.to(device), position_ids=positions.to(device))
+            extra = dict(attention_mask=mask, position_ids=positions.to(device))  # the mask moves in forward_logits
         window = max(N - n + f.logits_to_keep for n, f in zip(new, feeds))
         captured, hooks = {}, []
         decoder = self.model.get_decoder() if kinds else None
@@ -126,14 +127,15 @@ class TargetRunner:
                 lambda m, args, kwargs, index=index: keep(index, args[0] if args else kwargs["hidden_states"]),
                 with_kwargs=True))
         try:
-            out = self.model(input_ids=ids.to(device), cache=cache, use_cache=True, logits_to_keep=window, **extra)
+            # (hidden states are read by hooks on transformers' modules: its forward then)
+            out = forward_logits(self.model, ids.to(device), cache, window, lean=not kinds, **extra)
         finally:
             for hook in hooks:
                 hook.remove()
         logits = []
         for i, (feed, n) in enumerate(zip(feeds, new)):
             end = window - (N - n)
-            logits.append(out.logits[i, end - feed.logits_to_keep : end])
+            logits.append(out[i, end - feed.logits_to_keep : end])
             seqs[i].tokens.extend(feed.tokens)
         for kind in kinds:
             if feature_layers(kind):

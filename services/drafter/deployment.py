@@ -16,7 +16,7 @@ from ray.serve.config import RequestRouterConfig
 from ..app.args import AppArgs
 from ..app.autoscaling import DRAFT_SESSIONS
 from ..models.eagle_away import load_eagle_away
-from ..models.loading import check_pair, load_config, load_draft, load_tokenizer
+from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
 from ..rpc.auth import TOKEN_ENV, TokenInterceptor, internal_token
 from ..rpc.channels import SERVER_OPTIONS
@@ -38,7 +38,7 @@ class DraftWorker:
         tracing.setup_tracing("outrider-drafter", serve_replica=True)  # OTEL_* / OUTRIDER_TRACES_FILE
         torch.set_num_threads(cfg.drafter.torch_threads)
         paths = cfg.paths
-        draft = load_draft(paths.draft, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        draft = load_model(paths.draft, cfg.device, cfg.dtype, cfg.trust_remote_code, lean=True)
         check_pair(
             load_config(paths.target, cfg.trust_remote_code), draft.config,
             load_tokenizer(paths.target, cfg.trust_remote_code), load_tokenizer(paths.draft, cfg.trust_remote_code),

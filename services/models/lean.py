@@ -1,20 +1,24 @@
-"""A draft model's forward pass as plain tensor ops over its own weights.
+"""A model's forward pass as plain tensor ops over its own weights: the draft's steps
+and the verifier's passes.
 
 Why by hand: a draft step computes almost nothing (the bundled draft: one layer of
 width 256), so its cost is whatever surrounds the arithmetic. transformers' forward
 builds a mask through its mask interface, walks decorators, kwargs and output
 dataclasses at every module, and runs each projection as its own op. Measured on this
 2-core CPU, bundled draft, one row, context 120-400: 2.9-3.2 ms a step through
-transformers, 2.0-2.3 ms here, bit-identical logits; on a GPU the same ops are kernel
-launches, and a small draft's step there is launch-bound. What is left is the weights'
-memory traffic (the bundled draft's 8 MB LM head is most of it).
+transformers, 2.0-2.3 ms here, bit-identical logits. The same holds for a verifier's
+pass wherever the host is the bottleneck (a GPU, where these ops are kernel
+launches): at width 64 and 6 layers, where the arithmetic is nothing, a pass takes
+0.56-0.65 of transformers' host time, at 1 and at 9 positions.
 
 It covers the Llama-shaped families (Llama, Qwen2, Mistral: RMSNorm, RoPE from the
 model's own rotary module, so every rope scaling it knows, grouped-query attention,
 SwiGLU, sliding windows). ``lean_decoder`` returns None for any other model, which
-then runs transformers' forward. The cache is any transformers ``Cache``: a layer's new
-K/V go through its own ``update``, so rollback, forks and batching (core/kv.py) see
-exactly what transformers' forward leaves.
+then runs transformers' forward, as does a pass that reads hidden states through hooks
+on the model's modules (drafting heads). The cache is any transformers ``Cache``: a
+layer's new K/V go through its own ``update``, so the KV pool's paged layers, rollback,
+forks and batching (core/kv.py, core/kv_pool.py) see exactly what transformers'
+forward leaves.
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ class LeanDecoder:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache, logits_to_keep: int = 0,
                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, N]; attention_mask [B, P + N] (1 = a real token, P = the cache's
-        length) or None; position_ids [B, N] or None (then they follow the cache).
-        Returns logits [B, logits_to_keep or N, V]."""
+        """ids [B, N]; position_ids [B, N] or None (then they follow the cache);
+        attention_mask: None, [B, P + N] on the host (1 = a real token, P = the cache's
+        length), or as a verifier's tree pass gives transformers: an additive 4-D mask
+        [B, 1, N, P + N], or one per layer type ({"full_attention": .., "sliding_attention":
+        ..}). Returns logits [B, logits_to_keep or N, V]."""
         first = self.layers[0].qkv_weight
         if first.device != self.embed.device or first.dtype != self.embed.dtype:
             # The fused projections are tensors of their own, which ``model.to`` does not move.
@@ -61,7 +67,7 @@ class LeanDecoder:
         hidden = F.embedding(ids, self.embed)  # [B, N, d]
         cos, sin = self.rotary(hidden, position_ids)  # [B, N, head_dim] each
         cos, sin = cos[:, None], sin[:, None]
-        masks = _Masks(attention_mask, past, N, ids.device)
+        masks = _Masks(attention_mask, N, ids.device)
         for index, layer in enumerate(self.layers):
             hidden = layer(self, hidden, cos, sin, cache, index, masks)
         if logits_to_keep:
@@ -90,7 +96,7 @@ class _LeanLayer:
         q, k, v = qkv.view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)  # [B, heads, N, D]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k, v = cache.update(k, v, index)  # [B, Hkv, P + N, D]
-        mask = masks.get(self.window)
+        mask = masks.get(self.window, k.shape[2])
         if mask is not None and q.device.type != "cpu" and H != Hkv:
             # CUDA's fused kernels take grouped K/V only without a mask (as in transformers).
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
@@ -101,32 +107,43 @@ class _LeanLayer:
 
 
 class _Masks:
-    """Boolean masks [B, 1, N, P + N] (True = attend), built once a pass per window:
-    causal, hiding the padding ``attention_mask`` marks, and for a sliding layer the
-    keys ``window`` or more positions back (transformers' rule). None where nothing
-    is hidden: one query over a cache with no padding."""
+    """Each layer's attention mask, built once a pass per window. From a 2-D padding
+    mask (or none): boolean [B, 1, N, L] (True = attend) over the L = P + N keys a
+    layer returns, causal, hiding the padding, and for a sliding layer the keys
+    ``window`` or more positions back (transformers' rule); None where nothing is
+    hidden (one query over a cache with no padding). A 4-D mask, or one per layer type,
+    is used as given (it already holds the tree, the padding and the window)."""
 
-    def __init__(self, attention_mask: torch.Tensor | None, past: int, N: int, device):
-        # Read on the host (core/kv.py builds it there): no device sync to find out.
-        self.padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(device).bool()
-        self.past, self.N, self.device = past, N, device
+    def __init__(self, attention_mask, N: int, device):
+        self.given = None
+        self.padding = None
+        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() == 4):
+            self.given = attention_mask
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            # Read on the host (core/kv.py builds it there): no device sync to find out.
+            self.padding = attention_mask.to(device).bool()
+        self.N, self.device = N, device
         self.built: dict[int | None, torch.Tensor | None] = {}
 
-    def get(self, window: int | None) -> torch.Tensor | None:
+    def get(self, window: int | None, keys: int) -> torch.Tensor | None:
+        if self.given is not None:
+            if isinstance(self.given, dict):
+                return self.given["full_attention" if window is None else "sliding_attention"]
+            return self.given
         if window not in self.built:
-            self.built[window] = self._build(window)
+            self.built[window] = self._build(window, keys)
         return self.built[window]
 
-    def _build(self, window: int | None) -> torch.Tensor | None:
-        P, N = self.past, self.N
-        if N == 1 and self.padding is None and (window is None or P + 1 <= window):
+    def _build(self, window: int | None, keys: int) -> torch.Tensor | None:
+        N = self.N
+        if N == 1 and self.padding is None and (window is None or keys <= window):
             return None
-        query = torch.arange(P, P + N, device=self.device)[:, None]  # [N, 1]: each query's column
-        key = torch.arange(P + N, device=self.device)[None, :]  # [1, P + N]
+        query = torch.arange(keys - N, keys, device=self.device)[:, None]  # [N, 1]: each query's column
+        key = torch.arange(keys, device=self.device)[None, :]  # [1, L]
         allowed = key <= query
         if window is not None:
             allowed = allowed & (key > query - window)
-        allowed = allowed[None, None]  # [1, 1, N, P + N]
+        allowed = allowed[None, None]  # [1, 1, N, L]
         if self.padding is not None:
             allowed = allowed & self.padding[:, None, None, :]
         return allowed

@@ -65,9 +65,11 @@ def configure_cuda() -> None:
 
 
 def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", trust_remote_code: bool = False,
-               tensor_parallel: bool = False):
+               tensor_parallel: bool = False, lean: bool = False):
     """``tensor_parallel``: load this rank's shard with transformers' own TP plan
-    (``tp_plan="auto"``) inside an initialised torch.distributed group."""
+    (``tp_plan="auto"``) inside an initialised torch.distributed group. ``lean``: the
+    model's passes through Outrider run the lean decoder where its family has one
+    (models/lean.py; not on a TP shard, whose projections transformers' plan splits)."""
     hf_logging.disable_progress_bar()  # a bar per load clutters CLI output and logs
     if device.startswith("cuda"):
         configure_cuda()
@@ -77,13 +79,10 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", t
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
     )
-    return use_outrider_attention(model if tensor_parallel else model.to(device)).eval()
-
-
-def load_draft(name_or_path: str, device: str = "cpu", dtype: str = "default", trust_remote_code: bool = False):
-    """``load_model`` for a draft model: its steps run the lean decoder where the family
-    has one (models/lean.py)."""
-    return use_lean_decoding(load_model(name_or_path, device, dtype, trust_remote_code))
+    if tensor_parallel:
+        return use_outrider_attention(model).eval()
+    model = use_outrider_attention(model.to(device)).eval()
+    return use_lean_decoding(model) if lean else model
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -24,7 +24,7 @@ from ..core.verifier import TargetVerifier
 from ..core.target import TargetRunner
 from .eagle import fused
 from .heads import load_heads
-from .loading import ModelPaths, check_pair, load_draft, load_model, load_tokenizer, max_context
+from .loading import ModelPaths, check_pair, load_model, load_tokenizer, max_context
 
 HEAD_KINDS = ("medusa", "mtp", "eagle")  # drafters that run on the verifier, from the target's hidden states
 DRAFTERS = ("draft", "ngram", "suffix", *HEAD_KINDS, "tree", "none")
@@ -59,10 +59,10 @@ def load_pair(
 ) -> ModelPair:
     """``heads``: the kinds of drafting heads to load (of HEAD_KINDS)."""
     tokenizer = load_tokenizer(paths.target, trust_remote_code)
-    target = load_model(paths.target, device, dtype, trust_remote_code)
+    target = load_model(paths.target, device, dtype, trust_remote_code, lean=True)
     draft = None
     if with_draft:
-        draft = load_draft(paths.draft, device, dtype, trust_remote_code)
+        draft = load_model(paths.draft, device, dtype, trust_remote_code, lean=True)
         check_pair(target.config, draft.config, tokenizer, load_tokenizer(paths.draft, trust_remote_code))
     loaded = {kind: load_pair_heads(paths, kind, target) for kind in heads}
     return ModelPair(target=target, draft=draft, tokenizer=tokenizer, paths=paths, heads=loaded)

@@ -42,7 +42,7 @@ class Verifier:
                 cfg.verifier_rank.num_cpus, cfg.verifier_rank.torch_threads, kv_cache_bytes=cfg.kv_cache_bytes,
             )
         else:
-            runner = TargetRunner(load_model(paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code),
+            runner = TargetRunner(load_model(paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code, lean=True),
                                   cfg.kv_cache_bytes)
         engine = SpeculativeEngine(
             verifier=TargetVerifier(runner), proposer=None,

@@ -1,16 +1,18 @@
-"""The lean decoder (services/models/lean.py) is a draft's forward without transformers'
-per-module machinery: through core/kv.py's ``extend`` and ``extend_batch`` it must give
-transformers' logits and leave the same cache, on the families it covers, with
-padding, feeds of several tokens and sliding windows; everything else keeps
-transformers' forward."""
+"""The lean decoder (services/models/lean.py) is a model's forward without transformers'
+per-module machinery: through core/kv.py's ``extend`` and ``extend_batch`` (draft
+steps) and a verifier's passes over the KV pool (core/target.py: in place, gathered,
+trees) it must give transformers' logits and leave the same cache, on the families it
+covers, with padding, feeds of several tokens and sliding windows; everything else
+keeps transformers' forward."""
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from services.core.kv import KVState, extend, extend_batch
+from services.core.target import Feed, TargetRunner
 from services.models.lean import lean_decoder, use_lean_decoding
-from services.models.loading import load_draft, resolve_paths
+from services.models.loading import load_model, resolve_paths
 from services.models.shapes import random_model
 
 
@@ -80,6 +82,35 @@ def test_the_logits_and_cache_of_transformers_forward(shape, window):
     _assert_same(*_both(model, _batch))
 
 
+def _verify_passes(model):
+    """A verifier's passes: a lone session (read from the pool in place), then a batch
+    of a tree row, a chain row and a second tree over different pasts (gathered, with
+    the tree's 4-D masks), then target-only steps of the batch (2-D padding masks)."""
+    g = torch.Generator().manual_seed(4)
+    runner = TargetRunner(model, kv_cache_bytes=2**22)
+    prompts = [torch.randint(3, 4000, (n,), generator=g).tolist() for n in (23, 9, 14)]
+    out = [runner.forward([Feed("0", 0, prompts[0], 3)])[0]]
+    for i, prompt in enumerate(prompts[1:], 1):
+        runner.prefill(str(i), prompt[:-1], [])
+    trees = [(-1, -1, 0, 0, 1, 2, 2, 5, -1), None, (-1, 0, -1, 1)]
+    nodes = [torch.randint(3, 4000, (len(t) if t else 5,), generator=g).tolist() for t in trees]
+    keep = [len(prompts[0]), len(prompts[1]) - 1, len(prompts[2]) - 1]
+    fed = [[7] if i == 0 else prompts[i][-1:] for i in range(3)]
+    out += runner.forward([Feed(str(i), k, f + n, len(n) + 1, t)
+                           for i, (k, f, n, t) in enumerate(zip(keep, fed, nodes, trees))])
+    out += runner.forward([Feed(str(i), k + 1, [9 + i], 1) for i, k in enumerate(keep)])
+    return out
+
+
+@pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", 8), ("mistral", 8)])
+def test_a_verifiers_passes_give_transformers_logits(shape, window):
+    model = _model(shape, window)
+    lean, theirs = _both(model, _verify_passes)
+    assert len(lean) == len(theirs) == 7
+    for a, b in zip(lean, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_a_sliding_window_is_applied_not_ignored():
     """The window of 8 must change what a 37-token context gives, or the case above
     would pass with a decoder that attends everywhere."""
@@ -89,7 +120,7 @@ def test_a_sliding_window_is_applied_not_ignored():
 
 
 def test_the_bundled_draft_runs_it_bit_for_bit():
-    draft = load_draft(resolve_paths(None, None, None, None, None).draft)
+    draft = load_model(resolve_paths(None, None, None, None, None).draft, lean=True)
     assert draft.lean_decoder is not None
     lean, theirs = _both(draft, _single)
     assert all(torch.equal(a, b) for a, b in zip(lean[0], theirs[0]))
@@ -126,9 +157,11 @@ def test_other_families_keep_transformers_forward():
 @pytest.mark.parametrize("shape", ["qwen2", "mistral"])
 def test_bf16_on_a_gpu_matches_transformers(shape):
     """On CUDA a masked grouped-query pass repeats K/V for SDPA's fused kernels; bf16
-    logits agree with transformers' to bf16's precision."""
+    logits agree with transformers' to bf16's precision, in draft steps and in a
+    verifier's passes over the pool."""
     model = _model(shape, 8 if shape == "mistral" else None, "cuda", torch.bfloat16)
     lean, theirs = _both(model, _batch)
-    for a, b in zip(lean[0], theirs[0]):
+    verified, verified_theirs = _both(model, _verify_passes)
+    for a, b in zip(lean[0] + verified, theirs[0] + verified_theirs):
         assert a.dtype == torch.bfloat16 and a.is_cuda
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)
