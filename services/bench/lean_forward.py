@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
+from ..cli.bench import DEFAULT_PROMPTS, load_prompts
 from ..models.loading import bundled_paths
 from ..models.pair import load_pair
-from .gpu import heldout_ids
 from .runs import run_outrider
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", default="", help="a .jsonl of {\"prompt\": ...}; default: 8 held-out prompts")
+    parser.add_argument("--prompts", default="", help="a .jsonl of {\"prompt\": ...}; default: the held-out prompts")
+    parser.add_argument("--limit", type=int, default=8, help="prompts from the file")
     parser.add_argument("--gamma", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -35,11 +37,8 @@ def main() -> None:
     decoders = {model: model.lean_decoder for model in (pair.target, pair.draft)}
     if None in decoders.values():
         raise SystemExit("the bundled pair has no lean decoders: nothing to compare")
-    if args.prompts:
-        with open(args.prompts) as f:
-            prompts = [pair.tokenizer(json.loads(line)["prompt"])["input_ids"] for line in f if line.strip()]
-    else:
-        prompts = heldout_ids(pair, 8)
+    texts = load_prompts(Path(args.prompts) if args.prompts else DEFAULT_PROMPTS, args.limit)
+    prompts = [pair.tokenizer(text)["input_ids"] for text in texts]
     for index in range(args.passes):
         runs = {}
         for forward in ("lean", "transformers"):

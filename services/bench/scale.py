@@ -221,7 +221,7 @@ def run_scale(repeat: int, bundled_pair=None, bundled_prompts=(), on_row=print) 
            f"{by_context[4096]['coupled_pass_s'] * 1e3:.1f} ms ({summary['coupled_over_plain_pass_b8_c4096']:.3f}x)")
     del llama
 
-    target, draft = random_pair("qwen2")
+    target, draft = (use_lean_decoding(model) for model in random_pair("qwen2"))  # as served
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, target.config.vocab_size, (32,), generator=gen).tolist() for _ in range(4)]
     for name, params in (("topk50", SamplingParams(temperature=1.0, top_k=50)), ("t1", SamplingParams(temperature=1.0))):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
@@ -61,12 +62,11 @@ class LeanDecoder:
             raise RuntimeError("the model was moved or cast after its lean decoder was made: "
                                "call use_lean_decoding again")
         B, N = ids.shape
-        past = cache.get_seq_length()
         if position_ids is None:
+            past = cache.get_seq_length()
             position_ids = torch.arange(past, past + N, device=ids.device)[None].expand(B, N)
         hidden = F.embedding(ids, self.embed)  # [B, N, d]
         cos, sin = self.rotary(hidden, position_ids)  # [B, N, head_dim] each
-        cos, sin = cos[:, None], sin[:, None]
         masks = _Masks(attention_mask, N, ids.device)
         for index, layer in enumerate(self.layers):
             hidden = layer(self, hidden, cos, sin, cache, index, masks)
@@ -94,7 +94,7 @@ class _LeanLayer:
         H, Hkv, D = model.heads, model.kv_heads, model.head_dim
         qkv = F.linear(_rms_norm(hidden, *self.input_norm), self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)  # [B, heads, N, D]
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         k, v = cache.update(k, v, index)  # [B, Hkv, P + N, D]
         mask = masks.get(self.window, k.shape[2])
         if mask is not None and q.device.type != "cpu" and H != Hkv:
@@ -155,11 +155,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
