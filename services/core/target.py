@@ -10,6 +10,7 @@ boundaries.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,12 @@ class TargetRunner:
             # (more logits than fed tokens would read a padded position's: the root's
             # logits need the last committed token fed, not cached)
             raise ValueError("a feed needs at least one token, and a logit for at most every token it feeds")
+        # What each kind reads: FINAL / PRE_NORM, or the states entering some layers.
+        wanted = {key: None for kind in kinds for key in (feature_layers(kind) or (kind,))}
+        indices = sorted(key for key in wanted if isinstance(key, int))
+        if indices and not 0 <= indices[0] <= indices[-1] < (layers := len(self.model.get_decoder().layers)):
+            missing = ", ".join(str(i) for i in indices if not 0 <= i < layers)
+            raise ValueError(f"no decoder layer {missing}: the target has {layers}")
         seqs = [self.sessions.get(f.session) for f in feeds]
         seqs = [PagedSeq() if seq is None else seq for seq in seqs]  # (an empty PagedSeq is falsy)
         for feed, seq in zip(feeds, seqs):
@@ -109,29 +116,13 @@ class TargetRunner:
             positions = torch.tensor(past)[:, None] + torch.arange(N)[None, :]
             extra = dict(attention_mask=mask, position_ids=positions.to(device))  # the mask moves in forward_logits
         window = max(N - n + f.logits_to_keep for n, f in zip(new, feeds))
-        captured, hooks = {}, []
-        decoder = self.model.get_decoder() if kinds else None
-        def keep(kind, value) -> None:  # (a hook that returns something replaces the output)
-            captured[kind] = value
-
-        if FINAL in kinds:
-            # The decoder's output is the final (normed) hidden state the LM head reads, in
-            # any family, at every position (the LM head itself sees only the kept ones).
-            hooks.append(decoder.register_forward_hook(lambda m, args, out: keep(FINAL, out[0])))
-        if PRE_NORM in kinds:  # the residual stream before the final norm (MiMo's MTP reads it)
-            hooks.append(decoder.norm.register_forward_hook(lambda m, args, out: keep(PRE_NORM, args[0])))
-        for index in sorted({i for kind in kinds for i in feature_layers(kind)}):
-            if not 0 <= index < len(decoder.layers):
-                raise ValueError(f"no decoder layer {index}: the target has {len(decoder.layers)}")
-            hooks.append(decoder.layers[index].register_forward_pre_hook(
-                lambda m, args, kwargs, index=index: keep(index, args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True))
-        try:
-            # (hidden states are read by hooks on transformers' modules: its forward then)
-            out = forward_logits(self.model, ids.to(device), cache, window, lean=not kinds, **extra)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        if getattr(self.model, "lean_decoder", None) is not None:
+            captured = wanted  # the lean decoder keeps them as it goes
+            out = forward_logits(self.model, ids.to(device), cache, window, states=captured or None, **extra)
+        else:
+            captured = {}
+            with _hooked(self.model, wanted, captured):
+                out = forward_logits(self.model, ids.to(device), cache, window, **extra)
         logits = []
         for i, (feed, n) in enumerate(zip(feeds, new)):
             end = window - (N - n)
@@ -264,3 +255,28 @@ def tree_layout(feeds: list[Feed], past: list[int], P: int, N: int) -> tuple[tor
     past_allowed = (column >= P - past_t)[:, None, :].expand(B, N, P)
     key_positions = torch.cat([column - (P - past_t), positions], 1)
     return positions, key_positions, torch.cat([past_allowed, new_allowed], -1)
+
+
+@contextmanager
+def _hooked(model, wanted: dict, captured: dict):
+    """Hooks on transformers' modules that put the hidden states ``wanted`` names into
+    ``captured`` during a forward (a model with no lean decoder)."""
+    decoder, hooks = model.get_decoder(), []
+    def keep(key, value) -> None:  # (a hook that returns something replaces the output)
+        captured[key] = value
+
+    if FINAL in wanted:
+        # The decoder's output is the final (normed) hidden state the LM head reads, in
+        # any family, at every position (the LM head itself sees only the kept ones).
+        hooks.append(decoder.register_forward_hook(lambda m, args, out: keep(FINAL, out[0])))
+    if PRE_NORM in wanted:  # the residual stream before the final norm (MiMo's MTP reads it)
+        hooks.append(decoder.norm.register_forward_hook(lambda m, args, out: keep(PRE_NORM, args[0])))
+    for index in sorted(key for key in wanted if isinstance(key, int)):
+        hooks.append(decoder.layers[index].register_forward_pre_hook(
+            lambda m, args, kwargs, index=index: keep(index, args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -14,11 +14,11 @@ launches): at width 64 and 6 layers, where the arithmetic is nothing, a pass tak
 It covers the Llama-shaped families (Llama, Qwen2, Mistral: RMSNorm, RoPE from the
 model's own rotary module, so every rope scaling it knows, grouped-query attention,
 SwiGLU, sliding windows). ``lean_decoder`` returns None for any other model, which
-then runs transformers' forward, as does a pass that reads hidden states through hooks
-on the model's modules (drafting heads). The cache is any transformers ``Cache``: a
-layer's new K/V go through its own ``update``, so the KV pool's paged layers, rollback,
-forks and batching (core/kv.py, core/kv_pool.py) see exactly what transformers'
-forward leaves.
+then runs transformers' forward (with hooks on its modules where drafting heads read
+hidden states; here a pass keeps them itself, ``states``). The cache is any
+transformers ``Cache``: a layer's new K/V go through its own ``update``, so the KV
+pool's paged layers, rollback, forks and batching (core/kv.py, core/kv_pool.py) see
+exactly what transformers' forward leaves.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..core.target import FINAL, PRE_NORM
 
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
@@ -50,12 +52,18 @@ class LeanDecoder:
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache, logits_to_keep: int = 0,
-                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                 states: dict | None = None) -> torch.Tensor:
         """ids [B, N]; position_ids [B, N] or None (then they follow the cache);
         attention_mask: None, [B, P + N] on the host (1 = a real token, P = the cache's
         length), or as a verifier's tree pass gives transformers: an additive 4-D mask
         [B, 1, N, P + N], or one per layer type ({"full_attention": .., "sliding_attention":
-        ..}). Returns logits [B, logits_to_keep or N, V]."""
+        ..}). Returns logits [B, logits_to_keep or N, V].
+
+        ``states``: the hidden states to keep, filled in place, each [B, N, d] at every
+        fed position: its keys name them, FINAL (the normed output the LM head reads),
+        PRE_NORM (the residual stream before that norm) or a layer index (the state
+        entering that layer), what a hook on transformers' module would have seen."""
         first = self.layers[0].qkv_weight
         if first.device != self.embed.device or first.dtype != self.embed.dtype:
             # The fused projections are tensors of their own, which ``model.to`` does not move.
@@ -68,8 +76,16 @@ class LeanDecoder:
         hidden = F.embedding(ids, self.embed)  # [B, N, d]
         cos, sin = self.rotary(hidden, position_ids)  # [B, N, head_dim] each
         masks = _Masks(attention_mask, N, ids.device)
+        wanted = states if states is not None else {}
         for index, layer in enumerate(self.layers):
+            if index in wanted:
+                wanted[index] = hidden
             hidden = layer(self, hidden, cos, sin, cache, index, masks)
+        if PRE_NORM in wanted:
+            wanted[PRE_NORM] = hidden
+        if FINAL in wanted:  # every position normed: heads read them all
+            hidden = wanted[FINAL] = _rms_norm(hidden, *self.norm)
+            return F.linear(hidden[:, -logits_to_keep:] if logits_to_keep else hidden, self.head)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return F.linear(_rms_norm(hidden, *self.norm), self.head)

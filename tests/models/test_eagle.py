@@ -141,6 +141,7 @@ def test_layer_features_are_the_states_entering_those_layers():
     torch.testing.assert_close(states["final"][0], ref[-1][0])
     with pytest.raises(ValueError, match="no decoder layer 4"):
         runner.forward_with_hidden([Feed("t", 0, prompt, 1)], (layer_features((1, 4)),))
+    assert "t" not in runner.sessions  # refused before anything changed
 
 
 def test_real_vocabulary_long_prompt_gqa_greedy_exact():

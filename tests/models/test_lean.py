@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from services.core.kv import KVState, extend, extend_batch
-from services.core.target import Feed, TargetRunner
+from services.core.target import FINAL, PRE_NORM, Feed, TargetRunner, layer_features
 from services.models.lean import lean_decoder, use_lean_decoding
 from services.models.loading import load_model, resolve_paths
 from services.models.shapes import random_model
@@ -82,33 +82,55 @@ def test_the_logits_and_cache_of_transformers_forward(shape, window):
     _assert_same(*_both(model, _batch))
 
 
+# Every hidden state drafting heads read: Medusa's, MiMo's MTP's, EAGLE-3's layer inputs.
+KINDS = (FINAL, PRE_NORM, layer_features([0, 1]))
+
+
 def _verify_passes(model):
     """A verifier's passes: a lone session (read from the pool in place), then a batch
     of a tree row, a chain row and a second tree over different pasts (gathered, with
-    the tree's 4-D masks), then target-only steps of the batch (2-D padding masks)."""
+    the tree's 4-D masks), then target-only steps of the batch (2-D padding masks).
+    Each pass's logits, then the hidden states of KINDS at every fed position."""
     g = torch.Generator().manual_seed(4)
     runner = TargetRunner(model, kv_cache_bytes=2**22)
+
+    class Recorder:  # forward, as the verifier calls it, keeping the states too
+        def forward(self, feeds):
+            logits, states = runner.forward_with_hidden(feeds, KINDS)
+            hidden.extend(state for kind in KINDS for state in states[kind])
+            return logits
+
+    hidden = []
     prompts = [torch.randint(3, 4000, (n,), generator=g).tolist() for n in (23, 9, 14)]
-    out = [runner.forward([Feed("0", 0, prompts[0], 3)])[0]]
+    out = [Recorder().forward([Feed("0", 0, prompts[0], 3)])[0]]
     for i, prompt in enumerate(prompts[1:], 1):
         runner.prefill(str(i), prompt[:-1], [])
     trees = [(-1, -1, 0, 0, 1, 2, 2, 5, -1), None, (-1, 0, -1, 1)]
     nodes = [torch.randint(3, 4000, (len(t) if t else 5,), generator=g).tolist() for t in trees]
     keep = [len(prompts[0]), len(prompts[1]) - 1, len(prompts[2]) - 1]
     fed = [[7] if i == 0 else prompts[i][-1:] for i in range(3)]
-    out += runner.forward([Feed(str(i), k, f + n, len(n) + 1, t)
-                           for i, (k, f, n, t) in enumerate(zip(keep, fed, nodes, trees))])
-    out += runner.forward([Feed(str(i), k + 1, [9 + i], 1) for i, k in enumerate(keep)])
-    return out
+    out += Recorder().forward([Feed(str(i), k, f + n, len(n) + 1, t)
+                               for i, (k, f, n, t) in enumerate(zip(keep, fed, nodes, trees))])
+    out += Recorder().forward([Feed(str(i), k + 1, [9 + i], 1) for i, k in enumerate(keep)])
+    return out, hidden
 
 
 @pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", 8), ("mistral", 8)])
-def test_a_verifiers_passes_give_transformers_logits(shape, window):
+def test_a_verifiers_passes_give_transformers_logits_and_hidden_states(shape, window):
+    """The hidden states too: the lean decoder keeps them itself; transformers' forward
+    is read through hooks on its modules."""
     model = _model(shape, window)
-    lean, theirs = _both(model, _verify_passes)
+    (lean, lean_hidden), (theirs, their_hidden) = _both(model, _verify_passes)
     assert len(lean) == len(theirs) == 7
     for a, b in zip(lean, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(lean_hidden) == len(their_hidden) == 7 * len(KINDS)
+    assert [h.shape for h in lean_hidden] == [h.shape for h in their_hidden]
+    assert lean_hidden[-1].shape[-1] == 2 * model.config.hidden_size  # two layers' inputs, concatenated
+    for a, b in zip(lean_hidden, their_hidden):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # FINAL is PRE_NORM normed: they are not the same tensor by mistake.
+    assert not torch.allclose(lean_hidden[0], lean_hidden[1], atol=1e-3)
 
 
 def test_a_sliding_window_is_applied_not_ignored():
