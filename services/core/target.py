@@ -82,7 +82,7 @@ class TargetRunner:
         # What each kind reads: FINAL / PRE_NORM, or the states entering some layers.
         wanted = {key: None for kind in kinds for key in (feature_layers(kind) or (kind,))}
         indices = sorted(key for key in wanted if isinstance(key, int))
-        if indices and not 0 <= indices[0] <= indices[-1] < (layers := len(self.model.get_decoder().layers)):
+        if indices and not 0 <= indices[0] <= indices[-1] < (layers := len(_decoder_parts(self.model)[1])):
             missing = ", ".join(str(i) for i in indices if not 0 <= i < layers)
             raise ValueError(f"no decoder layer {missing}: the target has {layers}")
         seqs = [self.sessions.get(f.session) for f in feeds]
@@ -261,7 +261,8 @@ def tree_layout(feeds: list[Feed], past: list[int], P: int, N: int) -> tuple[tor
 def _hooked(model, wanted: dict, captured: dict):
     """Hooks on transformers' modules that put the hidden states ``wanted`` names into
     ``captured`` during a forward (a model with no lean decoder)."""
-    decoder, hooks = model.get_decoder(), []
+    decoder, layers, norm = _decoder_parts(model)
+    hooks = []
     def keep(key, value) -> None:  # (a hook that returns something replaces the output)
         captured[key] = value
 
@@ -270,9 +271,9 @@ def _hooked(model, wanted: dict, captured: dict):
         # any family, at every position (the LM head itself sees only the kept ones).
         hooks.append(decoder.register_forward_hook(lambda m, args, out: keep(FINAL, out[0])))
     if PRE_NORM in wanted:  # the residual stream before the final norm (MiMo's MTP reads it)
-        hooks.append(decoder.norm.register_forward_hook(lambda m, args, out: keep(PRE_NORM, args[0])))
+        hooks.append(norm.register_forward_hook(lambda m, args, out: keep(PRE_NORM, args[0])))
     for index in sorted(key for key in wanted if isinstance(key, int)):
-        hooks.append(decoder.layers[index].register_forward_pre_hook(
+        hooks.append(layers[index].register_forward_pre_hook(
             lambda m, args, kwargs, index=index: keep(index, args[0] if args else kwargs["hidden_states"]),
             with_kwargs=True))
     try:
@@ -280,3 +281,12 @@ def _hooked(model, wanted: dict, captured: dict):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _decoder_parts(model) -> tuple:
+    """(decoder, its layers, its final norm): Llama's names, or GPT-2's (``h``, ``ln_f``)."""
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        return decoder, decoder.h, decoder.ln_f
+    return decoder, layers, decoder.norm

@@ -13,7 +13,8 @@ launches): at width 64 and 6 layers, where the arithmetic is nothing, a pass tak
 
 It covers the Llama-shaped families (Llama, Qwen2, Mistral: RMSNorm, RoPE from the
 model's own rotary module, so every rope scaling it knows, grouped-query attention,
-SwiGLU, sliding windows). ``lean_decoder`` returns None for any other model, which
+SwiGLU, sliding windows) and GPT-2 (LayerNorm, learned positions, Conv1D projections,
+its activation and attention scaling). ``lean_decoder`` returns None for any other model, which
 then runs transformers' forward (with hooks on its modules where drafting heads read
 hidden states; here a pass keeps them itself, ``states``). The cache is any
 transformers ``Cache``: a layer's new K/V go through its own ``update``, so the KV
@@ -23,14 +24,17 @@ exactly what transformers' forward leaves.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.pytorch_utils import Conv1D
 
 from ..core.target import FINAL, PRE_NORM
 
-LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+ROPE_MODEL_TYPES = {"llama", "mistral", "qwen2"}  # and GPT-2, on its own path
 
 
 class LeanDecoder:
@@ -40,15 +44,22 @@ class LeanDecoder:
 
     def __init__(self, model):
         config = model.config
-        inner = model.model
-        self.embed = inner.embed_tokens.weight
-        self.rotary = inner.rotary_emb
-        self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.head = model.lm_head.weight
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.scale = self.head_dim ** -0.5
-        self.layers = [_LeanLayer(layer, window) for layer, window in zip(inner.layers, _windows(config))]
+        self.heads = config.num_attention_heads
+        if config.model_type == "gpt2":
+            inner = model.transformer
+            self.embed, self.position_table, self.rotary = inner.wte.weight, inner.wpe.weight, None
+            self.norm = _layer_norm(inner.ln_f)
+            self.kv_heads, self.head_dim = self.heads, config.hidden_size // self.heads
+            self.layers = [_LeanGPT2Layer(block) for block in inner.h]
+        else:
+            inner = model.model
+            self.embed, self.position_table, self.rotary = inner.embed_tokens.weight, None, inner.rotary_emb
+            self.norm = _rms(inner.norm)
+            self.kv_heads = config.num_key_value_heads
+            self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+            self.layers = [_LeanLayer(layer, window, self.head_dim ** -0.5)
+                           for layer, window in zip(inner.layers, _windows(config))]
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache, logits_to_keep: int = 0,
@@ -64,8 +75,8 @@ class LeanDecoder:
         fed position: its keys name them, FINAL (the normed output the LM head reads),
         PRE_NORM (the residual stream before that norm) or a layer index (the state
         entering that layer), what a hook on transformers' module would have seen."""
-        first = self.layers[0].qkv_weight
-        if first.device != self.embed.device or first.dtype != self.embed.dtype:
+        fused = getattr(self.layers[0], "qkv_weight", None)
+        if fused is not None and (fused.device != self.embed.device or fused.dtype != self.embed.dtype):
             # The fused projections are tensors of their own, which ``model.to`` does not move.
             raise RuntimeError("the model was moved or cast after its lean decoder was made: "
                                "call use_lean_decoding again")
@@ -74,25 +85,30 @@ class LeanDecoder:
             past = cache.get_seq_length()
             position_ids = torch.arange(past, past + N, device=ids.device)[None].expand(B, N)
         hidden = F.embedding(ids, self.embed)  # [B, N, d]
-        cos, sin = self.rotary(hidden, position_ids)  # [B, N, head_dim] each
+        if self.rotary is not None:
+            rope = self.rotary(hidden, position_ids)  # (cos, sin), [B, N, head_dim] each
+        else:  # learned absolute positions (GPT-2)
+            rope, hidden = None, hidden + F.embedding(position_ids, self.position_table)
         masks = _Masks(attention_mask, N, ids.device)
         wanted = states if states is not None else {}
         for index, layer in enumerate(self.layers):
             if index in wanted:
                 wanted[index] = hidden
-            hidden = layer(self, hidden, cos, sin, cache, index, masks)
+            hidden = layer(self, hidden, rope, cache, index, masks)
         if PRE_NORM in wanted:
             wanted[PRE_NORM] = hidden
         if FINAL in wanted:  # every position normed: heads read them all
-            hidden = wanted[FINAL] = _rms_norm(hidden, *self.norm)
+            hidden = wanted[FINAL] = self.norm(hidden)
             return F.linear(hidden[:, -logits_to_keep:] if logits_to_keep else hidden, self.head)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return F.linear(_rms_norm(hidden, *self.norm), self.head)
+        return F.linear(self.norm(hidden), self.head)
 
 
 class _LeanLayer:
-    def __init__(self, layer, window: int | None):
+    """A Llama-shaped decoder layer: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+    def __init__(self, layer, window: int | None, scale: float):
         attn, mlp = layer.self_attn, layer.mlp
         # One projection for q, k, v and one for gate, up: three ops fewer a layer. The
         # module's weights become views of the fused ones, so no memory is added.
@@ -101,25 +117,49 @@ class _LeanLayer:
             [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach()
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
         self.o_proj, self.down = attn.o_proj.weight, mlp.down_proj.weight
-        self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-        self.window = window
+        self.input_norm, self.post_norm = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
+        self.window, self.scale = window, scale
 
-    def __call__(self, model: LeanDecoder, hidden, cos, sin, cache, index: int, masks: "_Masks") -> torch.Tensor:
+    def __call__(self, model: LeanDecoder, hidden, rope, cache, index: int, masks: "_Masks") -> torch.Tensor:
         B, N, _ = hidden.shape
         H, Hkv, D = model.heads, model.kv_heads, model.head_dim
-        qkv = F.linear(_rms_norm(hidden, *self.input_norm), self.qkv_weight, self.qkv_bias)
+        qkv = F.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)  # [B, heads, N, D]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rotary_pos_emb(q, k, *rope)
         k, v = cache.update(k, v, index)  # [B, Hkv, P + N, D]
         mask = masks.get(self.window, k.shape[2])
         if mask is not None and q.device.type != "cpu" and H != Hkv:
             # CUDA's fused kernels take grouped K/V only without a mask (as in transformers).
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=model.scale, enable_gqa=H != k.shape[1])
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=H != k.shape[1])
         hidden = hidden + F.linear(attn.transpose(1, 2).reshape(B, N, H * D), self.o_proj)
-        gate, up = F.linear(_rms_norm(hidden, *self.post_norm), self.gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(self.post_norm(hidden), self.gate_up).chunk(2, dim=-1)
         return hidden + F.linear(F.silu(gate) * up, self.down)
+
+
+class _LeanGPT2Layer:
+    """GPT-2's block: LayerNorm, the fused c_attn, multi-head attention at the module's
+    own scaling (which may divide by the layer's index), its activation. Its Conv1D
+    projections are ``x @ W + b`` with W [in, out], run as transformers runs them
+    (``addmm``), so nothing is copied or transposed."""
+
+    def __init__(self, block):
+        attn, mlp = block.attn, block.mlp
+        self.ln_1, self.ln_2 = _layer_norm(block.ln_1), _layer_norm(block.ln_2)
+        self.qkv, self.o = (attn.c_attn.weight, attn.c_attn.bias), (attn.c_proj.weight, attn.c_proj.bias)
+        self.fc, self.proj = (mlp.c_fc.weight, mlp.c_fc.bias), (mlp.c_proj.weight, mlp.c_proj.bias)
+        self.act = mlp.act.forward  # (the module's forward: no hook machinery)
+        self.scale = attn.scaling
+
+    def __call__(self, model: LeanDecoder, hidden, rope, cache, index: int, masks: "_Masks") -> torch.Tensor:
+        B, N, d = hidden.shape
+        H, D = model.heads, model.head_dim
+        qkv = _conv1d(self.ln_1(hidden), *self.qkv)
+        q, k, v = qkv.view(B, N, 3 * H, D).transpose(1, 2).split(H, dim=1)  # [B, H, N, D]
+        k, v = cache.update(k, v, index)  # [B, H, P + N, D]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=masks.get(None, k.shape[2]), scale=self.scale)
+        hidden = hidden + _conv1d(attn.transpose(1, 2).reshape(B, N, d), *self.o)
+        return hidden + _conv1d(self.act(_conv1d(self.ln_2(hidden), *self.fc)), *self.proj)
 
 
 class _Masks:
@@ -165,12 +205,26 @@ class _Masks:
         return allowed
 
 
+def _rms(norm: nn.Module):
+    return partial(_rms_norm, weight=norm.weight, eps=norm.variance_epsilon)
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # transformers' LlamaRMSNorm, op for op (fp32 statistics, the weight in x's dtype).
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+def _layer_norm(norm: nn.LayerNorm):
+    return partial(F.layer_norm, normalized_shape=norm.normalized_shape, weight=norm.weight, bias=norm.bias,
+                   eps=norm.eps)
+
+
+def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # transformers' Conv1D: x [..., in] @ weight [in, out] + bias.
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
 
 
 def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
@@ -196,7 +250,9 @@ def lean_decoder(model) -> LeanDecoder | None:
     """A ``LeanDecoder`` for ``model``, or None where it does not apply (another family,
     other activations or biases, quantized projections)."""
     config = model.config
-    if config.model_type not in LEAN_MODEL_TYPES or getattr(config, "hidden_act", None) != "silu":
+    if config.model_type == "gpt2":
+        return _gpt2_decoder(model)
+    if config.model_type not in ROPE_MODEL_TYPES or getattr(config, "hidden_act", None) != "silu":
         return None
     if getattr(config, "mlp_bias", False):
         return None
@@ -208,6 +264,17 @@ def lean_decoder(model) -> LeanDecoder | None:
         if (attn.q_proj.bias is None) != (attn.k_proj.bias is None) or (attn.k_proj.bias is None) != (attn.v_proj.bias is None):
             return None
         if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+            return None
+    return LeanDecoder(model)
+
+
+def _gpt2_decoder(model) -> LeanDecoder | None:
+    config = model.config
+    if config.add_cross_attention or config.reorder_and_upcast_attn:
+        return None
+    for block in model.transformer.h:
+        parts = [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
+        if any(type(p) is not Conv1D for p in parts) or type(block.ln_1) is not nn.LayerNorm:
             return None
     return LeanDecoder(model)
 

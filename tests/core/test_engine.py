@@ -10,6 +10,7 @@ from services.core.proposers import DraftModelProposer, NgramProposer
 from services.core.sampling import SamplingParams
 from services.core.verifier import TargetVerifier
 from services.core.target import TargetRunner
+from services.models.lean import use_lean_decoding
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [3], [11, 12, 11, 12, 11, 12, 40, 41], list(range(20, 60))]
 
@@ -37,10 +38,14 @@ def test_greedy_matches_transformers(models, drafter, gamma):
         assert eng.generate(prompt, 37).token_ids == hf_greedy(target, prompt, 37, eos=None)
 
 
+@pytest.mark.parametrize("lean", [False, True], ids=["transformers-forward", "lean-decoders"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_matches_transformers_across_families(family):
+def test_greedy_matches_transformers_across_families(family, lean):
     target = tiny(family, seed=0)
     draft = noisy_copy(target, 3, 0.5)
+    if lean:  # both models' passes on their lean decoders (models/lean.py), as load_model serves them
+        for model in (target, draft):
+            assert use_lean_decoding(model).lean_decoder is not None
     for proposer in (DraftModelProposer(draft), NgramProposer()):
         for gamma in (2, 5):
             eng = engine(target, proposer, gamma)

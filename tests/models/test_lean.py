@@ -7,16 +7,22 @@ keeps transformers' forward."""
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from services.core.kv import KVState, extend, extend_batch
 from services.core.target import FINAL, PRE_NORM, Feed, TargetRunner, layer_features
+from services.models.attention import use_outrider_attention
 from services.models.lean import lean_decoder, use_lean_decoding
 from services.models.loading import load_model, resolve_paths
 from services.models.shapes import random_model
 
 
 def _model(shape: str, window: int | None = None, device: str = "cpu", dtype=torch.float32):
+    if shape == "gpt2":  # learned positions, LayerNorm, Conv1D; attention scaled down by the layer's index too
+        config = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=4096, n_positions=512,
+                            scale_attn_by_inverse_layer_idx=True)
+        torch.manual_seed(0)
+        return use_lean_decoding(use_outrider_attention(GPT2LMHeadModel(config)).eval().to(device, dtype))
     model = random_model(shape, layers=2, hidden=128, vocab=4096)
     if window is not None:  # a model built with this window (its layers read it at init)
         config = model.config
@@ -74,7 +80,7 @@ def _assert_same(lean, theirs):
             torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", None), ("qwen2", 8), ("mistral", 8)])
+@pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", None), ("qwen2", 8), ("mistral", 8), ("gpt2", None)])
 def test_the_logits_and_cache_of_transformers_forward(shape, window):
     model = _model(shape, window)
     assert model.lean_decoder is not None
@@ -115,7 +121,7 @@ def _verify_passes(model):
     return out, hidden
 
 
-@pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", 8), ("mistral", 8)])
+@pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", 8), ("mistral", 8), ("gpt2", None)])
 def test_a_verifiers_passes_give_transformers_logits_and_hidden_states(shape, window):
     """The hidden states too: the lean decoder keeps them itself; transformers' forward
     is read through hooks on its modules."""
@@ -165,25 +171,28 @@ def test_a_model_moved_after_its_decoder_was_made_is_refused_not_run_stale():
 
 
 def test_other_families_keep_transformers_forward():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).eval()
-    assert lean_decoder(gpt2) is None
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                            intermediate_size=64, vocab_size=300)).eval()
+    assert lean_decoder(neox) is None
     gelu = random_model("llama3", layers=1, hidden=64, vocab=512)
     gelu.config.hidden_act = "gelu"
     assert lean_decoder(gelu) is None
+    crossed = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, add_cross_attention=True))
+    assert lean_decoder(crossed.eval()) is None
     # and such a model still runs through core/kv.py, on transformers' forward
-    kv = KVState.empty(use_lean_decoding(gpt2))
-    assert extend(gpt2, kv, [1, 2, 3], logits_to_keep=1).shape == (1, 300)
+    kv = KVState.empty(use_lean_decoding(neox))
+    assert extend(neox, kv, [1, 2, 3], logits_to_keep=1).shape == (1, 300)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shape", ["qwen2", "mistral"])
+@pytest.mark.parametrize("shape", ["qwen2", "mistral", "gpt2"])
 def test_bf16_on_a_gpu_matches_transformers(shape):
     """On CUDA a masked grouped-query pass repeats K/V for SDPA's fused kernels; bf16
     logits agree with transformers' to bf16's precision, in draft steps and in a
     verifier's passes over the pool."""
     model = _model(shape, 8 if shape == "mistral" else None, "cuda", torch.bfloat16)
     lean, theirs = _both(model, _batch)
-    verified, verified_theirs = _both(model, _verify_passes)
-    for a, b in zip(lean[0] + verified, theirs[0] + verified_theirs):
+    (verified, hidden), (verified_theirs, hidden_theirs) = _both(model, _verify_passes)
+    for a, b in zip(lean[0] + verified + hidden, theirs[0] + verified_theirs + hidden_theirs):
         assert a.dtype == torch.bfloat16 and a.is_cuda
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)
