@@ -157,3 +157,46 @@ def test_real_vocabulary_long_prompt_gqa_greedy_exact():
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)  # sampled: the same stream reproduces
     sampled = eng.generate(prompt, 24, params)
     assert sampled.token_ids == eng.generate(prompt, 24, params).token_ids and sampled.stats.drafted > 0
+
+
+def _through_the_modules(layer, embedded, feature, rope, mask, cache):
+    """EagleLayer's forward as transformers' modules compute it (LlamaAttention, LlamaMLP)."""
+    normed = layer.hidden_norm(feature)
+    residual = normed if layer.norm_before_residual else feature
+    x = torch.cat([layer.input_layernorm(embedded), normed], -1)
+    x, _ = layer.self_attn(x, position_embeddings=rope, attention_mask=mask, cache=cache)
+    h = residual + x
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def test_the_midlayers_plain_ops_are_transformers_modules_forward_and_train_alike():
+    """The midlayer runs its attention and MLP as plain ops (a drafting step's host
+    time): the same features and cache as the modules give, over a masked block and
+    then single rows over the cache (grouped K/V heads), and the same gradients."""
+    target = tiny("llama", seed=0, layers=8, hidden=H)
+    drafter = random_eagle(target, seed=3)
+    layer, g = drafter.midlayer, torch.Generator().manual_seed(5)
+    assert layer.self_attn.config.num_key_value_heads < layer.self_attn.config.num_attention_heads
+    caches = [drafter.new_cache(), drafter.new_cache()]
+    n = 6
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    for block, positions, block_mask in ((n, torch.arange(n), mask), (1, torch.tensor([n]), None),
+                                         (1, torch.tensor([n + 1]), None)):
+        embedded, feature = torch.randn(1, block, H, generator=g), torch.randn(1, block, H, generator=g)
+        rope = drafter.rotary(embedded, positions[None])
+        ours = layer(embedded, feature, rope, block_mask, caches[0])
+        theirs = _through_the_modules(layer, embedded, feature, rope, block_mask, caches[1])
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.values, b.values)
+    grads = []
+    for forward in (layer, lambda *args: _through_the_modules(layer, *args)):
+        layer.zero_grad()
+        embedded, feature = torch.randn(1, n, H, generator=torch.Generator().manual_seed(7)), torch.ones(1, n, H)
+        forward(embedded, feature, drafter.rotary(embedded, torch.arange(n)[None]), mask, None).square().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert any(grad.abs().sum() > 0 for grad in grads[0])
