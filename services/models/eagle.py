@@ -24,16 +24,15 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding,
-                                                      apply_rotary_pos_emb)
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ..core.eagle_proposer import EagleTree
 from ..core.target import layer_features
 from .heads import CONFIG, WEIGHTS, OwnKV
+from .lean import attention, gated_mlp
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -94,35 +93,16 @@ class EagleLayer(nn.Module):
     def forward(self, embedded, feature, position_embeddings, mask=None, cache=None) -> torch.Tensor:
         """embedded, feature [B, n, H] -> the next features [B, n, H]; appends n entries to cache.
 
-        The attention and the MLP run as plain ops over the modules' weights, as
-        models/lean.py runs a decoder: a drafting step is one row through one layer,
+        The attention and the MLP run as plain ops over the modules' weights
+        (models/lean.py): a drafting step is one row through one layer,
         so transformers' per-module machinery is most of its host time (the bundled
         drafter, one thread: 1.5-1.7 ms a step against 1.8-2.2 ms through the modules,
         identical features). Still differentiable: ``outrider build-heads`` trains it."""
         normed = self.hidden_norm(feature)
         residual = normed if self.norm_before_residual else feature
         x = torch.cat([self.input_layernorm(embedded), normed], -1)
-        h = residual + self._attention(x, position_embeddings, mask, cache)
-        mlp, y = self.mlp, self.post_attention_layernorm(h)
-        gate, up = F.linear(y, mlp.gate_proj.weight, mlp.gate_proj.bias), F.linear(y, mlp.up_proj.weight, mlp.up_proj.bias)
-        return h + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-
-    def _attention(self, x, position_embeddings, mask, cache) -> torch.Tensor:
-        """LlamaAttention's forward over [B, n, 2H]: ``mask`` additive [B, 1, n, keys] or None."""
-        attn = self.self_attn
-        B, n, _ = x.shape
-        q, k, v = (F.linear(x, proj.weight, proj.bias).view(B, n, -1, attn.head_dim).transpose(1, 2)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B, heads, n, D]
-        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-        if cache is not None:
-            k, v = cache.update(k, v, 0)
-        grouped = q.shape[1] != k.shape[1]
-        if grouped and mask is not None and q.device.type != "cpu":
-            # CUDA's fused kernels take grouped K/V only without a mask (as in transformers).
-            groups = q.shape[1] // k.shape[1]
-            k, v, grouped = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=grouped)
-        return F.linear(out.transpose(1, 2).reshape(B, n, -1), attn.o_proj.weight, attn.o_proj.bias)
+        h = residual + attention(self.self_attn, x, position_embeddings, mask, cache, 0)
+        return h + gated_mlp(self.mlp, self.post_attention_layernorm(h))
 
 
 class Eagle3Drafter(OwnKV, nn.Module):

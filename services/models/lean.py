@@ -205,6 +205,46 @@ class _Masks:
         return allowed
 
 
+def attention(attn: nn.Module, x: torch.Tensor, rope, mask, cache, index: int) -> torch.Tensor:
+    """A Llama-shaped attention module's forward as plain ops over its own weights,
+    unfused (so differentiable, and nothing copied): what drafting layers outside the
+    target run (EAGLE-3's midlayer, MTP's blocks), where a step is one row and the
+    modules' machinery is most of its host time. x [B, n, in] -> [B, n, H]; ``rope``
+    (cos, sin); ``mask``: additive or boolean [B, 1, n, keys], or None (every cached
+    key and the row itself); the new K/V go through ``cache.update(.., index)``."""
+    B, n, _ = x.shape
+    q, k, v = (F.linear(x, proj.weight, proj.bias).view(B, n, -1, attn.head_dim).transpose(1, 2)
+               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B, heads, n, D]
+    q, k = apply_rotary_pos_emb(q, k, *rope)
+    if cache is not None:
+        k, v = cache.update(k, v, index)
+    grouped = q.shape[1] != k.shape[1]
+    if grouped and mask is not None and q.device.type != "cpu":
+        # CUDA's fused kernels take grouped K/V only without a mask (as in transformers).
+        groups = q.shape[1] // k.shape[1]
+        k, v, grouped = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=grouped)
+    return F.linear(out.transpose(1, 2).reshape(B, n, -1), attn.o_proj.weight, attn.o_proj.bias)
+
+
+def gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama-shaped MLP's forward as plain ops over its weights: down(act(gate(x)) * up(x))."""
+    gate, up = (F.linear(x, proj.weight, proj.bias) for proj in (mlp.gate_proj, mlp.up_proj))
+    return F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+def plain_layer(layer: nn.Module) -> bool:
+    """Whether ``attention`` and ``gated_mlp`` compute this decoder layer's parts: Llama's
+    shape, plain linear projections, no q/k norms, a dense gated MLP (not MoE)."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"),
+             (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
+    if attn is None or mlp is None or any(type(getattr(m, name, None)) is not nn.Linear for m, name in names):
+        return False
+    return (getattr(attn, "q_norm", None) is None and getattr(attn, "k_norm", None) is None
+            and hasattr(attn, "scaling") and hasattr(mlp, "act_fn"))
+
+
 def _rms(norm: nn.Module):
     return partial(_rms_norm, weight=norm.weight, eps=norm.variance_epsilon)
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.target import FINAL, PRE_NORM
 from .heads import DraftHeads, HeadsConfig, OwnKV
+from .lean import attention, gated_mlp, plain_layer
 
 
 def decoder_parts(target):
@@ -86,9 +87,18 @@ class MtpHeads(OwnKV, DraftHeads):
     def block_output(self, depth: int, x: torch.Tensor, positions: torch.Tensor, mask=None, cache=None) -> torch.Tensor:
         """x [B, n, H] after eh_proj -> the carried state [B, n, H]."""
         module = self.module(depth)
-        out = module.block(x, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None,
-                           position_embeddings=self._shared[2](x, positions))
-        out = out[0] if isinstance(out, tuple) else out
+        block, rope = module.block, self._shared[2](x, positions)
+        if plain_layer(block):
+            # Llama-shaped: its parts as plain ops (models/lean.py), a depth's host time down.
+            # With ``mask`` None and no cache (training) the block is causal, as its module is.
+            if mask is None and cache is None and x.shape[1] > 1:
+                mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()[None, None]
+            h = x + attention(block.self_attn, block.input_layernorm(x), rope, mask, cache, 0)
+            out = h + gated_mlp(block.mlp, block.post_attention_layernorm(h))
+        else:
+            out = block(x, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None,
+                        position_embeddings=rope)
+            out = out[0] if isinstance(out, tuple) else out
         return module.norm(out) if self.carry_normed else out
 
     def run_depth(self, depth: int, hidden: torch.Tensor, tokens: torch.Tensor, first: int, cache) -> torch.Tensor:

@@ -152,3 +152,34 @@ def test_deepseek_v3_checkpoints_load_their_moe_mtp_block(tmp_path):
     assert any("experts" in name for name in mtp.state_dict())
     for name, value in mtp.state_dict().items():
         torch.testing.assert_close(value, want.state_dict()[name])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "deepseek-v3"])
+def test_llama_shaped_blocks_run_as_plain_ops_with_the_modules_results(family, monkeypatch):
+    """A Llama-shaped block runs its attention and MLP as plain ops (models/lean.py); a
+    DeepSeek-V3 MoE block runs its module. Either way the depths' logits, cached and
+    teacher-forced, and the gradients equal those of transformers' modules."""
+    from services.models import mtp as mtp_module
+
+    target = tiny_deepseek_v3(0) if family == "deepseek-v3" else tiny(family, seed=0)
+    mtp = random_mtp(target, 3, num_modules=2)
+    assert mtp_module.plain_layer(mtp.layers[0].block) == (family != "deepseek-v3")
+    tokens = torch.randint(2, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    hidden = target.get_decoder()(tokens).last_hidden_state.detach()
+
+    def run():
+        mtp.zero_grad()
+        trained = mtp.forward_train(hidden, tokens, 2)
+        sum(out.square().mean() for out in trained).backward()
+        grads = [p.grad.clone() for p in mtp.parameters() if p.grad is not None]
+        with torch.no_grad():
+            cache = mtp.new_cache()
+            cached = [mtp.run_depth(0, hidden[0, a:b], tokens[0, 1 + a : 1 + b], a, cache) for a, b in [(0, 9), (9, 10)]]
+        return [t.detach() for t in trained] + cached, grads
+
+    plain, plain_grads = run()
+    monkeypatch.setattr(mtp_module, "plain_layer", lambda block: False)
+    modules, module_grads = run()
+    assert len(plain_grads) == len(module_grads) > 0
+    for a, b in zip(plain + plain_grads, modules + module_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
