@@ -58,8 +58,7 @@ class LeanDecoder:
             self.norm = _rms(inner.norm)
             self.kv_heads = config.num_key_value_heads
             self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-            self.layers = [_LeanLayer(layer, window, self.head_dim ** -0.5)
-                           for layer, window in zip(inner.layers, _windows(config))]
+            self.layers = [_LeanLayer(layer, window) for layer, window in zip(inner.layers, _windows(config))]
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache, logits_to_keep: int = 0,
@@ -108,7 +107,7 @@ class LeanDecoder:
 class _LeanLayer:
     """A Llama-shaped decoder layer: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
 
-    def __init__(self, layer, window: int | None, scale: float):
+    def __init__(self, layer, window: int | None):
         attn, mlp = layer.self_attn, layer.mlp
         # One projection for q, k, v and one for gate, up: three ops fewer a layer. The
         # module's weights become views of the fused ones, so no memory is added.
@@ -118,7 +117,7 @@ class _LeanLayer:
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
         self.o_proj, self.down = attn.o_proj.weight, mlp.down_proj.weight
         self.input_norm, self.post_norm = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
-        self.window, self.scale = window, scale
+        self.window, self.scale = window, attn.scaling
 
     def __call__(self, model: LeanDecoder, hidden, rope, cache, index: int, masks: "_Masks") -> torch.Tensor:
         B, N, _ = hidden.shape
