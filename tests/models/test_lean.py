@@ -98,26 +98,24 @@ def _verify_passes(model):
     the tree's 4-D masks), then target-only steps of the batch (2-D padding masks).
     Each pass's logits, then the hidden states of KINDS at every fed position."""
     g = torch.Generator().manual_seed(4)
-    runner = TargetRunner(model, kv_cache_bytes=2**22)
+    runner, hidden = TargetRunner(model, kv_cache_bytes=2**22), []
 
-    class Recorder:  # forward, as the verifier calls it, keeping the states too
-        def forward(self, feeds):
-            logits, states = runner.forward_with_hidden(feeds, KINDS)
-            hidden.extend(state for kind in KINDS for state in states[kind])
-            return logits
+    def forward(feeds):  # a pass as the verifier runs it for heads, keeping the states too
+        logits, states = runner.forward_with_hidden(feeds, KINDS)
+        hidden.extend(state for kind in KINDS for state in states[kind])
+        return logits
 
-    hidden = []
     prompts = [torch.randint(3, 4000, (n,), generator=g).tolist() for n in (23, 9, 14)]
-    out = [Recorder().forward([Feed("0", 0, prompts[0], 3)])[0]]
+    out = [forward([Feed("0", 0, prompts[0], 3)])[0]]
     for i, prompt in enumerate(prompts[1:], 1):
         runner.prefill(str(i), prompt[:-1], [])
     trees = [(-1, -1, 0, 0, 1, 2, 2, 5, -1), None, (-1, 0, -1, 1)]
     nodes = [torch.randint(3, 4000, (len(t) if t else 5,), generator=g).tolist() for t in trees]
     keep = [len(prompts[0]), len(prompts[1]) - 1, len(prompts[2]) - 1]
     fed = [[7] if i == 0 else prompts[i][-1:] for i in range(3)]
-    out += Recorder().forward([Feed(str(i), k, f + n, len(n) + 1, t)
-                               for i, (k, f, n, t) in enumerate(zip(keep, fed, nodes, trees))])
-    out += Recorder().forward([Feed(str(i), k + 1, [9 + i], 1) for i, k in enumerate(keep)])
+    out += forward([Feed(str(i), k, f + n, len(n) + 1, t)
+                    for i, (k, f, n, t) in enumerate(zip(keep, fed, nodes, trees))])
+    out += forward([Feed(str(i), k + 1, [9 + i], 1) for i, k in enumerate(keep)])
     return out, hidden
 
 
