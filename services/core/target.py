@@ -116,7 +116,7 @@ class TargetRunner:
             positions = torch.tensor(past)[:, None] + torch.arange(N)[None, :]
             extra = dict(attention_mask=mask, position_ids=positions.to(device))  # the mask moves in forward_logits
         window = max(N - n + f.logits_to_keep for n, f in zip(new, feeds))
-        if getattr(self.model, "lean_decoder", None) is not None:
+        if not wanted or getattr(self.model, "lean_decoder", None) is not None:
             captured = wanted  # the lean decoder keeps them as it goes
             out = forward_logits(self.model, ids.to(device), cache, window, states=captured or None, **extra)
         else:

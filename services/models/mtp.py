@@ -54,6 +54,8 @@ class MtpModule(nn.Module):
         for part in self.block.modules():
             if hasattr(part, "layer_idx"):
                 part.layer_idx = 0
+        # Llama-shaped: the block's parts run as plain ops (models/lean.py); MoE blocks run their module.
+        self.plain = plain_layer(self.block)
 
     def combine(self, embedded: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], -1))
@@ -88,8 +90,7 @@ class MtpHeads(OwnKV, DraftHeads):
         """x [B, n, H] after eh_proj -> the carried state [B, n, H]."""
         module = self.module(depth)
         block, rope = module.block, self._shared[2](x, positions)
-        if plain_layer(block):
-            # Llama-shaped: its parts as plain ops (models/lean.py), a depth's host time down.
+        if module.plain:
             # With ``mask`` None and no cache (training) the block is causal, as its module is.
             if mask is None and cache is None and x.shape[1] > 1:
                 mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()[None, None]

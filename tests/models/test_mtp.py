@@ -163,7 +163,7 @@ def test_llama_shaped_blocks_run_as_plain_ops_with_the_modules_results(family, m
 
     target = tiny_deepseek_v3(0) if family == "deepseek-v3" else tiny(family, seed=0)
     mtp = random_mtp(target, 3, num_modules=2)
-    assert mtp_module.plain_layer(mtp.layers[0].block) == (family != "deepseek-v3")
+    assert mtp_module.plain_layer(mtp.layers[0].block) == mtp.layers[0].plain == (family != "deepseek-v3")
     tokens = torch.randint(2, 96, (2, 20), generator=torch.Generator().manual_seed(1))
     hidden = target.get_decoder()(tokens).last_hidden_state.detach()
 
@@ -178,7 +178,8 @@ def test_llama_shaped_blocks_run_as_plain_ops_with_the_modules_results(family, m
         return [t.detach() for t in trained] + cached, grads
 
     plain, plain_grads = run()
-    monkeypatch.setattr(mtp_module, "plain_layer", lambda block: False)
+    for module in mtp.layers:
+        monkeypatch.setattr(module, "plain", False)
     modules, module_grads = run()
     assert len(plain_grads) == len(module_grads) > 0
     for a, b in zip(plain + plain_grads, modules + module_grads):
