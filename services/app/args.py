@@ -149,6 +149,10 @@ class AppArgs(BaseModel):
     # + 17 positions of it from admission to its end, and one that does not fit is
     # refused with RESOURCE_EXHAUSTED.
     kv_cache_bytes: int = Field(2 * 2**30, ge=2**20)
+    # Each draft worker preallocates this much for the draft model's KV, shared by its
+    # sessions and their speculation-cache branches (core/paged_kv.py); a stream it
+    # cannot hold is refused, and its session drafts on another worker or decodes alone.
+    draft_kv_cache_bytes: int = Field(2**30, ge=2**20)
 
     # Each verifier replica drives a tensor-parallel group of this many ranks (Ray
     # actors in the replica's placement group); draft workers keep their own parallelism.

@@ -4,7 +4,7 @@ needs, measured on this machine with the pair it serves:
 - the target's verify pass over ``batch`` sessions drafting ``gamma`` each, at the
   prompt length (seconds; ``TargetVerifier.verify``, the pass a replica runs);
 - the draft model's batched step over ``rows`` sessions (seconds; the step the draft
-  workers batch, ``extend_batch``);
+  workers batch over their paged KV, ``extend_paged``);
 - the prefill of a prompt (seconds per prompt);
 - per-draft acceptance of the pair on the prompts, overall and by draft position, and
   what a round costs on the wire (draft block bytes, transport time), served over
@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from ..core.kv import KVState, extend, extend_batch
+from ..core.kv_pool import BLOCK_TOKENS, KVPool, kv_bytes_per_token
+from ..core.paged_kv import PagedKV, extend_paged
 from ..core.proposals import Proposal
 from ..core.sampling import SamplingParams
 from ..core.stats import GenerationStats
@@ -75,20 +76,30 @@ def verify_costs(target, prompts: list[list[int]], repeat: int) -> list[dict]:
     return rows
 
 
+def _pool_bytes(draft, rows: int, prompts: list[list[int]], steps: int = 1) -> int:
+    """A draft KV pool that holds ``rows`` of the longest prompt and ``steps`` more."""
+    positions = rows * (max(map(len, prompts)) + steps + 2 * BLOCK_TOKENS)
+    return max(2**20, positions * kv_bytes_per_token(draft.config, draft.dtype))
+
+
+def _draft_states(draft, pool: KVPool, prompts: list[list[int]]) -> list[PagedKV]:
+    states = [PagedKV(pool) for _ in prompts]
+    for state, prompt in zip(states, prompts):
+        extend_paged(draft, [state], [prompt], [1])
+    return states
+
+
 @torch.inference_mode()
 def draft_step_costs(draft, prompts: list[list[int]], repeat: int) -> list[dict]:
     """Seconds of one batched draft step over ``rows`` sessions at the prompt length."""
     out = []
+    pool = KVPool.for_model(draft, _pool_bytes(draft, max(ROWS), prompts))
     for rows in ROWS:
-        kvs = []
-        for r in range(rows):
-            kv = KVState.empty(draft)
-            extend(draft, kv, prompts[r % len(prompts)], logits_to_keep=1)
-            kvs.append(kv)
+        kvs = _draft_states(draft, pool, [prompts[r % len(prompts)] for r in range(rows)])
         lengths = [len(kv) for kv in kvs]
 
         def one():
-            extend_batch(draft, kvs, [[2]] * rows, [1] * rows)
+            extend_paged(draft, kvs, [[2]] * rows, [1] * rows)
             for kv, n in zip(kvs, lengths):
                 kv.truncate(n)
 
@@ -110,11 +121,8 @@ def colocated_overlap(pair, prompts: list[list[int]], repeat: int, batch: int = 
             kv, committed = verifier.new_state(), prompts[b % len(prompts)]
             verifier.prefill(kv, committed[:-1], reserve=len(committed) + gamma + 1)
             reqs.append((kv, committed))
-        kvs = []
-        for r in range(batch):
-            kv = KVState.empty(pair.draft)
-            extend(pair.draft, kv, prompts[r % len(prompts)], logits_to_keep=1)
-            kvs.append(kv)
+        pool = KVPool.for_model(pair.draft, _pool_bytes(pair.draft, batch, prompts, gamma + 1))
+        kvs = _draft_states(pair.draft, pool, [prompts[r % len(prompts)] for r in range(batch)])
         lengths = [len(kv) for kv in kvs]
     drafts = torch.full((gamma,), 2, dtype=torch.long, device=pair.target.device)
 
@@ -127,7 +135,7 @@ def colocated_overlap(pair, prompts: list[list[int]], repeat: int, batch: int = 
     @torch.inference_mode()
     def draft():
         for _ in range(gamma + 1):
-            extend_batch(pair.draft, kvs, [[2]] * batch, [1] * batch)
+            extend_paged(pair.draft, kvs, [[2]] * batch, [1] * batch)
         for kv, n in zip(kvs, lengths):
             kv.truncate(n)
 

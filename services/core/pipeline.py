@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass, replace
 
 from .gamma import draft_budget
-from .kv import KVState, common_prefix_len
-from .kv_chunks import KVChunk, export_chunk, exportable
+from .kv import common_prefix_len
+from .kv_chunks import KVChunk
+from .paged_kv import PagedKV
 from .proposals import Proposal
 from .proposers import Proposer, StopCheck, propose_branches
 from .sampling import SamplingParams
@@ -169,8 +170,8 @@ class DraftSession:
 
     def _fork(self, length: int) -> object:
         """The proposer's state for a branch: the draft KV of the first ``length``
-        positions, shared with the session's (core/kv.py ``KVState.fork``)."""
-        return self.state.fork(min(length, len(self.state))) if isinstance(self.state, KVState) else self.state
+        positions, its blocks shared with the session's (core/paged_kv.py ``fork``)."""
+        return self.state.fork(length) if isinstance(self.state, PagedKV) else self.state
 
     def resolve(self, committed: list[int], hit: bool, next_gamma: int) -> DraftBlock | None:
         """Apply a verified round's outcome: what it committed and whether the verifier
@@ -206,9 +207,9 @@ class DraftSession:
     def committed_chunk(self, start: int, min_tokens: int) -> KVChunk | None:
         """The draft KV of committed positions from ``start`` on, once there are at
         least ``min_tokens`` of them; None for proposers without a KV cache."""
-        if not isinstance(self.state, KVState) or not exportable(self.state):
+        if not isinstance(self.state, PagedKV):
             return None
         end = common_prefix_len(self.state.tokens, self.committed)
         if end - start < min_tokens:
             return None
-        return export_chunk(self.state, start, end)
+        return self.state.export(start, end)

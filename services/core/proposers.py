@@ -13,8 +13,10 @@ import torch
 
 from .coupling import coupled_choice
 from .draft_q import SparseQ, compact
-from .kv import KVState, extend_batch
-from .kv_chunks import KVChunk, restore_kv
+from .errors import PoolExhausted
+from .kv_chunks import KVChunk
+from .kv_pool import KVPool
+from .paged_kv import DEFAULT_DRAFT_KV_CACHE_BYTES, PagedKV, extend_paged
 from .proposals import DraftAlternatives, Proposal
 from .sampling import SamplingParams, adjusted_probs
 from .shaping import CountedContext, StepShaper, shapes
@@ -29,7 +31,7 @@ StopCheck = Callable[[], bool]
 Wanted = Callable[[], Collection[int] | None]
 # One forward step of a draft model for several sequences at once: feed each KV state
 # its tokens, get each one's logits [V] at its last token.
-Step = Callable[[list[KVState], list[list[int]]], list[torch.Tensor]]
+Step = Callable[[list[PagedKV], list[list[int]]], list[torch.Tensor]]
 ALTERNATIVES = 4  # the draft's likeliest tokens kept per position, for the speculation cache
 
 
@@ -81,23 +83,26 @@ class DraftModelProposer:
     token it just drafted falls below this (transformers' default is 0.4); 0 disables.
     ``step``: runs one draft forward step for several sequences; a draft worker passes
     one that batches the steps of concurrent sessions (drafter/steps.py).
+    ``kv_cache_bytes``: the pool every sequence's draft KV lives in (core/paged_kv.py).
     """
 
-    def __init__(self, model, confidence_stop: float = 0.0, step: Step | None = None):
+    def __init__(self, model, confidence_stop: float = 0.0, step: Step | None = None,
+                 kv_cache_bytes: int = DEFAULT_DRAFT_KV_CACHE_BYTES):
         self.model = model
         self.device = model.device
         self.confidence_stop = confidence_stop
-        self.step = step or (lambda kvs, feeds: [out[-1] for out in extend_batch(model, kvs, feeds, [1] * len(kvs))])
+        self.pool = KVPool.for_model(model, kv_cache_bytes)
+        self.step = step or (lambda kvs, feeds: [out[-1] for out in extend_paged(model, kvs, feeds, [1] * len(kvs))])
 
-    def new_state(self) -> KVState:
-        return KVState.empty(self.model)
+    def new_state(self) -> PagedKV:
+        return PagedKV(self.pool)
 
-    def restore_state(self, chunks: list[KVChunk]) -> KVState:
-        return restore_kv(self.model, chunks)
+    def restore_state(self, chunks: list[KVChunk]) -> PagedKV:
+        return PagedKV.restored(self.pool, chunks)
 
     def propose(
         self,
-        state: KVState,
+        state: PagedKV,
         committed: list[int],
         gamma: int,
         params: SamplingParams,
@@ -106,12 +111,14 @@ class DraftModelProposer:
         wanted = None if stop is None else (lambda: () if stop() else None)
         return self.propose_branches([state], [committed], [gamma], params, wanted)[0]
 
-    def propose_branches(self, states: list[KVState], bases: list[list[int]], budgets: list[int],
+    def propose_branches(self, states: list[PagedKV], bases: list[list[int]], budgets: list[int],
                          params: SamplingParams, wanted: Wanted | None = None) -> list[Proposal]:
-        """Every live branch's next token in one forward step (batched by ``step``)."""
-        n = len(states)
+        """Every live branch's next token in one forward step (batched by ``step``).
+        Raises PoolExhausted when the pool cannot hold a lone draft; of several
+        branches, those it cannot hold are not drafted."""
+        n, budgets = len(states), list(budgets)
         pending = []
-        for state, base in zip(states, bases):
+        for i, (state, base) in enumerate(zip(states, bases)):
             # Positions drafted last round but rejected are dropped; accepted ones are kept.
             state.rollback_to_prefix_of(base)
             if len(state) == len(base):
@@ -119,6 +126,13 @@ class DraftModelProposer:
                 # were all committed), but the next token needs the last one's logits.
                 state.truncate(len(base) - 1)
             pending.append(base[len(state) :])
+            if budgets[i] > 0:
+                try:  # the blocks for every position it feeds, now: no step then fails for want of one
+                    state.reserve(len(base) + budgets[i] - 1)
+                except PoolExhausted:
+                    if n == 1:
+                        raise
+                    budgets[i] = 0
         tokens: list[list[int]] = [[] for _ in range(n)]
         qs: list[list[SparseQ]] = [[] for _ in range(n)]
         tops: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
@@ -171,7 +185,7 @@ class DraftModelProposer:
         # fed next round as part of ``pending``, so no work is wasted on a rejection.
         return [self._proposal(t, q, top) for t, q, top in zip(tokens, qs, tops)]
 
-    def _shaper(self, params: SamplingParams, state: KVState, base: list[int]) -> StepShaper:
+    def _shaper(self, params: SamplingParams, state: PagedKV, base: list[int]) -> StepShaper:
         if not params.penalties.counts_context:
             return StepShaper(params, base, self.device)  # nothing to count
         state.counted = counted = CountedContext.of(state.counted, base, params.prompt_len)

@@ -17,7 +17,7 @@ import torch
 
 from .kv import forward_logits
 from .kv_chunks import KVChunk
-from .kv_pool import KVPool, PagedSeq, pass_cache
+from .kv_pool import KVPool, PagedSeq, pass_cache, ragged_inputs
 from .tree import tree_shape
 
 DEFAULT_KV_CACHE_BYTES = 2 * 2**30
@@ -103,18 +103,12 @@ class TargetRunner:
         cache, P, N = pass_cache(self.pool, seqs, past, new)
         device = self.device
         ids = torch.tensor([f.tokens + [0] * (N - len(f.tokens)) for f in feeds], dtype=torch.long)
-        extra = {}
         if any(f.tree is not None for f in feeds):
             positions, key_positions, allowed = tree_layout(feeds, past, P, N)
             extra = dict(attention_mask=self._tree_masks(allowed, positions, key_positions),
                          position_ids=positions.to(device))
-        elif len(set(past)) > 1 or len(set(new)) > 1:
-            # Rows differ: mask both pads, count positions from each row's own start.
-            mask = torch.zeros(len(feeds), P + N, dtype=torch.long)
-            for i, (p, n) in enumerate(zip(past, new)):
-                mask[i, P - p : P + n] = 1
-            positions = torch.tensor(past)[:, None] + torch.arange(N)[None, :]
-            extra = dict(attention_mask=mask, position_ids=positions.to(device))  # the mask moves in forward_logits
+        else:
+            extra = ragged_inputs(past, new, device)
         window = max(N - n + f.logits_to_keep for n, f in zip(new, feeds))
         if not wanted or getattr(self.model, "lean_decoder", None) is not None:
             captured = wanted  # the lean decoder keeps them as it goes
@@ -184,15 +178,7 @@ class TargetRunner:
         seq = PagedSeq()
         self.pool.reserve([seq], [max(reserve, len(tokens))])
         self.sessions[session] = seq
-        position = 0
-        for chunk in cached:
-            if chunk.start != position:
-                raise ValueError(f"chunks are not contiguous: expected start {position}, got {chunk.start}")
-            slots = self._slots(seq, chunk.start, chunk.end)
-            for index in range(self.pool.num_layers):
-                self.pool.write(index, slots, chunk.keys[index], chunk.values[index])
-            seq.tokens.extend(chunk.tokens)
-            position = chunk.end
+        self.pool.restore(seq, cached)
         if len(tokens) > len(seq):
             _, states = self.forward_with_hidden([Feed(session, len(seq), tokens[len(seq) :], 1)],
                                                  (hidden,) if hidden else ())
@@ -205,13 +191,7 @@ class TargetRunner:
         seq = self.sessions.get(session)
         if seq is None or len(seq) < end or not 0 <= start < end:
             return None
-        slots = self._slots(seq, start, end)
-        pairs = [self.pool.read(index, slots) for index in range(self.pool.num_layers)]
-        return KVChunk(start=start, tokens=tuple(seq.tokens[start:end]),
-                       keys=tuple(k.to("cpu") for k, _ in pairs), values=tuple(v.to("cpu") for _, v in pairs))
-
-    def _slots(self, seq: PagedSeq, start: int, end: int) -> torch.Tensor:
-        return self._slots_at(seq, range(start, end))
+        return self.pool.export(seq, start, end)
 
     def _slots_at(self, seq: PagedSeq, positions) -> torch.Tensor:
         positions = torch.tensor(list(positions), dtype=torch.long, device=self.pool.device)[None]

@@ -51,7 +51,8 @@ class DraftWorker:
         if cfg.eagle.placement == "drafter" and cfg.head_methods()["eagle"] is None:
             # EAGLE drafts here, from the features its verifier sends (core/eagle_relay.py).
             eagle = load_eagle_away(paths.eagle, paths.target, cfg.device, cfg.dtype, cfg.trust_remote_code)
-        proposers, steps = make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size, eagle)
+        proposers, steps = make_proposers(draft, cfg.confidence_stop, cfg.max_batch_size, eagle,
+                                          cfg.draft_kv_cache_bytes)
         self.service = DrafterService(proposers, max_sessions=cfg.session_limits()["drafter"], state=state,
                                       chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes, steps=steps,
                                       measured_fanout=cfg.fanout_policy == "measured")

@@ -22,15 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from ..core.errors import InvalidRequest
+from ..core.errors import InvalidRequest, PoolExhausted
 from ..core.eagle_proposer import EagleProposer, EagleTree
 from ..core.pipeline import DraftSession
 from ..core.proposers import ALTERNATIVES, DraftModelProposer, Proposer
 from ..core.speculation_cache import MAX_FANOUT, fanout_for_load
 from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.convert import METHODS, BlockTooLarge, block_to_proto, features_from_proto, sampling_from_proto
-from ..core.kv import KVState
-from ..core.kv_chunks import export_chunk, exportable
+from ..core.paged_kv import DEFAULT_DRAFT_KV_CACHE_BYTES, PagedKV
 from ..state.client import PrefixSharing, StateClient
 from ..telemetry import tracing
 from .steps import StepBatcher
@@ -73,14 +72,15 @@ async def _drafted(span, future: asyncio.Future, discarded: bool = False):
         span.end()
 
 
-def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16,
-                   eagle=None) -> tuple[dict[str, Proposer], StepBatcher]:
+def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16, eagle=None,
+                   kv_cache_bytes: int = DEFAULT_DRAFT_KV_CACHE_BYTES) -> tuple[dict[str, Proposer], StepBatcher]:
     """A worker's proposers, the draft model's steps batched across sessions (and the
     batcher, whose measured step costs set the speculation cache's fan-out). Lookups,
     n-gram and suffix, run on the verifier: they need no model. ``eagle``: an EAGLE-3
-    drafter (models/eagle.py), drafting from the features its verifier sends."""
+    drafter (models/eagle.py), drafting from the features its verifier sends.
+    ``kv_cache_bytes``: the draft model's KV pool, shared by the worker's sessions."""
     steps = StepBatcher(draft, max_batch_size)
-    proposers: dict[str, Proposer] = {"draft": DraftModelProposer(draft, confidence_stop, step=steps.step)}
+    proposers: dict[str, Proposer] = {"draft": DraftModelProposer(draft, confidence_stop, steps.step, kv_cache_bytes)}
     if eagle is not None:
         proposers["eagle"] = EagleProposer(eagle, eagle.tree, eagle.fc.weight.device)
     return proposers, steps
@@ -197,6 +197,9 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         except BlockTooLarge as error:  # the verifier fails the request with this reason
             tracing.record_error(span, error)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except PoolExhausted as error:  # this worker's draft KV pool is full: its verifier drafts elsewhere or alone
+            tracing.record_error(span, error)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), trailing_metadata=(CAPACITY_REFUSAL,))
         except InvalidRequest as error:  # malformed features: any worker would refuse them
             tracing.record_error(span, error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -276,7 +279,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         """Start ``session`` from its saved chunks, or a new one from shared prompt
         blocks. Returns the positions its saved chunks cover, and for a new session
         (names of its prompt's blocks, how many were cached) for publishing."""
-        if self.state is None or not session_id or not isinstance(session.state, KVState):
+        if self.state is None or not session_id or not isinstance(session.state, PagedKV):
             return 0, None
         chunks = []
         try:
@@ -303,10 +306,10 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         size, state = self.prefixes.block_tokens, session.state
         blocks = []
         for k in range(cached, len(names)):
-            if not exportable(state) or len(state) < (k + 1) * size or \
+            if not isinstance(state, PagedKV) or len(state) < (k + 1) * size or \
                     state.tokens[: (k + 1) * size] != session.committed[: (k + 1) * size]:
                 break
-            blocks.append(export_chunk(state, k * size, (k + 1) * size))
+            blocks.append(state.export(k * size, (k + 1) * size))
         if blocks:
             self.prefixes.client.publish_prefix(names[cached : cached + len(blocks)], blocks)
 

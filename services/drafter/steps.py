@@ -3,7 +3,7 @@
 Each session drafts on its own thread, autoregressively; every step it needs goes
 through ``StepBatcher.step`` (one step for each of a session's branches, when the
 speculation cache drafts several), and one compute thread runs all the steps waiting at
-that moment in one padded forward pass (core/kv.py ``extend_batch``). Sessions in
+that moment in one forward pass over their paged KV (core/paged_kv.py). Sessions in
 lockstep (the usual case under load: every session drafts gamma tokens a round) share
 every pass. Short feeds only: a long one (a new session's prompt) runs alone rather
 than pad a whole batch to its length.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.kv import KVState, extend, extend_batch
+from ..core.paged_kv import PagedKV, extend_paged
 from ..core.speculation_cache import StepCosts
 
 LONG_FEED = 16  # tokens; longer feeds run alone
@@ -26,7 +26,7 @@ LONG_FEED = 16  # tokens; longer feeds run alone
 
 @dataclass
 class _Step:
-    kv: KVState
+    kv: PagedKV
     tokens: list[int]
     done: threading.Event = field(default_factory=threading.Event)
     logits: torch.Tensor | None = None
@@ -44,7 +44,7 @@ class StepBatcher:
         self.step_s: deque[float] = deque(maxlen=64)  # the latest decode steps' seconds: the worker's load report
         threading.Thread(target=self._loop, name="outrider-draft-steps", daemon=True).start()
 
-    def step(self, kvs: list[KVState], feeds: list[list[int]]) -> list[torch.Tensor]:
+    def step(self, kvs: list[PagedKV], feeds: list[list[int]]) -> list[torch.Tensor]:
         """Next-token logits [V] after feeding each of ``feeds`` on top of its KV state
         (blocks until all are done)."""
         requests = [_Step(kv, tokens) for kv, tokens in zip(kvs, feeds)]
@@ -86,7 +86,7 @@ class StepBatcher:
             self.batch_sizes.append(len(batch))
             try:
                 t0 = time.perf_counter()
-                logits = extend_batch(self.model, [s.kv for s in batch], [s.tokens for s in batch], [1] * len(batch))
+                logits = extend_paged(self.model, [s.kv for s in batch], [s.tokens for s in batch], [1] * len(batch))
                 if all(len(s.tokens) == 1 for s in batch):  # decode steps only: a prefill says nothing of rows
                     if logits[0].is_cuda:
                         torch.cuda.synchronize(logits[0].device)  # the step's time, not its launch's
@@ -99,7 +99,7 @@ class StepBatcher:
                 # step that raises gets the error.
                 for s in batch:
                     try:
-                        s.logits = extend(self.model, s.kv, s.tokens, logits_to_keep=1)[-1]
+                        s.logits = extend_paged(self.model, [s.kv], [s.tokens], [1])[0][-1]
                     except Exception as error:
                         s.error = error
             for s in batch:

@@ -1,8 +1,8 @@
 """Continuous batching of verification rounds across a replica's sessions.
 
 Sessions submit their rounds as they become ready; whenever the target is free, every
-round waiting at that moment is verified in one padded forward pass (core/kv.py
-``extend_batch``). There is no batching window: a lone session never waits for
+round waiting at that moment is verified in one forward pass over their paged KV
+(core/target.py). There is no batching window: a lone session never waits for
 company, and under load the batch is whatever arrived during the previous pass, which
 is the continuous-batching policy of vLLM's scheduler.
 

@@ -85,8 +85,8 @@ def test_accepted_path_is_compacted_into_place():
     (expected,) = fresh.forward([Feed("f", 0, committed + [78], 2)])
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
     for layer in range(runner.pool.num_layers):
-        slots = runner._slots(runner.sessions["s"], 0, len(committed) + 1)
-        fresh_slots = fresh._slots(fresh.sessions["f"], 0, len(committed) + 1)
+        slots = runner.pool.seq_slots(runner.sessions["s"], 0, len(committed) + 1)
+        fresh_slots = fresh.pool.seq_slots(fresh.sessions["f"], 0, len(committed) + 1)
         torch.testing.assert_close(runner.pool.keys[layer][slots], fresh.pool.keys[layer][fresh_slots], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(runner.pool.values[layer][slots], fresh.pool.values[layer][fresh_slots], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="moves"):

@@ -160,3 +160,37 @@ def test_bad_features_or_trees_are_refused_with_the_reason(case):
 
     error = asyncio.run(go())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and reasons[case] in error.details()
+
+
+@pytest.mark.parametrize("prompt_len", [5, 70])
+def test_a_worker_whose_draft_kv_pool_is_full_hands_the_session_back(prompt_len):
+    """A draft worker's KV pool of 64 positions: a session that outgrows it mid-stream
+    (prompt 5, 100 new tokens) or never fits (prompt 70) is refused at capacity, so
+    its verifier decodes the rest without drafts: the output is target-only decoding's."""
+    from services.bench.loopback import Loopback, run
+    from services.core.kv_pool import BLOCK_TOKENS, kv_bytes_per_token
+
+    target = tiny("llama", seed=1)
+    draft = noisy_copy(target, seed=2, scale=0.3)
+    prompt = torch.randint(3, 90, (prompt_len,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    class Counting(DrafterService):
+        opened = 0
+
+        async def Draft(self, request_iterator, context):
+            self.opened += 1
+            async for block in super().Draft(request_iterator, context):
+                yield block
+
+    async def go():
+        loop = Loopback(target, draft)
+        small = 5 * BLOCK_TOKENS * kv_bytes_per_token(draft.config, draft.dtype)  # 4 usable blocks
+        loop.drafter = Counting(make_proposers(draft, kv_cache_bytes=small)[0])
+        async with loop:
+            return await loop.generate(prompt, 100, gamma=4), loop.drafter
+
+    (tokens, stats), worker = run(go())
+    assert tokens == hf_greedy(target, prompt, 100, None)
+    # Refused at capacity once, not taken for a lost worker and reopened.
+    assert stats.undrafted_rounds > 0 and worker.opened == 1 and worker.active_sessions == 0
+    assert (stats.drafted > 0) == (prompt_len < 64)  # the short prompt drafted until the pool ran out

@@ -7,13 +7,22 @@ import torch
 from tiny_models import tiny
 
 from services.core.kv import KVState, extend
+from services.core.kv_pool import KVPool
+from services.core.paged_kv import PagedKV
 from services.drafter.steps import StepBatcher
+
+
+def paged(model):
+    """A maker of draft states in one small pool (what a draft worker's proposer holds)."""
+    pool = KVPool.for_model(model, 2**22)
+    return lambda: PagedKV(pool)
 
 
 def test_concurrent_steps_are_batched_and_exact():
     model = tiny("llama", seed=0)
     batcher = StepBatcher(model, max_batch_size=8)
     prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14], [20, 21]]
+    new_state = paged(model)
     alone = []
     for p in prompts:
         kv = KVState.empty(model)
@@ -22,7 +31,7 @@ def test_concurrent_steps_are_batched_and_exact():
     start = threading.Barrier(len(prompts))
 
     def session(i):
-        kv = KVState.empty(model)
+        kv = new_state()
         start.wait()
         got[i] = batcher.step([kv], [prompts[i]]) + [batcher.step([kv], [[40 + j]])[0] for j in range(4)]
 
@@ -43,11 +52,12 @@ def test_a_failing_step_fails_only_its_session():
     feeds = [[3, 4], [10_000], [5]]  # the middle one is out of the vocabulary
     results = [None] * 3
     start = threading.Barrier(3)
+    new_state = paged(model)
 
     def session(i):
         start.wait()
         try:
-            results[i] = batcher.step([KVState.empty(model)], [feeds[i]])[0]
+            results[i] = batcher.step([new_state()], [feeds[i]])[0]
         except (IndexError, RuntimeError) as error:
             results[i] = error
 
@@ -65,11 +75,11 @@ def test_a_sessions_branches_go_in_one_pass():
     """The speculation cache's branches: one call, several KV states, one forward."""
     model = tiny("llama", seed=0)
     batcher = StepBatcher(model)
-    base = KVState.empty(model)
-    extend(model, base, [5, 6, 7, 8])
+    base = paged(model)()
+    batcher.step([base], [[5, 6, 7, 8]])
     forks = [base.fork(4), base.fork(3), base.fork(2)]
     feeds = [[9], [30], [31]]
-    alone = [extend(model, base.fork(len(f)), feed, 1)[-1] for f, feed in zip(forks, feeds)]
+    alone = [extend(model, KVState.empty(model), [5, 6, 7, 8][: len(f)] + feed, 1)[-1] for f, feed in zip(forks, feeds)]
     got = batcher.step(forks, feeds)
     for expected, actual in zip(alone, got):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
