@@ -228,14 +228,6 @@ def served_decoding(client, texts: list[str], max_new: int, levels: list[int], m
     return out
 
 
-def kv_bytes_per_token(model) -> int:
-    """Keys and values of one position, every layer."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
-
-
 def run_profile(pair, prompts: list[list[int]], repeat: int, max_new: int, on_row=print,
                 client=None, texts: list[str] = (), levels: list[int] = ()) -> dict:
     verify = verify_costs(pair.target, prompts, repeat)
@@ -262,7 +254,7 @@ def run_profile(pair, prompts: list[list[int]], repeat: int, max_new: int, on_ro
     return {
         "prompt_tokens": round(statistics.fmean(len(p) for p in prompts)), **served,
         "verify_pass": verify, "draft_step": steps, "prefill_s": prefill_seconds(pair.target, prompts, repeat),
-        **rounds, "draft_kv_bytes_per_token": kv_bytes_per_token(pair.draft),
+        **rounds, "draft_kv_bytes_per_token": kv_bytes_per_token(pair.draft.config, pair.draft.dtype),
         "colocated_overlap": colocated_overlap(pair, prompts, repeat),
         "threads": torch.get_num_threads(), "device": str(pair.target.device),
     }
