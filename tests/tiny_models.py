@@ -108,6 +108,13 @@ def noisy_copy(model, seed: int, scale: float):
     return noisy_draft(model, seed, scale)
 
 
+def plain_logits(model, tokens: list[int]) -> torch.Tensor:
+    """logits [len(tokens), V] of one transformers forward over ``tokens`` with no cache:
+    the reference every cached path (pooled, paged, batched, rolled back) must equal."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([tokens], device=model.device)).logits[0]
+
+
 _GREEDY_CACHE: dict = {}
 
 

@@ -1,35 +1,31 @@
-"""KV cache bookkeeping: a transformers ``DynamicCache`` plus the tokens it covers.
+"""KV bookkeeping shared by the target's pool (core/kv_pool.py, core/target.py) and the
+draft's paged states (core/paged_kv.py): which models a speculative rollback can serve,
+where a cache and the committed text part ways, and one forward pass over a cache.
 
-Rollback is exact and cheap: keeping a prefix of the cached positions is a crop, so
-accepted positions are never recomputed. transformers 5.x changed ``crop``: it now
-takes a *negative* count of tokens to drop (a positive absolute length raises).
-
-Sliding-window layers (Mistral v0.1, Gemma-2/3, Phi-3) are cached as full layers:
-transformers' sliding layer drops positions older than the window, and a rollback
-past the window then cannot be undone (``crop`` raises). The model builds its
-sliding-window mask from its config, not from the cache, so attention still sees the
-window only; the price is memory for positions outside it. Layer kinds that keep
-other state (linear attention, convolutions) cannot be rolled back by a crop at all,
-and such models are refused at load.
+Rollback is a length pointer in both: rejected positions are simply overwritten by the
+next feed. Sliding-window layers (Mistral v0.1, Gemma-2/3, Phi-3) are cached as full
+layers: every position is kept, and the model builds its sliding-window mask from its
+config, so attention still sees the window only; the price is memory for positions
+outside it, and the gain is that a rollback past the window is exact (transformers'
+sliding cache drops old positions, and its ``crop`` then raises). Layer kinds that
+keep other state (linear attention, convolutions) cannot be rolled back by moving a
+pointer at all, and such models are refused at load.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from .errors import UnsupportedModel
 
-# Attention layers a full DynamicLayer caches exactly (the mask does the rest).
+# Attention layers whose cache a length pointer rolls back exactly (the mask does the rest).
 ROLLBACK_SAFE_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
 
 
-def new_cache(config) -> DynamicCache:
-    """An empty cache of plain full-attention layers, one per decoder layer."""
+def check_rollback(config) -> None:
+    """Refuse, with the reason, a model some of whose layers keep state a rollback
+    cannot undo."""
     layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     unsupported = sorted(set(layer_types) - ROLLBACK_SAFE_LAYERS)
     if unsupported:
@@ -37,50 +33,6 @@ def new_cache(config) -> DynamicCache:
             f"{config.model_type} has {', '.join(unsupported)} layers, whose state a speculative rollback cannot "
             f"undo; Outrider serves models whose layers are {sorted(ROLLBACK_SAFE_LAYERS)}"
         )
-    cache = DynamicCache()
-    cache.layers = [DynamicLayer() for _ in layer_types]
-    return cache
-
-
-@dataclass
-class KVState:
-    cache: DynamicCache
-    tokens: list[int] = field(default_factory=list)  # token ids whose KV is cached
-    # A drafter's counts of its last context for penalties (core/shaping.py
-    # CountedContext): forks share it, and whoever drafts next counts only what it adds.
-    counted: object = None
-
-    @classmethod
-    def empty(cls, model) -> "KVState":
-        return cls(cache=new_cache(model.config))
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def truncate(self, length: int) -> None:
-        """Keep the KV of the first ``length`` cached tokens."""
-        drop = len(self.tokens) - length
-        if drop > 0:
-            self.cache.crop(-drop)
-            del self.tokens[length:]
-
-    def fork(self, length: int | None = None) -> "KVState":
-        """A copy of the first ``length`` cached positions (all by default) that grows
-        on its own: the speculation cache drafts one branch per assumed outcome from
-        one session's KV. Zero-copy: ``DynamicLayer`` never writes a tensor in place (an
-        update concatenates into a new one, a crop takes a view), so the fork and this
-        state can share the tensors they have in common."""
-        if not batchable(self):
-            raise ValueError("only a cache of plain DynamicLayers can be forked")
-        cache = DynamicCache()
-        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        fork = KVState(cache, list(self.tokens), self.counted)
-        fork.truncate(len(self) if length is None else length)
-        return fork
-
-    def rollback_to_prefix_of(self, committed: list[int]) -> None:
-        """Drop cached positions that disagree with ``committed`` (rejected drafts)."""
-        self.truncate(common_prefix_len(self.tokens, committed))
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -106,18 +58,6 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
-@torch.inference_mode()
-def extend(model, kv: KVState, new_tokens: list[int], logits_to_keep: int = 0) -> torch.Tensor:
-    """Run ``new_tokens`` through ``model`` on top of ``kv`` and cache them.
-
-    Returns logits [len(new_tokens) or logits_to_keep, V] for the last positions.
-    """
-    ids = torch.tensor([new_tokens], dtype=torch.long, device=model.device)
-    logits = forward_logits(model, ids, kv.cache, logits_to_keep)
-    kv.tokens.extend(new_tokens)
-    return logits[0]
-
-
 def forward_logits(model, ids: torch.Tensor, cache, logits_to_keep: int, attention_mask=None,
                    position_ids: torch.Tensor | None = None, states: dict | None = None) -> torch.Tensor:
     """logits [B, logits_to_keep or N, V] of ``ids`` [B, N] fed on top of ``cache``.
@@ -138,67 +78,3 @@ def forward_logits(model, ids: torch.Tensor, cache, logits_to_keep: int, attenti
         input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True,
         logits_to_keep=logits_to_keep,
     ).logits
-
-
-def batchable(kv: KVState) -> bool:
-    # Plain full-attention layers only (what ``new_cache`` makes): a cache made some
-    # other way may keep bookkeeping a padded batch would corrupt; it runs alone.
-    return all(type(layer) is DynamicLayer for layer in kv.cache.layers)
-
-
-@torch.inference_mode()
-def extend_batch(model, kvs: list[KVState], feeds: list[list[int]], logits_to_keep: list[int]) -> list[torch.Tensor]:
-    """``extend`` for several sequences in one forward pass; returns each one's logits
-    [logits_to_keep_i, V] for its last positions.
-
-    Layout of row i (P = longest cache, N = longest feed):
-        [left pad | its cached KV (P_i) | its feed (N_i) | right pad]
-    The attention mask hides both pads and position ids count real tokens only, so
-    every row attends to exactly what it would alone; a right pad sits after all of
-    the row's real tokens, so causality keeps it out of their attention. Afterwards
-    each sequence keeps a view of its own rows of the batched cache (the pads
-    stripped), which its next ``update`` copies anyway.
-    """
-    if len(kvs) == 1 or not all(map(batchable, kvs)):
-        return [extend(model, kv, f, k) for kv, f, k in zip(kvs, feeds, logits_to_keep)]
-    if min(logits_to_keep) < 1 or min(map(len, feeds)) < 1:
-        raise ValueError("a batched feed needs at least one token and one logit")
-    device, B = model.device, len(kvs)
-    past = [len(kv) for kv in kvs]
-    P, N = max(past), max(map(len, feeds))
-    ids = torch.zeros(B, N, dtype=torch.long)
-    mask = torch.zeros(B, P + N, dtype=torch.long)
-    for i, (p, feed) in enumerate(zip(past, feeds)):
-        ids[i, : len(feed)] = torch.tensor(feed)
-        mask[i, P - p : P + len(feed)] = 1
-    positions = torch.tensor(past)[:, None] + torch.arange(N)[None, :]
-    batched = new_cache(model.config)
-    if P:
-        template = next(kv for kv in kvs if len(kv))
-        for index, (layer, ref) in enumerate(zip(batched.layers, template.cache.layers)):
-            keys = _left_padded([kv.cache.layers[index].keys for kv in kvs], past, P, ref.keys)
-            values = _left_padded([kv.cache.layers[index].values for kv in kvs], past, P, ref.values)
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-    window = max(N - len(f) + k for f, k in zip(feeds, logits_to_keep))
-    out = forward_logits(model, ids.to(device), batched, window, mask, positions.to(device))
-    logits = []
-    for i, (kv, p, feed, k) in enumerate(zip(kvs, past, feeds, logits_to_keep)):
-        end = window - (N - len(feed))
-        logits.append(out[i, end - k : end])
-        for own, layer in zip(kv.cache.layers, batched.layers):
-            if not own.is_initialized:
-                own.lazy_initialization(layer.keys, layer.values)
-            own.keys = layer.keys[i : i + 1, :, P - p : P + len(feed)]
-            own.values = layer.values[i : i + 1, :, P - p : P + len(feed)]
-        kv.tokens.extend(feed)
-    return logits
-
-
-def _left_padded(parts: list[torch.Tensor | None], lengths: list[int], P: int, ref: torch.Tensor) -> torch.Tensor:
-    """[B, H, P, D]: each sequence's [1, H, P_i, D] right-aligned, zeros before it."""
-    out = ref.new_zeros(len(parts), ref.shape[1], P, ref.shape[3])
-    for i, (part, length) in enumerate(zip(parts, lengths)):
-        if length:
-            out[i, :, P - length :] = part[0]
-    return out

@@ -3,7 +3,8 @@
 A chunk is the KV of a run of *committed* positions [start, start + n). Committed
 tokens never change, and a position's KV depends only on the tokens up to it, so a
 chunk is valid forever: a session's KV is a list of chunks, a rollback never has to
-touch one, and any process with the same model can rebuild a cache from them.
+touch one, and any process with the same model can rebuild a cache from them (a
+draft state: core/paged_kv.py; a target session: core/target.py).
 
 Prefix sharing uses the same chunks, one per block of ``block_size`` tokens, named by
 a hash chain (vLLM's prefix-caching scheme): block k's name covers every token of
@@ -16,8 +17,6 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-
-from .kv import KVState, batchable, new_cache
 
 
 @dataclass(frozen=True)
@@ -34,47 +33,6 @@ class KVChunk:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-
-def exportable(kv: KVState) -> bool:
-    """Plain full-attention caches only (sliding-window layers keep extra state)."""
-    return len(kv) > 0 and batchable(kv)
-
-
-def export_chunk(kv: KVState, start: int, end: int) -> KVChunk:
-    """A copy of positions [start, end) of ``kv`` (copied: the chunk must not pin or
-    alias the live cache, which keeps growing)."""
-    if not 0 <= start < end <= len(kv):
-        raise ValueError(f"chunk [{start}, {end}) is outside the {len(kv)} cached positions")
-    layers = kv.cache.layers
-    return KVChunk(
-        start=start,
-        tokens=tuple(kv.tokens[start:end]),
-        keys=tuple(layer.keys[:, :, start:end].to("cpu", copy=True) for layer in layers),
-        values=tuple(layer.values[:, :, start:end].to("cpu", copy=True) for layer in layers),
-    )
-
-
-def restore_kv(model, chunks: list[KVChunk]) -> KVState:
-    """A cache holding the chunks' positions; they must run contiguously from 0."""
-    kv = KVState.empty(model)
-    if not chunks:
-        return kv
-    position = 0
-    for chunk in chunks:
-        if chunk.start != position:
-            raise ValueError(f"chunks are not contiguous: expected start {position}, got {chunk.start}")
-        position = chunk.end
-    if len(chunks[0].keys) != len(kv.cache.layers):
-        raise ValueError("chunks come from a model with a different number of layers")
-    device, dtype = model.device, model.dtype
-    cache = new_cache(model.config)
-    for index, layer in enumerate(cache.layers):
-        keys = torch.cat([c.keys[index] for c in chunks], dim=2).to(device, dtype)
-        values = torch.cat([c.values[index] for c in chunks], dim=2).to(device, dtype)
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-    return KVState(cache=cache, tokens=[t for c in chunks for t in c.tokens])
 
 
 def block_names(tokens: list[int], block_size: int, salt: str) -> list[str]:

@@ -5,7 +5,7 @@ A draft worker drafts for every session it serves, and its speculation cache for
 session's KV into branches, one per likely verify outcome (core/pipeline.py). In a
 transformers ``DynamicCache`` every step concatenated each layer's whole history into
 a new tensor (a copy of the context per drafted token), a batched step first copied
-every session's history into a left-padded batch (core/kv.py ``extend_batch``), and
+every session's history into a left-padded batch, and
 memory grew with whatever the sessions and their branches held, until the collector
 freed it. Here a worker's sessions share one pool, preallocated by bytes:
 

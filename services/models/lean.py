@@ -18,8 +18,8 @@ its activation and attention scaling). ``lean_decoder`` returns None for any oth
 then runs transformers' forward (with hooks on its modules where drafting heads read
 hidden states; here a pass keeps them itself, ``states``). The cache is any
 transformers ``Cache``: a layer's new K/V go through its own ``update``, so the KV
-pool's paged layers, rollback, forks and batching (core/kv.py, core/kv_pool.py) see
-exactly what transformers' forward leaves.
+pools' paged layers, rollback, forks and batching (core/kv_pool.py, core/paged_kv.py)
+see exactly what transformers' forward leaves.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class _Masks:
         if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() == 4):
             self.given = attention_mask
         elif attention_mask is not None and not bool(attention_mask.all()):
-            # Read on the host (core/kv.py builds it there): no device sync to find out.
+            # Read on the host (core/kv_pool.py builds it there): no device sync to find out.
             self.padding = attention_mask.to(device).bool()
         self.N, self.device = N, device
         self.built: dict[int | None, torch.Tensor | None] = {}
@@ -319,8 +319,8 @@ def _gpt2_decoder(model) -> LeanDecoder | None:
 
 
 def use_lean_decoding(model):
-    """Give ``model`` a ``lean_decoder`` where one applies (core/kv.py runs it in place
-    of the model's forward), once the model is on its device and in its dtype. Returns
+    """Give ``model`` a ``lean_decoder`` where one applies (core/kv.py ``forward_logits``
+    runs it in place of the model's forward), once the model is on its device and in its dtype. Returns
     the model."""
     model.lean_decoder = lean_decoder(model)
     return model

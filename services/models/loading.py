@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..core.errors import InvalidRequest
-from ..core.kv import new_cache
+from ..core.kv import check_rollback
 from .attention import use_outrider_attention
 from .lean import use_lean_decoding
 
@@ -75,7 +75,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "default", t
         configure_cuda()
     torch_dtype = default_dtype(device) if dtype == "default" else DTYPES[dtype]
     extra = {"tp_plan": "auto"} if tensor_parallel else {}
-    new_cache(load_config(name_or_path, trust_remote_code))  # refuses, with the reason, what cannot roll back
+    check_rollback(load_config(name_or_path, trust_remote_code))
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
     )

@@ -3,7 +3,7 @@ machines have none, sessions lent a GPU run it there."""
 
 import pytest
 import torch
-from tiny_models import noisy_copy, tiny
+from tiny_models import noisy_copy, plain_logits, tiny
 
 from services.core.draft_q import SparseQ, compact
 from services.core.engine import SpeculativeEngine
@@ -78,7 +78,6 @@ def test_batched_acceptance_on_cuda_mixes_greedy_and_sampled_rows():
 
 
 def test_the_paged_pool_on_cuda_gives_each_session_what_it_gets_alone():
-    from services.core.kv import KVState, extend
     from services.core.target import Feed
 
     model = tiny("qwen2", seed=0).to("cuda")
@@ -90,12 +89,12 @@ def test_the_paged_pool_on_cuda_gives_each_session_what_it_gets_alone():
     feeds = [[7, 8, 9], [4], [11, 12]]
     got = runner.forward([Feed(str(i), len(p), f, len(f)) for i, (p, f) in enumerate(zip(prefixes, feeds))])
     for prefix, feed, logits in zip(prefixes, feeds, got):
-        expected = extend(model, KVState.empty(model), prefix + feed)[-len(feed):]
+        expected = plain_logits(model, prefix + feed)[-len(feed):]
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     blocks = [runner.export("1", 0, 16)]
     runner.prefill("3", list(range(3, 19)) + [5], blocks)
     (warm,) = runner.forward([Feed("3", 17, [6], 1)])
-    torch.testing.assert_close(warm, extend(model, KVState.empty(model), list(range(3, 19)) + [5, 6])[-1:],
+    torch.testing.assert_close(warm, plain_logits(model, list(range(3, 19)) + [5, 6])[-1:],
                                rtol=1e-4, atol=1e-4)
 
 

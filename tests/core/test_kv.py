@@ -1,41 +1,19 @@
-"""KV rollback is exact: after any accept/reject history the cache equals a fresh prefill."""
+"""KV rollback is exact: after any accept/reject history the caches equal a fresh prefill
+(a draft state's own rollback: test_paged_kv.py)."""
 
 import random
 
 import torch
-from tiny_models import noisy_copy, tiny
+from tiny_models import noisy_copy, plain_logits, tiny
 
 from services.core.engine import SpeculativeEngine
 from services.core.gamma import GammaSchedule
-from services.core.kv import KVState, common_prefix_len, extend
+from services.core.kv import common_prefix_len
 from services.core.kv_pool import BLOCK_TOKENS
 from services.core.proposers import DraftModelProposer
 from services.core.sampling import SamplingParams
 from services.core.verifier import TargetVerifier
 from services.core.target import Feed, TargetRunner
-
-
-def test_truncate_and_rollback_keep_exact_prefix():
-    model = tiny("llama", seed=0)
-    kv = KVState.empty(model)
-    extend(model, kv, [5, 6, 7, 8, 9])
-    kv.rollback_to_prefix_of([5, 6, 7, 40, 41])
-    assert kv.tokens == [5, 6, 7] and kv.cache.get_seq_length() == 3
-    kv.truncate(10)  # longer than cached: no-op
-    assert kv.cache.get_seq_length() == 3
-    kv.truncate(1)
-    assert kv.tokens == [5] and kv.cache.get_seq_length() == 1
-
-
-def test_logits_after_rollback_equal_fresh_prefill():
-    model = tiny("qwen2", seed=0)
-    kv = KVState.empty(model)
-    extend(model, kv, [3, 4, 5, 6])
-    extend(model, kv, [70, 71, 72])  # rejected drafts
-    kv.rollback_to_prefix_of([3, 4, 5, 6, 9])
-    resumed = extend(model, kv, [9, 10])
-    fresh = extend(model, KVState.empty(model), [3, 4, 5, 6, 9, 10])
-    torch.testing.assert_close(resumed, fresh[-2:], rtol=1e-5, atol=1e-5)
 
 
 def test_engine_caches_track_committed_tokens_after_rejections():
@@ -63,22 +41,8 @@ def test_engine_caches_track_committed_tokens_after_rejections():
     # The cached target state gives the same next-token logits as recomputing everything.
     runner = engine.verifier.runner
     cached = runner.forward([Feed(seq.target_kv.session, len(seq.committed) - 1, seq.committed[-1:], 1)])[0][-1]
-    fresh = extend(target, KVState.empty(target), seq.committed)[-1]
+    fresh = plain_logits(target, seq.committed)[-1]
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
-
-
-def test_rollback_finds_first_divergence_anywhere():
-    model = tiny("llama", seed=0)
-    for cached, committed, keep in [
-        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], 5),  # all cached tokens committed
-        ([1, 2, 3, 4, 5], [1, 2, 3], 3),  # committed shorter than the cache
-        ([1, 2, 3, 4, 5], [9, 2, 3, 4, 5], 0),  # diverges at the first token
-        ([1, 2, 3, 4, 5], [1, 2, 7, 4, 5], 2),  # diverges in the middle, agrees after
-    ]:
-        kv = KVState.empty(model)
-        extend(model, kv, cached)
-        kv.rollback_to_prefix_of(committed)
-        assert kv.tokens == cached[:keep] and kv.cache.get_seq_length() == keep
 
 
 def test_common_prefix_len_finds_the_first_mismatch_wherever_it_is():

@@ -4,11 +4,10 @@ that is full refuses a session up front and changes nothing for the others."""
 
 import pytest
 import torch
-from tiny_models import hf_greedy, noisy_copy, tiny
+from tiny_models import hf_greedy, noisy_copy, plain_logits, tiny
 
 from services.bench.loopback import Loopback, run
 from services.core.errors import PoolExhausted
-from services.core.kv import KVState, extend
 from services.core.kv_pool import BLOCK_TOKENS, contiguous_run, kv_bytes_per_token
 from services.core.target import Feed, TargetRunner
 
@@ -25,7 +24,7 @@ def test_a_pooled_batch_equals_each_session_alone(family):
             runner.forward([Feed(str(i), 0, prefix, 1)])
     got = runner.forward([Feed(str(i), len(p), f, len(f)) for i, (p, f) in enumerate(zip(cached, feeds))])
     for prefix, feed, logits in zip(cached, feeds, got):
-        expected = extend(model, KVState.empty(model), prefix + feed)[-len(feed):]
+        expected = plain_logits(model, prefix + feed)[-len(feed):]
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -37,7 +36,7 @@ def test_rollback_keeps_blocks_and_release_returns_them():
     assert len(runner.sessions["a"].blocks) == 3 and len(runner.pool.free) == free - 3
     (after,) = runner.forward([Feed("a", 20, [7, 8], 1)])  # reject 17 positions: a length pointer
     assert len(runner.sessions["a"].blocks) == 3 and len(runner.sessions["a"]) == 22
-    torch.testing.assert_close(after, extend(model, KVState.empty(model), list(range(3, 23)) + [7, 8])[-1:],
+    torch.testing.assert_close(after, plain_logits(model, list(range(3, 23)) + [7, 8])[-1:],
                                rtol=1e-5, atol=1e-5)
     runner.release(["a"])
     assert len(runner.pool.free) == free and runner.cached_positions() == 0
@@ -59,7 +58,7 @@ def test_a_lone_session_reads_the_pool_in_place_or_gathers_when_its_blocks_are_a
     for session in ("a", "c"):
         seq = runner.sessions[session]
         (logits,) = runner.forward([Feed(session, len(seq), [50, 51, 52, 53, 54], 5)])
-        cold = extend(model, KVState.empty(model), seq.tokens)[-5:]
+        cold = plain_logits(model, seq.tokens)[-5:]
         torch.testing.assert_close(logits, cold, rtol=1e-5, atol=1e-5)
 
 
@@ -72,7 +71,7 @@ def test_a_session_starts_from_blocks_another_one_computed():
     blocks = [runner.export("a", 0, 16), runner.export("a", 16, 32)]
     runner.prefill("b", list(range(3, 35)) + [60, 61], blocks)
     (warm,) = runner.forward([Feed("b", 34, [62], 1)])
-    cold = extend(model, KVState.empty(model), list(range(3, 35)) + [60, 61, 62])[-1:]
+    cold = plain_logits(model, list(range(3, 35)) + [60, 61, 62])[-1:]
     torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5)
 
 
@@ -87,7 +86,7 @@ def test_a_full_pool_refuses_up_front_and_changes_nothing():
     assert (list(runner.pool.free), runner.sessions["a"].blocks, runner.sessions["a"].tokens) == before
     assert "b" not in runner.sessions
     (logits,) = runner.forward([Feed("a", 32, [5], 1)])  # "a" goes on, exactly
-    torch.testing.assert_close(logits, extend(model, KVState.empty(model), list(range(3, 35)) + [5])[-1:],
+    torch.testing.assert_close(logits, plain_logits(model, list(range(3, 35)) + [5])[-1:],
                                rtol=1e-5, atol=1e-5)
 
 

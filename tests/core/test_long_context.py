@@ -9,7 +9,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, Mistral
 from services.core.engine import SpeculativeEngine
 from services.core.errors import UnsupportedModel
 from services.core.gamma import GammaSchedule
-from services.core.kv import new_cache
+from services.core.kv import check_rollback
 from services.core.proposers import DraftModelProposer
 from services.core.target import TargetRunner
 from services.core.verifier import TargetVerifier
@@ -57,4 +57,4 @@ def test_a_4096_token_context_is_exact():
 
 def test_layers_without_a_rollback_are_refused_at_load():
     with pytest.raises(UnsupportedModel, match="linear_attention"):
-        new_cache(Qwen3NextConfig(num_hidden_layers=4))
+        check_rollback(Qwen3NextConfig(num_hidden_layers=4))

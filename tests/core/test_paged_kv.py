@@ -7,19 +7,13 @@ import gc
 
 import pytest
 import torch
-from tiny_models import tiny
+from tiny_models import plain_logits as plain, tiny
 
 from services.core.errors import PoolExhausted
 from services.core.kv_pool import BLOCK_TOKENS, KVPool, kv_bytes_per_token
 from services.core.paged_kv import PagedKV, extend_paged
 from services.core.proposers import DraftModelProposer
 from services.core.sampling import SamplingParams
-
-
-def plain(model, tokens: list[int]) -> torch.Tensor:
-    """logits [len(tokens), V] of one forward over ``tokens``, no cache at all."""
-    with torch.inference_mode():
-        return model(input_ids=torch.tensor([tokens])).logits[0]
 
 
 def pool_of(model, blocks: int) -> KVPool:
@@ -52,6 +46,50 @@ def test_forks_and_rollbacks_equal_a_plain_forward(family):
     restored = PagedKV.restored(pool, [a.export(0, 30), a.export(30, 52)])
     (more,) = extend_paged(model, [restored], [tokens[52:55]], [3])
     torch.testing.assert_close(more, plain(model, tokens[:55])[52:], rtol=1e-5, atol=1e-5)
+
+
+def test_rollback_keeps_the_first_agreeing_positions_and_their_blocks():
+    model = tiny("qwen2", seed=0)
+    pool = pool_of(model, 8)
+    for cached, committed, keep in [
+        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], 5),  # all cached tokens committed
+        ([1, 2, 3, 4, 5], [1, 2, 3], 3),  # committed shorter than the cache
+        ([1, 2, 3, 4, 5], [9, 2, 3, 4, 5], 0),  # diverges at the first token
+        ([1, 2, 3, 4, 5], [1, 2, 7, 4, 5], 2),  # diverges in the middle, agrees after
+    ]:
+        kv = PagedKV(pool)
+        extend_paged(model, [kv], [cached + [70, 71]], [1])  # then two rejected drafts
+        blocks = list(kv.blocks)
+        kv.rollback_to_prefix_of(committed)
+        assert kv.tokens == cached[:keep] and kv.blocks == blocks
+        kv.truncate(10)  # longer than cached: nothing changes
+        assert kv.tokens == cached[:keep]
+        (resumed,) = extend_paged(model, [kv], [committed[keep:] + [9, 10]], [2])
+        torch.testing.assert_close(resumed, plain(model, committed + [9, 10])[-2:], rtol=1e-5, atol=1e-5)
+
+
+def test_exports_restore_a_state_exactly_and_are_copies():
+    model = tiny("mistral", seed=0)
+    model.config.sliding_window = 4  # every position is cached, past the window too (core/kv.py)
+    pool = pool_of(model, 8)
+    tokens = [5, 17, 33, 2, 9, 40, 41, 7, 8, 12, 19]
+    kv = PagedKV(pool)
+    extend_paged(model, [kv], [tokens], [1])
+    chunks = [kv.export(0, 6), kv.export(6, len(tokens))]
+    restored = PagedKV.restored(pool, chunks)
+    assert restored.tokens == tokens
+    torch.testing.assert_close(extend_paged(model, [restored], [[3]], [1])[0], plain(model, tokens + [3])[-1:],
+                               rtol=1e-5, atol=1e-5)
+    before = chunks[0].keys[0].clone()
+    kv.truncate(2)
+    extend_paged(model, [kv], [[60, 61, 62]], [1])  # the live state moves on; the chunk does not
+    assert torch.equal(chunks[0].keys[0], before)
+    with pytest.raises(ValueError, match="contiguous"):
+        PagedKV.restored(pool, [chunks[0], kv.export(3, 5)])
+    with pytest.raises(ValueError, match="layers"):
+        PagedKV.restored(pool_of(tiny("mistral", seed=0, layers=3), 4), chunks[:1])
+    with pytest.raises(ValueError, match="outside"):
+        kv.export(3, 9)
 
 
 def test_dropped_states_give_their_blocks_back():

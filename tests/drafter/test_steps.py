@@ -4,9 +4,8 @@ session gets what it would get alone."""
 import threading
 
 import torch
-from tiny_models import tiny
+from tiny_models import plain_logits, tiny
 
-from services.core.kv import KVState, extend
 from services.core.kv_pool import KVPool
 from services.core.paged_kv import PagedKV
 from services.drafter.steps import StepBatcher
@@ -23,10 +22,7 @@ def test_concurrent_steps_are_batched_and_exact():
     batcher = StepBatcher(model, max_batch_size=8)
     prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14], [20, 21]]
     new_state = paged(model)
-    alone = []
-    for p in prompts:
-        kv = KVState.empty(model)
-        alone.append([extend(model, kv, p, 1)[-1]] + [extend(model, kv, [40 + i], 1)[-1] for i in range(4)])
+    alone = [list(plain_logits(model, p + [40, 41, 42, 43])[len(p) - 1 :]) for p in prompts]
     got = [None] * len(prompts)
     start = threading.Barrier(len(prompts))
 
@@ -68,7 +64,7 @@ def test_a_failing_step_fails_only_its_session():
         t.join()
     assert isinstance(results[1], (IndexError, RuntimeError))
     for i in (0, 2):
-        torch.testing.assert_close(results[i], extend(model, KVState.empty(model), feeds[i], 1)[-1])
+        torch.testing.assert_close(results[i], plain_logits(model, feeds[i])[-1], rtol=1e-5, atol=1e-5)
 
 
 def test_a_sessions_branches_go_in_one_pass():
@@ -79,7 +75,7 @@ def test_a_sessions_branches_go_in_one_pass():
     batcher.step([base], [[5, 6, 7, 8]])
     forks = [base.fork(4), base.fork(3), base.fork(2)]
     feeds = [[9], [30], [31]]
-    alone = [extend(model, KVState.empty(model), [5, 6, 7, 8][: len(f)] + feed, 1)[-1] for f, feed in zip(forks, feeds)]
+    alone = [plain_logits(model, [5, 6, 7, 8][: len(f)] + feed)[-1] for f, feed in zip(forks, feeds)]
     got = batcher.step(forks, feeds)
     for expected, actual in zip(alone, got):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

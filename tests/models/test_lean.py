@@ -1,6 +1,6 @@
 """The lean decoder (services/models/lean.py) is a model's forward without transformers'
-per-module machinery: through core/kv.py's ``extend`` and ``extend_batch`` (draft
-steps) and a verifier's passes over the KV pool (core/target.py: in place, gathered,
+per-module machinery: through a draft's steps over its paged KV (core/paged_kv.py) and
+a verifier's passes over the KV pool (core/target.py: in place, gathered,
 trees) it must give transformers' logits and leave the same cache, on the families it
 covers, with padding, feeds of several tokens and sliding windows; everything else
 keeps transformers' forward."""
@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from services.core.kv import KVState, extend, extend_batch
+from services.core.kv_pool import KVPool
+from services.core.paged_kv import PagedKV, extend_paged
 from services.core.target import FINAL, PRE_NORM, Feed, TargetRunner, layer_features
 from services.models.attention import use_outrider_attention
 from services.models.lean import lean_decoder, use_lean_decoding
@@ -45,26 +46,35 @@ def _both(model, run):
         model.lean_decoder = decoder
 
 
+def _states(model, n: int) -> list[PagedKV]:
+    pool = KVPool.for_model(model, 2**22)
+    return [PagedKV(pool) for _ in range(n)]
+
+
+def _extend(model, kv: PagedKV, tokens: list[int], logits_to_keep: int = 0) -> torch.Tensor:
+    return extend_paged(model, [kv], [tokens], [logits_to_keep or len(tokens)])[0]
+
+
 def _single(model):
     g = torch.Generator().manual_seed(1)
-    kv = KVState.empty(model)
-    out = [extend(model, kv, torch.randint(2, 4096, (37,), generator=g).tolist(), logits_to_keep=2)]
+    (kv,) = _states(model, 1)
+    out = [_extend(model, kv, torch.randint(2, 4096, (37,), generator=g).tolist(), logits_to_keep=2)]
     for token in (5, 9, 700):  # decode steps
-        out.append(extend(model, kv, [token], logits_to_keep=1))
-    out.append(extend(model, kv, [11, 12, 13]))  # a fed-back block: all its logits
+        out.append(_extend(model, kv, [token], logits_to_keep=1))
+    out.append(_extend(model, kv, [11, 12, 13]))  # a fed-back block: all its logits
     kv.truncate(30)  # a rollback, then the cache grows again from there
-    out.append(extend(model, kv, [14, 15], logits_to_keep=1))
+    out.append(_extend(model, kv, [14, 15], logits_to_keep=1))
     return out, kv
 
 
 def _batch(model):
     g = torch.Generator().manual_seed(2)
-    kvs = [KVState.empty(model) for _ in range(3)]
+    kvs = _states(model, 3)
     for kv, length in zip(kvs, (12, 29, 0)):  # ragged caches, one empty: left padding
         if length:
-            extend(model, kv, torch.randint(2, 4096, (length,), generator=g).tolist(), logits_to_keep=1)
-    out = extend_batch(model, kvs, [[3, 4, 5], [6], [7, 8]], [2, 1, 2])  # ragged feeds: right padding
-    out += extend_batch(model, kvs, [[9], [10], [11]], [1, 1, 1])
+            _extend(model, kv, torch.randint(2, 4096, (length,), generator=g).tolist(), logits_to_keep=1)
+    out = extend_paged(model, kvs, [[3, 4, 5], [6], [7, 8]], [2, 1, 2])  # ragged feeds: right padding
+    out += extend_paged(model, kvs, [[9], [10], [11]], [1, 1, 1])
     return out, kvs
 
 
@@ -75,9 +85,9 @@ def _assert_same(lean, theirs):
     lean_kvs, kvs = (lean_kv, kv) if isinstance(kv, list) else ([lean_kv], [kv])
     for mine, ref in zip(lean_kvs, kvs):
         assert mine.tokens == ref.tokens
-        for a, b in zip(mine.cache.layers, ref.cache.layers):
-            torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+        a, b = mine.export(0, len(mine)), ref.export(0, len(ref))
+        for x, y in zip(a.keys + a.values, b.keys + b.values):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", None), ("qwen2", 8), ("mistral", 8), ("gpt2", None)])
@@ -165,7 +175,7 @@ def test_fusing_leaves_the_models_own_forward_as_it_was():
 def test_a_model_moved_after_its_decoder_was_made_is_refused_not_run_stale():
     model = _model("llama3").to(torch.float64)
     with pytest.raises(RuntimeError, match="use_lean_decoding again"):
-        extend(model, KVState.empty(model), [1, 2, 3])
+        _extend(model, _states(model, 1)[0], [1, 2, 3])
 
 
 def test_other_families_keep_transformers_forward():
@@ -177,9 +187,9 @@ def test_other_families_keep_transformers_forward():
     assert lean_decoder(gelu) is None
     crossed = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, add_cross_attention=True))
     assert lean_decoder(crossed.eval()) is None
-    # and such a model still runs through core/kv.py, on transformers' forward
-    kv = KVState.empty(use_lean_decoding(neox))
-    assert extend(neox, kv, [1, 2, 3], logits_to_keep=1).shape == (1, 300)
+    # and such a model still drafts over its paged KV, on transformers' forward
+    (kv,) = _states(use_lean_decoding(neox), 1)
+    assert _extend(neox, kv, [1, 2, 3], logits_to_keep=1).shape == (1, 300)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,8 +9,8 @@ import pytest
 import ray
 from tiny_models import tiny
 
-from services.core.kv import KVState, extend
-from services.core.kv_chunks import export_chunk
+from services.core.kv_pool import KVPool
+from services.core.paged_kv import PagedKV, extend_paged
 from services.state.client import AttemptWatch, StateClient
 from services.state.store import SessionStore
 
@@ -28,8 +28,8 @@ def local_ray():
 @pytest.fixture(scope="module")
 def kv():
     model = tiny("llama", seed=0)
-    state = KVState.empty(model)
-    extend(model, state, TOKENS)
+    state = PagedKV(KVPool.for_model(model, 2**20))
+    extend_paged(model, [state], [TOKENS], [1])
     return state
 
 
@@ -48,7 +48,7 @@ class Replica:
 def test_chunks_outlive_the_replica_that_sent_them(local_ray, kv):
     store = new_store()
     replica = Replica.remote()
-    chunk = export_chunk(kv, 0, 10)
+    chunk = kv.export(0, 10)
     assert len(ray.get(replica.save.remote(store, "s", chunk))) == 1
     ray.kill(replica)
     (ref,) = ray.get(store.session_chunks.remote("s"))
@@ -57,21 +57,21 @@ def test_chunks_outlive_the_replica_that_sent_them(local_ray, kv):
 
 def test_a_chunk_must_continue_its_session(local_ray, kv):
     store = new_store()
-    assert ray.get(store.save_chunk.remote("s", export_chunk(kv, 0, 5)))
-    assert ray.get(store.save_chunk.remote("s", export_chunk(kv, 6, 9))) == []  # a gap
-    assert ray.get(store.save_chunk.remote("s", export_chunk(kv, 0, 5))) == []  # stale, a second time
-    assert ray.get(store.save_chunk.remote("s", export_chunk(kv, 5, 9)))
+    assert ray.get(store.save_chunk.remote("s", kv.export(0, 5)))
+    assert ray.get(store.save_chunk.remote("s", kv.export(6, 9))) == []  # a gap
+    assert ray.get(store.save_chunk.remote("s", kv.export(0, 5))) == []  # stale, a second time
+    assert ray.get(store.save_chunk.remote("s", kv.export(5, 9)))
     assert [ray.get(r).end for r in ray.get(store.session_chunks.remote("s"))] == [5, 9]
     assert ray.get(store.usage.remote())["sessions"] == 1
 
 
 def test_prefix_lookup_returns_the_longest_known_run_and_evicts_least_recently_used(local_ray, kv):
-    block = export_chunk(kv, 0, 8)
+    block = kv.export(0, 8)
     store = new_store(prefix_bytes=3 * block.nbytes)
-    ray.get(store.publish_prefix.remote(["a", "b", "c"], [export_chunk(kv, s, s + 8) for s in (0, 8, 16)]))
+    ray.get(store.publish_prefix.remote(["a", "b", "c"], [kv.export(s, s + 8) for s in (0, 8, 16)]))
     assert [ray.get(r).start for r in ray.get(store.lookup_prefix.remote(["a", "b", "x", "c"]))] == [0, 8]
     ray.get(store.lookup_prefix.remote(["a"]))  # "a" is now the most recently used
-    ray.get(store.publish_prefix.remote(["d"], [export_chunk(kv, 24, 32)]))  # over budget: "c" goes
+    ray.get(store.publish_prefix.remote(["d"], [kv.export(24, 32)]))  # over budget: "c" goes
     usage = ray.get(store.usage.remote())
     assert usage["prefix_blocks"] == 3 and usage["prefix_bytes"] <= 3 * block.nbytes
     assert ray.get(store.lookup_prefix.remote(["c"])) == []
@@ -80,12 +80,12 @@ def test_prefix_lookup_returns_the_longest_known_run_and_evicts_least_recently_u
 
 def test_released_and_idle_sessions_are_dropped(local_ray, kv):
     store = new_store(idle_s=0.5)
-    ray.get(store.save_chunk.remote("done", export_chunk(kv, 0, 5)))
-    ray.get(store.save_chunk.remote("idle", export_chunk(kv, 0, 5)))
+    ray.get(store.save_chunk.remote("done", kv.export(0, 5)))
+    ray.get(store.save_chunk.remote("idle", kv.export(0, 5)))
     ray.get(store.release.remote("done"))
     assert ray.get(store.usage.remote())["sessions"] == 1
     # A save still in flight when the session ended does not bring it back.
-    assert ray.get(store.save_chunk.remote("done", export_chunk(kv, 0, 5))) == []
+    assert ray.get(store.save_chunk.remote("done", kv.export(0, 5))) == []
     assert ray.get(store.usage.remote())["sessions"] == 1
     deadline = time.monotonic() + 10
     while ray.get(store.usage.remote())["sessions"] and time.monotonic() < deadline:
@@ -98,7 +98,7 @@ def test_the_client_fetches_a_chunk_once(local_ray, kv):
 
     async def go():
         client = StateClient(store)
-        client.save_chunk("s", export_chunk(kv, 0, 6))
+        client.save_chunk("s", kv.export(0, 6))
         await client.flush()
         first = await client.session_chunks("s")  # saved here: already in the local cache
         other = StateClient(store)
@@ -114,7 +114,7 @@ def test_the_client_fetches_a_chunk_once(local_ray, kv):
 
 def test_a_replicas_chunk_cache_keeps_within_its_bytes(local_ray, kv):
     store = new_store()
-    chunks = [export_chunk(kv, i, i + 6) for i in range(0, 30, 6)]
+    chunks = [kv.export(i, i + 6) for i in range(0, 30, 6)]
     budget = 2 * chunks[0].nbytes
 
     async def go():
