@@ -117,11 +117,12 @@ def extend_paged(model, states: list[PagedKV], feeds: list[list[int]], logits_to
     pool = states[0].pool
     if any(state.pool is not pool for state in states):
         raise ValueError("states of different pools cannot share a pass")
-    with pool.lock:  # all the blocks or none
-        pool.check_free(sum(len(shared) + grow for shared, grow in
-                            (s.needs(len(s) + len(f)) for s, f in zip(states, feeds))))
-        for state, feed in zip(states, feeds):
-            state.reserve(len(state) + len(feed))
+    with pool.lock:  # all the blocks or none (a proposer reserves a block's positions up front: usually none)
+        plans = [state.needs(len(state) + len(feed)) for state, feed in zip(states, feeds)]
+        if any(shared or grow for shared, grow in plans):
+            pool.check_free(sum(len(shared) + grow for shared, grow in plans))
+            for state, feed in zip(states, feeds):
+                state.reserve(len(state) + len(feed))
     past, new = [len(s) for s in states], [len(f) for f in feeds]
     cache, P, N = pass_cache(pool, states, past, new)
     ids = torch.tensor([f + [0] * (N - len(f)) for f in feeds], dtype=torch.long).to(pool.device)
