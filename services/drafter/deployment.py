@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 
 from ..app.args import AppArgs
 from ..app.autoscaling import DRAFT_SESSIONS
+from ..core.kv_pool import BLOCK_TOKENS
 from ..models.eagle_away import load_eagle_away
 from ..models.loading import check_pair, load_config, load_model, load_tokenizer
 from ..rpc import internal_pb2_grpc
@@ -22,6 +23,7 @@ from ..rpc.auth import TOKEN_ENV, TokenInterceptor, internal_token
 from ..rpc.channels import SERVER_OPTIONS
 from ..state.client import PrefixSharing, replica_state_client
 from ..telemetry import tracing
+from ..telemetry.metrics import watch_draft_kv_pool
 from .routing import STATS_PERIOD_S, LeastLoadedDrafter
 from .service import DrafterService, make_proposers
 
@@ -56,6 +58,9 @@ class DraftWorker:
         self.service = DrafterService(proposers, max_sessions=cfg.session_limits()["drafter"], state=state,
                                       chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes, steps=steps,
                                       measured_fanout=cfg.fanout_policy == "measured")
+        pool, context = proposers["draft"].pool, serve.get_replica_context()
+        watch_draft_kv_pool(lambda: (pool.used_blocks * BLOCK_TOKENS, pool.capacity_tokens), context.app_name,
+                            context.replica_id.unique_id)
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None
         self.starting = asyncio.Lock()

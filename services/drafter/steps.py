@@ -82,25 +82,30 @@ class StepBatcher:
 
     def _loop(self) -> None:
         while True:
-            batch = self._take()
-            self.batch_sizes.append(len(batch))
-            try:
-                t0 = time.perf_counter()
-                logits = extend_paged(self.model, [s.kv for s in batch], [s.tokens for s in batch], [1] * len(batch))
-                if all(len(s.tokens) == 1 for s in batch):  # decode steps only: a prefill says nothing of rows
-                    if logits[0].is_cuda:
-                        torch.cuda.synchronize(logits[0].device)  # the step's time, not its launch's
-                    self.costs.observe(len(batch), time.perf_counter() - t0)
-                    self.step_s.append(time.perf_counter() - t0)
-                for s, out in zip(batch, logits):
-                    s.logits = out[-1]
-            except Exception:
-                # One bad step must not fail the others: run them alone, so only the
-                # step that raises gets the error.
-                for s in batch:
-                    try:
-                        s.logits = extend_paged(self.model, [s.kv], [s.tokens], [1])[0][-1]
-                    except Exception as error:
-                        s.error = error
+            # In a call of its own, so that nothing of a finished batch stays referenced
+            # while the loop waits for the next one: a draft KV state's blocks go back to
+            # the pool as soon as its session lets go of it (core/paged_kv.py).
+            self._run(self._take())
+
+    def _run(self, batch: list[_Step]) -> None:
+        self.batch_sizes.append(len(batch))
+        try:
+            t0 = time.perf_counter()
+            logits = extend_paged(self.model, [s.kv for s in batch], [s.tokens for s in batch], [1] * len(batch))
+            if all(len(s.tokens) == 1 for s in batch):  # decode steps only: a prefill says nothing of rows
+                if logits[0].is_cuda:
+                    torch.cuda.synchronize(logits[0].device)  # the step's time, not its launch's
+                self.costs.observe(len(batch), time.perf_counter() - t0)
+                self.step_s.append(time.perf_counter() - t0)
+            for s, out in zip(batch, logits):
+                s.logits = out[-1]
+        except Exception:
+            # One bad step must not fail the others: run them alone, so only the
+            # step that raises gets the error.
             for s in batch:
-                s.done.set()
+                try:
+                    s.logits = extend_paged(self.model, [s.kv], [s.tokens], [1])[0][-1]
+                except Exception as error:
+                    s.error = error
+        for s in batch:
+            s.done.set()

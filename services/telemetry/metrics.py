@@ -374,6 +374,18 @@ def watch_kv_pool(read: Callable[[], tuple[int, int]], application: str, replica
     }, application, replica, interval_s)
 
 
+def watch_draft_kv_pool(read: Callable[[], tuple[int, int]], application: str, replica: str,
+                        interval_s: float = 1.0) -> threading.Event:
+    """A draft worker's KV pool (core/paged_kv.py): ``read() -> (used, capacity)``."""
+    return watch_gauges({
+        "outrider_draft_kv_pool_used_positions": (
+            "Draft KV pool positions in blocks held by sessions and their speculation-cache branches.",
+            lambda: read()[0]),
+        "outrider_draft_kv_pool_capacity_positions": ("Draft KV pool positions in all (draft_kv_cache_bytes).",
+                                                      lambda: read()[1]),
+    }, application, replica, interval_s)
+
+
 def watch_goodput(controller, application: str, replica: str, interval_s: float = 1.0) -> threading.Event:
     """A verifier replica's goodput controller (core/goodput.py): what it plans and what
     it gets."""

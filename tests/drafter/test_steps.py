@@ -81,3 +81,19 @@ def test_a_sessions_branches_go_in_one_pass():
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert batcher.batch_sizes[-1] == 3
     assert base.tokens == [5, 6, 7, 8] and [f.tokens for f in forks] == [[5, 6, 7, 8, 9], [5, 6, 7, 30], [5, 6, 31]]
+
+
+def test_a_finished_step_keeps_no_state_alive():
+    """A session's draft KV goes back to the pool as soon as the session lets go of it:
+    the batcher, waiting for its next step, holds nothing of the last one."""
+    model = tiny("llama", seed=0)
+    batcher = StepBatcher(model)
+    pool = KVPool.for_model(model, 2**22)
+    free = len(pool.free)
+    states = [PagedKV(pool), PagedKV(pool)]
+    batcher.step(states, [list(range(3, 40)), [5, 6]])
+    branch = states[0].fork(20)
+    batcher.step([branch], [[7]])
+    assert len(pool.free) < free
+    del states, branch  # no collection needed: nothing refers to them in a cycle
+    assert len(pool.free) == free and not any(pool.refs)

@@ -156,6 +156,7 @@ def test_docs_and_dashboard_name_only_defined_metrics_and_document_them_all():
     defined = {v.name: v for v in vars(m).values() if isinstance(v, FakeMetric)}
     histograms = {name for name, v in defined.items() if v.boundaries}
     pool = {"ray_outrider_kv_pool_used_positions", "ray_outrider_kv_pool_capacity_positions",  # verifier replicas
+            "ray_outrider_draft_kv_pool_used_positions", "ray_outrider_draft_kv_pool_capacity_positions",  # draft workers
             "ray_outrider_goodput_predicted_tokens_per_second", "ray_outrider_goodput_measured_tokens_per_second",
             "ray_outrider_sessions_not_speculating", "ray_outrider_planned_gamma"}
     exported = {"ray_" + name for name in defined} | {"ray_outrider_session_store_bytes"} | pool
@@ -251,7 +252,7 @@ def served():
     # second concurrent request is refused.
     with serving_cluster({"max_sessions": 1}, system_config={"metrics_report_interval_ms": 1000}) as (client, _):
         ports = {}
-        for deployment in ("gateway", "verifier"):  # metrics are served by the node each runs on
+        for deployment in ("gateway", "verifier", "drafter"):  # metrics are served by the node each runs on
             node = serve.get_deployment_handle(deployment, app_name=APP).node_id.remote().result()
             ports[deployment] = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node)
         yield client, ports
@@ -292,8 +293,10 @@ def test_counters_and_histograms_match_the_requests_own_stats(served):
     expected_codes = {"OK": 4, "INVALID_ARGUMENT": 1, "RESOURCE_EXHAUSTED": 1, "CANCELLED": 1}
     deadline = time.monotonic() + 90
     while True:
-        samples, pool = scrape(port), scrape(ports["verifier"])
+        samples, pool, drafter = scrape(port), scrape(ports["verifier"]), scrape(ports["drafter"])
         done = (by_label(samples, "ray_outrider_requests_total", "code") == expected_codes
+                and total(drafter, "ray_outrider_draft_kv_pool_capacity_positions", application=APP) > 0
+                and total(drafter, "ray_outrider_draft_kv_pool_used_positions", application=APP) == 0
                 and total(pool, "ray_outrider_kv_pool_capacity_positions", application=APP) > 0
                 and total(pool, "ray_outrider_kv_pool_used_positions", application=APP) == 0
                 and total(samples, "ray_outrider_active_sessions") == 0
@@ -311,6 +314,10 @@ def test_counters_and_histograms_match_the_requests_own_stats(served):
     # The goodput controller's view of the replica: what its recent passes committed.
     assert total(pool, "ray_outrider_goodput_measured_tokens_per_second", application=APP) > 0
     assert total(pool, "ray_outrider_sessions_not_speculating", application=APP) == 0  # every session ended
+    # The draft worker's KV pool: its size, and every block back once the streams ended
+    # (a session's states, its branches' too, go with its stream).
+    assert total(drafter, "ray_outrider_draft_kv_pool_capacity_positions", application=APP) > 0
+    assert total(drafter, "ray_outrider_draft_kv_pool_used_positions", application=APP) == 0
 
     all_stats = [s for _, s in finished]
     gateway_tags = {"application": APP, "deployment": "gateway"}
