@@ -47,7 +47,7 @@ class PagedKV:
         self.counted = counted
         # The blocks go back when the state is dropped, by whoever drops it (the list
         # object is the finalizer's: never rebind it).
-        self.release = weakref.finalize(self, pool.drop, self.blocks)
+        weakref.finalize(self, pool.drop, self.blocks)
 
     @classmethod
     def restored(cls, pool: KVPool, chunks: list[KVChunk]) -> "PagedKV":
