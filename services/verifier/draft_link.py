@@ -50,6 +50,7 @@ class DraftLink:
         self.stalled: set[str] = set()  # workers that missed a deadline: never reused by this session
         self.full: set[str] = set()  # workers that refused the session at capacity
         self.off = False  # no worker to draft with: the session decodes alone
+        self.ended: Exception | None = None  # why the stream ended while nothing was reading it
         self.waits: deque[float] = deque(maxlen=16)  # recent block waits, for the deadline
         self.reader: asyncio.Future | None = None  # reads the stream into inbox
         self.inbox: asyncio.Queue | None = None  # messages, EOF, or the error that ended the stream
@@ -94,8 +95,11 @@ class DraftLink:
         ``token``), if it is already here; never waits. Branches of earlier rounds go."""
         try:
             self._drain()
-        except (grpc.aio.AioRpcError, ConnectionError):
-            self._drop_call()  # the fresh block's receive reconnects
+        except (grpc.aio.AioRpcError, ConnectionError) as error:
+            # The fresh block's receive acts on it: a full worker is left for another
+            # or for none (not reopened as if lost), a refusal fails the request, and a
+            # lost worker is replaced.
+            self._drop_call(error)
         branch = self.branches.pop((round, accepted, token), None)
         self.branches = {key: b for key, b in self.branches.items() if key[0] > round}
         if branch is not None:
@@ -133,7 +137,8 @@ class DraftLink:
 
     async def _read(self, round: int) -> DraftBlock:
         if self.call is None:
-            raise ConnectionError("the stream was dropped")
+            error, self.ended = self.ended, None
+            raise error or ConnectionError("the stream was dropped")
         self._listen()
         stats = self.seq.stats
         t0 = time.perf_counter()
@@ -167,9 +172,11 @@ class DraftLink:
         stats.transport_time_s += waited - exposed
         return block
 
-    def _drop_call(self) -> None:
+    def _drop_call(self, error: Exception | None = None) -> None:
         """Cancel the stream (cancelling a read cancels the whole call anyway); the
-        next receive reopens it on another worker."""
+        next receive reopens it on another worker. ``error``: what ended it, for that
+        receive to act on."""
+        self.ended = error
         if self.reader is not None:
             self.reader.cancel()
         if self.call is not None:

@@ -191,6 +191,8 @@ def test_a_worker_whose_draft_kv_pool_is_full_hands_the_session_back(prompt_len)
 
     (tokens, stats), worker = run(go())
     assert tokens == hf_greedy(target, prompt, 100, None)
-    # Refused at capacity once, not taken for a lost worker and reopened.
-    assert stats.undrafted_rounds > 0 and worker.opened == 1 and worker.active_sessions == 0
+    # Refused at capacity, not taken for a lost worker again and again (8 reconnects).
+    # Once in a while the refusal races the verifier's write of an outcome, and gRPC
+    # reports the failed write (INTERNAL) instead: then one reopen, refused the same way.
+    assert stats.undrafted_rounds > 0 and worker.opened <= 2 and worker.active_sessions == 0
     assert (stats.drafted > 0) == (prompt_len < 64)  # the short prompt drafted until the pool ran out

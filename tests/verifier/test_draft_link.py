@@ -176,11 +176,14 @@ def test_a_session_whose_drafts_are_rejected_stops_drafting_while_another_in_its
     want = hf_greedy(target, PROMPT, 200, eos=None)
     assert bad_tokens == want and good_tokens == want
     drafting = lambda stats: stats.drafted_per_position[0] / stats.rounds  # noqa: E731  rounds that drafted
-    # The bad session stopped drafting, re-probed now and then; the good one drafts, and
-    # most of its tokens are accepted drafts (both may stop at first: one rejected
-    # first round says little, until a probe accepts).
+    # The bad session stopped drafting, re-probed now and then; the good one drafts
+    # more than twice as often, and its drafts are accepted (both may stop at first: one
+    # rejected first round says little, until a probe accepts). How often the
+    # controller lets the good one draft depends on the draft time it measures on this
+    # shared machine: its accepted drafts were 39-66% of its tokens over runs, at an
+    # acceptance of 0.88-0.98 whenever it drafted.
     assert bad_stats.accepted == 0 and drafting(bad_stats) < 0.25
-    assert good_stats.accepted > 0.5 * good_stats.emitted and drafting(good_stats) > 2 * drafting(bad_stats)
+    assert good_stats.accepted > 0.8 * good_stats.drafted and drafting(good_stats) > 2 * drafting(bad_stats)
 
 
 def test_a_block_that_came_while_the_verifier_itself_was_frozen_is_not_a_stall():
