@@ -25,6 +25,7 @@ reads blocks in place is the GPU step after this one.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -62,9 +63,15 @@ class KVPool:
         self.free = list(range(num_blocks - 1, SCRATCH, -1))  # a stack; block 0 is scratch
         # Block tables may share blocks (a draft session's forks, core/paged_kv.py): a block
         # returns to ``free`` when its last holder lets it go. Draft sessions reserve and
-        # release from their own threads (and from finalizers: reentrant).
+        # release from their own threads.
         self.refs = [0] * num_blocks
         self.lock = threading.RLock()
+        # Block tables of draft states the collector has freed, returned at the next
+        # reserve or count. A finalizer only appends here: it takes no lock, and runs no
+        # more Python than that wherever the collector happens to run (inside an
+        # ``ast.parse``, code that blocks on a lock tripped CPython 3.11's "AST
+        # constructor recursion depth mismatch").
+        self.dropped: deque[list[int]] = deque()
         # Per layer [num_blocks * BLOCK_TOKENS, H_kv, D], allocated at the first write,
         # when the head layout (a TP rank's shard included) is known.
         self.keys: list[torch.Tensor | None] = [None] * num_layers
@@ -82,7 +89,18 @@ class KVPool:
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - 1 - len(self.free)
+        return self.num_blocks - 1 - self.free_blocks
+
+    @property
+    def free_blocks(self) -> int:
+        self.reclaim()
+        return len(self.free)
+
+    def reclaim(self) -> None:
+        """Return the blocks of collected draft states."""
+        with self.lock:
+            while self.dropped:
+                self.drop(self.dropped.popleft())
 
     def reserve(self, seqs: list[PagedSeq], lengths: list[int]) -> None:
         """Give each seq blocks for ``lengths[i]`` positions, all or nothing."""
@@ -93,6 +111,7 @@ class KVPool:
                 seq.blocks += self.take(n)
 
     def check_free(self, blocks: int) -> None:
+        self.reclaim()
         if blocks > len(self.free):
             raise PoolExhausted(
                 f"the KV pool has {len(self.free) * BLOCK_TOKENS} free positions of {self.capacity_tokens} and this "

@@ -45,9 +45,9 @@ class PagedKV:
         # A drafter's counts of its last context for penalties (core/shaping.py
         # CountedContext): forks share it, and whoever drafts next counts only what it adds.
         self.counted = counted
-        # The blocks go back when the state is dropped, by whoever drops it (the list
-        # object is the finalizer's: never rebind it).
-        weakref.finalize(self, pool.drop, self.blocks)
+        # The blocks go back when the state is dropped, by whoever drops it: at the pool's
+        # next reserve or count (the list object is the finalizer's: never rebind it).
+        weakref.finalize(self, pool.dropped.append, self.blocks)
 
     @classmethod
     def restored(cls, pool: KVPool, chunks: list[KVChunk]) -> "PagedKV":

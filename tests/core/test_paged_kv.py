@@ -95,15 +95,15 @@ def test_exports_restore_a_state_exactly_and_are_copies():
 def test_dropped_states_give_their_blocks_back():
     model = tiny("llama", seed=0)
     pool = pool_of(model, 16)
-    free = len(pool.free)
+    free = pool.free_blocks
     a = PagedKV(pool)
     extend_paged(model, [a], [list(range(3, 40))], [1])
     branches = [a.fork(n) for n in (37, 30, 12)]
     extend_paged(model, branches, [[5], [6], [7]], [1, 1, 1])
-    assert len(pool.free) < free - 3
+    assert pool.free_blocks < free - 3
     del a, branches  # an ended session, branches the verifier did not take
     gc.collect()
-    assert len(pool.free) == free and not any(pool.refs)
+    assert pool.free_blocks == free and not any(pool.refs)
 
 
 def test_a_step_the_pool_cannot_hold_changes_nothing():

@@ -89,11 +89,11 @@ def test_a_finished_step_keeps_no_state_alive():
     model = tiny("llama", seed=0)
     batcher = StepBatcher(model)
     pool = KVPool.for_model(model, 2**22)
-    free = len(pool.free)
+    free = pool.free_blocks
     states = [PagedKV(pool), PagedKV(pool)]
     batcher.step(states, [list(range(3, 40)), [5, 6]])
     branch = states[0].fork(20)
     batcher.step([branch], [[7]])
-    assert len(pool.free) < free
+    assert pool.free_blocks < free
     del states, branch  # no collection needed: nothing refers to them in a cycle
-    assert len(pool.free) == free and not any(pool.refs)
+    assert pool.free_blocks == free and not any(pool.refs)
