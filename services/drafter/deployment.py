@@ -23,7 +23,7 @@ from ..rpc.auth import TOKEN_ENV, TokenInterceptor, internal_token
 from ..rpc.channels import SERVER_OPTIONS
 from ..state.client import PrefixSharing, replica_state_client
 from ..telemetry import tracing
-from ..telemetry.metrics import watch_draft_kv_pool
+from ..telemetry.metrics import watch_kv_pool
 from .routing import STATS_PERIOD_S, LeastLoadedDrafter
 from .service import DrafterService, make_proposers
 
@@ -59,8 +59,8 @@ class DraftWorker:
                                       chunk_tokens=cfg.draft_chunk_tokens, prefixes=prefixes, steps=steps,
                                       measured_fanout=cfg.fanout_policy == "measured")
         pool, context = proposers["draft"].pool, serve.get_replica_context()
-        watch_draft_kv_pool(lambda: (pool.used_blocks * BLOCK_TOKENS, pool.capacity_tokens), context.app_name,
-                            context.replica_id.unique_id)
+        watch_kv_pool(lambda: (pool.used_blocks * BLOCK_TOKENS, pool.capacity_tokens), context.app_name,
+                      context.replica_id.unique_id, "draft")
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None
         self.starting = asyncio.Lock()

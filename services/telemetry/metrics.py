@@ -363,26 +363,18 @@ def watch_gauges(gauges: dict[str, tuple[str, Callable[[], float]]], application
     return stop
 
 
-def watch_kv_pool(read: Callable[[], tuple[int, int]], application: str, replica: str,
+def watch_kv_pool(read: Callable[[], tuple[int, int]], application: str, replica: str, model: str = "target",
                   interval_s: float = 1.0) -> threading.Event:
-    """A verifier replica's KV pool: ``read() -> (used, capacity)`` positions, as
-    ``outrider_kv_pool_used_positions`` / ``outrider_kv_pool_capacity_positions``."""
+    """A replica's KV pool, ``read() -> (used, capacity)`` positions: a verifier's target
+    pool as ``outrider_kv_pool_*``, a draft worker's (``model="draft"``) as
+    ``outrider_draft_kv_pool_*``."""
+    prefix, setting = ("outrider_kv_pool", "kv_cache_bytes") if model == "target" else \
+        ("outrider_draft_kv_pool", "draft_kv_cache_bytes")
     return watch_gauges({
-        "outrider_kv_pool_used_positions": ("Target KV pool positions held by sessions (their budgets).",
-                                            lambda: read()[0]),
-        "outrider_kv_pool_capacity_positions": ("Target KV pool positions in all (kv_cache_bytes).", lambda: read()[1]),
-    }, application, replica, interval_s)
-
-
-def watch_draft_kv_pool(read: Callable[[], tuple[int, int]], application: str, replica: str,
-                        interval_s: float = 1.0) -> threading.Event:
-    """A draft worker's KV pool (core/paged_kv.py): ``read() -> (used, capacity)``."""
-    return watch_gauges({
-        "outrider_draft_kv_pool_used_positions": (
-            "Draft KV pool positions in blocks held by sessions and their speculation-cache branches.",
-            lambda: read()[0]),
-        "outrider_draft_kv_pool_capacity_positions": ("Draft KV pool positions in all (draft_kv_cache_bytes).",
-                                                      lambda: read()[1]),
+        f"{prefix}_used_positions": (f"{model.capitalize()} KV pool positions in blocks sessions hold.",
+                                     lambda: read()[0]),
+        f"{prefix}_capacity_positions": (f"{model.capitalize()} KV pool positions in all ({setting}).",
+                                         lambda: read()[1]),
     }, application, replica, interval_s)
 
 
