@@ -185,7 +185,7 @@ def write_plot(path: Path, rows: list[dict]) -> None:
           "speedup over target-only (tokens/s)", draw)
 
 
-def write_concurrency_plot(path: Path, by_concurrency: dict) -> None:
+def write_concurrency_plot(path: Path, by_concurrency: dict, sampling: str = "greedy") -> None:
     """Speculative over target-only tokens/s against concurrent streams."""
     levels = sorted(by_concurrency, key=int)
 
@@ -195,5 +195,5 @@ def write_concurrency_plot(path: Path, by_concurrency: dict) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks([int(n) for n in levels], labels=levels)
 
-    _plot(path, "Speculative decoding under load (greedy, same service)", "concurrent streams",
+    _plot(path, f"Speculative decoding under load ({sampling}, same service)", "concurrent streams",
           "speculative / target-only (tokens/s)", draw)

@@ -4,8 +4,10 @@ transformers' assisted generation, measured in one run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -48,6 +50,11 @@ def add_parser(sub, name: str) -> None:
                         help="N streams at once (a comma list: one level after another), aggregate tokens/s and "
                              "time to first token: target-only and each drafter; in-process (no --server) each "
                              "with batched and with per-session verification")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="--concurrency: sample at this temperature (0: greedy). Request i is seeded i, so "
+                             "speculative output must equal target-only's (coupled sampling), unless --unseeded")
+    parser.add_argument("--unseeded", action="store_true",
+                        help="--concurrency with --temperature: no seeds (rejection sampling; outputs not compared)")
     parser.add_argument("--kill-replica", type=int, default=0, metavar="N",
                         help="with --server: N streams, each losing a replica (drafter and verifier in turn) "
                              "mid-stream; checks every stream against an undisturbed run")
@@ -116,6 +123,12 @@ def run(args) -> int:
     args.levels = parse_ints(args.concurrency, "concurrency") if args.concurrency else []
     if 0 in args.levels:
         raise UsageError(f"--concurrency levels must be >= 1, got {args.concurrency!r}")
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if (args.temperature or args.unseeded) and not args.levels:
+        raise UsageError("--temperature and --unseeded apply to --concurrency levels")
+    if args.unseeded and not args.temperature:
+        raise UsageError("--unseeded needs --temperature > 0 (greedy has no seed)")
     if args.kill_replica or args.shared_prefix or args.cancels:
         return run_resilience(args)
     if args.tracing:
@@ -148,7 +161,7 @@ def run(args) -> int:
     summarize_pass, speedup_key = summarize, "speedup_vs_ar"
     if args.levels:
         build = concurrency_configs
-        summarize_pass, speedup_key = summarize_concurrency, None
+        summarize_pass, speedup_key = partial(summarize_concurrency, compare=not args.unseeded), None
     elif args.server:
         build = server_configs
     else:
@@ -190,14 +203,16 @@ def run(args) -> int:
         summary["verify_cost"] = tree_verify_cost(pair)
     meta = {"server": args.server, "target": pair.paths.target if pair else None,
             "draft": pair.paths.draft if pair else None, "prompts": len(workloads[0]), "workload": args.workload,
-            "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "concurrency": args.levels, "threads": torch.get_num_threads(),
+            "max_new_tokens": args.max_new_tokens, "repeat": args.repeat, "concurrency": args.levels,
+            "temperature": args.temperature, "seeded": not args.unseeded, "threads": torch.get_num_threads(),
             "device": args.device, "torch": torch.__version__, "machine": platform.machine()}
     print(format_table(rows))
     print(json.dumps(summary, indent=2))
     write_json(args.json, summary, rows, meta)
     if args.levels:  # the plot is speculative over target-only against concurrency
         plot = args.plot or args.json.with_suffix(".png")
-        write_concurrency_plot(plot, summary["by_concurrency"])
+        sampling = "greedy" if not args.temperature else f"T={args.temperature:g}{' unseeded' if args.unseeded else ' seeded'}"
+        write_concurrency_plot(plot, summary["by_concurrency"], sampling)
         print(f"wrote {args.json} and {plot}")
         return 0
     plot = args.plot or args.json.with_suffix(".png")

@@ -3,12 +3,15 @@ through a server, and at several concurrency levels (``--concurrency``)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 
 from ..bench.concurrent import run_local as run_concurrent_local
 from ..bench.concurrent import run_server as run_concurrent_server
 from ..bench.runs import run_hf, run_outrider, run_server
 from ..core.gamma import MAX_GAMMA
+from ..core.sampling import SamplingParams
 from ..rpc.convert import ON_VERIFIER
 from .common import UsageError, server_client, tree_option
 
@@ -103,8 +106,10 @@ def concurrency_configs(args, drafters, gammas, texts, pair):
     """Target-only and each drafter x gamma at each ``--concurrency`` level (a level's
     configs interleaved, levels in order); in-process, each with batched and with
     per-session verification. A level of N streams runs max(N, prompts) requests,
-    the prompts cycled."""
+    the prompts cycled. Sampled (``--temperature``): request i is seeded i, or not at
+    all with ``--unseeded`` (in-process: seeded but not coupled, rejection sampling)."""
     methods = [("none", None)] + [(d, g) for d in drafters for g in gammas if g > 0]
+    params = SamplingParams(temperature=args.temperature, seed=0, coupled=False if args.unseeded else None)
 
     def cycled(items, n):
         return [items[i % len(items)] for i in range(max(len(items), n))]
@@ -112,18 +117,20 @@ def concurrency_configs(args, drafters, gammas, texts, pair):
     if args.server:
         client = server_client(args)
         top = max(args.levels)
+        served = replace(params, seed=None) if args.unseeded else params
         for method, gamma in methods:  # warm-up
-            run_concurrent_server(client, method, gamma, cycled(texts, top)[:top], 8, top)
+            run_concurrent_server(client, method, gamma, cycled(texts, top)[:top], 8, top, served)
         configs = [(m, g, n) for n in args.levels for m, g in methods]
-        return (lambda c: run_concurrent_server(client, c[0], c[1], cycled(texts, c[2]), args.max_new_tokens, c[2])), configs
+        return (lambda c: run_concurrent_server(client, c[0], c[1], cycled(texts, c[2]), args.max_new_tokens, c[2],
+                                                served)), configs
     prompts = [pair.tokenizer(t)["input_ids"] for t in texts]
     check_fits(pair, prompts, args.max_new_tokens)
     configs = [(m, g, n, batched) for n in args.levels for m, g in methods for batched in (True, False)]
     for method, gamma, n, batched in configs:  # warm-up
-        run_concurrent_local(pair, method, gamma, cycled(prompts, n)[:n], 8, n, batched)
+        run_concurrent_local(pair, method, gamma, cycled(prompts, n)[:n], 8, n, batched, params)
 
     def measure(config):
         method, gamma, n, batched = config
-        return run_concurrent_local(pair, method, gamma, cycled(prompts, n), args.max_new_tokens, n, batched)
+        return run_concurrent_local(pair, method, gamma, cycled(prompts, n), args.max_new_tokens, n, batched, params)
 
     return measure, configs

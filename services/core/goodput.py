@@ -22,8 +22,9 @@ client's gamma is the ceiling of the search, never an order.
 
 A session the plan stops (gamma 0) is re-probed now and then with a short draft, at
 exponentially growing intervals, so that a request whose text turned predictable again
-comes back. Without two pass sizes to fit T, nothing is limited. Where the plan's gain
-is small, it is also checked against plain decoding by measurement (``ArmCheck``).
+comes back. Without two pass sizes to fit T, nothing is limited. Whenever the plan
+drafts, it is also checked against plain decoding by measurement (``ArmCheck``): the
+model ranks gammas, the measurement decides whether drafting pays at all.
 """
 
 from __future__ import annotations
@@ -44,11 +45,19 @@ DECAY = 0.9  # per observed round: a session's acceptance follows its text withi
 # A first rejected round moves an estimate part of the way, not to 0.
 PRIOR_ALPHA, PRIOR_WEIGHT = 0.7, 2.0
 MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many passes each
-# Measured, not modelled, where the model is least sure: while the plan's predicted gain
-# over plain decoding is below CHECK_BELOW, every CHECK_EVERY passes the replica runs
+# Measured, not modelled: whenever the plan drafts, the replica now and then runs
 # CHECK_PASSES passes of the arm not in use (plain decoding, or the plan), the first
-# SETTLE of them uncounted (drafters catching up), and keeps the faster arm.
-CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, SETTLE = 1.5, 48, 12, 3
+# SETTLE of them uncounted (drafters catching up), and keeps the faster arm. The model
+# overrates drafting under load by up to 2.5x on a shared CPU (sessions waiting on their
+# drafts fall out of step into more, smaller passes; the drafter takes the verifier's
+# cores), so no predicted gain is trusted unchecked. Which arm wins depends on the load,
+# so each load level (sessions, in steps of LOAD_STEP) keeps its own choice: load that
+# comes and goes finds its level's measured arm. A level's first check comes after
+# FIRST_CHECK of its passes, the next CHECK_EVERY after it, twice that after each check
+# the arm in use won by WIDE or more, up to CHECK_MAX: a clear winner costs about 1% of
+# the passes to keep checking.
+FIRST_CHECK, CHECK_EVERY, CHECK_MAX, CHECK_PASSES, SETTLE = 16, 48, 768, 12, 3
+WIDE, LOAD_STEP = 1.25, 1.5
 
 
 class PassCost:
@@ -112,38 +121,63 @@ def expected_tokens(alpha: np.ndarray | float, gamma: np.ndarray | int):
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
+@dataclass
+class LevelArm:
+    """What was measured at one load level."""
+
+    plain: bool = False  # the arm in use there: True = every session at gamma 0
+    passes: int = 0  # drafting passes there since its last check
+    due: int = FIRST_CHECK  # ... when its next check starts
+    checks: int = 0
+
+
 class ArmCheck:
     """The plan against plain decoding, by measurement. The model sees the pass cost,
-    acceptance and exposed draft time; it does not see what drafting costs the target
-    where both share hardware (a CPU node's cores, a GPU's memory bandwidth), nor any
-    other cost it leaves out. Where its predicted gain is small, the replica measures
-    both arms now and then and keeps the faster: committed tokens per second over the
-    same number of passes."""
+    acceptance and exposed draft time; it does not see sessions falling out of step,
+    what drafting costs the target where both share hardware (a CPU node's cores, a
+    GPU's memory bandwidth), nor any other cost it leaves out. So the replica measures
+    both arms now and then, at each load level, and keeps the faster: committed tokens
+    per second over the same number of passes. A measured choice stands until the
+    level's next check, whatever the model predicts meanwhile."""
 
-    def __init__(self):
-        self.plain = False  # the arm in use: True = every session at gamma 0
-        self.passes = 0  # since the last check
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.levels: dict[int, LevelArm] = {}
+        self.level = LevelArm()  # the current load level's
+        self.streak = 0  # passes in a row at the current level
         self.window: list | None = None  # [arm, passes, tokens, first start, last end] while checking
         self.baseline = 0.0  # the arm in use's rate just before the check
         self.checks = 0
 
     @property
-    def plain_now(self) -> bool:
-        return self.window[0] if self.window is not None else self.plain
+    def plain(self) -> bool:
+        return self.level.plain
 
-    def observe(self, start: float, end: float, committed: int, recent_rate: Callable[[], float],
-                needed: bool) -> bool:
-        """One pass; ``recent_rate()``: committed tokens/s over the latest passes; ``needed``:
-        the model is unsure. Returns whether the arm changed (the plan is stale)."""
+    @property
+    def plain_now(self) -> bool:
+        return self.window[0] if self.window is not None else self.level.plain
+
+    def observe(self, start: float, end: float, committed: int, recent_rate: Callable[[], float], sessions: int,
+                plan_drafts: bool, drafted: bool = True, priced: bool = True) -> bool:
+        """One pass; ``recent_rate()``: committed tokens/s over the latest passes;
+        ``sessions``: the replica's sessions now; ``plan_drafts``: the plan drafts (else
+        both arms are plain decoding); ``drafted``: this pass had drafts; ``priced``: the
+        plan is the model's (not every session at its ceiling, before T is fitted).
+        Returns whether the arm changed (the plan is stale)."""
+        before = self.plain_now
+        level = self.levels.setdefault(round(math.log(max(1, sessions), LOAD_STEP)), LevelArm())
+        if level is not self.level or not plan_drafts:
+            self.window = None  # a check the load left, or with nothing to draft, measured nothing
+        if level is not self.level:
+            self.level, self.streak = level, 0
+        self.streak += 1
         if self.window is None:
-            self.passes += 1
-            if not needed:
-                changed, self.plain, self.passes = self.plain, False, 0  # the model is sure: the plan
-                return changed
-            if self.passes >= CHECK_EVERY:
-                self.window, self.baseline = [not self.plain, 0, 0, None, None], recent_rate()
-                return True
-            return False
+            if self.enabled and plan_drafts and (level.plain or (drafted and priced)):
+                level.passes += 1
+                # The baseline's passes all at this level, too.
+                if level.passes >= level.due and self.streak > CHECK_PASSES:
+                    self.window, self.baseline = [not level.plain, 0, 0, None, None], recent_rate()
+            return self.plain_now != before
         window = self.window
         window[1] += 1
         if window[1] > SETTLE:
@@ -153,9 +187,13 @@ class ArmCheck:
         if window[1] < CHECK_PASSES:
             return False
         rate = window[2] / (window[4] - window[3]) if window[4] and window[4] > window[3] else 0.0
-        if rate > self.baseline:
-            self.plain = window[0]
-        self.window, self.passes = None, 0
+        kept = rate <= self.baseline  # the arm in use won (or tied)
+        wide = max(rate, self.baseline) >= WIDE * min(rate, self.baseline)
+        level.due = min(CHECK_MAX, 2 * level.due) if kept and wide and level.checks else CHECK_EVERY
+        if not kept:
+            level.plain = window[0]
+        level.passes, level.checks = 0, level.checks + 1
+        self.window = None
         self.checks += 1
         return True
 
@@ -185,14 +223,21 @@ class GoodputController:
             self.sessions.remove(control)
             self._stale = True
 
-    def observe_pass(self, positions: int, seconds: float, committed: int, end: float | None = None) -> None:
+    def observe_pass(self, positions: int, seconds: float, committed: int, end: float | None = None,
+                     rows: int | None = None) -> None:
+        """``rows``: the pass's sessions (None: unknown, taken as drafting)."""
         end = time.perf_counter() if end is None else end
         self.cost.observe(positions, seconds)
         self.committed.append((end - seconds, end, committed))
         self._stale = True
-        # A plan that drafts nothing (gain 1) has nothing to check: its probes go on.
+        # Towards a check count, in the plan's arm, passes that drafted for a priced plan
+        # (not a plan that drafts nothing, gain 1, whose probes go on; not passes without
+        # drafts, no draft worker; not before T is fitted, when nothing is limited); in
+        # plain decoding's arm, passes whose plan would draft.
+        plan_drafts = self.gain > 1.0 and any(c.ceiling > 0 and not c.fixed for c in self.sessions)
         if self.check.observe(end - seconds, end, committed, lambda: self.measured_goodput(CHECK_PASSES - SETTLE),
-                              1.0 < self.gain < CHECK_BELOW):
+                              len(self.sessions), plan_drafts, drafted=rows is None or positions > rows,
+                              priced=self.gain < math.inf):
             for c in self.sessions:  # drafting resumes, or stops, for every session at once
                 c.off_rounds = 0
 
@@ -278,7 +323,8 @@ class GoodputController:
         if fit is None or not live:
             for c in self.sessions:
                 c.planned = None
-            self.predicted, self.gain = 0.0, math.inf
+            # No fit: every live session drafts its ceiling, a plan like any other to check.
+            self.predicted, self.gain = 0.0, math.inf if live else 1.0
             return
         a, b = fit
         alpha = np.array([self.alpha(c) for c in live])
