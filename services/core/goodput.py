@@ -52,12 +52,13 @@ MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many pas
 # drafts fall out of step into more, smaller passes; the drafter takes the verifier's
 # cores), so no predicted gain is trusted unchecked. Which arm wins depends on the load,
 # so each load level (sessions, in steps of LOAD_STEP) keeps its own choice: load that
-# comes and goes finds its level's measured arm. A level's first check comes after
+# comes and goes finds its level's measured arm. The choice follows the decayed mean
+# (EDGE_DECAY a check) of the checks' measured ratios. A level's first check comes after
 # FIRST_CHECK of its passes, the next CHECK_EVERY after it, twice that after each check
-# the arm in use won by WIDE or more, up to CHECK_MAX: a clear winner costs about 1% of
-# the passes to keep checking.
+# that kept the arm in use by a mean margin of WIDE or more, up to CHECK_MAX: a clear
+# winner costs about 1% of the passes to keep checking.
 FIRST_CHECK, CHECK_EVERY, CHECK_MAX, CHECK_PASSES, SETTLE = 16, 48, 768, 12, 3
-WIDE, LOAD_STEP = 1.25, 1.5
+WIDE, LOAD_STEP, EDGE_DECAY = 1.25, 1.5, 0.5
 
 
 class PassCost:
@@ -129,6 +130,7 @@ class LevelArm:
     passes: int = 0  # drafting passes there since its last check
     due: int = FIRST_CHECK  # ... when its next check starts
     checks: int = 0
+    edge: float = 0.0  # decayed mean over its checks of log(plan's rate / plain decoding's)
 
 
 class ArmCheck:
@@ -187,13 +189,19 @@ class ArmCheck:
         if window[1] < CHECK_PASSES:
             return False
         rate = window[2] / (window[4] - window[3]) if window[4] and window[4] > window[3] else 0.0
-        kept = rate <= self.baseline  # the arm in use won (or tied)
-        wide = max(rate, self.baseline) >= WIDE * min(rate, self.baseline)
-        level.due = min(CHECK_MAX, 2 * level.due) if kept and wide and level.checks else CHECK_EVERY
-        if not kept:
-            level.plain = window[0]
-        level.passes, level.checks = 0, level.checks + 1
         self.window = None
+        if rate <= 0 or self.baseline <= 0:
+            return True  # nothing committed in one of the windows: no sample
+        # One check is a paired sample, log(plan / plain), taken a few passes apart; the
+        # level decides on their decayed mean, since one window of a dozen passes is
+        # noisy (+-30% at one stream here, between requests).
+        sample = math.log(rate / self.baseline) * (-1 if window[0] else 1)
+        level.edge = sample if not level.checks else (1 - EDGE_DECAY) * level.edge + EDGE_DECAY * sample
+        plain = level.edge < 0
+        wide = abs(level.edge) >= math.log(WIDE)
+        level.due = min(CHECK_MAX, 2 * level.due) if plain == level.plain and wide and level.checks else CHECK_EVERY
+        level.plain = plain
+        level.passes, level.checks = 0, level.checks + 1
         self.checks += 1
         return True
 

@@ -9,6 +9,7 @@ side verifies round k (see core/pipeline.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,8 @@ from ..telemetry import tracing
 from .batcher import RoundBatcher
 from .draft_link import OPEN_S, DraftLink, NoOtherWorker
 from .round_spans import record_round, round_span
+
+log = logging.getLogger(__name__)
 
 
 class VerifierService:
@@ -222,10 +225,16 @@ class VerifierService:
         # round; an EAGLE drafter there needs the prompt's features from it first.
         prefill = asyncio.ensure_future(self._prefill(seq, trace_ctx))
         relayed = getattr(seq.proposer, "relays_features", False)
+        # A session that starts while this replica decodes without drafts (the arm
+        # measured faster at its load) opens no draft stream, and costs its draft worker
+        # nothing, until drafting resumes; the open then carries everything committed.
+        # EAGLE on a worker reads the target's features from the first position: it opens now.
+        opened = None if seq.effective_gamma == 0 and not relayed else round  # the round the open drafts
         try:
             if relayed:
                 await prefill
-            await link.start(round)
+            if opened is not None:
+                await link.start(round)
         except BaseException:
             prefill.cancel()
             span.end()
@@ -235,7 +244,8 @@ class VerifierService:
             exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
             unreported: list[int] = []  # committed tokens the worker has not been told yet
-            block = await link.receive(round)
+            block = DraftBlock(round, Proposal.empty(self.device), False, None, 0.0) if opened is None \
+                else await link.receive(round)
             while True:
                 proposal = await self._with_lookups(seq, block.proposal)
                 result = await self.batcher.verify(seq, proposal, span)
@@ -243,7 +253,7 @@ class VerifierService:
                 followed = proposal is block.proposal or (
                     result.num_accepted <= len(block.proposal)
                     and result.tokens[: result.num_accepted] == block.proposal.tokens[: result.num_accepted].tolist())
-                first = round == req.first_round  # its block read the prompt too: not a draft's price
+                first = round == opened  # its block read the whole context too: not a draft's price
                 # The controller plans the worker's chain: a tree's lookups ride along, free to draft.
                 self._control(seq, control, len(block.proposal), min(result.num_accepted, len(block.proposal)),
                               None if first else seq.stats.exposed_draft_time_s - exposed,
@@ -271,7 +281,14 @@ class VerifierService:
                 # A worker told gamma 0 drafts nothing and waits: while drafting stays
                 # off, the verifier decodes alone and tells it nothing (no per-round
                 # message); it hears every token at once when drafting resumes.
-                if told > 0 or seq.effective_gamma > 0:
+                if opened is None and seq.effective_gamma > 0 and not seq.finished:
+                    told, opened, unreported = seq.effective_gamma, round + 1, []
+                    try:
+                        await link.start(opened)
+                    except Exception:  # no worker to be found: this session decodes on alone
+                        log.exception("no draft stream for a session whose drafting resumed")
+                        link.off = True
+                elif told > 0 or seq.effective_gamma > 0:
                     told = seq.effective_gamma
                     await link.report(round, unreported, hit, told, self._unsent_features(seq) if relayed else ())
                     unreported = []

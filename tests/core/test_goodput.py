@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from services.core.goodput import (CHECK_EVERY, CHECK_MAX, CHECK_PASSES, FIRST_CHECK, PROBE_EVERY, PROBE_GAMMA,
+from services.core.goodput import (CHECK_EVERY, SETTLE, ArmCheck, CHECK_MAX, CHECK_PASSES, FIRST_CHECK, PROBE_EVERY, PROBE_GAMMA,
                                    GoodputController, PassCost, expected_tokens)
 
 
@@ -227,6 +227,38 @@ def test_each_load_level_keeps_its_own_measured_arm():
     controller._stale = True
     drive(controller, crowd, 1, 8, t)  # back at 8: its measured arm at once, no new check
     assert controller.check.plain and controller.check.checks == 2 and controller.gamma(crowd[0]) == 0
+
+
+def checked(check: ArmCheck, plan_rate: float, plain_rate: float, t: float = 0.0) -> float:
+    """10 ms passes of one session committing tokens at each arm's rate, until the
+    check's next decision; returns the time."""
+    recent: list[tuple[float, float, float]] = []
+
+    def rate():
+        window = recent[-(CHECK_PASSES - SETTLE):]
+        return sum(c for _, _, c in window) / (window[-1][1] - window[0][0])
+
+    checks = check.checks
+    while check.checks == checks:
+        committed = 0.01 * (plain_rate if check.plain_now else plan_rate)
+        recent.append((t, t + 0.01, committed))
+        check.observe(t, t + 0.01, committed, rate, sessions=1, plan_drafts=True)
+        t += 0.01
+    return t
+
+
+def test_one_contrary_check_does_not_undo_what_several_measured():
+    """A check is one short paired sample; the level follows their decayed mean."""
+    check = ArmCheck()
+    t = 0.0
+    for _ in range(3):
+        t = checked(check, plan_rate=100, plain_rate=190, t=t)  # plain decoding clearly faster
+        assert check.plain
+    t = checked(check, plan_rate=130, plain_rate=100, t=t)  # one noisy window the other way
+    assert check.plain
+    for _ in range(3):
+        t = checked(check, plan_rate=130, plain_rate=100, t=t)  # ... and then it holds
+    assert not check.plain
 
 
 def test_passes_without_drafts_start_no_check():

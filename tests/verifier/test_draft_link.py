@@ -189,6 +189,55 @@ def test_a_session_whose_drafts_are_rejected_stops_drafting_while_another_in_its
     assert good_stats.accepted > 0.8 * good_stats.drafted and drafting(good_stats) > 2 * drafting(bad_stats)
 
 
+class PlainFirst(ArmCheck):
+    """Plain decoding measured faster for the replica's first ``passes`` passes, then
+    the plan."""
+
+    def __init__(self, passes: int):
+        super().__init__(enabled=False)
+        self.left = passes
+
+    @property
+    def plain_now(self) -> bool:
+        return self.left > 0
+
+    def observe(self, *args, **kwargs) -> bool:
+        self.left -= 1
+        return self.left == 0
+
+
+def test_a_session_started_while_the_replica_decodes_plain_opens_its_draft_stream_when_drafting_resumes(pair):
+    target, draft = pair
+
+    async def go():
+        service, server, address = await start_worker(worker(draft))
+        contexts = []  # the committed tokens each open carried
+        original = service._open
+
+        def counting(msg):
+            contexts.append(len(msg.prompt_ids))
+            return original(msg)
+        service._open = counting
+
+        async def find_drafter():
+            return address
+
+        verifier = VerifierService(SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256), find_drafter)
+        verifier.controller.check = PlainFirst(10)
+        verifier.controller.cost = FixedCost(0.020, 0.004)  # priced so that drafting pays, as above
+        result = await generate(verifier, uuid.uuid4().hex, 40, 4)
+        await close(verifier, [server])
+        return result, contexts
+
+    (tokens, stats), contexts = run(go())
+    assert tokens == hf_greedy(target, PROMPT, 40, eos=None)
+    # Ten plain passes (the prefill's is not a pass), each committing one token, with no
+    # stream; then one open, at everything committed, and drafts accepted.
+    assert contexts == [len(PROMPT) + 10]
+    assert 0 < stats.drafted_per_position[0] <= stats.rounds - 10 and stats.accepted > 0
+    assert stats.draft_reconnects == 0 and stats.undrafted_rounds == 0
+
+
 def test_a_block_that_came_while_the_verifier_itself_was_frozen_is_not_a_stall():
     """When the verifier's own node is stopped and resumed, every read deadline has passed
     with the worker's block already in the socket: that worker did not stall."""
