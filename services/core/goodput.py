@@ -58,7 +58,7 @@ MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many pas
 # that kept the arm in use by a mean margin of WIDE or more, up to CHECK_MAX: a clear
 # winner costs about 1% of the passes to keep checking.
 FIRST_CHECK, CHECK_EVERY, CHECK_MAX, CHECK_PASSES, SETTLE = 16, 48, 768, 12, 3
-WIDE, LOAD_STEP, EDGE_DECAY = 1.25, 1.5, 0.5
+WIDE, LOAD_STEP, LEVEL_SETTLE, EDGE_DECAY = 1.25, 1.5, 4, 0.5
 
 
 class PassCost:
@@ -145,7 +145,8 @@ class ArmCheck:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.levels: dict[int, LevelArm] = {}
-        self.level = LevelArm()  # the current load level's
+        self.key, self.level = None, LevelArm()  # the current load level, and what it measured
+        self.pending: tuple[int | None, int] = (None, 0)  # the latest passes' level, and how many in a row
         self.streak = 0  # passes in a row at the current level
         self.window: list | None = None  # [arm, passes, tokens, first start, last end] while checking
         self.baseline = 0.0  # the arm in use's rate just before the check
@@ -167,11 +168,16 @@ class ArmCheck:
         plan is the model's (not every session at its ceiling, before T is fitted).
         Returns whether the arm changed (the plan is stale)."""
         before = self.plain_now
-        level = self.levels.setdefault(round(math.log(max(1, sessions), LOAD_STEP)), LevelArm())
-        if level is not self.level or not plan_drafts:
+        key = round(math.log(max(1, sessions), LOAD_STEP))
+        # A new level once the load has stayed there LEVEL_SETTLE passes: not for a
+        # session that overlaps the next one's first passes for a moment.
+        self.pending = (self.pending[0], self.pending[1] + 1) if key == self.pending[0] else (key, 1)
+        moved = key != self.key and (self.key is None or self.pending[1] >= LEVEL_SETTLE)
+        if moved or not plan_drafts:
             self.window = None  # a check the load left, or with nothing to draft, measured nothing
-        if level is not self.level:
-            self.level, self.streak = level, 0
+        if moved:
+            self.key, self.level, self.streak = key, self.levels.setdefault(key, LevelArm()), 0
+        level = self.level
         self.streak += 1
         if self.window is None:
             if self.enabled and plan_drafts and (level.plain or (drafted and priced)):

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from services.core.goodput import (CHECK_EVERY, SETTLE, ArmCheck, CHECK_MAX, CHECK_PASSES, FIRST_CHECK, PROBE_EVERY, PROBE_GAMMA,
+from services.core.goodput import (CHECK_EVERY, LEVEL_SETTLE, SETTLE, ArmCheck, CHECK_MAX, CHECK_PASSES, FIRST_CHECK, PROBE_EVERY, PROBE_GAMMA,
                                    GoodputController, PassCost, expected_tokens)
 
 
@@ -166,6 +166,8 @@ def speculating(controller, n=8, ceiling=4):
     for c in controls:
         rounds(controller, c, ceiling, 2)
     assert controller.gamma(controls[0]) > 0 and controller.gain > 1
+    # The load is at its level from the next pass on (the first counted there).
+    drive(controller, controls, LEVEL_SETTLE - 1, 8, t=90.0)
     return controls
 
 
@@ -218,14 +220,16 @@ def test_each_load_level_keeps_its_own_measured_arm():
     for c in crowd[2:]:
         controller.leave(c)
     pair = crowd[:2]
-    t = drive(controller, pair, 1, 8, t)  # 2 sessions: not measured yet, the plan drafts
+    t = drive(controller, pair, LEVEL_SETTLE - 1, 8, t)  # a moment at 2 sessions: still the level of 8's arm
+    assert controller.check.plain
+    t = drive(controller, pair, 1, 8, t)  # 2 sessions to stay: not measured yet, the plan drafts
     assert not controller.check.plain and controller.gamma(pair[0]) > 0
     n, t = until_checked(controller, pair, 40, t)  # ... and measured faster there
     assert not controller.check.plain and n <= FIRST_CHECK + CHECK_PASSES  # its first check, soon
     for c in crowd[2:]:
         controller.sessions.append(c)
     controller._stale = True
-    drive(controller, crowd, 1, 8, t)  # back at 8: its measured arm at once, no new check
+    drive(controller, crowd, LEVEL_SETTLE, 8, t)  # back at 8: its measured arm, no new check
     assert controller.check.plain and controller.check.checks == 2 and controller.gamma(crowd[0]) == 0
 
 
