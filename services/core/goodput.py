@@ -148,7 +148,7 @@ class ArmCheck:
         self.key, self.level = None, LevelArm()  # the current load level, and what it measured
         self.pending: tuple[int | None, int] = (None, 0)  # the latest passes' level, and how many in a row
         self.streak = 0  # passes in a row at the current level
-        self.window: list | None = None  # [arm, passes, tokens, first start, last end] while checking
+        self.window: list | None = None  # [arm, passes, tokens, first start, last end, settle] while checking
         self.baseline = 0.0  # the arm in use's rate just before the check
         self.checks = 0
 
@@ -184,15 +184,19 @@ class ArmCheck:
                 level.passes += 1
                 # The baseline's passes all at this level, too.
                 if level.passes >= level.due and self.streak > CHECK_PASSES:
-                    self.window, self.baseline = [not level.plain, 0, 0, None, None], recent_rate()
+                    # Trying the plan, every session's draft worker first catches up on
+                    # what plain decoding committed (its open, for a session started
+                    # meanwhile): more sessions, more passes before the plan runs as it would.
+                    settle = SETTLE if not level.plain else SETTLE + sessions // 2
+                    self.window, self.baseline = [not level.plain, 0, 0, None, None, settle], recent_rate()
             return self.plain_now != before
         window = self.window
         window[1] += 1
-        if window[1] > SETTLE:
+        if window[1] > window[5]:
             window[2] += committed
             window[3] = start if window[3] is None else window[3]
             window[4] = end
-        if window[1] < CHECK_PASSES:
+        if window[1] < window[5] + CHECK_PASSES - SETTLE:
             return False
         rate = window[2] / (window[4] - window[3]) if window[4] and window[4] > window[3] else 0.0
         self.window = None
