@@ -45,18 +45,22 @@ DECAY = 0.9  # per observed round: a session's acceptance follows its text withi
 # A first rejected round moves an estimate part of the way, not to 0.
 PRIOR_ALPHA, PRIOR_WEIGHT = 0.7, 2.0
 MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many passes each
-# Measured, not modelled: whenever the plan drafts, the replica now and then runs
+# Measured, not modelled, where the model is least sure: while the plan's predicted
+# gain over plain decoding is under CHECK_BELOW, the replica now and then runs
 # CHECK_PASSES passes of the arm not in use (plain decoding, or the plan), the first
-# SETTLE of them uncounted (drafters catching up), and keeps the faster arm. The model
-# overrates drafting under load by up to 2.5x on a shared CPU (sessions waiting on their
+# SETTLE of them uncounted (drafters catching up), and keeps the faster arm. There the
+# model overrates drafting by up to 2.5x on a shared CPU (sessions waiting on their
 # drafts fall out of step into more, smaller passes; the drafter takes the verifier's
-# cores), so no predicted gain is trusted unchecked. Which arm wins depends on the load,
-# so each load level (sessions, in steps of LOAD_STEP) keeps its own choice: load that
-# comes and goes finds its level's measured arm. The choice follows the decayed mean
-# (EDGE_DECAY a check) of the checks' measured ratios. A level's first check comes after
-# FIRST_CHECK of its passes, the next CHECK_EVERY after it, twice that after each check
-# that kept the arm in use by a mean margin of WIDE or more, up to CHECK_MAX: a clear
-# winner costs about 1% of the passes to keep checking.
+# cores). Which arm wins depends on the load, so each load level (sessions, in steps of
+# LOAD_STEP) keeps its own choice: load that comes and goes finds its level's measured
+# arm. The choice follows the decayed mean (EDGE_DECAY a check) of the checks' measured
+# ratios. A level's first check comes after FIRST_CHECK of its passes, the next
+# CHECK_EVERY after it, twice that after each check that kept the arm in use by a mean
+# margin of WIDE or more, up to CHECK_MAX. (Checking where the model is sure too, as
+# tried, lost greedy speculation under load: a check of the plan after plain decoding
+# is measured while every draft worker catches up, and chose plain decoding at 4 and 16
+# streams where the plan ran 1.2-1.5x faster.)
+CHECK_BELOW = 1.5
 FIRST_CHECK, CHECK_EVERY, CHECK_MAX, CHECK_PASSES, SETTLE = 16, 48, 768, 12, 3
 WIDE, LOAD_STEP, LEVEL_SETTLE, EDGE_DECAY = 1.25, 1.5, 4, 0.5
 
@@ -161,12 +165,11 @@ class ArmCheck:
         return self.window[0] if self.window is not None else self.level.plain
 
     def observe(self, start: float, end: float, committed: int, recent_rate: Callable[[], float], sessions: int,
-                plan_drafts: bool, drafted: bool = True, priced: bool = True) -> bool:
+                plan_drafts: bool, drafted: bool = True) -> bool:
         """One pass; ``recent_rate()``: committed tokens/s over the latest passes;
-        ``sessions``: the replica's sessions now; ``plan_drafts``: the plan drafts (else
-        both arms are plain decoding); ``drafted``: this pass had drafts; ``priced``: the
-        plan is the model's (not every session at its ceiling, before T is fitted).
-        Returns whether the arm changed (the plan is stale)."""
+        ``sessions``: the replica's sessions now; ``plan_drafts``: the plan drafts, for a
+        gain the model is unsure of (else nothing to check); ``drafted``: this pass had
+        drafts. Returns whether the arm changed (the plan is stale)."""
         before = self.plain_now
         key = round(math.log(max(1, sessions), LOAD_STEP))
         # A new level once the load has stayed there LEVEL_SETTLE passes: not for a
@@ -180,7 +183,7 @@ class ArmCheck:
         level = self.level
         self.streak += 1
         if self.window is None:
-            if self.enabled and plan_drafts and (level.plain or (drafted and priced)):
+            if self.enabled and plan_drafts and (level.plain or drafted):
                 level.passes += 1
                 # The baseline's passes all at this level, too.
                 if level.passes >= level.due and self.streak > CHECK_PASSES:
@@ -248,14 +251,12 @@ class GoodputController:
         self.cost.observe(positions, seconds)
         self.committed.append((end - seconds, end, committed))
         self._stale = True
-        # Towards a check count, in the plan's arm, passes that drafted for a priced plan
-        # (not a plan that drafts nothing, gain 1, whose probes go on; not passes without
-        # drafts, no draft worker; not before T is fitted, when nothing is limited); in
-        # plain decoding's arm, passes whose plan would draft.
-        plan_drafts = self.gain > 1.0 and any(c.ceiling > 0 and not c.fixed for c in self.sessions)
+        # Towards a check count, while the model is unsure, in the plan's arm passes that
+        # drafted (not a plan that drafts nothing, gain 1, whose probes go on; not passes
+        # without drafts, no draft worker); in plain decoding's arm, every pass.
+        plan_drafts = self.unsure and any(c.ceiling > 0 and not c.fixed for c in self.sessions)
         if self.check.observe(end - seconds, end, committed, lambda: self.measured_goodput(CHECK_PASSES - SETTLE),
-                              len(self.sessions), plan_drafts, drafted=rows is None or positions > rows,
-                              priced=self.gain < math.inf):
+                              len(self.sessions), plan_drafts, drafted=rows is None or positions > rows):
             for c in self.sessions:  # drafting resumes, or stops, for every session at once
                 c.off_rounds = 0
 
@@ -294,7 +295,7 @@ class GoodputController:
             return control.ceiling
         if self._stale:
             self._plan()
-        if self.check.plain_now:  # measured faster than the plan here (ArmCheck), or being measured
+        if self.check.plain_now and self.unsure:  # measured faster than the plan here (ArmCheck), or being measured
             return 0
         planned = control.ceiling if control.planned is None else min(control.planned, control.ceiling)
         if planned > 0 or control.ceiling == 0:
@@ -316,8 +317,13 @@ class GoodputController:
         return control.alpha(pooled)
 
     @property
+    def unsure(self) -> bool:
+        """The plan drafts, for a predicted gain small enough to check by measurement."""
+        return 1.0 < self.gain < CHECK_BELOW
+
+    @property
     def not_speculating(self) -> int:
-        plain = self.check.plain_now
+        plain = self.check.plain_now and self.unsure
         return sum((plain or c.planned == 0) and c.ceiling > 0 and not c.fixed for c in self.sessions)
 
     def mean_planned_gamma(self) -> float:
