@@ -55,8 +55,8 @@ MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many pas
 # LOAD_STEP) keeps its own choice: load that comes and goes finds its level's measured
 # arm. The choice follows the decayed mean (EDGE_DECAY a check) of the checks' measured
 # ratios. A level's first check comes after FIRST_CHECK of its passes, the next
-# CHECK_EVERY after it, twice that after each check that kept the arm in use by a mean
-# margin of WIDE or more, up to CHECK_MAX. (Checking where the model is sure too, as
+# CHECK_EVERY after it; while the plan keeps winning by a mean margin of WIDE or more,
+# twice as long each time, up to CHECK_MAX. (Checking where the model is sure too, as
 # tried, lost greedy speculation under load: a check of the plan after plain decoding
 # is measured while every draft worker catches up, and chose plain decoding at 4 and 16
 # streams where the plan ran 1.2-1.5x faster.)
@@ -212,7 +212,10 @@ class ArmCheck:
         level.edge = sample if not level.checks else (1 - EDGE_DECAY) * level.edge + EDGE_DECAY * sample
         plain = level.edge < 0
         wide = abs(level.edge) >= math.log(WIDE)
-        level.due = min(CHECK_MAX, 2 * level.due) if plain == level.plain and wide and level.checks else CHECK_EVERY
+        # Only the plan's wins back off: in plain decoding no session drafts, so nothing
+        # else would notice acceptance come back (another workload at the same load).
+        level.due = min(CHECK_MAX, 2 * level.due) if not plain and not level.plain and wide and level.checks \
+            else CHECK_EVERY
         level.plain = plain
         level.passes, level.checks = 0, level.checks + 1
         self.checks += 1

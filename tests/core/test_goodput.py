@@ -199,20 +199,32 @@ def test_the_replica_measures_plain_decoding_against_the_plan_and_keeps_the_fast
     assert all(controller.gamma(c) == 0 for c in controls) is plain_wins
 
 
-def test_a_clear_winner_is_checked_ever_less_often_and_the_model_does_not_overrule_it():
+def test_a_plan_that_wins_clearly_is_checked_ever_less_often():
     controller = GoodputController(max_batch=16)
     controls = speculating(controller)
     gaps, t = [], 100.0
-    for k in range(6):  # plain decoding measured ~1.9x the plan each time (8 tokens a pass)
-        n, t = until_checked(controller, controls, 8, t)
-        # Passes in use before the check began; trying the plan, its draft workers first
-        # catch up on every session (SETTLE + a pass per 2 sessions uncounted).
-        gaps.append(n - CHECK_PASSES - (len(controls) // 2 if k else 0))
-        assert controller.check.plain
-    # (The later gaps run a few passes longer: plain decoding's passes are all of one
-    # size, so T's fit lapses and the plan runs unpriced, unchecked, a few passes.)
+    for _ in range(6):  # the plan measured ~2x plain decoding each time (40 tokens a pass)
+        n, t = until_checked(controller, controls, 40, t)
+        gaps.append(n - CHECK_PASSES)  # passes in use before the check began
+        assert not controller.check.plain
+    # (The later gaps run a few passes longer: these passes are all of one size, so T's
+    # fit lapses, and with it the model's price, for a few passes in every 256.)
     assert gaps[:4] == [FIRST_CHECK, CHECK_EVERY, 2 * CHECK_EVERY, 4 * CHECK_EVERY]
     assert gaps[4:] == pytest.approx([8 * CHECK_EVERY, CHECK_MAX], rel=0.05)
+
+
+def test_plain_decoding_that_wins_is_checked_as_often_and_the_model_does_not_overrule_it():
+    """In plain decoding nothing drafts, so only a check would see acceptance come back."""
+    controller = GoodputController(max_batch=16)
+    controls = speculating(controller)
+    gaps, t = [], 100.0
+    for k in range(4):  # plain decoding measured ~1.9x the plan each time (8 tokens a pass)
+        n, t = until_checked(controller, controls, 8, t)
+        # Trying the plan, its draft workers first catch up on every session (SETTLE + a
+        # pass per 2 sessions uncounted).
+        gaps.append(n - CHECK_PASSES - (len(controls) // 2 if k else 0))
+        assert controller.check.plain
+    assert gaps == [FIRST_CHECK, CHECK_EVERY, CHECK_EVERY, CHECK_EVERY]
     # Between checks the measured arm holds, though the model still prices drafting above it.
     assert controller.gain > 1 and all(controller.gamma(c) == 0 for c in controls)
 
