@@ -22,9 +22,8 @@ client's gamma is the ceiling of the search, never an order.
 
 A session the plan stops (gamma 0) is re-probed now and then with a short draft, at
 exponentially growing intervals, so that a request whose text turned predictable again
-comes back. Without two pass sizes to fit T, nothing is limited. Whenever the plan
-drafts, it is also checked against plain decoding by measurement (``ArmCheck``): the
-model ranks gammas, the measurement decides whether drafting pays at all.
+comes back. Without two pass sizes to fit T, nothing is limited. Where the plan's gain
+is small, it is also checked against plain decoding by measurement (``ArmCheck``).
 """
 
 from __future__ import annotations
@@ -45,24 +44,11 @@ DECAY = 0.9  # per observed round: a session's acceptance follows its text withi
 # A first rejected round moves an estimate part of the way, not to 0.
 PRIOR_ALPHA, PRIOR_WEIGHT = 0.7, 2.0
 MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many passes each
-# Measured, not modelled, where the model is least sure: while the plan's predicted
-# gain over plain decoding is under CHECK_BELOW, the replica now and then runs
+# Measured, not modelled, where the model is least sure: while the plan's predicted gain
+# over plain decoding is below CHECK_BELOW, every CHECK_EVERY passes the replica runs
 # CHECK_PASSES passes of the arm not in use (plain decoding, or the plan), the first
-# SETTLE of them uncounted (drafters catching up), and keeps the faster arm. There the
-# model overrates drafting by up to 2.5x on a shared CPU (sessions waiting on their
-# drafts fall out of step into more, smaller passes; the drafter takes the verifier's
-# cores). Which arm wins depends on the load, so each load level (sessions, in steps of
-# LOAD_STEP) keeps its own choice: load that comes and goes finds its level's measured
-# arm. The choice follows the decayed mean (EDGE_DECAY a check) of the checks' measured
-# ratios. A level's first check comes after FIRST_CHECK of its passes, the next
-# CHECK_EVERY after it; while the plan keeps winning by a mean margin of WIDE or more,
-# twice as long each time, up to CHECK_MAX. (Checking where the model is sure too, as
-# tried, lost greedy speculation under load: a check of the plan after plain decoding
-# is measured while every draft worker catches up, and chose plain decoding at 4 and 16
-# streams where the plan ran 1.2-1.5x faster.)
-CHECK_BELOW = 1.5
-FIRST_CHECK, CHECK_EVERY, CHECK_MAX, CHECK_PASSES, SETTLE = 16, 48, 768, 12, 3
-WIDE, LOAD_STEP, LEVEL_SETTLE, EDGE_DECAY = 1.25, 1.5, 4, 0.5
+# SETTLE of them uncounted (drafters catching up), and keeps the faster arm.
+CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, SETTLE = 1.5, 48, 12, 3
 
 
 class PassCost:
@@ -126,98 +112,50 @@ def expected_tokens(alpha: np.ndarray | float, gamma: np.ndarray | int):
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-@dataclass
-class LevelArm:
-    """What was measured at one load level."""
-
-    plain: bool = False  # the arm in use there: True = every session at gamma 0
-    passes: int = 0  # drafting passes there since its last check
-    due: int = FIRST_CHECK  # ... when its next check starts
-    checks: int = 0
-    edge: float = 0.0  # decayed mean over its checks of log(plan's rate / plain decoding's)
-
-
 class ArmCheck:
     """The plan against plain decoding, by measurement. The model sees the pass cost,
-    acceptance and exposed draft time; it does not see sessions falling out of step,
-    what drafting costs the target where both share hardware (a CPU node's cores, a
-    GPU's memory bandwidth), nor any other cost it leaves out. So the replica measures
-    both arms now and then, at each load level, and keeps the faster: committed tokens
-    per second over the same number of passes. A measured choice stands until the
-    level's next check, whatever the model predicts meanwhile."""
+    acceptance and exposed draft time; it does not see what drafting costs the target
+    where both share hardware (a CPU node's cores, a GPU's memory bandwidth), nor any
+    other cost it leaves out. Where its predicted gain is small, the replica measures
+    both arms now and then and keeps the faster: committed tokens per second over the
+    same number of passes."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.levels: dict[int, LevelArm] = {}
-        self.key, self.level = None, LevelArm()  # the current load level, and what it measured
-        self.pending: tuple[int | None, int] = (None, 0)  # the latest passes' level, and how many in a row
-        self.streak = 0  # passes in a row at the current level
-        self.window: list | None = None  # [arm, passes, tokens, first start, last end, settle] while checking
+    def __init__(self):
+        self.plain = False  # the arm in use: True = every session at gamma 0
+        self.passes = 0  # since the last check
+        self.window: list | None = None  # [arm, passes, tokens, first start, last end] while checking
         self.baseline = 0.0  # the arm in use's rate just before the check
         self.checks = 0
 
     @property
-    def plain(self) -> bool:
-        return self.level.plain
-
-    @property
     def plain_now(self) -> bool:
-        return self.window[0] if self.window is not None else self.level.plain
+        return self.window[0] if self.window is not None else self.plain
 
-    def observe(self, start: float, end: float, committed: int, recent_rate: Callable[[], float], sessions: int,
-                plan_drafts: bool, drafted: bool = True) -> bool:
-        """One pass; ``recent_rate()``: committed tokens/s over the latest passes;
-        ``sessions``: the replica's sessions now; ``plan_drafts``: the plan drafts, for a
-        gain the model is unsure of (else nothing to check); ``drafted``: this pass had
-        drafts. Returns whether the arm changed (the plan is stale)."""
-        before = self.plain_now
-        key = round(math.log(max(1, sessions), LOAD_STEP))
-        # A new level once the load has stayed there LEVEL_SETTLE passes: not for a
-        # session that overlaps the next one's first passes for a moment.
-        self.pending = (self.pending[0], self.pending[1] + 1) if key == self.pending[0] else (key, 1)
-        moved = key != self.key and (self.key is None or self.pending[1] >= LEVEL_SETTLE)
-        if moved or not plan_drafts:
-            self.window = None  # a check the load left, or with nothing to draft, measured nothing
-        if moved:
-            self.key, self.level, self.streak = key, self.levels.setdefault(key, LevelArm()), 0
-        level = self.level
-        self.streak += 1
+    def observe(self, start: float, end: float, committed: int, recent_rate: Callable[[], float],
+                needed: bool) -> bool:
+        """One pass; ``recent_rate()``: committed tokens/s over the latest passes; ``needed``:
+        the model is unsure. Returns whether the arm changed (the plan is stale)."""
         if self.window is None:
-            if self.enabled and plan_drafts and (level.plain or drafted):
-                level.passes += 1
-                # The baseline's passes all at this level, too.
-                if level.passes >= level.due and self.streak > CHECK_PASSES:
-                    # Trying the plan, every session's draft worker first catches up on
-                    # what plain decoding committed (its open, for a session started
-                    # meanwhile): more sessions, more passes before the plan runs as it would.
-                    settle = SETTLE if not level.plain else SETTLE + sessions // 2
-                    self.window, self.baseline = [not level.plain, 0, 0, None, None, settle], recent_rate()
-            return self.plain_now != before
+            self.passes += 1
+            if not needed:
+                changed, self.plain, self.passes = self.plain, False, 0  # the model is sure: the plan
+                return changed
+            if self.passes >= CHECK_EVERY:
+                self.window, self.baseline = [not self.plain, 0, 0, None, None], recent_rate()
+                return True
+            return False
         window = self.window
         window[1] += 1
-        if window[1] > window[5]:
+        if window[1] > SETTLE:
             window[2] += committed
             window[3] = start if window[3] is None else window[3]
             window[4] = end
-        if window[1] < window[5] + CHECK_PASSES - SETTLE:
+        if window[1] < CHECK_PASSES:
             return False
         rate = window[2] / (window[4] - window[3]) if window[4] and window[4] > window[3] else 0.0
-        self.window = None
-        if rate <= 0 or self.baseline <= 0:
-            return True  # nothing committed in one of the windows: no sample
-        # One check is a paired sample, log(plan / plain), taken a few passes apart; the
-        # level decides on their decayed mean, since one window of a dozen passes is
-        # noisy (+-30% at one stream here, between requests).
-        sample = math.log(rate / self.baseline) * (-1 if window[0] else 1)
-        level.edge = sample if not level.checks else (1 - EDGE_DECAY) * level.edge + EDGE_DECAY * sample
-        plain = level.edge < 0
-        wide = abs(level.edge) >= math.log(WIDE)
-        # Only the plan's wins back off: in plain decoding no session drafts, so nothing
-        # else would notice acceptance come back (another workload at the same load).
-        level.due = min(CHECK_MAX, 2 * level.due) if not plain and not level.plain and wide and level.checks \
-            else CHECK_EVERY
-        level.plain = plain
-        level.passes, level.checks = 0, level.checks + 1
+        if rate > self.baseline:
+            self.plain = window[0]
+        self.window, self.passes = None, 0
         self.checks += 1
         return True
 
@@ -247,19 +185,14 @@ class GoodputController:
             self.sessions.remove(control)
             self._stale = True
 
-    def observe_pass(self, positions: int, seconds: float, committed: int, end: float | None = None,
-                     rows: int | None = None) -> None:
-        """``rows``: the pass's sessions (None: unknown, taken as drafting)."""
+    def observe_pass(self, positions: int, seconds: float, committed: int, end: float | None = None) -> None:
         end = time.perf_counter() if end is None else end
         self.cost.observe(positions, seconds)
         self.committed.append((end - seconds, end, committed))
         self._stale = True
-        # Towards a check count, while the model is unsure, in the plan's arm passes that
-        # drafted (not a plan that drafts nothing, gain 1, whose probes go on; not passes
-        # without drafts, no draft worker); in plain decoding's arm, every pass.
-        plan_drafts = self.unsure and any(c.ceiling > 0 and not c.fixed for c in self.sessions)
+        # A plan that drafts nothing (gain 1) has nothing to check: its probes go on.
         if self.check.observe(end - seconds, end, committed, lambda: self.measured_goodput(CHECK_PASSES - SETTLE),
-                              len(self.sessions), plan_drafts, drafted=rows is None or positions > rows):
+                              1.0 < self.gain < CHECK_BELOW):
             for c in self.sessions:  # drafting resumes, or stops, for every session at once
                 c.off_rounds = 0
 
@@ -298,7 +231,7 @@ class GoodputController:
             return control.ceiling
         if self._stale:
             self._plan()
-        if self.check.plain_now and self.unsure:  # measured faster than the plan here (ArmCheck), or being measured
+        if self.check.plain_now:  # measured faster than the plan here (ArmCheck), or being measured
             return 0
         planned = control.ceiling if control.planned is None else min(control.planned, control.ceiling)
         if planned > 0 or control.ceiling == 0:
@@ -320,13 +253,8 @@ class GoodputController:
         return control.alpha(pooled)
 
     @property
-    def unsure(self) -> bool:
-        """The plan drafts, for a predicted gain small enough to check by measurement."""
-        return 1.0 < self.gain < CHECK_BELOW
-
-    @property
     def not_speculating(self) -> int:
-        plain = self.check.plain_now and self.unsure
+        plain = self.check.plain_now
         return sum((plain or c.planned == 0) and c.ceiling > 0 and not c.fixed for c in self.sessions)
 
     def mean_planned_gamma(self) -> float:
@@ -350,8 +278,7 @@ class GoodputController:
         if fit is None or not live:
             for c in self.sessions:
                 c.planned = None
-            # No fit: every live session drafts its ceiling, a plan like any other to check.
-            self.predicted, self.gain = 0.0, math.inf if live else 1.0
+            self.predicted, self.gain = 0.0, math.inf
             return
         a, b = fit
         alpha = np.array([self.alpha(c) for c in live])

@@ -151,7 +151,7 @@ class RoundBatcher:
             if ok and self.cost is not None:
                 try:
                     self.cost.observe_pass(sum(len(p) + 1 for p in proposals), self.last_pass_s,
-                                           sum(len(result.tokens) for result in value), rows=len(proposals))
+                                           sum(len(result.tokens) for result in value))
                 except Exception:  # a planning bug must not leave the pass's sessions waiting forever
                     log.exception("the goodput controller failed to observe a pass; its sessions go on")
             if ok:

@@ -166,9 +166,6 @@ def test_a_session_whose_drafts_are_rejected_stops_drafting_while_another_in_its
         # Passes priced as a real target's (20 ms + 4 ms a position), not as this tiny
         # one's, whose pass costs less than the draft hop: at that price no draft pays.
         verifier.controller.cost = FixedCost(0.020, 0.004)
-        # ... and no measured check against plain decoding: on this tiny target plain
-        # decoding is faster, measured, and would stop both sessions (what the replica should do here).
-        verifier.controller.check = ArmCheck(enabled=False)
 
         # Verified together, in one batch.
         results = await asyncio.gather(generate(verifier, bad, 200, 4), generate(verifier, good, 200, 4))
@@ -194,7 +191,7 @@ class PlainFirst(ArmCheck):
     the plan."""
 
     def __init__(self, passes: int):
-        super().__init__(enabled=False)
+        super().__init__()
         self.left = passes
 
     @property
