@@ -188,6 +188,28 @@ def test_bench_concurrency_list_reports_each_level_with_ttft_percentiles_and_a_p
     assert exc.value.code == 2
 
 
+def test_bench_concurrency_samples_seeded_requests_identically_and_unseeded_without_a_comparison(tmp_path, pair_args):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def add(a, b):", "print(add("]))
+    out = tmp_path / "bench.json"
+    base = ["bench", "--prompts", str(prompts), "--max-new-tokens", "6", "--gammas", "3", "--drafters", "draft",
+            "--concurrency", "2", "--json", str(out)] + pair_args
+    # Seeded (coupled) sampling: speculative output is target-only's, token for token.
+    assert main(base + ["--temperature", "1.0"]) == 0
+    result = json.loads(out.read_text())
+    assert result["outputs_identical"] is True and result["meta"]["temperature"] == 1.0 and result["meta"]["seeded"]
+    assert main(base + ["--temperature", "1.0", "--unseeded"]) == 0
+    result = json.loads(out.read_text())
+    assert result["outputs_identical"] is None and result["meta"]["seeded"] is False
+    for bad in (["--temperature", "-1"], ["--unseeded"], ["--temperature", "nan"]):
+        with pytest.raises(SystemExit) as exc:
+            main(base + bad)
+        assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--prompts", str(prompts), "--temperature", "0.7"] + pair_args)  # no --concurrency
+    assert exc.value.code == 2
+
+
 def test_bench_profile_feeds_the_capacity_planner(tmp_path, pair_args):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def add(a, b):", "print(add("]))
