@@ -225,9 +225,10 @@ class VerifierService:
         # round; an EAGLE drafter there needs the prompt's features from it first.
         prefill = asyncio.ensure_future(self._prefill(seq, trace_ctx))
         relayed = getattr(seq.proposer, "relays_features", False)
-        # A session that starts while this replica decodes without drafts (the arm
-        # measured faster at its load) opens no draft stream, and costs its draft worker
-        # nothing, until drafting resumes; the open then carries everything committed.
+        # A session that starts while this replica decodes without drafts (plain
+        # decoding measured faster, core/goodput.py ArmCheck) opens no draft stream, and
+        # costs its draft worker nothing, until drafting resumes; the open then carries
+        # everything committed.
         # EAGLE on a worker reads the target's features from the first position: it opens now.
         opened = None if seq.effective_gamma == 0 and not relayed else round  # the round the open drafts
         try:
