@@ -221,7 +221,7 @@ def test_a_session_started_while_the_replica_decodes_plain_opens_its_draft_strea
 
         verifier = VerifierService(SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256), find_drafter)
         verifier.controller.check = PlainFirst(10)
-        verifier.controller.cost = FixedCost(0.020, 0.006)  # priced so that drafting pays a little (the model unsure)
+        verifier.controller.cost = FixedCost(0.020, 0.006)  # priced so that drafting pays (this tiny target's passes would not)
         result = await generate(verifier, uuid.uuid4().hex, 40, 4)
         await close(verifier, [server])
         return result, contexts
