@@ -4,7 +4,6 @@ transformers' assisted generation, measured in one run."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 from functools import partial
@@ -18,7 +17,7 @@ from ..bench.report import format_table, run_rows, summarize, write_concurrency_
 from ..bench.workloads import repetitive_prompts
 from ..models.loading import BUNDLED_DIR
 from ..models.pair import drafter_heads, load_pair
-from .bench_configs import (TREE_DRAFTERS, check_fits, concurrency_configs, local_configs, parse_ints,
+from .bench_configs import (TREE_DRAFTERS, check_fits, check_sampling, concurrency_configs, local_configs, parse_ints,
                             server_configs)
 from .common import (UsageError, add_model_options, add_server_options, apply_threads, model_paths, server_client,
                      tree_option, validate_device)
@@ -123,12 +122,7 @@ def run(args) -> int:
     args.levels = parse_ints(args.concurrency, "concurrency") if args.concurrency else []
     if 0 in args.levels:
         raise UsageError(f"--concurrency levels must be >= 1, got {args.concurrency!r}")
-    if args.temperature < 0 or not math.isfinite(args.temperature):
-        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if (args.temperature or args.unseeded) and not args.levels:
-        raise UsageError("--temperature and --unseeded apply to --concurrency levels")
-    if args.unseeded and not args.temperature:
-        raise UsageError("--unseeded needs --temperature > 0 (greedy has no seed)")
+    check_sampling(args)
     if args.kill_replica or args.shared_prefix or args.cancels:
         return run_resilience(args)
     if args.tracing:

@@ -3,6 +3,7 @@ through a server, and at several concurrency levels (``--concurrency``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import grpc
@@ -100,6 +101,16 @@ def server_configs(args, drafters, gammas, texts, pair):
         return run_hf(pair, gamma, prompts, args.max_new_tokens)
 
     return measure, configs
+
+
+def check_sampling(args) -> None:
+    """``--temperature`` and ``--unseeded``: sampled ``--concurrency`` levels only."""
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if (args.temperature or args.unseeded) and not args.levels:
+        raise UsageError("--temperature and --unseeded apply to --concurrency levels")
+    if args.unseeded and not args.temperature:
+        raise UsageError("--unseeded needs --temperature > 0 (greedy has no seed)")
 
 
 def concurrency_configs(args, drafters, gammas, texts, pair):

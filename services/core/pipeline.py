@@ -43,6 +43,11 @@ class DraftBlock:
     accepted: int = 0  # speculative only: how many of round - 1's drafts the branch assumes accepted
     from_cache: bool = False  # a fresh block that was drafted as a branch for the outcome just reported
 
+    @classmethod
+    def undrafted(cls, round: int, device) -> "DraftBlock":
+        """No drafts for ``round``: the round is a plain decoding step."""
+        return cls(round, Proposal.empty(device), False, None, 0.0)
+
 
 def pipeline_hit(verified: Proposal, num_accepted: int, bonus: int, early: DraftBlock | None) -> bool:
     """``early`` is the branch for what the verified round did: it accepted the drafts

@@ -22,17 +22,41 @@ import grpc
 
 from ..core.engine import SequenceState
 from ..core.errors import InvalidRequest
+from ..core.multi_draft import TreeProposer
 from ..core.pipeline import DraftBlock
-from ..core.proposals import Proposal
 from ..drafter.service import CAPACITY_REFUSAL
 from ..rpc import internal_pb2
-from ..rpc.convert import block_from_proto
+from ..rpc.convert import METHOD_IDS, block_from_proto, stop_to_proto
 
 FIRST_READ_S = 30.0  # the first block: the worker restores or prefills the prompt first
 MIN_READ_S, MAX_READ_S = 1.0, 4.0  # later blocks: READ_SLACK x the slowest recent one, within these
 READ_SLACK = 8.0
 OPEN_S = 2.0  # finding a worker and opening a stream
 THAW_S = 0.25  # a last look after a missed deadline, for a block already received
+
+
+def draft_open(seq: SequenceState, req: internal_pb2.VerifyRequest, method: str, first_round: int,
+               trace=("", "")) -> internal_pb2.DraftOpen:
+    """The open of ``seq``'s Draft stream at its committed tokens, drafting from round
+    ``first_round``. ``trace``: the context of that round's span."""
+    return internal_pb2.DraftOpen(
+        session_id=req.session_id,
+        prompt_ids=seq.committed,
+        max_new_tokens=seq.remaining,
+        sampling=req.sampling,
+        method=METHOD_IDS["draft" if method == "tree" else method],  # a tree's worker drafts its chain
+        gamma=seq.effective_gamma,
+        pipeline=req.speculation.pipeline,
+        fanout=req.speculation.fanout,
+        first_round=first_round,
+        traceparent=trace[0],
+        tracestate=trace[1],
+        stop=stop_to_proto(seq.params.stop),
+        prompt_len=seq.params.prompt_len,
+        coupled=seq.params.coupled,
+        # A TREE adds the chain's likeliest tokens at each depth as leaves.
+        alternatives=seq.proposer.branches if isinstance(seq.proposer, TreeProposer) else 0,
+    )
 
 
 class DraftStalled(ConnectionError):
@@ -88,7 +112,7 @@ class DraftLink:
                     self.stalled.add(self.address)
                 await self._reconnect(round, error)
         self.seq.stats.undrafted_rounds += 1
-        return DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
+        return DraftBlock.undrafted(round, self.device)
 
     def take_branch(self, round: int, accepted: int, token: int) -> DraftBlock | None:
         """The branch drafted for ``round`` after the outcome (``accepted`` drafts, then

@@ -30,11 +30,11 @@ from ..rpc import internal_pb2, internal_pb2_grpc
 from ..rpc.auth import auth_metadata
 from ..rpc.channels import CHANNEL_OPTIONS
 from ..models.detokenizer import StopScanner
-from ..rpc.convert import METHOD_IDS, METHODS, MODEL_FREE, ON_VERIFIER, feature_pieces, sampling_from_proto, stats_to_proto, stop_to_proto, top_logprobs_to_proto
+from ..rpc.convert import METHODS, MODEL_FREE, ON_VERIFIER, feature_pieces, sampling_from_proto, stats_to_proto, top_logprobs_to_proto
 from ..state.client import PrefixSharing, ShardedPrefixSharing
 from ..telemetry import tracing
 from .batcher import RoundBatcher
-from .draft_link import OPEN_S, DraftLink, NoOtherWorker
+from .draft_link import OPEN_S, DraftLink, NoOtherWorker, draft_open
 from .round_spans import record_round, round_span
 
 log = logging.getLogger(__name__)
@@ -225,11 +225,9 @@ class VerifierService:
         # round; an EAGLE drafter there needs the prompt's features from it first.
         prefill = asyncio.ensure_future(self._prefill(seq, trace_ctx))
         relayed = getattr(seq.proposer, "relays_features", False)
-        # A session that starts while this replica decodes without drafts (plain
-        # decoding measured faster, core/goodput.py ArmCheck) opens no draft stream, and
-        # costs its draft worker nothing, until drafting resumes; the open then carries
-        # everything committed.
-        # EAGLE on a worker reads the target's features from the first position: it opens now.
+        # A session that starts while this replica decodes plain (ArmCheck) opens no draft
+        # stream until drafting resumes; the open then carries everything committed. EAGLE
+        # on a worker reads the target's features from the first position: it opens now.
         opened = None if seq.effective_gamma == 0 and not relayed else round  # the round the open drafts
         try:
             if relayed:
@@ -245,8 +243,7 @@ class VerifierService:
             exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
             unreported: list[int] = []  # committed tokens the worker has not been told yet
-            block = DraftBlock(round, Proposal.empty(self.device), False, None, 0.0) if opened is None \
-                else await link.receive(round)
+            block = DraftBlock.undrafted(round, self.device) if opened is None else await link.receive(round)
             while True:
                 proposal = await self._with_lookups(seq, block.proposal)
                 result = await self.batcher.verify(seq, proposal, span)
@@ -309,7 +306,7 @@ class VerifierService:
                             span.add_event("draft.cache_hit", {"outrider.round": round,
                                                                "outrider.outcome": "full" if full else "partial"})
                 else:  # no drafting at this load: a plain decoding step, no hop
-                    block = DraftBlock(round, Proposal.empty(self.device), False, None, 0.0)
+                    block = DraftBlock.undrafted(round, self.device)
         except Exception as error:
             tracing.record_error(span, error)
             raise
@@ -362,24 +359,7 @@ class VerifierService:
             self.channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         call = internal_pb2_grpc.DrafterStub(self.channels[address]).Draft(
             metadata=(tracing.grpc_metadata(req.traceparent, req.tracestate) or ()) + auth_metadata())
-        opened = internal_pb2.DraftOpen(
-            session_id=req.session_id,
-            prompt_ids=seq.committed,
-            max_new_tokens=seq.remaining,
-            sampling=req.sampling,
-            method=METHOD_IDS["draft" if method == "tree" else method],  # a tree's worker drafts its chain
-            gamma=seq.effective_gamma,
-            pipeline=req.speculation.pipeline,
-            fanout=req.speculation.fanout,
-            first_round=first_round,
-            traceparent=trace[0],
-            tracestate=trace[1],
-            stop=stop_to_proto(seq.params.stop),
-            prompt_len=seq.params.prompt_len,
-            coupled=seq.params.coupled,
-            # A TREE adds the chain's likeliest tokens at each depth as leaves.
-            alternatives=seq.proposer.branches if isinstance(seq.proposer, TreeProposer) else 0,
-        )
+        opened = draft_open(seq, req, method, first_round, trace)
         features = []
         if getattr(seq.proposer, "relays_features", False):  # EAGLE: the committed text's features follow
             opened.tree = seq.proposer.tree.spec  # the budget the verifier planned for

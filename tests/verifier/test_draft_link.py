@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, hf_greedy, noisy_copy, tiny
 
-from services.bench.loopback import run
+from services.bench.loopback import Loopback, run
 from services.core.engine import SpeculativeEngine
 from services.core.goodput import ArmCheck, PassCost
 from services.core.pipeline import DraftBlock
@@ -233,6 +233,36 @@ def test_a_session_started_while_the_replica_decodes_plain_opens_its_draft_strea
     assert contexts == [len(PROMPT) + 10]
     assert 0 < stats.drafted_per_position[0] <= stats.rounds - 10 and stats.accepted > 0
     assert stats.draft_reconnects == 0 and stats.undrafted_rounds == 0
+
+
+def test_a_deferred_open_at_a_real_vocabulary_and_a_long_context_keeps_seeded_sampling_exact():
+    """Qwen2's 151,936-token vocabulary, a 600-token prompt, T = 1.0 seeded (coupled):
+    the stream opened after 8 plain passes carries all 608 committed tokens, and the
+    output is target-only decoding's."""
+    from services.models.shapes import random_pair
+
+    target, draft = random_pair("qwen2", layers=1, hidden=64)
+    prompt = [(7 * i) % 5000 + 100 for i in range(600)]
+    params = SamplingParams(temperature=1.0, seed=5)
+
+    async def go():
+        async with Loopback(target, draft, max_context=1024) as loop:
+            plain, _ = await loop.generate(prompt, 24, params, method="none")
+        async with Loopback(target, draft, max_context=1024) as loop:
+            contexts, original = [], loop.drafter._open
+
+            def counting(msg):
+                contexts.append(len(msg.prompt_ids))
+                return original(msg)
+            loop.drafter._open = counting
+            loop.verifier.controller.check = PlainFirst(8)
+            loop.verifier.controller.cost = FixedCost(0.020, 0.006)
+            tokens, stats = await loop.generate(prompt, 24, params, gamma=4)
+        return plain, tokens, stats, contexts
+
+    plain, tokens, stats, contexts = run(go())
+    assert len(plain) == 24 and tokens == plain
+    assert contexts == [len(prompt) + 8] and stats.drafted > 0 and stats.draft_reconnects == 0
 
 
 def test_a_block_that_came_while_the_verifier_itself_was_frozen_is_not_a_stall():
