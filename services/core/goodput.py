@@ -190,6 +190,8 @@ class GoodputController:
         self.cost.observe(positions, seconds)
         self.committed.append((end - seconds, end, committed))
         self._stale = True
+        if not any(c.ceiling > 0 and not c.fixed for c in self.sessions):
+            return  # target-only requests, or none: nothing to say about the arms, nothing to reset
         # A plan that drafts nothing (gain 1) has nothing to check: its probes go on.
         if self.check.observe(end - seconds, end, committed, lambda: self.measured_goodput(CHECK_PASSES - SETTLE),
                               1.0 < self.gain < CHECK_BELOW):

@@ -145,6 +145,8 @@ class VerifierService:
         chain is planned as the draft model's is."""
         if self.controller is None:
             return None
+        if method == "none":  # in the passes' cost; never drafts, so not a load to measure the arms at
+            return self.controller.join(0, fixed=True)
         if getattr(seq.proposer, "tree", None) is not None:  # a fixed shape of max_nodes nodes
             return self.controller.join(seq.proposer.max_nodes, fixed=True)
         control = self.controller.join(seq.gamma)

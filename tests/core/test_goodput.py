@@ -179,6 +179,25 @@ def test_where_the_model_is_unsure_the_replica_measures_plain_decoding_and_keeps
     assert all(controller.gamma(c) == 0 for c in controls) is plain_wins
 
 
+def test_target_only_requests_leave_the_measured_arm_alone():
+    """A target-only request joins at gamma 0, fixed: it is in the passes' cost, never
+    in the arms' comparison, and its passes do not reset the arm measured for the
+    drafting sessions before it."""
+    controller = GoodputController(max_batch=16)
+    passes(controller, 0.020, 0.002)
+    controls = [controller.join(4) for _ in range(8)]
+    for c in controls:
+        rounds(controller, c, 4, 2)
+    controller.gamma(controls[0])
+    drive(controller, controls, CHECK_EVERY + CHECK_PASSES, 8)
+    assert controller.check.checks == 1 and controller.check.plain
+    for c in controls:
+        controller.leave(c)
+    target_only = [controller.join(0, fixed=True) for _ in range(8)]
+    drive(controller, target_only, 3 * CHECK_EVERY, 8)
+    assert controller.check.checks == 1 and controller.check.plain and controller.not_speculating == 0
+
+
 def test_where_the_model_is_sure_there_is_no_check():
     controller = GoodputController(max_batch=16)
     passes(controller, 0.020, 0.0001)  # nearly free positions: long drafts pay a lot
