@@ -247,6 +247,35 @@ def test_drafting_switched_off_under_load_and_back_on_keeps_the_output(pair):
     assert stats.accepted > 0
 
 
+class JoinRecorder(GoodputController):
+    """A goodput controller that records how each session joined its plan."""
+
+    def __init__(self):
+        super().__init__(max_batch=16)
+        self.joins = []
+
+    def join(self, ceiling, fixed=False):
+        self.joins.append((ceiling, fixed))
+        return super().join(ceiling, fixed)
+
+
+def test_a_target_only_request_joins_the_plan_at_gamma_0_fixed_never_as_a_session_that_could_draft(pair):
+    """Its passes count in the pass cost; it is never a load the arms are measured at
+    (as one that could draft, its passes reset the replica's measured arm)."""
+    target, draft = pair
+
+    async def go():
+        async with Loopback(target, draft) as loop:
+            loop.verifier.controller = JoinRecorder()
+            plain, _ = await loop.generate(PROMPT, 12, method="none", gamma=6)
+            drafted, _ = await loop.generate(PROMPT, 12, gamma=6)
+            return loop.verifier.controller.joins, plain, drafted
+
+    joins, plain, drafted = run(go())
+    assert joins == [(0, True), (6, False)]
+    assert plain == drafted == hf_greedy(target, PROMPT, 12, eos=None)
+
+
 class FreezingDrafter(DrafterService):
     """A draft worker that stops answering after a few blocks, its stream still open:
     what a SIGSTOPped or partitioned worker looks like from the verifier."""
