@@ -102,6 +102,11 @@ class SessionControl:
     probe_every: int = PROBE_EVERY
     probing: bool = False
 
+    @property
+    def steered(self) -> bool:
+        """The plan and the measured arm choose its gamma (not target-only, not a fixed shape)."""
+        return self.ceiling > 0 and not self.fixed
+
     def alpha(self, prior: float) -> float:
         drafted = self.successes + self.failures
         return min((self.successes + PRIOR_WEIGHT * prior) / (drafted + PRIOR_WEIGHT), 0.999)
@@ -190,7 +195,7 @@ class GoodputController:
         self.cost.observe(positions, seconds)
         self.committed.append((end - seconds, end, committed))
         self._stale = True
-        if not any(c.ceiling > 0 and not c.fixed for c in self.sessions):
+        if not any(c.steered for c in self.sessions):
             return  # target-only requests, or none: nothing to say about the arms, nothing to reset
         # A plan that drafts nothing (gain 1) has nothing to check: its probes go on.
         if self.check.observe(end - seconds, end, committed, lambda: self.measured_goodput(CHECK_PASSES - SETTLE),
@@ -257,11 +262,11 @@ class GoodputController:
     @property
     def not_speculating(self) -> int:
         plain = self.check.plain_now
-        return sum((plain or c.planned == 0) and c.ceiling > 0 and not c.fixed for c in self.sessions)
+        return sum((plain or c.planned == 0) and c.steered for c in self.sessions)
 
     def mean_planned_gamma(self) -> float:
         planned = [c.ceiling if c.planned is None else min(c.planned, c.ceiling)
-                   for c in self.sessions if c.ceiling > 0 and not c.fixed]
+                   for c in self.sessions if c.steered]
         return sum(planned) / len(planned) if planned else 0.0
 
     def measured_goodput(self, passes: int | None = None) -> float:
