@@ -85,9 +85,37 @@ class DraftLink:
         # (traceparent, tracestate) of the round the worker drafts for next: sent with
         # every outcome and with a reopened stream's `open`.
         self.trace: tuple[str, str] = ("", "")
+        # The round the open drafts its first block for, while the worker still reads the
+        # context for it; None once a block is waited for (``receive``) or the worker
+        # has been told what was committed meanwhile (``catch_up``).
+        self.reading: int | None = None
 
     async def start(self, round: int) -> None:
         self.address, self.call = await self.open_stream(round, self.stalled)
+        self.reading = round
+
+    def still_reading(self, round: int) -> bool:
+        """The open's first block is not here to verify as round ``round``: the worker
+        is still reading the context, or it drafted the block for an earlier round that
+        was decoded without it. Never waits."""
+        return self.reading is not None and (round != self.reading or not self.ready(round))
+
+    async def catch_up(self, round: int, committed: list[int], next_gamma: int) -> bool:
+        """Once the open's first block is here, after rounds decoded without it: tell
+        the worker everything committed since the open, through ``round``
+        (RoundOutcome.undrafted). If those tokens were the block's own first drafts, the
+        rest of it is round + 1's block, here at once; else the worker drafts a fresh
+        one. False while the worker still reads."""
+        if self.reading is None or not self.ready(self.reading):
+            return False
+        stale = self.fresh.pop(self.reading, None)
+        self.reading = None
+        drafts = [] if stale is None or not stale.proposal.is_chain else stale.proposal.tokens.tolist()
+        rest = next_gamma > 0 and len(committed) < len(drafts) and drafts[: len(committed)] == committed
+        if rest:
+            self.fresh[round + 1] = DraftBlock(round + 1, stale.proposal.after(len(committed)), False, None, 0.0)
+        await self.report(round, committed, rest, next_gamma, undrafted=True)
+        return True
 
     def deadline(self) -> float:
         if not self.waits:
@@ -99,6 +127,7 @@ class DraftLink:
         Waiting is charged to exposed draft compute up to the block's own draft time,
         and the rest to transport. With drafting off, the block is empty (a plain
         decoding step)."""
+        self.reading = None
         while not self.off:
             try:
                 return await self._read(round)
@@ -113,6 +142,16 @@ class DraftLink:
                 await self._reconnect(round, error)
         self.seq.stats.undrafted_rounds += 1
         return DraftBlock.undrafted(round, self.device)
+
+    def ready(self, round: int) -> bool:
+        """The fresh block for ``round`` is here, or the stream has something else for
+        ``receive`` to act on (it ended, the worker refused the session, or there is no
+        worker at all); never waits."""
+        try:
+            self._drain()
+        except (grpc.aio.AioRpcError, ConnectionError) as error:
+            self._drop_call(error)
+        return self.off or self.call is None or round in self.fresh
 
     def take_branch(self, round: int, accepted: int, token: int) -> DraftBlock | None:
         """The branch drafted for ``round`` after the outcome (``accepted`` drafts, then
@@ -243,17 +282,18 @@ class DraftLink:
             self.off = True
 
     async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int,
-                     features: list[internal_pb2.Features] = ()) -> None:
+                     features: list[internal_pb2.Features] = (), undrafted: bool = False) -> None:
         """Tell the worker what round ``round`` committed; it drafts the next round with
         ``next_gamma`` (0: it drafts nothing until told otherwise). ``features``: the
         committed positions' (EAGLE on the worker), with the outcome when they fit one
-        piece, else in pieces before it. A worker that is gone is found out, and
-        replaced, by the next ``receive``."""
+        piece, else in pieces before it. ``undrafted``: the rounds since the open were
+        decoded without the worker's first block (RoundOutcome.undrafted). A worker that
+        is gone is found out, and replaced, by the next ``receive``."""
         if self.off or self.call is None:
             return
         outcome = internal_pb2.RoundOutcome(
             round=round, committed=committed, pipeline_hit=hit, next_gamma=next_gamma, finished=self.seq.finished,
-            traceparent=self.trace[0], tracestate=self.trace[1],
+            traceparent=self.trace[0], tracestate=self.trace[1], undrafted=undrafted,
         )
         if len(features) == 1:
             outcome.features.CopyFrom(features[0])

@@ -245,8 +245,18 @@ class VerifierService:
             exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
             unreported: list[int] = []  # committed tokens the worker has not been told yet
-            block = DraftBlock.undrafted(round, self.device) if opened is None else await link.receive(round)
+            # If the worker is still reading the context when the target is ready (a burst
+            # of opens on one worker, which reads their prompts one at a time), the session
+            # decodes without drafts until it is done (DraftLink.still_reading), rather than
+            # leave the target waiting. EAGLE on a worker opened after the prefill, for the
+            # prompt's features: its first block is waited for.
+            undrafted = opened is None or not relayed and link.still_reading(round)
+            block = DraftBlock.undrafted(round, self.device) if undrafted else await link.receive(round)
             while True:
+                reading = link.reading is not None  # (a block waited for ends the reading)
+                seq.stats.reading_rounds += reading
+                if control is not None:
+                    control.reading = reading  # its passes measure neither arm (GoodputController.observe_pass)
                 proposal = await self._with_lookups(seq, block.proposal)
                 result = await self.batcher.verify(seq, proposal, span)
                 # Did the round commit the worker's own drafts (a TREE's path may leave them)?
@@ -263,7 +273,7 @@ class VerifierService:
                 full = result.num_accepted == len(block.proposal)
                 # The worker drafts branches for this round's outcomes whenever it drafts
                 # at all (told > 0): take the one for what happened if it is here already.
-                pipelined = pipeline and told > 0 and not seq.finished
+                pipelined = pipeline and told > 0 and link.reading is None and not seq.finished
                 if pipelined:
                     seq.stats.pipeline_rounds += 1
                     if followed:  # (else no branch drafted after the worker's drafts can be for what was committed)
@@ -288,6 +298,9 @@ class VerifierService:
                     except Exception:  # no worker to be found: this session decodes on alone
                         log.exception("no draft stream for a session whose drafting resumed")
                         link.off = True
+                elif link.reading is not None:
+                    if not seq.finished and await link.catch_up(round, unreported, seq.effective_gamma):
+                        told, opened, unreported = seq.effective_gamma, round + 1, []
                 elif told > 0 or seq.effective_gamma > 0:
                     told = seq.effective_gamma
                     await link.report(round, unreported, hit, told, self._unsent_features(seq) if relayed else ())
@@ -298,6 +311,8 @@ class VerifierService:
                 round += 1
                 if hit:
                     block = early
+                elif link.still_reading(round):
+                    block = DraftBlock.undrafted(round, self.device)
                 elif told > 0:
                     # The worker sends the branch it drafted for this outcome at once
                     # (from_cache), or drafts a fresh block.

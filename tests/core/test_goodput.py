@@ -198,6 +198,27 @@ def test_target_only_requests_leave_the_measured_arm_alone():
     assert controller.check.checks == 1 and controller.check.plain and controller.not_speculating == 0
 
 
+def test_passes_while_every_drafting_sessions_worker_reads_its_prompt_leave_the_arm_alone():
+    """Sessions decoding without drafts until their workers' first blocks come (a burst
+    of new sessions) say nothing of either arm: their passes neither reset the measured
+    arm nor count in a check. Once one of them can draft, passes count again."""
+    controller = GoodputController(max_batch=16)
+    passes(controller, 0.020, 0.002)
+    controls = [controller.join(4) for _ in range(8)]
+    for c in controls:
+        rounds(controller, c, 4, 2)
+    controller.gamma(controls[0])
+    drive(controller, controls, CHECK_EVERY + CHECK_PASSES, 8)
+    assert controller.check.checks == 1 and controller.check.plain
+    for c in controls:
+        c.reading = True
+    drive(controller, controls, 3 * CHECK_EVERY, 8)
+    assert controller.check.checks == 1 and controller.check.plain and controller.check.passes == 0
+    controls[0].reading = False
+    drive(controller, controls, CHECK_EVERY, 8)
+    assert controller.check.passes == CHECK_EVERY and controller.check.window is not None  # the next check begins
+
+
 def test_where_the_model_is_sure_there_is_no_check():
     controller = GoodputController(max_batch=16)
     passes(controller, 0.020, 0.0001)  # nearly free positions: long drafts pay a lot

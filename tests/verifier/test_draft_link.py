@@ -11,11 +11,12 @@ import uuid
 import grpc
 import pytest
 import torch
+from pacing import FixedCost, drafting_pays
 from tiny_models import VOCAB, hf_greedy, noisy_copy, tiny
 
 from services.bench.loopback import Loopback, run
 from services.core.engine import SpeculativeEngine
-from services.core.goodput import ArmCheck, PassCost
+from services.core.goodput import ArmCheck
 from services.core.pipeline import DraftBlock
 from services.core.proposals import Proposal
 from services.core.sampling import SamplingParams
@@ -114,16 +115,9 @@ def test_with_every_worker_full_the_session_decodes_without_drafts(pair):
     tokens, stats, opened = serve(target, draft, [0, 0, 0])
     assert tokens == hf_greedy(target, PROMPT, 40, eos=None)
     assert opened == [0, 0, 0]
-    assert stats.drafted == 0 and stats.undrafted_rounds == stats.rounds == 40
-
-
-class FixedCost(PassCost):
-    def __init__(self, a, b):
-        super().__init__()
-        self.line = (a, b)
-
-    def fit(self):
-        return self.line
+    # Rounds decoded before the first refusal came back count as the worker still
+    # reading the prompt (DraftLink.still_reading), not yet known to be absent.
+    assert stats.drafted == 0 and stats.undrafted_rounds + stats.reading_rounds == stats.rounds == 40
 
 
 class SabotagingDrafter(DrafterService):
@@ -221,7 +215,7 @@ def test_a_session_started_while_the_replica_decodes_plain_opens_its_draft_strea
 
         verifier = VerifierService(SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256), find_drafter)
         verifier.controller.check = PlainFirst(10)
-        verifier.controller.cost = FixedCost(0.020, 0.006)  # priced so that drafting pays (this tiny target's passes would not)
+        drafting_pays(verifier)
         result = await generate(verifier, uuid.uuid4().hex, 40, 4)
         await close(verifier, [server])
         return result, contexts
@@ -233,6 +227,72 @@ def test_a_session_started_while_the_replica_decodes_plain_opens_its_draft_strea
     assert contexts == [len(PROMPT) + 10]
     assert 0 < stats.drafted_per_position[0] <= stats.rounds - 10 and stats.accepted > 0
     assert stats.draft_reconnects == 0 and stats.undrafted_rounds == 0
+
+
+class HeldFirstBlock(DrafterService):
+    """A draft worker that holds its first block back until ``release`` is set, as one
+    busy reading other sessions' prompts would; it records every outcome it is told."""
+
+    def __init__(self, proposers, steps):
+        super().__init__(proposers, steps=steps)
+        self.release, self.outcomes = asyncio.Event(), []
+
+    async def Draft(self, request_iterator, context):
+        async def recording():
+            async for command in request_iterator:
+                if command.WhichOneof("command") == "outcome":
+                    self.outcomes.append(command.outcome)
+                yield command
+
+        first = True
+        async for block in super().Draft(recording(), context):
+            if first:
+                await self.release.wait()
+                first = False
+            yield block
+
+
+def test_a_session_decodes_without_drafts_while_its_worker_reads_the_prompt_then_tells_it_everything_at_once(pair):
+    target, draft = pair
+    plain_rounds = 6
+
+    async def go():
+        service, server, address = await start_worker(HeldFirstBlock(*make_proposers(draft)))
+
+        async def find_drafter():
+            return address
+
+        verifier = VerifierService(SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256), find_drafter)
+        drafting_pays(verifier)
+        req = internal_pb2.VerifyRequest(
+            request_id="held", session_id="held", prompt_ids=PROMPT, max_new_tokens=60,
+            sampling=sampling_to_proto(SamplingParams(seed=0)),
+            speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=4, pipeline=True))
+        chunks, stats = [], None
+        async for chunk in verifier.verify(req):
+            if chunk.HasField("stats"):
+                stats = chunk.stats
+            else:
+                chunks.append(list(chunk.token_ids))
+            if len(chunks) == plain_rounds:  # the target did not wait: let the worker finish
+                service.release.set()
+        await close(verifier, [server])
+        return chunks, stats, service.outcomes
+
+    chunks, stats, outcomes = run(go())
+    assert sum(chunks, []) == hf_greedy(target, PROMPT, 60, eos=None)
+    # One token a round while the block was held (the session never waited on it)...
+    assert all(len(c) == 1 for c in chunks[:plain_rounds])
+    # ...then one outcome with every token committed meanwhile, which says nothing of
+    # the held block's drafts, and drafting from there: drafts accepted, same worker.
+    caught_up = outcomes[0]
+    assert caught_up.undrafted and not caught_up.pipeline_hit and caught_up.next_gamma > 0
+    assert len(caught_up.committed) >= plain_rounds
+    assert list(caught_up.committed) == sum(chunks, [])[: len(caught_up.committed)]
+    assert caught_up.round == len(caught_up.committed) - 1  # rounds 0.. were plain, one token each
+    assert not any(o.undrafted for o in outcomes[1:])
+    assert stats.accepted > 0 and stats.draft_reconnects == 0 and stats.undrafted_rounds == 0
+    assert stats.reading_rounds == caught_up.round + 1
 
 
 def test_a_deferred_open_at_a_real_vocabulary_and_a_long_context_keeps_seeded_sampling_exact():
@@ -256,7 +316,7 @@ def test_a_deferred_open_at_a_real_vocabulary_and_a_long_context_keeps_seeded_sa
                 return original(msg)
             loop.drafter._open = counting
             loop.verifier.controller.check = PlainFirst(8)
-            loop.verifier.controller.cost = FixedCost(0.020, 0.006)
+            drafting_pays(loop.verifier)
             tokens, stats = await loop.generate(prompt, 24, params, gamma=4)
         return plain, tokens, stats, contexts
 
