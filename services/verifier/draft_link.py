@@ -14,6 +14,7 @@ then decodes without drafts: it never queues for a draft worker.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Awaitable, Callable
@@ -27,6 +28,8 @@ from ..core.pipeline import DraftBlock
 from ..drafter.service import CAPACITY_REFUSAL
 from ..rpc import internal_pb2
 from ..rpc.convert import METHOD_IDS, block_from_proto, stop_to_proto
+
+log = logging.getLogger(__name__)
 
 FIRST_READ_S = 30.0  # the first block: the worker restores or prefills the prompt first
 MIN_READ_S, MAX_READ_S = 1.0, 4.0  # later blocks: READ_SLACK x the slowest recent one, within these
@@ -66,7 +69,8 @@ class DraftStalled(ConnectionError):
 class DraftLink:
     def __init__(self, open_stream: Callable[[int, set[str]], Awaitable[tuple[str, object]]], seq: SequenceState,
                  device, max_reconnects: int = 8):
-        # (first_round, addresses to avoid) -> (address, an opened Draft call)
+        # (first_round, addresses to avoid) -> (address, an opened Draft call); the open
+        # carries the committed tokens at the call, whenever the awaitable completes.
         self.open_stream = open_stream
         self.seq, self.device, self.max_reconnects = seq, device, max_reconnects
         self.call = None
@@ -89,10 +93,32 @@ class DraftLink:
         # context for it; None once a block is waited for (``receive``) or the worker
         # has been told what was committed meanwhile (``catch_up``).
         self.reading: int | None = None
+        self.opening: asyncio.Future | None = None  # the stream being opened by ``start``
 
-    async def start(self, round: int) -> None:
-        self.address, self.call = await self.open_stream(round, self.stalled)
+    def start(self, round: int) -> None:
+        """Open the stream at the committed tokens, drafting from ``round``, in the
+        background: the session waits neither for the open nor for the first block
+        (``still_reading``). An open that fails on the connection is acted on by
+        ``receive``, as a stream that failed (another worker, or none); one that finds no
+        worker at all leaves the session to decode alone."""
+        self.opening = asyncio.ensure_future(self.open_stream(round, self.stalled))
         self.reading = round
+
+    def _opened(self) -> bool:
+        """Whether ``start``'s open has finished; a failed one leaves its error for ``receive``."""
+        if self.opening is None:
+            return True
+        if not self.opening.done():
+            return False
+        opening, self.opening = self.opening, None
+        try:
+            self.address, self.call = opening.result()
+        except (grpc.aio.AioRpcError, ConnectionError) as error:
+            self.ended = error
+        except Exception:
+            log.exception("no draft worker to open a stream on: the session decodes alone")
+            self.off = True
+        return True
 
     def still_reading(self, round: int) -> bool:
         """The open's first block is not here to verify as round ``round``: the worker
@@ -128,6 +154,9 @@ class DraftLink:
         and the rest to transport. With drafting off, the block is empty (a plain
         decoding step)."""
         self.reading = None
+        if self.opening is not None:
+            await asyncio.wait({self.opening})
+            self._opened()
         while not self.off:
             try:
                 return await self._read(round)
@@ -147,6 +176,8 @@ class DraftLink:
         """The fresh block for ``round`` is here, or the stream has something else for
         ``receive`` to act on (it ended, the worker refused the session, or there is no
         worker at all); never waits."""
+        if not self._opened():
+            return False
         try:
             self._drain()
         except (grpc.aio.AioRpcError, ConnectionError) as error:
@@ -306,6 +337,10 @@ class DraftLink:
             pass  # "RPC already finished": the worker is gone
 
     def close(self) -> None:
+        if self.opening is not None and not self.opening.done():
+            self.opening.cancel()  # (its open cancels the call it made)
+        elif self.opening is not None:
+            self._opened()  # a call it made is cancelled below
         self._drop_call()
 
 

@@ -8,9 +8,9 @@ way (real gRPC on loopback)."""
 import asyncio
 import uuid
 
-import grpc
 import pytest
 import torch
+from draft_workers import close, start_worker
 from pacing import FixedCost, drafting_pays
 from tiny_models import VOCAB, hf_greedy, noisy_copy, tiny
 
@@ -24,7 +24,7 @@ from services.core.stats import GenerationStats
 from services.core.target import TargetRunner
 from services.core.verifier import TargetVerifier
 from services.drafter.service import DrafterService, make_proposers
-from services.rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
+from services.rpc import internal_pb2, outrider_pb2
 from services.rpc.convert import METHOD_IDS, block_to_proto, sampling_to_proto
 from services.verifier.draft_link import FIRST_READ_S, MAX_READ_S, MIN_READ_S, READ_SLACK, DraftLink
 from services.verifier.service import VerifierService
@@ -36,15 +36,6 @@ PROMPT = [5, 17, 33, 2, 9]
 def pair():
     target = tiny("llama", seed=1)
     return target, noisy_copy(target, seed=2, scale=0.3)
-
-
-async def start_worker(service):
-    """``service`` on a loopback gRPC server: (service, server, address)."""
-    server = grpc.aio.server()
-    internal_pb2_grpc.add_DrafterServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return service, server, f"127.0.0.1:{port}"
 
 
 def worker(draft, max_sessions: int = 256) -> DrafterService:
@@ -64,13 +55,6 @@ async def generate(verifier, session_id: str, max_new: int, gamma: int):
             stats = chunk.stats
         tokens += chunk.token_ids
     return tokens, stats
-
-
-async def close(verifier, servers) -> None:
-    for channel in verifier.channels.values():
-        await channel.close()
-    for server in servers:
-        await server.stop(None)
 
 
 def serve(target, draft, capacities):
@@ -227,72 +211,6 @@ def test_a_session_started_while_the_replica_decodes_plain_opens_its_draft_strea
     assert contexts == [len(PROMPT) + 10]
     assert 0 < stats.drafted_per_position[0] <= stats.rounds - 10 and stats.accepted > 0
     assert stats.draft_reconnects == 0 and stats.undrafted_rounds == 0
-
-
-class HeldFirstBlock(DrafterService):
-    """A draft worker that holds its first block back until ``release`` is set, as one
-    busy reading other sessions' prompts would; it records every outcome it is told."""
-
-    def __init__(self, proposers, steps):
-        super().__init__(proposers, steps=steps)
-        self.release, self.outcomes = asyncio.Event(), []
-
-    async def Draft(self, request_iterator, context):
-        async def recording():
-            async for command in request_iterator:
-                if command.WhichOneof("command") == "outcome":
-                    self.outcomes.append(command.outcome)
-                yield command
-
-        first = True
-        async for block in super().Draft(recording(), context):
-            if first:
-                await self.release.wait()
-                first = False
-            yield block
-
-
-def test_a_session_decodes_without_drafts_while_its_worker_reads_the_prompt_then_tells_it_everything_at_once(pair):
-    target, draft = pair
-    plain_rounds = 6
-
-    async def go():
-        service, server, address = await start_worker(HeldFirstBlock(*make_proposers(draft)))
-
-        async def find_drafter():
-            return address
-
-        verifier = VerifierService(SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256), find_drafter)
-        drafting_pays(verifier)
-        req = internal_pb2.VerifyRequest(
-            request_id="held", session_id="held", prompt_ids=PROMPT, max_new_tokens=60,
-            sampling=sampling_to_proto(SamplingParams(seed=0)),
-            speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=4, pipeline=True))
-        chunks, stats = [], None
-        async for chunk in verifier.verify(req):
-            if chunk.HasField("stats"):
-                stats = chunk.stats
-            else:
-                chunks.append(list(chunk.token_ids))
-            if len(chunks) == plain_rounds:  # the target did not wait: let the worker finish
-                service.release.set()
-        await close(verifier, [server])
-        return chunks, stats, service.outcomes
-
-    chunks, stats, outcomes = run(go())
-    assert sum(chunks, []) == hf_greedy(target, PROMPT, 60, eos=None)
-    # One token a round while the block was held (the session never waited on it)...
-    assert all(len(c) == 1 for c in chunks[:plain_rounds])
-    # ...then one outcome with every token committed meanwhile, which says nothing of
-    # the held block's drafts, and drafting from there: drafts accepted, same worker.
-    caught_up = outcomes[0]
-    assert caught_up.undrafted and not caught_up.pipeline_hit and caught_up.next_gamma > 0
-    assert len(caught_up.committed) >= plain_rounds
-    assert list(caught_up.committed) == sum(chunks, [])[: len(caught_up.committed)]
-    assert caught_up.round == len(caught_up.committed) - 1  # rounds 0.. were plain, one token each
-    assert not any(o.undrafted for o in outcomes[1:])
-    assert stats.accepted > 0 and stats.draft_reconnects == 0 and stats.undrafted_rounds == 0
-    assert stats.reading_rounds == caught_up.round + 1
 
 
 def test_a_deferred_open_at_a_real_vocabulary_and_a_long_context_keeps_seeded_sampling_exact():
