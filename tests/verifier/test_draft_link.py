@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import torch
-from draft_workers import close, start_worker
+from draft_workers import PROMPT, close, greedy_request, start_worker
 from pacing import FixedCost, drafting_pays
 from tiny_models import VOCAB, hf_greedy, noisy_copy, tiny
 
@@ -24,13 +24,9 @@ from services.core.stats import GenerationStats
 from services.core.target import TargetRunner
 from services.core.verifier import TargetVerifier
 from services.drafter.service import DrafterService, make_proposers
-from services.rpc import internal_pb2, outrider_pb2
-from services.rpc.convert import METHOD_IDS, block_to_proto, sampling_to_proto
+from services.rpc.convert import block_to_proto
 from services.verifier.draft_link import FIRST_READ_S, MAX_READ_S, MIN_READ_S, READ_SLACK, DraftLink
 from services.verifier.service import VerifierService
-
-PROMPT = [5, 17, 33, 2, 9]
-
 
 @pytest.fixture(scope="module")
 def pair():
@@ -45,12 +41,8 @@ def worker(draft, max_sessions: int = 256) -> DrafterService:
 
 async def generate(verifier, session_id: str, max_new: int, gamma: int):
     """One greedy session through ``verifier``: (tokens, final stats)."""
-    req = internal_pb2.VerifyRequest(
-        request_id=session_id, session_id=session_id, prompt_ids=PROMPT, max_new_tokens=max_new,
-        sampling=sampling_to_proto(SamplingParams(seed=0)),
-        speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=gamma, pipeline=True))
     tokens, stats = [], None
-    async for chunk in verifier.verify(req):
+    async for chunk in verifier.verify(greedy_request(session_id, max_new, gamma)):
         if chunk.HasField("stats"):
             stats = chunk.stats
         tokens += chunk.token_ids

@@ -7,21 +7,15 @@ decoding's either way (real gRPC on loopback)."""
 import asyncio
 
 import pytest
-from draft_workers import close, start_worker
+from draft_workers import PROMPT, close, greedy_request, start_worker
 from pacing import drafting_pays
 from tiny_models import hf_greedy, noisy_copy, tiny
 
 from services.core.engine import SpeculativeEngine
-from services.core.sampling import SamplingParams
 from services.core.target import TargetRunner
 from services.core.verifier import TargetVerifier
 from services.drafter.service import DrafterService, make_proposers
-from services.rpc import internal_pb2, outrider_pb2
-from services.rpc.convert import METHOD_IDS, sampling_to_proto
 from services.verifier.service import VerifierService
-
-PROMPT = [5, 17, 33, 2, 9]
-
 
 class HeldFirstBlock(DrafterService):
     """A draft worker that holds its first block back, once drafted (``drafted``), until
@@ -63,12 +57,8 @@ def held(target, draft, gamma: int, plain_rounds: int, max_new: int = 60, planne
         verifier = VerifierService(engine, find_drafter, load_aware_gamma=planned)
         if planned:
             drafting_pays(verifier)
-        req = internal_pb2.VerifyRequest(
-            request_id="held", session_id="held", prompt_ids=PROMPT, max_new_tokens=max_new,
-            sampling=sampling_to_proto(SamplingParams(seed=0)),
-            speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=gamma, pipeline=True))
         chunks, stats = [], None
-        async for chunk in verifier.verify(req):
+        async for chunk in verifier.verify(greedy_request("held", max_new, gamma)):
             if chunk.HasField("stats"):
                 stats = chunk.stats
             else:
