@@ -42,6 +42,7 @@ class DraftBlock:
     draft_s: float  # compute time spent drafting it (a branch: the batch of branches it was drafted in)
     accepted: int = 0  # speculative only: how many of round - 1's drafts the branch assumes accepted
     from_cache: bool = False  # a fresh block that was drafted as a branch for the outcome just reported
+    rest_of: int | None = None  # the rest of the first block drafted for this round, after rounds decoded without it
 
     @classmethod
     def undrafted(cls, round: int, device) -> "DraftBlock":

@@ -105,7 +105,8 @@ class DraftLink:
         self.reading = round
 
     def _opened(self) -> bool:
-        """Whether ``start``'s open has finished; a failed one leaves its error for ``receive``."""
+        """Whether ``start``'s open has finished; a failed one leaves its error for
+        ``receive``, or, with no worker found at all, the session to decode alone."""
         if self.opening is None:
             return True
         if not self.opening.done():
@@ -139,7 +140,8 @@ class DraftLink:
         drafts = [] if stale is None or not stale.proposal.is_chain else stale.proposal.tokens.tolist()
         rest = next_gamma > 0 and len(committed) < len(drafts) and drafts[: len(committed)] == committed
         if rest:
-            self.fresh[round + 1] = DraftBlock(round + 1, stale.proposal.after(len(committed)), False, None, 0.0)
+            self.fresh[round + 1] = DraftBlock(round + 1, stale.proposal.after(len(committed)), False, None, 0.0,
+                                               rest_of=stale.round)
         await self.report(round, committed, rest, next_gamma, undrafted=True)
         return True
 

@@ -274,7 +274,7 @@ class VerifierService:
                 seq.stats.pipeline_hits += hit
                 unreported += result.tokens
                 if span.is_recording():
-                    record_round(span, block, result, early, hit, pipelined)
+                    record_round(span, block, result, early, hit, pipelined, reading)
                 span.end()
                 span = tracing.INVALID_SPAN if seq.finished else round_span(req, round + 1, trace_ctx)
                 link.trace = tracing.inject(span)
