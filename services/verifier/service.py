@@ -36,6 +36,7 @@ from .batcher import RoundBatcher
 from .draft_link import OPEN_S, DraftLink, NoOtherWorker, draft_open
 from .round_spans import record_round, round_span
 
+
 class VerifierService:
     def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]],
                  max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | ShardedPrefixSharing | None = None,
