@@ -129,9 +129,11 @@ def summarize_concurrency(runs: list[Run], compare: bool = True) -> dict:
             "target_only_ttft_p50_s": percentile(baseline.ttfts, 50),
             "target_only_ttft_p99_s": percentile(baseline.ttfts, 99),
             "mean_accepted_length": spec.stats.mean_acceptance_length,
-            # Rounds the controller verified with no drafts (speculation off for the round).
+            # Rounds verified with no drafts (speculation off for the round, or the
+            # session's worker still reading its prompt: the second share, of all rounds).
             "undrafted_round_share": 1 - spec.stats.drafted_per_position[0] / spec.stats.rounds
             if spec.stats.rounds and spec.stats.drafted_per_position else 1.0,
+            "reading_round_share": spec.stats.reading_rounds / spec.stats.rounds if spec.stats.rounds else 0.0,
         }
     out["by_concurrency"] = by_level
     # Greedy or seeded: every config produces exactly the target-only tokens for every prompt.

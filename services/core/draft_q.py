@@ -73,6 +73,11 @@ class SparseQ:
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
+    def rows(self, start: int) -> "SparseQ":
+        """The drafts from ``start`` on."""
+        return SparseQ(self.ids[start:], self.levels[start:], self.tail_weight[start:], self.vocab,
+                       self.probs[start:], self.tail[start:])
+
     def __reduce__(self):
         """Pickled (by Ray; to a tensor-parallel group's rank 0) as its wire fields in
         numpy, and derived again on load by ``of``: a third of the bytes, and numpy

@@ -101,6 +101,7 @@ class SessionControl:
     off_rounds: int = 0  # rounds at gamma 0 since the last probe
     probe_every: int = PROBE_EVERY
     probing: bool = False
+    reading: bool = False  # its draft worker still reads the context: it decodes without drafts meanwhile
 
     @property
     def steered(self) -> bool:
@@ -195,8 +196,10 @@ class GoodputController:
         self.cost.observe(positions, seconds)
         self.committed.append((end - seconds, end, committed))
         self._stale = True
-        if not any(c.steered for c in self.sessions):
-            return  # target-only requests, or none: nothing to say about the arms, nothing to reset
+        if not any(c.steered and not c.reading for c in self.sessions):
+            # Target-only requests, sessions whose workers still read their prompts, or
+            # none: nothing to say about the arms, nothing to reset.
+            return
         # A plan that drafts nothing (gain 1) has nothing to check: its probes go on.
         if self.check.observe(end - seconds, end, committed, lambda: self.measured_goodput(CHECK_PASSES - SETTLE),
                               1.0 < self.gain < CHECK_BELOW):

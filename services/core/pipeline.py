@@ -42,6 +42,7 @@ class DraftBlock:
     draft_s: float  # compute time spent drafting it (a branch: the batch of branches it was drafted in)
     accepted: int = 0  # speculative only: how many of round - 1's drafts the branch assumes accepted
     from_cache: bool = False  # a fresh block that was drafted as a branch for the outcome just reported
+    rest_of: int | None = None  # the rest of the first block drafted for this round, after rounds decoded without it
 
     @classmethod
     def undrafted(cls, round: int, device) -> "DraftBlock":
@@ -167,10 +168,13 @@ class DraftSession:
         to its outcome reaching this worker): the time the next round's branches have."""
         self.window = seconds if self.window is None else 0.8 * self.window + 0.2 * seconds
 
-    def report(self, committed: list[int]) -> None:
+    def report(self, committed: list[int], undrafted: bool = False) -> None:
         """The verifier's outcome for ``in_flight``, told to branches still drafting:
-        only the branch for it goes on (called from another thread)."""
-        if committed:
+        only the branch for it goes on, none if the verifier decoded without it
+        (``catch_up``; called from another thread)."""
+        if undrafted:
+            self._reported = (-1, -1)  # the outcome of no branch
+        elif committed:
             self._reported = (len(committed) - 1, committed[-1])
 
     def _fork(self, length: int) -> object:
@@ -208,6 +212,20 @@ class DraftSession:
             return None
         self.in_flight = replace(branch.block, speculative=False, guess=None, accepted=0, from_cache=True)
         return self.in_flight
+
+    def catch_up(self, committed: list[int], round: int, next_gamma: int, rest_taken: bool) -> None:
+        """The verifier decoded without ``in_flight``, this worker's first block (it came
+        after the target was ready), and committed these tokens meanwhile: nothing about
+        the block's acceptance. ``rest_taken``: they were the block's own first drafts,
+        and the verifier verifies the rest as ``round``'s block (``Proposal.after``);
+        otherwise it waits for a fresh block."""
+        self.committed.extend(committed)
+        self.gamma = next_gamma
+        self.branches, self._reported = {}, None
+        if rest_taken and self.in_flight is not None:
+            self.in_flight = replace(self.in_flight, round=round, proposal=self.in_flight.proposal.after(len(committed)))
+        else:
+            self.in_flight = None
 
     def committed_chunk(self, start: int, min_tokens: int) -> KVChunk | None:
         """The draft KV of committed positions from ``start`` on, once there are at

@@ -63,6 +63,16 @@ class Proposal:
         """Tokens on the longest path: the most a round can accept."""
         return len(self) if self.tree is None else self.tree.max_depth
 
+    def after(self, committed: int) -> "Proposal":
+        """A chain's drafts after its first ``committed`` ones: once exactly those are
+        committed, the rest is what the draft would propose next, drawn from q given
+        that very prefix."""
+        if not self.is_chain:
+            raise ValueError("only a chain continues past committed drafts")
+        alt = self.alternatives
+        return Proposal(self.tokens[committed:], None if self.draft_q is None else self.draft_q.rows(committed), None,
+                        None if alt is None else DraftAlternatives(alt.ids[committed:], alt.probs[committed:]))
+
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> "Proposal":
         return Proposal(tokens=torch.empty(0, dtype=torch.long, device=device))

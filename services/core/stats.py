@@ -37,6 +37,9 @@ class GenerationStats:
     # Rounds decoded without drafts because no draft worker answered: a seeded sampled
     # stream stays exactly target-distributed, but is then a different draw.
     undrafted_rounds: int = 0
+    # Rounds decoded without drafts while a draft worker read the context for its first
+    # block: the session did not wait for it.
+    reading_rounds: int = 0
     draft_bytes: int = 0  # draft block bytes received on the wire
     feature_bytes: int = 0  # fused target features sent to an EAGLE drafter on a draft worker
     draft_shape: str = ""  # a tree drafter's tree (ChoiceTree.label, e.g. "tree10:4-3-2-1"); "" for chains
@@ -170,6 +173,6 @@ class GenerationStats:
 _SUMMED = (
     "rounds", "drafted", "accepted", "rejections", "emitted", "draft_time_s", "verify_time_s", "total_time_s",
     "transport_time_s", "queue_time_s", "exposed_draft_time_s", "pipeline_rounds", "pipeline_hits",
-    "cached_prefix_tokens", "draft_reconnects", "undrafted_rounds", "draft_bytes", "feature_bytes", "cache_hits_full",
-    "cache_hits_partial", "branches_drafted",
+    "cached_prefix_tokens", "draft_reconnects", "undrafted_rounds", "reading_rounds", "draft_bytes", "feature_bytes",
+    "cache_hits_full", "cache_hits_partial", "branches_drafted",
 )

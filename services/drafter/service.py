@@ -167,7 +167,8 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                     # (and is sent below as the fresh block); the rest stop.
                     reported = next_command.done()
                     if reported and next_command.result()[0] is not None:
-                        session.report(list(next_command.result()[0].outcome.committed))
+                        outcome = next_command.result()[0].outcome
+                        session.report(list(outcome.committed), outcome.undrafted)
                     branches = await _drafted(early_span, drafting, discarded=reported)
                     if not reported:
                         for branch in branches:
@@ -179,11 +180,15 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                 if outcome.HasField("features"):
                     features.append(outcome.features)
                 self._observe(session, features)
-                if session.in_flight is not None and len(session.in_flight.proposal):
+                if session.in_flight is not None and len(session.in_flight.proposal) and not outcome.undrafted:
                     session.observe_window(arrived - verifying_since)
                 verifying_since = arrived  # a branch the verifier took is verified from now
                 round_ctx = tracing.extract(outcome.traceparent, outcome.tracestate) or round_ctx
-                cached = session.resolve(list(outcome.committed), outcome.pipeline_hit, outcome.next_gamma)
+                if outcome.undrafted:
+                    cached = None
+                    session.catch_up(list(outcome.committed), outcome.round + 1, outcome.next_gamma, outcome.pipeline_hit)
+                else:
+                    cached = session.resolve(list(outcome.committed), outcome.pipeline_hit, outcome.next_gamma)
                 saved = self._checkpoint(session_id, session, saved)
                 # gamma 0: the verifier decodes without drafts until it raises gamma again.
                 if not outcome.pipeline_hit and session.gamma > 0:

@@ -14,6 +14,7 @@ then decodes without drafts: it never queues for a draft worker.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Awaitable, Callable
@@ -27,6 +28,8 @@ from ..core.pipeline import DraftBlock
 from ..drafter.service import CAPACITY_REFUSAL
 from ..rpc import internal_pb2
 from ..rpc.convert import METHOD_IDS, block_from_proto, stop_to_proto
+
+log = logging.getLogger(__name__)
 
 FIRST_READ_S = 30.0  # the first block: the worker restores or prefills the prompt first
 MIN_READ_S, MAX_READ_S = 1.0, 4.0  # later blocks: READ_SLACK x the slowest recent one, within these
@@ -66,7 +69,8 @@ class DraftStalled(ConnectionError):
 class DraftLink:
     def __init__(self, open_stream: Callable[[int, set[str]], Awaitable[tuple[str, object]]], seq: SequenceState,
                  device, max_reconnects: int = 8):
-        # (first_round, addresses to avoid) -> (address, an opened Draft call)
+        # (first_round, addresses to avoid) -> (address, an opened Draft call); the open
+        # carries the committed tokens at the call, whenever the awaitable completes.
         self.open_stream = open_stream
         self.seq, self.device, self.max_reconnects = seq, device, max_reconnects
         self.call = None
@@ -85,9 +89,61 @@ class DraftLink:
         # (traceparent, tracestate) of the round the worker drafts for next: sent with
         # every outcome and with a reopened stream's `open`.
         self.trace: tuple[str, str] = ("", "")
+        # The round the open drafts its first block for, while the worker still reads the
+        # context for it; None once a block is waited for (``receive``) or the worker
+        # has been told what was committed meanwhile (``catch_up``).
+        self.reading: int | None = None
+        self.opening: asyncio.Future | None = None  # the stream being opened by ``start``
 
-    async def start(self, round: int) -> None:
-        self.address, self.call = await self.open_stream(round, self.stalled)
+    def start(self, round: int) -> None:
+        """Open the stream at the committed tokens, drafting from ``round``, in the
+        background: the session waits neither for the open nor for the first block
+        (``still_reading``). An open that fails on the connection is acted on by
+        ``receive``, as a stream that failed (another worker, or none); one that finds no
+        worker at all leaves the session to decode alone."""
+        self.opening = asyncio.ensure_future(self.open_stream(round, self.stalled))
+        self.reading = round
+
+    def _opened(self) -> bool:
+        """Whether ``start``'s open has finished; a failed one leaves its error for
+        ``receive``, or, with no worker found at all, the session to decode alone."""
+        if self.opening is None:
+            return True
+        if not self.opening.done():
+            return False
+        opening, self.opening = self.opening, None
+        try:
+            self.address, self.call = opening.result()
+        except (grpc.aio.AioRpcError, ConnectionError) as error:
+            self.ended = error
+        except Exception:
+            log.exception("no draft worker to open a stream on: the session decodes alone")
+            self.off = True
+        return True
+
+    def still_reading(self, round: int) -> bool:
+        """The open's first block is not here to verify as round ``round``: the worker
+        is still reading the context, or it drafted the block for an earlier round that
+        was decoded without it. Never waits."""
+        return self.reading is not None and (round != self.reading or not self.ready(round))
+
+    async def catch_up(self, round: int, committed: list[int], next_gamma: int) -> bool:
+        """Once the open's first block is here, after rounds decoded without it: tell
+        the worker everything committed since the open, through ``round``
+        (RoundOutcome.undrafted). If those tokens were the block's own first drafts, the
+        rest of it is round + 1's block, here at once; else the worker drafts a fresh
+        one. False while the worker still reads."""
+        if self.reading is None or not self.ready(self.reading):
+            return False
+        stale = self.fresh.pop(self.reading, None)
+        self.reading = None
+        drafts = [] if stale is None or not stale.proposal.is_chain else stale.proposal.tokens.tolist()
+        rest = next_gamma > 0 and len(committed) < len(drafts) and drafts[: len(committed)] == committed
+        if rest:
+            self.fresh[round + 1] = DraftBlock(round + 1, stale.proposal.after(len(committed)), False, None, 0.0,
+                                               rest_of=stale.round)
+        await self.report(round, committed, rest, next_gamma, undrafted=True)
+        return True
 
     def deadline(self) -> float:
         if not self.waits:
@@ -99,6 +155,10 @@ class DraftLink:
         Waiting is charged to exposed draft compute up to the block's own draft time,
         and the rest to transport. With drafting off, the block is empty (a plain
         decoding step)."""
+        self.reading = None
+        if self.opening is not None:
+            await asyncio.wait({self.opening})
+            self._opened()
         while not self.off:
             try:
                 return await self._read(round)
@@ -113,6 +173,18 @@ class DraftLink:
                 await self._reconnect(round, error)
         self.seq.stats.undrafted_rounds += 1
         return DraftBlock.undrafted(round, self.device)
+
+    def ready(self, round: int) -> bool:
+        """The fresh block for ``round`` is here, or the stream has something else for
+        ``receive`` to act on (it ended, the worker refused the session, or there is no
+        worker at all); never waits."""
+        if not self._opened():
+            return False
+        try:
+            self._drain()
+        except (grpc.aio.AioRpcError, ConnectionError) as error:
+            self._drop_call(error)
+        return self.off or self.call is None or round in self.fresh
 
     def take_branch(self, round: int, accepted: int, token: int) -> DraftBlock | None:
         """The branch drafted for ``round`` after the outcome (``accepted`` drafts, then
@@ -243,17 +315,18 @@ class DraftLink:
             self.off = True
 
     async def report(self, round: int, committed: list[int], hit: bool, next_gamma: int,
-                     features: list[internal_pb2.Features] = ()) -> None:
+                     features: list[internal_pb2.Features] = (), undrafted: bool = False) -> None:
         """Tell the worker what round ``round`` committed; it drafts the next round with
         ``next_gamma`` (0: it drafts nothing until told otherwise). ``features``: the
         committed positions' (EAGLE on the worker), with the outcome when they fit one
-        piece, else in pieces before it. A worker that is gone is found out, and
-        replaced, by the next ``receive``."""
+        piece, else in pieces before it. ``undrafted``: the rounds since the open were
+        decoded without the worker's first block (RoundOutcome.undrafted). A worker that
+        is gone is found out, and replaced, by the next ``receive``."""
         if self.off or self.call is None:
             return
         outcome = internal_pb2.RoundOutcome(
             round=round, committed=committed, pipeline_hit=hit, next_gamma=next_gamma, finished=self.seq.finished,
-            traceparent=self.trace[0], tracestate=self.trace[1],
+            traceparent=self.trace[0], tracestate=self.trace[1], undrafted=undrafted,
         )
         if len(features) == 1:
             outcome.features.CopyFrom(features[0])
@@ -266,6 +339,10 @@ class DraftLink:
             pass  # "RPC already finished": the worker is gone
 
     def close(self) -> None:
+        if self.opening is not None and not self.opening.done():
+            self.opening.cancel()  # (its open cancels the call it made)
+        elif self.opening is not None:
+            self._opened()  # a call it made is cancelled below
         self._drop_call()
 
 

@@ -14,10 +14,16 @@ def round_span(req, round: int, trace_ctx):
         "outrider.session_id": req.session_id, "outrider.request_id": req.request_id, "outrider.round": round})
 
 
-def record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit: bool, pipelined: bool) -> None:
+def record_round(span, block: DraftBlock, result, early: DraftBlock | None, hit: bool, pipelined: bool,
+                 reading: bool = False) -> None:
     """A round's outcome on its span; with pipelining, what became of the early block
-    drafted for the next round while this one verified."""
+    drafted for the next round while this one verified. ``reading``: decoded without
+    drafts while the draft worker read the context (DraftLink.still_reading)."""
     drafted = len(block.proposal)
+    if reading:
+        span.set_attribute("outrider.reading", True)
+    if block.rest_of is not None:  # the rest of the first block, drafted for that round
+        span.set_attribute("outrider.rest_of", block.rest_of)
     span.set_attributes({
         "outrider.gamma": drafted, "outrider.accepted": result.num_accepted,
         "outrider.bonus_kept": drafted > 0 and result.num_accepted == drafted,  # every draft accepted

@@ -9,7 +9,6 @@ side verifies round k (see core/pipeline.py).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable
@@ -36,8 +35,6 @@ from ..telemetry import tracing
 from .batcher import RoundBatcher
 from .draft_link import OPEN_S, DraftLink, NoOtherWorker, draft_open
 from .round_spans import record_round, round_span
-
-log = logging.getLogger(__name__)
 
 
 class VerifierService:
@@ -235,18 +232,22 @@ class VerifierService:
             if relayed:
                 await prefill
             if opened is not None:
-                await link.start(round)
-        except BaseException:
-            prefill.cancel()
-            span.end()
-            raise
-        try:
+                link.start(round)  # in the background: the session never waits for the open
             await prefill
             exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
             unreported: list[int] = []  # committed tokens the worker has not been told yet
-            block = DraftBlock.undrafted(round, self.device) if opened is None else await link.receive(round)
+            # While the worker reads the context (a burst of opens: it reads the prompts one
+            # at a time) the session decodes without drafts, never waiting for its first
+            # block (DraftLink.still_reading); EAGLE on a worker opened after the prefill,
+            # for the prompt's features: it waits.
+            undrafted = opened is None or not relayed and link.still_reading(round)
+            block = DraftBlock.undrafted(round, self.device) if undrafted else await link.receive(round)
             while True:
+                reading = link.reading is not None  # (a block waited for ends the reading)
+                seq.stats.reading_rounds += reading
+                if control is not None:
+                    control.reading = reading  # its passes measure neither arm (GoodputController.observe_pass)
                 proposal = await self._with_lookups(seq, block.proposal)
                 result = await self.batcher.verify(seq, proposal, span)
                 # Did the round commit the worker's own drafts (a TREE's path may leave them)?
@@ -263,7 +264,7 @@ class VerifierService:
                 full = result.num_accepted == len(block.proposal)
                 # The worker drafts branches for this round's outcomes whenever it drafts
                 # at all (told > 0): take the one for what happened if it is here already.
-                pipelined = pipeline and told > 0 and not seq.finished
+                pipelined = pipeline and told > 0 and not reading and not seq.finished
                 if pipelined:
                     seq.stats.pipeline_rounds += 1
                     if followed:  # (else no branch drafted after the worker's drafts can be for what was committed)
@@ -274,7 +275,7 @@ class VerifierService:
                 seq.stats.pipeline_hits += hit
                 unreported += result.tokens
                 if span.is_recording():
-                    record_round(span, block, result, early, hit, pipelined)
+                    record_round(span, block, result, early, hit, pipelined, reading)
                 span.end()
                 span = tracing.INVALID_SPAN if seq.finished else round_span(req, round + 1, trace_ctx)
                 link.trace = tracing.inject(span)
@@ -283,11 +284,10 @@ class VerifierService:
                 # message); it hears every token at once when drafting resumes.
                 if opened is None and seq.effective_gamma > 0 and not seq.finished:
                     told, opened, unreported = seq.effective_gamma, round + 1, []
-                    try:
-                        await link.start(opened)
-                    except Exception:  # no worker to be found: this session decodes on alone
-                        log.exception("no draft stream for a session whose drafting resumed")
-                        link.off = True
+                    link.start(opened)
+                elif link.reading is not None:
+                    if not seq.finished and await link.catch_up(round, unreported, seq.effective_gamma):
+                        told, opened, unreported = seq.effective_gamma, round + 1, []
                 elif told > 0 or seq.effective_gamma > 0:
                     told = seq.effective_gamma
                     await link.report(round, unreported, hit, told, self._unsent_features(seq) if relayed else ())
@@ -298,6 +298,8 @@ class VerifierService:
                 round += 1
                 if hit:
                     block = early
+                elif link.still_reading(round):
+                    block = DraftBlock.undrafted(round, self.device)
                 elif told > 0:
                     # The worker sends the branch it drafted for this outcome at once
                     # (from_cache), or drafts a fresh block.
@@ -350,17 +352,12 @@ class VerifierService:
         unsent = seq.draft_state.take_unsent()
         return [] if unsent is None else feature_pieces(*unsent, self.feature_dtype)
 
-    async def _open_stream(self, seq: SequenceState, req, method: str, first_round: int, avoid: set[str],
-                           trace=("", "")) -> tuple[str, object]:
+    def _open_stream(self, seq: SequenceState, req, method: str, first_round: int, avoid: set[str],
+                     trace=("", "")) -> Awaitable[tuple[str, object]]:
         """A Draft stream on a worker Serve picks (not one in ``avoid``), opened at
-        ``seq``'s committed tokens. ``trace``: the context of round ``first_round``'s
-        span; the request's own context goes in the call's metadata (the worker's
-        session span)."""
-        address = await self._find_drafter(avoid)
-        if address not in self.channels:
-            self.channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        call = internal_pb2_grpc.DrafterStub(self.channels[address]).Draft(
-            metadata=(tracing.grpc_metadata(req.traceparent, req.tracestate) or ()) + auth_metadata())
+        ``seq``'s committed tokens as they are now (rounds may go on while it opens:
+        DraftLink.start). ``trace``: the context of round ``first_round``'s span; the
+        request's own context goes in the call's metadata (the worker's session span)."""
         opened = draft_open(seq, req, method, first_round, trace)
         features = []
         if getattr(seq.proposer, "relays_features", False):  # EAGLE: the committed text's features follow
@@ -369,6 +366,14 @@ class VerifierService:
             features = [] if kept is None else feature_pieces(*kept, self.feature_dtype)
             opened.feature_rows = sum(piece.rows for piece in features)
             seq.stats.feature_bytes += sum(piece.ByteSize() for piece in features)
+        return self._send_open(req, opened, features, avoid)
+
+    async def _send_open(self, req, opened, features: list, avoid: set[str]) -> tuple[str, object]:
+        address = await self._find_drafter(avoid)
+        if address not in self.channels:
+            self.channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        call = internal_pb2_grpc.DrafterStub(self.channels[address]).Draft(
+            metadata=(tracing.grpc_metadata(req.traceparent, req.tracestate) or ()) + auth_metadata())
         try:
             await call.write(internal_pb2.DraftCommand(open=opened))
             for piece in features:

@@ -179,10 +179,9 @@ def test_where_the_model_is_unsure_the_replica_measures_plain_decoding_and_keeps
     assert all(controller.gamma(c) == 0 for c in controls) is plain_wins
 
 
-def test_target_only_requests_leave_the_measured_arm_alone():
-    """A target-only request joins at gamma 0, fixed: it is in the passes' cost, never
-    in the arms' comparison, and its passes do not reset the arm measured for the
-    drafting sessions before it."""
+def plain_measured_faster():
+    """A controller whose one check found plain decoding faster for 8 drafting sessions:
+    (controller, those sessions)."""
     controller = GoodputController(max_batch=16)
     passes(controller, 0.020, 0.002)
     controls = [controller.join(4) for _ in range(8)]
@@ -191,11 +190,33 @@ def test_target_only_requests_leave_the_measured_arm_alone():
     controller.gamma(controls[0])
     drive(controller, controls, CHECK_EVERY + CHECK_PASSES, 8)
     assert controller.check.checks == 1 and controller.check.plain
+    return controller, controls
+
+
+def test_target_only_requests_leave_the_measured_arm_alone():
+    """A target-only request joins at gamma 0, fixed: it is in the passes' cost, never
+    in the arms' comparison, and its passes do not reset the arm measured for the
+    drafting sessions before it."""
+    controller, controls = plain_measured_faster()
     for c in controls:
         controller.leave(c)
     target_only = [controller.join(0, fixed=True) for _ in range(8)]
     drive(controller, target_only, 3 * CHECK_EVERY, 8)
     assert controller.check.checks == 1 and controller.check.plain and controller.not_speculating == 0
+
+
+def test_passes_while_every_drafting_sessions_worker_reads_its_prompt_leave_the_arm_alone():
+    """Sessions decoding without drafts until their workers' first blocks come (a burst
+    of new sessions) say nothing of either arm: their passes neither reset the measured
+    arm nor count in a check. Once one of them can draft, passes count again."""
+    controller, controls = plain_measured_faster()
+    for c in controls:
+        c.reading = True
+    drive(controller, controls, 3 * CHECK_EVERY, 8)
+    assert controller.check.checks == 1 and controller.check.plain and controller.check.passes == 0
+    controls[0].reading = False
+    drive(controller, controls, CHECK_EVERY, 8)
+    assert controller.check.passes == CHECK_EVERY and controller.check.window is not None  # the next check begins
 
 
 def test_where_the_model_is_sure_there_is_no_check():

@@ -142,6 +142,35 @@ def test_a_miss_with_no_branch_for_the_outcome_drafts_afresh(draft):
     assert s.in_flight is None and s.committed[-1] == other and s.gamma == 2
 
 
+def test_a_catch_up_that_began_with_the_blocks_drafts_verifies_the_rest_and_learns_nothing_of_acceptance(draft):
+    s = session(draft, gamma=4)
+    block = s.draft(0)
+    s.draft_branches()
+    drafts = block.proposal.tokens.tolist()
+    seen = (list(s.history.reached), list(s.history.accepted))
+    s.catch_up(drafts[:1], round=3, next_gamma=4, rest_taken=True)  # rounds 0-2 decoded without it
+    assert s.committed == PROMPT + drafts[:1] and s.branches == {}
+    assert s.in_flight.round == 3 and s.in_flight.proposal.tokens.tolist() == drafts[1:]
+    assert (s.history.reached, s.history.accepted) == seen  # never verified: no acceptance to learn
+    # The next round's branches continue from the rest, as after any block.
+    branch = s.draft_branches()[0]
+    assert branch.round == 4
+    fresh = session(draft, gamma=4)
+    fresh.committed += drafts + [branch.guess]
+    assert fresh.draft(4).proposal.tokens.tolist() == branch.proposal.tokens.tolist()
+
+
+def test_a_catch_up_with_other_tokens_drafts_afresh_after_all_of_them(draft):
+    s = session(draft, gamma=4)
+    block = s.draft(0)
+    other = [t for t in range(50, 90) if t != block.proposal.tokens[0]][:3]
+    s.catch_up(other, round=3, next_gamma=2, rest_taken=False)
+    assert s.in_flight is None and s.gamma == 2 and s.committed == PROMPT + other
+    fresh = session(draft, gamma=2)
+    fresh.committed += other
+    assert s.draft(3).proposal.tokens.tolist() == fresh.draft(3).proposal.tokens.tolist()
+
+
 def test_a_hit_for_an_outcome_no_branch_assumed_is_refused(draft):
     s = session(draft)
     block = s.draft(0)

@@ -33,3 +33,23 @@ def test_a_proposal_pickles_to_the_same_tokens_q_tree_and_alternatives():
 def test_a_proposal_without_q_pickles_too():
     back = pickle.loads(pickle.dumps(Proposal(torch.tensor([4, 5]))))
     assert back.tokens.tolist() == [4, 5] and back.draft_q is None and back.is_chain
+
+
+def test_the_rest_of_a_chain_after_committed_drafts_keeps_each_drafts_q_and_alternatives():
+    gen = torch.Generator().manual_seed(1)
+    q = SparseQ.stack([compact(torch.softmax(torch.randn(1000, generator=gen) * 3, -1)) for _ in range(5)])
+    alternatives = DraftAlternatives(torch.arange(10).view(5, 2), torch.rand(5, 2, generator=gen))
+    chain = Proposal(torch.tensor([9, 8, 7, 6, 5]), q, None, alternatives)
+    rest = chain.after(2)
+    assert rest.tokens.tolist() == [7, 6, 5] and rest.is_chain and rest.draft_q.vocab == 1000
+    for name in ("ids", "levels", "tail_weight", "probs", "tail"):
+        assert torch.equal(getattr(rest.draft_q, name), getattr(q, name)[2:]), name
+    assert torch.equal(rest.alternatives.ids, alternatives.ids[2:])
+    assert torch.equal(rest.draft_q.dense(), q.dense()[2:])
+    assert Proposal(torch.tensor([4, 5])).after(1).tokens.tolist() == [5]
+    try:
+        Proposal(torch.tensor([1, 2, 3]), None, tree_shape((-1, 0, 0))).after(1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a tree has no single rest")

@@ -9,6 +9,7 @@ import grpc
 import pytest
 import ray
 import torch
+from pacing import drafting_pays, slow_prefill
 from tiny_models import hf_greedy, noisy_copy, random_eagle, tiny
 
 from services.core.engine import SpeculativeEngine
@@ -51,12 +52,23 @@ def test_a_session_continues_on_another_worker_from_its_saved_chunks(store, pipe
         first, first_server, first_address = await start_worker(draft, first_state)
         second, second_server, second_address = await start_worker(draft, second_state)
         workers = [first_address]
+        saved, save_chunk = [], first_state.save_chunk  # chunks the first worker saved
+
+        def saving(session, chunk):
+            saved.append(chunk)
+            save_chunk(session, chunk)
+        first_state.save_chunk = saving
 
         async def find_drafter():
             return workers[-1]
 
         engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256)
         verifier = VerifierService(engine, find_drafter)
+        # The first worker drafts from the first round, so has chunks to save: its first
+        # call to the store (the actor starting) does not hold back its first block.
+        await first_state.session_chunks("warm-up")
+        slow_prefill(verifier, 0.5)
+        drafting_pays(verifier)
         req = internal_pb2.VerifyRequest(
             request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=PROMPT, max_new_tokens=60,
             sampling=sampling_to_proto(SamplingParams(seed=0)),
@@ -68,7 +80,9 @@ def test_a_session_continues_on_another_worker_from_its_saved_chunks(store, pipe
                 stats = chunk.stats
                 continue
             tokens += chunk.token_ids
-            if len(tokens) >= 25 and len(workers) == 1:
+            # (The session decodes without drafts until the first worker's first block
+            # comes, which in a fresh process can take a while: it saves nothing before.)
+            if len(tokens) >= 25 and saved and len(workers) == 1:
                 await first_state.flush()  # its chunks are saved by now
                 workers.append(second_address)
                 await first_server.stop(None)  # the first worker goes away mid-stream
@@ -99,6 +113,8 @@ def test_a_prompt_prefix_drafted_on_one_worker_is_reused_on_another(store):
                 return address
 
             verifier = VerifierService(engine, find_drafter)
+            await states[0].session_chunks("warm-up")  # the store's actor started
+            slow_prefill(verifier, 0.5)  # each worker drafts from the prompt, before the session ends
             req = internal_pb2.VerifyRequest(
                 request_id=uuid.uuid4().hex, session_id=uuid.uuid4().hex, prompt_ids=prompt, max_new_tokens=20,
                 sampling=sampling_to_proto(SamplingParams(seed=0)),

@@ -8,14 +8,15 @@ way (real gRPC on loopback)."""
 import asyncio
 import uuid
 
-import grpc
 import pytest
 import torch
+from draft_workers import PROMPT, close, greedy_request, start_worker
+from pacing import FixedCost, drafting_pays
 from tiny_models import VOCAB, hf_greedy, noisy_copy, tiny
 
 from services.bench.loopback import Loopback, run
 from services.core.engine import SpeculativeEngine
-from services.core.goodput import ArmCheck, PassCost
+from services.core.goodput import ArmCheck
 from services.core.pipeline import DraftBlock
 from services.core.proposals import Proposal
 from services.core.sampling import SamplingParams
@@ -23,27 +24,14 @@ from services.core.stats import GenerationStats
 from services.core.target import TargetRunner
 from services.core.verifier import TargetVerifier
 from services.drafter.service import DrafterService, make_proposers
-from services.rpc import internal_pb2, internal_pb2_grpc, outrider_pb2
-from services.rpc.convert import METHOD_IDS, block_to_proto, sampling_to_proto
+from services.rpc.convert import block_to_proto
 from services.verifier.draft_link import FIRST_READ_S, MAX_READ_S, MIN_READ_S, READ_SLACK, DraftLink
 from services.verifier.service import VerifierService
-
-PROMPT = [5, 17, 33, 2, 9]
-
 
 @pytest.fixture(scope="module")
 def pair():
     target = tiny("llama", seed=1)
     return target, noisy_copy(target, seed=2, scale=0.3)
-
-
-async def start_worker(service):
-    """``service`` on a loopback gRPC server: (service, server, address)."""
-    server = grpc.aio.server()
-    internal_pb2_grpc.add_DrafterServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return service, server, f"127.0.0.1:{port}"
 
 
 def worker(draft, max_sessions: int = 256) -> DrafterService:
@@ -53,23 +41,12 @@ def worker(draft, max_sessions: int = 256) -> DrafterService:
 
 async def generate(verifier, session_id: str, max_new: int, gamma: int):
     """One greedy session through ``verifier``: (tokens, final stats)."""
-    req = internal_pb2.VerifyRequest(
-        request_id=session_id, session_id=session_id, prompt_ids=PROMPT, max_new_tokens=max_new,
-        sampling=sampling_to_proto(SamplingParams(seed=0)),
-        speculation=outrider_pb2.Speculation(method=METHOD_IDS["draft"], gamma=gamma, pipeline=True))
     tokens, stats = [], None
-    async for chunk in verifier.verify(req):
+    async for chunk in verifier.verify(greedy_request(session_id, max_new, gamma)):
         if chunk.HasField("stats"):
             stats = chunk.stats
         tokens += chunk.token_ids
     return tokens, stats
-
-
-async def close(verifier, servers) -> None:
-    for channel in verifier.channels.values():
-        await channel.close()
-    for server in servers:
-        await server.stop(None)
 
 
 def serve(target, draft, capacities):
@@ -114,16 +91,9 @@ def test_with_every_worker_full_the_session_decodes_without_drafts(pair):
     tokens, stats, opened = serve(target, draft, [0, 0, 0])
     assert tokens == hf_greedy(target, PROMPT, 40, eos=None)
     assert opened == [0, 0, 0]
-    assert stats.drafted == 0 and stats.undrafted_rounds == stats.rounds == 40
-
-
-class FixedCost(PassCost):
-    def __init__(self, a, b):
-        super().__init__()
-        self.line = (a, b)
-
-    def fit(self):
-        return self.line
+    # Rounds decoded before the first refusal came back count as the worker still
+    # reading the prompt (DraftLink.still_reading), not yet known to be absent.
+    assert stats.drafted == 0 and stats.undrafted_rounds + stats.reading_rounds == stats.rounds == 40
 
 
 class SabotagingDrafter(DrafterService):
@@ -221,7 +191,7 @@ def test_a_session_started_while_the_replica_decodes_plain_opens_its_draft_strea
 
         verifier = VerifierService(SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256), find_drafter)
         verifier.controller.check = PlainFirst(10)
-        verifier.controller.cost = FixedCost(0.020, 0.006)  # priced so that drafting pays (this tiny target's passes would not)
+        drafting_pays(verifier)
         result = await generate(verifier, uuid.uuid4().hex, 40, 4)
         await close(verifier, [server])
         return result, contexts
@@ -256,7 +226,7 @@ def test_a_deferred_open_at_a_real_vocabulary_and_a_long_context_keeps_seeded_sa
                 return original(msg)
             loop.drafter._open = counting
             loop.verifier.controller.check = PlainFirst(8)
-            loop.verifier.controller.cost = FixedCost(0.020, 0.006)
+            drafting_pays(loop.verifier)
             tokens, stats = await loop.generate(prompt, 24, params, gamma=4)
         return plain, tokens, stats, contexts
 

@@ -17,6 +17,7 @@ from services.verifier.draft_link import MAX_READ_S, OPEN_S
 from services.core.draft_q import MAX_SUPPORT
 from services.core.errors import InvalidRequest
 from services.core.sampling import SamplingParams, adjusted_probs
+from pacing import drafting_pays, slow_prefill
 from tiny_models import hf_greedy, noisy_copy, tiny
 
 PROMPT = [5, 17, 33, 2, 9]
@@ -35,14 +36,15 @@ def test_greedy_is_target_only_decoding(pair, method, gamma, pipeline):
     expected = hf_greedy(target, PROMPT, 40, eos=None)
 
     async def go():
-        async with Loopback(target, draft) as loop:
+        async with Loopback(target, draft, load_aware_gamma=False) as loop:  # every round drafts its gamma
             return await loop.generate(PROMPT, 40, method=method, gamma=gamma, pipeline=pipeline)
 
     tokens, stats = run(go())
     assert tokens == expected
     assert stats.rounds < 40 if method == "draft" else stats.rounds <= 40
     if pipeline and method == "draft":  # lookups run on the verifier: no draft hop to pipeline
-        assert stats.pipeline_rounds == stats.rounds - 1
+        # (rounds decoded while the worker read the prompt had nothing in flight)
+        assert stats.pipeline_rounds == stats.rounds - 1 - stats.reading_rounds
     else:
         assert stats.pipeline_rounds == 0 and stats.pipeline_hits == 0
 
@@ -71,9 +73,12 @@ def test_a_perfect_draft_makes_every_early_block_usable():
     tokens, stats = run(go())
     assert tokens == hf_greedy(target, PROMPT, 48, eos=None)
     # Every draft is accepted and the bonus is the draft's own guess: every round after
-    # the first runs on the branch drafted for that outcome while the previous one was
-    # verified (the verifier held it already, or the worker sent it at once).
-    assert stats.cache_hits == stats.cache_hits_full == stats.pipeline_rounds == stats.rounds - 1
+    # the first drafted one runs on the branch drafted for that outcome while the
+    # previous one was verified (the verifier held it already, or the worker sent it at
+    # once). Rounds decoded while the worker read the prompt had nothing in flight, and
+    # the round before a last one with no room to draft (1 token left) has no branch.
+    assert stats.pipeline_rounds == stats.rounds - 1 - stats.reading_rounds
+    assert stats.pipeline_rounds - 1 <= stats.cache_hits == stats.cache_hits_full <= stats.pipeline_rounds
     assert stats.pipeline_hits <= stats.cache_hits
     assert stats.accepted == stats.drafted
 
@@ -272,6 +277,8 @@ def test_sampled_requests_at_real_vocabularies_succeed_at_every_gamma(real_vocab
 
     async def go():
         async with Loopback(target, draft, max_context=1024) as loop:
+            slow_prefill(loop.verifier)  # so that every request drafts from its first round...
+            drafting_pays(loop.verifier)  # ...and goes on drafting
             out = {}
             for gamma in range(1, 17):  # T = 1.0 at odd gammas, top-k 50 at even ones
                 # Not coupled: a coupled draft sends no q.
