@@ -90,6 +90,18 @@ def serving_cluster(args: dict | None = None, verifier_cpus: int = 1, drafter_cp
                 os.environ[key] = value
 
 
+def until_drafted(client, request, tries: int = 5) -> list:
+    """The chunks of ``request`` sent until one drafts (at most ``tries`` times). A
+    session never waits for its draft worker's first block (DraftLink.still_reading):
+    on a cold cluster, with the worker's first open still slow, a short request may
+    finish before that block comes, and is rightly decoded without drafts."""
+    for _ in range(tries):
+        chunks = list(client.generate(request, timeout=120))
+        if chunks[-1].stats.drafted > 0:
+            break
+    return chunks
+
+
 def replicas(deployment: str) -> list:
     """The live replica actors of ``deployment`` (ray.util.state ActorState)."""
     from ray.util.state import list_actors

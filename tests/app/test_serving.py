@@ -9,7 +9,7 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from serving_cluster import active_sessions, serving_cluster, target_only
+from serving_cluster import active_sessions, serving_cluster, target_only, until_drafted
 from services.app.args import DRAFTER_RESOURCE, VERIFIER_RESOURCE
 from services.core.sampling import SamplingParams
 from services.gateway.client import make_request
@@ -25,6 +25,8 @@ MAX_MESSAGE = 1 << 20  # Serve's gRPC proxy message limit here (outrider serve: 
 def server():
     with serving_cluster({"max_sessions": MAX_SESSIONS},
                          env={"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(MAX_MESSAGE)}) as (client, _):
+        # Warm: the tests check that every round after a session's first can draft.
+        until_drafted(client, make_request(PROMPTS[0], 16, gamma=4))
         yield client
 
 

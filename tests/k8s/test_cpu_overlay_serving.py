@@ -11,7 +11,7 @@ from ray.cluster_utils import Cluster
 from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
 from k8s.manifests import groups, ray_cpus, ray_resources, rendered, serve_config
-from serving_cluster import STORE, free_port
+from serving_cluster import STORE, free_port, until_drafted
 from services.app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE
 from services.gateway.client import OutriderClient, make_request
 
@@ -77,7 +77,7 @@ def test_cpu_overlay_serve_config_serves_grpc_on_its_node_groups():
 
         with OutriderClient(f"127.0.0.1:{grpc_port}") as outrider:
             assert outrider.healthy()  # grpc.health.v1.Health/Check, what the liveness probe calls
-            chunks = list(outrider.generate(make_request("def parse_args(argv):", 12, gamma=4), timeout=120))
+            chunks = until_drafted(outrider, make_request("def parse_args(argv):", 12, gamma=4))
         assert sum(len(c.token_ids) for c in chunks) == 12
         assert chunks[-1].stats.finish_reason == "length" and chunks[-1].stats.drafted > 0
 

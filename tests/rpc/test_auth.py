@@ -61,11 +61,11 @@ def test_only_streams_with_the_token_reach_the_service():
 def test_a_served_cluster_with_a_token_serves_and_refuses_strangers():
     from ray import serve
 
-    from serving_cluster import APP, serving_cluster
+    from serving_cluster import APP, serving_cluster, until_drafted
     from services.gateway.client import make_request
 
     with serving_cluster(env={TOKEN_ENV: "cluster-token"}) as (client, _):
-        chunks = list(client.generate(make_request("def parse_args(argv):", 16, method="draft", gamma=4), timeout=120))
+        chunks = until_drafted(client, make_request("def parse_args(argv):", 16, method="draft", gamma=4))
         endpoint = serve.get_deployment_handle("drafter", app_name=APP).endpoint.remote().result()
         port = int(endpoint.rsplit(":", 1)[1])
         host = endpoint.rsplit(":", 1)[0]
