@@ -187,4 +187,8 @@ def first_request(client: OutriderClient, prompt: str, max_new_tokens: int) -> N
             stats = chunk.stats
     print(f"\n\n[{stats.emitted} tokens in {stats.total_s:.2f} s; mean acceptance length "
           f"{stats.mean_acceptance_length:.2f}; pipeline hit rate {stats.pipeline_hit_rate:.2f}; "
-          f"speculation-cache hit rate {stats.cache_hit_rate:.2f}; overlap {stats.overlap:.2f}]", flush=True)
+          f"speculation-cache hit rate {stats.cache_hit_rate:.2f}; overlap {stats.overlap:.2f}"
+          # A session does not wait for its draft worker's first block: a fresh replica's
+          # first stream opens slowly, and the rounds meanwhile are plain decoding steps.
+          + (f"; {stats.reading_rounds} of {stats.rounds} rounds decoded while the draft worker read the prompt"
+             if stats.reading_rounds else "") + "]", flush=True)
