@@ -56,7 +56,8 @@ def run(args) -> int:
     for event in result["chaos"]:
         print(f"chaos at {event['t']} s: {event['event']} {event['target']}{' FAILED ' + event['error'] if event['error'] else ''}")
     print(f"{result['streams']} streams in {result['seconds']:.0f} s: {result['lost']} lost, {result['corrupted']} "
-          f"corrupted, {result['hung']} hung; {result['verdicts']}; memory growth {result['memory_growth_ratio']}; "
+          f"corrupted, {result['hung']} hung; {result['verdicts']}; {result['capacity_retries']} sent again after a "
+          f"refusal at capacity; memory growth {result['memory_growth_ratio']}; "
           f"left over {result['leftover']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ level after warm-up.
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -65,11 +66,32 @@ class Outcome:
     seconds: float
     why: str = ""
     ended: float = 0.0  # when, since the soak started (set by the soak)
+    capacity_retries: int = 0  # times it was refused at capacity and sent again after the hint
+
+
+MAX_CAPACITY_RETRIES = 3
+RETRY_HINT = re.compile(r"retry in about ([0-9.]+) s")
 
 
 def run_stream(client, case: Case, kind: str, reference: list[int] | None, request_id: str,
                deadline_s: float) -> Outcome:
-    """One stream, classified. ``reference``: the case's undisturbed tokens."""
+    """One stream, classified. ``reference``: the case's undisturbed tokens. Refused at
+    capacity with a retry hint (RESOURCE_EXHAUSTED, the gateway's backpressure), it is
+    sent again after the hint, as a client should, at most MAX_CAPACITY_RETRIES times:
+    64 streams at a 64-session limit find now and then a slot that a cancelled
+    session has not freed yet."""
+    for retries in range(MAX_CAPACITY_RETRIES + 1):
+        outcome = _one_stream(client, case, kind, reference, request_id, deadline_s)
+        hint = RETRY_HINT.search(outcome.why) if outcome.code == "RESOURCE_EXHAUSTED" else None
+        if hint is None or retries == MAX_CAPACITY_RETRIES:
+            break
+        time.sleep(float(hint.group(1)))
+    outcome.capacity_retries = retries
+    return outcome
+
+
+def _one_stream(client, case: Case, kind: str, reference: list[int] | None, request_id: str,
+                deadline_s: float) -> Outcome:
     start, tokens, final = time.monotonic(), [], None
     timeout = 1.0 if kind == DEADLINE else deadline_s
     try:
@@ -134,6 +156,7 @@ class SoakReport:
         return {
             "streams": len(self.outcomes), "lost": verdicts["lost"], "corrupted": verdicts["corrupted"],
             "hung": verdicts["hung"], "memory_growth_ratio": self.memory_growth_ratio(),
+            "capacity_retries": sum(o.capacity_retries for o in self.outcomes),
             "verdicts": dict(verdicts), "by_code": dict(Counter(o.code for o in self.outcomes)),
             "by_kind": dict(Counter(o.kind for o in self.outcomes)),
             "completed_p50_s": pct(0.5), "completed_p99_s": pct(0.99), "seconds": self.seconds,

@@ -8,7 +8,8 @@ from fake_grpc import Failing, FakeClient
 
 from services.core.sampling import SamplingParams
 from services.reliability.chaos import EVENTS
-from services.reliability.soak import CANCEL, DEADLINE, NORMAL, Case, SoakReport, make_cases, run_stream, soak
+from services.reliability.soak import (CANCEL, DEADLINE, MAX_CAPACITY_RETRIES, NORMAL, Case, SoakReport, make_cases,
+                                       run_stream, soak)
 from services.rpc import outrider_pb2
 
 CASE = Case("def f(x):", "draft", SamplingParams(), 2)
@@ -47,6 +48,35 @@ def test_each_stream_gets_the_verdict_the_contract_gives_it():
     deadline = FakeClient(Failing(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
     assert verdict(deadline, DEADLINE, None) == "deadline"
     assert verdict(FakeClient(Failing(grpc.StatusCode.INTERNAL, "x")), DEADLINE, None) == "lost"
+
+
+class RefusedAtCapacity(FakeClient):
+    """Refuses the first ``refusals`` requests as the gateway at its session limit does."""
+
+    def __init__(self, refusals, chunks=()):
+        super().__init__(chunks=chunks)
+        self.refusals, self.requests = refusals, 0
+
+    def generate(self, request, timeout=None):
+        self.requests += 1
+        if self.requests <= self.refusals:
+            raise Failing(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "at the limit of 64 concurrent sessions; retry in about 0.01 s")
+        return super().generate(request, timeout)
+
+
+def test_a_stream_refused_at_capacity_is_sent_again_after_the_hint():
+    client = RefusedAtCapacity(2, chunks("r", [1, 2]))
+    outcome = run_stream(client, CASE, NORMAL, [1, 2], "r", 60.0)
+    assert (outcome.verdict, outcome.capacity_retries, client.requests) == ("identical", 2, 3)
+    # Refused every time: lost, after MAX_CAPACITY_RETRIES more tries.
+    client = RefusedAtCapacity(100, chunks("r", [1, 2]))
+    outcome = run_stream(client, CASE, NORMAL, [1, 2], "r", 60.0)
+    assert (outcome.verdict, outcome.code, client.requests) == ("lost", "RESOURCE_EXHAUSTED", MAX_CAPACITY_RETRIES + 1)
+    # Without a retry hint, no retry.
+    once = FakeClient(Failing(grpc.StatusCode.RESOURCE_EXHAUSTED, "message too large"))
+    assert run_stream(once, CASE, NORMAL, [1, 2], "r", 60.0).capacity_retries == 0
+    assert SoakReport(outcomes=[outcome]).as_json()["capacity_retries"] == MAX_CAPACITY_RETRIES
 
 
 def test_memory_growth_is_measured_from_the_loads_warm_up():
