@@ -28,14 +28,16 @@ from ..verifier.service import VerifierService
 class Loopback:
     def __init__(self, target, draft, eos_token_id=None, max_context=256, max_batch_size=16,
                  kv_cache_bytes=DEFAULT_KV_CACHE_BYTES, measured_fanout=True, eagle=None,
-                 feature_dtype="bfloat16", feature_window=DEFAULT_WINDOW, drafter_address=None, load_aware_gamma=True):
+                 feature_dtype="bfloat16", feature_window=DEFAULT_WINDOW, drafter_address=None, load_aware_gamma=True,
+                 wait_first_block=False):
         """``measured_fanout`` False: the worker drafts the branches a request asks for,
         whatever its steps cost (a test of the cache, not of its policy). ``eagle``: an
         EAGLE-3 drafter on the draft worker (placement "drafter"), fed the features the
         verifier sends in ``feature_dtype``. ``drafter_address``: a draft worker served
         by another process (``serve_drafter``) instead of one in this process (``draft``
         unused). ``load_aware_gamma`` False: every round drafts the request's gamma (no
-        goodput controller)."""
+        goodput controller). ``wait_first_block``: sessions wait for their worker's first
+        block (VerifierService)."""
         self.drafter_address = drafter_address
         self.drafter = None
         if drafter_address is None:
@@ -44,7 +46,7 @@ class Loopback:
         engine = SpeculativeEngine(TargetVerifier(TargetRunner(target, kv_cache_bytes)), None, eos_token_id, max_context)
         relay = eagle_relay(eagle, feature_window) if eagle is not None else None
         self.verifier = VerifierService(engine, self._address, max_batch_size, load_aware_gamma, eagle_relay=relay,
-                                        feature_dtype=feature_dtype)
+                                        feature_dtype=feature_dtype, wait_first_block=wait_first_block)
         self.server = None
         self.port = None
         self.ttfts: list[float] = []  # each session's seconds from its start to its first tokens

@@ -166,14 +166,15 @@ def served_rounds(pair, prompts: list[list[int]], gamma: int, max_new: int) -> d
     """Greedy sessions through the verifier and a draft worker over loopback gRPC: the
     pair's per-draft acceptance (maximum likelihood: accepted / (accepted + rounds that
     ended on a rejection)), the pipeline hit rate, bytes and transport seconds per
-    drafting round. Every round drafts ``gamma`` (the pair is measured, not the goodput
-    controller), after one untimed session: a session never waits for its worker's
-    first block, and in a fresh process that block comes late (the worker's first
-    forward), so a short session would be decoded without drafts."""
+    drafting round. Every round drafts ``gamma``, the first too (the pair is measured,
+    not the goodput controller nor a served session's rounds decoded while its worker
+    reads the prompt: a short one, on a busy machine, may have no drafted round at all),
+    after one untimed session (the worker's first forward)."""
     from .loopback import Loopback
 
     async def go():
-        async with Loopback(pair.target, pair.draft, pair.eos_token_id, pair.max_context, load_aware_gamma=False) as loop:
+        async with Loopback(pair.target, pair.draft, pair.eos_token_id, pair.max_context, load_aware_gamma=False,
+                            wait_first_block=True) as loop:
             await loop.generate(prompts[0], max_new, SamplingParams(seed=0), gamma=gamma)
             return [await loop.generate(ids, max_new, SamplingParams(seed=0), gamma=gamma) for ids in prompts]
 

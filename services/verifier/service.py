@@ -41,12 +41,16 @@ class VerifierService:
     def __init__(self, engine: SpeculativeEngine, find_drafter: Callable[[], Awaitable[str]],
                  max_batch_size: int = 16, load_aware_gamma: bool = True, prefixes: PrefixSharing | ShardedPrefixSharing | None = None,
                  name: str = "", head_proposer: Callable[[str, str], Proposer] | None = None, tokenizer=None,
-                 eagle_relay: Callable[[str], EagleFeatureRelay] | None = None, feature_dtype: str = "bfloat16"):
+                 eagle_relay: Callable[[str], EagleFeatureRelay] | None = None, feature_dtype: str = "bfloat16",
+                 wait_first_block: bool = False):
         """``head_proposer(method, tree)``: a proposer for a request drafted by heads on
         this replica (MEDUSA, MTP), raising InvalidRequest for one it cannot serve.
         ``tokenizer``: the target's, for requests with stop strings. ``eagle_relay(tree)``:
         EAGLE is drafted on the draft workers from the features this replica fuses and
-        sends them in ``feature_dtype`` (core/eagle_relay.py); None: on this replica."""
+        sends them in ``feature_dtype`` (core/eagle_relay.py); None: on this replica.
+        ``wait_first_block``: a session waits for its worker's first block instead of
+        decoding without drafts meanwhile (a measurement of the pair, not of serving)."""
+        self.wait_first_block = wait_first_block
         self.engine = engine
         self.tokenizer = tokenizer
         # Lookups need no model: drafted here, in microseconds, with no hop. One suffix
@@ -241,7 +245,7 @@ class VerifierService:
             # at a time) the session decodes without drafts, never waiting for its first
             # block (DraftLink.still_reading); EAGLE on a worker opened after the prefill,
             # for the prompt's features: it waits.
-            undrafted = opened is None or not relayed and link.still_reading(round)
+            undrafted = opened is None or not (relayed or self.wait_first_block) and link.still_reading(round)
             block = DraftBlock.undrafted(round, self.device) if undrafted else await link.receive(round)
             while True:
                 reading = link.reading is not None  # (a block waited for ends the reading)

@@ -108,3 +108,47 @@ def test_plain_rounds_that_committed_the_held_blocks_own_drafts_verify_the_rest_
     assert all(len(c) == 1 for c in chunks[:plain])
     assert len(chunks[plain]) == gamma - plain + 1  # the rest, all accepted, and the bonus
     assert stats.reading_rounds == plain and stats.accepted == stats.drafted
+
+
+class SlowFirstBlock(DrafterService):
+    """A draft worker whose first block comes ``delay_s`` late."""
+
+    def __init__(self, proposers, steps, delay_s: float):
+        super().__init__(proposers, steps=steps)
+        self.delay_s = delay_s
+
+    async def Draft(self, request_iterator, context):
+        first = True
+        async for block in super().Draft(request_iterator, context):
+            if first:
+                await asyncio.sleep(self.delay_s)
+                first = False
+            yield block
+
+
+def test_a_verifier_told_to_wait_for_the_first_block_drafts_from_the_first_round(target):
+    """``wait_first_block`` (how `outrider bench --profile` measures a pair): no round
+    is decoded while the worker reads, however late its first block."""
+
+    async def go():
+        service, server, address = await start_worker(SlowFirstBlock(*make_proposers(target), delay_s=0.3))
+
+        async def find_drafter():
+            return address
+
+        engine = SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256)
+        verifier = VerifierService(engine, find_drafter, load_aware_gamma=False, wait_first_block=True)
+        chunks, stats = [], None
+        async for chunk in verifier.verify(greedy_request("slow", 40, 4)):
+            if chunk.HasField("stats"):
+                stats = chunk.stats
+            else:
+                chunks.append(list(chunk.token_ids))
+        await close(verifier, [server])
+        return chunks, stats
+
+    chunks, stats = asyncio.run(go())
+    assert sum(chunks, []) == hf_greedy(target, PROMPT, 40, eos=None)
+    # A perfect draft: the first round verified the first block, all accepted, and the bonus.
+    assert len(chunks[0]) == 5
+    assert stats.reading_rounds == 0 and stats.undrafted_rounds == 0 and stats.accepted == stats.drafted
