@@ -18,6 +18,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 # Trailing metadata of a stream refused because the worker is full (RESOURCE_EXHAUSTED):
 # the verifier tries another worker, or decodes without drafts (verifier/draft_link.py).
 CAPACITY_REFUSAL = ("outrider-refused", "capacity")
+# How long a dropped stream's saved chunks stay in this worker's cache for its verifier
+# to reopen it here (it reconnects within its read deadline, verifier/draft_link.py).
+REOPEN_GRACE_S = 30.0
 
 
 async def _timed(commands) -> tuple[object, float, list]:
@@ -89,13 +93,14 @@ def make_proposers(draft, confidence_stop: float = 0.0, max_batch_size: int = 16
 class DrafterService(internal_pb2_grpc.DrafterServicer):
     def __init__(self, proposers: dict[str, Proposer], max_sessions: int = 256, state: StateClient | None = None,
                  chunk_tokens: int = 32, prefixes: PrefixSharing | None = None, steps: StepBatcher | None = None,
-                 measured_fanout: bool = True):
+                 measured_fanout: bool = True, reopen_grace_s: float = REOPEN_GRACE_S):
         """``max_sessions``: admission; a stream opened beyond it is refused at once
         (``CAPACITY_REFUSAL``) and its verifier drafts elsewhere or decodes alone, so no
         session queues here. ``steps``: the draft model's step batcher, whose queue and
         step times are the worker's load report; with ``measured_fanout``, the
         speculation cache's branches of all sessions share the rows its measured costs
-        say are nearly free."""
+        say are nearly free. ``reopen_grace_s``: how long a dropped stream's chunks stay
+        in ``state``'s cache (REOPEN_GRACE_S)."""
         self.proposers = proposers
         self.steps = steps
         self.measured_fanout = measured_fanout and steps is not None
@@ -109,6 +114,8 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         # stopping while the session admitted in its place starts.
         self.compute = ThreadPoolExecutor(max(2, 2 * max_sessions), thread_name_prefix="outrider-draft")
         self.active_sessions = 0
+        self.streams: Counter[str] = Counter()  # session id -> its streams open here
+        self.reopen_grace_s = reopen_grace_s
 
     async def Draft(self, request_iterator, context):
         commands = request_iterator.__aiter__()
@@ -126,6 +133,8 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         session_id = first.open.session_id
         alternatives = min(first.open.alternatives, ALTERNATIVES)  # a TREE's leaves, sent with each block
         self.active_sessions += 1
+        self.streams[session_id] += 1
+        finished = False  # the verifier said the session ended: no stream will restore it here
         stop = threading.Event()
         # Tracing: the stream is a span under the request's context (the call's gRPC
         # metadata); every block drafted is a span under the round the verifier said it
@@ -175,6 +184,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                             yield block_to_proto(branch, session.planned, alternatives)
                 command, arrived, features = await next_command
                 if command is None or command.outcome.finished:
+                    finished = command is not None
                     return
                 outcome = command.outcome
                 if outcome.HasField("features"):
@@ -214,6 +224,13 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         finally:
             stop.set()
             self.active_sessions -= 1
+            self.streams[session_id] -= 1
+            if self.streams[session_id] <= 0:
+                del self.streams[session_id]
+            if self.state is not None and session_id:
+                # Else the verifier dropped the stream (a cancel, or a fault it may reopen here).
+                self.state.forget(session_id, 0.0 if finished else self.reopen_grace_s,
+                                  keep=lambda: session_id in self.streams)
             span.end()
 
     @staticmethod

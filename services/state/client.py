@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.kv_chunks import KVChunk, block_names
@@ -115,12 +116,13 @@ class StateClient:
     def __init__(self, store, cache_bytes: int = 64 * 2**20):  # bounds what a replica keeps
         self.store = store
         self.cache: OrderedDict[str, KVChunk] = OrderedDict()  # ref id -> chunk
+        self.owners: dict[str, str] = {}  # ref id -> the session it was saved or restored for
         self.cache_bytes, self.cached_bytes = cache_bytes, 0
         self.background: set[asyncio.Task] = set()
         self.fetched_bytes = 0  # moved out of the object store into this process
 
     async def session_chunks(self, session: str) -> list[KVChunk]:
-        return await self._fetch(await self.store.session_chunks.remote(session))
+        return await self._fetch(await self.store.session_chunks.remote(session), session)
 
     async def prefix(self, names: list[str]) -> list[KVChunk]:
         """The cached blocks of the longest known prefix among ``names``."""
@@ -132,9 +134,33 @@ class StateClient:
         async def save():
             refs = await self.store.save_chunk.remote(session, chunk)
             if refs:
-                self._remember(refs[0].hex(), chunk)
+                self._remember(refs[0].hex(), chunk, session)
 
         self._spawn(save())
+
+    def forget(self, session: str, after_s: float = 0.0, keep: Callable[[], bool] = lambda: False) -> None:
+        """Drop ``session``'s chunks from this replica's cache once the saves in flight
+        are done, ``after_s`` later, unless ``keep()`` then (a stream reopened here).
+        They are kept for a stream that reconnects here; an ended session's would only
+        grow the replica's memory until the cache's bound (64 MiB by default: 12% of a
+        draft worker's) evicted them. The store keeps them until the gateway releases them."""
+        pending = list(self.background)
+
+        async def forget():
+            await asyncio.gather(*pending, return_exceptions=True)
+            if after_s > 0:
+                asyncio.get_running_loop().call_later(after_s, self._drop, session, keep)
+            else:
+                self._drop(session, keep)
+
+        self._spawn(forget())
+
+    def _drop(self, session: str, keep: Callable[[], bool]) -> None:
+        if keep():
+            return
+        for key in [key for key, owner in self.owners.items() if owner == session]:
+            self.cached_bytes -= self.cache.pop(key).nbytes
+            del self.owners[key]
 
     def publish_prefix(self, names: list[str], chunks: list[KVChunk]) -> None:
         self._spawn(self.store.publish_prefix.remote(names, chunks))
@@ -150,26 +176,29 @@ class StateClient:
         while self.background:
             await asyncio.gather(*list(self.background), return_exceptions=True)
 
-    async def _fetch(self, refs: list) -> list[KVChunk]:
+    async def _fetch(self, refs: list, session: str | None = None) -> list[KVChunk]:
         chunks = {ref.hex(): self.cache[ref.hex()] for ref in refs if ref.hex() in self.cache}
         missing = [ref for ref in refs if ref.hex() not in chunks]
         for ref, chunk in zip(missing, await asyncio.gather(*missing)):
             self.fetched_bytes += chunk.nbytes
             chunks[ref.hex()] = chunk
-            self._remember(ref.hex(), chunk)
+            self._remember(ref.hex(), chunk, session)
         for key in chunks:
             if key in self.cache:
                 self.cache.move_to_end(key)
         return [chunks[ref.hex()] for ref in refs]
 
-    def _remember(self, key: str, chunk: KVChunk) -> None:
+    def _remember(self, key: str, chunk: KVChunk, session: str | None = None) -> None:
         if key in self.cache:
             return
         self.cache[key] = chunk
         self.cached_bytes += chunk.nbytes
+        if session is not None:
+            self.owners[key] = session
         while self.cached_bytes > self.cache_bytes and self.cache:
-            _, old = self.cache.popitem(last=False)
+            old_key, old = self.cache.popitem(last=False)
             self.cached_bytes -= old.nbytes
+            self.owners.pop(old_key, None)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -132,6 +132,35 @@ def test_a_replicas_chunk_cache_keeps_within_its_bytes(local_ray, kv):
     assert none.cached_bytes == 0 and not none.cache
 
 
+def test_a_forgotten_session_leaves_the_replicas_cache_and_stays_in_the_store(local_ray, kv):
+    store = new_store()
+    a, b = [kv.export(0, 6), kv.export(6, 12)], kv.export(0, 6)
+
+    async def go():
+        client = StateClient(store)
+        client.save_chunk("a", a[0])
+        await client.flush()  # (the store takes a session's chunks in order)
+        client.save_chunk("a", a[1])
+        client.save_chunk("b", b)
+        client.forget("a")  # with a save still in flight: it is waited for
+        await client.flush()
+        cached = (client.cached_bytes, [c.tokens for c in client.cache.values()])
+        restored = await client.session_chunks("a")  # from the store: fetched again
+        fetched = client.fetched_bytes
+        # Later, unless kept then (a stream that reopened here).
+        client.forget("a", after_s=0.2, keep=lambda: True)
+        client.forget("b", after_s=0.2)
+        await client.flush()  # (a later drop is not waited for)
+        before = len(client.cache)
+        await asyncio.sleep(0.4)
+        return cached, restored, fetched, before, [c.tokens for c in client.cache.values()]
+
+    (cached_bytes, cached), restored, fetched, before, after = asyncio.run(go())
+    assert cached == [b.tokens] and cached_bytes == b.nbytes
+    assert [c.tokens for c in restored] == [c.tokens for c in a] and fetched == sum(c.nbytes for c in a)
+    assert before == 3 and after == [c.tokens for c in a]
+
+
 def test_ended_attempts_are_relayed_to_a_long_poll(local_ray):
     store = new_store()
     ray.get(store.end_attempt.remote("early"))
