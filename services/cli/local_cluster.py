@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -94,6 +95,16 @@ def deploy(config: Path, dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> None:
             return
         time.sleep(2)
     raise RuntimeError(f"`serve deploy {config}` failed:\n{result.stderr[-2000:]}")
+
+
+def apps_running(dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> bool:
+    """Whether Serve reports every application RUNNING (all its replicas started)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{dashboard_port}/api/serve/applications/", timeout=5) as reply:
+            apps = json.load(reply).get("applications") or {}
+    except (OSError, ValueError):
+        return False
+    return bool(apps) and all(app.get("status") == "RUNNING" for app in apps.values())
 
 
 def stop(timeout: float = 15.0) -> int:

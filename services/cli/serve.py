@@ -83,7 +83,7 @@ def run(args) -> int:
         print(f"deploying {args.config}{f' with {args.replicas} replicas a role' if args.replicas > 1 else ''} ...",
               flush=True)
         local_cluster.deploy(config, args.dashboard_port)
-        client = wait_until_serving(address, args.timeout)
+        client = wait_until_serving(address, args.timeout, args.dashboard_port)
         print(f"Outrider is serving gRPC on {address} and the OpenAI-compatible API on {http_url} "
               f"({time.perf_counter() - started:.0f} s); Ray dashboard: http://127.0.0.1:{args.dashboard_port}", flush=True)
         first_request(client, args.prompt, args.max_new_tokens)
@@ -165,13 +165,17 @@ def node_demand(config: Path) -> dict[str, dict[str, float]]:
     return demand
 
 
-def wait_until_serving(address: str, timeout: float) -> OutriderClient:
+def wait_until_serving(address: str, timeout: float, dashboard_port: int) -> OutriderClient:
+    """Once the gateway answers health checks and Serve reports every deployment up:
+    the gateway answers as soon as it is up, before the replicas behind it (the first
+    request would wait for them)."""
     client = OutriderClient(address)
     deadline = time.monotonic() + timeout
-    while not client.healthy():
+    while not (client.healthy() and local_cluster.apps_running(dashboard_port)):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the app did not answer health checks on {address} within {timeout:.0f} s; "
-                               f"see `serve status` and the logs under {local_cluster.TEMP_DIR}")
+            raise RuntimeError(f"the app did not answer health checks on {address}, or its deployments did not all "
+                               f"start, within {timeout:.0f} s; see `serve status` and the logs under "
+                               f"{local_cluster.TEMP_DIR}")
         time.sleep(1)
     return client
 

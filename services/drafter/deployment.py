@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
     # each worker reports (drafter/routing.py).
     request_router_class=LeastLoadedDrafter, request_routing_stats_period_s=STATS_PERIOD_S))
 class DraftWorker:
-    def __init__(self, args: dict):
+    async def __init__(self, args: dict):
         cfg = AppArgs.model_validate(args)
         tracing.setup_tracing("outrider-drafter", serve_replica=True)  # OTEL_* / OUTRIDER_TRACES_FILE
         torch.set_num_threads(cfg.drafter.torch_threads)
@@ -64,6 +64,17 @@ class DraftWorker:
         self.port = cfg.drafter_port
         self.server: grpc.aio.Server | None = None
         self.starting = asyncio.Lock()
+        await self._warm(state)
+
+    async def _warm(self, state) -> None:
+        """What a fresh replica's first stream would otherwise wait for, done before
+        Serve routes to it: its gRPC server, and its first call to the session store
+        (the actor's address resolved, a connection opened). Measured on a cold
+        two-replica cluster, the first stream reached its worker 1.3 s after the
+        request began and then waited over 0.5 s on the store."""
+        await self.endpoint()
+        if state is not None:
+            await state.store.usage.remote()
 
     async def endpoint(self) -> str:
         """host:port of this replica's Drafter service (started on first use, on the

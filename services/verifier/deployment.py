@@ -30,7 +30,7 @@ from .tensor_parallel import TensorParallelTarget
 
 @serve.deployment(name="verifier", health_check_period_s=5)
 class Verifier:
-    def __init__(self, drafter: DeploymentHandle, args: dict):
+    async def __init__(self, drafter: DeploymentHandle, args: dict):
         cfg = AppArgs.model_validate(args)
         tracing.setup_tracing("outrider-verifier", serve_replica=True)  # OTEL_* / OUTRIDER_TRACES_FILE
         torch.set_num_threads(cfg.verifier.torch_threads)
@@ -76,6 +76,12 @@ class Verifier:
         if isinstance(runner, TargetRunner):  # a tensor-parallel group's pools live on its ranks
             pool = runner.pool
             watch_kv_pool(lambda: (pool.used_blocks * BLOCK_TOKENS, pool.capacity_tokens), context.app_name, replica)
+        if state is not None:  # its first call (the actor's address resolved), not the first prefill's
+            await state.store.usage.remote()
+        # The handle's first call waits for Serve to list the draft workers: made now, in
+        # the background (a worker may still be starting), not by the first session.
+        self.warming = asyncio.ensure_future(self._find_drafter())
+        self.warming.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def check_health(self) -> None:
         """Serve replaces the replica when this raises: a tensor-parallel group with a
