@@ -16,10 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
+import yaml
 
 from ..app.args import DRAFTER_RESOURCE, GATEWAY_RESOURCE, VERIFIER_RESOURCE
 from ..rpc.auth import TOKEN_ENV
@@ -98,11 +98,16 @@ def deploy(config: Path, dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> None:
 
 
 def apps_running(dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> bool:
-    """Whether Serve reports every application RUNNING (all its replicas started)."""
+    """Whether `serve status` reports every application RUNNING (all its replicas
+    started). Through the CLI, as `deploy`: it authenticates to the dashboard as this
+    cluster requires (a plain request may be refused, 401)."""
+    cmd = [_bin("serve"), "status", "--address", f"http://127.0.0.1:{dashboard_port}"]
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{dashboard_port}/api/serve/applications/", timeout=5) as reply:
-            apps = json.load(reply).get("applications") or {}
-    except (OSError, ValueError):
+        result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            return False
+        apps = (yaml.safe_load(result.stdout) or {}).get("applications") or {}
+    except (subprocess.TimeoutExpired, yaml.YAMLError, AttributeError):
         return False
     return bool(apps) and all(app.get("status") == "RUNNING" for app in apps.values())
 
