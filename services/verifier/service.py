@@ -50,7 +50,6 @@ class VerifierService:
         sends them in ``feature_dtype`` (core/eagle_relay.py); None: on this replica.
         ``wait_first_block``: a session waits for its worker's first block instead of
         decoding without drafts meanwhile (a measurement of the pair, not of serving)."""
-        self.wait_first_block = wait_first_block
         self.engine = engine
         self.tokenizer = tokenizer
         # Lookups need no model: drafted here, in microseconds, with no hop. One suffix
@@ -60,7 +59,7 @@ class VerifierService:
             "suffix": SuffixProposer(device=engine.verifier.device),
         }
         self.head_proposer = head_proposer
-        self.eagle_relay, self.feature_dtype = eagle_relay, feature_dtype
+        self.eagle_relay, self.feature_dtype, self.wait_first_block = eagle_relay, feature_dtype, wait_first_block
         self.find_drafter = find_drafter
         self.device = engine.verifier.device
         self.max_batch_size = max_batch_size
@@ -241,10 +240,9 @@ class VerifierService:
             exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
             unreported: list[int] = []  # committed tokens the worker has not been told yet
-            # While the worker reads the context (a burst of opens: it reads the prompts one
-            # at a time) the session decodes without drafts, never waiting for its first
-            # block (DraftLink.still_reading); EAGLE on a worker opened after the prefill,
-            # for the prompt's features: it waits.
+            # While the worker reads the context (a burst of opens: it reads the prompts one at a
+            # time) the session decodes without drafts (DraftLink.still_reading). It waits with
+            # EAGLE on a worker (opened after the prefill, for its features), or wait_first_block.
             undrafted = opened is None or not (relayed or self.wait_first_block) and link.still_reading(round)
             block = DraftBlock.undrafted(round, self.device) if undrafted else await link.receive(round)
             while True:
