@@ -134,7 +134,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         alternatives = min(first.open.alternatives, ALTERNATIVES)  # a TREE's leaves, sent with each block
         self.active_sessions += 1
         self.streams[session_id] += 1
-        finished = False  # the verifier said the session ended: no stream will restore it here
+        finished = False  # the verifier said the session ended, or half-closed: no stream will restore it here
         stop = threading.Event()
         # Tracing: the stream is a span under the request's context (the call's gRPC
         # metadata); every block drafted is a span under the round the verifier said it
@@ -184,7 +184,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
                             yield block_to_proto(branch, session.planned, alternatives)
                 command, arrived, features = await next_command
                 if command is None or command.outcome.finished:
-                    finished = command is not None
+                    finished = True  # (a verifier half-closes only a finished session's stream)
                     return
                 outcome = command.outcome
                 if outcome.HasField("features"):

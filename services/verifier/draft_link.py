@@ -36,6 +36,9 @@ MIN_READ_S, MAX_READ_S = 1.0, 4.0  # later blocks: READ_SLACK x the slowest rece
 READ_SLACK = 8.0
 OPEN_S = 2.0  # finding a worker and opening a stream
 THAW_S = 0.25  # a last look after a missed deadline, for a block already received
+END_S = 2.0  # a finished session's worker ends its stream within this, or it is cancelled
+
+_ending: set[asyncio.Task] = set()  # finished sessions' streams the workers are ending
 
 
 def draft_open(seq: SequenceState, req: internal_pb2.VerifyRequest, method: str, first_round: int,
@@ -338,12 +341,35 @@ class DraftLink:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError):
             pass  # "RPC already finished": the worker is gone
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """End the stream: ``finished``, the session ended (else it was cancelled or failed)."""
         if self.opening is not None and not self.opening.done():
             self.opening.cancel()  # (its open cancels the call it made)
         elif self.opening is not None:
             self._opened()  # a call it made is cancelled below
+        if finished and self.call is not None and self.ended is None:
+            # Half-close instead of cancelling: a cancel can reach the worker before
+            # the outcome that said the session finished, and then it keeps the
+            # session's draft chunks for a reopen that never comes (REOPEN_GRACE_S).
+            ending = asyncio.ensure_future(_end(self.call, self.reader))
+            _ending.add(ending)
+            ending.add_done_callback(_ending.discard)
+            self.call = self.reader = self.inbox = None
         self._drop_call()
+
+
+async def _end(call, reader) -> None:
+    """Half-close a finished session's stream; the worker, told or seeing the end of
+    the commands, ends the call. One that does not within END_S is cancelled."""
+    try:
+        await asyncio.wait_for(call.done_writing(), END_S)
+        await asyncio.wait_for(call.code(), END_S)
+    except Exception:  # gone, or too slow: nothing waits on this stream any more
+        pass
+    finally:
+        call.cancel()  # (a no-op on a call that has ended)
+        if reader is not None:
+            reader.cancel()
 
 
 async def _read_into(call, inbox: asyncio.Queue) -> None:

@@ -318,7 +318,7 @@ class VerifierService:
             raise
         finally:
             span.end()  # a round left open by a cancelled or failed session
-            link.close()
+            link.close(seq.finished)
 
     def _tree_member(self, name: str) -> Proposer:
         """A TREE member drafted on this replica: a lookup, or heads it holds."""
