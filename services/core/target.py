@@ -112,7 +112,9 @@ class TargetRunner:
         window = max(N - n + f.logits_to_keep for n, f in zip(new, feeds))
         if not wanted or getattr(self.model, "lean_decoder", None) is not None:
             captured = wanted  # the lean decoder keeps them as it goes
-            out = forward_logits(self.model, ids.to(device), cache, window, states=captured or None, **extra)
+            # (only real rows' logits are read below: a padded row's may be left out)
+            out = forward_logits(self.model, ids.to(device), cache, window, states=captured or None, pack=True,
+                                 **extra)
         else:
             captured = {}
             with _hooked(self.model, wanted, captured):

@@ -126,7 +126,26 @@ def _verify_passes(model):
     out += forward([Feed(str(i), k, f + n, len(n) + 1, t)
                     for i, (k, f, n, t) in enumerate(zip(keep, fed, nodes, trees))])
     out += forward([Feed(str(i), k + 1, [9 + i], 1) for i, k in enumerate(keep)])
+    # Chains of different lengths: the padded rows are left out of the token-wise work.
+    out += forward([Feed(str(i), k + 2, f, len(f)) for i, (k, f) in enumerate(zip(keep, [[21, 22, 23, 24, 25], [26], [27, 28]]))])
     return out, hidden
+
+
+def _ragged_chains(model):
+    """Verify passes of chains of different lengths (a batch where few sessions draft),
+    logits only: most of the rows of the padded layout are padding."""
+    g = torch.Generator().manual_seed(5)
+    runner = TargetRunner(model, kv_cache_bytes=2**22)
+    for i, n in enumerate((31, 12, 20, 7)):
+        runner.prefill(str(i), torch.randint(3, 4000, (n,), generator=g).tolist(), [])
+    out = []
+    for gammas in ((0, 0, 6, 0), (2, 0, 0, 1), (0, 3, 0, 0)):
+        feeds = []
+        for i, gamma in enumerate(gammas):
+            tokens = torch.randint(3, 4000, (gamma + 1,), generator=g).tolist()
+            feeds.append(Feed(str(i), len(runner.sessions[str(i)].tokens), tokens, len(tokens)))
+        out += runner.forward(feeds)
+    return out
 
 
 @pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", 8), ("mistral", 8), ("gpt2", None)])
@@ -135,16 +154,24 @@ def test_a_verifiers_passes_give_transformers_logits_and_hidden_states(shape, wi
     is read through hooks on its modules."""
     model = _model(shape, window)
     (lean, lean_hidden), (theirs, their_hidden) = _both(model, _verify_passes)
-    assert len(lean) == len(theirs) == 7
+    assert len(lean) == len(theirs) == 10
     for a, b in zip(lean, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert len(lean_hidden) == len(their_hidden) == 7 * len(KINDS)
+    assert len(lean_hidden) == len(their_hidden) == 10 * len(KINDS)
     assert [h.shape for h in lean_hidden] == [h.shape for h in their_hidden]
     assert lean_hidden[-1].shape[-1] == 2 * model.config.hidden_size  # two layers' inputs, concatenated
     for a, b in zip(lean_hidden, their_hidden):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # FINAL is PRE_NORM normed: they are not the same tensor by mistake.
     assert not torch.allclose(lean_hidden[0], lean_hidden[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", 8), ("mistral", 8), ("gpt2", None)])
+def test_a_pass_over_chains_of_different_lengths_gives_transformers_logits(shape, window):
+    lean, theirs = _both(_model(shape, window), _ragged_chains)
+    assert len(lean) == len(theirs) == 12 and [x.shape[0] for x in lean[:4]] == [1, 1, 7, 1]
+    for a, b in zip(lean, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_a_sliding_window_is_applied_not_ignored():
