@@ -112,8 +112,8 @@ def extend_paged(model, states: list[PagedKV], feeds: list[list[int]], logits_to
     """Feed ``feeds[i]`` to ``states[i]`` (all in one pool) in one forward pass and cache
     them. Returns each one's logits [logits_to_keep_i, V] for its last positions.
     Raises PoolExhausted, having fed nothing, when a state cannot get its blocks."""
-    if min(logits_to_keep) < 1 or min(map(len, feeds)) < 1:
-        raise ValueError("a feed needs at least one token and one logit")
+    if min(logits_to_keep) < 1 or any(not 1 <= k <= len(f) for f, k in zip(feeds, logits_to_keep)):
+        raise ValueError("a feed needs at least one token, and a logit for at most every token it feeds")
     pool = states[0].pool
     if any(state.pool is not pool for state in states):
         raise ValueError("states of different pools cannot share a pass")
@@ -127,7 +127,8 @@ def extend_paged(model, states: list[PagedKV], feeds: list[list[int]], logits_to
     cache, P, N = pass_cache(pool, states, past, new)
     ids = torch.tensor([f + [0] * (N - len(f)) for f in feeds], dtype=torch.long).to(pool.device)
     window = max(N - n + k for n, k in zip(new, logits_to_keep))
-    out = forward_logits(model, ids, cache, window, **ragged_inputs(past, new, pool.device))
+    # (only real rows' logits are read below: a padded row's may be left out)
+    out = forward_logits(model, ids, cache, window, pack=True, **ragged_inputs(past, new, pool.device))
     logits = []
     for i, (state, feed, k) in enumerate(zip(states, feeds, logits_to_keep)):
         end = window - (N - len(feed))

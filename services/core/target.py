@@ -62,6 +62,7 @@ class TargetRunner:
         self.sessions: dict[str, PagedSeq] = {}
         # (the model's ``device`` walks its parameters: 40 us a pass, asked several times)
         self.device: torch.device = model.device
+        self.pack_rows = True  # a lean decoder leaves padded rows out (False: as a benchmark's baseline)
 
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
         """Logits [logits_to_keep, V] per feed, in order. Raises PoolExhausted, having
@@ -113,8 +114,8 @@ class TargetRunner:
         if not wanted or getattr(self.model, "lean_decoder", None) is not None:
             captured = wanted  # the lean decoder keeps them as it goes
             # (only real rows' logits are read below: a padded row's may be left out)
-            out = forward_logits(self.model, ids.to(device), cache, window, states=captured or None, pack=True,
-                                 **extra)
+            out = forward_logits(self.model, ids.to(device), cache, window, states=captured or None,
+                                 pack=self.pack_rows, **extra)
         else:
             captured = {}
             with _hooked(self.model, wanted, captured):

@@ -89,12 +89,13 @@ class LeanDecoder:
             position_ids = torch.arange(past, past + N, device=ids.device)[None].expand(B, N)
         packed = _Packed.of(attention_mask, N, ids.device) if pack else None
         if packed is not None:  # from here on the token-wise tensors are [1, M, ..]
-            ids, position_ids = packed.pack(ids), packed.pack(position_ids.expand(B, N))
+            ids = packed.pack(ids)
         hidden = F.embedding(ids, self.embed)  # [B, N, d]
-        if self.rotary is not None:
-            rope = self.rotary(hidden, position_ids)  # (cos, sin), [B, N, head_dim] each
+        if self.rotary is not None:  # (it reads only the dtype and device of hidden)
+            rope = self.rotary(hidden, position_ids)  # (cos, sin), [B, N, head_dim] each: attention's layout
         else:  # learned absolute positions (GPT-2)
-            rope, hidden = None, hidden + F.embedding(position_ids, self.position_table)
+            positions = position_ids if packed is None else packed.pack(position_ids.expand(B, N))
+            rope, hidden = None, hidden + F.embedding(positions, self.position_table)
         masks = _Masks(attention_mask, N, ids.device)
         masks.packed = packed
         wanted = states if states is not None else {}
@@ -150,10 +151,6 @@ class _Packed:
         out = x.new_zeros(self.B * self.N, *x.shape[2:])
         return out.index_copy_(0, self.rows, x[0]).view(self.B, self.N, *x.shape[2:])
 
-    def pad_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, heads, M, D] -> [B, heads, N, D]"""
-        return self.pad(x.transpose(1, 2)).transpose(1, 2)
-
     def logits(self, hidden: torch.Tensor, keep: int, head) -> torch.Tensor:
         """[B, keep, V] from the real rows among the last ``keep`` columns of ``hidden``
         [1, M, d]; a padded row's are undefined (never read)."""
@@ -182,13 +179,11 @@ class _LeanLayer:
         self.window, self.scale = window, attn.scaling
 
     def __call__(self, model: LeanDecoder, hidden, rope, cache, index: int, masks: "_Masks") -> torch.Tensor:
-        B, N, _ = hidden.shape
         H, Hkv, D = model.heads, model.kv_heads, model.head_dim
-        qkv = F.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
+        qkv = masks.unpack(F.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias))
+        B, N, _ = qkv.shape
         q, k, v = qkv.view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)  # [B, heads, N, D]
         q, k = apply_rotary_pos_emb(q, k, *rope)
-        if masks.packed is not None:  # (B, N: the packed [1, M]) attention runs padded
-            q, k, v = (masks.packed.pad_heads(x) for x in (q, k, v))
         k, v = cache.update(k, v, index)  # [B, Hkv, P + N, D]
         mask = masks.get(self.window, k.shape[2])
         if mask is not None and q.device.type != "cpu" and H != Hkv:
@@ -215,12 +210,10 @@ class _LeanGPT2Layer:
         self.scale = attn.scaling
 
     def __call__(self, model: LeanDecoder, hidden, rope, cache, index: int, masks: "_Masks") -> torch.Tensor:
-        B, N, _ = hidden.shape
         H, D = model.heads, model.head_dim
-        qkv = _conv1d(self.ln_1(hidden), *self.qkv)
+        qkv = masks.unpack(_conv1d(self.ln_1(hidden), *self.qkv))
+        B, N, _ = qkv.shape
         q, k, v = qkv.view(B, N, 3 * H, D).transpose(1, 2).split(H, dim=1)  # [B, H, N, D]
-        if masks.packed is not None:  # (B, N: the packed [1, M]) attention runs padded
-            q, k, v = (masks.packed.pad_heads(x) for x in (q, k, v))
         k, v = cache.update(k, v, index)  # [B, H, P + N, D]
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=masks.get(None, k.shape[2]), scale=self.scale)
         hidden = hidden + _conv1d(masks.repack(attn.transpose(1, 2).flatten(2)), *self.o)
@@ -246,6 +239,10 @@ class _Masks:
         self.N, self.device = N, device
         self.built: dict[int | None, torch.Tensor | None] = {}
         self.packed: _Packed | None = None  # the pass's real rows, when packed
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """A token-wise tensor in attention's padded layout [B, N, ..]."""
+        return x if self.packed is None else self.packed.pad(x)
 
     def repack(self, x: torch.Tensor) -> torch.Tensor:
         """Attention's output [B, N, ..] as the token-wise layout: packed, if the pass is."""

@@ -1,0 +1,71 @@
+"""What packing a pass's real rows buys (models/lean.py ``_Packed``): verify passes
+where a few sessions draft and the rest decode one token, padded against packed,
+interleaved in one run (``python -m services.bench.ragged [--sessions 15] [--context
+120] [--drafts 0,1,3,8] [--target PATH]``).
+
+A batch's chains are right-padded to its longest: with one session drafting 8 tokens
+and 14 decoding one, the padded layout has 135 rows for 23 real ones, and where a pass
+is compute-bound (a CPU; a GPU at large batch) every row costs what a real one does.
+That is the batch the goodput controller makes under load, when it stops most
+sessions and lets a few draft. Medians over ``--repeats`` interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ..core.target import Feed, TargetRunner
+from ..models.loading import bundled_paths, load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="", help="a model folder; default: the bundled target")
+    parser.add_argument("--sessions", type=int, default=15)
+    parser.add_argument("--context", type=int, default=120)
+    parser.add_argument("--drafts", default="0,1,3,8", help="drafts of the one drafting session, comma-separated")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.target or bundled_paths().target, lean=True)
+    runner = TargetRunner(model, kv_cache_bytes=512 << 20)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    for i in range(args.sessions):
+        runner.forward([Feed(str(i), 0, torch.randint(0, vocab, (args.context,), generator=g).tolist(), 1)])
+
+    def one_pass(feeds: list[Feed], packed: bool) -> tuple[float, list[torch.Tensor]]:
+        runner.pack_rows = packed
+        start = time.perf_counter()
+        logits = runner.forward(feeds)  # (each feed keeps the context: the drafts are rolled back)
+        return time.perf_counter() - start, logits
+
+    drafts = [int(d) for d in args.drafts.split(",")]
+    times = {(d, p): [] for d in drafts for p in (False, True)}
+    same = True
+    for _ in range(args.repeats):
+        for d in drafts:
+            fed = [1 + (d if i == 0 else 0) for i in range(args.sessions)]
+            feeds = [Feed(str(i), args.context, torch.randint(0, vocab, (n,), generator=g).tolist(), n)
+                     for i, n in enumerate(fed)]
+            (padded_s, padded), (packed_s, packed) = one_pass(feeds, False), one_pass(feeds, True)
+            times[(d, False)].append(padded_s)
+            times[(d, True)].append(packed_s)
+            same &= all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(padded, packed))
+    print(f"{args.sessions} sessions at context {args.context}, one drafting; medians of {args.repeats}")
+    print("drafts  real rows  padded rows  padded ms  packed ms  packed/padded")
+    for d in drafts:
+        padded, packed = (statistics.median(times[(d, p)]) * 1e3 for p in (False, True))
+        print(f"{d:6d}  {args.sessions + d:9d}  {args.sessions * (d + 1):11d}  {padded:9.1f}  {packed:9.1f}  {packed / padded:13.2f}")
+    print(f"same logits, packed and padded: {'yes' if same else 'NO'}")
+    if not same:
+        raise SystemExit("packed and padded passes gave different logits")
+
+
+if __name__ == "__main__":
+    main()
