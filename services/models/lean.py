@@ -136,7 +136,8 @@ class _Packed:
     @staticmethod
     def of(attention_mask, N: int, device) -> "_Packed | None":
         """For a 2-D padding mask [B, P + N] (host) whose query columns hide a quarter or
-        more of the rows: below that the gathers cost about what they save."""
+        more of the rows (a threshold set, not tuned: with fewer pads there is little
+        to save, and the scatter and gather each layer still cost)."""
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or N == 1:
             return None
         real = attention_mask[:, -N:].bool()
