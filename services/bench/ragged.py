@@ -1,7 +1,7 @@
 """What packing a pass's real rows buys (models/lean.py ``_Packed``): verify passes
 where a few sessions draft and the rest decode one token, padded against packed,
 interleaved in one run (``python -m services.bench.ragged [--sessions 15] [--context
-120] [--drafts 0,1,3,8] [--target PATH]``).
+120] [--drafts 0,1,3,8] [--drafting 1] [--target PATH]``).
 
 A batch's chains are right-padded to its longest: with one session drafting 8 tokens
 and 14 decoding one, the padded layout has 135 rows for 23 real ones, and where a pass
@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--target", default="", help="a model folder; default: the bundled target")
     parser.add_argument("--sessions", type=int, default=15)
     parser.add_argument("--context", type=int, default=120)
-    parser.add_argument("--drafts", default="0,1,3,8", help="drafts of the one drafting session, comma-separated")
+    parser.add_argument("--drafts", default="0,1,3,8", help="drafts of each drafting session, comma-separated")
+    parser.add_argument("--drafting", type=int, default=1, help="sessions that draft; the rest decode one token")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -50,18 +51,18 @@ def main() -> None:
     same = True
     for _ in range(args.repeats):
         for d in drafts:
-            fed = [1 + (d if i == 0 else 0) for i in range(args.sessions)]
+            fed = [1 + (d if i < args.drafting else 0) for i in range(args.sessions)]
             feeds = [Feed(str(i), args.context, torch.randint(0, vocab, (n,), generator=g).tolist(), n)
                      for i, n in enumerate(fed)]
             (padded_s, padded), (packed_s, packed) = one_pass(feeds, False), one_pass(feeds, True)
             times[(d, False)].append(padded_s)
             times[(d, True)].append(packed_s)
             same &= all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(padded, packed))
-    print(f"{args.sessions} sessions at context {args.context}, one drafting; medians of {args.repeats}")
+    print(f"{args.sessions} sessions at context {args.context}, {args.drafting} drafting; medians of {args.repeats}")
     print("drafts  real rows  padded rows  padded ms  packed ms  packed/padded")
     for d in drafts:
         padded, packed = (statistics.median(times[(d, p)]) * 1e3 for p in (False, True))
-        print(f"{d:6d}  {args.sessions + d:9d}  {args.sessions * (d + 1):11d}  {padded:9.1f}  {packed:9.1f}  {packed / padded:13.2f}")
+        print(f"{d:6d}  {args.sessions + args.drafting * d:9d}  {args.sessions * (d + 1):11d}  {padded:9.1f}  {packed:9.1f}  {packed / padded:13.2f}")
     print(f"same logits, packed and padded: {'yes' if same else 'NO'}")
     if not same:
         raise SystemExit("packed and padded passes gave different logits")
