@@ -112,9 +112,11 @@ def replicas(deployment: str) -> list:
             if a.class_name == f"ServeReplica:{APP}:{deployment}"]
 
 
-def active_sessions() -> dict[str, int]:
+def active_sessions(*names: str) -> dict[str, int]:
+    """Sessions open on each of ``names`` (default: every deployment). A call to a
+    deployment at its max_ongoing_requests (a full verifier) waits for a session to end."""
     return {name: serve.get_deployment_handle(name, app_name=APP).active_sessions.remote().result()
-            for name in ("gateway", "verifier", "drafter")}
+            for name in names or ("gateway", "verifier", "drafter")}
 
 
 def target_only(pair, prompt: str, n: int) -> list[int]:
