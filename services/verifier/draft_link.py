@@ -28,6 +28,7 @@ from ..core.pipeline import DraftBlock
 from ..drafter.service import CAPACITY_REFUSAL
 from ..rpc import internal_pb2
 from ..rpc.convert import METHOD_IDS, block_from_proto, stop_to_proto
+from .draft_stream import end_finished, message_of, read_into
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,6 @@ MIN_READ_S, MAX_READ_S = 1.0, 4.0  # later blocks: READ_SLACK x the slowest rece
 READ_SLACK = 8.0
 OPEN_S = 2.0  # finding a worker and opening a stream
 THAW_S = 0.25  # a last look after a missed deadline, for a block already received
-END_S = 2.0  # a finished session's worker ends its stream within this, or it is cancelled
-
-_ending: set[asyncio.Task] = set()  # finished sessions' streams the workers are ending
 
 
 def draft_open(seq: SequenceState, req: internal_pb2.VerifyRequest, method: str, first_round: int,
@@ -209,7 +207,7 @@ class DraftLink:
         """Take every message already received, without waiting."""
         self._listen()
         while self.inbox is not None and not self.inbox.empty():
-            block = self._arrived(_message(self.inbox.get_nowait()))
+            block = self._arrived(message_of(self.inbox.get_nowait()))
             if block is not None:  # a fresh block, early: kept for receive
                 self.fresh[block.round] = block
 
@@ -218,7 +216,7 @@ class DraftLink:
         while the verifier is busy are there when it looks, without waiting."""
         if self.reader is None and self.call is not None:
             self.inbox = asyncio.Queue()
-            self.reader = asyncio.ensure_future(_read_into(self.call, self.inbox))
+            self.reader = asyncio.ensure_future(read_into(self.call, self.inbox))
 
     def _arrived(self, msg) -> DraftBlock | None:
         """Account a received block; keep a branch, return a fresh block."""
@@ -261,7 +259,7 @@ class DraftLink:
                 get.cancel()
                 self._drop_call()
                 raise DraftStalled(f"draft worker {self.address} sent nothing for {self.deadline():.1f} s")
-            block = self._arrived(_message(get.result()))
+            block = self._arrived(message_of(get.result()))
             if block is not None and block.round != round:
                 block = None
         waited = time.perf_counter() - t0
@@ -348,50 +346,9 @@ class DraftLink:
         elif self.opening is not None:
             self._opened()  # a call it made is cancelled below
         if finished and self.call is not None and self.ended is None:
-            # Half-close instead of cancelling: a cancel can reach the worker before
-            # the outcome that said the session finished, and then it keeps the
-            # session's draft chunks for a reopen that never comes (REOPEN_GRACE_S).
-            ending = asyncio.ensure_future(_end(self.call, self.reader))
-            _ending.add(ending)
-            ending.add_done_callback(_ending.discard)
+            end_finished(self.call, self.reader)
             self.call = self.reader = self.inbox = None
         self._drop_call()
-
-
-async def _end(call, reader) -> None:
-    """Half-close a finished session's stream; the worker, told or seeing the end of
-    the commands, ends the call. One that does not within END_S is cancelled."""
-    try:
-        await asyncio.wait_for(call.done_writing(), END_S)
-        await asyncio.wait_for(call.code(), END_S)
-    except Exception:  # gone, or too slow: nothing waits on this stream any more
-        pass
-    finally:
-        call.cancel()  # (a no-op on a call that has ended)
-        if reader is not None:
-            reader.cancel()
-
-
-async def _read_into(call, inbox: asyncio.Queue) -> None:
-    try:
-        while True:
-            msg = await call.read()
-            inbox.put_nowait(msg)
-            if msg is grpc.aio.EOF:
-                return
-    except asyncio.CancelledError:
-        raise
-    except Exception as error:  # the stream failed: the next look at the inbox raises it
-        inbox.put_nowait(error)
-
-
-def _message(item):
-    """An inbox item as a message; the end of the stream raises."""
-    if isinstance(item, Exception):
-        raise item
-    if item is grpc.aio.EOF:
-        raise ConnectionError("the draft worker closed the session")
-    return item
 
 
 class NoOtherWorker(ConnectionError):
