@@ -1,7 +1,7 @@
 """What packing a pass's real rows buys (models/lean.py ``_Packed``): verify passes
 where a few sessions draft and the rest decode one token, padded against packed,
 interleaved in one run (``python -m services.bench.ragged [--sessions 15] [--context
-120] [--drafts 0,1,3,8] [--drafting 1] [--target PATH]``).
+120] [--drafts 0,1,3,8] [--drafting 1] [--target PATH | --shape llama3]``).
 
 A batch's chains are right-padded to its longest: with one session drafting 8 tokens
 and 14 decoding one, the padded layout has 135 rows for 23 real ones, and where a pass
@@ -19,12 +19,16 @@ import time
 import torch
 
 from ..core.target import Feed, TargetRunner
+from ..models.lean import use_lean_decoding
 from ..models.loading import bundled_paths, load_model
+from ..models.shapes import random_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="", help="a model folder; default: the bundled target")
+    parser.add_argument("--shape", default="",
+                        help="a random-init real-shaped target instead (models/shapes.py: llama3, qwen2, mistral)")
     parser.add_argument("--sessions", type=int, default=15)
     parser.add_argument("--context", type=int, default=120)
     parser.add_argument("--drafts", default="0,1,3,8", help="drafts of each drafting session, comma-separated")
@@ -33,7 +37,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(args.target or bundled_paths().target, lean=True)
+    if args.shape:
+        model = use_lean_decoding(random_model(args.shape).eval())
+    else:
+        model = load_model(args.target or bundled_paths().target, lean=True)
     runner = TargetRunner(model, kv_cache_bytes=512 << 20)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
