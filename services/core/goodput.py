@@ -10,20 +10,34 @@ replica (SmartSpec's objective), from measurements only:
   T(n) = a + b*n              one verify pass over n positions, fitted online
   alpha_i                     session i's per-draft acceptance, decayed counts
   E_i(g) = (1 - alpha_i^(g+1)) / (1 - alpha_i)     tokens a round commits (Leviathan)
-  o_i(g) = 0 if g == 0 else h_i + d_i*g            what drafting adds to i's round:
-                              the hop (transport) and draft time pipelining left exposed
-  goodput(g) = sum_i E_i(g_i) / (k*T(N) + o_i(g_i)),  N = share * sum_i (g_i + 1)
+  p_i                         how often i's block comes after the verifier asks for it
+                              (late: a pipelining miss, a redraft), decayed
+  w(g) = c + d*g              how long a late block of g drafts keeps its round waiting
+                              (the hop and the exposed draft time), fitted online over
+                              the replica's late rounds
+  o_i(g) = 0 if g == 0 else p_i * w(g)         what drafting adds to i's round, on average
+  W = min(linger*T(N), (1 - prod_i (1 - p_i)^share) * sum_i o_i / sum_i p_i)
+                              what each pass waits for late blocks (over drafting sessions)
+  goodput(g) = sum_i E_i(g_i) / (k*(T(N) + W) + max(0, o_i(g_i) - W)),
+                              N = share * sum_i (g_i + 1)
 
 where k passes serve a round of every session and ``share`` of them is in each pass
-(more sessions than ``max_batch``). The plan maximises goodput by coordinate ascent
-(each session's best gamma with the others fixed, sweeps until none changes), recomputed
-once per pass; it lands within a fraction of a percent of the exhaustive optimum. A
-client's gamma is the ceiling of the search, never an order.
+(more sessions than ``max_batch``). W makes one session's late block every session's
+cost: the batcher lingers for rounds still out (up to ``linger`` x a pass), so the pass
+waits for the latest block; a block later than that waits out the next pass. Without W
+the model let a few sessions draft at 16 served sampled streams (predicted 1.00-1.13x
+plain decoding) where the replica ran at 0.70x, and at 1.05x with drafting off. The plan
+maximises goodput by coordinate ascent (each session's best gamma with the others
+fixed), from the present plan and from plain decoding, once per pass; it lands within a
+fraction of a percent of the exhaustive optimum. A client's gamma is the ceiling.
 
-A session the plan stops (gamma 0) is re-probed now and then with a short draft, at
-exponentially growing intervals, so that a request whose text turned predictable again
-comes back. Without two pass sizes to fit T, nothing is limited. Where the plan's gain
-is small, it is also checked against plain decoding by measurement (``ArmCheck``).
+A session the plan stops (gamma 0) is re-probed with a short draft at exponentially
+growing intervals, so that a request whose text turned predictable again comes back;
+only if the plan would let it draft were its acceptance HOPEFUL_ALPHA (or the replica's
+pooled, if higher): a session stopped by the load, or by what its blocks cost, is not
+probed, as each probe is a late block the pass waits for. Without two pass sizes to fit
+T, nothing is limited. Where the plan's gain is small, it is also checked against plain
+decoding by measurement (``ArmCheck``).
 """
 
 from __future__ import annotations
@@ -43,12 +57,21 @@ DECAY = 0.9  # per observed round: a session's acceptance follows its text withi
 # the replica's pooled acceptance towards PRIOR_ALPHA, a session's towards the pooled.
 # A first rejected round moves an estimate part of the way, not to 0.
 PRIOR_ALPHA, PRIOR_WEIGHT = 0.7, 2.0
+HOPEFUL_ALPHA = 0.9  # a stopped session is probed only if drafting would pay at this acceptance
+LATE_S = 0.001  # a block that kept its round waiting longer than this was late (not an event-loop hop)
+# A timed round's weight in p_i: a session's first rounds (its worker warming up) fade in a
+# few. A stopped session is not timed: its p_i drifts to the replica's, which decays by DECAY
+# every AGE_ROUNDS rounds of every session while they decode plain, so drafting is retried.
+LATE_WEIGHT, AGE_ROUNDS = 0.25, 4
 MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many passes each
 # Measured, not modelled, where the model is least sure: while the plan's predicted gain
 # over plain decoding is below CHECK_BELOW, every CHECK_EVERY passes the replica runs
 # CHECK_PASSES passes of the arm not in use (plain decoding, or the plan), the first
 # SETTLE of them uncounted (drafters catching up), and keeps the faster arm.
 CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, SETTLE = 1.5, 48, 12, 3
+# A pass waits up to this many of the last pass's durations for the rounds of sessions
+# not yet in (verifier/batcher.py): a fuller pass costs little more than a thinner one.
+LINGER = 0.5
 
 
 class PassCost:
@@ -94,13 +117,12 @@ class SessionControl:
     fixed: bool = False  # drafts its ceiling whatever the plan (counted in the plan's passes)
     successes: float = 0.0  # decayed accepted drafts
     failures: float = 0.0  # decayed rounds that ended on a rejected draft
-    hop_s: float = 0.0  # EWMA per drafting round: transport
-    draft_s: float = 0.0  # EWMA per drafted token: exposed draft time
-    measured: bool = False  # one drafting round observed
+    late: float | None = None  # p_i: the share of its timed drafting rounds whose block was late (EWMA)
     planned: int | None = None  # None: not planned yet (no limit)
     off_rounds: int = 0  # rounds at gamma 0 since the last probe
     probe_every: int = PROBE_EVERY
     probing: bool = False
+    worth_probing: bool = True  # stopped, would the plan let it draft if it accepted well?
     reading: bool = False  # its draft worker still reads the context: it decodes without drafts meanwhile
 
     @property
@@ -113,18 +135,20 @@ class SessionControl:
         return min((self.successes + PRIOR_WEIGHT * prior) / (drafted + PRIOR_WEIGHT), 0.999)
 
 
+def _moved(share: float | None, late: bool) -> float:  # a share of late rounds after one more (the first sets it)
+    return float(late) if share is None else share + LATE_WEIGHT * (late - share)
+
+
 def expected_tokens(alpha: np.ndarray | float, gamma: np.ndarray | int):
     """Tokens a round with ``gamma`` drafts commits at per-draft acceptance ``alpha``."""
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
 class ArmCheck:
-    """The plan against plain decoding, by measurement. The model sees the pass cost,
-    acceptance and exposed draft time; it does not see what drafting costs the target
-    where both share hardware (a CPU node's cores, a GPU's memory bandwidth), nor any
-    other cost it leaves out. Where its predicted gain is small, the replica measures
-    both arms now and then and keeps the faster: committed tokens per second over the
-    same number of passes."""
+    """The plan against plain decoding, by measurement. The model does not see what drafting
+    costs the target where both share hardware (a CPU node's cores, a GPU's memory
+    bandwidth), nor any other cost it leaves out. Where its predicted gain is small, the
+    replica measures both arms now and then and keeps the faster (tokens/s, same passes)."""
 
     def __init__(self):
         self.plain = False  # the arm in use: True = every session at gamma 0
@@ -167,11 +191,14 @@ class ArmCheck:
 
 
 class GoodputController:
-    def __init__(self, max_batch: int, window: int = 256):
+    def __init__(self, max_batch: int, window: int = 256, linger: float = LINGER):
         self.max_batch = max(1, max_batch)
+        self.linger = linger  # the batcher's: the most a pass waits for rounds still out, x its duration
         self.cost = PassCost(window)
         self.sessions: list[SessionControl] = []
         self.pooled = [0.0, 0.0]  # decayed successes, failures over every session
+        self.typical_late: float | None = None  # p over all sessions' timed rounds: a new session's till it has its own
+        self.waits = PassCost(window)  # w(g) = c + d*g, over the replica's late rounds (g drafts, seconds waited)
         self._stale = True
         self.predicted = 0.0  # tokens/s the current plan expects
         self.gain = math.inf  # ... over plain decoding (every session at gamma 0)
@@ -209,10 +236,9 @@ class GoodputController:
     def observe_round(self, control: SessionControl, drafted: int, accepted: int, exposed_draft_s: float | None,
                       transport_s: float | None) -> None:
         """A round of ``control``'s session: ``accepted`` of ``drafted`` drafts, and the
-        time its draft added to the round (exposed draft compute and the hop). None for
-        the times of a session's first round: its draft also read the whole prompt (the
-        draft model's prefill, or EAGLE's pass over the prompt's features), a cost paid
-        once that would price every later draft far too high."""
+        time its block kept it waiting (exposed draft compute and the hop). None where the
+        block also read the context (a first round: the prompt; a probe's, a resume's: what
+        was committed while stopped), a cost that would price every later draft too high."""
         if drafted == 0:
             return
         # Acceptance as a geometric run: a round accepting a of g drafts saw a
@@ -223,10 +249,11 @@ class GoodputController:
         control.failures = DECAY * control.failures + failed
         self.pooled = [DECAY * self.pooled[0] + accepted, DECAY * self.pooled[1] + failed]
         if exposed_draft_s is not None:
-            weight = 0.5 if control.measured else 1.0  # EWMA; the first round measured sets it
-            control.hop_s += weight * (transport_s - control.hop_s)
-            control.draft_s += weight * (exposed_draft_s / drafted - control.draft_s)
-            control.measured = True
+            waited = transport_s + exposed_draft_s
+            late = waited > LATE_S
+            control.late, self.typical_late = _moved(control.late, late), _moved(self.typical_late, late)
+            if late:
+                self.waits.observe(drafted, waited)
         if control.probing:
             control.probing = False
             self._stale = True  # re-plan with what the probe measured
@@ -249,6 +276,11 @@ class GoodputController:
             if planned > 0:
                 control.probe_every = PROBE_EVERY
             return planned
+        if control.late is not None and self.typical_late is not None:  # unmeasured while stopped: see LATE_WEIGHT
+            control.late += (1 - DECAY) * (self.typical_late - control.late)
+            self.typical_late *= DECAY ** (1 / (AGE_ROUNDS * len(self.sessions)))
+        if not control.worth_probing:
+            return 0
         control.off_rounds += 1
         if control.off_rounds < control.probe_every:
             return 0
@@ -259,8 +291,10 @@ class GoodputController:
 
     def alpha(self, control: SessionControl) -> float:
         """The session's per-draft acceptance, shrunk towards the replica's pooled one."""
-        pooled = (self.pooled[0] + PRIOR_WEIGHT * PRIOR_ALPHA) / (sum(self.pooled) + PRIOR_WEIGHT)
-        return control.alpha(pooled)
+        return control.alpha(self.pooled_alpha())
+
+    def pooled_alpha(self) -> float:
+        return (self.pooled[0] + PRIOR_WEIGHT * PRIOR_ALPHA) / (sum(self.pooled) + PRIOR_WEIGHT)
 
     @property
     def not_speculating(self) -> int:
@@ -281,6 +315,14 @@ class GoodputController:
         span = recent[-1][1] - recent[0][0]
         return sum(tokens for _, _, tokens in recent) / span if span > 0 else 0.0
 
+    def late_wait(self, gammas: np.ndarray) -> np.ndarray:
+        """w(g): fitted once late rounds of two block lengths are measured; till then their mean."""
+        fit = self.waits.fit()
+        if fit is None:
+            waits = [seconds for _, seconds in self.waits.passes]
+            fit = (sum(waits) / len(waits) if waits else 0.0, 0.0)
+        return fit[0] + fit[1] * gammas
+
     def _plan(self) -> None:
         self._stale = False
         fit = self.cost.fit()
@@ -292,8 +334,7 @@ class GoodputController:
             return
         a, b = fit
         alpha = np.array([self.alpha(c) for c in live])
-        hop = np.array([c.hop_s for c in live])
-        draft = np.array([c.draft_s for c in live])
+        late = np.array([c.late if c.late is not None else self.typical_late or 0.0 for c in live])  # p_i
         passes = math.ceil(len(self.sessions) / self.max_batch)
         share = min(1.0, self.max_batch / len(self.sessions))
         idle = len(self.sessions) - len(live)  # sessions that never draft: one position, one token a round
@@ -301,29 +342,59 @@ class GoodputController:
         candidates = np.arange(top + 1)  # [G]
         gammas = np.array([c.ceiling if c.planned is None else min(c.planned, c.ceiling) for c in live])
         gain = expected_tokens(alpha[:, None], candidates[None, :])  # [S, G]
-        extra = np.where(candidates[None, :] > 0, hop[:, None] + draft[:, None] * candidates[None, :], 0.0)  # [S, G]
+        # o_i(g), and p_i where i drafts: [S, G]
+        drafting = candidates[None, :] > 0
+        extra = np.where(drafting, late[:, None] * self.late_wait(candidates)[None, :], 0.0)
+        chance = np.where(drafting, late[:, None], 0.0)
+        on_time = np.log1p(-np.minimum(chance, 1 - 1e-9))  # log (1 - p_i)
         ceilings = np.array([c.ceiling for c in live])[:, None]
         fixed = np.array([c.fixed for c in live])[:, None]
         allowed = np.where(fixed, candidates[None, :] == ceilings, candidates[None, :] <= ceilings)  # [S, G]
         rows = np.arange(len(live))
 
-        def goodput_if(i: int) -> np.ndarray:
-            """Goodput for each candidate gamma of session i, the others as planned: [G]."""
+        def goodput_if(i: int, gammas: np.ndarray) -> np.ndarray:
+            """Goodput for each candidate gamma of session i, the others at ``gammas``: [G]."""
             positions = share * (np.sum(gammas + 1) - gammas[i] - 1 + candidates + 1 + idle)  # [G]
-            pass_s = passes * (a + b * positions)  # [G]
-            mine = gain[i] / (pass_s + extra[i])  # [G]
-            rest = gain[rows, gammas][:, None] / (pass_s[None, :] + extra[rows, gammas][:, None])  # [S, G]
-            return mine + rest.sum(axis=0) - rest[i] + idle / pass_s
+            one_pass = a + b * positions  # [G]
+            others = extra[rows, gammas]  # [S]
+            waits = others.sum() - others[i] + extra[i]  # [G]
+            chances = chance[rows, gammas].sum() - chance[i, gammas[i]] + chance[i]  # [G]
+            some_late = 1 - np.exp(share * (on_time[rows, gammas].sum() - on_time[i, gammas[i]] + on_time[i]))  # [G]
+            mean_wait = np.divide(waits, chances, out=np.zeros_like(waits), where=chances > 0)
+            wait = np.minimum(self.linger * one_pass, some_late * mean_wait)  # W, [G]
+            period = passes * (one_pass + wait)  # [G]
+            mine = gain[i] / (period + np.maximum(0.0, extra[i] - wait))  # [G]
+            late_past = np.maximum(0.0, others[:, None] - wait[None, :])  # [S, G]
+            rest = gain[rows, gammas][:, None] / (period[None, :] + late_past)  # [S, G]
+            return mine + rest.sum(axis=0) - rest[i] + idle / period
 
-        for _ in range(4):  # sweeps, until no session changes (two, nearly always)
-            before = gammas.copy()
-            for i in range(len(live)):
-                scores = np.where(allowed[i], goodput_if(i), -np.inf)
-                gammas[i] = int(np.argmax(scores))
-            if np.array_equal(before, gammas):
-                break
+        def ascend(gammas: np.ndarray) -> np.ndarray:
+            for _ in range(4):  # sweeps, until no session changes (two, nearly always)
+                before = gammas.copy()
+                for i in range(len(live)):
+                    gammas[i] = int(np.argmax(np.where(allowed[i], goodput_if(i, gammas), -np.inf)))
+                if np.array_equal(before, gammas):
+                    break
+            return gammas
+
+        # W couples the sessions: while the others' drafts keep a pass waiting, one more
+        # stopping saves nothing, so from the present plan the ascent can stay where each
+        # drafts a little at a loss; it also climbs from plain decoding (the best is kept).
+        lowest = np.where(fixed[:, 0], ceilings[:, 0], 0)
+        plans = [ascend(gammas), ascend(lowest.copy())]
+        scores = [float(goodput_if(0, plan)[plan[0]]) for plan in plans]
+        gammas = plans[int(np.argmax(scores))]
         for c, g in zip(live, gammas):
             c.planned = int(g)
-        self.predicted = float(goodput_if(0)[gammas[0]])
+        self.predicted = max(scores)
+        # Worth probing: would session i draft, the others as planned, if it accepted well? (A
+        # probe measures acceptance only: its block also read what was committed while stopped.)
+        hopeful = expected_tokens(max(self.pooled_alpha(), HOPEFUL_ALPHA), candidates)  # [G]
+        for i, c in enumerate(live):
+            if gammas[i] > 0 or c.fixed:
+                continue
+            kept, gain[i] = gain[i].copy(), hopeful
+            c.worth_probing = bool(np.argmax(np.where(allowed[i], goodput_if(i, gammas), -np.inf)) > 0)
+            gain[i] = kept
         plain = len(self.sessions) / (passes * (a + b * share * len(self.sessions)))  # every session at gamma 0
         self.gain = self.predicted / plain

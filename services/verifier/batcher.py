@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..core.engine import RoundResult, SequenceState, SpeculativeEngine
-from ..core.goodput import GoodputController
+from ..core.goodput import LINGER, GoodputController
 from ..core.proposals import Proposal
 from ..telemetry import tracing
 
@@ -41,13 +41,14 @@ class _Job:
 
 class RoundBatcher:
     def __init__(self, engine: SpeculativeEngine, max_batch_size: int, cost: GoodputController | None = None,
-                 sessions: Callable[[], int] = lambda: 0, linger: float = 0.5):
+                 sessions: Callable[[], int] = lambda: 0, linger: float = LINGER):
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.cost = cost  # fed every pass's size, time and committed tokens
         # Sessions get out of step (each waits on its own draft worker), so when fewer
         # rounds are waiting than sessions are running, the batch lingers for the rest,
         # up to `linger` x the last pass's duration: a fuller pass costs little more.
+        # (The controller prices that wait: core/goodput.py, W.)
         self.sessions = sessions
         self.linger = linger
         self.last_pass_s = 0.0

@@ -218,18 +218,16 @@ class VerifierService:
         round = req.first_round  # a resumed stream numbers its rounds on
         link = DraftLink(lambda first, avoid: self._open_stream(seq, req, method, first, avoid, link.trace),
                          seq, self.device)
-        # A round's span starts as the previous one ends (at the previous outcome), so
-        # the blocks drafted for it, and the early block drafted while it verifies, are
-        # its children: the worker gets its context with the open and each outcome.
+        # A round's span starts as the previous one ends, so the blocks drafted for it (and the
+        # early one drafted while it verifies) are its children: the worker gets its context.
         span = round_span(req, round, trace_ctx)
         link.trace = tracing.inject(span)
         # The target's prefill overlaps finding a draft replica and drafting the first
         # round; an EAGLE drafter there needs the prompt's features from it first.
         prefill = asyncio.ensure_future(self._prefill(seq, trace_ctx))
         relayed = getattr(seq.proposer, "relays_features", False)
-        # A session that starts while this replica decodes plain (ArmCheck) opens no draft
-        # stream until drafting resumes; the open then carries everything committed. EAGLE
-        # on a worker reads the target's features from the first position: it opens now.
+        # A session starting at gamma 0 opens no draft stream until drafting resumes (the open then
+        # carries everything committed); EAGLE on a worker reads features from the first position.
         opened = None if seq.effective_gamma == 0 and not relayed else round  # the round the open drafts
         try:
             if relayed:
@@ -240,9 +238,9 @@ class VerifierService:
             exposed, transport = seq.stats.exposed_draft_time_s, seq.stats.transport_time_s
             told = seq.effective_gamma  # the gamma the draft worker drafts with
             unreported: list[int] = []  # committed tokens the worker has not been told yet
-            # While the worker reads the context (a burst of opens: it reads the prompts one at a
-            # time) the session decodes without drafts (DraftLink.still_reading). It waits with
-            # EAGLE on a worker (opened after the prefill, for its features), or wait_first_block.
+            resumed = None  # the round drafted after a stretch at gamma 0
+            # While the worker reads the context the session decodes without drafts (still_reading),
+            # unless EAGLE on a worker (opened after the prefill, for its features), or wait_first_block.
             undrafted = opened is None or not (relayed or self.wait_first_block) and link.still_reading(round)
             block = DraftBlock.undrafted(round, self.device) if undrafted else await link.receive(round)
             while True:
@@ -256,7 +254,9 @@ class VerifierService:
                 followed = proposal is block.proposal or (
                     result.num_accepted <= len(block.proposal)
                     and result.tokens[: result.num_accepted] == block.proposal.tokens[: result.num_accepted].tolist())
-                first = round == opened  # its block read the whole context too: not a draft's price
+                # Its block read the whole context too (the first), or every token committed
+                # while the session was stopped (a probe, a resume): not a draft's price.
+                first = round == opened or round == resumed
                 # The controller plans the worker's chain: a tree's lookups ride along, free to draft.
                 self._control(seq, control, len(block.proposal), min(result.num_accepted, len(block.proposal)),
                               None if first else seq.stats.exposed_draft_time_s - exposed,
@@ -281,9 +281,8 @@ class VerifierService:
                 span.end()
                 span = tracing.INVALID_SPAN if seq.finished else round_span(req, round + 1, trace_ctx)
                 link.trace = tracing.inject(span)
-                # A worker told gamma 0 drafts nothing and waits: while drafting stays
-                # off, the verifier decodes alone and tells it nothing (no per-round
-                # message); it hears every token at once when drafting resumes.
+                # A worker told gamma 0 drafts nothing and waits: while drafting stays off it is told
+                # nothing (no per-round message); it hears every token at once when drafting resumes.
                 if opened is None and seq.effective_gamma > 0 and not seq.finished:
                     told, opened, unreported = seq.effective_gamma, round + 1, []
                     link.start(opened)
@@ -291,6 +290,7 @@ class VerifierService:
                     if not seq.finished and await link.catch_up(round, unreported, seq.effective_gamma):
                         told, opened, unreported = seq.effective_gamma, round + 1, []
                 elif told > 0 or seq.effective_gamma > 0:
+                    resumed = round + 1 if told == 0 else resumed
                     told = seq.effective_gamma
                     await link.report(round, unreported, hit, told, self._unsent_features(seq) if relayed else ())
                     unreported = []

@@ -3,10 +3,11 @@ session's gamma follows its own acceptance, and a stopped session is re-probed."
 
 import itertools
 
+import numpy as np
 import pytest
 
-from services.core.goodput import (CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, PROBE_EVERY, PROBE_GAMMA, GoodputController,
-                                   PassCost, expected_tokens)
+from services.core.goodput import (AGE_ROUNDS, CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, LATE_WEIGHT, PROBE_EVERY,
+                                   PROBE_GAMMA, GoodputController, PassCost, expected_tokens)
 
 
 def passes(controller, a, b, sizes=(2, 9, 17, 40, 72), each=4):
@@ -236,6 +237,112 @@ def test_a_first_round_that_read_the_prompt_counts_for_acceptance_not_for_the_dr
     controller = GoodputController(4)
     control = controller.join(4)
     controller.observe_round(control, 4, 4, None, None)
-    assert control.successes == 4 and not control.measured and control.draft_s == 0.0
-    controller.observe_round(control, 4, 2, 0.008, 0.001)
-    assert control.measured and control.draft_s == pytest.approx(0.002) and control.hop_s == pytest.approx(0.001)
+    assert control.successes == 4 and control.late is None and controller.typical_late is None
+    assert list(controller.waits.passes) == []
+    controller.observe_round(control, 4, 2, 0.008, 0.001)  # late: 9 ms waited for 4 drafts
+    assert control.late == 1.0 and controller.typical_late == 1.0 and list(controller.waits.passes) == [(4, pytest.approx(0.009))]
+    controller.observe_round(control, 4, 4, 0.0, 0.0)  # on time
+    assert control.late == pytest.approx(1 - LATE_WEIGHT) and len(controller.waits.passes) == 1
+
+
+# -- late blocks: what a pass waits for (W) ---------------------------------------
+
+SERVED = dict(a=0.015, b=0.0011)  # a served 16-stream replica's fitted pass cost on this CPU
+
+
+def late_rounds(controller, control, gamma, accepted, late_share, wait, times=20):
+    """Rounds of ``gamma`` drafts, ``accepted`` of them accepted, whose block kept the
+    round waiting ``wait`` seconds (hop and exposed draft alike) in ``late_share`` of
+    them, spread evenly, and was ready in the rest."""
+    for n in range(times):
+        late = int((n + 1) * late_share) > int(n * late_share)
+        seconds = wait / 2 if late else 0.0
+        controller.observe_round(control, gamma, accepted, seconds, seconds)
+
+
+def modelled_with_waits(alphas, a, b, gammas, late, wait, linger):
+    """The module docstring's goodput, one pass, written out per session; ``wait(g)``: w."""
+    one_pass = a + b * sum(g + 1 for g in gammas)
+    own = [p * wait(g) if g else 0.0 for p, g in zip(late, gammas)]
+    chances = [p for p, g in zip(late, gammas) if g]
+    on_time = 1.0
+    for p in chances:
+        on_time *= 1 - p
+    mean_wait = sum(own) / sum(chances) if sum(chances) else 0.0
+    wait = min(linger * one_pass, (1 - on_time) * mean_wait)
+    return sum(expected_tokens(al, g) / (one_pass + wait + max(0.0, o - wait)) for al, g, o in zip(alphas, gammas, own))
+
+
+@pytest.mark.parametrize("accepted, late_share, wait", [(3, 0.2, 0.004), (2, 0.5, 0.012), (3, 0.9, 0.030), (1, 1.0, 0.020)])
+def test_the_plan_maximises_modelled_goodput_with_late_blocks(accepted, late_share, wait):
+    controller = GoodputController(max_batch=16)
+    passes(controller, SERVED["a"], SERVED["b"])
+    controls = [controller.join(4) for _ in range(3)]
+    for n, control in enumerate(controls):
+        late_rounds(controller, control, 4, max(0, accepted - n), late_share, wait * (n + 1))
+    planned = tuple(controller.gamma(c) for c in controls)
+    alphas = [controller.alpha(c) for c in controls]
+    timing = [[c.late for c in controls], lambda g: float(controller.late_wait(np.array([g]))[0])]
+    args = (SERVED["a"], SERVED["b"])
+    best = max(itertools.product(range(5), repeat=3),
+               key=lambda gs: modelled_with_waits(alphas, *args, gs, *timing, controller.linger))
+    assert modelled_with_waits(alphas, *args, planned, *timing, controller.linger) == pytest.approx(
+        modelled_with_waits(alphas, *args, best, *timing, controller.linger), rel=0.005)
+    assert controller.predicted == pytest.approx(modelled_with_waits(alphas, *args, planned, *timing, controller.linger))
+    assert controller.gain >= 1.0 - 1e-9  # never a plan the model itself prices below plain decoding
+
+
+def loaded(sessions, linger=0.5, accepted=3, late_share=0.5, wait=0.010):
+    """``sessions`` sessions with measurements like a served sampled run's (acceptance
+    about 0.75, blocks late by 10 ms in half the rounds): (controller, them, their gammas)."""
+    controller = GoodputController(max_batch=16, linger=linger)
+    passes(controller, SERVED["a"], SERVED["b"])
+    controls = [controller.join(4) for _ in range(sessions)]
+    for c in controls:
+        late_rounds(controller, c, 4, accepted, late_share, wait)
+    return controller, controls, [controller.gamma(c) for c in controls]
+
+
+def test_a_late_block_keeps_the_whole_pass_waiting():
+    """One session's late block is every session's cost: the pass lingers for it. Alone,
+    a session with these measurements drafts; among 16 none does, though each would if
+    only its own round waited for its block (linger 0: no pass waits)."""
+    assert loaded(1)[2][0] > 0
+    controller, _, gammas = loaded(16)
+    assert gammas == [0] * 16 and controller.gain == pytest.approx(1.0)
+    assert all(loaded(16, linger=0.0)[2])
+
+
+def test_a_session_stopped_by_the_load_is_not_probed():
+    """A probe is a late block the pass waits for: a session the load stops (it would
+    not draft however well it accepted) is not probed; alone, the same session is.
+    What the replica measured of late blocks ages while nothing drafts: in time, the
+    plan tries drafting again."""
+    def rounds_of_all(controller, controls, n):
+        planned = []
+        for _ in range(n):
+            planned.append([controller.gamma(c) for c in controls])
+            controller.observe_pass(16, SERVED["a"] + SERVED["b"] * 16, committed=16)  # (the plan is made a pass)
+        return planned
+
+    controller, controls, gammas = loaded(16, accepted=0)
+    assert gammas == [0] * 16
+    assert not any(map(any, rounds_of_all(controller, controls, PROBE_EVERY + 1)))  # no probe, though one is due
+    assert any(map(any, rounds_of_all(controller, controls, 50 * AGE_ROUNDS)))
+    controller, controls, gammas = loaded(1, accepted=0)
+    assert gammas == [0]
+    seen = [g for (g,) in rounds_of_all(controller, controls, PROBE_EVERY + 1)]
+    assert seen.count(PROBE_GAMMA) == 1 and set(seen) == {0, PROBE_GAMMA}  # stopped by its acceptance: probed
+
+
+def test_a_new_session_is_priced_by_the_replicas_block_times():
+    """A session's first round is not timed (its block read the prompt), so until it
+    has times of its own the plan prices its blocks by the replica's: under load a
+    newcomer does not open with a draft that the pass would wait for."""
+    controller, _, gammas = loaded(15)
+    assert gammas == [0] * 15
+    newcomer = controller.join(4)
+    assert newcomer.late is None and controller.gamma(newcomer) == 0
+    on_time = GoodputController(max_batch=16)
+    passes(on_time, SERVED["a"], SERVED["b"])
+    assert on_time.gamma(on_time.join(4)) > 0

@@ -205,6 +205,60 @@ def test_a_session_started_while_the_replica_decodes_plain_opens_its_draft_strea
     assert stats.draft_reconnects == 0 and stats.undrafted_rounds == 0
 
 
+class PlainBetween(ArmCheck):
+    """Plain decoding measured faster from the replica's ``start``-th pass to its ``end``-th."""
+
+    def __init__(self, start: int, end: int):
+        super().__init__()
+        self.passes, self.start, self.end = 0, start, end
+
+    @property
+    def plain_now(self) -> bool:
+        return self.start <= self.passes < self.end
+
+    def observe(self, *args, **kwargs) -> bool:
+        self.passes += 1
+        return self.passes in (self.start, self.end)
+
+
+def test_a_block_drafted_after_a_stretch_at_gamma_0_is_not_priced_as_a_draft(pair):
+    """While a session decodes plain its worker is told nothing; the block it drafts when
+    drafting resumes also reads every token committed meanwhile, so its wait is not what
+    a draft costs (core/goodput.py prices drafts from timed rounds): that round counts
+    for acceptance only, as a session's first does; the rounds after it are timed."""
+    target, draft = pair
+
+    async def go():
+        _, server, address = await start_worker(worker(draft))
+
+        async def find_drafter():
+            return address
+
+        verifier = VerifierService(SpeculativeEngine(TargetVerifier(TargetRunner(target)), None, None, 256), find_drafter)
+        verifier.controller.check = PlainBetween(4, 9)
+        drafting_pays(verifier)
+        rounds, observe = [], verifier.controller.observe_round
+
+        def recorded(control, drafted, accepted, exposed_s, transport_s):
+            rounds.append((drafted, exposed_s is not None))
+            return observe(control, drafted, accepted, exposed_s, transport_s)
+        verifier.controller.observe_round = recorded
+        result = await generate(verifier, uuid.uuid4().hex, 60, 4)
+        await close(verifier, [server])
+        return result, rounds
+
+    (tokens, _), rounds = run(go())
+    assert tokens == hf_greedy(target, PROMPT, 60, eos=None)
+    drafted = [n for n, (d, _) in enumerate(rounds) if d > 0]
+    stretch = [n for n in range(drafted[0], drafted[-1]) if rounds[n][0] == 0]  # the plain rounds between drafted ones
+    assert len(stretch) >= 4
+    resumed = stretch[-1] + 1
+    assert rounds[resumed][0] > 0 and not rounds[resumed][1]  # drafted, not timed
+    assert not rounds[drafted[0]][1]  # the first block read the prompt: not timed either
+    timed = [timed for d, timed in rounds[resumed + 1:] if d > 0]
+    assert timed and all(timed)
+
+
 def test_a_deferred_open_at_a_real_vocabulary_and_a_long_context_keeps_seeded_sampling_exact():
     """Qwen2's 151,936-token vocabulary, a 600-token prompt, T = 1.0 seeded (coupled):
     the stream opened after 8 plain passes carries all 608 committed tokens, and the

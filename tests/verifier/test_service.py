@@ -248,6 +248,9 @@ def test_a_frozen_draft_worker_costs_one_read_deadline_then_decoding_goes_on(pai
         loop = Loopback(target, draft)
         loop.drafter = FreezingDrafter(make_proposers(draft)[0], blocks_before_freeze=4)
         async with loop:
+            # Priced to pay, so the blocks before the freeze are drafted and verified: where a
+            # tiny target's passes make no draft pay, the session stops and is not probed.
+            drafting_pays(loop.verifier)
             started = time.perf_counter()
             tokens, stats = await loop.generate(PROMPT, 40, gamma=3)
             return tokens, stats, time.perf_counter() - started
