@@ -23,8 +23,12 @@ def drafting_pays(verifier) -> None:
     """Price ``verifier``'s passes as a large target's on a GPU, bound by reading its
     weights (20 ms, and 0.5 ms a position), not as a tiny one's, which cost less than a
     draft's hop: at that price no draft pays, and the goodput controller stops drafting
-    once it has fitted the passes. At this one every draft pays."""
+    once it has fitted the passes. Late blocks cost nothing, as a fast draft's hidden
+    under such passes would (a tiny or real-vocabulary draft on this CPU can take longer
+    than a pass, and the controller then prices drafting out). At this price every draft
+    pays."""
     verifier.controller.cost = FixedCost(0.020, 0.0005)
+    verifier.controller.waits = FixedCost(0.0, 0.0)
 
 
 def slow_prefill(verifier, seconds: float = 0.3) -> None:

@@ -210,6 +210,7 @@ def test_a_worker_whose_draft_kv_pool_is_full_hands_the_session_back(prompt_len)
         small = 5 * BLOCK_TOKENS * kv_bytes_per_token(draft.config, draft.dtype)  # 4 usable blocks
         loop.drafter = Counting(make_proposers(draft, kv_cache_bytes=small)[0])
         async with loop:
+            drafting_pays(loop.verifier)  # (so that the session drafts until the pool runs out)
             return await loop.generate(prompt, 100, gamma=4), loop.drafter
 
     (tokens, stats), worker = run(go())
