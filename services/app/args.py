@@ -116,6 +116,12 @@ class AppArgs(BaseModel):
     # "requested": every session drafts the branches it asks for (to measure the cache
     # itself; where drafting is not free, that costs the verifier).
     fanout_policy: Literal["measured", "requested"] = "measured"
+    # "measured": each verifier replica's goodput controller (core/goodput.py) plans every
+    # session's gamma, down to none where drafting would not pay; a request's gamma is
+    # its ceiling. "requested": every round drafts the gamma the request asks for, paid
+    # or not (to measure speculation itself, or drafting where this replica's timings
+    # say it loses).
+    gamma_policy: Literal["measured", "requested"] = "measured"
     # Draft workers end a draft early when the draft model's probability of its own
     # token falls below this (0 = never): shorter blocks that are more often accepted
     # whole, which is what lets a pipelined early block be used.

@@ -69,6 +69,7 @@ class Verifier:
         planners = Planners(runner.model) if isinstance(runner, TargetRunner) else None
         head_proposer = _heads_proposer(heads, planners) if heads else None
         self.service = VerifierService(engine, self._find_drafter, cfg.max_batch_size, prefixes=prefixes, name=replica,
+                                       load_aware_gamma=cfg.gamma_policy == "measured",
                                        head_proposer=head_proposer, tokenizer=tokenizer, eagle_relay=relay,
                                        feature_dtype=cfg.eagle.feature_dtype)
         if self.service.controller is not None:

@@ -33,10 +33,10 @@ LONG = 160
 @pytest.fixture(scope="module")
 def server():
     role = lambda resource: {"num_replicas": 2, "num_cpus": 1, "resources": {resource: 1}}  # noqa: E731
-    # Every session drafts the speculation cache's 8 branches a round, whatever the steps
-    # cost here: replicas die with branches in flight.
+    # Every session drafts its gamma and the speculation cache's 8 branches a round,
+    # whatever passes and steps cost on this machine: replicas die with drafts in flight.
     args = {"drafter": role(DRAFTER_RESOURCE), "verifier": role(VERIFIER_RESOURCE), "draft_chunk_tokens": 8,
-            "fanout_policy": "requested"}
+            "fanout_policy": "requested", "gamma_policy": "requested"}
     with serving_cluster(args, verifier_cpus=2, drafter_cpus=2) as (client, cluster):
         wait_for_replicas()
         yield client, cluster
