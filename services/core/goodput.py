@@ -37,7 +37,7 @@ only if the plan would let it draft were its acceptance HOPEFUL_ALPHA (or the re
 pooled, if higher): a session stopped by the load, or by what its blocks cost, is not
 probed, as each probe is a late block the pass waits for. Without two pass sizes to fit
 T, nothing is limited. Where the plan's gain is small, it is also checked against plain
-decoding by measurement (``ArmCheck``).
+decoding by measurement (``ArmCheck``, core/arm_check.py).
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
+
+from .arm_check import CHECK_PASSES, SETTLE, ArmCheck
 
 PROBE_GAMMA = 2  # drafts of a probe round: enough to re-measure acceptance, cheap if rejected
 PROBE_EVERY, PROBE_MAX = 16, 256  # rounds between probes of a stopped session, doubling up to the max
@@ -64,11 +65,6 @@ LATE_S = 0.001  # a block that kept its round waiting longer than this was late 
 # every AGE_ROUNDS rounds of every session while they decode plain, so drafting is retried.
 LATE_WEIGHT, AGE_ROUNDS = 0.25, 4
 MIN_PASSES_PER_SIZE = 4  # T(n) is fitted once two pass sizes have this many passes each
-# Measured, not modelled, where the model is least sure: while the plan's predicted gain
-# over plain decoding is below CHECK_BELOW, every CHECK_EVERY passes the replica runs
-# CHECK_PASSES passes of the arm not in use (plain decoding, or the plan), the first
-# SETTLE of them uncounted (drafters catching up), and keeps the faster arm.
-CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, SETTLE = 1.5, 48, 12, 3
 # A pass waits up to this many of the last pass's durations for the rounds of sessions
 # not yet in (verifier/batcher.py): a fuller pass costs little more than a thinner one.
 LINGER = 0.5
@@ -144,52 +140,6 @@ def expected_tokens(alpha: np.ndarray | float, gamma: np.ndarray | int):
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-class ArmCheck:
-    """The plan against plain decoding, by measurement. The model does not see what drafting
-    costs the target where both share hardware (a CPU node's cores, a GPU's memory
-    bandwidth), nor any other cost it leaves out. Where its predicted gain is small, the
-    replica measures both arms now and then and keeps the faster (tokens/s, same passes)."""
-
-    def __init__(self):
-        self.plain = False  # the arm in use: True = every session at gamma 0
-        self.passes = 0  # since the last check
-        self.window: list | None = None  # [arm, passes, tokens, first start, last end] while checking
-        self.baseline = 0.0  # the arm in use's rate just before the check
-        self.checks = 0
-
-    @property
-    def plain_now(self) -> bool:
-        return self.window[0] if self.window is not None else self.plain
-
-    def observe(self, start: float, end: float, committed: int, recent_rate: Callable[[], float],
-                needed: bool) -> bool:
-        """One pass; ``recent_rate()``: committed tokens/s over the latest passes; ``needed``:
-        the model is unsure. Returns whether the arm changed (the plan is stale)."""
-        if self.window is None:
-            self.passes += 1
-            if not needed:
-                changed, self.plain, self.passes = self.plain, False, 0  # the model is sure: the plan
-                return changed
-            if self.passes >= CHECK_EVERY:
-                self.window, self.baseline = [not self.plain, 0, 0, None, None], recent_rate()
-                return True
-            return False
-        window = self.window
-        window[1] += 1
-        if window[1] > SETTLE:
-            window[2] += committed
-            window[3] = start if window[3] is None else window[3]
-            window[4] = end
-        if window[1] < CHECK_PASSES:
-            return False
-        rate = window[2] / (window[4] - window[3]) if window[4] and window[4] > window[3] else 0.0
-        if rate > self.baseline:
-            self.plain = window[0]
-        self.window, self.passes = None, 0
-        self.checks += 1
-        return True
-
-
 class GoodputController:
     def __init__(self, max_batch: int, window: int = 256, linger: float = LINGER):
         self.max_batch = max(1, max_batch)
@@ -227,9 +177,8 @@ class GoodputController:
             # Target-only requests, sessions whose workers still read their prompts, or
             # none: nothing to say about the arms, nothing to reset.
             return
-        # A plan that drafts nothing (gain 1) has nothing to check: its probes go on.
         if self.check.observe(end - seconds, end, committed, lambda: self.measured_goodput(CHECK_PASSES - SETTLE),
-                              1.0 < self.gain < CHECK_BELOW):
+                              self.gain):
             for c in self.sessions:  # drafting resumes, or stops, for every session at once
                 c.off_rounds = 0
 

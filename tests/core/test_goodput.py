@@ -6,8 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from services.core.goodput import (AGE_ROUNDS, CHECK_BELOW, CHECK_EVERY, CHECK_PASSES, LATE_WEIGHT, PROBE_EVERY,
-                                   PROBE_GAMMA, GoodputController, PassCost, expected_tokens)
+from services.core.arm_check import CHECK_BELOW, CHECK_EVERY, CHECK_PASSES
+from services.core.goodput import (AGE_ROUNDS, LATE_WEIGHT, PROBE_EVERY, PROBE_GAMMA, GoodputController, PassCost,
+                                   expected_tokens)
 
 
 def passes(controller, a, b, sizes=(2, 9, 17, 40, 72), each=4):
@@ -318,11 +319,15 @@ def test_a_session_stopped_by_the_load_is_not_probed():
     not draft however well it accepted) is not probed; alone, the same session is.
     What the replica measured of late blocks ages while nothing drafts: in time, the
     plan tries drafting again."""
+    clock = itertools.count(1)
+
     def rounds_of_all(controller, controls, n):
-        planned = []
+        planned, seconds = [], SERVED["a"] + SERVED["b"] * 16
         for _ in range(n):
             planned.append([controller.gamma(c) for c in controls])
-            controller.observe_pass(16, SERVED["a"] + SERVED["b"] * 16, committed=16)  # (the plan is made a pass)
+            # (The plan is made a pass.) Passes on a clock of their own: the measured arms
+            # (arm_check.py) tie, and the arm in use is kept.
+            controller.observe_pass(16, seconds, committed=16, end=next(clock) * seconds)
         return planned
 
     controller, controls, gammas = loaded(16, accepted=0)

@@ -16,7 +16,7 @@ from tiny_models import VOCAB, hf_greedy, noisy_copy, tiny
 
 from services.bench.loopback import Loopback, run
 from services.core.engine import SpeculativeEngine
-from services.core.goodput import ArmCheck
+from services.core.arm_check import ArmCheck
 from services.core.pipeline import DraftBlock
 from services.core.proposals import Proposal
 from services.core.sampling import SamplingParams
