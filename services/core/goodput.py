@@ -12,21 +12,26 @@ replica (SmartSpec's objective), from measurements only:
   E_i(g) = (1 - alpha_i^(g+1)) / (1 - alpha_i)     tokens a round commits (Leviathan)
   p_i                         how often i's block comes after the verifier asks for it
                               (late: a pipelining miss, a redraft), decayed
-  w(g) = c + d*g              how long a late block of g drafts keeps its round waiting
-                              (the hop and the exposed draft time), fitted online over
-                              the replica's late rounds
-  o_i(g) = 0 if g == 0 else p_i * w(g)         what drafting adds to i's round, on average
-  W = min(linger*T(N), (1 - prod_i (1 - p_i)^share) * sum_i o_i / sum_i p_i)
+  L(g) = c + d*g + r          how long a late block of g drafts keeps its round waiting
+                              (the hop and the exposed draft time): a line fitted online
+                              over the replica's late rounds, r their residuals
+  cap = linger*T(N)           the most a pass waits for rounds still out (verifier/batcher.py;
+                              no cap for one session: no pass can run without it)
+  o_i(g) = p_i * E[min(L(g), cap)]    what i's late blocks add to a pass's wait, on average
+  m_i(g) = p_i * P(L(g) > cap)        the share of i's rounds whose block misses its pass
+  W = min(cap, (1 - prod_i (1 - p_i)^share) * sum_i o_i / sum_i p_i)
                               what each pass waits for late blocks (over drafting sessions)
-  goodput(g) = sum_i E_i(g_i) / (k*(T(N) + W) + max(0, o_i(g_i) - W)),
-                              N = share * sum_i (g_i + 1)
+  goodput(g) = sum_i E_i(g_i) / ((k + m_i(g_i)) * (T(N) + W)),
+                              N = share * sum_i (g_i + 1), all at g_i = 0 where i does not draft
 
 where k passes serve a round of every session and ``share`` of them is in each pass
 (more sessions than ``max_batch``). W makes one session's late block every session's
-cost: the batcher lingers for rounds still out (up to ``linger`` x a pass), so the pass
-waits for the latest block; a block later than that waits out the next pass. Without W
-the model let a few sessions draft at 16 served sampled streams (predicted 1.00-1.13x
-plain decoding) where the replica ran at 0.70x, and at 1.05x with drafting off. The plan
+cost: the batcher lingers for rounds still out, so the pass waits for the latest block.
+A block later than the cap misses the pass, and its round waits out the next one: a
+whole pass, not the rest of its block's wait. Without W the model let a few sessions
+draft at 16 served sampled streams (predicted 1.00-1.13x plain decoding) where the
+replica ran at 0.70x, and at 1.05x with drafting off; without misses, at 4 sampled
+streams it kept predicting 1.1-1.3x for drafting that ran at 0.6x. The plan
 maximises goodput by coordinate ascent (each session's best gamma with the others
 fixed), from the present plan and from plain decoding, once per pass; it lands within a
 fraction of a percent of the exhaustive optimum. A client's gamma is the ceiling.
@@ -152,6 +157,7 @@ class GoodputController:
         self._stale = True
         self.predicted = 0.0  # tokens/s the current plan expects
         self.gain = math.inf  # ... over plain decoding (every session at gamma 0)
+        self.cap = math.inf  # the most a pass waits for late blocks, as the last plan took it
         self.check = ArmCheck()
         self.committed: deque[tuple[float, float, int]] = deque(maxlen=window)  # (start, end, tokens) per pass
 
@@ -264,13 +270,19 @@ class GoodputController:
         span = recent[-1][1] - recent[0][0]
         return sum(tokens for _, _, tokens in recent) / span if span > 0 else 0.0
 
-    def late_wait(self, gammas: np.ndarray) -> np.ndarray:
-        """w(g): fitted once late rounds of two block lengths are measured; till then their mean."""
-        fit = self.waits.fit()
-        if fit is None:
-            waits = [seconds for _, seconds in self.waits.passes]
-            fit = (sum(waits) / len(waits) if waits else 0.0, 0.0)
-        return fit[0] + fit[1] * gammas
+    def late_wait(self, gammas: np.ndarray, cap: float = math.inf) -> tuple[np.ndarray, np.ndarray]:
+        """For a late block of each of ``gammas`` drafts: E[min(L, cap)], its wait as a pass
+        lingering at most ``cap`` sees it, and P(L > cap), the chance it misses the pass.
+        L: the fitted line (once late rounds of two block lengths are measured; till then
+        their mean) plus the measured rounds' residuals, so a spread of waits is priced as
+        measured, not as its mean."""
+        measured = np.array(self.waits.passes, dtype=float).reshape(-1, 2)  # [R, 2]: drafts, seconds
+        if not len(measured):
+            return np.zeros(len(gammas)), np.zeros(len(gammas))
+        fit = self.waits.fit() or (float(measured[:, 1].mean()), 0.0)
+        residuals = measured[:, 1] - (fit[0] + fit[1] * measured[:, 0])  # [R]
+        waits = np.maximum(0.0, fit[0] + fit[1] * gammas[:, None] + residuals[None, :])  # [G, R]
+        return np.minimum(waits, cap).mean(axis=1), (waits > cap).mean(axis=1)
 
     def _plan(self) -> None:
         self._stale = False
@@ -291,9 +303,14 @@ class GoodputController:
         candidates = np.arange(top + 1)  # [G]
         gammas = np.array([c.ceiling if c.planned is None else min(c.planned, c.ceiling) for c in live])
         gain = expected_tokens(alpha[:, None], candidates[None, :])  # [S, G]
-        # o_i(g), and p_i where i drafts: [S, G]
+        # The batcher's cap on a pass's wait, at the present plan's pass: none for one session.
+        cap = self.linger * (a + b * share * (np.sum(gammas + 1) + idle)) if len(self.sessions) > 1 else math.inf
+        self.cap = float(cap)
+        capped, over = self.late_wait(candidates, cap)  # [G]
+        # o_i(g), m_i(g), and p_i where i drafts: [S, G]
         drafting = candidates[None, :] > 0
-        extra = np.where(drafting, late[:, None] * self.late_wait(candidates)[None, :], 0.0)
+        extra = np.where(drafting, late[:, None] * capped[None, :], 0.0)
+        missed = np.where(drafting, late[:, None] * over[None, :], 0.0)
         chance = np.where(drafting, late[:, None], 0.0)
         on_time = np.log1p(-np.minimum(chance, 1 - 1e-9))  # log (1 - p_i)
         ceilings = np.array([c.ceiling for c in live])[:, None]
@@ -310,11 +327,10 @@ class GoodputController:
             chances = chance[rows, gammas].sum() - chance[i, gammas[i]] + chance[i]  # [G]
             some_late = 1 - np.exp(share * (on_time[rows, gammas].sum() - on_time[i, gammas[i]] + on_time[i]))  # [G]
             mean_wait = np.divide(waits, chances, out=np.zeros_like(waits), where=chances > 0)
-            wait = np.minimum(self.linger * one_pass, some_late * mean_wait)  # W, [G]
+            wait = np.minimum(cap, some_late * mean_wait)  # W, [G]
             period = passes * (one_pass + wait)  # [G]
-            mine = gain[i] / (period + np.maximum(0.0, extra[i] - wait))  # [G]
-            late_past = np.maximum(0.0, others[:, None] - wait[None, :])  # [S, G]
-            rest = gain[rows, gammas][:, None] / (period[None, :] + late_past)  # [S, G]
+            mine = gain[i] / (period + missed[i] * (one_pass + wait))  # [G]
+            rest = gain[rows, gammas][:, None] / (period + missed[rows, gammas][:, None] * (one_pass + wait))  # [S, G]
             return mine + rest.sum(axis=0) - rest[i] + idle / period
 
         def ascend(gammas: np.ndarray) -> np.ndarray:
