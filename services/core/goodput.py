@@ -93,6 +93,16 @@ class PassCost:
             self._fit, self._stale = self._regress(), False
         return self._fit
 
+    def spread(self, xs: np.ndarray) -> np.ndarray:
+        """[len(xs), R]: the line at each x plus each kept sample's residual (R: the samples
+        kept; none, no columns). Before two sizes are fitted, the line is the samples' mean."""
+        samples = np.array(self.passes, dtype=float).reshape(-1, 2)  # [R, 2]: x, seconds
+        if not len(samples):
+            return np.zeros((len(xs), 0))
+        a, b = self.fit() or (float(samples[:, 1].mean()), 0.0)
+        residuals = samples[:, 1] - (a + b * samples[:, 0])  # [R]
+        return a + b * xs[:, None] + residuals[None, :]
+
     def _regress(self) -> tuple[float, float] | None:
         sizes: dict[int, int] = {}
         for n, _ in self.passes:
@@ -153,7 +163,7 @@ class GoodputController:
         self.sessions: list[SessionControl] = []
         self.pooled = [0.0, 0.0]  # decayed successes, failures over every session
         self.typical_late: float | None = None  # p over all sessions' timed rounds: a new session's till it has its own
-        self.waits = PassCost(window)  # w(g) = c + d*g, over the replica's late rounds (g drafts, seconds waited)
+        self.waits = PassCost(window)  # L(g) = c + d*g (+ residuals), over the replica's late rounds (g drafts, seconds waited)
         self._stale = True
         self.predicted = 0.0  # tokens/s the current plan expects
         self.gain = math.inf  # ... over plain decoding (every session at gamma 0)
@@ -276,12 +286,9 @@ class GoodputController:
         L: the fitted line (once late rounds of two block lengths are measured; till then
         their mean) plus the measured rounds' residuals, so a spread of waits is priced as
         measured, not as its mean."""
-        measured = np.array(self.waits.passes, dtype=float).reshape(-1, 2)  # [R, 2]: drafts, seconds
-        if not len(measured):
+        waits = np.maximum(0.0, self.waits.spread(gammas))  # [G, R]
+        if not waits.shape[1]:
             return np.zeros(len(gammas)), np.zeros(len(gammas))
-        fit = self.waits.fit() or (float(measured[:, 1].mean()), 0.0)
-        residuals = measured[:, 1] - (fit[0] + fit[1] * measured[:, 0])  # [R]
-        waits = np.maximum(0.0, fit[0] + fit[1] * gammas[:, None] + residuals[None, :])  # [G, R]
         return np.minimum(waits, cap).mean(axis=1), (waits > cap).mean(axis=1)
 
     def _plan(self) -> None:

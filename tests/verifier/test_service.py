@@ -68,6 +68,7 @@ def test_a_perfect_draft_makes_every_early_block_usable():
 
     async def go():
         async with Loopback(target, target) as loop:
+            drafting_pays(loop.verifier)  # (a tiny target's passes make no draft pay: every round drafts here)
             return await loop.generate(PROMPT, 48, gamma=4)
 
     tokens, stats = run(go())
