@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from services.core.arm_check import CHECK_BELOW, CHECK_EVERY, CHECK_PASSES
-from services.core.goodput import (AGE_ROUNDS, LATE_WEIGHT, PROBE_EVERY, PROBE_GAMMA, GoodputController, PassCost,
-                                   expected_tokens)
+from services.core.goodput import (AGE_ROUNDS, LATE_WEIGHT, PROBE_EVERY, PROBE_GAMMA, REPLAN_SESSIONS,
+                                   GoodputController, PassCost, expected_tokens)
 
 
 def passes(controller, a, b, sizes=(2, 9, 17, 40, 72), each=4):
@@ -40,6 +40,25 @@ def test_the_fit_recovers_a_linear_pass_cost():
     controller = GoodputController(max_batch=16)
     passes(controller, 0.020, 0.002)
     assert controller.cost.fit() == pytest.approx((0.020, 0.002))
+
+
+def test_the_plan_is_remade_every_few_passes_and_at_once_when_a_session_joins(monkeypatch):
+    controller = GoodputController(max_batch=16)
+    passes(controller, 0.020, 0.002)
+    controls = [controller.join(4) for _ in range(2 * REPLAN_SESSIONS)]  # re-planned every 2 passes
+    made = []
+    plan = controller._plan
+    monkeypatch.setattr(controller, "_plan", lambda: made.append(1) or plan())
+    controller.gamma(controls[0])
+    assert len(made) == 1
+    for expected in (1, 2, 2, 3):
+        controller.observe_pass(16, 0.052, committed=16)
+        for control in controls:
+            controller.gamma(control)
+        assert len(made) == expected
+    controls.append(controller.join(4))
+    controller.gamma(controls[-1])
+    assert len(made) == 4
 
 
 def modelled(alphas, a, b, gammas):
