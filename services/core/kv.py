@@ -60,18 +60,19 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 def forward_logits(model, ids: torch.Tensor, cache, logits_to_keep: int, attention_mask=None,
                    position_ids: torch.Tensor | None = None, states: dict | None = None,
-                   pack: bool = False) -> torch.Tensor:
+                   real_rows: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, logits_to_keep or N, V] of ``ids`` [B, N] fed on top of ``cache``.
     ``attention_mask``: [B, P + N] on the host, or the 4-D mask (or a dict of them per
     layer type) of a tree pass. A model loaded with a lean decoder (models/lean.py)
     runs it, for the same logits and cache at a fraction of the host time, and keeps
     the hidden states ``states`` names (filled in place; core/target.py); any other
     model runs its transformers forward, and ``states`` must then be None (hooks on
-    its modules read them). ``pack``: a lean decoder leaves padded query rows out of its
-    token-wise work, and their logits undefined (for a caller that never reads them)."""
+    its modules read them). ``real_rows`` [B, N] (host bool, ``kv_pool.real_rows``): a lean
+    decoder leaves the other query rows out of its token-wise work, and their logits
+    undefined (for a caller that never reads them)."""
     decoder = getattr(model, "lean_decoder", None)
     if decoder is not None:
-        return decoder(ids, cache, logits_to_keep, attention_mask, position_ids, states, pack)
+        return decoder(ids, cache, logits_to_keep, attention_mask, position_ids, states, real_rows)
     if states:
         raise ValueError("only a lean decoder keeps hidden states; hook the model's modules")
     if isinstance(attention_mask, torch.Tensor):

@@ -298,6 +298,12 @@ def ragged_inputs(past: list[int], new: list[int], device) -> dict:
     return dict(attention_mask=mask, position_ids=positions.to(device))  # the mask moves in forward_logits
 
 
+def real_rows(new: list[int]) -> torch.Tensor:
+    """[B, N] bool (host): which query rows of a right-padded pass are fed tokens, N the
+    longest feed (pass_cache's layout, and a tree pass's)."""
+    return torch.arange(max(new))[None, :] < torch.tensor(new)[:, None]
+
+
 def contiguous_run(seq: PagedSeq, length: int) -> int | None:
     """The first pool slot of a session's positions [0, length) when they are one run
     of slots (its blocks consecutive), else None."""

@@ -29,7 +29,7 @@ import torch
 
 from .kv import common_prefix_len, forward_logits
 from .kv_chunks import KVChunk
-from .kv_pool import BLOCK_TOKENS, KVPool, pass_cache, ragged_inputs
+from .kv_pool import BLOCK_TOKENS, KVPool, pass_cache, ragged_inputs, real_rows
 
 DEFAULT_DRAFT_KV_CACHE_BYTES = 2**30
 
@@ -128,7 +128,7 @@ def extend_paged(model, states: list[PagedKV], feeds: list[list[int]], logits_to
     ids = torch.tensor([f + [0] * (N - len(f)) for f in feeds], dtype=torch.long).to(pool.device)
     window = max(N - n + k for n, k in zip(new, logits_to_keep))
     # (only real rows' logits are read below: a padded row's may be left out)
-    out = forward_logits(model, ids, cache, window, pack=True, **ragged_inputs(past, new, pool.device))
+    out = forward_logits(model, ids, cache, window, real_rows=real_rows(new), **ragged_inputs(past, new, pool.device))
     logits = []
     for i, (state, feed, k) in enumerate(zip(states, feeds, logits_to_keep)):
         end = window - (N - len(feed))

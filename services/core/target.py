@@ -17,7 +17,7 @@ import torch
 
 from .kv import forward_logits
 from .kv_chunks import KVChunk
-from .kv_pool import KVPool, PagedSeq, pass_cache, ragged_inputs
+from .kv_pool import KVPool, PagedSeq, pass_cache, ragged_inputs, real_rows
 from .tree import tree_shape
 
 DEFAULT_KV_CACHE_BYTES = 2 * 2**30
@@ -115,7 +115,7 @@ class TargetRunner:
             captured = wanted  # the lean decoder keeps them as it goes
             # (only real rows' logits are read below: a padded row's may be left out)
             out = forward_logits(self.model, ids.to(device), cache, window, states=captured or None,
-                                 pack=self.pack_rows, **extra)
+                                 real_rows=real_rows(new) if self.pack_rows else None, **extra)
         else:
             captured = {}
             with _hooked(self.model, wanted, captured):

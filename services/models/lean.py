@@ -63,7 +63,7 @@ class LeanDecoder:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache, logits_to_keep: int = 0,
                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                 states: dict | None = None, pack: bool = False) -> torch.Tensor:
+                 states: dict | None = None, real_rows: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, N]; position_ids [B, N] or None (then they follow the cache);
         attention_mask: None, [B, P + N] on the host (1 = a real token, P = the cache's
         length), or as a verifier's tree pass gives transformers: an additive 4-D mask
@@ -75,9 +75,10 @@ class LeanDecoder:
         PRE_NORM (the residual stream before that norm) or a layer index (the state
         entering that layer), what a hook on transformers' module would have seen.
 
-        ``pack``: a 2-D mask's padded query rows are left out of the token-wise work
-        (``_Packed``); their logits are then undefined, so only for a caller that never
-        reads them (core/target.py)."""
+        ``real_rows`` [B, N] (host bool): the query rows fed real tokens; the others (a
+        right-padded pass's, a chain's or a tree's) are left out of the token-wise work
+        (``_Packed``), their logits then undefined, so only for a caller that never reads
+        them (core/target.py)."""
         fused = getattr(self.layers[0], "qkv_weight", None)
         if fused is not None and (fused.device != self.embed.device or fused.dtype != self.embed.dtype):
             # The fused projections are tensors of their own, which ``model.to`` does not move.
@@ -87,7 +88,7 @@ class LeanDecoder:
         if position_ids is None:
             past = cache.get_seq_length()
             position_ids = torch.arange(past, past + N, device=ids.device)[None].expand(B, N)
-        packed = _Packed.of(attention_mask, N, ids.device) if pack else None
+        packed = _Packed.of(real_rows, ids.device)
         if packed is not None:  # from here on the token-wise tensors are [1, M, ..]
             ids = packed.pack(ids)
         hidden = F.embedding(ids, self.embed)  # [B, N, d]
@@ -134,16 +135,15 @@ class _Packed:
         self.host_rows, self.rows = rows, rows.to(device)
 
     @staticmethod
-    def of(attention_mask, N: int, device) -> "_Packed | None":
-        """For a 2-D padding mask [B, P + N] (host) whose query columns hide an eighth or
-        more of the rows. Measured on this CPU (``python -m services.bench.ragged
-        --drafting K``, 15 sessions, 1 or 3 drafts each for K of them), packed over
-        padded: 0.84 / 0.68 at 63% / 45% real rows, 0.91 at 87%, 0.95 / 0.96 at 93% /
-        90%, 1.00-1.02 at 95-97%, where the scatter and gather each layer cost what the
-        pads do. (On a GPU, where a small pass is bound by the host, not measured.)"""
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or N == 1:
+    def of(real: torch.Tensor | None, device) -> "_Packed | None":
+        """For real rows [B, N] (host) of which an eighth or more are pads. Measured on
+        this CPU (``python -m services.bench.ragged --drafting K``, 15 sessions, 1 or 3
+        drafts each for K of them), packed over padded: 0.84 / 0.68 at 63% / 45% real
+        rows, 0.91 at 87%, 0.95 / 0.96 at 93% / 90%, 1.00-1.02 at 95-97%, where the
+        scatter and gather each layer cost what the pads do. (On a GPU, where a small
+        pass is bound by the host, not measured.)"""
+        if real is None or real.shape[1] == 1:
             return None
-        real = attention_mask[:, -N:].bool()
         return _Packed(real, device) if 8 * int(real.sum()) <= 7 * real.numel() else None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from services.core.kv_pool import KVPool
 from services.core.paged_kv import PagedKV, extend_paged
 from services.core.target import FINAL, PRE_NORM, Feed, TargetRunner, layer_features
 from services.models.attention import use_outrider_attention
+from services.models import lean
 from services.models.lean import lean_decoder, use_lean_decoding
 from services.models.loading import load_model, resolve_paths
 from services.models.shapes import random_model
@@ -148,6 +149,24 @@ def _ragged_chains(model):
     return out
 
 
+def _ragged_trees(model):
+    """Verify passes where a session or two draft a tree and the rest decode one token
+    (4-D masks): most of the padded layout's rows are padding, and are left out."""
+    g = torch.Generator().manual_seed(6)
+    runner = TargetRunner(model, kv_cache_bytes=2**22)
+    for i, n in enumerate((31, 12, 20, 7, 16)):
+        runner.prefill(str(i), torch.randint(3, 4000, (n,), generator=g).tolist(), [])
+    out = []
+    medusa_like = (-1, -1, -1, 0, 0, 1, 3, 3, 5)  # three roots, branching under the first two
+    for trees in ((None, medusa_like, None, None, None), ((-1, 0, 0), None, None, medusa_like, None)):
+        feeds = []
+        for i, tree in enumerate(trees):
+            tokens = torch.randint(3, 4000, (1 + (len(tree) if tree else 0),), generator=g).tolist()
+            feeds.append(Feed(str(i), len(runner.sessions[str(i)].tokens), tokens, len(tokens), tree))
+        out += runner.forward(feeds)
+    return out
+
+
 @pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", 8), ("mistral", 8), ("gpt2", None)])
 def test_a_verifiers_passes_give_transformers_logits_and_hidden_states(shape, window):
     """The hidden states too: the lean decoder keeps them itself; transformers' forward
@@ -231,3 +250,16 @@ def test_bf16_on_a_gpu_matches_transformers(shape):
     for a, b in zip(lean[0] + verified + hidden, theirs[0] + verified_theirs + hidden_theirs):
         assert a.dtype == torch.bfloat16 and a.is_cuda
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("shape,window", [("llama3", None), ("qwen2", 8), ("gpt2", None)])
+def test_a_tree_pass_of_few_real_rows_is_packed_and_gives_transformers_logits(shape, window, monkeypatch):
+    packed = []
+    init = lean._Packed.__init__
+    monkeypatch.setattr(lean._Packed, "__init__", lambda self, real, device: packed.append(int(real.sum()))
+                        or init(self, real, device))
+    lean_out, theirs = _both(_model(shape, window), _ragged_trees)
+    assert packed == [14, 17]  # real rows of 50: both passes packed
+    assert len(lean_out) == len(theirs) == 10 and [x.shape[0] for x in lean_out[:5]] == [1, 10, 1, 1, 1]
+    for a, b in zip(lean_out, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
