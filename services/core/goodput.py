@@ -33,8 +33,9 @@ draft at 16 served sampled streams (predicted 1.00-1.13x plain decoding) where t
 replica ran at 0.70x, and at 1.05x with drafting off; without misses, at 4 sampled
 streams it kept predicting 1.1-1.3x for drafting that ran at 0.6x. The plan
 maximises goodput by coordinate ascent (each session's best gamma with the others
-fixed), from the present plan and from plain decoding, once per pass; it lands within a
-fraction of a percent of the exhaustive optimum. A client's gamma is the ceiling.
+fixed), from the present plan and from plain decoding, every few passes
+(REPLAN_SESSIONS); it lands within a fraction of a percent of the exhaustive optimum.
+A client's gamma is the ceiling.
 
 A session the plan stops (gamma 0) is re-probed with a short draft at exponentially
 growing intervals, so that a request whose text turned predictable again comes back;
@@ -295,7 +296,7 @@ class GoodputController:
         span = recent[-1][1] - recent[0][0]
         return sum(tokens for _, _, tokens in recent) / span if span > 0 else 0.0
 
-    def late_wait(self, gammas: np.ndarray, cap: float = math.inf) -> tuple[np.ndarray, np.ndarray]:
+    def late_wait(self, gammas: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:
         """For a late block of each of ``gammas`` drafts: E[min(L, cap)], its wait as a pass
         lingering at most ``cap`` sees it, and P(L > cap), the chance it misses the pass.
         L: the fitted line (once late rounds of two block lengths are measured; till then

@@ -360,7 +360,7 @@ def test_a_session_stopped_by_the_load_is_not_probed():
         planned, seconds = [], SERVED["a"] + SERVED["b"] * 16
         for _ in range(n):
             planned.append([controller.gamma(c) for c in controls])
-            # (The plan is made a pass.) Passes on a clock of their own: the measured arms
+            # (The plan is re-made every few passes.) Passes on a clock of their own: the measured arms
             # (arm_check.py) tie, and the arm in use is kept.
             controller.observe_pass(16, seconds, committed=16, end=next(clock) * seconds)
         return planned
