@@ -61,16 +61,17 @@ def main() -> None:
         return time.perf_counter() - start, logits
 
     drafts = [int(d) for d in args.drafts.split(",")]
+    # Each depth's drafted shape: the tree pruned to it (parents), or None for a chain of d.
+    trees = {d: choice_tree(parse_choices(args.tree)).prune(d).shape.parents if args.tree and d else None
+             for d in drafts}
+    nodes = {d: len(trees[d]) if trees[d] else d for d in drafts}
     times = {(d, p): [] for d in drafts for p in (False, True)}
     same = True
     for _ in range(args.repeats):
         for d in drafts:
-            # The drafting sessions' chain of d drafts, or tree pruned to depth d (parents; None: a chain).
-            tree = choice_tree(parse_choices(args.tree)).prune(d).shape.parents if args.tree and d else None
-            drafted = len(tree) if tree else d
-            fed = [1 + (drafted if i < args.drafting else 0) for i in range(args.sessions)]
+            fed = [1 + (nodes[d] if i < args.drafting else 0) for i in range(args.sessions)]
             feeds = [Feed(str(i), args.context, torch.randint(0, vocab, (n,), generator=g).tolist(), n,
-                          tree if n > 1 else None) for i, n in enumerate(fed)]
+                          trees[d] if n > 1 else None) for i, n in enumerate(fed)]
             (padded_s, padded), (packed_s, packed) = one_pass(feeds, False), one_pass(feeds, True)
             times[(d, False)].append(padded_s)
             times[(d, True)].append(packed_s)
@@ -80,8 +81,7 @@ def main() -> None:
     print("drafts  real rows  padded rows  padded ms  packed ms  packed/padded")
     for d in drafts:
         padded, packed = (statistics.median(times[(d, p)]) * 1e3 for p in (False, True))
-        nodes = len(choice_tree(parse_choices(args.tree)).prune(d).shape.parents) if args.tree and d else d
-        print(f"{d:6d}  {args.sessions + args.drafting * nodes:9d}  {args.sessions * (nodes + 1):11d}  {padded:9.1f}  "
+        print(f"{d:6d}  {args.sessions + args.drafting * nodes[d]:9d}  {args.sessions * (nodes[d] + 1):11d}  {padded:9.1f}  "
               f"{packed:9.1f}  {packed / padded:13.2f}")
     print(f"same logits, packed and padded: {'yes' if same else 'NO'}")
     if not same:
